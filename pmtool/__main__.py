@@ -1,0 +1,5 @@
+import sys
+
+from pmtool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The command line: a thin typer layer over the library.
+
+Each command parses its arguments, calls one library function and hands the result to
+`emit`. Errors travel up as `PmtoolError` and are turned into the JSON error shape and the
+exit-code table in exactly one place: `main`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pmtool.errors import PmtoolError, UsageError
+
+app = typer.Typer(
+    name="pmtool",
+    help="Worker-side toolkit for Headless PM: claim tasks safely and run Claude Code on them. "
+         "Every command prints one JSON object on stdout (`ok` true or false); progress "
+         "and errors go to stderr.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class Options:
+    pretty: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    config: Path | None = None
+    _settings: Any = None
+
+    def settings(self, **flags: Any):  # -> pmtool.config.Settings
+        from pmtool.config import load_settings
+
+        merged = {**self.overrides, **{k: v for k, v in flags.items() if v is not None}}
+        settings = load_settings(merged, self.config)
+        _secrets.add(settings.api_key)
+        return settings
+
+
+# Every secret the process has seen; scrubbed from anything printed (the key never
+# appears in output, even inside an error message copied from elsewhere).
+_secrets: set[str | None] = set()
+_state = Options()
+
+
+@app.callback()
+def _global(
+    pretty: Annotated[bool, typer.Option("--pretty", help="Indent the JSON output.")] = False,
+    api_url: Annotated[str | None, typer.Option(
+        "--api-url", help="Headless PM base URL [env HEADLESS_PM_API_URL].")] = None,
+    state_dir: Annotated[str | None, typer.Option(
+        "--state-dir", help="Task records and logs [env PMTOOL_STATE_DIR].")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Config file (TOML) [env PMTOOL_CONFIG].")] = None,
+) -> None:
+    _state.pretty = pretty or _state.pretty
+    _state.overrides = {"api_url": api_url, "state_dir": state_dir}
+    _state.config = config
+
+
+def options() -> Options:
+    return _state
+
+
+def scrub(text: str) -> str:
+    for secret in _secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "<api-key>")
+    return text
+
+
+def emit(result: dict[str, Any], ok: bool = True) -> None:
+    """Print the one JSON object of a command."""
+    payload = {"ok": ok, **result}
+    text = json.dumps(payload, indent=2 if _state.pretty else None, default=str)
+    sys.stdout.write(scrub(text) + "\n")
+    sys.stdout.flush()
+
+
+def emit_line(event: dict[str, Any]) -> None:
+    """One JSON object per line, for the event stream of `pmtool run`."""
+    sys.stdout.write(scrub(json.dumps(event, default=str)) + "\n")
+    sys.stdout.flush()
+
+
+def say(message: str) -> None:
+    """A human line on stderr."""
+    sys.stderr.write(scrub(message) + "\n")
+    sys.stderr.flush()
+
+
+def fail(error: PmtoolError) -> int:
+    emit({"error": error.to_json()}, ok=False)
+    hint = f" ({error.hint})" if error.hint else ""
+    say(f"pmtool: {error.kind}: {error.message}{hint}")
+    return error.exit_code
+
+
+def read_json_arg(value: str, what: str) -> Any:
+    """Read JSON from a file path or `-` (stdin); bad input is a usage error."""
+    try:
+        text = sys.stdin.read() if value == "-" else Path(value).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {value}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _register_commands() -> None:
+    from pmtool.cli import commands  # noqa: F401  (registers on import)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: runs the app and applies the one exit-code table."""
+    _register_commands()
+    args = sys.argv[1:] if argv is None else argv
+    if os.environ.get("PMTOOL_PRETTY") == "1":
+        _state.pretty = True
+    try:
+        rv = app(args=args, prog_name="pmtool", standalone_mode=False)
+    except PmtoolError as exc:
+        code = fail(exc)
+    except KeyboardInterrupt:
+        fail(PmtoolError("interrupted"))
+        code = 130
+    except Exception as exc:  # typer/click usage errors carry exit_code and format_message
+        if hasattr(exc, "format_message") and getattr(exc, "exit_code", None) is not None:
+            if exc.exit_code == 0:
+                code = 0
+            else:
+                message = exc.format_message()
+                ctx = getattr(exc, "ctx", None)
+                hint = f"see `{ctx.command_path} --help`" if ctx else "see `pmtool --help`"
+                code = fail(UsageError(message, hint=hint))
+        elif type(exc).__name__ in ("Exit", "Abort"):
+            code = getattr(exc, "exit_code", 1)
+        else:
+            raise
+    else:
+        code = rv if isinstance(rv, int) else 0
+    return code

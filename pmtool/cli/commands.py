@@ -1,0 +1,3 @@
+"""Importing this module registers every command on `pmtool.cli.app`."""
+
+from pmtool.cli import core  # noqa: F401

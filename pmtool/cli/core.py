@@ -1,0 +1,114 @@
+"""Commands about pmtool itself and its surroundings: config, model-for, health, sandbox."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pmtool.cli import app, emit, options, read_json_arg, say
+from pmtool.errors import UsageError
+
+
+@app.command("config")
+def config_cmd() -> None:
+    """Print the resolved settings, each with its source (flag, env, file, default).
+
+    The API key is masked.
+
+    Example: pmtool config --pretty
+    """
+    settings = options().settings()
+    emit({"config_file": str(settings.config_path), "settings": settings.public()})
+
+
+@app.command("model-for")
+def model_for_cmd(
+    level: Annotated[str | None, typer.Argument(help="junior, senior or principal.")] = None,
+    task_json: Annotated[str | None, typer.Option(
+        "--task-json", help="Read the level from a task's `difficulty` (file or - for stdin).")
+    ] = None,
+) -> None:
+    """Print the claude model for a task level.
+
+    Defaults: junior and senior -> sonnet, principal -> opus (aliases that follow the newest
+    model); override with PMTOOL_MODEL_JUNIOR/SENIOR/PRINCIPAL or the config file.
+
+    Example: pmtool model-for principal
+
+    Example: pmtool claim ... | jq .task | pmtool model-for --task-json -
+    """
+    from pmtool.models import level_of, model_for
+
+    if task_json is not None:
+        data = read_json_arg(task_json, "--task-json")
+        task = data.get("task", data) if isinstance(data, dict) else data
+        level = level_of(task)
+    if level is None:
+        raise UsageError("give a LEVEL or --task-json", hint="pmtool model-for senior")
+    emit(model_for(level, options().settings()))
+
+
+@app.command("health")
+def health_cmd(
+    check: Annotated[list[str] | None, typer.Option(
+        "--check", help="Run only this check (repeatable): api, auth, disk, memory, claude, "
+                        "git, hooks, records.")] = None,
+    hooks_dir: Annotated[str | None, typer.Option(
+        "--hooks-dir", help="Hooks folder [env HEADLESS_PM_HOOKS_DIR].")] = None,
+) -> int:
+    """Check the server, the key, disk, memory, claude, git, hooks and task records.
+
+    Exit 0 when every check passes, 1 when any fails, 4 when only the server is
+    unreachable. Runs the `health_check` hook if there is one. Made for cron.
+
+    Example: pmtool health --check api --check disk
+    """
+    from pmtool.health import run_health
+
+    settings = options().settings(hooks_dir=hooks_dir)
+    result, code = run_health(settings, check)
+    for item in result["checks"]:
+        if not item["ok"]:
+            say(f"pmtool: health: {item['name']} failed: {item['detail']}")
+    emit(result, ok=result["ok"])
+    return code
+
+
+sandbox_app = typer.Typer(help="The bundled stand-in Headless PM server, for trying pipelines.",
+                          no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = any free port).")] = 6969,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", help="Key to accept [default: $HEADLESS_PM_API_KEY or development-key].")
+    ] = None,
+    race_window: Annotated[float, typer.Option(
+        help="Seconds between the lock check and set, to reproduce double locks.")] = 0.0,
+    poll_interval: Annotated[float, typer.Option(
+        help="Seconds between checks of a long poll (the real server: 5).")] = 5.0,
+) -> None:
+    """Run the stand-in Headless PM server in the foreground until Ctrl-C.
+
+    Prints one JSON line with its URL when it is ready.
+
+    Example: pmtool sandbox serve --port 6970 &  export HEADLESS_PM_API_URL=http://127.0.0.1:6970
+    """
+    import os
+    import threading
+
+    from pmtool.testing.server import StandInServer
+
+    key = api_key or os.environ.get("HEADLESS_PM_API_KEY") or "development-key"
+    server = StandInServer(host=host, port=port, api_key=key, race_window=race_window,
+                           poll_check_interval=poll_interval).start()
+    emit({"url": server.url, "pid": os.getpid()})
+    say(f"stand-in Headless PM at {server.url} (Ctrl-C stops it)")
+    try:
+        threading.Event().wait()
+    finally:
+        server.stop()

@@ -1,0 +1,183 @@
+"""Settings: flags beat environment, environment beats the config file, the file beats defaults.
+
+Every setting remembers where its value came from, so `pmtool config` can say why a
+value is what it is. The API key is only ever shown masked.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pmtool.errors import UsageError
+
+LEVELS = ("junior", "senior", "principal")
+ROLES = ("frontend_dev", "backend_dev", "qa", "architect", "pm")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its type, default, and the environment names that set it (first wins)."""
+
+    type: type
+    default: Any
+    env: tuple[str, ...] = ()
+    help: str = ""
+
+
+SPECS: dict[str, Spec] = {
+    "api_url": Spec(str, "http://localhost:6969", ("HEADLESS_PM_API_URL",),
+                    "Headless PM base URL"),
+    "api_key": Spec(str, None, ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM"),
+                    "API key (sent as X-API-Key)"),
+    "worktree_base": Spec(str, None, ("HEADLESS_PM_WORKTREE_BASE",),
+                          "where worktrees go (default <repo>/.worktrees)"),
+    "hooks_dir": Spec(str, "hooks", ("HEADLESS_PM_HOOKS_DIR",), "where hooks are found"),
+    "hook_timeout": Spec(float, 30.0, ("HEADLESS_PM_HOOK_TIMEOUT",), "seconds per hook"),
+    "claude_timeout": Spec(float, 600.0, ("HEADLESS_PM_CLAUDE_TIMEOUT",),
+                           "seconds per agent run"),
+    "health_check_interval": Spec(float, 300.0, ("HEADLESS_PM_HEALTH_CHECK_INTERVAL",),
+                                  "seconds between health checks in `run`"),
+    "heartbeat": Spec(float, 300.0, ("PMTOOL_HEARTBEAT",),
+                      "seconds between re-registrations while an agent works"),
+    "http_timeout": Spec(float, 10.0, ("PMTOOL_HTTP_TIMEOUT",), "seconds per server call"),
+    "state_dir": Spec(str, None, ("PMTOOL_STATE_DIR",), "task records and logs"),
+    "model_junior": Spec(str, "sonnet", ("PMTOOL_MODEL_JUNIOR",), "model for junior tasks"),
+    "model_senior": Spec(str, "sonnet", ("PMTOOL_MODEL_SENIOR",), "model for senior tasks"),
+    "model_principal": Spec(str, "opus", ("PMTOOL_MODEL_PRINCIPAL",),
+                            "model for principal tasks"),
+    "claude_bin": Spec(str, None, ("PMTOOL_CLAUDE_BIN",), "path of the claude CLI"),
+    "permission_mode": Spec(str, "bypassPermissions", ("PMTOOL_PERMISSION_MODE",),
+                            "claude permission mode"),
+    "allowed_tools": Spec(str, None, ("PMTOOL_ALLOWED_TOOLS",),
+                          "comma-separated tools for claude --allowedTools"),
+    "instructions_dir": Spec(str, None, ("PMTOOL_INSTRUCTIONS_DIR",),
+                             "folder of per-role instruction files"),
+    "disk_min_free_mb": Spec(int, 1024, ("PMTOOL_DISK_MIN_FREE_MB",),
+                             "health: least free disk space"),
+    "memory_min_available_mb": Spec(int, 256, ("PMTOOL_MEMORY_MIN_AVAILABLE_MB",),
+                                    "health: least available memory"),
+}
+
+
+@dataclass
+class Settings:
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    config_path: Path | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.values["state_dir"]).expanduser()
+
+    def model_for(self, level: str) -> str:
+        return self.values[f"model_{level}"]
+
+    def public(self) -> dict[str, Any]:
+        """The settings as `pmtool config` shows them: value and source, the key masked."""
+        out = {}
+        for name, value in self.values.items():
+            if name == "api_key" and value:
+                value = mask(value)
+            out[name] = {"value": value, "source": self.sources.get(name, "default")}
+        return out
+
+
+def mask(secret: str) -> str:
+    return f"<set, {len(secret)} chars>"
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("PMTOOL_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("pmtool")) / "config.toml"
+
+
+def default_state_dir() -> str:
+    from platformdirs import user_state_dir
+
+    return user_state_dir("pmtool")
+
+
+def _convert(name: str, raw: Any, where: str) -> Any:
+    spec = SPECS[name]
+    if raw is None:
+        return None
+    try:
+        if spec.type is int and isinstance(raw, str):
+            return int(raw.strip())
+        if spec.type is float:
+            value = float(raw)
+            if value < 0:
+                raise ValueError("negative")
+            return value
+        return spec.type(raw)
+    except (TypeError, ValueError):
+        raise UsageError(
+            f"{where}: {name} must be a {spec.type.__name__}, got {raw!r}",
+            hint=f"fix {where}",
+        ) from None
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """Read the TOML config file; a missing file is empty, a malformed one is exit 2."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}",
+                         hint="fix or move the file; PMTOOL_CONFIG points elsewhere") from None
+    unknown = sorted(set(data) - set(SPECS))
+    if unknown:
+        raise UsageError(f"config file {path} has unknown settings: {', '.join(unknown)}",
+                         hint="valid settings: " + ", ".join(SPECS))
+    return data
+
+
+def load_settings(overrides: dict[str, Any] | None = None,
+                  config_path: Path | None = None) -> Settings:
+    """Resolve every setting. `overrides` are command-line flags; None means not given."""
+    path = config_path or default_config_path()
+    file_values = load_file(path)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, spec in SPECS.items():
+        flag = (overrides or {}).get(name)
+        env_name = next((e for e in spec.env if os.environ.get(e)), None)
+        if flag is not None:
+            values[name], sources[name] = _convert(name, flag, "--" + name), "flag"
+        elif env_name:
+            values[name] = _convert(name, os.environ[env_name], env_name)
+            sources[name] = f"env:{env_name}"
+        elif name in file_values:
+            values[name], sources[name] = _convert(name, file_values[name], str(path)), "file"
+        else:
+            values[name], sources[name] = spec.default, "default"
+    if values["state_dir"] is None:
+        values["state_dir"] = default_state_dir()
+    values["api_url"] = values["api_url"].rstrip("/")
+    return Settings(values=values, sources=sources, config_path=path)
+
+
+def check_level(level: str) -> str:
+    if level not in LEVELS:
+        raise UsageError(f"unknown level {level!r}", hint="valid levels: " + ", ".join(LEVELS),
+                         valid=list(LEVELS))
+    return level

@@ -1,0 +1,31 @@
+"""Which model works a task of a given level (`pmtool model-for`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pmtool.config import LEVELS, Settings, check_level
+from pmtool.errors import UsageError
+
+
+def model_for(level: str, settings: Settings) -> dict[str, Any]:
+    check_level(level)
+    return {"level": level, "model": settings.model_for(level)}
+
+
+def level_of(task: dict[str, Any]) -> str:
+    """A task's `difficulty` is the agent level it needs."""
+    level = task.get("difficulty") if isinstance(task, dict) else None
+    if not level:
+        raise UsageError("the task has no `difficulty`", hint="pass a Headless PM task object")
+    return check_level(level)
+
+
+def stronger_model(model: str, settings: Settings) -> str | None:
+    """The next model up the junior < senior < principal ladder that differs from `model`."""
+    ladder = [settings.model_for(level) for level in LEVELS]
+    if model in ladder:
+        for candidate in ladder[ladder.index(model) + 1:]:
+            if candidate != model:
+                return candidate
+    return None

@@ -1,0 +1,256 @@
+"""Task records: what this machine knows about the task an agent is working on.
+
+One JSON file per agent under `<state_dir>/records/`. Writes are atomic (temp file,
+fsync, rename), so a crash leaves either the old record or the new one. A record that
+does not parse is moved aside as `*.corrupt-<time>` and reported, never deleted. Closed
+records are appended to `<state_dir>/history.jsonl`, so nothing about a task is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pmtool.errors import Conflict
+
+RECORD_VERSION = 1
+MAX_STEPS = 30
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class TaskRecord:
+    agent_id: str
+    role: str
+    level: str
+    server_url: str
+    task: dict[str, Any]
+    previous_status: str
+    claimed_at: str = field(default_factory=now_iso)
+    pid: int = field(default_factory=os.getpid)
+    pid_started: float | None = None
+    host: str = field(default_factory=socket.gethostname)
+    worktree: str | None = None
+    branch: str | None = None
+    model: str | None = None
+    session_id: str | None = None
+    attempts: int = 0
+    cost_usd: float = 0.0
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    updated_at: str = field(default_factory=now_iso)
+    version: int = RECORD_VERSION
+
+    @property
+    def task_id(self) -> int:
+        return int(self.task["id"])
+
+    def step(self, name: str, **info: Any) -> None:
+        """Note a step in the short history (kept to the last MAX_STEPS)."""
+        self.steps.append({"at": now_iso(), "step": name, **info})
+        del self.steps[:-MAX_STEPS]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TaskRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        missing = {"agent_id", "role", "level", "server_url", "task", "previous_status"} - set(data)
+        if missing or not isinstance(data.get("task"), dict) or "id" not in data["task"]:
+            raise ValueError(f"missing fields: {sorted(missing) or ['task.id']}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class CorruptRecord(Exception):
+    def __init__(self, path: Path, moved_to: Path, reason: str) -> None:
+        super().__init__(f"record {path} is corrupt ({reason}); kept as {moved_to}")
+        self.path, self.moved_to, self.reason = path, moved_to, reason
+
+
+def process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """True if `pid` runs and, when its start time is known, is the same process (no reuse)."""
+    actual = process_started(pid)
+    if actual is None:
+        return False
+    if started is None:
+        return True
+    return abs(actual - started) < 1.0
+
+
+def safe_name(agent_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", agent_id) or "_"
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class RecordStore:
+    def __init__(self, state_dir: str | Path) -> None:
+        self.state_dir = Path(state_dir).expanduser()
+        self.dir = self.state_dir / "records"
+
+    def path(self, agent_id: str) -> Path:
+        return self.dir / f"{safe_name(agent_id)}.json"
+
+    def load(self, agent_id: str) -> TaskRecord | None:
+        """The agent's record, None if there is none; raises CorruptRecord after quarantine."""
+        return self._read(self.path(agent_id))
+
+    def _read(self, path: Path) -> TaskRecord | None:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return TaskRecord.from_json(json.loads(text))
+        except (ValueError, TypeError) as exc:
+            moved = self.quarantine(path)
+            raise CorruptRecord(path, moved, str(exc)[:200]) from None
+
+    def quarantine(self, path: Path) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        moved = path.with_name(f"{path.name}.corrupt-{stamp}")
+        os.replace(path, moved)
+        return moved
+
+    def save(self, record: TaskRecord) -> Path:
+        record.updated_at = now_iso()
+        path = self.path(record.agent_id)
+        atomic_write_json(path, record.to_json())
+        return path
+
+    def close(self, record: TaskRecord, outcome: str, **info: Any) -> None:
+        """Retire a record: append it to the history, then remove the live file."""
+        record.step("closed", outcome=outcome, **info)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"closed_at": now_iso(), "outcome": outcome, **record.to_json()},
+                          default=str)
+        with open(self.state_dir / "history.jsonl", "a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            self.path(record.agent_id).unlink()
+
+    def scan(self) -> tuple[list[TaskRecord], list[CorruptRecord]]:
+        """Every record on this machine; corrupt ones are quarantined and listed apart."""
+        records, corrupt = [], []
+        if not self.dir.is_dir():
+            return records, corrupt
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                record = self._read(path)
+            except CorruptRecord as exc:
+                corrupt.append(exc)
+                continue
+            if record:
+                records.append(record)
+        return records, corrupt
+
+    def is_live(self, record: TaskRecord) -> bool:
+        """A record is live while its runner process runs on this host."""
+        if record.host != socket.gethostname():
+            return True  # cannot tell from here; never treat another host's work as stale
+        return pid_alive(record.pid, record.pid_started)
+
+    # -- locks between processes on this machine -----------------------------------------
+
+    @contextlib.contextmanager
+    def claim_lock(self, timeout: float = 60.0) -> Iterator[None]:
+        """Serialise claims of agents on this machine (fewer lock races on the server)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "claim.lock", "a+") as fh:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Conflict("another pmtool on this machine holds the claim lock "
+                                       f"for more than {timeout:g}s") from None
+                    time.sleep(0.02)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def runner_lock(self, agent_id: str) -> RunnerLock:
+        return RunnerLock(self.state_dir / "runners" / f"{safe_name(agent_id)}.lock", agent_id)
+
+
+class RunnerLock:
+    """At most one runner per agent id on a machine: an flock held while the runner lives.
+
+    The kernel drops the lock when the process dies, so a crash never leaves it stale.
+    """
+
+    def __init__(self, path: Path, agent_id: str) -> None:
+        self.path, self.agent_id, self._fh = path, agent_id, None
+
+    def acquire(self) -> RunnerLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held for the runner's lifetime)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise Conflict(f"agent {self.agent_id} already has a runner on this machine "
+                           f"(pid {holder})", hint="stop it first, or use another --agent-id",
+                           pid=int(holder) if holder.isdigit() else None) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RunnerLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
