@@ -1,0 +1,200 @@
+"""`pmtool health`: is this machine fit to run agents on tasks of that server?
+
+Each check answers `{"name", "ok", "detail", ...}`; checks run concurrently because the
+slow ones (the server, `claude --version`) wait on other processes, not on us.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pmtool.config import Settings
+from pmtool.errors import EXIT_FAILED, EXIT_OK, EXIT_SERVER, PmtoolError, UsageError
+
+Check = dict[str, Any]
+
+
+def check_api(settings: Settings) -> Check:
+    from pmtool.client import PMClient
+
+    client = PMClient(settings.api_url, None, timeout=settings.http_timeout, retries=0)
+    start = time.monotonic()
+    try:
+        answer = client.health()
+    except PmtoolError as exc:
+        return {"ok": False, "detail": exc.message, "unreachable": True}
+    latency = round((time.monotonic() - start) * 1000, 1)
+    status = answer.get("status") if isinstance(answer, dict) else None
+    ok = status == "healthy"
+    detail = f"{status} in {latency} ms" + ("" if ok else f" (database: {answer.get('database')})")
+    return {"ok": ok, "detail": detail, "latency_ms": latency,
+            "version": answer.get("version") if isinstance(answer, dict) else None}
+
+
+def check_auth(settings: Settings) -> Check:
+    from pmtool.client import PMClient
+    from pmtool.errors import AuthError
+
+    if not settings.api_key:
+        return {"ok": False, "detail": "no API key set (HEADLESS_PM_API_KEY)"}
+    client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
+                      retries=0)
+    try:
+        client.agents()
+    except AuthError:
+        return {"ok": False, "detail": "the server rejected the API key"}
+    except PmtoolError as exc:
+        return {"ok": False, "detail": exc.message, "unreachable": exc.exit_code == EXIT_SERVER}
+    return {"ok": True, "detail": "key accepted"}
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk(settings: Settings) -> Check:
+    places = {"state_dir": settings.state_path}
+    places["worktree_base"] = Path(settings.worktree_base or ".").expanduser()
+    need = settings.disk_min_free_mb
+    free = {}
+    for name, path in places.items():
+        free[name] = shutil.disk_usage(_existing_parent(path.absolute())).free // 2**20
+    low = [f"{name} {mb} MB" for name, mb in free.items() if mb < need]
+    detail = (f"low free space: {', '.join(low)} (need {need} MB)" if low
+              else ", ".join(f"{n} {mb} MB free" for n, mb in free.items()))
+    return {"ok": not low, "detail": detail, "free_mb": free, "min_free_mb": need}
+
+
+def check_memory(settings: Settings) -> Check:
+    import psutil
+
+    avail = psutil.virtual_memory().available // 2**20
+    need = settings.memory_min_available_mb
+    return {"ok": avail >= need, "detail": f"{avail} MB available (need {need} MB)",
+            "available_mb": avail}
+
+
+def check_claude(settings: Settings) -> Check:
+    from pmtool.claude import claude_version, find_claude
+
+    binary = find_claude(settings.claude_bin)
+    if not binary:
+        where = settings.claude_bin or "claude on PATH"
+        return {"ok": False, "detail": f"claude CLI not found ({where})",
+                "hint": "npm install -g @anthropic-ai/claude-code, or set PMTOOL_CLAUDE_BIN"}
+    try:
+        version = claude_version(binary)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"ok": False, "detail": f"{binary} does not run: {exc}", "path": binary}
+    return {"ok": True, "detail": version, "path": binary, "version": version}
+
+
+def check_git(settings: Settings) -> Check:
+    git = shutil.which("git")
+    if not git:
+        return {"ok": False, "detail": "git not found on PATH"}
+    version = subprocess.run([git, "--version"], capture_output=True, text=True,
+                             check=False).stdout.strip()
+    # `git worktree -h` exits 129 with usage when the command exists.
+    probe = subprocess.run([git, "worktree", "-h"], capture_output=True, text=True, check=False)
+    ok = "usage: git worktree" in (probe.stdout + probe.stderr)
+    return {"ok": ok, "detail": version + ("" if ok else " (no worktree support)"),
+            "version": version}
+
+
+def check_hooks(settings: Settings) -> Check:
+    hooks = Path(settings.hooks_dir).expanduser()
+    if not hooks.exists():
+        return {"ok": True, "detail": f"no hooks folder at {hooks} (hooks are optional)",
+                "hooks": []}
+    if not hooks.is_dir() or not os.access(hooks, os.R_OK | os.X_OK):
+        return {"ok": False, "detail": f"hooks folder {hooks} is not a readable folder"}
+    names, bad = [], []
+    for path in sorted(hooks.iterdir()):
+        if path.is_file() and not path.name.startswith((".", "_")):
+            names.append(path.name)
+            if not os.access(path, os.X_OK):
+                bad.append(path.name)
+    detail = (f"not executable: {', '.join(bad)} (chmod +x them)" if bad
+              else f"{len(names)} hooks in {hooks}")
+    return {"ok": not bad, "detail": detail, "hooks": names}
+
+
+def check_records(settings: Settings) -> Check:
+    from pmtool.records import RecordStore
+
+    store = RecordStore(settings.state_path)
+    records, corrupt = store.scan()
+    stale = [r.agent_id for r in records if not store.is_live(r)]
+    problems = []
+    if stale:
+        problems.append(f"stale records (runner gone): {', '.join(stale)}")
+    if corrupt:
+        problems.append(f"corrupt records kept aside: {', '.join(str(c.moved_to) for c in corrupt)}")
+    detail = "; ".join(problems) or f"{len(records)} live records"
+    out = {"ok": not problems, "detail": detail, "records": len(records), "stale": stale,
+           "corrupt": [str(c.moved_to) for c in corrupt]}
+    if problems:
+        out["hint"] = "pmtool recover --all"
+    return out
+
+
+CHECKS: dict[str, Callable[[Settings], Check]] = {
+    "api": check_api, "auth": check_auth, "disk": check_disk, "memory": check_memory,
+    "claude": check_claude, "git": check_git, "hooks": check_hooks, "records": check_records,
+}
+
+
+def run_health(settings: Settings, only: list[str] | None = None) -> tuple[dict, int]:
+    """Run the checks (all, or `only`) and the `health_check` hook; answer and exit code."""
+    names = list(only) if only else list(CHECKS)
+    unknown = [n for n in names if n not in CHECKS]
+    if unknown:
+        raise UsageError(f"unknown check {', '.join(unknown)}",
+                         hint="checks: " + ", ".join(CHECKS), valid=list(CHECKS))
+
+    def run(name: str) -> Check:
+        start = time.monotonic()
+        try:
+            result = CHECKS[name](settings)
+        except Exception as exc:  # a check that breaks is a failed check, not a crash
+            result = {"ok": False, "detail": f"check crashed: {type(exc).__name__}: {exc}"}
+        return {"name": name, **result, "duration_ms": round((time.monotonic() - start) * 1000)}
+
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        checks = list(pool.map(run, names))
+    if not only:
+        hook = _health_hook(settings)
+        if hook:
+            checks.append(hook)
+    failed = [c for c in checks if not c["ok"]]
+    if not failed:
+        code = EXIT_OK
+    elif all(c.get("unreachable") for c in failed):
+        code = EXIT_SERVER
+    else:
+        code = EXIT_FAILED
+    return {"ok": not failed, "checks": checks}, code
+
+
+def _health_hook(settings: Settings) -> Check | None:
+    from pmtool.hooks import find_hook, run_hook
+
+    if not find_hook("health_check", settings.hooks_dir):
+        return None
+    result = run_hook("health_check", settings.hooks_dir,
+                      {"api_url": settings.api_url, "state_dir": str(settings.state_path)},
+                      timeout=settings.hook_timeout)
+    detail = (result.get("stderr") or result.get("stdout") or "").strip().splitlines()
+    return {"name": "hook:health_check", "ok": result["ok"],
+            "detail": detail[-1] if detail else f"exit {result.get('exit_code')}",
+            "exit_code": result.get("exit_code"), "path": result.get("path")}
