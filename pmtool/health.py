@@ -139,7 +139,8 @@ def check_records(settings: Settings) -> Check:
     if stale:
         problems.append(f"stale records (runner gone): {', '.join(stale)}")
     if corrupt:
-        problems.append(f"corrupt records kept aside: {', '.join(str(c.moved_to) for c in corrupt)}")
+        kept = ", ".join(str(c.moved_to) for c in corrupt)
+        problems.append(f"corrupt records kept aside: {kept}")
     detail = "; ".join(problems) or f"{len(records)} live records"
     out = {"ok": not problems, "detail": detail, "records": len(records), "stale": stale,
            "corrupt": [str(c.moved_to) for c in corrupt]}
