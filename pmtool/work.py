@@ -1,0 +1,712 @@
+"""Taking work safely: register, claim, lock a named task, finish, release, recover.
+
+A task is worked by exactly one agent, and a crash at any moment loses nothing. The claim
+protocol (see ../shared/headless-pm-api.md for the quirks it survives):
+
+1. take this machine's claim lock (agents on one machine never race each other);
+2. find a candidate with `GET /tasks/next?simulate=true` (one immediate check: a long poll
+   would hold a server thread, quirk 5); waiting polls with capped backoff and jitter;
+3. write a `claiming` record, then `POST /tasks/{id}/lock`; a 409 means "try the next one";
+4. sleep `settle` seconds so every lock request still in flight has landed, read the task
+   back and go on only if `locked_by` is still us: the server double-locks (quirk 2);
+5. set `under_work` (notes say agent, host and runner pid) and write the record again.
+
+A record is written before each server call that changes something, so `recover` can always
+tell what a killed process left behind. The library never prints and never exits: it returns
+plain data and raises `pmtool.errors` types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pmtool.config import LEVELS, check_level
+from pmtool.errors import (
+    ApiError,
+    Conflict,
+    NothingToDo,
+    OperationFailed,
+    PmtoolError,
+    UsageError,
+    detail_text,
+)
+from pmtool.records import CorruptRecord, RecordStore, TaskRecord, now_iso, process_started
+
+# Longer than the server's in-flight lock window: a lock request that passed the server's
+# check before ours was written lands within that window (quirk 2). The stand-in's race
+# switch widens the window, so tests set both.
+DEFAULT_SETTLE = 0.3
+# Polling while waiting: start quick so a fresh task is picked up fast, back off to a cap
+# that keeps 100 idle claimers at ~50 cheap requests a second in all.
+POLL_FIRST = 0.25
+POLL_CAP = 2.0
+
+QA = "qa"
+UNDER_WORK = "under_work"
+# Statuses the server's pick takes tasks from, per role family (contract: "How the server
+# picks the next task"); `approved` is legacy but still picked.
+DEV_PICK = ("created", "approved")
+QA_PICK = ("dev_done",)
+
+# Test-only fault injection. `PMTOOL_FAULT=after-lock` makes the claiming process SIGKILL
+# itself at that point, so tests can check that `recover` copes with a crash anywhere.
+# `PMTOOL_FAULT=pause-before-lock` makes it SIGSTOP itself once, before its first lock
+# call, so a test can SIGCONT many claimers at the same instant.
+FAULT_ENV = "PMTOOL_FAULT"
+FAULT_POINTS = ("before-lock", "after-lock", "after-status", "after-record")
+_paused: list[bool] = []
+
+RECOVER_HINT = "the record keeps the claim; run `pmtool recover` when the server is back"
+
+
+def _fault(point: str) -> None:
+    fault = os.environ.get(FAULT_ENV)
+    if fault == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"pause-{point}" and not _paused:
+        _paused.append(True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class RecordCorrupt(OperationFailed):
+    """The agent's record did not parse; it has been moved aside, never deleted."""
+
+    kind = "corrupt"
+
+
+@dataclass
+class ClaimStats:
+    """What a claim went through: how often it looked, and how it lost."""
+
+    polls: int = 0
+    tried: int = 0
+    conflicts: int = 0  # the lock call answered 409: someone had it already
+    losses: int = 0  # the lock call answered 200, but the read-back showed another agent
+    elapsed: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["elapsed"] = round(self.elapsed, 3)
+        return out
+
+
+class Claimed(NamedTuple):
+    task: dict[str, Any]
+    record: TaskRecord
+    path: Path
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+
+def _level_rank(level: str | None) -> int:
+    return LEVELS.index(level) if level in LEVELS else 0
+
+
+def _append_notes(task: dict[str, Any] | None, extra: str | None) -> str | None:
+    """The notes to send with a status change: the task's own notes, plus `extra`.
+
+    `notes` in a status update replaces the task's notes (contract, "Status flow"), so
+    every status change pmtool makes carries the old notes forward instead of wiping them.
+    """
+    old = (task or {}).get("notes") or ""
+    if not extra:
+        return old or None
+    # Blank-line separated, as the server joins comments.
+    return f"{old.rstrip()}\n\n{extra}" if old.strip() else extra
+
+
+def _load(store: RecordStore, agent_id: str) -> TaskRecord | None:
+    try:
+        return store.load(agent_id)
+    except CorruptRecord as exc:
+        raise RecordCorrupt(
+            f"the record of agent {agent_id} was corrupt ({exc.reason}); kept as {exc.moved_to}",
+            hint=f"check the server for tasks locked by {agent_id}, then run the command again",
+            kept_as=str(exc.moved_to)) from None
+
+
+def _need_record(store: RecordStore, agent_id: str) -> TaskRecord:
+    record = _load(store, agent_id)
+    if record is None:
+        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
+                          hint="pmtool claim takes a task")
+    return record
+
+
+def _discard(store: RecordStore, record: TaskRecord) -> None:
+    """Drop a record that never held anything (the lock was lost or refused)."""
+    store.path(record.agent_id).unlink(missing_ok=True)
+
+
+def read_task(client: Any, task_id: int, status: str | None = None) -> dict[str, Any] | None:
+    """One task as the server has it now, or None if it is gone.
+
+    There is no single-task read (quirk 1): list, filtered by the expected status when
+    known because that list is short, then unfiltered if the task has moved on.
+    """
+    if status:
+        task = client.get_task(task_id, status=status)
+        if task is not None:
+            return task
+    return client.get_task(task_id)
+
+
+# -- register -----------------------------------------------------------------------------
+
+
+def register(client: Any, agent_id: str, role: str, level: str) -> dict[str, Any]:
+    """Register the agent, or refresh its `last_seen` (this is also the heartbeat).
+
+    Returns the server's answer (`agent`, `next_task`, `mentions`). Raises Conflict when the
+    server kept another role or level for this id (quirk 4), UsageError when the server
+    refuses the role (with the roles it accepts in `valid`).
+    """
+    check_level(level)
+    try:
+        answer = client.register(agent_id, role, level)
+    except ApiError as exc:
+        if exc.status != 422:
+            raise
+        valid = _valid_values(exc.detail, "role")
+        hint = ("valid roles: " + ", ".join(valid)) if valid else "see the server's roles"
+        raise UsageError(f"the server refused to register {agent_id} as {role}/{level}: "
+                         f"{detail_text(exc.detail)}", hint=hint, valid=valid) from None
+    agent = (answer or {}).get("agent") or {}
+    kept = (agent.get("role"), agent.get("level"))
+    if kept != (role, level):
+        raise Conflict(
+            f"agent {agent_id} is registered on the server as {kept[0]}/{kept[1]}, "
+            f"not {role}/{level}; the server keeps the first role and level of an id",
+            hint="use another --agent-id, or the role and level it has",
+            registered={"role": kept[0], "level": kept[1]})
+    return answer
+
+
+def _valid_values(detail: Any, field: str) -> list[str]:
+    """The allowed values from a pydantic enum error about `field` (`ctx.expected`)."""
+    if not isinstance(detail, list):
+        return []
+    for item in detail:
+        if isinstance(item, dict) and field in (item.get("loc") or []):
+            expected = (item.get("ctx") or {}).get("expected") or item.get("msg") or ""
+            return re.findall(r"'([^']+)'", str(expected))
+    return []
+
+
+# -- claim --------------------------------------------------------------------------------
+
+
+def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
+          wait: float = 0.0, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
+          stats: ClaimStats | None = None,
+          sleep: Callable[[float], None] = time.sleep) -> Claimed:
+    """Take the next task for the role and level and make it this agent's.
+
+    Looks once when `wait` is 0, else polls until a task is claimed or `wait` seconds have
+    passed. Returns `Claimed(task, record, path)`: the task as the server has it after
+    `under_work` was set, the record and where it lives. `stats` (filled in place, also
+    when nothing was claimed) counts polls, 409s and lost races. Raises NothingToDo when no
+    task came, Conflict when the agent already has a record.
+    """
+    stats = stats if stats is not None else ClaimStats()
+    start = time.monotonic()
+    runner_pid = runner_pid or os.getpid()
+    _refuse_if_busy(store, agent_id)
+    register(client, agent_id, role, level)  # a never-seen agent id can claim at once
+    deadline = start + max(wait, 0.0)
+    delay = POLL_FIRST
+    try:
+        while True:
+            with store.claim_lock(timeout=max(60.0, wait)):
+                # Again under the lock: another process may have claimed for this agent.
+                _refuse_if_busy(store, agent_id)
+                claimed = _claim_round(client, store, agent_id, role, level, runner_pid,
+                                       settle, stats, sleep)
+            if claimed:
+                return claimed
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # Full jitter keeps many idle claimers from polling in step.
+            sleep(min(left, delay * random.uniform(0.5, 1.0)))
+            delay = min(POLL_CAP, delay * 2)
+    finally:
+        stats.elapsed = time.monotonic() - start
+    raise NothingToDo(f"no task for {role}/{level} "
+                      + (f"within {wait:g}s" if wait else "right now"),
+                      hint="--wait SECONDS keeps looking", **stats.to_json())
+
+
+INCOMPLETE_STEPS = ("claiming", "locked", UNDER_WORK)
+
+
+def claim_abandoned(record: TaskRecord) -> bool:
+    """True when the record's claim stopped midway and the process making it is gone.
+
+    The runner (the shell driving a pipeline) may well live on after `pmtool claim` was
+    killed, so its pid alone cannot tell that such a record needs recovering.
+    """
+    from pmtool.records import pid_alive
+
+    last = record.steps[-1] if record.steps else {}
+    if last.get("step") not in INCOMPLETE_STEPS:
+        return False
+    first = next((s for s in reversed(record.steps) if s.get("step") == "claiming"), {})
+    pid = first.get("claim_pid")
+    return isinstance(pid, int) and pid != os.getpid() \
+        and not pid_alive(pid, first.get("claim_started"))
+
+
+def _refuse_if_busy(store: RecordStore, agent_id: str) -> None:
+    record = _load(store, agent_id)
+    if record is None:
+        return
+    live = store.is_live(record)
+    runner = f"runner pid {record.pid} is {'live' if live else 'gone'}"
+    if claim_abandoned(record):
+        runner += "; its claim stopped midway"
+    raise Conflict(f"agent {agent_id} already has task {record.task_id} ({runner})",
+                   hint="finish or release it, or run `pmtool recover`",
+                   task_id=record.task_id, pid=record.pid, live=live,
+                   record=str(store.path(agent_id)))
+
+
+def _claim_round(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
+                 runner_pid: int, settle: float, stats: ClaimStats,
+                 sleep: Callable[[float], None]) -> Claimed | None:
+    """One look for work: the server's pick, then (after a loss) the other candidates."""
+    stats.polls += 1
+    first = client.next_task(role, level, simulate=True)
+    if not first:
+        return None
+    tried: set[int] = set()
+    candidates: list[dict[str, Any]] | None = None
+    task: dict[str, Any] | None = first
+    while task is not None:
+        tried.add(task["id"])
+        claimed = _take(client, store, task, agent_id, role, level, runner_pid, settle,
+                        stats, sleep)
+        if claimed:
+            return claimed
+        # /tasks/next only ever names the oldest task, which someone else now has: find
+        # the other unlocked candidates ourselves, oldest first, as the server would.
+        if candidates is None:
+            candidates = _candidates(client, role, level)
+        task = next((c for c in candidates if c["id"] not in tried), None)
+    return None
+
+
+def _candidates(client: Any, role: str, level: str) -> list[dict[str, Any]]:
+    """Unlocked tasks the server could hand this role and level, oldest first."""
+    if role == QA:
+        tasks = client.list_tasks(status=QA_PICK[0])
+    else:
+        # `approved` is legacy: /tasks/next still names such a task, but we do not list them.
+        tasks = client.list_tasks(status=DEV_PICK[0], role=role)
+    rank = _level_rank(level)
+    fit = [t for t in tasks
+           if not t.get("locked_by")
+           and (role == QA or (t.get("target_role") == role
+                               and _level_rank(t.get("difficulty")) <= rank))]
+    return sorted(fit, key=lambda t: (t.get("created_at") or "", t["id"]))
+
+
+def _take(client: Any, store: RecordStore, task: dict[str, Any], agent_id: str, role: str,
+          level: str, runner_pid: int, settle: float, stats: ClaimStats,
+          sleep: Callable[[float], None]) -> Claimed | None:
+    """Lock one task, verify the lock after it settled, set under_work; None if lost."""
+    stats.tried += 1
+    task_id = task["id"]
+    record = TaskRecord(agent_id=agent_id, role=role, level=level, server_url=client.url,
+                        task=task, previous_status=task["status"], pid=runner_pid,
+                        pid_started=process_started(runner_pid), branch=task.get("branch"))
+    # Written before the lock call: if we die between the call and its answer, recover
+    # finds the record and asks the server whose lock it is.
+    record.step("claiming", claim_pid=os.getpid(), claim_started=process_started(os.getpid()))
+    store.save(record)
+    _fault("before-lock")
+    try:
+        locked = client.lock(task_id, agent_id)
+    except ApiError as exc:
+        if exc.status in (404, 409):  # taken meanwhile, or deleted: not our problem
+            _discard(store, record)
+            stats.conflicts += 1
+            return None
+        raise
+    except PmtoolError as exc:
+        # The lock may or may not have landed; the record lets recover ask the server.
+        exc.hint = RECOVER_HINT
+        raise
+    record.task = locked or task
+    record.step("locked")
+    store.save(record)
+    _fault("after-lock")
+
+    sleep(settle)
+    now = read_task(client, task_id, status=task["status"])
+    if not now or now.get("locked_by") != agent_id:
+        # Another agent's lock landed after ours (quirk 2): the task is theirs. Our lock
+        # was overwritten on the server, so there is nothing to give back.
+        stats.losses += 1
+        _discard(store, record)
+        return None
+
+    note = f"claimed by {agent_id} on {record.host} (pid {runner_pid}) at {now_iso()}"
+    try:
+        answer = client.set_status(task_id, agent_id, UNDER_WORK,
+                                   notes=_append_notes(now, note))
+    except PmtoolError as exc:
+        # We hold the lock and the record says so: recover sorts it out later.
+        exc.hint = RECOVER_HINT
+        raise
+    record.task = (answer or {}).get("task") or {**now, "status": UNDER_WORK}
+    record.step(UNDER_WORK)
+    store.save(record)
+    _fault("after-status")
+
+    record.step("claimed")
+    path = store.save(record)
+    _fault("after-record")
+    return Claimed(record.task, record, path)
+
+
+# -- lock a named task --------------------------------------------------------------------
+
+
+def acquire(client: Any, store: RecordStore, task_id: int, agent_id: str, role: str,
+            level: str, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
+            sleep: Callable[[float], None] = time.sleep) -> Claimed:
+    """Lock the named task for the agent, with the same verification as `claim`.
+
+    Returns `Claimed(task, record, path)`. Raises UsageError if the task does not exist,
+    Conflict if it is locked by another agent, already under work, or the lock was lost.
+    """
+    runner_pid = runner_pid or os.getpid()
+    _refuse_if_busy(store, agent_id)
+    register(client, agent_id, role, level)
+    with store.claim_lock():
+        _refuse_if_busy(store, agent_id)
+        task = read_task(client, task_id)
+        if task is None:
+            raise UsageError(f"there is no task {task_id} on the server",
+                             hint="GET /tasks lists them")
+        holder = task.get("locked_by")
+        if holder and holder != agent_id:
+            raise Conflict(f"task {task_id} is locked by {holder}",
+                           hint="pmtool claim takes the next free task", locked_by=holder)
+        if task.get("status") == UNDER_WORK:
+            raise Conflict(f"task {task_id} is already under work"
+                           + (" (locked by this agent, without a record here)"
+                              if holder else ""),
+                           hint="pmtool recover, or pick another task")
+        if holder == agent_id:
+            # Our own stale lock (the lock call would answer 409 even to us): release it,
+            # then lock afresh so the record's story starts clean.
+            _release_on_server(client, agent_id, task, task["status"])
+            task = read_task(client, task_id) or task
+        stats = ClaimStats()
+        claimed = _take(client, store, task, agent_id, role, level, runner_pid, settle,
+                        stats, sleep)
+    if claimed is None:
+        now = read_task(client, task_id) or {}
+        raise Conflict(f"task {task_id} went to {now.get('locked_by') or 'another agent'}",
+                       hint="pmtool claim takes the next free task", **stats.to_json())
+    return claimed
+
+
+# -- the record by hand -------------------------------------------------------------------
+
+
+def show(store: RecordStore, agent_id: str) -> dict[str, Any]:
+    """The agent's record, where it is and whether its runner lives; NothingToDo if none."""
+    record = _need_record(store, agent_id)
+    return {"record": record.to_json(), "path": str(store.path(agent_id)),
+            "live": store.is_live(record)}
+
+
+def update_record(store: RecordStore, agent_id: str, *, worktree: str | None = None,
+                  branch: str | None = None, session_id: str | None = None,
+                  model: str | None = None, runner_pid: int | None = None,
+                  attempts: int | None = None, cost_usd: float | None = None,
+                  step: str | None = None) -> tuple[TaskRecord, Path]:
+    """Set the given fields of the agent's record (None leaves a field as it is).
+
+    Returns the record and its path; NothingToDo if the agent has none.
+    """
+    record = _need_record(store, agent_id)
+    changed = {k: v for k, v in {"worktree": worktree, "branch": branch,
+                                 "session_id": session_id, "model": model,
+                                 "attempts": attempts, "cost_usd": cost_usd}.items()
+               if v is not None}
+    for name, value in changed.items():
+        setattr(record, name, value)
+    if runner_pid is not None:
+        record.pid, record.pid_started = runner_pid, process_started(runner_pid)
+        changed["pid"] = runner_pid
+    record.step(step or "updated", **{k: v for k, v in changed.items() if k != "cost_usd"})
+    return record, store.save(record)
+
+
+# -- giving work back and finishing -------------------------------------------------------
+
+
+def _release_on_server(client: Any, agent_id: str, task: dict[str, Any], to_status: str,
+                       notes: str | None = None) -> dict[str, Any]:
+    """Put the task in `to_status` and drop our lock (there is no unlock endpoint).
+
+    Moving a task out of `under_work` releases its lock; a lock on a task that is not
+    under work is released by setting `under_work` and then the old status (contract).
+    """
+    keep = _append_notes(task, notes)
+    if task.get("status") != UNDER_WORK:
+        client.set_status(task["id"], agent_id, UNDER_WORK, notes=keep)
+    answer = client.set_status(task["id"], agent_id, to_status, notes=keep)
+    return (answer or {}).get("task") or {**task, "status": to_status, "locked_by": None}
+
+
+def _ours(task: dict[str, Any] | None, agent_id: str) -> bool:
+    """Still ours to change: under work and locked by us, or under work with no lock at all.
+
+    An unlocked `under_work` task lost its lock to the 30-minute rule (quirk 3); nobody
+    else can have it, because the server's pick never hands out tasks under work.
+    """
+    return bool(task and task.get("status") == UNDER_WORK
+                and task.get("locked_by") in (agent_id, None))
+
+
+def release(client: Any, store: RecordStore, agent_id: str,
+            notes: str | None = None) -> dict[str, Any]:
+    """Give the agent's task back: status as before the claim, lock dropped, record closed.
+
+    Returns `{"task_id", "action": "released"|"moved_on", "task"}`. A task that someone
+    else has moved on is left as it is (`moved_on`); the record is closed either way.
+    """
+    record = _need_record(store, agent_id)
+    task = read_task(client, record.task_id)
+    extra = f"{agent_id}: released: {notes}" if notes else None
+    if task and (_ours(task, agent_id)
+                 or (task.get("locked_by") == agent_id
+                     and task.get("status") == record.previous_status)):
+        new = _release_on_server(client, agent_id, task, record.previous_status, extra)
+        store.close(record, "released", status=record.previous_status)
+        return {"task_id": record.task_id, "action": "released", "task": new}
+    store.close(record, "moved_on", status=(task or {}).get("status"))
+    return {"task_id": record.task_id, "action": "moved_on", "task": task,
+            "reason": _why_not_ours(task, agent_id)}
+
+
+def _why_not_ours(task: dict[str, Any] | None, agent_id: str) -> str:
+    if task is None:
+        return "the task is gone from the server"
+    holder = task.get("locked_by")
+    if holder and holder != agent_id:
+        return f"the task is locked by {holder}"
+    return f"the task is {task.get('status')}"
+
+
+OUTCOMES = {
+    # outcome -> status; "blocked" gives the task back to the status it had before.
+    "dev": {"done": "dev_done", "blocked": None},
+    QA: {"pass": "qa_done", "fail": "created", "blocked": None},
+}
+
+
+def outcome_status(role: str, outcome: str, previous_status: str) -> str:
+    """The status the role's flow calls for; UsageError for an outcome the role lacks."""
+    table = OUTCOMES[QA if role == QA else "dev"]
+    if outcome not in table:
+        raise UsageError(f"outcome {outcome!r} is not one for role {role}",
+                         hint="valid outcomes: " + ", ".join(table), valid=list(table))
+    return table[outcome] or previous_status
+
+
+def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
+           notes: str | None = None) -> dict[str, Any]:
+    """Report the outcome of the agent's task with the status its role's flow calls for.
+
+    `done` (developers, architect, pm) -> dev_done; qa `pass` -> qa_done, `fail` ->
+    created; `blocked` -> back to the status before the claim, the reason as a comment.
+    Notes are appended to the task's notes, never replace them. If the server shows the
+    task moved on (maybe by the agent itself), nothing is overwritten: `action` is
+    `moved_on`. Returns `{"task_id", "action", "outcome", "status", "task"}`; the record
+    is closed either way.
+    """
+    record = _need_record(store, agent_id)
+    status = outcome_status(record.role, outcome, record.previous_status)
+    task = read_task(client, record.task_id, status=UNDER_WORK)
+    if not _ours(task, agent_id):
+        store.close(record, "moved_on", requested=outcome,
+                    status=(task or {}).get("status"))
+        return {"task_id": record.task_id, "action": "moved_on", "outcome": outcome,
+                "status": (task or {}).get("status"), "task": task,
+                "reason": _why_not_ours(task, agent_id)}
+    assert task is not None
+    record.step("finishing", outcome=outcome)
+    store.save(record)  # a crash from here on is found by recover as "moved on"
+    if outcome == "blocked":
+        reason = notes or "blocked (no reason given)"
+        new = _release_on_server(client, agent_id, task, status)
+        # After the status change: a status update's notes would overwrite the comment.
+        client.comment(record.task_id, agent_id, f"blocked: {reason}")
+        new["notes"] = _append_notes(new, f"{agent_id}: blocked: {reason}")
+    else:
+        text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
+        extra = f"{agent_id}: {outcome}: {text}" if text else None
+        answer = client.set_status(record.task_id, agent_id, status,
+                                   notes=_append_notes(task, extra))
+        new = (answer or {}).get("task") or {**task, "status": status}
+    store.close(record, outcome, status=status)
+    return {"task_id": record.task_id, "action": "finished", "outcome": outcome,
+            "status": status, "task": new, "lock_expired": task.get("locked_by") is None}
+
+
+# -- recover ------------------------------------------------------------------------------
+
+
+def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
+                                                list[tuple[Path, str]]]:
+    """Every record and every unreadable one, without moving anything (for --dry-run)."""
+    good, bad = [], []
+    if not store.dir.is_dir():
+        return good, bad
+    for path in sorted(store.dir.glob("*.json")):
+        try:
+            good.append((path, TaskRecord.from_json(json.loads(path.read_text()))))
+        except FileNotFoundError:
+            continue  # closed while we looked
+        except (ValueError, TypeError) as exc:
+            bad.append((path, str(exc)[:200]))
+    return good, bad
+
+
+def recover(client: Any, store: RecordStore, agent_id: str | None = None,
+            all_: bool = False, dry_run: bool = False, give_back: bool = False,
+            settle: float = DEFAULT_SETTLE,
+            sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+    """Reconcile the records on this machine with the server; one entry per record.
+
+    `action` is `running` (the runner lives: left alone), `resume` (still ours and under
+    work: re-registered, record kept for a runner to take over, with its worktree and
+    session id), `released` (the server gave the lock away or the task moved on: record
+    closed into history, nothing deleted from the worktree) or `corrupt` (quarantined).
+    `stale_runner` is true when the record's runner pid was dead. With `give_back`, tasks
+    that would resume are released to the queue instead. `dry_run` changes nothing.
+    Raises NothingToDo when there were no records, ServerError (records untouched) when
+    the server cannot be read.
+    """
+    if agent_id and all_:
+        raise UsageError("give --agent-id or --all, not both")
+    good, bad = _scan_readonly(store)
+    if agent_id:
+        good = [(p, r) for p, r in good if r.agent_id == agent_id]
+        bad = [(p, why) for p, why in bad if p == store.path(agent_id)]
+    if not good and not bad:
+        who = f"agent {agent_id}" if agent_id else "this machine"
+        raise NothingToDo(f"no task records for {who} in {store.dir}")
+
+    stale = {p for p, r in good if not store.is_live(r) or claim_abandoned(r)}
+    # Read the server before changing anything, so that an unreachable server leaves
+    # every record as it was.
+    tasks = {t["id"]: t for t in client.list_tasks()} if stale else {}
+
+    entries: list[dict[str, Any]] = []
+    for path, why in bad:
+        moved = path if dry_run else store.quarantine(path)
+        entries.append({"agent_id": None, "record": str(path), "action": "corrupt",
+                        "kept_as": str(moved), "reason": why})
+    for path, record in good:
+        entry = _entry(record, path)
+        if path not in stale:
+            entry.update(action="running", stale_runner=False,
+                         reason=f"runner pid {record.pid} on {record.host} is live")
+        else:
+            entry["stale_runner"] = not store.is_live(record)
+            entry["claim_abandoned"] = claim_abandoned(record)
+            _reconcile(client, store, record, tasks.get(record.task_id), entry, dry_run,
+                       give_back, settle, sleep)
+        if dry_run:
+            entry["dry_run"] = True
+        entries.append(entry)
+    return entries
+
+
+def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:
+    return {"agent_id": record.agent_id, "task_id": record.task_id,
+            "title": record.task.get("title"), "record": str(path), "pid": record.pid,
+            "host": record.host, "step": (record.steps or [{}])[-1].get("step"),
+            "worktree": record.worktree, "branch": record.branch,
+            "session_id": record.session_id, "model": record.model}
+
+
+def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
+               task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
+               give_back: bool, settle: float, sleep: Callable[[float], None]) -> None:
+    """Decide and (unless dry_run) do what a record whose runner died calls for."""
+    agent_id = record.agent_id
+    entry["server"] = ({"status": task.get("status"), "locked_by": task.get("locked_by")}
+                       if task else None)
+    if task and task.get("status") == UNDER_WORK and task.get("locked_by") is None \
+            and not give_back:
+        # The lock ran out (30-minute rule) but nobody can have taken the task since:
+        # lock it again, with the claim's verification, and resume.
+        entry.update(action="resume", reason="the lock had expired; locked again")
+        if not dry_run:
+            client.register(agent_id, record.role, record.level)
+            try:
+                client.lock(task["id"], agent_id)
+            except ApiError as exc:
+                if exc.status not in (404, 409):
+                    raise
+            sleep(settle)
+            task = read_task(client, task["id"], status=UNDER_WORK)
+            if not task or task.get("locked_by") != agent_id:
+                entry.update(action="released", reason="the lock had expired and went to "
+                             f"{(task or {}).get('locked_by') or 'nobody'}")
+                store.close(record, "released", reason=entry["reason"])
+                return
+    elif task and task.get("locked_by") == agent_id and task.get("status") == UNDER_WORK:
+        if give_back:
+            entry.update(action="released", reason="given back to the queue "
+                         f"({record.previous_status})")
+            if not dry_run:
+                _release_on_server(client, agent_id, task, record.previous_status,
+                                   f"{agent_id}: released by pmtool recover (runner gone)")
+                store.close(record, "released", reason=entry["reason"])
+            return
+        entry.update(action="resume", reason="still ours and under work")
+        if not dry_run:
+            # Re-register first: a dead runner sent no heartbeat, and the lock goes to the
+            # next agent that asks for work once last_seen is 30 minutes old (quirk 3).
+            client.register(agent_id, record.role, record.level)
+    elif task and task.get("locked_by") == agent_id:
+        # The claim died between the lock and under_work: no work was done, so give the
+        # task back to the queue rather than keep a task no runner is on.
+        entry.update(action="released",
+                     reason=f"the claim stopped before under_work; lock released "
+                            f"(status {task.get('status')})")
+        if not dry_run:
+            _release_on_server(client, agent_id, task, task["status"])
+            store.close(record, "released", reason=entry["reason"])
+        return
+    else:
+        entry.update(action="released", reason=_why_not_ours(task, agent_id))
+        if not dry_run:
+            store.close(record, "released", reason=entry["reason"],
+                        status=(task or {}).get("status"))
+        return
+    if not dry_run:
+        record.task = task
+        record.step("recovered", action="resume", stale_pid=record.pid)
+        store.save(record)
+    entry["task"] = task
+
