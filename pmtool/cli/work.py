@@ -1,0 +1,233 @@
+"""Taking work: register, claim, lock show/acquire/update/release, finish, recover.
+
+Each command resolves settings, builds the client and the record store, calls one
+function of `pmtool.work` and emits its result. The library is imported inside the
+commands so that `pmtool lock show` does not pay for `requests`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pmtool.cli import app, emit, options, say
+
+if TYPE_CHECKING:
+    from pmtool.client import PMClient
+    from pmtool.config import Settings
+    from pmtool.records import RecordStore
+
+AgentId = Annotated[str, typer.Option("--agent-id", help="The agent's id on the server.")]
+Role = Annotated[str, typer.Option(
+    "--role", help="frontend_dev, backend_dev, qa, architect or pm.")]
+Level = Annotated[str, typer.Option("--level", help="junior, senior or principal.")]
+Settle = Annotated[float, typer.Option(
+    "--settle", envvar="PMTOOL_CLAIM_SETTLE", min=0.0,
+    help="Seconds to let in-flight lock requests land before reading the lock back; must "
+         "exceed the server's lock window [env PMTOOL_CLAIM_SETTLE].")]
+RunnerPid = Annotated[int | None, typer.Option(
+    "--runner-pid", envvar="PMTOOL_RUNNER_PID",
+    help="The process that works the task; a record whose runner is gone is stale "
+         "[env PMTOOL_RUNNER_PID; default: the parent of pmtool, e.g. your script].")]
+
+
+def server(settings: Settings) -> PMClient:
+    """The Headless PM client the settings call for."""
+    from pmtool.client import PMClient
+
+    return PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout)
+
+
+def record_store(settings: Settings) -> RecordStore:
+    from pmtool.records import RecordStore
+
+    return RecordStore(settings.state_path)
+
+
+def _runner(pid: int | None) -> int:
+    # `pmtool claim` exits at once; the process that goes on working the task is the
+    # shell or script that ran it.
+    return pid or os.getppid()
+
+
+@app.command("register")
+def register_cmd(agent_id: AgentId, role: Role, level: Level = "senior") -> None:
+    """Register the agent, or refresh its last_seen (the heartbeat).
+
+    The server drops the locks of agents unseen for 30 minutes, so a long job re-registers
+    now and then. Exit 5 if the server kept another role or level for this agent id.
+
+    Example: pmtool register --agent-id dev_001 --role backend_dev --level senior
+    """
+    from pmtool.work import register
+
+    settings = options().settings()
+    answer = register(server(settings), agent_id, role, level)
+    emit({"agent": answer.get("agent")})
+
+
+@app.command("claim")
+def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
+              wait: Annotated[float, typer.Option(
+                  "--wait", min=0.0,
+                  help="Seconds to keep looking for a task (0 = look once).")] = 0.0,
+              settle: Settle = 0.3, runner_pid: RunnerPid = None) -> None:
+    """Take the next task for the role and level and make it this agent's.
+
+    Locks it, checks after in-flight locks settled that the lock is still ours (the server
+    double-locks under contention), sets under_work and writes the task record. Prints
+    {"ok": true, "task": {...}, "record": PATH, "claim": {polls, conflicts, losses, ...}}.
+    Exit 3 when no task came within --wait, 5 if the agent already has a task.
+
+    Example: pmtool claim --agent-id dev_001 --role backend_dev --wait 300 | jq .task.id
+    """
+    from pmtool.work import ClaimStats, claim
+
+    settings = options().settings()
+    stats = ClaimStats()
+    claimed = claim(server(settings), record_store(settings), agent_id, role, level,
+                    wait=wait, runner_pid=_runner(runner_pid), settle=settle, stats=stats)
+    say(f"pmtool: {agent_id} claimed task {claimed.task['id']}: {claimed.task.get('title')}")
+    emit({"task": claimed.task, "record": str(claimed.path), "claim": stats.to_json()})
+
+
+lock_app = typer.Typer(help="The task record by hand: show, acquire, update, release.",
+                       no_args_is_help=True)
+app.add_typer(lock_app, name="lock")
+
+
+@lock_app.command("show")
+def lock_show(agent_id: AgentId) -> None:
+    """Print the agent's task record, its path and whether its runner is live.
+
+    Exit 3 when the agent has no record on this machine.
+
+    Example: pmtool lock show --agent-id dev_001 | jq .record.worktree
+    """
+    from pmtool.work import show
+
+    emit(show(record_store(options().settings()), agent_id))
+
+
+@lock_app.command("acquire")
+def lock_acquire(task_id: Annotated[int, typer.Argument(help="The task to lock.")],
+                 agent_id: AgentId, role: Role, level: Level = "senior",
+                 settle: Settle = 0.3, runner_pid: RunnerPid = None) -> None:
+    """Lock a named task with the same checks as claim, set under_work, write the record.
+
+    Exit 5 if another agent holds it or wins it, 2 if there is no such task.
+
+    Example: pmtool lock acquire 42 --agent-id dev_001 --role backend_dev
+    """
+    from pmtool.work import acquire
+
+    settings = options().settings()
+    claimed = acquire(server(settings), record_store(settings), task_id, agent_id, role,
+                      level, runner_pid=_runner(runner_pid), settle=settle)
+    emit({"task": claimed.task, "record": str(claimed.path)})
+
+
+@lock_app.command("update")
+def lock_update(
+    agent_id: AgentId,
+    worktree: Annotated[str | None, typer.Option(help="The task's worktree path.")] = None,
+    branch: Annotated[str | None, typer.Option(help="The git branch of the work.")] = None,
+    session_id: Annotated[str | None, typer.Option(
+        "--session-id", help="The agent's session id (to resume it).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model working the task.")] = None,
+    runner_pid: Annotated[int | None, typer.Option(
+        "--runner-pid", help="The process now working the task.")] = None,
+    attempts: Annotated[int | None, typer.Option(help="Agent runs so far.")] = None,
+    cost_usd: Annotated[float | None, typer.Option(
+        "--cost-usd", help="Spent so far, in USD.")] = None,
+    step: Annotated[str | None, typer.Option(help="Name of the step to note.")] = None,
+) -> None:
+    """Set fields of the agent's task record; the others stay as they are.
+
+    Exit 3 when the agent has no record.
+
+    Example: pmtool lock update --agent-id dev_001 --worktree .worktrees/42 --branch feat/login
+    """
+    from pmtool.work import update_record
+
+    record, path = update_record(record_store(options().settings()), agent_id,
+                                 worktree=worktree, branch=branch, session_id=session_id,
+                                 model=model, runner_pid=runner_pid, attempts=attempts,
+                                 cost_usd=cost_usd, step=step)
+    emit({"record": record.to_json(), "path": str(path)})
+
+
+@lock_app.command("release")
+def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
+        help="Why; appended to the task's notes.")] = None) -> None:
+    """Give the agent's task back: status as before the claim, lock released, record closed.
+
+    A task that someone else moved on is left alone ("action": "moved_on").
+    Exit 3 when the agent has no record.
+
+    Example: pmtool lock release --agent-id dev_001 --notes "needs a decision on the schema"
+    """
+    from pmtool.work import release
+
+    settings = options().settings()
+    emit(release(server(settings), record_store(settings), agent_id, notes=notes))
+
+
+@app.command("finish")
+def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
+        "--outcome", help="done (developers, architect, pm); pass or fail (qa); blocked.")],
+        notes: Annotated[str | None, typer.Option(
+            help="Appended to the task's notes (the reason, for fail and blocked).")] = None,
+) -> None:
+    """Report the outcome of the agent's task and close its record.
+
+    done -> dev_done; qa pass -> qa_done, fail -> created; blocked -> back to the queue
+    with the reason as a comment. If the task has already moved on, it is not
+    overwritten ("action": "moved_on"). Exit 3 when the agent has no record.
+
+    Example: pmtool finish --agent-id qa_001 --outcome fail --notes "login 500s on empty password"
+    """
+    from pmtool.work import finish
+
+    settings = options().settings()
+    result = finish(server(settings), record_store(settings), agent_id, outcome, notes=notes)
+    if result["action"] == "moved_on":
+        say(f"pmtool: task {result['task_id']} had moved on ({result['reason']}); "
+            "left as it is")
+    emit(result)
+
+
+@app.command("recover")
+def recover_cmd(
+    agent_id: Annotated[str | None, typer.Option(
+        "--agent-id", help="Only this agent's record.")] = None,
+    all_: Annotated[bool, typer.Option(
+        "--all", help="Every record on this machine (the default).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report.")] = False,
+    give_back: Annotated[bool, typer.Option(
+        "--give-back", help="Give tasks whose runner died back to the queue instead of "
+                            "keeping them for a runner to resume.")] = False,
+    settle: Settle = 0.3,
+) -> None:
+    """Reconcile every task record on this machine with the server.
+
+    One entry per record: resume (still ours: a runner can continue, with the worktree and
+    session id), released (lock lost or task moved on: record closed, worktree kept),
+    running (the runner lives: left alone), corrupt (kept aside). stale_runner is true
+    when the runner pid was dead. Exit 3 when there were no records. Made for cron.
+
+    Example: */10 * * * * pmtool recover --all >> ~/.local/state/pmtool/recover.log 2>&1
+    """
+    from pmtool.work import recover
+
+    settings = options().settings()
+    entries = recover(server(settings), record_store(settings), agent_id=agent_id,
+                      all_=all_, dry_run=dry_run, give_back=give_back, settle=settle)
+    counts: dict[str, Any] = {}
+    for entry in entries:
+        counts[entry["action"]] = counts.get(entry["action"], 0) + 1
+        say(f"pmtool: recover: {entry.get('agent_id') or entry['record']}: "
+            f"{entry['action']} ({entry.get('reason')})")
+    emit({"entries": entries, "counts": counts, "dry_run": dry_run})
