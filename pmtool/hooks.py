@@ -1,0 +1,232 @@
+"""Hooks: the user's own scripts, run at fixed points of a task (pre_task, post_task,
+worktree_setup, health_check, or any name), with the task context and a time limit.
+
+The contract a hook sees:
+- it is found as `NAME`, `NAME.py` or `NAME.sh` in the hooks folder, and must be executable
+  (pmtool never changes file modes: a hook someone forgot to chmod is reported, not run);
+- the task context arrives as one JSON object on stdin, and its main fields as `PMTOOL_*`
+  environment variables (see `ENV_FIELDS`); pmtool never puts the API key in either;
+- it runs in its own session, with a mark in its environment, so that on timeout the whole
+  tree ends, even grandchildren that detached with `setsid` (see pmtool.procs);
+- exit 0 is success, anything else a failure; stdout and stderr are kept (the last 64 KiB).
+
+The library never prints and never exits: `run_hook` answers a dict, and the CLI decides
+the exit code (0 ok, 1 failed, 124 timed out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from pmtool.errors import UsageError
+
+# Tried in this order; the first file that exists is the hook.
+SUFFIXES = ("", ".py", ".sh")
+OUTPUT_CAP = 64 * 1024  # bytes of stdout/stderr kept, from the end (errors are at the end)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Environment variable -> where its value comes from in the context (first found wins).
+ENV_FIELDS: dict[str, tuple[str, ...]] = {
+    "PMTOOL_TASK_ID": ("task_id", "task.id"),
+    "PMTOOL_TASK_TITLE": ("title", "task.title"),
+    "PMTOOL_AGENT_ID": ("agent_id",),
+    "PMTOOL_ROLE": ("role",),
+    "PMTOOL_LEVEL": ("level", "task.difficulty"),
+    "PMTOOL_WORKTREE": ("worktree",),
+    "PMTOOL_BRANCH": ("branch", "task.branch"),
+    "PMTOOL_REPO": ("repo",),
+    "PMTOOL_BASE": ("base",),
+    "PMTOOL_STATE_DIR": ("state_dir",),
+    "PMTOOL_API_URL": ("api_url",),
+}
+MACHINE_FIELDS = ("PMTOOL_STATE_DIR", "PMTOOL_API_URL")
+# Never handed to a hook by pmtool, whatever the caller put in the context.
+SECRET_KEYS = ("api_key", "key", "x_api_key")
+
+
+def check_name(name: str) -> str:
+    """A hook name is a plain file name: no paths, so `hook run ../x` cannot escape."""
+    if not NAME_RE.match(name):
+        raise UsageError(f"bad hook name {name!r}",
+                         hint="a plain name such as pre_task, post_task, worktree_setup")
+    return name
+
+
+def find_hook(name: str, hooks_dir: str | Path | None) -> Path | None:
+    """The hook's file (`NAME`, `NAME.py`, `NAME.sh`, first found), or None."""
+    check_name(name)
+    if not hooks_dir:
+        return None
+    folder = Path(hooks_dir).expanduser()
+    for suffix in SUFFIXES:
+        candidate = folder / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def task_context(record: Any = None, *, state_dir: str | Path | None = None,
+                 api_url: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The context a hook gets, from a task record (pmtool.records.TaskRecord) and extras.
+
+    Flat fields for the common questions (task_id, title, branch, worktree, ...) plus the
+    whole server task under `task`. Extras (e.g. `outcome`, `cost_usd` for post_task, or
+    `repo`/`base` for worktree_setup) are added last and win.
+    """
+    ctx: dict[str, Any] = {}
+    if record is not None:
+        task = dict(record.task)
+        ctx.update({
+            "task_id": record.task_id, "title": task.get("title"),
+            "agent_id": record.agent_id, "role": record.role, "level": record.level,
+            "complexity": task.get("complexity"), "status": task.get("status"),
+            "branch": record.branch or task.get("branch"), "worktree": record.worktree,
+            "model": record.model, "session_id": record.session_id,
+            "attempts": record.attempts, "cost_usd": record.cost_usd,
+            "claimed_at": record.claimed_at, "server_url": record.server_url, "task": task,
+        })
+    if state_dir is not None:
+        ctx["state_dir"] = str(state_dir)
+    if api_url is not None:
+        ctx["api_url"] = api_url
+    ctx.update(extra)
+    return ctx
+
+
+def _lookup(ctx: dict[str, Any], dotted: str) -> Any:
+    value: Any = ctx
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def hook_env(name: str, context: dict[str, Any], base: dict[str, str] | None = None
+             ) -> dict[str, str]:
+    """The hook's environment: ours (or `base`), with the PMTOOL_* fields from the context.
+
+    The task's PMTOOL_* names are first removed, so a hook run from inside another task's
+    hook never sees that task's values (PMTOOL_STATE_DIR and PMTOOL_API_URL are settings,
+    not task facts: inherited values stay unless the context has its own).
+    """
+    env = dict(os.environ if base is None else base)
+    for var in ENV_FIELDS:
+        if var not in MACHINE_FIELDS:
+            env.pop(var, None)
+    env["PMTOOL_HOOK"] = name
+    for var, sources in ENV_FIELDS.items():
+        for source in sources:
+            value = _lookup(context, source)
+            if value is not None and value != "":
+                env[var] = str(value)
+                break
+    return env
+
+
+def _tail(fh: IO[bytes]) -> tuple[str, bool]:
+    """The last OUTPUT_CAP bytes of a capture file, decoded; and whether it was cut."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    fh.seek(max(0, size - OUTPUT_CAP))
+    return fh.read().decode("utf-8", errors="replace"), size > OUTPUT_CAP
+
+
+def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
+             timeout: float | None = 30.0, cwd: str | Path | None = None,
+             env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run hook NAME with `context`; answer what happened, never raise for the hook's sake.
+
+    Answers `{"ok", "hook", "path", "exit_code", "stdout", "stderr", "duration_s",
+    "skipped", "timed_out"}`, plus `error` (a message) when the hook could not be started,
+    `left_running` (pids of processes the hook left behind after a normal exit) and
+    `stdout_truncated` / `stderr_truncated`. A missing hook is skipped and ok. `timeout`
+    None or <= 0 means no limit. `env` replaces os.environ as the base environment.
+    Raises UsageError only for a bad name or a `cwd` that does not exist.
+    """
+    from pmtool import procs
+
+    result: dict[str, Any] = {
+        "ok": True, "hook": name, "path": None, "exit_code": None, "stdout": "", "stderr": "",
+        "duration_s": 0.0, "skipped": False, "timed_out": False,
+    }
+    path = find_hook(name, hooks_dir)
+    if path is None:
+        result.update(skipped=True, reason=f"no hook {name} in {hooks_dir}")
+        return result
+    result["path"] = str(path)
+    if cwd is not None and not Path(cwd).is_dir():
+        raise UsageError(f"hook working directory {cwd} does not exist")
+    if not os.access(path, os.X_OK):
+        result.update(ok=False, error=f"hook {path} is not executable; pmtool does not change "
+                                      f"file modes: run `chmod +x {path}` if it should run")
+        return result
+
+    ctx = {k: v for k, v in context.items() if k not in SECRET_KEYS}
+    ctx["hook"] = name
+    mark = procs.new_mark(f"hook-{name}")
+    child_env = hook_env(name, ctx, env)
+    child_env[procs.MARK_ENV] = mark
+
+    # Files, not pipes: a grandchild that keeps stdout open after the hook exits would make
+    # a pipe reader wait for it; a file is simply read when the hook itself is done. The
+    # context goes through a file too, so a hook that never reads stdin cannot block us.
+    with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:
+        stdin.write(json.dumps(ctx, default=str).encode() + b"\n")
+        stdin.seek(0)
+        start = time.monotonic()
+        try:
+            proc = subprocess.Popen([str(path.resolve())], stdin=stdin, stdout=out, stderr=err,
+                                    cwd=cwd, env=child_env, start_new_session=True)
+        except OSError as exc:
+            result.update(ok=False, error=_start_error(path, exc))
+            return result
+        try:
+            proc.wait(timeout=timeout if timeout and timeout > 0 else None)
+        except subprocess.TimeoutExpired:
+            procs.terminate_tree(proc.pid, mark)
+            proc.wait()
+            result["timed_out"] = True
+        except BaseException:
+            # Ctrl-C or a signal turned into an exception: the hook is in its own session,
+            # so nothing else would end it.
+            procs.terminate_tree(proc.pid, mark)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+            raise
+        result["duration_s"] = round(time.monotonic() - start, 3)
+        result["exit_code"] = proc.returncode
+        result["stdout"], cut_out = _tail(out)
+        result["stderr"], cut_err = _tail(err)
+    if cut_out:
+        result["stdout_truncated"] = True
+    if cut_err:
+        result["stderr_truncated"] = True
+    result["ok"] = proc.returncode == 0 and not result["timed_out"]
+    if not result["timed_out"]:
+        # Left alone on purpose (a setup hook may start a watcher), but said, so a hook that
+        # leaks processes on every task is noticed.
+        left = [p.pid for p in procs.marked(mark)]
+        if left:
+            result["left_running"] = left
+    return result
+
+
+def _start_error(path: Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOEXEC:
+        return f"hook {path} cannot be executed: it needs a #! line (e.g. #!/bin/sh)"
+    if exc.errno == errno.ENOENT:
+        return f"hook {path} cannot be executed: the interpreter on its #! line is missing"
+    if exc.errno == errno.EACCES:
+        return f"hook {path} is not executable (permission denied): chmod +x {path}"
+    return f"hook {path} cannot be executed: {exc.strerror or exc}"
