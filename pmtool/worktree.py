@@ -1,0 +1,708 @@
+"""Git worktrees per task: create one for a major task, remove it without losing work.
+
+Layout: a major task works in `<worktree_base>/task-<id>` (default `<repo>/.worktrees`) on
+the task's own branch; a minor task works in the repo itself on the base branch, as the
+Headless PM API defines (`complexity: minor` = commit straight to the main branch).
+
+Never losing work is the point of this module:
+- a worktree with uncommitted or untracked changes is only removed after `rescue` has
+  committed all of it to `refs/pmtool/rescue/task-<id>/<UTC time>`, a ref outside
+  refs/heads, built with a temporary index so the task branch, the worktree's index and
+  its HEAD are never touched;
+- a detached HEAD whose commits no ref holds counts as dirty (removing the worktree would
+  drop its reflog, the only thing that still finds them);
+- the task branch is only deleted when asked and when it is merged into the base.
+
+git is driven through its machine-stable forms only (`--porcelain -z`, `for-each-ref
+--format`, `rev-parse --verify`), so output does not depend on the git release or locale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pmtool.errors import Conflict, NothingToDo, OperationFailed, UsageError
+
+RESCUE_PREFIX = "refs/pmtool/rescue"
+DEFAULT_DIR = ".worktrees"
+SETUP_HOOK = "worktree_setup"
+SETUP_MARKER = "pmtool-setup.json"  # in the worktree's private git dir, not in its files
+# Ignored files are rescued too (a hand-edited .env is usually ignored and often the most
+# valuable file in a tree), but only single files up to these sizes: ignored directories
+# are node_modules, .venv and build output, which are large and can be rebuilt.
+IGNORED_FILE_MAX = 1024 * 1024
+IGNORED_TOTAL_MAX = 16 * 1024 * 1024
+TASK_DIR_RE = re.compile(r"^task-(\d+)$")
+# Branch names a major task must never work on directly (see `task_branch`).
+TRUNK_NAMES = ("main", "master", "trunk", "develop")
+
+
+# -- running git ---------------------------------------------------------------------------
+
+def _git(cwd: str | Path, *args: str, env: dict[str, str] | None = None,
+         check: bool = True, text: bool = True) -> subprocess.CompletedProcess:
+    """Run git in `cwd`; on failure (with check) raise OperationFailed carrying git's words."""
+    full_env = {**os.environ, **(env or {})}
+    # pmtool runs from cron and loops: git must never wait for a password or an editor.
+    full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
+    full_env.setdefault("GIT_EDITOR", "true")
+    try:
+        proc = subprocess.run(["git", *args], cwd=str(cwd), env=full_env, capture_output=True,
+                              text=text, check=False)
+    except FileNotFoundError:
+        raise OperationFailed("git is not installed (not found on PATH)") from None
+    except NotADirectoryError:
+        raise UsageError(f"{cwd} is not a directory") from None
+    if check and proc.returncode != 0:
+        stderr = proc.stderr if text else proc.stderr.decode(errors="replace")
+        raise OperationFailed(f"git {args[0]} failed: {stderr.strip() or proc.returncode}",
+                              command=["git", *args], git_exit=proc.returncode)
+    return proc
+
+
+def _ok(cwd: str | Path, *args: str) -> bool:
+    return _git(cwd, *args, check=False).returncode == 0
+
+
+def _out(cwd: str | Path, *args: str) -> str:
+    return _git(cwd, *args).stdout.strip()
+
+
+def _abs(cwd: Path, git_path: str) -> Path:
+    """rev-parse answers some paths relative to cwd (`.git`), some absolute."""
+    return (cwd / git_path).resolve()
+
+
+def _same(a: str | Path, b: str | Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+# -- repositories and branches ---------------------------------------------------------
+
+@dataclass
+class GitWorktree:
+    """One entry of `git worktree list --porcelain`."""
+
+    path: str
+    head: str | None = None
+    branch: str | None = None  # short name; None when detached
+    bare: bool = False
+    locked: str | None = None  # the reason ("" when locked without one)
+    prunable: bool = False
+    main: bool = False
+
+
+def git_worktrees(repo: str | Path) -> list[GitWorktree]:
+    """Every worktree git knows for `repo`; the first is the main checkout."""
+    proc = _git(repo, "worktree", "list", "--porcelain", "-z", check=False)
+    sep = "\0"
+    if proc.returncode != 0 and "not a git repository" not in proc.stderr:
+        # -z arrived in git 2.36; older git (Ubuntu 22.04 has 2.34) prints one per line.
+        proc, sep = _git(repo, "worktree", "list", "--porcelain", check=False), "\n"
+    if proc.returncode != 0:
+        raise UsageError(f"{repo} is not in a git repository",
+                         hint="pass --repo PATH, or run from inside the repository",
+                         git=proc.stderr.strip())
+    entries: list[GitWorktree] = []
+    current: GitWorktree | None = None
+    for line in proc.stdout.split(sep):
+        if not line:
+            current = None
+            continue
+        key, _, value = line.partition(" ")
+        if key == "worktree":
+            current = GitWorktree(path=value, main=not entries)
+            entries.append(current)
+        elif current is None:
+            continue
+        elif key == "HEAD":
+            current.head = value
+        elif key == "branch":
+            current.branch = value.removeprefix("refs/heads/")
+        elif key == "bare":
+            current.bare = True
+        elif key == "locked":
+            current.locked = value
+        elif key == "prunable":
+            current.prunable = True
+    return entries
+
+
+def repo_root(path: str | Path | None = None) -> Path:
+    """The main checkout of the repository that `path` (default: cwd) is in.
+
+    From inside a task worktree this is still the main repository, so commands run in a
+    worktree act on the repo, not on a worktree of a worktree.
+    """
+    where = Path(path or ".").expanduser()
+    if not where.is_dir():
+        raise UsageError(f"{where} is not a directory",
+                         hint="pass --repo PATH of a git repository")
+    main = git_worktrees(where)[0]
+    if main.bare:
+        raise UsageError(f"{main.path} is a bare repository; pmtool needs a checkout",
+                         hint="pass --repo PATH of a repository with a working tree")
+    return Path(main.path)
+
+
+def default_branch(repo: str | Path) -> str:
+    """The branch tasks start from: origin's HEAD, else the main checkout's branch,
+    else main or master."""
+    root = repo_root(repo)
+    remote_head = _git(root, "symbolic-ref", "--quiet", "refs/remotes/origin/HEAD", check=False)
+    if remote_head.returncode == 0:
+        return remote_head.stdout.strip().removeprefix("refs/remotes/origin/")
+    current = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+    if current.returncode == 0 and current.stdout.strip():
+        return current.stdout.strip()
+    for name in ("main", "master"):
+        if _ok(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{name}"):
+            return name
+    raise UsageError(f"cannot tell the default branch of {root}", hint="pass --base REF")
+
+
+def start_point(repo: str | Path, base: str) -> str:
+    """The ref a new task branch starts from: the local branch `base`, else
+    origin's, else `base` as any commit-ish (tag, sha, origin/main)."""
+    for ref in (f"refs/heads/{base}", f"refs/remotes/origin/{base}", base):
+        if _ok(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"):
+            return ref
+    raise UsageError(f"base {base!r} is not a branch or commit in {repo}",
+                     hint="pass --base REF (a repository needs one commit before worktrees)")
+
+
+def task_branch(branch: str | None, base: str, task_id: int) -> tuple[str, str | None]:
+    """The branch a major task works on, and a note when it is not the task's own.
+
+    A major task needs its own branch (its work goes through a PR), but the server's
+    `branch` field is free text and is often "main". Working on the base branch in a
+    worktree would also be refused by git while the main checkout has it. So a missing,
+    trunk-like or base-equal branch becomes `task-<id>`.
+    """
+    fallback = f"task-{task_id}"
+    if not branch:
+        return fallback, f"the task has no branch; using {fallback}"
+    trunk = {base, base.removeprefix("origin/"), *TRUNK_NAMES}
+    if branch in trunk or branch.removeprefix("origin/") in trunk:
+        return fallback, (f"the task's branch {branch!r} is a base branch; a major task works "
+                          f"on its own branch: {fallback}")
+    return branch, None
+
+
+def check_branch_name(repo: str | Path, branch: str) -> None:
+    if not _ok(repo, "check-ref-format", "--branch", branch):
+        raise UsageError(f"{branch!r} is not a valid git branch name")
+
+
+def worktree_path(repo: str | Path, task_id: int, worktree_base: str | Path | None = None
+                  ) -> Path:
+    """`<worktree_base>/task-<id>`; a relative base is taken from the repo root, so the
+    answer does not depend on where pmtool was started."""
+    base = Path(worktree_base).expanduser() if worktree_base else Path(DEFAULT_DIR)
+    if not base.is_absolute():
+        base = Path(repo) / base
+    return Path(os.path.normpath(base / f"task-{int(task_id)}"))
+
+
+def _exclude(repo: Path, folder: Path) -> None:
+    """Keep the worktree folder out of the main checkout's `git status`.
+
+    info/exclude rather than .gitignore: it is local to this clone and changes no file the
+    project tracks.
+    """
+    try:
+        rel = folder.resolve().relative_to(repo.resolve())
+    except ValueError:
+        return  # outside the repository: nothing to hide
+    line = f"/{rel.as_posix()}/"
+    exclude = _abs(repo, _out(repo, "rev-parse", "--git-common-dir")) / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    text = exclude.read_text() if exclude.exists() else ""
+    if line in text.splitlines():
+        return
+    with open(exclude, "a") as fh:
+        fh.write(("" if not text or text.endswith("\n") else "\n")
+                 + "# task worktrees made by pmtool\n" + line + "\n")
+
+
+# -- create ------------------------------------------------------------------------------
+
+def create_worktree(repo: str | Path, task_id: int, branch: str | None,
+                    complexity: str | None = "major", base: str | None = None,
+                    worktree_base: str | Path | None = None,
+                    hooks_dir: str | Path | None = None, hook_timeout: float = 30.0,
+                    context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Give task `task_id` a place to work; answer where.
+
+    Answers `{"ok", "path", "worktree", "branch", "base", "created", "task_id",
+    "complexity", "hook"}` and, when something is worth saying, `note`.
+    - minor: `path` is the repo itself, `worktree` null, `branch` the base (nothing is
+      created or checked out: the main checkout belongs to its owner; `on_base` says
+      whether it is on the base branch).
+    - major: a worktree at `worktree_path(...)` on the task branch (`task_branch`), made
+      from `base` if the branch does not exist locally (from origin's copy if there is one,
+      so QA sees the developer's pushed work). A second call answers the existing worktree
+      with `created: false`. A branch already checked out in another task worktree is used
+      there (said in `note`); one checked out in the main checkout is a Conflict.
+    - runs the `worktree_setup` hook in a new worktree (and again on a later call if it
+      failed last time); `ok` is false when it failed, and the worktree is kept.
+    Raises UsageError (not a repository, bad base or branch), Conflict (path taken,
+    branch held by the main checkout), OperationFailed (git failed).
+    """
+    root = repo_root(repo)
+    task_id = int(task_id)
+    complexity = complexity or "major"
+    if complexity not in ("major", "minor"):
+        raise UsageError(f"unknown complexity {complexity!r}", valid=["major", "minor"])
+    base = base or default_branch(root)
+    start = start_point(root, base)
+    answer: dict[str, Any] = {"ok": True, "path": None, "worktree": None, "branch": None,
+                              "base": base, "created": False, "task_id": task_id,
+                              "complexity": complexity, "hook": None}
+
+    if complexity == "minor":
+        current = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+        on = current.stdout.strip() or None
+        answer.update(path=str(root), worktree=None, branch=base,
+                      on_base=on == base.removeprefix("origin/"))
+        if not answer["on_base"]:
+            answer["note"] = (f"the main checkout is on {on or 'a detached HEAD'}, not {base}; "
+                              f"a minor task commits on {base}: switch the checkout first")
+        return answer
+
+    branch, note = task_branch(branch, base, task_id)
+    check_branch_name(root, branch)
+    path = worktree_path(root, task_id, worktree_base)
+    _exclude(root, path.parent)
+    if note:
+        answer["note"] = note
+
+    worktrees = git_worktrees(root)
+    here = next((w for w in worktrees if _same(w.path, path)), None)
+    if here and not here.prunable:
+        return _existing(answer, here, branch, hooks_dir, hook_timeout, context, root)
+
+    holder = next((w for w in worktrees if w.branch == branch and not w.prunable), None)
+    if holder and holder.main:
+        raise Conflict(f"branch {branch} is checked out in the main checkout {holder.path}; "
+                       "git keeps a branch in one worktree at a time",
+                       hint=f"switch {holder.path} to another branch, then run this again",
+                       branch=branch, checked_out_at=holder.path)
+    if holder:
+        answer["note"] = (f"branch {branch} is already checked out in the worktree "
+                          f"{holder.path}; using that worktree instead of {path}")
+        return _existing(answer, holder, branch, hooks_dir, hook_timeout, context, root)
+
+    if here and here.prunable:
+        # Registered, but its folder is gone (deleted by hand): clear git's note of it.
+        _git(root, "worktree", "prune")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise Conflict(f"{path} exists and is not a worktree of {root}",
+                       hint="move it away (pmtool does not delete what it did not make), "
+                            "or set HEADLESS_PM_WORKTREE_BASE elsewhere", path=str(path))
+
+    if _ok(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"):
+        args, source = [str(path), branch], "existing"
+    elif _ok(root, "rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}"):
+        args, source = ["--track", "-b", branch, str(path), f"origin/{branch}"], f"origin/{branch}"
+    else:
+        # --no-track: a branch started from origin/main must not get origin/main as its
+        # upstream, or a plain `git push` from the agent would aim at main.
+        args, source = ["--no-track", "-b", branch, str(path), start], f"new from {base}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    added = _git(root, "worktree", "add", *args, check=False)
+    if added.returncode != 0:
+        # Another pmtool may have made it a moment ago: that is the idempotent case.
+        again = next((w for w in git_worktrees(root) if _same(w.path, path)), None)
+        if again:
+            return _existing(answer, again, branch, hooks_dir, hook_timeout, context, root)
+        raise OperationFailed(f"git worktree add failed: {added.stderr.strip()}",
+                              path=str(path), branch=branch)
+    answer.update(path=str(path), worktree=str(path), branch=branch, created=True,
+                  branch_source=source)
+    _setup(answer, hooks_dir, hook_timeout, context, root)
+    return answer
+
+
+def _existing(answer: dict[str, Any], wt: GitWorktree, branch: str,
+              hooks_dir: str | Path | None, hook_timeout: float,
+              context: dict[str, Any] | None, root: Path) -> dict[str, Any]:
+    answer.update(path=wt.path, worktree=wt.path, branch=wt.branch or branch, created=False)
+    if wt.branch != branch:
+        # Not switched: the worktree may hold work on the branch it has.
+        answer["note"] = (f"the worktree has {wt.branch or 'a detached HEAD'} checked out, "
+                          f"not {branch}; left as it is")
+    if _setup_state(Path(wt.path)) == "failed":
+        _setup(answer, hooks_dir, hook_timeout, context, root)
+    return answer
+
+
+def _setup_marker(path: Path) -> Path | None:
+    proc = _git(path, "rev-parse", "--git-dir", check=False)
+    return _abs(path, proc.stdout.strip()) / SETUP_MARKER if proc.returncode == 0 else None
+
+
+def _setup_state(path: Path) -> str | None:
+    marker = _setup_marker(path)
+    try:
+        return json.loads(marker.read_text()).get("state") if marker else None
+    except (OSError, ValueError):
+        return None
+
+
+def _setup(answer: dict[str, Any], hooks_dir: str | Path | None, hook_timeout: float,
+           context: dict[str, Any] | None, root: Path) -> None:
+    """Run worktree_setup in the worktree; remember the outcome so a failure is retried."""
+    from pmtool.hooks import find_hook, run_hook
+
+    if not hooks_dir or not find_hook(SETUP_HOOK, hooks_dir):
+        return
+    ctx = {**(context or {}), "task_id": answer["task_id"], "worktree": answer["path"],
+           "branch": answer["branch"], "base": answer["base"], "repo": str(root),
+           "complexity": answer["complexity"]}
+    result = run_hook(SETUP_HOOK, hooks_dir, ctx, timeout=hook_timeout, cwd=answer["path"])
+    answer["hook"] = result
+    answer["ok"] = result["ok"]
+    marker = _setup_marker(Path(answer["path"]))
+    if marker:
+        with contextlib.suppress(OSError):
+            marker.write_text(json.dumps({"state": "ok" if result["ok"] else "failed",
+                                          "at": _stamp(), "exit_code": result["exit_code"]}))
+
+
+# -- dirty state and rescue ------------------------------------------------------------
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _parse_status(raw: str) -> list[dict[str, str]]:
+    """`git status --porcelain -z` records -> [{"status": "XY", "path": ...}]."""
+    items, parts, i = [], raw.split("\0"), 0
+    while i < len(parts):
+        rec = parts[i]
+        i += 1
+        if len(rec) < 4:
+            continue
+        status, path = rec[:2], rec[3:]
+        item = {"status": status, "path": path}
+        if "R" in status or "C" in status:
+            item["from"] = parts[i]  # renames carry the old path as the next record
+            i += 1
+        items.append(item)
+    return items
+
+
+def dirty_paths(path: str | Path) -> list[dict[str, str]]:
+    """Uncommitted changes and untracked files (not ignored ones), as git status says."""
+    proc = _git(path, "status", "--porcelain", "-z", "--untracked-files=all",
+                "--ignore-submodules=none", env={"GIT_OPTIONAL_LOCKS": "0"})
+    return _parse_status(proc.stdout)
+
+
+def _unreachable_head(path: str | Path) -> str | None:
+    """The HEAD commit of a detached worktree when no branch, tag or rescue ref holds it."""
+    head = _git(path, "rev-parse", "--verify", "--quiet", "HEAD", check=False).stdout.strip()
+    if not head or _ok(path, "symbolic-ref", "--quiet", "HEAD"):
+        return None
+    holders = _out(path, "for-each-ref", "--count=1", "--format=%(refname)", "--contains",
+                   head, "refs/heads", "refs/remotes", "refs/tags", RESCUE_PREFIX)
+    return None if holders else head
+
+
+def _ignored_files(path: Path) -> tuple[list[str], list[str]]:
+    """Ignored paths to rescue (small single files) and to leave (folders, big files)."""
+    proc = _git(path, "status", "--porcelain", "-z", "--ignored=matching",
+                "--untracked-files=all", env={"GIT_OPTIONAL_LOCKS": "0"})
+    take, leave, total = [], [], 0
+    for item in _parse_status(proc.stdout):
+        if item["status"] != "!!":
+            continue
+        name = item["path"]
+        full = path / name
+        size = full.lstat().st_size if full.is_file() and not full.is_symlink() else -1
+        if name.endswith("/") or size < 0 or size > IGNORED_FILE_MAX \
+                or total + size > IGNORED_TOTAL_MAX:
+            leave.append(name)
+            continue
+        take.append(name)
+        total += size
+    return take, leave
+
+
+def _identity_env(path: Path) -> dict[str, str]:
+    """A committer for the rescue commit when the machine has none configured: a rescue
+    must not fail for want of user.name on a fresh agent box."""
+    if _ok(path, "var", "GIT_COMMITTER_IDENT") and _ok(path, "var", "GIT_AUTHOR_IDENT"):
+        return {}
+    return {"GIT_AUTHOR_NAME": "pmtool", "GIT_AUTHOR_EMAIL": "pmtool@localhost",
+            "GIT_COMMITTER_NAME": "pmtool", "GIT_COMMITTER_EMAIL": "pmtool@localhost"}
+
+
+def _rescue_commit(root: Path, path: Path, label: str,
+                   include_ignored: bool = True) -> dict[str, Any]:
+    """Commit the worktree's whole content to a new rescue ref; touch nothing else."""
+    head = _git(path, "rev-parse", "--verify", "--quiet", "HEAD", check=False).stdout.strip()
+    real_index = _abs(path, _out(path, "rev-parse", "--git-path", "index"))
+    with tempfile.TemporaryDirectory(prefix="pmtool-rescue-") as tmp:
+        index = Path(tmp) / "index"
+        env = {"GIT_INDEX_FILE": str(index)}
+        # Start from a copy of the real index (its stat cache makes `add -A` fast on big
+        # trees); the real one is never written, so staged state is left exactly as it was.
+        if real_index.exists():
+            shutil.copyfile(real_index, index)
+        elif head:
+            _git(path, "read-tree", head, env=env)
+        _git(path, "add", "-A", "--", ".", env=env)
+        taken, left = _ignored_files(path) if include_ignored else ([], [])
+        for i in range(0, len(taken), 200):
+            _git(path, "add", "-f", "--", *taken[i:i + 200], env=env)
+        tree = _out_env(path, env, "write-tree")
+    message = (f"pmtool rescue of {label}\n\nworktree: {path}\nrepo: {root}\n"
+               f"head: {head or '(none)'}\n")
+    commit_args = ["commit-tree", "--no-gpg-sign", tree, "-m", message]
+    if head:
+        commit_args[2:2] = ["-p", head]
+    commit = _out_env(path, _identity_env(path), *commit_args)
+    ref = f"{RESCUE_PREFIX}/{label}/{_stamp()}"
+    for n in range(2, 50):
+        # The empty old value makes update-ref refuse to overwrite an existing rescue.
+        if _ok(root, "update-ref", ref, commit, ""):
+            break
+        ref = f"{RESCUE_PREFIX}/{label}/{_stamp()}-{n}"
+    else:
+        raise OperationFailed(f"could not create a rescue ref for {label}")
+    diff_args = ["diff-tree", "-r", "-z", "--no-renames", "--name-status"]
+    diff = _out(root, *diff_args, head, commit) if head else _out(root, *diff_args, "--root",
+                                                                   commit)
+    fields = diff.split("\0")
+    files = [{"status": fields[i], "path": fields[i + 1]}
+             for i in range(0, len(fields) - 1, 2)]
+    return {"ref": ref, "commit": commit, "head": head or None, "files": files,
+            "ignored_included": taken, "ignored_left": left,
+            "restore": f"git switch -c rescued-{label} {ref}"}
+
+
+def _out_env(path: Path, env: dict[str, str], *args: str) -> str:
+    return _git(path, *args, env=env).stdout.strip()
+
+
+def _label(wt: GitWorktree) -> tuple[int | None, str]:
+    match = TASK_DIR_RE.match(Path(wt.path).name)
+    if match:
+        return int(match.group(1)), f"task-{match.group(1)}"
+    return None, re.sub(r"[^A-Za-z0-9_.-]", "_", Path(wt.path).name) or "worktree"
+
+
+def _find(root: Path, path_or_task_id: str | int | Path,
+          worktree_base: str | Path | None) -> GitWorktree:
+    worktrees = git_worktrees(root)
+    target = str(path_or_task_id)
+    if target.isdigit():
+        task_id = int(target)
+        expected = worktree_path(root, task_id, worktree_base)
+        found = next((w for w in worktrees if _same(w.path, expected)), None) or next(
+            (w for w in worktrees[1:] if Path(w.path).name == f"task-{task_id}"), None)
+        if not found:
+            # Already gone is the usual reason: exit 3 lets a cleanup step be re-run.
+            raise NothingToDo(f"no worktree for task {task_id} in {root}", task_id=task_id)
+        wt = found
+    else:
+        wt = next((w for w in worktrees if _same(w.path, Path(target).expanduser())), None)
+        if not wt:
+            raise UsageError(f"{target} is not a worktree of {root}",
+                             hint="pmtool worktree list shows them")
+    if wt.main:
+        raise UsageError(f"{wt.path} is the main checkout, not a task worktree; "
+                         "pmtool never removes it")
+    return wt
+
+
+def rescue(repo: str | Path, path_or_task_id: str | int | Path,
+           worktree_base: str | Path | None = None,
+           include_ignored: bool = True) -> dict[str, Any]:
+    """Commit a worktree's uncommitted state to `refs/pmtool/rescue/<task-N>/<time>`.
+
+    Answers `{"ref", "commit", "head", "files", "ignored_included", "ignored_left",
+    "restore"}`. The task branch, the worktree's index and HEAD are untouched. Raises
+    NothingToDo when there is nothing uncommitted.
+    """
+    root = repo_root(repo)
+    wt = _find(root, path_or_task_id, worktree_base)
+    _, label = _label(wt)
+    if not dirty_paths(wt.path) and not _unreachable_head(wt.path):
+        raise NothingToDo(f"{wt.path} has nothing uncommitted to rescue")
+    return _rescue_commit(root, Path(wt.path), label, include_ignored)
+
+
+# -- remove, list, prune -------------------------------------------------------------------
+
+def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue: bool = False,
+                    delete_branch: bool = False, base: str | None = None,
+                    worktree_base: str | Path | None = None) -> dict[str, Any]:
+    """Remove a task worktree (by path or task id) without losing work.
+
+    Answers `{"path", "task_id", "branch", "removed", "rescued", "branch_deleted",
+    "branch_kept"}`; `rescued` is the rescue answer (see `rescue`) or null.
+    Raises Conflict (dirty without `rescue`, with `dirty` listing the paths; locked),
+    NothingToDo (no worktree for that task id), UsageError (not a worktree; the main checkout).
+    """
+    root = repo_root(repo)
+    wt = _find(root, path_or_task_id, worktree_base)
+    task_id, label = _label(wt)
+    answer: dict[str, Any] = {"path": wt.path, "task_id": task_id, "branch": wt.branch,
+                              "removed": False, "rescued": None, "branch_deleted": False,
+                              "branch_kept": None}
+    if wt.locked is not None:
+        raise Conflict(f"worktree {wt.path} is locked"
+                       + (f" ({wt.locked})" if wt.locked else ""),
+                       hint=f"git worktree unlock {wt.path}", path=wt.path)
+    if wt.prunable or not Path(wt.path).is_dir():
+        _git(root, "worktree", "prune")
+        answer.update(removed=True, note="its folder was already gone; git's entry was pruned")
+    else:
+        dirty = dirty_paths(wt.path)
+        lost_head = _unreachable_head(wt.path)
+        if (dirty or lost_head) and not rescue:
+            names = [d["path"] for d in dirty]
+            shown = ", ".join(names[:5]) + (f", +{len(names) - 5} more" if len(names) > 5 else "")
+            what = f"{len(dirty)} uncommitted changes ({shown})" if dirty else ""
+            if lost_head:
+                what += ("; " if what else "") + f"a detached HEAD {lost_head[:12]} " \
+                                                 "that no branch holds"
+            raise Conflict(f"worktree {wt.path} has {what}",
+                           hint="commit them, or add --rescue to save everything to "
+                                f"{RESCUE_PREFIX}/{label}/<time> before removing",
+                           path=wt.path, task_id=task_id, dirty=dirty[:500],
+                           dirty_count=len(dirty), detached_head=lost_head)
+        if dirty or lost_head:
+            answer["rescued"] = _rescue_commit(root, Path(wt.path), label)
+        # Without a rescue, no --force: git checks cleanliness again itself, which closes
+        # the gap between our check and the removal (an agent still writing).
+        force = ["--force"] if answer["rescued"] else []
+        removed = _git(root, "worktree", "remove", *force, wt.path, check=False)
+        if removed.returncode != 0:
+            raise Conflict(f"git refused to remove {wt.path}: {removed.stderr.strip()}",
+                           hint="it changed since it was checked; run again, or --rescue",
+                           path=wt.path)
+        answer["removed"] = True
+    if delete_branch:
+        _delete_branch(root, answer, base)
+    return answer
+
+
+def _delete_branch(root: Path, answer: dict[str, Any], base: str | None) -> None:
+    branch = answer["branch"]
+    if not branch:
+        answer["branch_kept"] = "the worktree had no branch (detached HEAD)"
+        return
+    base = base or default_branch(root)
+    if branch in (base, base.removeprefix("origin/")):
+        answer["branch_kept"] = f"{branch} is the base branch"
+        return
+    holder = next((w for w in git_worktrees(root) if w.branch == branch), None)
+    if holder:
+        answer["branch_kept"] = f"{branch} is checked out in {holder.path}"
+        return
+    merged = _git(root, "merge-base", "--is-ancestor", f"refs/heads/{branch}",
+                  start_point(root, base), check=False)
+    if merged.returncode != 0:
+        answer["branch_kept"] = f"{branch} is not merged into {base}"
+        return
+    # -D after our own check: `branch -d` would test against the main checkout's HEAD,
+    # which need not be the base.
+    _git(root, "branch", "-D", branch)
+    answer["branch_deleted"] = True
+
+
+def list_worktrees(repo: str | Path, records: Iterable[Any] | None = None,
+                   worktree_base: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every worktree of the repo (the main checkout first), with its dirty state and the
+    task and agent it belongs to (from `records`, TaskRecords, else from its folder name).
+
+    Each: `{"path", "branch", "head", "main", "managed", "task_id", "agent_id", "dirty",
+    "changes", "locked", "prunable"}`; `managed` means pmtool made it (task-N under the
+    worktree base); `dirty` is null when the folder is gone.
+    """
+    root = repo_root(repo)
+    base_dir = worktree_path(root, 0, worktree_base).parent
+    by_path = {os.path.realpath(r.worktree): r for r in records or () if r.worktree}
+    out = []
+    for wt in git_worktrees(root):
+        record = by_path.get(os.path.realpath(wt.path))
+        task_id, _ = _label(wt)
+        managed = task_id is not None and _same(Path(wt.path).parent, base_dir)
+        exists = Path(wt.path).is_dir() and not wt.prunable
+        dirty = dirty_paths(wt.path) if exists else None
+        out.append({
+            "path": wt.path, "branch": wt.branch, "head": wt.head, "main": wt.main,
+            "managed": managed,
+            "task_id": record.task_id if record else (task_id if managed else None),
+            "agent_id": record.agent_id if record else None,
+            "dirty": None if dirty is None else bool(dirty or _unreachable_head(wt.path)),
+            "changes": None if dirty is None else len(dirty),
+            "locked": wt.locked is not None, "prunable": wt.prunable,
+        })
+    return out
+
+
+def _users(path: str) -> list[int]:
+    """Processes working inside `path` (their cwd): an agent nobody recorded, still busy."""
+    import psutil
+
+    inside, found = os.path.realpath(path), []
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd")
+        if cwd and (cwd == inside or cwd.startswith(inside + os.sep)):
+            found.append(proc.pid)
+    return found
+
+
+def prune(repo: str | Path, live_task_ids: Iterable[int], rescue: bool = False,
+          worktree_base: str | Path | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Remove pmtool's worktrees (task-N under the worktree base) of tasks no record
+    refers to; a dirty one is kept and reported unless `rescue`. Worktrees pmtool did not
+    make, and ones a process is working in, are never touched.
+
+    Answers `{"removed": [remove answers], "kept": [{"path", "task_id", "reason", ...}],
+    "dry_run"}`.
+    """
+    root = repo_root(repo)
+    live = {int(t) for t in live_task_ids}
+    removed: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    for item in list_worktrees(root, worktree_base=worktree_base):
+        if not item["managed"]:
+            continue
+        task_id, path = item["task_id"], item["path"]
+        if task_id in live:
+            kept.append({"path": path, "task_id": task_id, "reason": "a task record refers to it"})
+            continue
+        users = [] if item["prunable"] else _users(path)
+        if users:
+            kept.append({"path": path, "task_id": task_id, "reason": "processes work in it",
+                         "pids": users})
+            continue
+        if dry_run:
+            removed.append({"path": path, "task_id": task_id, "removed": False,
+                            "would_remove": True, "dirty": item["dirty"]})
+            continue
+        try:
+            removed.append(remove_worktree(root, path, rescue=rescue,
+                                           worktree_base=worktree_base))
+        except Conflict as exc:
+            kept.append({"path": path, "task_id": task_id, "reason": exc.message,
+                         **{k: v for k, v in exc.details.items() if k not in ("path",
+                                                                               "task_id")}})
+    return {"removed": removed, "kept": kept, "dry_run": dry_run}
