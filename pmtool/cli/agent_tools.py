@@ -1,0 +1,307 @@
+"""Doing the work: `worktree create|remove|list|prune` and `hook run`.
+
+Each command resolves settings and the task record, calls one function of
+`pmtool.worktree` or `pmtool.hooks`, and emits its answer. The libraries are imported
+inside the commands, so `pmtool --help` does not pay for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pmtool.cli import app, emit, options, read_json_arg, say
+from pmtool.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, NothingToDo, UsageError
+
+if TYPE_CHECKING:
+    from pmtool.config import Settings
+    from pmtool.records import RecordStore, TaskRecord
+
+# Options shared by the commands below, declared once.
+AgentId = Annotated[str | None, typer.Option(
+    "--agent-id", help="Take the task from this agent's task record.")]
+Repo = Annotated[str | None, typer.Option(
+    "--repo", help="The git repository [default: the one the current directory is in].")]
+HooksDir = Annotated[str | None, typer.Option(
+    "--hooks-dir", help="Hooks folder [env HEADLESS_PM_HOOKS_DIR; default ./hooks].")]
+WorktreeBase = Annotated[str | None, typer.Option(
+    "--worktree-base", help="Where task worktrees go [env HEADLESS_PM_WORKTREE_BASE; "
+                            "default <repo>/.worktrees; relative = from the repo root].")]
+Base = Annotated[str | None, typer.Option(
+    "--base", help="Branch or commit tasks start from [default: origin's HEAD, else the "
+                   "main checkout's branch].")]
+
+worktree_app = typer.Typer(help="One git worktree per major task; removal never loses work.",
+                           no_args_is_help=True)
+app.add_typer(worktree_app, name="worktree")
+hook_app = typer.Typer(help="Run the hooks of the hooks folder with a task's context.",
+                       no_args_is_help=True)
+app.add_typer(hook_app, name="hook")
+
+
+def _store(settings: Settings) -> RecordStore:
+    from pmtool.records import RecordStore
+
+    return RecordStore(settings.state_path)
+
+
+def _record(store: RecordStore, agent_id: str) -> TaskRecord:
+    from pmtool.records import CorruptRecord
+
+    try:
+        record = store.load(agent_id)
+    except CorruptRecord as exc:
+        raise NothingToDo(str(exc), hint="pmtool recover", moved_to=str(exc.moved_to)) from None
+    if record is None:
+        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
+                          hint="pmtool claim takes a task and writes the record")
+    return record
+
+
+def _repo_of(repo: str | None, record: TaskRecord | None = None) -> Path:
+    from pmtool.worktree import repo_root
+
+    if repo is None and record is not None and record.worktree and Path(record.worktree).is_dir():
+        return repo_root(record.worktree)  # the worktree knows its repository
+    return repo_root(repo)
+
+
+@worktree_app.command("create")
+def worktree_create(
+    agent_id: AgentId = None,
+    task_id: Annotated[int | None, typer.Option(
+        "--task-id", help="Task id (without --agent-id).")] = None,
+    branch: Annotated[str | None, typer.Option(
+        "--branch", help="The task's branch (the server's `branch` field).")] = None,
+    complexity: Annotated[str | None, typer.Option(
+        "--complexity", help="major (own worktree and branch) or minor (the repo itself, "
+                             "on the base branch) [default: the task's, else major].")] = None,
+    repo: Repo = None,
+    base: Base = None,
+    hooks_dir: HooksDir = None,
+    worktree_base: WorktreeBase = None,
+) -> int:
+    """Give a task its place to work: a worktree on the task branch for a major task, the
+    repo itself for a minor one. Runs the worktree_setup hook in a new worktree.
+
+    A second call answers the existing worktree with "created": false. With --agent-id the
+    task record's worktree and branch are updated. A branch named like the base ("main")
+    becomes task-<id>. Exit 1 when worktree_setup failed (the worktree is kept), 124 when it
+    ran out of time.
+
+    Example: pmtool worktree create --agent-id dev_001 --repo ~/src/app
+
+    Example: pmtool worktree create --task-id 7 --branch feature/login --base main
+    """
+    from pmtool.hooks import task_context
+    from pmtool.worktree import create_worktree
+
+    settings = options().settings(hooks_dir=hooks_dir, worktree_base=worktree_base)
+    store, record = _store(settings), None
+    if agent_id:
+        record = _record(store, agent_id)
+        if task_id is not None and task_id != record.task_id:
+            raise UsageError(f"--task-id {task_id} is not the task of {agent_id}'s record "
+                             f"({record.task_id})")
+        task_id = record.task_id
+        # The record's branch first: it is what an earlier create chose (e.g. task-<id>).
+        branch = branch or record.branch or record.task.get("branch")
+        complexity = complexity or record.task.get("complexity")
+        context = task_context(record, state_dir=settings.state_path, api_url=settings.api_url)
+    elif task_id is None:
+        raise UsageError("give --agent-id, or --task-id (with --branch for a major task)",
+                         hint="pmtool worktree create --task-id 7 --branch feature/login")
+    else:
+        context = task_context(state_dir=settings.state_path, api_url=settings.api_url,
+                               task_id=task_id, branch=branch)
+    result = create_worktree(_repo_of(repo, record), task_id, branch, complexity, base=base,
+                             worktree_base=settings.worktree_base,
+                             hooks_dir=settings.hooks_dir, hook_timeout=settings.hook_timeout,
+                             context=context)
+    if record is not None:
+        # The directory the agent works in: the worktree, or the repo for a minor task.
+        record.worktree, record.branch = result["path"], result["branch"]
+        record.step("worktree", path=result["path"], created=result["created"],
+                    setup_ok=result["ok"])
+        result["record"] = str(store.save(record))
+    if result.get("note"):
+        say(f"pmtool: worktree: {result['note']}")
+    ok = result.pop("ok")
+    if not ok:
+        hook = result["hook"]
+        say(f"pmtool: worktree_setup failed ({_hook_why(hook)}); the worktree is kept at "
+            f"{result['path']}")
+        emit(result, ok=False)
+        return EXIT_TIMEOUT if hook.get("timed_out") else EXIT_FAILED
+    emit(result)
+    return EXIT_OK
+
+
+@worktree_app.command("remove")
+def worktree_remove(
+    target: Annotated[str | None, typer.Argument(
+        help="The worktree's path, or the task id.")] = None,
+    agent_id: AgentId = None,
+    rescue: Annotated[bool, typer.Option(
+        "--rescue", help="Commit uncommitted and untracked work (and small ignored files "
+                         "such as .env) to refs/pmtool/rescue/task-<id>/<time> first.")
+    ] = False,
+    delete_branch: Annotated[bool, typer.Option(
+        "--delete-branch", help="Also delete the task branch, if it is merged into the base.")
+    ] = False,
+    repo: Repo = None,
+    base: Base = None,
+    worktree_base: WorktreeBase = None,
+) -> None:
+    """Remove a task worktree; never loses work.
+
+    A worktree with uncommitted or untracked changes is refused (exit 5, listing them)
+    unless --rescue. Commits on the task branch always stay; the branch itself is deleted
+    only with --delete-branch and when merged. Exit 3 when the task has no worktree.
+
+    Example: pmtool worktree remove 7 --rescue
+
+    Example: pmtool worktree remove --agent-id dev_001 --delete-branch
+    """
+    from pmtool.worktree import remove_worktree
+
+    settings = options().settings(worktree_base=worktree_base)
+    store, record = _store(settings), None
+    if agent_id:
+        record = _record(store, agent_id)
+        if record.task.get("complexity") == "minor" or not record.worktree:
+            raise NothingToDo(f"task {record.task_id} has no worktree (a minor task works in "
+                              "the repo itself)", task_id=record.task_id)
+        target = target or record.worktree
+    if target is None:
+        raise UsageError("give the worktree's path or task id, or --agent-id",
+                         hint="pmtool worktree list")
+    root = _repo_of(repo, record) if repo or record or target.isdigit() else _repo_near(target)
+    result = remove_worktree(root, target, rescue=rescue, delete_branch=delete_branch,
+                             base=base, worktree_base=settings.worktree_base)
+    if result["rescued"]:
+        say(f"pmtool: worktree: rescued {len(result['rescued']['files'])} files to "
+            f"{result['rescued']['ref']}")
+    if record is not None and result["removed"]:
+        record.worktree = None
+        record.step("worktree_removed", path=result["path"],
+                    rescue_ref=(result["rescued"] or {}).get("ref"))
+        store.save(record)
+    emit(result)
+
+
+def _repo_near(path: str) -> Path:
+    """The repository of a worktree path; from the cwd when the folder is already gone."""
+    from pmtool.worktree import repo_root
+
+    where = Path(path).expanduser()
+    return repo_root(where if where.is_dir() else None)
+
+
+@worktree_app.command("list")
+def worktree_list(repo: Repo = None, worktree_base: WorktreeBase = None) -> None:
+    """List the repo's worktrees with their task, agent and dirty state.
+
+    Example: pmtool worktree list | jq '.worktrees[] | select(.dirty)'
+    """
+    from pmtool.worktree import list_worktrees
+
+    settings = options().settings(worktree_base=worktree_base)
+    records, corrupt = _store(settings).scan()
+    root = _repo_of(repo)
+    emit({"repo": str(root),
+          "worktrees": list_worktrees(root, records, worktree_base=settings.worktree_base),
+          "corrupt_records": [str(c.moved_to) for c in corrupt]})
+
+
+@worktree_app.command("prune")
+def worktree_prune(
+    repo: Repo = None,
+    rescue: Annotated[bool, typer.Option(
+        "--rescue", help="Rescue dirty worktrees and remove them too (default: keep them).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Say what would be removed; remove nothing.")] = False,
+    worktree_base: WorktreeBase = None,
+) -> None:
+    """Remove pmtool's task worktrees that no task record on this machine refers to.
+
+    Dirty ones are kept and listed unless --rescue; worktrees pmtool did not make, and ones
+    a process is working in, are never touched. Branches are kept.
+
+    Example: pmtool worktree prune --dry-run
+    """
+    from pmtool.worktree import prune
+
+    settings = options().settings(worktree_base=worktree_base)
+    records, corrupt = _store(settings).scan()
+    result = prune(_repo_of(repo), {r.task_id for r in records}, rescue=rescue,
+                   worktree_base=settings.worktree_base, dry_run=dry_run)
+    for kept in result["kept"]:
+        if kept.get("dirty"):
+            say(f"pmtool: worktree: kept {kept['path']}: {kept['reason']}")
+    emit({**result, "corrupt_records": [str(c.moved_to) for c in corrupt]})
+
+
+def _hook_why(hook: dict[str, Any]) -> str:
+    if hook.get("error"):
+        return hook["error"]
+    if hook.get("timed_out"):
+        return f"timed out after {hook['duration_s']:g}s"
+    last = (hook.get("stderr") or hook.get("stdout") or "").strip().splitlines()
+    return f"exit {hook.get('exit_code')}" + (f": {last[-1]}" if last else "")
+
+
+@hook_app.command("run")
+def hook_run(
+    name: Annotated[str, typer.Argument(
+        help="pre_task, post_task, worktree_setup, health_check, or any hook's name.")],
+    hooks_dir: HooksDir = None,
+    agent_id: AgentId = None,
+    input_: Annotated[str | None, typer.Option(
+        "--input", help="Context JSON object (file, or - for stdin); merged over the "
+                        "record's context.")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="Seconds before the hook's whole process tree is ended "
+                          "[env HEADLESS_PM_HOOK_TIMEOUT; default 30; 0 = no limit].")] = None,
+    cwd: Annotated[str | None, typer.Option(
+        "--cwd", help="Run the hook here [default: the record's worktree, else the current "
+                      "directory].")] = None,
+) -> int:
+    """Run hook NAME (NAME, NAME.py or NAME.sh in the hooks folder) with a task's context.
+
+    The context goes to the hook as JSON on stdin and as PMTOOL_* environment variables.
+    Exit 0 when it passed or there is no such hook ("skipped": true), 1 when it failed or
+    is not executable, 124 when it ran out of time (its whole process tree is ended).
+
+    Example: pmtool hook run pre_task --agent-id dev_001
+
+    Example: echo '{"task_id": 7, "outcome": "done"}' | pmtool hook run post_task --input -
+    """
+    from pmtool.hooks import check_name, run_hook, task_context
+
+    check_name(name)
+    settings = options().settings(hooks_dir=hooks_dir, hook_timeout=timeout)
+    record = _record(_store(settings), agent_id) if agent_id else None
+    context = task_context(record, state_dir=settings.state_path, api_url=settings.api_url)
+    if input_ is not None:
+        data = read_json_arg(input_, "--input")
+        if not isinstance(data, dict):
+            raise UsageError("--input must be a JSON object")
+        context.update(data)
+    if cwd is None and record is not None and record.worktree and Path(record.worktree).is_dir():
+        cwd = record.worktree
+    result = run_hook(name, settings.hooks_dir, context, timeout=settings.hook_timeout, cwd=cwd)
+    ok = result.pop("ok")
+    if result["skipped"]:
+        say(f"pmtool: hook: {result['reason']} (skipped)")
+    elif not ok:
+        say(f"pmtool: hook: {name} failed: {_hook_why(result)}")
+        if result.get("error"):
+            result["error"] = {"type": "failed", "message": result["error"]}
+    emit(result, ok=ok)
+    if ok:
+        return EXIT_OK
+    return EXIT_TIMEOUT if result["timed_out"] else EXIT_FAILED
