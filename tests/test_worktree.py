@@ -1,0 +1,404 @@
+"""Worktrees: create, remove (with rescue), list and prune, in real git repositories.
+
+Each test builds a scratch repository in a temporary folder and drives it the way a user
+would: the console script in a subprocess for the commands, the library for the corners.
+What matters is checked in git itself: the branch heads, the rescue ref's files byte for
+byte, the main checkout's status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import pmtool
+from pmtool.errors import Conflict, NothingToDo, UsageError
+from pmtool.records import RecordStore, TaskRecord
+from pmtool.worktree import (
+    create_worktree,
+    default_branch,
+    list_worktrees,
+    remove_worktree,
+    repo_root,
+    rescue,
+)
+
+BINARY = bytes(range(256)) * 40 + b"\0\r\n\xff tail"
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Git and pmtool see only what the test sets: no global git config, no user settings."""
+    for who in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{who}_NAME", "pmtool tests")
+        monkeypatch.setenv(f"GIT_{who}_EMAIL", "pmtool-tests@example.invalid")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    monkeypatch.setenv("PMTOOL_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.setenv("PMTOOL_STATE_DIR", str(tmp_path / "state"))
+    for name in ("HEADLESS_PM_WORKTREE_BASE", "HEADLESS_PM_HOOKS_DIR",
+                 "HEADLESS_PM_HOOK_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def git(cwd: Path | str, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def git_bytes(cwd: Path | str, *args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, check=True).stdout
+
+
+@pytest.fixture
+def repo(env: Path) -> Path:
+    """A project with one commit, an ignored .env in the main checkout."""
+    root = env / "project"
+    git(env, "init", "-q", "-b", "main", str(root))
+    (root / "app.py").write_text("print('hello')\n")
+    (root / ".gitignore").write_text(".env\nnode_modules/\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "init")
+    (root / ".env").write_text("API_TOKEN=from-main-checkout\n")
+    return root
+
+
+def commit_on(path: Path, name: str, text: str) -> str:
+    (path / name).write_text(text)
+    git(path, "add", name)
+    git(path, "commit", "-q", "-m", f"add {name}")
+    return git(path, "rev-parse", "HEAD")
+
+
+def save_record(env: Path, task: dict, agent_id: str = "dev_001",
+                worktree: str | None = None) -> TaskRecord:
+    record = TaskRecord(agent_id=agent_id, role="backend_dev", level="senior",
+                        server_url="http://127.0.0.1:1",
+                        task={"title": "t", "difficulty": "senior", **task},
+                        previous_status="created", worktree=worktree)
+    RecordStore(env / "state").save(record)
+    return record
+
+
+# -- create ------------------------------------------------------------------------------
+
+def test_major_task_gets_a_worktree_on_a_new_branch(repo: Path) -> None:
+    res = pmtool("worktree", "create", "--task-id", "7", "--branch", "feature/login",
+                 "--repo", str(repo))
+    assert res.code == 0, res.out
+    path = repo / ".worktrees" / "task-7"
+    assert res.out["path"] == str(path) and res.out["worktree"] == str(path)
+    assert res.out["created"] is True and res.out["task_id"] == 7
+    assert res.out["branch"] == "feature/login" and res.out["base"] == "main"
+    assert git(path, "symbolic-ref", "--short", "HEAD") == "feature/login"
+    assert git(path, "rev-parse", "HEAD") == git(repo, "rev-parse", "main")
+    # .worktrees/ stays out of the main checkout's status, through info/exclude only.
+    assert git(repo, "status", "--porcelain") == ""
+    assert "/.worktrees/" in (repo / ".git" / "info" / "exclude").read_text().splitlines()
+    assert ".worktrees" not in (repo / ".gitignore").read_text()
+
+    # Idempotent, and from inside the worktree --repo is not needed.
+    again = pmtool("worktree", "create", "--task-id", "7", "--branch", "feature/login",
+                   cwd=path)
+    assert again.code == 0 and again.out["created"] is False
+    assert again.out["path"] == str(path) and again.out["branch"] == "feature/login"
+    assert (repo / ".git" / "info" / "exclude").read_text().count("/.worktrees/") == 1
+
+
+def test_existing_branch_is_reused_with_its_commits(repo: Path) -> None:
+    git(repo, "switch", "-q", "-c", "feature/x")
+    head = commit_on(repo, "x.txt", "work in progress\n")
+    git(repo, "switch", "-q", "main")
+    result = create_worktree(repo, 3, "feature/x")
+    assert result["created"] is True and result["branch_source"] == "existing"
+    assert git(result["path"], "rev-parse", "HEAD") == head
+
+
+def test_branch_pushed_by_another_machine_comes_from_origin(env: Path, repo: Path) -> None:
+    git(repo, "switch", "-q", "-c", "feature/qa")
+    head = commit_on(repo, "dev.txt", "the developer's work\n")
+    git(repo, "switch", "-q", "main")
+    clone = env / "clone"
+    git(env, "clone", "-q", str(repo), str(clone))
+    git(clone, "switch", "-q", "-c", "someone-elses-branch")
+    # origin's HEAD names the default branch, whatever the main checkout is on.
+    assert default_branch(clone) == "main"
+    result = create_worktree(clone, 4, "feature/qa")
+    assert result["branch_source"] == "origin/feature/qa" and result["base"] == "main"
+    assert git(result["path"], "rev-parse", "HEAD") == head
+
+
+def test_default_branch_without_a_remote_is_the_checkout_branch(repo: Path) -> None:
+    git(repo, "switch", "-q", "-c", "develop")
+    assert default_branch(repo) == "develop"
+
+
+def test_minor_task_works_in_the_repo_itself(repo: Path) -> None:
+    result = create_worktree(repo, 9, "feature/ignored", complexity="minor")
+    assert result["worktree"] is None and result["path"] == str(repo)
+    assert result["branch"] == "main" and result["created"] is False
+    assert result["on_base"] is True
+    assert not (repo / ".worktrees").exists()
+
+
+def test_trunk_named_branch_becomes_the_task_branch(repo: Path) -> None:
+    result = create_worktree(repo, 8, "main")
+    assert result["branch"] == "task-8" and "task-8" in result["note"]
+    assert git(result["path"], "symbolic-ref", "--short", "HEAD") == "task-8"
+    assert git(repo, "symbolic-ref", "--short", "HEAD") == "main"
+
+
+def test_branch_held_by_the_main_checkout_is_a_conflict(repo: Path) -> None:
+    git(repo, "switch", "-q", "-c", "feature/y")
+    with pytest.raises(Conflict) as err:
+        create_worktree(repo, 5, "feature/y", base="main")
+    assert "main checkout" in err.value.message
+
+
+def test_branch_checked_out_in_another_worktree_is_used_there(env: Path, repo: Path) -> None:
+    first = create_worktree(repo, 5, "feature/z")
+    other = create_worktree(repo, 5, "feature/z", worktree_base=env / "elsewhere")
+    assert other["path"] == first["path"] and other["created"] is False
+    assert "already checked out" in other["note"]
+
+
+def test_not_a_repository_and_bad_input(env: Path, repo: Path) -> None:
+    plain = env / "plain"
+    plain.mkdir()
+    res = pmtool("worktree", "create", "--task-id", "1", "--branch", "b", "--repo", str(plain))
+    assert res.code == 2 and "git repository" in res.out["error"]["message"]
+    with pytest.raises(UsageError):
+        repo_root(plain)
+    with pytest.raises(UsageError):
+        create_worktree(repo, 1, "bad..name")
+    with pytest.raises(UsageError):
+        create_worktree(repo, 1, "b", base="no-such-base")
+
+
+def test_worktree_base_from_the_environment(env: Path, repo: Path) -> None:
+    base = env / "trees"
+    res = pmtool("worktree", "create", "--task-id", "2", "--branch", "f/2", "--repo", str(repo),
+                 env={"HEADLESS_PM_WORKTREE_BASE": str(base)})
+    assert res.code == 0 and res.out["path"] == str(base / "task-2")
+    assert (base / "task-2" / "app.py").exists()
+
+
+def test_setup_hook_runs_in_the_new_worktree_and_the_record_follows(env: Path,
+                                                                     repo: Path) -> None:
+    hooks = env / "hooks"
+    hooks.mkdir()
+    (hooks / "worktree_setup.sh").write_text(
+        '#!/bin/sh\ncp "$PMTOOL_REPO/.env" .env\npwd > "$OUT/pwd"\ncat > "$OUT/ctx.json"\n')
+    (hooks / "worktree_setup.sh").chmod(0o755)
+    save_record(env, {"id": 12, "branch": "feature/env", "complexity": "major"})
+    out = env / "out"
+    out.mkdir()
+    res = pmtool("worktree", "create", "--agent-id", "dev_001", "--repo", str(repo),
+                 "--hooks-dir", str(hooks), env={"OUT": str(out)})
+    assert res.code == 0, res.out
+    path = repo / ".worktrees" / "task-12"
+    assert res.out["hook"]["ok"] is True
+    assert (path / ".env").read_text() == "API_TOKEN=from-main-checkout\n"
+    assert (out / "pwd").read_text().strip() == str(path)
+    ctx = json.loads((out / "ctx.json").read_text())
+    assert ctx["worktree"] == str(path) and ctx["agent_id"] == "dev_001"
+    assert ctx["task"]["branch"] == "feature/env" and ctx["repo"] == str(repo)
+    record = RecordStore(env / "state").load("dev_001")
+    assert record.worktree == str(path) and record.branch == "feature/env"
+    # A second call neither recreates nor re-runs a setup that worked.
+    (out / "pwd").unlink()
+    again = pmtool("worktree", "create", "--agent-id", "dev_001", "--hooks-dir", str(hooks),
+                   cwd=repo, env={"OUT": str(out)})
+    assert again.code == 0 and again.out["created"] is False and again.out["hook"] is None
+    assert not (out / "pwd").exists()
+
+
+def test_failing_setup_hook_keeps_the_worktree_and_is_retried(env: Path, repo: Path) -> None:
+    hooks = env / "hooks"
+    hooks.mkdir()
+    (hooks / "worktree_setup").write_text(
+        '#!/bin/sh\n[ -e "$OUT/fixed" ] && exit 0\necho "npm install failed" >&2\nexit 1\n')
+    (hooks / "worktree_setup").chmod(0o755)
+    args = ("worktree", "create", "--task-id", "6", "--branch", "f/6", "--repo", str(repo),
+            "--hooks-dir", str(hooks))
+    res = pmtool(*args, env={"OUT": str(env)})
+    assert res.code == 1 and res.out["ok"] is False
+    assert res.out["hook"]["exit_code"] == 1 and "npm install failed" in res.stderr
+    assert (repo / ".worktrees" / "task-6" / "app.py").exists()
+    (env / "fixed").touch()
+    again = pmtool(*args, env={"OUT": str(env)})
+    assert again.code == 0 and again.out["created"] is False
+    assert again.out["hook"]["ok"] is True
+
+
+# -- remove and rescue -----------------------------------------------------------------------
+
+def make_dirty(path: Path) -> None:
+    (path / "app.py").write_text("print('changed by the agent')\n")
+    (path / "notes.md").write_text("new, untracked\n")
+    (path / "data").mkdir()
+    (path / "data" / "blob.bin").write_bytes(BINARY)
+    (path / ".env").write_text("API_TOKEN=edited-in-the-worktree\n")
+    (path / "node_modules" / "pkg").mkdir(parents=True)
+    (path / "node_modules" / "pkg" / "index.js").write_text("module.exports = 1\n")
+
+
+def test_dirty_remove_refuses_and_rescue_keeps_every_byte(env: Path, repo: Path) -> None:
+    created = create_worktree(repo, 7, "feature/login")
+    path = Path(created["path"])
+    branch_head = commit_on(path, "login.py", "def login(): ...\n")
+    make_dirty(path)
+
+    res = pmtool("worktree", "remove", "7", "--repo", str(repo))
+    assert res.code == 5 and res.out["error"]["type"] == "conflict"
+    listed = {d["path"] for d in res.out["error"]["dirty"]}
+    assert listed == {"app.py", "notes.md", "data/blob.bin"}
+    assert "app.py" in res.stderr and path.is_dir()
+
+    res = pmtool("worktree", "remove", str(path), "--rescue")
+    assert res.code == 0, res.out
+    rescued = res.out["rescued"]
+    ref = rescued["ref"]
+    assert ref.startswith("refs/pmtool/rescue/task-7/")
+    assert git(repo, "rev-parse", ref) == rescued["commit"]
+    assert git_bytes(repo, "show", f"{ref}:app.py") == b"print('changed by the agent')\n"
+    assert git_bytes(repo, "show", f"{ref}:notes.md") == b"new, untracked\n"
+    assert git_bytes(repo, "show", f"{ref}:data/blob.bin") == BINARY
+    assert git_bytes(repo, "show", f"{ref}:login.py") == b"def login(): ...\n"
+    # Small ignored files are rescued (.env); ignored folders are not (node_modules).
+    assert git_bytes(repo, "show", f"{ref}:.env") == b"API_TOKEN=edited-in-the-worktree\n"
+    assert rescued["ignored_included"] == [".env"]
+    assert rescued["ignored_left"] == ["node_modules/"]
+    # The task branch and its commit are untouched; the rescue sits on top of it.
+    assert git(repo, "rev-parse", "refs/heads/feature/login") == branch_head
+    assert git(repo, "rev-parse", f"{ref}^") == branch_head
+    assert not path.exists() and res.out["removed"] is True
+    assert res.out["branch_deleted"] is False
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_rescue_touches_neither_index_nor_head(repo: Path) -> None:
+    path = Path(create_worktree(repo, 3, "f/3")["path"])
+    (path / "app.py").write_text("staged\n")
+    git(path, "add", "app.py")
+    (path / "app.py").write_text("staged, then edited again\n")
+    (path / "new.txt").write_text("untracked\n")
+    before = (git(path, "status", "--porcelain"), git(path, "rev-parse", "HEAD"),
+              git(path, "diff", "--cached"), git(repo, "for-each-ref", "refs/heads"))
+    result = rescue(repo, 3)
+    after = (git(path, "status", "--porcelain"), git(path, "rev-parse", "HEAD"),
+             git(path, "diff", "--cached"), git(repo, "for-each-ref", "refs/heads"))
+    assert before == after
+    assert git(repo, "show", f"{result['ref']}:app.py") == "staged, then edited again"
+    assert {f["path"] for f in result["files"]} == {"app.py", "new.txt"}
+
+
+def test_detached_commits_no_branch_holds_count_as_dirty(repo: Path) -> None:
+    path = Path(create_worktree(repo, 4, "f/4")["path"])
+    git(path, "switch", "-q", "--detach")
+    lost = commit_on(path, "orphan.txt", "only reachable from this worktree's HEAD\n")
+    with pytest.raises(Conflict) as err:
+        remove_worktree(repo, 4)
+    assert err.value.details["detached_head"] == lost
+    result = remove_worktree(repo, 4, rescue=True)
+    assert git(repo, "rev-parse", f"{result['rescued']['ref']}^") == lost
+
+
+def test_delete_branch_only_when_merged(repo: Path) -> None:
+    path = Path(create_worktree(repo, 1, "f/unmerged")["path"])
+    commit_on(path, "u.txt", "not merged\n")
+    result = remove_worktree(repo, 1, delete_branch=True)
+    assert result["branch_deleted"] is False and "not merged" in result["branch_kept"]
+    assert git(repo, "rev-parse", "--verify", "refs/heads/f/unmerged")
+
+    path = Path(create_worktree(repo, 2, "f/merged")["path"])
+    commit_on(path, "m.txt", "merged\n")
+    git(repo, "merge", "-q", "--no-edit", "f/merged")
+    res = pmtool("worktree", "remove", "2", "--delete-branch", "--repo", str(repo))
+    assert res.code == 0 and res.out["branch_deleted"] is True
+    assert git(repo, "branch", "--list", "f/merged") == ""
+
+
+def test_remove_by_agent_id_updates_the_record(env: Path, repo: Path) -> None:
+    path = create_worktree(repo, 21, "f/21")["path"]
+    save_record(env, {"id": 21, "branch": "f/21", "complexity": "major"}, worktree=path)
+    res = pmtool("worktree", "remove", "--agent-id", "dev_001")
+    assert res.code == 0 and res.out["path"] == path
+    assert RecordStore(env / "state").load("dev_001").worktree is None
+
+
+def test_remove_corners(repo: Path) -> None:
+    res = pmtool("worktree", "remove", "99", "--repo", str(repo))
+    assert res.code == 3  # no worktree for that task: nothing to do
+    res = pmtool("worktree", "remove", str(repo), "--repo", str(repo))
+    assert res.code == 2 and "main checkout" in res.out["error"]["message"]
+    with pytest.raises(NothingToDo):
+        rescue(repo, Path(create_worktree(repo, 5, "f/5")["path"]))  # clean: nothing to save
+
+
+# -- list and prune --------------------------------------------------------------------------
+
+def test_list_and_prune(env: Path, repo: Path) -> None:
+    kept_by_record = create_worktree(repo, 1, "f/1")["path"]
+    orphan = create_worktree(repo, 2, "f/2")["path"]
+    dirty = create_worktree(repo, 3, "f/3")["path"]
+    busy = create_worktree(repo, 4, "f/4")["path"]
+    (Path(dirty) / "wip.txt").write_text("unsaved\n")
+    git(repo, "worktree", "add", "-q", "-b", "mine", str(env / "not-pmtools"))
+    save_record(env, {"id": 1, "branch": "f/1", "complexity": "major"}, worktree=kept_by_record)
+
+    res = pmtool("worktree", "list", "--repo", str(repo))
+    assert res.code == 0
+    by_path = {w["path"]: w for w in res.out["worktrees"]}
+    assert by_path[str(repo)]["main"] is True
+    assert by_path[kept_by_record]["task_id"] == 1
+    assert by_path[kept_by_record]["agent_id"] == "dev_001"
+    assert by_path[orphan]["task_id"] == 2 and by_path[orphan]["dirty"] is False
+    assert by_path[dirty]["dirty"] is True and by_path[dirty]["changes"] == 1
+    assert by_path[str(env / "not-pmtools")]["managed"] is False
+
+    worker = subprocess.Popen(["sleep", "60"], cwd=busy)
+    try:
+        res = pmtool("worktree", "prune", "--repo", str(repo))
+    finally:
+        worker.kill()
+        worker.wait()
+    assert res.code == 0, res.out
+    assert [r["path"] for r in res.out["removed"]] == [orphan]
+    kept = {k["path"]: k for k in res.out["kept"]}
+    assert set(kept) == {kept_by_record, dirty, busy}
+    assert kept[dirty]["dirty"][0]["path"] == "wip.txt"
+    assert kept[busy]["pids"] == [worker.pid]
+    assert Path(dirty).is_dir() and not Path(orphan).exists()
+    assert (env / "not-pmtools").is_dir()
+    assert git(repo, "rev-parse", "--verify", "refs/heads/f/2")  # branches stay
+
+    res = pmtool("worktree", "prune", "--rescue", "--repo", str(repo))
+    removed = {r["path"]: r for r in res.out["removed"]}
+    assert set(removed) == {dirty, busy}
+    assert git(repo, "show", f"{removed[dirty]['rescued']['ref']}:wip.txt") == "unsaved"
+    assert Path(kept_by_record).is_dir()
+    assert [w["task_id"] for w in list_worktrees(repo) if w["managed"]] == [1]
+
+
+def test_prune_dry_run_removes_nothing(env: Path, repo: Path) -> None:
+    path = create_worktree(repo, 2, "f/2")["path"]
+    res = pmtool("worktree", "prune", "--dry-run", "--repo", str(repo))
+    assert res.code == 0 and res.out["removed"][0]["would_remove"] is True
+    assert Path(path).is_dir()
+
+
+def test_worktree_folder_deleted_by_hand(repo: Path) -> None:
+    path = Path(create_worktree(repo, 5, "f/5")["path"])
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+    again = create_worktree(repo, 5, "f/5")  # recreated, on the same branch
+    assert again["created"] is True and Path(again["path"]).is_dir()
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+    result = remove_worktree(repo, 5)
+    assert result["removed"] is True and "gone" in result["note"]
+    assert os.listdir(repo / ".worktrees") == []
