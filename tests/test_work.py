@@ -1,0 +1,387 @@
+"""pmtool.work as a library: the claim protocol's decisions, against a scripted client.
+
+The fake client below stands for the server where a test needs an answer no real server
+gives on demand (a double lock at an exact moment, a lost lock between two calls). The
+same functions are exercised against the real HTTP server in test_work_cli.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pmtool import work
+from pmtool.client import PMClient
+from pmtool.errors import ApiError, Conflict, NothingToDo, ServerError, UsageError
+from pmtool.records import RecordStore, TaskRecord
+from pmtool.testing.seed import unique_id
+
+
+def task(task_id: int, status: str = "created", role: str = "backend_dev",
+         difficulty: str = "junior", locked_by: str | None = None,
+         created_at: str | None = None, notes: str | None = None) -> dict[str, Any]:
+    return {"id": task_id, "title": f"t{task_id}", "status": status, "target_role": role,
+            "difficulty": difficulty, "locked_by": locked_by, "notes": notes,
+            "branch": "main", "created_at": created_at or f"2026-01-01T00:00:{task_id:02d}"}
+
+
+class FakeServer:
+    """An in-memory server with the real one's semantics, and hooks to misbehave."""
+
+    url = "http://fake"
+
+    def __init__(self, *tasks: dict[str, Any]) -> None:
+        self.tasks = {t["id"]: dict(t) for t in tasks}
+        self.agents: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple] = []
+        self.after_lock: Any = None  # called after a lock: simulates a racing agent
+        self.down = False
+
+    def _call(self, *what: Any) -> None:
+        self.calls.append(what)
+        if self.down:
+            raise ServerError("cannot reach the Headless PM server at http://fake")
+
+    def register(self, agent_id: str, role: str, level: str) -> dict[str, Any]:
+        self._call("register", agent_id)
+        agent = self.agents.setdefault(agent_id, {"agent_id": agent_id, "role": role,
+                                                  "level": level})
+        return {"agent": dict(agent), "next_task": None, "mentions": []}
+
+    def list_tasks(self, status: str | None = None, role: str | None = None) -> list[dict]:
+        self._call("list", status, role)
+        found = [dict(t) for t in self.tasks.values()
+                 if (status is None or t["status"] == status)
+                 and (role is None or t["target_role"] == role)]
+        return sorted(found, key=lambda t: (t["created_at"], t["id"]), reverse=True)
+
+    def get_task(self, task_id: int, status: str | None = None) -> dict | None:
+        return next((t for t in self.list_tasks(status) if t["id"] == task_id), None)
+
+    def next_task(self, role: str, level: str, simulate: bool = True) -> dict | None:
+        self._call("next", role, level)
+        assert simulate, "claims never long-poll (quirk 5)"
+        rank = work._level_rank(level)
+        fit = [t for t in self.tasks.values() if t["locked_by"] is None
+               and (t["status"] == "dev_done" if role == "qa" else
+                    t["status"] == "created" and t["target_role"] == role
+                    and work._level_rank(t["difficulty"]) <= rank)]
+        return dict(min(fit, key=lambda t: (t["created_at"], t["id"]))) if fit else None
+
+    def lock(self, task_id: int, agent_id: str) -> dict[str, Any]:
+        self._call("lock", task_id, agent_id)
+        t = self.tasks[task_id]
+        if t["locked_by"]:
+            raise ApiError(409, f"Task {task_id} is already locked by another agent")
+        t["locked_by"] = agent_id
+        if self.after_lock:
+            self.after_lock(t)
+        return dict(t)
+
+    def set_status(self, task_id: int, agent_id: str, status: str,
+                   notes: str | None = None) -> dict[str, Any]:
+        self._call("status", task_id, status)
+        t = self.tasks[task_id]
+        if t["status"] == "under_work" and status != "under_work":
+            t["locked_by"] = None
+        t["status"] = status
+        if notes:
+            t["notes"] = notes
+        return {"task": dict(t), "next_task": None}
+
+    def comment(self, task_id: int, agent_id: str, comment: str) -> dict[str, Any]:
+        self._call("comment", task_id)
+        t = self.tasks[task_id]
+        line = f"{agent_id}: {comment}"
+        t["notes"] = f"{t['notes']}\n\n{line}" if t["notes"] else line
+        return {"message": "Comment added successfully"}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RecordStore:
+    return RecordStore(tmp_path / "state")
+
+
+def no_sleep(seconds: float) -> None:
+    pass
+
+
+# -- claim ----------------------------------------------------------------------------------
+
+
+def test_claim_locks_verifies_and_records(store):
+    server = FakeServer(task(1, notes="from the pm"), task(2))
+    naps: list[float] = []
+    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior", settle=0.25,
+                         runner_pid=os.getpid(), sleep=naps.append)
+    assert claimed.task["id"] == 1 and claimed.task["status"] == "under_work"
+    assert naps == [0.25]  # settled once, before the read-back
+    kinds = [c[0] for c in server.calls]
+    assert kinds[:3] == ["register", "next", "lock"]
+    assert kinds.index("status") > kinds.index("lock")
+    assert server.tasks[1]["notes"].startswith("from the pm\n\nclaimed by dev_1 on ")
+    record = store.load("dev_1")
+    assert record and record.previous_status == "created" and record.pid == os.getpid()
+    assert record.pid_started is not None and claimed.path == store.path("dev_1")
+
+
+def test_lost_double_lock_moves_on_to_the_next_candidate(store):
+    server = FakeServer(task(1), task(2), task(3, difficulty="principal"))
+
+    def rival_wins(t: dict[str, Any]) -> None:
+        if t["id"] == 1:
+            t["locked_by"] = "rival"  # the last writer of a double lock (quirk 2)
+
+    server.after_lock = rival_wins
+    stats = work.ClaimStats()
+    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior", stats=stats,
+                         sleep=no_sleep)
+    assert claimed.task["id"] == 2  # not 3: above the agent's level
+    assert (stats.losses, stats.conflicts, stats.tried) == (1, 0, 2)
+    assert server.tasks[1]["locked_by"] == "rival" and server.tasks[1]["status"] == "created"
+
+
+def test_conflict_409_tries_the_next_and_nothing_left_is_exit_3(store):
+    server = FakeServer(task(1))
+    server.next_task = lambda role, level, simulate=True: dict(task(1))  # stale answer
+    server.tasks[1]["locked_by"] = "other"
+    stats = work.ClaimStats()
+    with pytest.raises(NothingToDo) as err:
+        work.claim(server, store, "dev_1", "backend_dev", "senior", stats=stats,
+                   sleep=no_sleep)
+    assert err.value.exit_code == 3 and stats.conflicts == 1
+    assert store.load("dev_1") is None  # a lock never held leaves no record
+
+
+def test_wait_polls_with_capped_backoff(store, monkeypatch):
+    server = FakeServer()
+    clock = [0.0]
+    monkeypatch.setattr(work.time, "monotonic", lambda: clock[0])
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        clock[0] += seconds
+
+    stats = work.ClaimStats()
+    with pytest.raises(NothingToDo):
+        work.claim(server, store, "dev_1", "backend_dev", "senior", wait=20, stats=stats,
+                   sleep=nap)
+    assert naps[0] <= work.POLL_FIRST and max(naps) <= work.POLL_CAP
+    assert sum(naps) == pytest.approx(20)
+    assert 10 < stats.polls < 30  # not a busy loop, not one long poll
+
+
+def test_claim_refuses_an_agent_with_a_record(store):
+    server = FakeServer(task(1), task(2))
+    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    with pytest.raises(Conflict) as err:
+        work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    assert err.value.details["pid"] == os.getpid() and err.value.details["live"] is True
+
+
+def test_register_role_mismatch_is_conflict():
+    server = FakeServer()
+    server.agents["a"] = {"agent_id": "a", "role": "qa", "level": "junior"}
+    with pytest.raises(Conflict):
+        work.register(server, "a", "backend_dev", "junior")
+    with pytest.raises(UsageError):
+        work.register(server, "a", "qa", "staff")
+
+
+def test_candidates_oldest_first_unlocked_at_or_below_level():
+    server = FakeServer(task(5, created_at="2026-01-02"), task(4, created_at="2026-01-01"),
+                        task(3, locked_by="x"), task(2, difficulty="principal"),
+                        task(1, role="frontend_dev"), task(6, status="dev_done"))
+    assert [t["id"] for t in work._candidates(server, "backend_dev", "senior")] == [4, 5]
+    assert [t["id"] for t in work._candidates(server, "qa", "junior")] == [6]
+
+
+# -- finish, release -------------------------------------------------------------------------
+
+
+def claimed(store: RecordStore, *tasks: dict[str, Any], role: str = "backend_dev",
+            agent: str = "dev_1") -> FakeServer:
+    server = FakeServer(*tasks)
+    work.claim(server, store, agent, role, "senior", sleep=no_sleep)
+    return server
+
+
+@pytest.mark.parametrize(("role", "outcome", "status"), [
+    ("backend_dev", "done", "dev_done"), ("architect", "done", "dev_done"),
+    ("pm", "done", "dev_done"), ("qa", "pass", "qa_done"), ("qa", "fail", "created"),
+    ("backend_dev", "blocked", "created"), ("qa", "blocked", "dev_done")])
+def test_outcome_status(role, outcome, status):
+    previous = "dev_done" if role == "qa" else "created"
+    assert work.outcome_status(role, outcome, previous) == status
+
+
+def test_outcome_wrong_for_role():
+    with pytest.raises(UsageError):
+        work.outcome_status("qa", "done", "dev_done")
+    with pytest.raises(UsageError):
+        work.outcome_status("backend_dev", "pass", "created")
+
+
+def test_finish_appends_notes_and_closes(store):
+    server = claimed(store, task(1, notes="spec"))
+    result = work.finish(server, store, "dev_1", "done", notes="all green")
+    assert result["status"] == "dev_done" and server.tasks[1]["locked_by"] is None
+    assert server.tasks[1]["notes"].startswith("spec\n\n")
+    assert server.tasks[1]["notes"].endswith("dev_1: done: all green")
+    assert store.load("dev_1") is None
+    with pytest.raises(NothingToDo):
+        work.finish(server, store, "dev_1", "done")
+
+
+def test_finish_blocked_comments_after_giving_back(store):
+    server = claimed(store, task(1))
+    work.finish(server, store, "dev_1", "blocked", notes="no schema")
+    kinds = [c[0] for c in server.calls]
+    assert kinds[-2:] == ["status", "comment"]  # a status update would wipe the comment
+    assert server.tasks[1]["status"] == "created" and server.tasks[1]["locked_by"] is None
+    assert server.tasks[1]["notes"].endswith("dev_1: blocked: no schema")
+
+
+def test_finish_moved_on_does_not_write(store):
+    server = claimed(store, task(1))
+    server.tasks[1].update(status="dev_done", locked_by=None)
+    writes = len(server.calls)
+    result = work.finish(server, store, "dev_1", "done")
+    assert result["action"] == "moved_on"
+    assert not [c for c in server.calls[writes:] if c[0] in ("status", "comment")]
+    assert store.load("dev_1") is None
+
+
+def test_finish_after_lock_expired_still_lands(store):
+    server = claimed(store, task(1))
+    server.tasks[1]["locked_by"] = None  # the 30-minute rule; status stays under_work
+    result = work.finish(server, store, "dev_1", "done")
+    assert result["action"] == "finished" and result["lock_expired"] is True
+
+
+def test_release_moved_on_when_someone_else_holds_it(store):
+    server = claimed(store, task(1))
+    server.tasks[1]["locked_by"] = "dev_2"
+    result = work.release(server, store, "dev_1")
+    assert result["action"] == "moved_on" and "dev_2" in result["reason"]
+    assert server.tasks[1]["locked_by"] == "dev_2"
+
+
+def test_update_record_only_given_fields(store):
+    claimed(store, task(1))
+    record, _ = work.update_record(store, "dev_1", worktree="/w", session_id="s")
+    record, _ = work.update_record(store, "dev_1", model="opus", attempts=2)
+    assert (record.worktree, record.session_id, record.model, record.attempts) == (
+        "/w", "s", "opus", 2)
+    assert record.steps[-1]["step"] == "updated"
+
+
+# -- recover ---------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    """A pid that certainly is not running: a child that has exited and been reaped."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def stale_record(store: RecordStore, server: FakeServer, task_id: int, step: str,
+                 agent: str = "dev_1") -> TaskRecord:
+    """A record whose runner is dead, for a task as the server has it (or a gone one)."""
+    record = TaskRecord(agent_id=agent, role="backend_dev", level="senior",
+                        server_url=server.url,
+                        task=dict(server.tasks.get(task_id) or task(task_id)),
+                        previous_status="created", pid=dead_pid(), worktree="/wt/1",
+                        session_id="sess-1")
+    record.step(step)
+    store.save(record)
+    return record
+
+
+def test_recover_decides_per_server_state(store):
+    server = FakeServer(task(1, status="under_work", locked_by="a1"),
+                        task(2, status="created", locked_by="a2"),
+                        task(3, status="under_work", locked_by="someone"),
+                        task(4, status="dev_done"), task(5, status="under_work"))
+    for n in range(1, 6):
+        stale_record(store, server, n, "claimed", agent=f"a{n}")
+    stale_record(store, server, 6, "claimed", agent="a6")  # task 6 is gone
+    entries = {e["agent_id"]: e for e in work.recover(server, store, sleep=no_sleep)}
+    assert entries["a1"]["action"] == "resume"
+    assert (entries["a1"]["worktree"], entries["a1"]["session_id"]) == ("/wt/1", "sess-1")
+    assert entries["a2"]["action"] == "released"  # lock released: claim never finished
+    assert server.tasks[2]["locked_by"] is None and server.tasks[2]["status"] == "created"
+    assert entries["a3"]["action"] == "released" and server.tasks[3]["locked_by"] == "someone"
+    assert entries["a4"]["action"] == "released"
+    assert entries["a5"]["action"] == "resume"  # lock expired: taken back
+    assert server.tasks[5]["locked_by"] == "a5"
+    assert entries["a6"]["action"] == "released" and "gone" in entries["a6"]["reason"]
+    assert all(e["stale_runner"] for e in entries.values())
+    assert sorted(p.stem for p in store.dir.glob("*.json")) == ["a1", "a5"]
+    # a1 was re-registered before anything else could take its lock (quirk 3).
+    assert ("register", "a1") in server.calls
+    record = store.load("a1")
+    assert record and record.steps[-1]["step"] == "recovered"
+
+
+def test_recover_dry_run_and_unreachable_change_nothing(store):
+    server = FakeServer(task(1, status="created", locked_by="dev_1"))
+    stale_record(store, server, 1, "locked")
+    before = store.path("dev_1").read_bytes()
+    (entry,) = work.recover(server, store, dry_run=True)
+    assert entry["action"] == "released" and entry["dry_run"] is True
+    assert store.path("dev_1").read_bytes() == before
+    assert server.tasks[1]["locked_by"] == "dev_1"
+    server.down = True
+    with pytest.raises(ServerError):
+        work.recover(server, store)
+    assert store.path("dev_1").read_bytes() == before
+
+
+def test_recover_nothing_and_usage(store):
+    with pytest.raises(NothingToDo):
+        work.recover(FakeServer(), store)
+    with pytest.raises(UsageError):
+        work.recover(FakeServer(), store, agent_id="a", all_=True)
+
+
+def test_recover_live_runner_left_alone(store):
+    server = FakeServer(task(1))
+    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    server.calls.clear()
+    (entry,) = work.recover(server, store)
+    assert entry["action"] == "running" and server.calls == []  # not even a read
+
+
+def test_other_hosts_records_are_never_stale(store):
+    server = FakeServer(task(1, status="under_work", locked_by="dev_1"))
+    record = stale_record(store, server, 1, "claimed")
+    record.host = socket.gethostname() + "-elsewhere"
+    store.save(record)
+    assert work.recover(server, store)[0]["action"] == "running"
+
+
+# -- against the server under test, in-process --------------------------------------------
+
+
+def test_library_claim_and_finish_over_http(pm_server, seeder, store):
+    from test_work_cli import park
+
+    park(seeder)
+    made = seeder.create_task(title="library claim")
+    client = PMClient(pm_server.url, pm_server.api_key)
+    agent = unique_id("lib")
+    claimed = work.claim(client, store, agent, "backend_dev", "junior", settle=0.05)
+    assert claimed.task["id"] == made["id"] and claimed.record.pid == os.getpid()
+    assert seeder.get_task(made["id"])["locked_by"] == agent
+    result = work.finish(client, store, agent, "done")
+    assert result["status"] == "dev_done"
+    park(seeder)

@@ -1,0 +1,640 @@
+"""Taking work through the real console script: claim, lock, finish, recover.
+
+Every test runs `pmtool` in subprocesses against the server under test (the stand-in, or
+a real Headless PM when PMTOOL_TEST_PM_URL/KEY are set) and checks the server's state
+through the seeder and the records on disk. The contention, kill -9 and lost-server tests
+are here too: they are what makes a claim trustworthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import PMTOOL, Result, pmtool
+from pmtool.testing.seed import Seeder, unique_id
+
+PICKABLE = ("created", "dev_done", "approved")
+
+
+# -- fixtures and helpers -----------------------------------------------------------------
+
+
+def park(seeder: Seeder) -> None:
+    """Set every task an agent could pick to `pending`, so a test sees only its own.
+
+    The server is shared by the whole session (and may be a real one), and claims take
+    the oldest task: without this, another test's leftovers would be claimed first.
+    """
+    for status in PICKABLE:
+        for task in seeder.list_tasks(status=status):
+            seeder.set_status(task["id"], "pending", notes=task.get("notes") or None)
+
+
+@pytest.fixture
+def queue(seeder: Seeder) -> Iterator[Seeder]:
+    """The seeder, with nothing else pickable on the server before and after the test."""
+    park(seeder)
+    yield seeder
+    park(seeder)
+
+
+@pytest.fixture
+def env(pm_server: Any, tmp_path: Path) -> dict[str, str]:
+    """The environment of a pipeline on this machine: server, key, own state dir."""
+    return {"HEADLESS_PM_API_URL": pm_server.url, "HEADLESS_PM_API_KEY": pm_server.api_key,
+            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
+            "PMTOOL_CONFIG": str(tmp_path / "no-config.toml")}
+
+
+def record_path(env: dict[str, str], agent: str) -> Path:
+    return Path(env["PMTOOL_STATE_DIR"]) / "records" / f"{agent}.json"
+
+
+def history(env: dict[str, str]) -> list[dict[str, Any]]:
+    path = Path(env["PMTOOL_STATE_DIR"]) / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def claim(env: dict[str, str], agent: str, *args: str, role: str = "backend_dev") -> Result:
+    return pmtool("claim", "--agent-id", agent, "--role", role, *args, env=env)
+
+
+def spawn(env: dict[str, str], *args: str, shell_runner: bool = False) -> subprocess.Popen:
+    """Start `pmtool ARGS` in the background; with shell_runner, under a throwaway `sh`
+    that is the record's runner and is gone once pmtool ends (as a pipeline script)."""
+    cmd = [PMTOOL, *args]
+    if shell_runner:
+        cmd = ["sh", "-c", '"$@"; exit 0', "sh", *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+def answer(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, dict[str, Any], str]:
+    out, err = proc.communicate(timeout=timeout)
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, (out, err)
+    return proc.returncode, json.loads(lines[0]), err
+
+
+def wait_stopped(pids: list[int], timeout: float = 30) -> None:
+    """Wait until every process has SIGSTOPped itself (state T in /proc)."""
+    deadline = time.monotonic() + timeout
+    pending = set(pids)
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state == "T":
+                    pending.discard(pid)
+        time.sleep(0.02)
+    assert not pending, f"processes never paused: {pending}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_consistent(seeder: Seeder, env: dict[str, str], agents: list[str]) -> None:
+    """No task is locked by one of our agents unless that agent has a record for it."""
+    for task in seeder.list_tasks():
+        if task["locked_by"] in agents:
+            path = record_path(env, task["locked_by"])
+            assert path.exists(), f"task {task['id']} locked by {task['locked_by']}, no record"
+            assert json.loads(path.read_text())["task"]["id"] == task["id"]
+
+
+# -- register -----------------------------------------------------------------------------
+
+
+def test_register_and_role_kept_by_server(env, seeder):
+    agent = unique_id("dev")
+    r = pmtool("register", "--agent-id", agent, "--role", "backend_dev", env=env)
+    assert r.code == 0 and r.out["agent"]["agent_id"] == agent
+    r = pmtool("register", "--agent-id", agent, "--role", "frontend_dev", env=env)
+    assert r.code == 5
+    assert "backend_dev" in r.out["error"]["message"]
+    assert r.out["error"]["registered"] == {"role": "backend_dev", "level": "senior"}
+
+
+def test_unknown_role_is_usage_error_with_valid_roles(env):
+    r = claim(env, unique_id("dev"), role="fullstack_dev")
+    assert r.code == 2
+    assert r.out["error"]["type"] == "usage"
+    assert "fullstack_dev" in r.out["error"]["message"]
+    assert r.out["error"]["valid"] == ["frontend_dev", "backend_dev", "qa", "architect", "pm"]
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_key_exit_4_and_key_never_shown(env):
+    secret = "wrong-key-" + "9" * 20
+    r = claim({**env, "HEADLESS_PM_API_KEY": secret}, unique_id("dev"))
+    assert r.code == 4 and r.out["error"]["type"] == "auth"
+    assert secret not in r.stdout + r.stderr
+
+
+def test_unreachable_server_exit_4(env):
+    r = claim({**env, "HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port()}"},
+              unique_id("dev"))
+    assert r.code == 4 and "cannot reach" in r.out["error"]["message"]
+
+
+# -- claim --------------------------------------------------------------------------------
+
+
+def test_claim_makes_the_task_ours_and_finish_reports_done(env, queue, pm_server):
+    task = queue.create_task(title="claim me")
+    queue.comment(task["id"], "context from the pm")
+    agent = unique_id("dev")
+    r = claim(env, agent)
+    assert r.code == 0, r.out
+    assert r.out["task"]["id"] == task["id"]
+    assert r.out["record"] == str(record_path(env, agent))
+    assert r.out["claim"]["losses"] == 0
+
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "under_work" and on_server["locked_by"] == agent
+    notes = on_server["notes"]
+    assert "context from the pm" in notes  # claiming appends, never wipes
+    assert agent in notes and socket.gethostname() in notes and f"pid {os.getpid()}" in notes
+    assert pm_server.api_key not in notes
+
+    record = json.loads(record_path(env, agent).read_text())
+    assert record["previous_status"] == "created"
+    assert record["pid"] == os.getpid()  # the runner: whatever ran pmtool (here, pytest)
+    assert [s["step"] for s in record["steps"]] == ["claiming", "locked", "under_work",
+                                                    "claimed"]
+
+    shown = pmtool("lock", "show", "--agent-id", agent, env=env)
+    assert shown.out["live"] is True and shown.out["record"]["task"]["id"] == task["id"]
+
+    r = pmtool("finish", "--agent-id", agent, "--outcome", "done", "--notes", "tests pass",
+               env=env)
+    assert r.code == 0 and r.out["status"] == "dev_done" and r.out["action"] == "finished"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "dev_done" and on_server["locked_by"] is None
+    assert "context from the pm" in on_server["notes"] and "tests pass" in on_server["notes"]
+    assert not record_path(env, agent).exists()
+    assert history(env)[-1]["outcome"] == "done"
+    assert pmtool("lock", "show", "--agent-id", agent, env=env).code == 3
+
+
+def test_claim_respects_role_and_level(env, queue):
+    queue.create_task(title="too hard", difficulty="principal")
+    queue.create_task(title="other role", target_role="frontend_dev", difficulty="junior")
+    r = claim(env, unique_id("dev"), "--level", "senior")
+    assert r.code == 3 and r.out["error"]["type"] == "nothing"
+
+
+def test_claim_nothing_to_do_and_wait(env, queue):
+    r = claim(env, unique_id("dev"))
+    assert r.code == 3 and r.out["error"]["polls"] == 1
+    start = time.monotonic()
+    r = claim(env, unique_id("dev"), "--wait", "1.2")
+    assert r.code == 3 and r.out["error"]["polls"] >= 3
+    assert 1.2 <= time.monotonic() - start < 5
+
+
+def test_waiting_claim_picks_up_a_new_task(env, queue):
+    proc = spawn(env, "claim", "--agent-id", unique_id("dev"), "--role", "backend_dev",
+                 "--wait", "20")
+    time.sleep(1.5)
+    created = time.monotonic()
+    task = queue.create_task(title="arrives later")
+    code, out, _ = answer(proc)
+    assert code == 0 and out["task"]["id"] == task["id"]
+    # Backoff is capped at 2 s, so the poll after the task appeared comes within ~2 s.
+    assert time.monotonic() - created < 4
+
+
+def test_second_claim_refused_while_record_exists(env, queue):
+    queue.create_task(title="one")
+    queue.create_task(title="two")
+    agent = unique_id("dev")
+    assert claim(env, agent).code == 0
+    r = claim(env, agent)
+    assert r.code == 5
+    assert r.out["error"]["pid"] == os.getpid() and r.out["error"]["live"] is True
+    assert "recover" in r.out["error"]["hint"]
+
+
+# -- lock by hand, release ----------------------------------------------------------------
+
+
+def test_lock_acquire_update_release(env, queue):
+    first = queue.create_task(title="older")
+    named = queue.create_task(title="named")
+    agent = unique_id("dev")
+    r = pmtool("lock", "acquire", str(named["id"]), "--agent-id", agent, "--role",
+               "backend_dev", env=env)
+    assert r.code == 0 and r.out["task"]["id"] == named["id"]
+    assert queue.get_task(first["id"])["locked_by"] is None
+
+    r = pmtool("lock", "update", "--agent-id", agent, "--worktree", "/tmp/wt-x", "--branch",
+               "feature/x", "--session-id", "sess-1", "--model", "sonnet", env=env)
+    assert r.code == 0
+    assert (r.out["record"]["worktree"], r.out["record"]["session_id"]) == ("/tmp/wt-x",
+                                                                             "sess-1")
+
+    other = unique_id("dev")
+    r = pmtool("lock", "acquire", str(named["id"]), "--agent-id", other, "--role",
+               "backend_dev", env=env)
+    assert r.code == 5  # under work, locked by `agent`
+
+    r = pmtool("lock", "release", "--agent-id", agent, "--notes", "needs a decision", env=env)
+    assert r.code == 0 and r.out["action"] == "released"
+    on_server = queue.get_task(named["id"])
+    assert on_server["status"] == "created" and on_server["locked_by"] is None
+    assert "needs a decision" in on_server["notes"]
+    assert not record_path(env, agent).exists()
+    assert pmtool("lock", "release", "--agent-id", agent, env=env).code == 3
+
+    r = pmtool("lock", "acquire", "999999", "--agent-id", other, "--role", "backend_dev",
+               env=env)
+    assert r.code == 2
+
+
+def test_release_of_a_task_still_only_locked(env, queue):
+    """A lock on a task that is not under work is released via under_work (contract)."""
+    task = queue.create_task(title="locked only")
+    agent = unique_id("dev")
+    claim(env, agent)
+    queue.set_status(task["id"], "created", agent_id=agent)  # drops the lock
+    queue.lock(task["id"], agent)  # ... and a bare lock again, status created
+    r = pmtool("lock", "release", "--agent-id", agent, env=env)
+    assert r.out["action"] == "released"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "created" and on_server["locked_by"] is None
+
+
+# -- finish ---------------------------------------------------------------------------------
+
+
+def test_qa_fail_pass_and_blocked(env, queue):
+    task = queue.create_task(title="to review")
+    queue.set_status(task["id"], "dev_done")
+    qa = unique_id("qa")
+    r = claim(env, qa, role="qa")
+    assert r.code == 0 and r.out["task"]["id"] == task["id"]
+    assert pmtool("finish", "--agent-id", qa, "--outcome", "done", env=env).code == 2
+    r = pmtool("finish", "--agent-id", qa, "--outcome", "fail", "--notes", "500 on login",
+               env=env)
+    assert r.out["status"] == "created"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "created" and "500 on login" in on_server["notes"]
+
+    queue.set_status(task["id"], "dev_done")
+    assert claim(env, qa, role="qa").code == 0
+    r = pmtool("finish", "--agent-id", qa, "--outcome", "blocked", "--notes",
+               "staging is down", env=env)
+    assert r.out["status"] == "dev_done"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "dev_done" and on_server["locked_by"] is None
+    assert f"{qa}: blocked: staging is down" in on_server["notes"]
+    assert "500 on login" in on_server["notes"]
+
+    assert claim(env, qa, role="qa").code == 0
+    r = pmtool("finish", "--agent-id", qa, "--outcome", "pass", env=env)
+    assert queue.get_task(task["id"])["status"] == "qa_done"
+
+
+def test_finish_does_not_overwrite_a_task_that_moved_on(env, queue):
+    task = queue.create_task(title="agent finishes it itself")
+    agent = unique_id("dev")
+    claim(env, agent)
+    queue.set_status(task["id"], "dev_done", agent_id=agent, notes="done by the agent")
+    r = pmtool("finish", "--agent-id", agent, "--outcome", "blocked", "--notes", "x", env=env)
+    assert r.code == 0 and r.out["action"] == "moved_on"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "dev_done" and on_server["notes"] == "done by the agent"
+    assert not record_path(env, agent).exists()
+    assert history(env)[-1]["outcome"] == "moved_on"
+
+
+# -- records on disk ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"agent_id": "x", "role": "qa"', "",
+                                     '{"agent_id": "x"}'])
+def test_corrupt_and_truncated_records_are_kept_aside(env, content):
+    agent = unique_id("dev")
+    path = record_path(env, agent)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    r = pmtool("recover", "--dry-run", env=env)
+    assert r.code == 0 and r.out["entries"][0]["action"] == "corrupt"
+    assert path.read_text() == content  # dry run: nothing moved
+    r = pmtool("lock", "show", "--agent-id", agent, env=env)
+    assert r.code == 1 and r.out["error"]["type"] == "corrupt"
+    assert not path.exists()
+    kept = list(path.parent.glob(f"{agent}.json.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_text() == content
+    assert pmtool("lock", "show", "--agent-id", agent, env=env).code == 3
+
+
+def test_recover_with_no_records_exits_3(env):
+    r = pmtool("recover", "--all", env=env)
+    assert r.code == 3 and r.out["error"]["type"] == "nothing"
+
+
+# -- kill -9 at every step of a claim, then recover -----------------------------------------
+
+# What recover must make of a claim killed at each step, and where the task ends up.
+KILLS = {
+    "before-lock": ("released", "created", None),
+    "after-lock": ("released", "created", None),
+    "after-status": ("resume", "under_work", "agent"),
+    "after-record": ("resume", "under_work", "agent"),
+}
+
+
+@pytest.mark.parametrize("point", list(KILLS))
+def test_kill_9_at_each_step_then_recover(env, queue, point):
+    task = queue.create_task(title=f"killed {point}")
+    agent = unique_id("dev")
+    proc = spawn({**env, "PMTOOL_FAULT": point}, "claim", "--agent-id", agent, "--role",
+                 "backend_dev", shell_runner=True)
+    out, _ = proc.communicate(timeout=30)
+    assert out == ""  # killed before printing anything
+    assert record_path(env, agent).exists()  # the record always tells what was going on
+
+    blocked = claim(env, agent)
+    assert blocked.code == 5 and "recover" in blocked.out["error"]["hint"]
+
+    before = record_path(env, agent).read_text()
+    dry = pmtool("recover", "--dry-run", env=env)
+    assert record_path(env, agent).read_text() == before
+
+    r = pmtool("recover", "--agent-id", agent, env=env)
+    action, status, holder = KILLS[point]
+    (entry,) = r.out["entries"]
+    assert entry["action"] == action == dry.out["entries"][0]["action"]
+    assert entry["stale_runner"] is True and entry["task_id"] == task["id"]
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == status
+    assert on_server["locked_by"] == (agent if holder else None)
+    assert record_path(env, agent).exists() is (action == "resume")
+    assert_consistent(queue, env, [agent])
+
+    if action == "resume":
+        # Recovering again is harmless; the task can then be given back or finished.
+        assert pmtool("recover", env=env).out["entries"][0]["action"] == "resume"
+        assert pmtool("lock", "release", "--agent-id", agent, env=env).code == 0
+    # Nothing lost: the task is claimable again.
+    r = claim(env, unique_id("dev"))
+    assert r.code == 0 and r.out["task"]["id"] == task["id"]
+
+
+def test_killed_claim_under_a_live_runner_is_recovered(env, queue):
+    """The script that ran `pmtool claim` lives on; the claim itself died after the lock."""
+    task = queue.create_task(title="claim died, script lives")
+    agent = unique_id("dev")
+    proc = spawn({**env, "PMTOOL_FAULT": "after-lock"}, "claim", "--agent-id", agent,
+                 "--role", "backend_dev")  # runner: this pytest process, alive
+    proc.communicate(timeout=30)
+    r = pmtool("recover", env=env)
+    (entry,) = r.out["entries"]
+    assert entry["action"] == "released" and entry["claim_abandoned"] is True
+    assert entry["stale_runner"] is False
+    assert queue.get_task(task["id"])["locked_by"] is None
+
+
+def test_recover_leaves_live_runners_alone(env, queue):
+    queue.create_task(title="being worked")
+    agent = unique_id("dev")
+    claim(env, agent)
+    r = pmtool("recover", "--all", env=env)
+    assert r.out["entries"][0]["action"] == "running"
+    assert record_path(env, agent).exists()
+
+
+def test_recover_gives_back_with_give_back(env, queue):
+    task = queue.create_task(title="give back")
+    agent = unique_id("dev")
+    proc = spawn(env, "claim", "--agent-id", agent, "--role", "backend_dev", shell_runner=True)
+    assert answer(proc)[0] == 0
+    r = pmtool("recover", "--give-back", env=env)
+    assert r.out["entries"][0]["action"] == "released"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "created" and on_server["locked_by"] is None
+
+
+def test_recover_with_server_unreachable_touches_nothing(env, queue):
+    queue.create_task(title="server away")
+    agent = unique_id("dev")
+    proc = spawn(env, "claim", "--agent-id", agent, "--role", "backend_dev", shell_runner=True)
+    assert answer(proc)[0] == 0
+    before = record_path(env, agent).read_text()
+    r = pmtool("recover", env={**env, "HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port()}"})
+    assert r.code == 4
+    assert record_path(env, agent).read_text() == before
+    assert pmtool("lock", "release", "--agent-id", agent, env=env).code == 0
+
+
+# -- the server going away in the middle of a claim ------------------------------------------
+
+
+class Cuttable:
+    """A TCP proxy in front of the server that can be cut and restored on the same port."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit("//", 1)[1].split(":")
+        self.upstream = (host, int(port))
+        self.port = free_port()
+        self.conns: list[socket.socket] = []
+        self.listener: socket.socket | None = None
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        assert self.listener is not None
+        # shutdown first: a bare close leaves a thread blocked in accept() still accepting.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self.conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                down, _ = listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.upstream)
+            self.conns += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_server_goes_away_mid_claim(env, queue, pm_server):
+    task = queue.create_task(title="server vanishes")
+    proxy = Cuttable(pm_server.url)
+    via_proxy = {**env, "HEADLESS_PM_API_URL": proxy.url, "PMTOOL_HTTP_TIMEOUT": "2"}
+    agent = unique_id("dev")
+    proc = spawn({**via_proxy, "PMTOOL_FAULT": "pause-after-lock"}, "claim", "--agent-id",
+                 agent, "--role", "backend_dev", shell_runner=True)
+    pmtool_pid = next(c for c in _children(proc.pid))
+    wait_stopped([pmtool_pid])
+    proxy.cut()
+    os.kill(pmtool_pid, signal.SIGCONT)
+    _, out, err = answer(proc)
+    assert "cannot reach" in out["error"]["message"]
+    assert "recover" in out["error"]["hint"]
+    assert pm_server.api_key not in json.dumps(out) + err
+    # The lock landed before the server went away: the record says so.
+    assert queue.get_task(task["id"])["locked_by"] == agent
+    assert record_path(env, agent).exists()
+
+    r = pmtool("recover", env=via_proxy)
+    assert r.code == 4 and record_path(env, agent).exists()
+    proxy.restore()
+    r = pmtool("recover", env=via_proxy)
+    assert r.out["entries"][0]["action"] == "released"
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "created" and on_server["locked_by"] is None
+    proxy.cut()
+
+
+def _children(pid: int) -> Iterator[int]:
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        kids = psutil.Process(pid).children()
+        if kids:
+            yield from (k.pid for k in kids)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} started no child")
+
+
+# -- contention ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def race(pm_server: Any) -> Iterator[Any]:
+    """Set the stand-in's race window for one test (a real server races by itself)."""
+    standin = pm_server.standin
+
+    def set_window(seconds: float) -> None:
+        if standin is not None:
+            standin.set_race_window(seconds)
+
+    yield set_window
+    set_window(0.0)
+
+
+@pytest.mark.parametrize("window", [pytest.param(None, id="real-server"),
+                                    pytest.param(0.2, id="race-switch",
+                                                 marks=pytest.mark.standin_only)])
+def test_twenty_agents_twenty_tasks_same_instant(env, queue, race, pm_server, tmp_path,
+                                                 window):
+    """20 processes, each its own agent and state dir, lock at the same instant.
+
+    Against the stand-in the race switch makes double locks certain; a real server is
+    raced as it is (its window is natural, so the test runs there without the switch).
+    """
+    if window is None and pm_server.is_standin:
+        pytest.skip("the stand-in's lock is atomic without the race switch")
+    race(window or 0.0)
+    tasks = {queue.create_task(title=f"race {i}")["id"] for i in range(20)}
+    agents = [unique_id("racer") for _ in range(20)]
+    procs = [spawn({**env, "PMTOOL_STATE_DIR": str(tmp_path / agent),
+                    "PMTOOL_FAULT": "pause-before-lock", "PMTOOL_CLAIM_SETTLE": "0.3"},
+                   "claim", "--agent-id", agent, "--role", "backend_dev", "--wait", "40")
+             for agent in agents]
+    wait_stopped([p.pid for p in procs])
+    for p in procs:  # all 20 lock calls leave at once
+        os.kill(p.pid, signal.SIGCONT)
+    results = [answer(p) for p in procs]
+    assert [code for code, _, _ in results] == [0] * 20, [out for _, out, _ in results]
+    claimed = {out["task"]["id"]: agent for (_, out, _), agent in zip(results, agents,
+                                                                       strict=True)}
+    assert set(claimed) == tasks  # every task claimed, none twice (20 answers, 20 ids)
+    for task_id, agent in claimed.items():
+        on_server = queue.get_task(task_id)
+        assert (on_server["status"], on_server["locked_by"]) == ("under_work", agent)
+    if window:
+        # Double locks did happen, and verification turned them into losses.
+        assert sum(out["claim"]["losses"] for _, out, _ in results) > 0
+
+
+@pytest.mark.standin_only
+def test_twenty_agents_sharing_a_state_dir_serialise(env, queue, race):
+    race(0.03)
+    tasks = {queue.create_task(title=f"shared {i}")["id"] for i in range(20)}
+    agents = [unique_id("shared") for _ in range(20)]
+    procs = [spawn({**env, "PMTOOL_CLAIM_SETTLE": "0.06"}, "claim", "--agent-id", agent,
+                   "--role", "backend_dev", "--wait", "40") for agent in agents]
+    results = [answer(p) for p in procs]
+    assert [code for code, _, _ in results] == [0] * 20
+    assert {out["task"]["id"] for _, out, _ in results} == tasks
+    # The machine's claim lock serialised them: nobody had to lose a race.
+    assert sum(out["claim"]["losses"] + out["claim"]["conflicts"]
+               for _, out, _ in results) == 0
+
+
+# -- the 30-minute rule, on a stand-in with its own clock ----------------------------------
+
+
+def test_stale_lock_rule_and_heartbeat(make_standin, tmp_path):
+    server = make_standin(api_key="clock-key-0123", production=True)
+    env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": "clock-key-0123",
+           "PMTOOL_STATE_DIR": str(tmp_path / "state"),
+           "PMTOOL_CONFIG": str(tmp_path / "none.toml")}
+    with Seeder(server.url, "clock-key-0123") as seed:
+        first = seed.create_task(title="kept by heartbeat")
+        second = seed.create_task(title="lock expires")
+        seed.create_task(title="for the newcomer")
+        keeper, sleeper = unique_id("keeper"), unique_id("sleeper")
+        assert claim(env, keeper).out["task"]["id"] == first["id"]
+        assert claim(env, sleeper).out["task"]["id"] == second["id"]
+
+        server.advance_clock(20 * 60)
+        assert pmtool("register", "--agent-id", keeper, "--role", "backend_dev",
+                      env=env).code == 0  # the heartbeat
+        server.advance_clock(20 * 60)
+        newcomer = unique_id("newcomer")
+        r = claim({**env, "PMTOOL_STATE_DIR": str(tmp_path / "other")}, newcomer)
+        assert r.code == 0 and r.out["task"]["id"] not in (first["id"], second["id"])
+        assert seed.get_task(first["id"])["locked_by"] == keeper
+        # The silent agent lost its lock: the task stays under_work, held by nobody.
+        lost = seed.get_task(second["id"])
+        assert (lost["status"], lost["locked_by"]) == ("under_work", None)
+
+        # Its finish still lands: nobody else can have been handed an under_work task.
+        r = pmtool("finish", "--agent-id", sleeper, "--outcome", "done", env=env)
+        assert r.out["action"] == "finished" and r.out["lock_expired"] is True
+        assert seed.get_task(second["id"])["status"] == "dev_done"
