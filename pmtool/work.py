@@ -19,6 +19,7 @@ plain data and raises `pmtool.errors` types.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -483,14 +484,35 @@ def _release_on_server(client: Any, agent_id: str, task: dict[str, Any], to_stat
     return (answer or {}).get("task") or {**task, "status": to_status, "locked_by": None}
 
 
-def _ours(task: dict[str, Any] | None, agent_id: str) -> bool:
+def claim_done(record: TaskRecord) -> bool:
+    """True once the claim set `under_work`: every later step is past "claiming"/"locked"."""
+    return any(s.get("step") not in ("claiming", "locked") for s in record.steps)
+
+
+def _ours(task: dict[str, Any] | None, record: TaskRecord) -> bool:
     """Still ours to change: under work and locked by us, or under work with no lock at all.
 
     An unlocked `under_work` task lost its lock to the 30-minute rule (quirk 3); nobody
-    else can have it, because the server's pick never hands out tasks under work.
+    else can have it, because the server's pick never hands out tasks under work. That
+    holds only if we set it under work ourselves: a claim that stopped before that step
+    never owned the task.
     """
-    return bool(task and task.get("status") == UNDER_WORK
-                and task.get("locked_by") in (agent_id, None))
+    if not task or task.get("status") != UNDER_WORK:
+        return False
+    holder = task.get("locked_by")
+    return holder == record.agent_id or (holder is None and claim_done(record))
+
+
+def _drop_stray_lock(client: Any, record: TaskRecord, task: dict[str, Any] | None) -> bool:
+    """Release a lock of ours on a task that is not under work (a claim cut short).
+
+    Left alone, such a lock keeps the task from every agent for as long as we heartbeat.
+    The status is put back as it is; returns True if there was a lock to drop.
+    """
+    if not task or task.get("locked_by") != record.agent_id or task.get("status") == UNDER_WORK:
+        return False
+    _release_on_server(client, record.agent_id, task, task["status"])
+    return True
 
 
 def release(client: Any, store: RecordStore, agent_id: str,
@@ -503,12 +525,16 @@ def release(client: Any, store: RecordStore, agent_id: str,
     record = _need_record(store, agent_id)
     task = read_task(client, record.task_id)
     extra = f"{agent_id}: released: {notes}" if notes else None
-    if task and (_ours(task, agent_id)
-                 or (task.get("locked_by") == agent_id
-                     and task.get("status") == record.previous_status)):
+    if _ours(task, record):
+        assert task is not None
         new = _release_on_server(client, agent_id, task, record.previous_status, extra)
         store.close(record, "released", status=record.previous_status)
         return {"task_id": record.task_id, "action": "released", "task": new}
+    if _drop_stray_lock(client, record, task):
+        assert task is not None
+        store.close(record, "released", status=task["status"])
+        return {"task_id": record.task_id, "action": "released",
+                "task": read_task(client, record.task_id)}
     store.close(record, "moved_on", status=(task or {}).get("status"))
     return {"task_id": record.task_id, "action": "moved_on", "task": task,
             "reason": _why_not_ours(task, agent_id)}
@@ -553,7 +579,8 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
     record = _need_record(store, agent_id)
     status = outcome_status(record.role, outcome, record.previous_status)
     task = read_task(client, record.task_id, status=UNDER_WORK)
-    if not _ours(task, agent_id):
+    if not _ours(task, record):
+        _drop_stray_lock(client, record, task)
         store.close(record, "moved_on", requested=outcome,
                     status=(task or {}).get("status"))
         return {"task_id": record.task_id, "action": "moved_on", "outcome": outcome,
@@ -664,58 +691,51 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
     agent_id = record.agent_id
     entry["server"] = ({"status": task.get("status"), "locked_by": task.get("locked_by")}
                        if task else None)
-    if task and task.get("status") == UNDER_WORK and task.get("locked_by") is None \
-            and not give_back:
-        # The lock ran out (30-minute rule) but nobody can have taken the task since:
-        # lock it again, with the claim's verification, and resume.
-        entry.update(action="resume", reason="the lock had expired; locked again")
-        if not dry_run:
-            client.register(agent_id, record.role, record.level)
-            try:
-                client.lock(task["id"], agent_id)
-            except ApiError as exc:
-                if exc.status not in (404, 409):
-                    raise
-            sleep(settle)
-            task = read_task(client, task["id"], status=UNDER_WORK)
-            if not task or task.get("locked_by") != agent_id:
-                entry.update(action="released", reason="the lock had expired and went to "
-                             f"{(task or {}).get('locked_by') or 'nobody'}")
-                store.close(record, "released", reason=entry["reason"])
-                return
-    elif task and task.get("locked_by") == agent_id and task.get("status") == UNDER_WORK:
-        if give_back:
-            entry.update(action="released", reason="given back to the queue "
-                         f"({record.previous_status})")
-            if not dry_run:
-                _release_on_server(client, agent_id, task, record.previous_status,
-                                   f"{agent_id}: released by pmtool recover (runner gone)")
-                store.close(record, "released", reason=entry["reason"])
-            return
-        entry.update(action="resume", reason="still ours and under work")
-        if not dry_run:
-            # Re-register first: a dead runner sent no heartbeat, and the lock goes to the
-            # next agent that asks for work once last_seen is 30 minutes old (quirk 3).
-            client.register(agent_id, record.role, record.level)
-    elif task and task.get("locked_by") == agent_id:
-        # The claim died between the lock and under_work: no work was done, so give the
-        # task back to the queue rather than keep a task no runner is on.
-        entry.update(action="released",
-                     reason=f"the claim stopped before under_work; lock released "
-                            f"(status {task.get('status')})")
-        if not dry_run:
-            _release_on_server(client, agent_id, task, task["status"])
-            store.close(record, "released", reason=entry["reason"])
-        return
-    else:
-        entry.update(action="released", reason=_why_not_ours(task, agent_id))
-        if not dry_run:
-            store.close(record, "released", reason=entry["reason"],
-                        status=(task or {}).get("status"))
-        return
-    if not dry_run:
-        record.task = task
-        record.step("recovered", action="resume", stale_pid=record.pid)
-        store.save(record)
-    entry["task"] = task
 
+    def released(reason: str) -> None:
+        entry.update(action="released", reason=reason)
+        if not dry_run:
+            store.close(record, "released", reason=reason, status=(task or {}).get("status"))
+
+    if not _ours(task, record):
+        if task and task.get("locked_by") == agent_id:
+            # The claim died between the lock and under_work: no work was done, so the
+            # task goes back to the queue rather than stay locked with no runner on it.
+            if not dry_run:
+                _drop_stray_lock(client, record, task)
+            released(f"the claim stopped before under_work; lock released "
+                     f"(status {task.get('status')})")
+        else:
+            released(_why_not_ours(task, agent_id))
+        return
+    assert task is not None
+    if give_back:
+        if not dry_run:
+            _release_on_server(client, agent_id, task, record.previous_status,
+                               f"{agent_id}: given back by pmtool recover (runner gone)")
+        released(f"given back to the queue ({record.previous_status})")
+        return
+
+    entry.update(action="resume", reason="still ours and under work")
+    if dry_run:
+        entry["task"] = task
+        return
+    # Re-register first: a dead runner sent no heartbeat, and its lock goes to the next
+    # agent that asks for work once last_seen is 30 minutes old (quirk 3).
+    client.register(agent_id, record.role, record.level)
+    if task.get("locked_by") is None:
+        # The lock ran out, but nobody can have been handed an under_work task since:
+        # lock it again, with the claim's settle-and-verify, and resume.
+        entry["reason"] = "the lock had expired; locked again"
+        with contextlib.suppress(ApiError):
+            client.lock(task["id"], agent_id)
+        sleep(settle)
+        task = read_task(client, task["id"], status=UNDER_WORK)
+        if not task or task.get("locked_by") != agent_id:
+            released("the lock had expired and went to "
+                     f"{(task or {}).get('locked_by') or 'nobody'}")
+            return
+    record.task = task
+    record.step("recovered", action="resume", stale_pid=record.pid)
+    store.save(record)
+    entry["task"] = task

@@ -385,3 +385,34 @@ def test_library_claim_and_finish_over_http(pm_server, seeder, store):
     result = work.finish(client, store, agent, "done")
     assert result["status"] == "dev_done"
     park(seeder)
+
+
+def test_unfinished_claim_never_adopts_an_unlocked_task(store):
+    """A claim that died before under_work did not make the task ours, even if the
+    task's (other) owner has since lost its lock to the 30-minute rule."""
+    server = FakeServer(task(1, status="under_work"))
+    stale_record(store, server, 1, "claiming")
+    (entry,) = work.recover(server, store, sleep=no_sleep)
+    assert entry["action"] == "released"
+    assert server.tasks[1]["locked_by"] is None
+    assert not [c for c in server.calls if c[0] in ("lock", "status")]
+
+
+def test_give_back_with_an_expired_lock(store):
+    server = FakeServer(task(1, status="under_work"))
+    stale_record(store, server, 1, "claimed")
+    (entry,) = work.recover(server, store, give_back=True, sleep=no_sleep)
+    assert entry["action"] == "released"
+    assert server.tasks[1]["status"] == "created" and server.tasks[1]["locked_by"] is None
+
+
+@pytest.mark.parametrize("how", ["finish", "release"])
+def test_finish_or_release_of_a_cut_short_claim_drops_our_lock(store, how):
+    server = FakeServer(task(1, locked_by="dev_1"))
+    stale_record(store, server, 1, "locked")
+    if how == "finish":
+        assert work.finish(server, store, "dev_1", "done")["action"] == "moved_on"
+    else:
+        assert work.release(server, store, "dev_1")["action"] == "released"
+    assert server.tasks[1]["locked_by"] is None and server.tasks[1]["status"] == "created"
+    assert store.load("dev_1") is None
