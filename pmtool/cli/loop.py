@@ -1,0 +1,175 @@
+"""`pmtool run` (the continuous runner) and `pmtool demo`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pmtool.cli import app, emit, emit_line, options, say
+from pmtool.cli.work import AgentId, Level, Role
+from pmtool.errors import UsageError
+
+COLOURS = {"claimed": "36", "resumed": "36", "finished": "32", "error": "31", "idle": "2",
+           "stopped": "33", "agent": "35", "hook": "34", "worktree": "34", "health": "2"}
+
+
+def _progress_view(event: dict[str, Any]) -> str:
+    """One readable stderr line per event; coloured on a terminal."""
+    kind = event["event"]
+    task = f" task {event['task_id']}" if event.get("task_id") else ""
+    detail = {
+        "claimed": lambda e: e.get("title"),
+        "hook": lambda e: f"{e.get('hook')} " + ("skipped" if e.get("skipped") else
+                                                "ok" if e.get("ok") else
+                                                f"FAILED (exit {e.get('exit_code')})"),
+        "worktree": lambda e: (f"removed {e.get('path')}" if "removed" in e else
+                               f"{e.get('path') or 'repo (minor task)'} on {e.get('branch')}")
+        + (f", rescued to {e['rescued']}" if e.get("rescued") else ""),
+        "agent": lambda e: f"{e.get('outcome') or 'no verdict'} in {e.get('num_turns')} turns, "
+                           f"${e.get('total_cost_usd') or 0:.4f}"
+                           + (" (timed out)" if e.get("timed_out") else ""),
+        "finished": lambda e: f"{e.get('outcome')} -> {e.get('status') or e.get('reason')}",
+        "error": lambda e: e["error"]["message"],
+        "idle": lambda e: "no task; still looking",
+        "stopped": lambda e: f"{e.get('tasks_done')} tasks done"
+                             + (", record kept for resume" if e.get("record_kept") else ""),
+    }.get(kind, lambda e: "")(event)
+    stamp = datetime.now().strftime("%H:%M:%S")
+    line = f"{stamp} {event.get('agent')}{task} {kind}: {detail or ''}".rstrip(": ")
+    if sys.stderr.isatty():
+        line = f"\033[{COLOURS.get(kind, '0')}m{line}\033[0m"
+    return line
+
+
+def _ask(question: str, choices: list[str]) -> str:
+    """Ask the operator at the terminal; the first letter of a choice is enough."""
+    letters = "/".join(f"[{c[0]}]{c[1:]}" for c in choices)
+    while True:
+        sys.stderr.write(f"{question}\n  {letters}? ")
+        sys.stderr.flush()
+        answer = sys.stdin.readline().strip().lower()
+        if not answer:  # end of input: nobody is there after all
+            return choices[-1]
+        for choice in choices:
+            if choice.startswith(answer):
+                return choice
+
+
+@app.command("run")
+def run_cmd(
+    agent_id: AgentId,
+    role: Role,
+    level: Level = "senior",
+    repo: Annotated[str | None, typer.Option(help="Git repository to work in "
+                                                  "[default: the one around the current dir].")
+                    ] = None,
+    base: Annotated[str | None, typer.Option(help="Base branch for new task branches.")] = None,
+    hooks_dir: Annotated[str | None, typer.Option(
+        "--hooks-dir", help="Hooks folder [env HEADLESS_PM_HOOKS_DIR].")] = None,
+    single_task: Annotated[bool, typer.Option(
+        "--single-task", help="Do one task and exit (0), or exit 3 if there is none now.")
+    ] = False,
+    max_tasks: Annotated[int | None, typer.Option(help="Exit after this many tasks.")] = None,
+    heartbeat: Annotated[float | None, typer.Option(
+        help="Seconds between re-registrations while the agent works [env PMTOOL_HEARTBEAT, "
+             "default 300].")] = None,
+    on_agent_failure: Annotated[str, typer.Option(
+        help="retry (once with --resume, then give back), release, or stop.")] = "retry",
+    on_hook_failure: Annotated[str, typer.Option(
+        help="When pre_task fails and nobody is at a terminal: release (give the task back "
+             "and wait), continue, or stop.")] = "release",
+    task_budget_usd: Annotated[float | None, typer.Option(
+        help="Give a task back once its agent runs have cost this much in all.")] = None,
+    escalate: Annotated[bool, typer.Option(
+        "--escalate", help="Retry a failed task once on the next stronger model.")] = False,
+    agent_cmd: Annotated[str | None, typer.Option(
+        help="Run this agent command instead of claude (same contract as exec-claude).")
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds per agent run [env HEADLESS_PM_CLAUDE_TIMEOUT].")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(
+        help="End an agent run silent for this many seconds.")] = None,
+    max_budget_usd: Annotated[float | None, typer.Option(
+        help="Spend cap per agent run (claude's --max-budget-usd).")] = None,
+    idle_poll: Annotated[float, typer.Option(
+        help="Seconds of looking for work between `idle` events.")] = 30.0,
+) -> int:
+    """Work tasks for a role continuously: claim, hooks, worktree, claude, finish, repeat.
+
+    Prints one JSON object per line per event (claimed, hook, worktree, agent, finished,
+    idle, error, stopped, ...); a readable view goes to stderr. The first Ctrl-C or SIGTERM
+    stops after the current step and keeps the task record, so the next start resumes the
+    same task and agent session; a second one ends the agent now (record kept).
+
+    Example: pmtool run --role backend_dev --agent-id dev_001 --repo ~/src/app
+
+    Example: pmtool run --role qa --agent-id qa_001 --single-task | jq -c 'select(.ok == false)'
+    """
+    from pmtool.config import check_level
+    from pmtool.loop import AGENT_FAILURE_POLICIES, HOOK_FAILURE_POLICIES, Runner, RunOptions
+
+    check_level(level)
+    for value, valid, flag in ((on_agent_failure, AGENT_FAILURE_POLICIES, "--on-agent-failure"),
+                               (on_hook_failure, HOOK_FAILURE_POLICIES, "--on-hook-failure")):
+        if value not in valid:
+            raise UsageError(f"{flag} {value!r} is not one of {', '.join(valid)}",
+                             valid=list(valid))
+    settings = options().settings(hooks_dir=hooks_dir)
+    opts = RunOptions(agent_id=agent_id, role=role, level=level, repo=repo, base=base,
+                      hooks_dir=settings.hooks_dir, single_task=single_task,
+                      max_tasks=max_tasks, heartbeat=heartbeat or settings.heartbeat,
+                      health_interval=settings.health_check_interval,
+                      on_agent_failure=on_agent_failure, on_hook_failure=on_hook_failure,
+                      task_budget_usd=task_budget_usd, escalate=escalate, agent_cmd=agent_cmd,
+                      timeout=timeout, idle_timeout=idle_timeout,
+                      max_budget_usd=max_budget_usd, idle_poll=idle_poll)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+
+    def on_event(event: dict[str, Any]) -> None:
+        emit_line(event)
+        say(_progress_view(event))
+
+    runner = Runner(settings, opts, on_event, progress=lambda m: say(f"  {m}"),
+                    ask=_ask if interactive else None)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runner.request_stop())
+    return runner.run()
+
+
+@app.command("demo")
+def demo_cmd(
+    agent: Annotated[str, typer.Option(
+        help="stand-in (built in, no claude needed) or claude (the real CLI, real model API).")
+    ] = "stand-in",
+    workdir: Annotated[Path | None, typer.Option(
+        help="Folder for the demo's repository and state [default: a new temp folder].")
+    ] = None,
+) -> int:
+    """Run the whole job against the bundled stand-in server, then say where to look.
+
+    Creates a git repository and three tasks' worth of work (a minor and a major developer
+    task, then a QA pass over both), runs a developer runner and a QA runner over them, and
+    prints the tasks' final status, their commits, and the folders to look in.
+
+    Example: pmtool demo
+    """
+    from pmtool.demo import run_demo
+
+    if agent not in ("stand-in", "claude"):
+        raise UsageError(f"--agent {agent!r}: use stand-in or claude")
+    if workdir and workdir.exists() and any(workdir.iterdir()):
+        raise UsageError(f"--workdir {workdir} is not empty", hint="give a new folder")
+    result = run_demo(workdir, agent, on_event=lambda e: say(_progress_view(e)),
+                      progress=lambda m: say(f"  {m}"))
+    for task in result["tasks"]:
+        say(f"task {task['id']} ({task['complexity']}): {task['status']} on {task['branch']}")
+    where = result["where"]
+    say(f"look in: {where['repo']} (git log --all), {where['history']}, {where['logs']}")
+    ok = result.pop("ok")
+    emit(result, ok=ok)
+    return 0 if ok else 1

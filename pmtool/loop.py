@@ -1,0 +1,518 @@
+"""`pmtool run`: the continuous runner, a thin loop over the library functions the
+subcommands use, in the same order as `scripts/pm-runner.sh`:
+
+    health (when due) -> recover own record -> claim -> pre_task hook -> worktree ->
+    exec-claude (with heartbeat) -> finish -> post_task hook -> remove worktree
+
+Every step is one event (a dict) handed to `emit`; the CLI prints them as JSON lines.
+The loop never releases a lock on exit while work is in progress: a stop leaves the task
+record, and the next start resumes it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pmtool import work
+from pmtool.config import Settings
+from pmtool.errors import (
+    EXIT_CONFLICT,
+    EXIT_NOTHING,
+    EXIT_OK,
+    Conflict,
+    NothingToDo,
+    OperationFailed,
+    PmtoolError,
+    ServerError,
+)
+from pmtool.records import RecordStore, TaskRecord, now_iso
+
+AGENT_FAILURE_POLICIES = ("retry", "release", "stop")
+HOOK_FAILURE_POLICIES = ("release", "continue", "stop")
+HEALTH_CHECKS = ["api", "disk", "memory", "git"]
+IDLE_POLL = 30.0  # seconds of looking for a task before an `idle` event
+BACKOFF_CAP = 60.0
+
+
+@dataclass
+class RunOptions:
+    agent_id: str
+    role: str
+    level: str = "senior"
+    repo: str | None = None
+    base: str | None = None
+    hooks_dir: str | None = None
+    single_task: bool = False
+    max_tasks: int | None = None
+    heartbeat: float = 300.0
+    health_interval: float = 300.0
+    on_agent_failure: str = "retry"
+    on_hook_failure: str = "release"
+    task_budget_usd: float | None = None
+    escalate: bool = False
+    agent_cmd: str | None = None
+    timeout: float | None = None
+    idle_timeout: float | None = None
+    max_budget_usd: float | None = None
+    idle_poll: float = IDLE_POLL
+    settle: float = work.DEFAULT_SETTLE
+    give_back_wait: float = 30.0
+
+
+class Stop(Exception):
+    """Raised between steps once a stop was asked for."""
+
+
+class Runner:
+    def __init__(self, settings: Settings, opts: RunOptions,
+                 emit: Callable[[dict[str, Any]], None],
+                 progress: Callable[[str], None] = lambda _msg: None,
+                 ask: Callable[[str, list[str]], str] | None = None,
+                 client: Any = None) -> None:
+        from pmtool.client import PMClient
+
+        self.settings = settings
+        self.opts = opts
+        self._emit = emit
+        self.progress = progress
+        self.ask = ask  # operator prompt, only when a person is at a terminal
+        self.client = client or PMClient(settings.api_url, settings.api_key,
+                                         timeout=settings.http_timeout)
+        self.store = RecordStore(settings.state_path)
+        self.stopping = threading.Event()  # first signal: stop after the current step
+        self.kill_now = threading.Event()  # second signal: end the agent now
+        self.done = 0
+        self.last_health = 0.0
+        self.backoff = 1.0
+        self._agent_stop: threading.Event | None = None
+
+    # -- events -------------------------------------------------------------------------
+
+    def event(self, kind: str, task_id: int | None = None, **data: Any) -> None:
+        self._emit({"event": kind, "time": now_iso(), "agent": self.opts.agent_id,
+                    "task_id": task_id, **data})
+
+    def request_stop(self) -> None:
+        """Signal handler body: the first call stops softly, the second ends the agent."""
+        if self.stopping.is_set():
+            self.kill_now.set()
+            if self._agent_stop:
+                self._agent_stop.set()
+            self.progress("second signal: ending the agent now (record kept)")
+        else:
+            self.stopping.set()
+            self.progress("stopping after the current step (signal again to end it now)")
+
+    def _check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise Stop
+
+    def _sleep(self, seconds: float) -> None:
+        self.stopping.wait(seconds)
+        self._check_stop()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        lock = self.store.runner_lock(self.opts.agent_id).acquire()
+        try:
+            return self._loop()
+        finally:
+            lock.release()
+
+    def _loop(self) -> int:
+        code = EXIT_OK
+        while True:
+            try:
+                self._check_stop()
+                self._health_if_due()
+                record = self._recover()
+                if record is None:
+                    record = self._claim()
+                    if record is None:
+                        if self.opts.single_task:
+                            code = EXIT_NOTHING
+                            break
+                        continue
+                self._work(record)
+                self.backoff = 1.0
+                self.done += 1
+                if self.opts.single_task or (self.opts.max_tasks
+                                             and self.done >= self.opts.max_tasks):
+                    break
+            except Stop:
+                break
+            except ServerError as exc:
+                # Server away: keep the record, back off (capped, jittered), try again.
+                wait = min(BACKOFF_CAP, self.backoff) * random.uniform(0.5, 1.0)
+                self.backoff = min(BACKOFF_CAP, self.backoff * 2)
+                self.event("error", error=exc.to_json(), retry_in_s=round(wait, 1))
+                self.progress(f"server trouble: {exc.message}; retrying in {wait:.0f}s")
+                try:
+                    self._sleep(wait)
+                except Stop:
+                    break
+            except Conflict as exc:
+                self.event("error", error=exc.to_json())
+                if exc.details.get("fatal"):
+                    code = EXIT_CONFLICT
+                    break
+            except PmtoolError as exc:
+                self.event("error", error=exc.to_json())
+                if exc.details.get("fatal") or self.opts.single_task:
+                    code = exc.exit_code
+                    break
+                try:
+                    self._sleep(min(BACKOFF_CAP, self.backoff))
+                except Stop:
+                    break
+                self.backoff = min(BACKOFF_CAP, self.backoff * 2)
+        record = self._safe_load()
+        self.event("stopped", task_id=record.task_id if record else None,
+                   tasks_done=self.done, record_kept=bool(record),
+                   reason="signal" if self.stopping.is_set() else "done")
+        return code
+
+    def _safe_load(self) -> TaskRecord | None:
+        try:
+            return self.store.load(self.opts.agent_id)
+        except Exception:
+            return None
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _health_if_due(self) -> None:
+        if time.monotonic() - self.last_health < self.opts.health_interval and self.last_health:
+            return
+        from pmtool.health import run_health
+
+        result, _code = run_health(self.settings, HEALTH_CHECKS)
+        self.last_health = time.monotonic()
+        failed = [c for c in result["checks"] if not c["ok"]]
+        self.event("health", ok=result["ok"], failed=[c["name"] for c in failed])
+        if failed:
+            if all(c.get("unreachable") for c in failed):
+                raise ServerError("; ".join(c["detail"] for c in failed))
+            self.last_health = 0.0  # check again next turn
+            raise OperationFailed("health check failed: " + "; ".join(
+                f"{c['name']}: {c['detail']}" for c in failed))
+
+    def _recover(self) -> TaskRecord | None:
+        """This agent's record from before (a crash, a stop): resume it when still ours."""
+        try:
+            entries = work.recover(self.client, self.store, agent_id=self.opts.agent_id,
+                                   settle=self.opts.settle)
+        except NothingToDo:
+            return None
+        for entry in entries:
+            if entry["action"] == "running":
+                raise Conflict(f"agent {self.opts.agent_id} has a task record whose runner "
+                               f"(pid {entry['pid']}) is alive", fatal=True,
+                               hint="stop that runner, or use another --agent-id")
+            if entry["action"] == "resume":
+                record, _ = work.update_record(self.store, self.opts.agent_id,
+                                               runner_pid=os.getpid(), step="resumed")
+                self.event("resumed", task_id=record.task_id, session_id=record.session_id,
+                           worktree=record.worktree)
+                self.progress(f"resuming task {record.task_id}: {record.task.get('title')}")
+                return record
+            self.event("recovered", task_id=entry.get("task_id"), action=entry["action"],
+                       reason=entry.get("reason"))
+        return None
+
+    def _claim(self) -> TaskRecord | None:
+        """Look for a task for up to `idle_poll` seconds; None (and an `idle` event) if none."""
+        opts = self.opts
+        deadline = time.monotonic() + (0 if opts.single_task else opts.idle_poll)
+        delay = work.POLL_FIRST
+        while True:
+            self._check_stop()
+            try:
+                claimed = work.claim(self.client, self.store, opts.agent_id, opts.role,
+                                     opts.level, wait=0, runner_pid=os.getpid(),
+                                     settle=opts.settle)
+            except NothingToDo:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.event("idle", waited_s=opts.idle_poll)
+                    return None
+                # Our own backoff, so a stop signal interrupts the wait at once.
+                self._sleep(min(left, delay * random.uniform(0.5, 1.0)))
+                delay = min(work.POLL_CAP, delay * 2)
+                continue
+            task = claimed.task
+            self.event("claimed", task_id=task["id"], title=task.get("title"),
+                       status=task.get("status"), previous_status=claimed.record.previous_status,
+                       difficulty=task.get("difficulty"), complexity=task.get("complexity"),
+                       record=str(claimed.path))
+            self.progress(f"claimed task {task['id']}: {task.get('title')}")
+            return claimed.record
+
+    def _context(self, record: TaskRecord, **extra: Any) -> dict[str, Any]:
+        from pmtool.hooks import task_context
+
+        return task_context(record, state_dir=str(self.settings.state_path),
+                            api_url=self.settings.api_url, **extra)
+
+    def _hook(self, name: str, record: TaskRecord, cwd: str | None,
+              **extra: Any) -> dict[str, Any]:
+        from pmtool.hooks import run_hook
+
+        result = run_hook(name, self.opts.hooks_dir or self.settings.hooks_dir,
+                          self._context(record, **extra), timeout=self.settings.hook_timeout,
+                          cwd=cwd)
+        self.event("hook", task_id=record.task_id, hook=name, ok=result["ok"],
+                   skipped=result.get("skipped"), exit_code=result.get("exit_code"),
+                   timed_out=result.get("timed_out"), duration_s=result.get("duration_s"),
+                   stderr=(result.get("stderr") or "")[-500:] or None)
+        return result
+
+    def _repo(self) -> Path:
+        from pmtool.worktree import repo_root
+
+        return repo_root(self.opts.repo or os.getcwd())
+
+    def _work(self, record: TaskRecord) -> None:
+        """One task from claimed (or resumed) to finished."""
+        repo = self._repo()
+        last = (record.steps or [{}])[-1]
+        verdict = last.get("verdict") if last.get("step") == "agent-done" else None
+        if verdict is None:
+            if not self._pre_task(record, repo):
+                return
+            self._check_stop()
+            cwd = self._worktree(record, repo)
+            self._check_stop()
+            verdict = self._agent(record, cwd)
+            if verdict is None:
+                return  # given back, stopped, or lost: handled inside
+        self._finish(record, verdict, repo)
+
+    def _pre_task(self, record: TaskRecord, repo: Path) -> bool:
+        while True:
+            result = self._hook("pre_task", record, str(repo))
+            if result["ok"]:
+                return True
+            why = (result.get("error") or (result.get("stderr") or "").strip()
+                   or f"exit {result.get('exit_code')}")
+            choice = self.opts.on_hook_failure
+            if self.ask:
+                choice = self.ask(f"pre_task hook failed for task {record.task_id}: {why}",
+                                  ["retry", "continue", "release"])
+            if choice == "retry":
+                self._sleep(1.0)
+                continue
+            if choice == "continue":
+                self.progress("continuing without the pre_task checks")
+                return True
+            if choice == "stop":
+                raise OperationFailed(f"pre_task hook failed: {why}", fatal=True)
+            self._give_back(record, f"pre_task hook failed: {why}")
+            self._sleep(self.opts.give_back_wait)
+            return False
+
+    def _worktree(self, record: TaskRecord, repo: Path) -> str:
+        from pmtool.worktree import create_worktree
+
+        task = record.task
+        try:
+            answer = create_worktree(repo, record.task_id, record.branch or task.get("branch"),
+                                     task.get("complexity") or "major", base=self.opts.base,
+                                     worktree_base=self.settings.worktree_base,
+                                     hooks_dir=self.opts.hooks_dir or self.settings.hooks_dir,
+                                     hook_timeout=self.settings.hook_timeout,
+                                     context=self._context(record))
+        except (Conflict, OperationFailed) as exc:
+            self._give_back(record, f"no worktree: {exc.message}")
+            raise
+        cwd = answer.get("worktree") or str(repo)
+        work.update_record(self.store, self.opts.agent_id, worktree=cwd,
+                           branch=answer["branch"], step="worktree")
+        record.worktree, record.branch = cwd, answer["branch"]
+        self.event("worktree", task_id=record.task_id, path=answer.get("worktree"),
+                   branch=answer["branch"], base=answer.get("base"),
+                   created=answer.get("created"))
+        if not answer.get("ok", True):
+            self._give_back(record, "worktree_setup hook failed")
+            raise OperationFailed("worktree_setup hook failed", task_id=record.task_id)
+        return cwd
+
+    def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
+        """Run the agent until it gives a verdict; retries, escalation and budget here."""
+        from pmtool.models import stronger_model
+
+        opts = self.opts
+        resume = bool(record.session_id)  # a recorded session: continue it
+        model = record.model
+        escalated = False
+        retried = False
+        while True:
+            stop_agent = threading.Event()
+            self._agent_stop = stop_agent
+            lost = threading.Event()
+            beat = threading.Thread(target=self._heartbeat, args=(record, stop_agent, lost),
+                                    daemon=True)
+            beat.start()
+            try:
+                result = self._run_agent(resume=resume, model=model, stop_event=stop_agent)
+            finally:
+                stop_agent.set()
+                beat.join(timeout=5)
+            record = self.store.load(opts.agent_id) or record
+            self.event("agent", task_id=record.task_id, ok=result.get("ok"),
+                       outcome=result.get("outcome"), summary=result.get("summary"),
+                       session_id=result.get("session_id"), model=result.get("model"),
+                       num_turns=result.get("num_turns"),
+                       total_cost_usd=result.get("total_cost_usd"),
+                       task_cost_usd=record.cost_usd, duration_s=result.get("duration_s"),
+                       timed_out=result.get("timed_out"), stopped=result.get("stopped"),
+                       resumed=result.get("resumed"), log=result.get("log"))
+            if lost.is_set():
+                self._lost(record)
+                return None
+            if self.kill_now.is_set() or (result.get("stopped") and self.stopping.is_set()):
+                raise Stop
+            if result.get("ok") and result.get("outcome"):
+                record.step("agent-done", verdict={
+                    "outcome": result["outcome"], "summary": result.get("summary"),
+                    "model": result.get("model"), "num_turns": result.get("num_turns"),
+                    "duration_s": result.get("duration_s")})
+                self.store.save(record)
+                self._check_stop()
+                return record.steps[-1]["verdict"]
+            why = ("timed out" if result.get("timed_out") else
+                   (result.get("error") or {}).get("message") or "no verdict")
+            if opts.task_budget_usd is not None and record.cost_usd >= opts.task_budget_usd:
+                self._give_back(record, f"task budget ${opts.task_budget_usd:g} spent "
+                                        f"(${record.cost_usd:.2f}); last run: {why}")
+                return None
+            self._check_stop()
+            if opts.on_agent_failure == "stop":
+                raise OperationFailed(f"agent failed on task {record.task_id}: {why}",
+                                      fatal=True, task_id=record.task_id)
+            if opts.on_agent_failure == "retry" and not retried:
+                retried, resume = True, bool(record.session_id)
+                self.progress(f"agent failed ({why}); retrying once with --resume")
+                continue
+            if opts.escalate and not escalated:
+                stronger = stronger_model(result.get("model") or model or "", self.settings)
+                if stronger:
+                    escalated, resume, model = True, False, stronger
+                    self.progress(f"agent failed ({why}); escalating to {stronger}")
+                    continue
+            self._give_back(record, f"agent failed: {why}")
+            return None
+
+    def _run_agent(self, resume: bool, model: str | None,
+                   stop_event: threading.Event) -> dict[str, Any]:
+        from pmtool.agent import run_for_record
+
+        opts = self.opts
+        try:
+            return run_for_record(
+                self.store, opts.agent_id, self.settings, resume=resume, model=model,
+                timeout=opts.timeout or self.settings.claude_timeout,
+                idle_timeout=opts.idle_timeout, max_budget_usd=opts.max_budget_usd,
+                agent_cmd=opts.agent_cmd, stop_event=stop_event, progress=self.progress)
+        except PmtoolError as exc:
+            return {"ok": False, "error": exc.to_json()}
+
+    def _heartbeat(self, record: TaskRecord, stop_agent: threading.Event,
+                   lost: threading.Event) -> None:
+        """Re-register while the agent works (the server drops locks of agents unseen for
+        30 minutes, quirk 3) and check the task is still ours; if not, stop the agent."""
+        while not stop_agent.wait(self.opts.heartbeat):
+            try:
+                self.client.register(self.opts.agent_id, self.opts.role, self.opts.level)
+                task = work.read_task(self.client, record.task_id, status="under_work")
+            except PmtoolError as exc:
+                self.progress(f"heartbeat failed: {exc.message} (agent goes on)")
+                continue
+            if not task or task.get("locked_by") != self.opts.agent_id:
+                holder = (task or {}).get("locked_by")
+                self.progress(f"task {record.task_id} is no longer ours "
+                              f"(locked by {holder}); stopping the agent")
+                lost.set()
+                stop_agent.set()
+                return
+            self.event("heartbeat", task_id=record.task_id)
+
+    def _lost(self, record: TaskRecord) -> None:
+        """The server gave our task to someone else: keep the work, close the record."""
+        rescued = self._remove_worktree(record)
+        self.store.close(record, "lost", reason="the server gave the task away")
+        raise Conflict(f"task {record.task_id} was given to another agent while ours worked",
+                       task_id=record.task_id, rescued=rescued,
+                       hint="raise the heartbeat frequency (--heartbeat)")
+
+    def _give_back(self, record: TaskRecord, why: str) -> None:
+        result = work.release(self.client, self.store, self.opts.agent_id, notes=why)
+        self._remove_worktree(record)
+        self.event("finished", task_id=record.task_id, outcome="given_back", reason=why,
+                   action=result["action"])
+        self.progress(f"task {record.task_id} given back: {why}")
+
+    def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
+        context = self._context(record, outcome=verdict["outcome"])
+        notes = self._summary(record, verdict)
+        result = work.finish(self.client, self.store, self.opts.agent_id, verdict["outcome"],
+                             notes=notes)
+        self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
+                   status=result.get("status"), action=result.get("action"),
+                   summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6))
+        self.progress(f"task {record.task_id} finished: {verdict['outcome']} "
+                      f"-> {result.get('status')}")
+        from pmtool.hooks import run_hook
+
+        hook = run_hook("post_task", self.opts.hooks_dir or self.settings.hooks_dir,
+                        {**context, **verdict, "status": result.get("status")},
+                        timeout=self.settings.hook_timeout, cwd=str(repo))
+        self.event("hook", task_id=record.task_id, hook="post_task", ok=hook["ok"],
+                   skipped=hook.get("skipped"), exit_code=hook.get("exit_code"),
+                   timed_out=hook.get("timed_out"))
+        self._remove_worktree(record)
+
+    def _summary(self, record: TaskRecord, verdict: dict[str, Any]) -> str:
+        commit = None
+        if record.worktree:
+            out = subprocess.run(["git", "-C", record.worktree, "log", "-1", "--format=%h %s"],
+                                 capture_output=True, text=True, check=False)
+            commit = out.stdout.strip() or None
+        parts = [f"pmtool: {verdict['outcome']}", f"model {verdict.get('model')}",
+                 f"{verdict.get('num_turns')} turns", f"${record.cost_usd:.4f}",
+                 f"{verdict.get('duration_s')}s", f"branch {record.branch}"]
+        if commit:
+            parts.append(f"last commit {commit}")
+        text = ", ".join(parts)
+        if verdict.get("summary"):
+            text += f"\n{verdict['summary']}"
+        return text
+
+    def _remove_worktree(self, record: TaskRecord) -> str | None:
+        """Remove the task's worktree; a dirty one is rescued to a ref first, never lost."""
+        from pmtool.worktree import remove_worktree
+
+        if not record.worktree or record.task.get("complexity") == "minor":
+            return None
+        repo = self._repo()
+        try:
+            answer = remove_worktree(repo, record.task_id)
+        except NothingToDo:
+            return None
+        except Conflict:
+            answer = remove_worktree(repo, record.task_id, rescue=True)
+        rescued = (answer.get("rescued") or {}).get("ref") if isinstance(
+            answer.get("rescued"), dict) else answer.get("rescued")
+        self.event("worktree", task_id=record.task_id, path=answer.get("path"),
+                   removed=answer.get("removed"), rescued=rescued)
+        if rescued:
+            self.progress(f"task {record.task_id}: uncommitted work kept at {rescued}")
+        return rescued
