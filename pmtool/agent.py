@@ -1,0 +1,1080 @@
+"""The agent runner: build the prompt, run Claude Code (or another agent) on one task, and
+read its verdict.
+
+The library never prints: progress goes to a callback, the outcome comes back as a dict.
+
+The run
+-------
+`run_agent` starts ``claude -p --model M --output-format stream-json --verbose
+--session-id UUID <permission flags> --json-schema VERDICT [--max-budget-usd N]`` with the
+prompt on stdin, in its own session, with a mark in its environment (`pmtool.procs`), so a
+time limit ends the whole process tree, even what the agent's Bash tool started with
+``setsid``. Every stdout line goes to the transcript ``<state>/logs/task-<id>-<session>.jsonl``
+(the child's stderr to ``...stderr.log`` next to it); ``--resume`` runs append to the same
+files. The session id is chosen before the start, so a caller can record it first and a
+crash can be resumed (`run_for_record` does exactly that for an agent's task record).
+
+The verdict
+-----------
+The outcome of a task never comes from the exit code alone. The agent is asked for a final
+structured answer, ``{"outcome": ..., "summary": ...}`` (`verdict_schema`: ``done|blocked``
+for developer roles, architect and pm; ``pass|fail|blocked`` for qa), which Claude Code
+returns as ``structured_output`` of its result line. The fallback is a line
+``PMTOOL_VERDICT: <outcome> <summary>`` in the final text (or, if the CLI asked once more
+after it, in the latest assistant text that has one). Without either, ``outcome`` is null
+and the run is not ok.
+
+The --agent-cmd contract (any agent CLI in place of claude)
+-----------------------------------------------------------
+``agent_cmd`` is a command line (split like a shell would, no shell involved); nothing is
+appended to it. The command:
+
+- runs in the task's working directory, in its own session, and gets the full task prompt
+  on stdin (also when resuming: an agent that cannot resume simply starts over);
+- finds in its environment ``PMTOOL_TASK_ID``, ``PMTOOL_SESSION_ID`` (the id to report),
+  ``PMTOOL_MODEL``, ``PMTOOL_ROLE``, ``PMTOOL_BRANCH``, ``PMTOOL_RESUME`` (the session id
+  when this run continues an earlier one, else unset), ``PMTOOL_VERDICT_SCHEMA`` (the JSON
+  schema of the verdict) and ``PMTOOL_MAX_BUDGET_USD`` (when a cap was given);
+- prints JSON lines in Claude Code's stream-json shape: optionally ``{"type": "system",
+  "subtype": "init", "session_id": ...}``, ``assistant``/``user`` messages (tool calls are
+  ``tool_use`` blocks in ``message.content``), and at the end one ``{"type": "result",
+  "is_error": false, "session_id": ..., "num_turns": N, "total_cost_usd": X,
+  "result": "<final text>", "structured_output": {"outcome": ..., "summary": ...}}``
+  (or a ``PMTOOL_VERDICT:`` line in ``result``);
+- exits 0 when it ran to the end. Lines that are not JSON are kept in the log and ignored.
+
+`pmtool.testing.fake_agent` is a small agent that follows this contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from pmtool.config import ROLES
+from pmtool.errors import Conflict, NothingToDo, UsageError
+
+if TYPE_CHECKING:
+    from pmtool.config import Settings
+    from pmtool.records import RecordStore, TaskRecord
+
+Progress = Callable[[dict[str, Any]], None]
+
+QA_OUTCOMES = ("pass", "fail", "blocked")
+DEV_OUTCOMES = ("done", "blocked")
+VERDICT_PREFIX = "PMTOOL_VERDICT:"
+# Models dress the line in Markdown (`**PMTOOL_VERDICT: done** ...`, backticks, a bullet).
+VERDICT_RE = re.compile(r"^[\s*_`>#-]*PMTOOL_VERDICT:[\s*_`]*([A-Za-z]+)[*_`]*\s*(.*?)[\s*_`]*$")
+
+# Variables the agent never gets: it does not talk to the Headless PM server (pmtool
+# reports for it), so it has no use for the key, and an agent that runs `env` would put it
+# into the transcript. CLAUDECODE=1 (set inside a Claude Code session) makes a nested
+# `claude` refuse to start.
+DROPPED_ENV = ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM", "CLAUDECODE")
+# Values scrubbed from the transcript and stderr logs when the environment has them.
+SECRET_ENV = ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM", "ANTHROPIC_API_KEY",
+              "ANTHROPIC_AUTH_TOKEN")
+STDERR_TAIL = 20  # lines of the agent's stderr kept for the error message
+READER_GRACE = 3.0  # seconds to wait for the last output after the agent exited
+
+
+# -- the verdict ----------------------------------------------------------------------------
+
+
+def outcomes_for(role: str | None) -> tuple[str, ...]:
+    """The outcomes a role can report: qa pass/fail/blocked, everybody else done/blocked."""
+    return QA_OUTCOMES if role == "qa" else DEV_OUTCOMES
+
+
+def verdict_schema(role: str | None = None) -> dict[str, Any]:
+    """The JSON schema of the agent's final answer (given to claude as --json-schema)."""
+    return {
+        "type": "object",
+        "properties": {
+            "outcome": {"type": "string", "enum": list(outcomes_for(role)),
+                        "description": "How the task ended."},
+            "summary": {"type": "string",
+                        "description": "One to three sentences: what was done, or what is "
+                                       "wrong or missing."},
+        },
+        "required": ["outcome", "summary"],
+        "additionalProperties": False,
+    }
+
+
+def verdict_line(text: str | None, role: str | None = None) -> tuple[str, str] | None:
+    """The last `PMTOOL_VERDICT: <outcome> <summary>` line of `text`, if its outcome is valid."""
+    if not text:
+        return None
+    for line in reversed(text.strip().splitlines()):
+        match = VERDICT_RE.match(line)
+        if match:
+            outcome = match.group(1).lower()
+            if outcome in outcomes_for(role):
+                return outcome, match.group(2).strip()
+            return None
+    return None
+
+
+def extract_verdict(result: Mapping[str, Any] | None, role: str | None = None,
+                    texts: Iterable[str] = ()) -> dict[str, Any]:
+    """`{"outcome", "summary", "verdict_source", "verdict_error"}` from a result line.
+
+    Structured output first; then a verdict line in the final text; then (newest first) in
+    `texts`, the assistant's earlier texts: when the model wrote the line but did not call
+    the structured-output tool, the CLI asks once more and the final text is that answer.
+    """
+    found: dict[str, Any] = {"outcome": None, "summary": None, "verdict_source": None,
+                             "verdict_error": None}
+    result = result or {}
+    structured = result.get("structured_output")
+    if isinstance(structured, Mapping):
+        outcome = str(structured.get("outcome", "")).lower()
+        if outcome in outcomes_for(role):
+            summary = structured.get("summary")
+            found.update(outcome=outcome, summary=str(summary) if summary is not None else "",
+                         verdict_source="structured_output")
+            return found
+        found["verdict_error"] = (f"structured output has outcome {structured.get('outcome')!r}"
+                                  f", not one of {', '.join(outcomes_for(role))}")
+    for text in [result.get("result"), *reversed(list(texts))]:
+        line = verdict_line(text if isinstance(text, str) else None, role)
+        if line:
+            found.update(outcome=line[0], summary=line[1], verdict_source="verdict_line",
+                         verdict_error=None)
+            return found
+    if not found["verdict_error"]:
+        found["verdict_error"] = ("the agent gave no verdict (no structured output, no "
+                                  f"{VERDICT_PREFIX} line)")
+    return found
+
+
+# -- reading stream-json ---------------------------------------------------------------------
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _tool_detail(name: str, args: Any) -> str:
+    """One short, human hint of what a tool call does (the progress line shows it)."""
+    if not isinstance(args, Mapping):
+        return ""
+    for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
+        if args.get(key):
+            return _short(args[key])
+    return ""
+
+
+class StreamParser:
+    """Reads stream-json lines one at a time and keeps what the runner needs to know.
+
+    `feed(line)` returns progress events (dicts with an `event` key): `init`, `turn`,
+    `tool`, `text`, `result`. Lines that are not JSON objects are ignored (kept in the log).
+    """
+
+    def __init__(self, role: str | None = None) -> None:
+        self.role = role
+        self.session_id: str | None = None
+        self.model_used: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.turns = 0
+        self.tool_calls: list[str] = []
+        self.texts: list[str] = []
+        self.tokens = 0
+        self.lines = 0
+        self._messages: set[str] = set()
+
+    def feed(self, line: str) -> list[dict[str, Any]]:
+        line = line.strip()
+        if not line:
+            return []
+        self.lines += 1
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return []
+        if not isinstance(obj, dict):
+            return []
+        kind = obj.get("type")
+        if isinstance(obj.get("session_id"), str) and kind != "result":
+            self.session_id = self.session_id or obj["session_id"]
+        if kind == "system" and obj.get("subtype") == "init":
+            self.session_id = obj.get("session_id") or self.session_id
+            self.model_used = obj.get("model")
+            return [{"event": "init", "session_id": self.session_id, "model": self.model_used}]
+        if kind == "assistant":
+            return self._assistant(obj)
+        if kind == "result":
+            self.result = obj
+            if isinstance(obj.get("session_id"), str):
+                self.session_id = obj["session_id"]
+            return [{"event": "result", "num_turns": obj.get("num_turns"),
+                     "total_cost_usd": obj.get("total_cost_usd"),
+                     "is_error": obj.get("is_error")}]
+        return []
+
+    def _assistant(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        events: list[dict[str, Any]] = []
+        # The CLI prints one line per content block; blocks of one model answer share the
+        # message id, and one answer is one turn.
+        mid = message.get("id") or obj.get("uuid") or str(self.lines)
+        if mid not in self._messages:
+            self._messages.add(mid)
+            self.turns += 1
+            usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+            self.tokens += sum(int(usage.get(k) or 0) for k in (
+                "input_tokens", "output_tokens", "cache_creation_input_tokens",
+                "cache_read_input_tokens"))
+            events.append({"event": "turn", "turn": self.turns, "tokens": self.tokens})
+        for block in message.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                name = str(block.get("name"))
+                self.tool_calls.append(name)
+                events.append({"event": "tool", "tool": name, "turn": self.turns,
+                               "detail": _tool_detail(name, block.get("input"))})
+            elif block.get("type") == "text" and block.get("text"):
+                self.texts.append(block["text"])
+                events.append({"event": "text", "turn": self.turns,
+                               "text": _short(block["text"], 120)})
+        return events
+
+    def summary(self) -> dict[str, Any]:
+        """What the stream said: result fields, counts and the verdict."""
+        result = self.result or {}
+        out = {
+            "session_id": self.session_id,
+            "model_used": self.model_used,
+            "num_turns": result.get("num_turns", self.turns if self.lines else None),
+            "total_cost_usd": result.get("total_cost_usd"),
+            "is_error": bool(result.get("is_error", True)) if self.result else True,
+            "api_error_status": result.get("api_error_status"),
+            "result_text": result.get("result"),
+            "has_result": self.result is not None,
+            "tool_calls": len(self.tool_calls),
+        }
+        out.update(extract_verdict(self.result, self.role, self.texts))
+        return out
+
+
+def parse_stream(lines: Iterable[str], role: str | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Read a whole stream-json transcript (e.g. a log file); answer `StreamParser.summary`."""
+    parser = StreamParser(role)
+    for line in lines:
+        for event in parser.feed(line):
+            if progress:
+                progress(event)
+    return parser.summary()
+
+
+# -- the prompt ------------------------------------------------------------------------------
+
+DEFAULT_TEMPLATE = """\
+{instructions}
+
+# Your task
+
+Task {task_id}: {title}
+
+- Role: {role}
+- Complexity: {complexity}
+- Difficulty: {difficulty}
+- Branch: {task_branch}
+
+## Description
+
+{description}
+
+## Notes on the task so far
+
+{notes}
+
+# Rules for this run
+
+These rules come from pmtool, which runs you; they win over anything above.
+
+{rules}
+
+# When you are done
+
+{verdict}
+"""
+
+CONTINUATION_TEMPLATE = """\
+Your earlier run on task {task_id} ({title}) was interrupted before it finished. Continue
+from where you stopped: look at `git status` and `git log` in {cwd} to see what is already
+done, finish the task, commit on branch `{branch}`, and end with your verdict as before.
+
+{verdict}
+"""
+
+
+class _SafeDict(dict):
+    """format_map mapping that leaves unknown `{placeholders}` as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def role_file(role: str, folder: str | Path | None) -> Path | None:
+    """`<folder>/<role>.md` when the folder is given and the file exists."""
+    if not folder:
+        return None
+    path = Path(folder).expanduser() / f"{role}.md"
+    return path if path.is_file() else None
+
+
+def role_instructions(role: str, instructions_dir: str | Path | None = None,
+                      context_instructions_path: str | Path | None = None) -> tuple[str, str]:
+    """The role's instruction text and where it came from (a path, or `builtin:<role>`).
+
+    `instructions_dir` (--instructions-dir / PMTOOL_INSTRUCTIONS_DIR) first; then the
+    server's `instructions_path` from /api/v1/context, which names a folder on the
+    server's machine and so is only used when it exists here too; then pmtool's own file.
+    A file that cannot be read is passed over, never a hard failure.
+    """
+    for folder in (instructions_dir, context_instructions_path):
+        path = role_file(role, folder)
+        if path:
+            try:
+                return path.read_text(encoding="utf-8", errors="replace").strip(), str(path)
+            except OSError:
+                continue
+    name = role if role in ROLES else "backend_dev"
+    text = resources.files("pmtool").joinpath("prompts", f"{name}.md").read_text("utf-8")
+    return text.strip(), f"builtin:{name}"
+
+
+def verdict_instructions(role: str | None) -> str:
+    outcomes = outcomes_for(role)
+    if role == "qa":
+        meaning = ("- `pass`: the work on the branch does what the task asks.\n"
+                   "- `fail`: it does not; the summary says what is wrong so that a developer "
+                   "can fix it.\n"
+                   "- `blocked`: you could not test it (say why).")
+        example = "pass The change does what the task asks; its tests pass."
+    else:
+        meaning = ("- `done`: the task is implemented and committed.\n"
+                   "- `blocked`: you cannot finish it (say why: missing information, a broken "
+                   "environment, a task it depends on).")
+        example = "done Implemented the change and its tests; all tests pass."
+    return (f"End by calling the `StructuredOutput` tool exactly once with `outcome` (one of: "
+            f"{', '.join(outcomes)}) and `summary` (one to three sentences: what you did, or "
+            f"what is wrong or missing).\n\n{meaning}\n\n"
+            f"If that tool is not available to you, make the last line of your final answer "
+            f"`{VERDICT_PREFIX} <outcome> <summary>`, for example "
+            f"`{VERDICT_PREFIX} {example}`")
+
+
+def run_rules(cwd: str | Path, branch: str | None, complexity: str | None,
+              role: str | None = None) -> str:
+    where = branch or "the branch that is checked out"
+    if role == "qa":
+        branch_rule = (f"- Review the work on `{where}`. Tests you add or fix are committed "
+                       "there too, with messages that say why.")
+    elif complexity == "minor":
+        branch_rule = (f"- This is a minor task: commit straight onto `{where}` (the base "
+                       "branch), in small commits with messages that say why.")
+    else:
+        branch_rule = (f"- Commit your work on `{where}`, the task's own branch, in small "
+                       "commits with messages that say why; it is reviewed before it is "
+                       "merged.")
+    return "\n".join([
+        f"- Work only in this directory: `{cwd}` (a git checkout on `{where}`).",
+        branch_rule,
+        "- Do not switch branches, push, or rewrite history that is already committed.",
+        "- Do not change the task on the Headless PM server (status, lock, comments): pmtool "
+        "reports your verdict for you when you finish.",
+        "- Leave the working tree clean (everything that belongs to the task committed) and "
+        "no background processes running.",
+    ])
+
+
+def prompt_fields(task: Mapping[str, Any], role: str, cwd: str | Path, branch: str | None,
+                  instructions: str = "") -> dict[str, Any]:
+    """The values a prompt template can use, by placeholder name."""
+    notes = task.get("notes")
+    return {
+        "instructions": instructions,
+        "role": role,
+        "task_id": task.get("id", "?"),
+        "title": task.get("title") or "(untitled)",
+        "description": (task.get("description") or "(no description)").strip(),
+        "complexity": task.get("complexity") or "major",
+        "difficulty": task.get("difficulty") or "?",
+        "branch": branch or task.get("branch") or "?",
+        "task_branch": task.get("branch") or "?",
+        "notes": notes.strip() if isinstance(notes, str) and notes.strip() else "(none)",
+        "status": task.get("status") or "?",
+        "cwd": str(cwd),
+        "outcomes": ", ".join(outcomes_for(role)),
+        "rules": run_rules(cwd, branch or task.get("branch"), task.get("complexity"), role),
+        "verdict": verdict_instructions(role),
+        "task_json": json.dumps(dict(task), indent=2, default=str),
+    }
+
+
+def render(template: str, fields: Mapping[str, Any], what: str = "the prompt template") -> str:
+    """`template.format_map(fields)`; unknown placeholders stay, bad braces are exit 2."""
+    try:
+        return template.format_map(_SafeDict(fields))
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise UsageError(f"{what} is not a valid template: {exc}",
+                         hint="placeholders look like {title}; write a literal brace as {{ or }}",
+                         placeholders=sorted(fields)) from None
+
+
+def build_prompt(task: Mapping[str, Any], role: str, cwd: str | Path, branch: str | None,
+                 instructions_dir: str | Path | None = None,
+                 context_instructions_path: str | Path | None = None,
+                 template: str | None = None) -> str:
+    """The prompt for one run: the role's instructions, the task, the run's rules, and how
+    to give the verdict. `template` (the text of --prompt-template) replaces the built-in
+    DEFAULT_TEMPLATE; its `{placeholders}` are the keys of `prompt_fields`."""
+    instructions, _source = role_instructions(role, instructions_dir, context_instructions_path)
+    fields = prompt_fields(task, role, cwd, branch, instructions)
+    return render(template or DEFAULT_TEMPLATE, fields).strip() + "\n"
+
+
+def continuation_prompt(task: Mapping[str, Any], role: str, cwd: str | Path,
+                        branch: str | None) -> str:
+    """The short prompt a --resume run sends: the session already holds the task."""
+    return render(CONTINUATION_TEMPLATE, prompt_fields(task, role, cwd, branch)).strip() + "\n"
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def permission_flags(permission_mode: str | None, allowed_tools: str | None) -> list[str]:
+    """`--dangerously-skip-permissions`, or `--permission-mode M --allowedTools T...`."""
+    mode = permission_mode or "bypassPermissions"
+    if mode == "bypassPermissions":
+        return ["--dangerously-skip-permissions"]
+    flags = ["--permission-mode", mode]
+    tools = [t.strip() for t in (allowed_tools or "").split(",") if t.strip()]
+    if tools:
+        flags += ["--allowedTools", *tools]
+    return flags
+
+
+def claude_command(claude: str, model: str, session_id: str, *, resume: bool = False,
+                   role: str | None = None, permission_mode: str | None = None,
+                   allowed_tools: str | None = None,
+                   max_budget_usd: float | None = None) -> list[str]:
+    """The argv of one claude run; the prompt goes on stdin."""
+    cmd = [claude, "-p", "--model", model, "--output-format", "stream-json", "--verbose"]
+    cmd += ["--resume", session_id] if resume else ["--session-id", session_id]
+    # --allowedTools takes several values: the next flag (--json-schema) ends the list.
+    cmd += permission_flags(permission_mode, allowed_tools)
+    cmd += ["--json-schema", json.dumps(verdict_schema(role), separators=(",", ":"))]
+    if max_budget_usd is not None:
+        cmd += ["--max-budget-usd", f"{max_budget_usd:g}"]
+    return cmd
+
+
+def agent_env(base: Mapping[str, str] | None, *, mark: str, task_id: Any, session_id: str,
+              model: str, role: str | None, branch: str | None, resume: bool,
+              max_budget_usd: float | None) -> dict[str, str]:
+    """The agent's environment: ours minus the Headless PM key, plus the run's PMTOOL_*."""
+    from pmtool import procs
+
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in DROPPED_ENV}
+    env.pop("PMTOOL_RESUME", None)
+    env.update({procs.MARK_ENV: mark, "PMTOOL_TASK_ID": str(task_id),
+                "PMTOOL_SESSION_ID": session_id, "PMTOOL_MODEL": model,
+                "PMTOOL_VERDICT_SCHEMA": json.dumps(verdict_schema(role))})
+    if role:
+        env["PMTOOL_ROLE"] = role
+    if branch:
+        env["PMTOOL_BRANCH"] = branch
+    if resume:
+        env["PMTOOL_RESUME"] = session_id
+    if max_budget_usd is not None:
+        env["PMTOOL_MAX_BUDGET_USD"] = f"{max_budget_usd:g}"
+    # claude refuses --dangerously-skip-permissions as root unless it is told it runs in a
+    # sandbox; a root runner (containers, CI) means exactly that.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.setdefault("IS_SANDBOX", "1")
+    return env
+
+
+def log_paths(log_dir: str | Path, task_id: Any, session_id: str) -> tuple[Path, Path]:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(task_id))
+    folder = Path(log_dir)
+    return (folder / f"task-{safe}-{session_id}.jsonl",
+            folder / f"task-{safe}-{session_id}.stderr.log")
+
+
+def _redactor(secrets: Iterable[str | None]) -> Callable[[str], str]:
+    values = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def redact(text: str) -> str:
+        for value in values:
+            text = text.replace(value, "<redacted>")
+        return text
+
+    return redact
+
+
+class _Run:
+    """One child process: its output pumped into logs and the parser, its end awaited."""
+
+    def __init__(self, parser: StreamParser, log: IO[str], err_log: IO[str],
+                 redact: Callable[[str], str], progress: Progress | None) -> None:
+        self.parser, self.log, self.err_log = parser, log, err_log
+        self.redact, self.progress = redact, progress
+        self.last_output = time.monotonic()
+        self.stderr_tail: list[str] = []
+        self._lock = threading.Lock()
+
+    def pump_stdout(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self.last_output = time.monotonic()
+            line = self.redact(raw.decode("utf-8", errors="replace"))
+            with self._lock:
+                self.log.write(line if line.endswith("\n") else line + "\n")
+                self.log.flush()
+            for event in self.parser.feed(line):
+                if self.progress:
+                    with contextlib.suppress(Exception):  # a broken callback must not stop us
+                        self.progress(event)
+
+    def pump_stderr(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = self.redact(raw.decode("utf-8", errors="replace"))
+            self.err_log.write(line)
+            self.err_log.flush()
+            self.stderr_tail = [*self.stderr_tail[-(STDERR_TAIL - 1):], line.rstrip()]
+
+
+def _no_conversation(parser: StreamParser) -> bool:
+    """claude --resume of a session it has no transcript of (it crashed before saving any)."""
+    result = parser.result or {}
+    text = json.dumps([result.get("errors"), result.get("result")], default=str)
+    return bool(result.get("is_error")) and "No conversation found" in text
+
+
+def run_agent(prompt: str, *, cwd: str | Path, model: str, role: str | None = None,
+              task_id: Any = None, session_id: str | None = None, resume: bool = False,
+              resume_prompt: str | None = None, claude_bin: str | None = None,
+              agent_cmd: str | None = None, permission_mode: str | None = "bypassPermissions",
+              allowed_tools: str | None = None, max_budget_usd: float | None = None,
+              timeout: float | None = None, idle_timeout: float | None = None,
+              log_dir: str | Path, branch: str | None = None,
+              env: Mapping[str, str] | None = None, progress: Progress | None = None,
+              stop_event: threading.Event | None = None,
+              on_start: Callable[[dict[str, Any]], None] | None = None,
+              secrets: Iterable[str | None] = (), grace: float = 3.0) -> dict[str, Any]:
+    """Run the agent once on `prompt` in `cwd`; answer what happened (never raises for the
+    agent's sake).
+
+    `resume` continues `session_id` with `resume_prompt` (claude: `--resume`); if claude has
+    no transcript of that session (it died before writing one), the full `prompt` starts it
+    afresh under the same id. `timeout` / `idle_timeout` (seconds without a line of output)
+    end the whole process tree, as does setting `stop_event`. `on_start` is called with
+    `{"pid", "mark", "session_id", "log"}` once the child runs. Leftover processes of the
+    agent (marked ones still running after it exited) are ended; `swept` lists every pid
+    pmtool had to signal (on a time limit, a stop, or for such leftovers).
+
+    Answers `{"ok", "exit_code", "timed_out", "timed_out_by", "stopped", "session_id",
+    "model", "model_used", "num_turns", "total_cost_usd", "duration_s", "outcome",
+    "summary", "verdict_source", "is_error", "api_error_status", "resumed", "log",
+    "stderr_log", "tool_calls", "swept"}` and, when not ok, `error`
+    (`{"type", "message"}`). Raises UsageError when the agent cannot be started at all.
+    """
+    session_id = session_id or str(uuid.uuid4())
+    if agent_cmd is not None:
+        try:
+            base_cmd = shlex.split(agent_cmd)
+        except ValueError as exc:
+            raise UsageError(f"--agent-cmd cannot be split: {exc}") from None
+        if not base_cmd:
+            raise UsageError("--agent-cmd is empty")
+    elif not claude_bin:
+        raise UsageError("no claude binary to run",
+                         hint="install Claude Code or set PMTOOL_CLAUDE_BIN")
+    if not Path(cwd).is_dir():
+        raise UsageError(f"working directory {cwd} does not exist")
+
+    log_path, err_path = log_paths(log_dir, task_id if task_id is not None else "adhoc",
+                                   session_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    redact = _redactor([*secrets, *((env or os.environ).get(k) for k in SECRET_ENV)])
+    started = time.monotonic()
+    deadline = started + timeout if timeout and timeout > 0 else None
+    answer: dict[str, Any] = {}
+    attempts = [resume, False] if resume and agent_cmd is None else [resume]
+    restarted = False
+    for resuming in attempts:
+        if agent_cmd is not None:
+            cmd, stdin_text = base_cmd, prompt
+        else:
+            assert claude_bin is not None
+            cmd = claude_command(claude_bin, model, session_id, resume=resuming, role=role,
+                                 permission_mode=permission_mode, allowed_tools=allowed_tools,
+                                 max_budget_usd=max_budget_usd)
+            stdin_text = (resume_prompt or prompt) if resuming else prompt
+        answer, parser = _run_once(
+            cmd, stdin_text, cwd=cwd, model=model, role=role, task_id=task_id,
+            session_id=session_id, resume=resuming, max_budget_usd=max_budget_usd,
+            deadline=deadline, idle_timeout=idle_timeout, log_path=log_path,
+            err_path=err_path, branch=branch, env=env, progress=progress,
+            stop_event=stop_event, on_start=on_start, redact=redact, grace=grace)
+        if not (resuming and agent_cmd is None and _no_conversation(parser)):
+            break
+        restarted = True
+        if progress:
+            with contextlib.suppress(Exception):
+                progress({"event": "restart", "reason": "claude has no transcript of session "
+                                                        f"{session_id}; starting it afresh"})
+    answer["duration_s"] = round(time.monotonic() - started, 3)
+    if restarted:
+        # The earlier process died before claude saved anything of the session (e.g. killed
+        # right after the record got the id): nothing to continue, so the task starts over.
+        answer["note"] = (f"claude had no transcript of session {session_id}; the task "
+                          "started afresh under the same session id")
+    return answer
+
+
+def _run_once(cmd: list[str], stdin_text: str, *, cwd: str | Path, model: str,
+              role: str | None, task_id: Any, session_id: str, resume: bool,
+              max_budget_usd: float | None, deadline: float | None,
+              idle_timeout: float | None, log_path: Path, err_path: Path,
+              branch: str | None, env: Mapping[str, str] | None, progress: Progress | None,
+              stop_event: threading.Event | None,
+              on_start: Callable[[dict[str, Any]], None] | None,
+              redact: Callable[[str], str], grace: float) -> tuple[dict[str, Any], StreamParser]:
+    from pmtool import procs
+    from pmtool.records import now_iso
+
+    mark = procs.new_mark(f"agent-{task_id}")
+    child_env = agent_env(env, mark=mark, task_id=task_id if task_id is not None else "",
+                          session_id=session_id, model=model, role=role, branch=branch,
+                          resume=resume, max_budget_usd=max_budget_usd)
+    parser = StreamParser(role)
+    stop_event = stop_event or threading.Event()
+    timed_out_by: str | None = None
+    stopped = False
+    swept: list[int] = []
+    with open(log_path, "a", encoding="utf-8") as log, \
+            open(err_path, "a", encoding="utf-8") as err_log, \
+            tempfile.TemporaryFile() as stdin:
+        # The prompt goes through a file: a pipe could fill up while the agent is not yet
+        # reading it, and a file needs no writer thread.
+        stdin.write(stdin_text.encode("utf-8"))
+        stdin.seek(0)
+        log.write(json.dumps({"type": "pmtool", "event": "start", "at": now_iso(),
+                              "session_id": session_id, "resume": resume, "model": model,
+                              "cwd": str(cwd), "argv0": cmd[0]}) + "\n")
+        log.flush()
+        run = _Run(parser, log, err_log, redact, progress)
+        try:
+            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=str(cwd), env=child_env,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise UsageError(f"cannot start the agent {cmd[0]}: {exc.strerror or exc}",
+                             hint="check PMTOOL_CLAUDE_BIN or --agent-cmd") from None
+        readers = [threading.Thread(target=run.pump_stdout, args=(proc.stdout,), daemon=True),
+                   threading.Thread(target=run.pump_stderr, args=(proc.stderr,), daemon=True)]
+        for reader in readers:
+            reader.start()
+        if on_start:
+            on_start({"pid": proc.pid, "mark": mark, "session_id": session_id,
+                      "log": str(log_path)})
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                now = time.monotonic()
+                if stop_event.is_set():
+                    stopped = True
+                elif deadline is not None and now >= deadline:
+                    timed_out_by = "timeout"
+                elif idle_timeout and idle_timeout > 0 and now - run.last_output >= idle_timeout:
+                    timed_out_by = "idle_timeout"
+                else:
+                    continue
+                swept = procs.terminate_tree(proc.pid, mark, grace=grace)
+                proc.wait()
+                break
+        except BaseException:
+            # Ctrl-C or a signal turned into an exception: the agent runs in its own
+            # session, so nothing else would end it.
+            procs.terminate_tree(proc.pid, mark, grace=grace)
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+            raise
+        for reader in readers:
+            reader.join(READER_GRACE)
+        # Whatever the agent left running (a dev server its Bash tool started, a detached
+        # watcher) belongs to a run that is over: end it, so tasks do not pile them up.
+        left = procs.marked(mark)
+        if left:
+            swept = sorted({*swept, *(p.pid for p in left),
+                            *procs.terminate_tree(proc.pid, mark, grace=grace)})
+            for reader in readers:
+                reader.join(READER_GRACE)  # a leftover may have held our pipes open
+        log.write(json.dumps({"type": "pmtool", "event": "end", "at": now_iso(),
+                              "exit_code": proc.returncode, "timed_out_by": timed_out_by,
+                              "stopped": stopped, "swept": swept}) + "\n")
+        log.flush()
+
+    info = parser.summary()
+    timed_out = timed_out_by is not None
+    answer: dict[str, Any] = {
+        "ok": False,
+        "exit_code": proc.returncode,
+        "timed_out": timed_out,
+        "timed_out_by": timed_out_by,
+        "stopped": stopped,
+        "session_id": info["session_id"] or session_id,
+        "model": model,
+        "model_used": info["model_used"],
+        "num_turns": info["num_turns"],
+        "total_cost_usd": info["total_cost_usd"],
+        "duration_s": None,
+        "outcome": info["outcome"],
+        "summary": info["summary"],
+        "verdict_source": info["verdict_source"],
+        "is_error": info["is_error"],
+        "api_error_status": info["api_error_status"],
+        "resumed": resume,
+        "log": str(log_path),
+        "stderr_log": str(err_path),
+        "tool_calls": info["tool_calls"],
+        "swept": swept,
+    }
+    answer["ok"] = (proc.returncode == 0 and not info["is_error"] and info["outcome"] is not None
+                    and not timed_out and not stopped)
+    if not answer["ok"]:
+        answer["error"] = _failure(answer, info, run.stderr_tail, idle_timeout)
+    return answer, parser
+
+
+def _failure(answer: dict[str, Any], info: dict[str, Any], stderr_tail: list[str],
+             idle_timeout: float | None) -> dict[str, Any]:
+    """The error object of a run that was not ok: the first reason that applies."""
+    if answer["timed_out_by"] == "idle_timeout":
+        return {"type": "timeout", "message": f"the agent was silent for {idle_timeout:g}s "
+                                              "(--idle-timeout); its process tree was ended"}
+    if answer["timed_out"]:
+        return {"type": "timeout", "message": "the agent ran past its time limit; its process "
+                                              "tree was ended",
+                "hint": "raise --timeout / HEADLESS_PM_CLAUDE_TIMEOUT, or resume with --resume"}
+    if answer["stopped"]:
+        return {"type": "interrupted", "message": "the agent was stopped; its process tree was "
+                                                  "ended", "hint": "continue with --resume"}
+    stderr = " | ".join(line for line in stderr_tail[-3:] if line)
+    if not info["has_result"]:
+        message = f"the agent exited {answer['exit_code']} without a result line"
+        return {"type": "failed", "message": message + (f": {_short(stderr, 300)}" if stderr
+                                                        else "")}
+    if info["is_error"] or answer["exit_code"] != 0:
+        text = info["result_text"] or stderr or "no details"
+        return {"type": "failed", "message": f"the agent failed (exit {answer['exit_code']}): "
+                                             f"{_short(text, 300)}"}
+    return {"type": "failed", "message": info["verdict_error"] or "the agent gave no verdict",
+            "hint": "the agent must end with the StructuredOutput tool or a "
+                    f"{VERDICT_PREFIX} line"}
+
+
+# -- runs for an agent's task record -----------------------------------------------------------
+
+
+def current_branch(cwd: str | Path) -> str | None:
+    """The branch checked out in `cwd`, None if detached or not a git checkout."""
+    try:
+        out = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], cwd=cwd,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def repo_or_cwd(path: str | Path | None = None) -> Path:
+    """The top of the git checkout that `path` (default: the current directory) is in, else
+    `path` itself."""
+    here = Path(path or os.getcwd()).expanduser().resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                             capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return here
+    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else here
+
+
+def fetch_instructions_path(settings: Settings, timeout: float = 3.0) -> str | None:
+    """The server's `instructions_path` (/api/v1/context), None when it cannot be had.
+
+    Only a hint for finding role files: an unreachable server must not stop a run.
+    """
+    from pmtool.client import PMClient
+    from pmtool.errors import PmtoolError
+
+    client = PMClient(settings.api_url, settings.api_key,
+                      timeout=min(timeout, settings.http_timeout), retries=0)
+    try:
+        path = (client.context() or {}).get("instructions_path")
+    except (PmtoolError, AttributeError):
+        return None
+    finally:
+        client.close()
+    return path if isinstance(path, str) and path else None
+
+
+def _level(record: TaskRecord) -> str:
+    from pmtool.config import LEVELS
+
+    level = record.task.get("difficulty") or record.level
+    return level if level in LEVELS else "senior"
+
+
+def _update_record(store: RecordStore, agent_id: str,
+                   change: Callable[[TaskRecord], None]) -> TaskRecord | None:
+    """Re-read the record, apply `change`, save. Re-reading keeps what others (a heartbeat,
+    `lock update`) wrote meanwhile; a record closed meanwhile is not brought back."""
+    from pmtool.records import CorruptRecord
+
+    try:
+        record = store.load(agent_id)
+    except CorruptRecord:
+        return None
+    if record is None:
+        return None
+    change(record)
+    store.save(record)
+    return record
+
+
+def _last_agent(record: TaskRecord) -> dict[str, Any] | None:
+    return next((s for s in reversed(record.steps) if s.get("step") == "agent_running"), None)
+
+
+def _running(pid: int, started: float | None) -> bool:
+    """Alive and the same process; a zombie (dead, waiting for a parent that reaps it
+    late, e.g. a container's pid 1) is not running."""
+    import psutil
+
+    from pmtool.records import pid_alive
+
+    if not pid_alive(pid, started):
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def end_orphan(record: TaskRecord, grace: float = 3.0) -> dict[str, Any] | None:
+    """End the agent of an earlier run of this record whose runner died (kill -9, OOM).
+
+    Such an agent keeps working, and spending, with nobody reading it; a resume next to it
+    would run two agents on one session. If its runner still lives it is not an orphan:
+    Conflict (exit 5). Answers `{"pid", "signalled"}` when one was ended, else None.
+    """
+    from pmtool import procs
+
+    step = _last_agent(record)
+    if not step or not step.get("pid") or not step.get("mark"):
+        return None
+    pid, mark = int(step["pid"]), str(step["mark"])
+    if not _running(pid, step.get("pid_started")) and not procs.marked(mark):
+        return None
+    runner = step.get("runner_pid")
+    if runner and runner != os.getpid() and _running(int(runner), step.get("runner_started")):
+        raise Conflict(f"an agent for task {record.task_id} is already running (pid {pid}, "
+                       f"started by pmtool pid {runner})",
+                       hint="wait for it, or stop that pmtool first", pid=pid)
+    signalled = procs.terminate_tree(pid, mark, grace=grace)
+    return {"pid": pid, "signalled": signalled}
+
+
+def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
+                   resume: bool = False, cwd: str | Path | None = None,
+                   model: str | None = None, prompt: str | None = None,
+                   template: str | None = None, instructions_dir: str | Path | None = None,
+                   context_instructions_path: str | Path | None = None,
+                   timeout: float | None = None, idle_timeout: float | None = None,
+                   max_budget_usd: float | None = None, agent_cmd: str | None = None,
+                   progress: Progress | None = None,
+                   stop_event: threading.Event | None = None,
+                   env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run the agent on the task of `agent_id`'s record, and keep the record up to date.
+
+    Working directory: the record's worktree, else `cwd`, else the git checkout of the
+    current directory. Model: `model`, else the record's, else `settings.model_for` the
+    task's difficulty. With `resume`, the recorded session continues (a new one starts,
+    with `note`, when none was recorded). Before the agent starts, the record gets the
+    session id, model and attempts + 1; afterwards the run's cost is added to `cost_usd`
+    and a step notes the outcome. An agent of an earlier run whose runner died is ended
+    first (`ended_orphan`). `prompt` replaces the built prompt (--prompt-file).
+
+    Answers `run_agent`'s dict plus `agent_id`, `task_id`, `role`, `cwd`, `branch`,
+    `task_cost_usd` (the record's total over all runs), `attempts`, and `note` when
+    something is worth saying. Raises NothingToDo when the agent has no record, Conflict
+    when its agent already runs under a live pmtool.
+    """
+    from pmtool.claude import find_claude
+    from pmtool.records import CorruptRecord, process_started
+
+    try:
+        record = store.load(agent_id)
+    except CorruptRecord as exc:
+        raise NothingToDo(str(exc), hint="pmtool recover", moved_to=str(exc.moved_to)) from None
+    if record is None:
+        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
+                          hint="pmtool claim takes a task and writes the record")
+    notes: list[str] = []
+    orphan = end_orphan(record)
+
+    plan = plan_for_record(record, settings, cwd=cwd, model=model)
+    notes += plan.pop("notes")
+    claude = None if agent_cmd else find_claude(settings.claude_bin)
+    if agent_cmd is None and not claude:
+        raise UsageError("claude CLI not found",
+                         hint="install it (npm install -g @anthropic-ai/claude-code) or set "
+                              "PMTOOL_CLAUDE_BIN")
+    session = record.session_id if resume and record.session_id else str(uuid.uuid4())
+    if resume and not record.session_id:
+        notes.append("the record has no session to resume; started a new one")
+        resume = False
+    task, role, run_cwd, branch = record.task, record.role, plan["cwd"], plan["branch"]
+    full_prompt = prompt or build_prompt(task, role, run_cwd, branch, instructions_dir,
+                                         context_instructions_path, template)
+
+    def before(rec: TaskRecord) -> None:
+        rec.session_id, rec.model = session, plan["model"]
+        rec.attempts += 1
+        rec.step("agent_starting", session_id=session, model=plan["model"], resume=resume,
+                 cwd=str(run_cwd))
+
+    # The session id is in the record before the agent exists: whatever happens next, a
+    # later `--resume` knows which session to continue.
+    if _update_record(store, agent_id, before) is None:
+        raise NothingToDo(f"agent {agent_id}'s record was closed meanwhile")
+
+    def started(info: dict[str, Any]) -> None:
+        me = os.getpid()
+        _update_record(store, agent_id, lambda rec: rec.step(
+            "agent_running", pid=info["pid"], pid_started=process_started(info["pid"]),
+            mark=info["mark"], session_id=session, runner_pid=me,
+            runner_started=process_started(me), log=info["log"]))
+
+    answer = run_agent(
+        full_prompt, cwd=run_cwd, model=plan["model"], role=role, task_id=record.task_id,
+        session_id=session, resume=resume,
+        resume_prompt=None if prompt else continuation_prompt(task, role, run_cwd, branch),
+        claude_bin=claude, agent_cmd=agent_cmd, permission_mode=settings.permission_mode,
+        allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
+        timeout=settings.claude_timeout if timeout is None else timeout,
+        idle_timeout=idle_timeout, log_dir=store.state_dir / "logs", branch=branch, env=env,
+        progress=progress, stop_event=stop_event, on_start=started,
+        secrets=[settings.api_key])
+
+    cost = float(answer.get("total_cost_usd") or 0.0)
+
+    def after(rec: TaskRecord) -> None:
+        rec.cost_usd = round((rec.cost_usd or 0.0) + cost, 6)
+        rec.step("agent_finished", session_id=answer["session_id"], ok=answer["ok"],
+                 outcome=answer["outcome"], exit_code=answer["exit_code"],
+                 timed_out=answer["timed_out"], stopped=answer["stopped"],
+                 num_turns=answer["num_turns"], cost_usd=cost)
+
+    final = _update_record(store, agent_id, after)
+    answer.update(agent_id=agent_id, task_id=record.task_id, role=role, cwd=str(run_cwd),
+                  branch=branch,
+                  task_cost_usd=final.cost_usd if final else round(record.cost_usd + cost, 6),
+                  attempts=final.attempts if final else record.attempts + 1)
+    if orphan:
+        answer["ended_orphan"] = orphan["pid"]
+        notes.append(f"ended the agent of an earlier run (pid {orphan['pid']}) whose pmtool "
+                     "had died")
+    if final is None:
+        notes.append("the task record was closed while the agent ran; nothing was recorded")
+    if answer.get("note"):
+        notes.append(answer["note"])
+    if notes:
+        answer["note"] = "; ".join(notes)
+    return answer
+
+
+def branch_for(cwd: str | Path, expected: str | None,
+               complexity: str | None) -> tuple[str | None, str | None]:
+    """The branch the agent commits on: the one checked out in `cwd` (that is where commits
+    land), else `expected`; and a note when a major task's checkout is on another branch."""
+    checked_out = current_branch(cwd)
+    note = None
+    if checked_out and expected and checked_out != expected and complexity != "minor":
+        note = (f"{cwd} is on {checked_out}, not the task's branch {expected}; the agent "
+                f"commits on {checked_out}")
+    return checked_out or expected, note
+
+
+def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | None = None,
+                    model: str | None = None) -> dict[str, Any]:
+    """Where, on which branch and with which model a record's task runs (no side effects).
+
+    `{"cwd", "branch", "model", "notes"}`. The branch is the one checked out in the working
+    directory (that is where commits land); a note says so when it is not the task's.
+    """
+    notes: list[str] = []
+    if record.worktree and Path(record.worktree).is_dir():
+        run_cwd = Path(record.worktree)
+        if cwd is not None and Path(cwd).resolve() != run_cwd.resolve():
+            notes.append(f"--cwd {cwd} ignored: the task's worktree is {run_cwd}")
+    elif cwd is not None:
+        run_cwd = Path(cwd).expanduser()
+    else:
+        run_cwd = repo_or_cwd()
+    if not run_cwd.is_dir():
+        raise UsageError(f"working directory {run_cwd} does not exist")
+    branch, note = branch_for(run_cwd, record.branch or record.task.get("branch"),
+                              record.task.get("complexity"))
+    if note:
+        notes.append(note)
+    chosen = model or record.model or settings.model_for(_level(record))
+    return {"cwd": run_cwd, "branch": branch, "model": chosen, "notes": notes}
+
+
+__all__ = [
+    "CONTINUATION_TEMPLATE",
+    "DEFAULT_TEMPLATE",
+    "StreamParser",
+    "branch_for",
+    "build_prompt",
+    "claude_command",
+    "continuation_prompt",
+    "end_orphan",
+    "extract_verdict",
+    "fetch_instructions_path",
+    "parse_stream",
+    "plan_for_record",
+    "prompt_fields",
+    "role_instructions",
+    "run_agent",
+    "run_for_record",
+    "verdict_line",
+    "verdict_schema",
+]
