@@ -1,6 +1,7 @@
 """Importing this module registers every command on `pmtool.cli.app`."""
 
 from pmtool.cli import (
+    agent_run,  # noqa: F401
     agent_tools,  # noqa: F401
     core,  # noqa: F401
     work,  # noqa: F401

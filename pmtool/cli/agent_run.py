@@ -1,0 +1,302 @@
+"""Running the agent: `exec-claude`.
+
+The command resolves the task (an agent's record, or a task object), settings and the
+prompt, calls `pmtool.agent.run_for_record` or `run_agent`, shows progress on stderr and
+emits the answer. `pmtool.agent` is imported inside the command so that other commands do
+not pay for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pmtool.cli import app, emit, options, read_json_arg, say
+from pmtool.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, UsageError
+
+if TYPE_CHECKING:
+    from pmtool.config import Settings
+
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+
+
+def _read_text(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def _progress(event: dict[str, Any]) -> None:
+    """The human view of a run, one line per event, on stderr."""
+    kind = event.get("event")
+    if kind == "init":
+        say(f"exec-claude: session {event.get('session_id')} started "
+            f"(model {event.get('model') or '?'})")
+    elif kind == "tool":
+        detail = f": {event['detail']}" if event.get("detail") else ""
+        say(f"exec-claude: turn {event.get('turn')}: {event.get('tool')}{detail}")
+    elif kind == "text":
+        say(f"exec-claude: turn {event.get('turn')}: {event.get('text')}")
+    elif kind == "result":
+        cost = event.get("total_cost_usd")
+        say(f"exec-claude: finished after {event.get('num_turns')} turns, "
+            f"cost ${cost if cost is not None else '?'}"
+            + (" (error)" if event.get("is_error") else ""))
+    elif kind == "restart":
+        say(f"exec-claude: {event.get('reason')}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
+    """Turn SIGINT/SIGTERM/SIGHUP into a stop request for the agent.
+
+    The agent runs in its own session, so a Ctrl-C at the terminal reaches only pmtool:
+    pmtool must end the agent's tree itself, and answer what happened.
+    """
+    stop, seen = threading.Event(), []
+
+    def handler(signum: int, _frame: Any) -> None:
+        seen.append(signum)
+        stop.set()
+
+    old = {}
+    for sig in EXIT_SIGNAL:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield stop, seen
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+def _task_from_json(task_json: str) -> dict[str, Any]:
+    data = read_json_arg(task_json, "--task-json")
+    task = data.get("task", data) if isinstance(data, dict) else data
+    if not isinstance(task, dict) or not task.get("title"):
+        raise UsageError("--task-json must be a Headless PM task object (with a title)",
+                         hint="e.g. the `task` of `pmtool claim`'s answer")
+    return task
+
+
+def _role_for(role: str | None, task: dict[str, Any]) -> str:
+    from pmtool.config import ROLES
+
+    chosen = role or task.get("target_role")
+    if chosen not in ROLES:
+        raise UsageError(f"unknown role {chosen!r}" if chosen else "give --role",
+                         hint="valid roles: " + ", ".join(ROLES), valid=list(ROLES))
+    return chosen
+
+
+def _instructions_path(settings: Settings, role: str, instructions_dir: str | None,
+                       prompt_given: bool) -> str | None:
+    """Ask the server where its instruction files are, only if the answer could matter."""
+    from pmtool.agent import fetch_instructions_path, role_file
+
+    if prompt_given or role_file(role, instructions_dir):
+        return None
+    return fetch_instructions_path(settings)
+
+
+@app.command("exec-claude")
+def exec_claude_cmd(
+    agent_id: Annotated[str | None, typer.Option(
+        "--agent-id", help="Run the task of this agent's record (its worktree, branch, "
+                           "model and session).")] = None,
+    task_json: Annotated[str | None, typer.Option(
+        "--task-json", help="Run this task object instead (file or - for stdin).")] = None,
+    cwd: Annotated[str | None, typer.Option(
+        "--cwd", help="Working directory [default: the record's worktree, else the git "
+                      "checkout of the current directory].")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Model [default: the record's, else `model-for` the task's "
+                        "difficulty].")] = None,
+    prompt_file: Annotated[str | None, typer.Option(
+        "--prompt-file", help="Send this file as the prompt, as it is.")] = None,
+    prompt_template: Annotated[str | None, typer.Option(
+        "--prompt-template", help="Build the prompt from this template; placeholders such "
+                                  "as {title}, {description}, {branch}, {instructions}, "
+                                  "{rules}, {verdict}.")] = None,
+    instructions_dir: Annotated[str | None, typer.Option(
+        "--instructions-dir", help="Folder of <role>.md instruction files [env "
+                                   "PMTOOL_INSTRUCTIONS_DIR; then the server's "
+                                   "instructions_path; then built-in].")] = None,
+    print_prompt: Annotated[bool, typer.Option(
+        "--print-prompt", help="Print the prompt (and where it would run) without running "
+                               "anything.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the session recorded for --agent-id.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", min=0, help="Seconds before the agent's process tree is ended, exit 124 "
+                                 "[env HEADLESS_PM_CLAUDE_TIMEOUT; 0 = none].")] = None,
+    idle_timeout: Annotated[float | None, typer.Option(
+        "--idle-timeout", min=0, help="End the run when the agent printed nothing for this "
+                                      "many seconds (a hung agent), exit 124.")] = None,
+    max_budget_usd: Annotated[float | None, typer.Option(
+        "--max-budget-usd", min=0, help="Spend cap of this run (claude's own flag).")] = None,
+    agent_cmd: Annotated[str | None, typer.Option(
+        "--agent-cmd", help="Run this agent command instead of claude (the --agent-cmd "
+                            "contract: prompt on stdin, PMTOOL_* env, stream-json out).")
+    ] = None,
+    role: Annotated[str | None, typer.Option(
+        "--role", help="Role for --task-json [default: the task's target_role]; with "
+                       "--agent-id the record's role.")] = None,
+) -> int:
+    """Run Claude Code (or --agent-cmd) on a task and report its verdict.
+
+    The prompt is the role's instructions plus the task and the rules of the run; the agent
+    ends with a verdict (done/blocked, qa: pass/fail/blocked) as structured output or a
+    last line `PMTOOL_VERDICT: <outcome> <summary>`. Progress goes to stderr, the whole
+    transcript to <state-dir>/logs/. With --agent-id the session id is written to the
+    record before the agent starts, so `--resume` can continue it after a crash.
+
+    Exit 0 ok (a verdict was given), 1 the agent failed or gave no verdict, 124 a time
+    limit ran out (the whole process tree was ended), 2 bad input, 3 no record for the
+    agent, 5 an agent for the record is already running, 130/143 stopped by a signal.
+
+    Example: pmtool exec-claude --agent-id dev_001 --timeout 1800
+
+    Example: pmtool exec-claude --agent-id dev_001 --resume
+
+    Example: pmtool claim ... | jq .task | pmtool exec-claude --task-json - --role qa
+    """
+    from pmtool import agent
+    from pmtool.cli.work import record_store
+
+    if (agent_id is None) == (task_json is None):
+        raise UsageError("give --agent-id or --task-json (one of them)",
+                         hint="pmtool exec-claude --agent-id dev_001")
+    if resume and agent_id is None:
+        raise UsageError("--resume needs --agent-id: the record keeps the session id")
+    if prompt_file and prompt_template:
+        raise UsageError("give --prompt-file or --prompt-template, not both")
+    settings = options().settings(instructions_dir=instructions_dir)
+    instructions_dir = settings.instructions_dir
+    prompt = _read_text(prompt_file, "--prompt-file")
+    template = _read_text(prompt_template, "--prompt-template")
+
+    if agent_id is not None:
+        store = record_store(settings)
+        record = _load(store, agent_id)
+        ctx_path = _instructions_path(settings, record.role, instructions_dir, bool(prompt))
+        if print_prompt:
+            plan = agent.plan_for_record(record, settings, cwd=cwd, model=model)
+            if resume and record.session_id and not prompt:
+                # What a --resume run would send: the session already holds the task.
+                text = agent.continuation_prompt(record.task, record.role, plan["cwd"],
+                                                 plan["branch"])
+            else:
+                text = prompt or agent.build_prompt(record.task, record.role, plan["cwd"],
+                                                    plan["branch"], instructions_dir,
+                                                    ctx_path, template)
+            emit(_preview(text, record.task, record.role, plan, instructions_dir, ctx_path,
+                          bool(prompt)))
+            return EXIT_OK
+        with _stop_on_signals() as (stop, seen):
+            answer = agent.run_for_record(
+                store, agent_id, settings, resume=resume, cwd=cwd, model=model, prompt=prompt,
+                template=template, instructions_dir=instructions_dir,
+                context_instructions_path=ctx_path, timeout=timeout, idle_timeout=idle_timeout,
+                max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
+                stop_event=stop)
+        return _finish(answer, seen)
+
+    assert task_json is not None
+    task = _task_from_json(task_json)
+    run_role = _role_for(role, task)
+    run_cwd = Path(cwd).expanduser() if cwd else agent.repo_or_cwd()
+    if not run_cwd.is_dir():
+        raise UsageError(f"working directory {run_cwd} does not exist")
+    branch, note = agent.branch_for(run_cwd, task.get("branch"), task.get("complexity"))
+    run_model = model or settings.model_for(_level(task))
+    ctx_path = _instructions_path(settings, run_role, instructions_dir, bool(prompt))
+    text = prompt or agent.build_prompt(task, run_role, run_cwd, branch, instructions_dir,
+                                        ctx_path, template)
+    plan = {"cwd": run_cwd, "branch": branch, "model": run_model, "notes": [note] if note else []}
+    if print_prompt:
+        emit(_preview(text, task, run_role, plan, instructions_dir, ctx_path, bool(prompt)))
+        return EXIT_OK
+    claude = None
+    if agent_cmd is None:
+        from pmtool.claude import find_claude
+
+        claude = find_claude(settings.claude_bin)
+        if not claude:
+            raise UsageError("claude CLI not found",
+                             hint="install it (npm install -g @anthropic-ai/claude-code) or "
+                                  "set PMTOOL_CLAUDE_BIN")
+    with _stop_on_signals() as (stop, seen):
+        answer = agent.run_agent(
+            text, cwd=run_cwd, model=run_model, role=run_role, task_id=task.get("id"),
+            claude_bin=claude, agent_cmd=agent_cmd, permission_mode=settings.permission_mode,
+            allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
+            timeout=settings.claude_timeout if timeout is None else timeout,
+            idle_timeout=idle_timeout, log_dir=settings.state_path / "logs", branch=branch,
+            progress=_progress, stop_event=stop, secrets=[settings.api_key])
+    answer.update(task_id=task.get("id"), role=run_role, cwd=str(run_cwd), branch=branch)
+    if note:
+        answer["note"] = note
+    return _finish(answer, seen)
+
+
+def _level(task: dict[str, Any]) -> str:
+    from pmtool.config import LEVELS
+
+    level = task.get("difficulty")
+    return level if level in LEVELS else "senior"
+
+
+def _load(store: Any, agent_id: str) -> Any:
+    from pmtool.errors import NothingToDo
+    from pmtool.records import CorruptRecord
+
+    try:
+        record = store.load(agent_id)
+    except CorruptRecord as exc:
+        raise NothingToDo(str(exc), hint="pmtool recover", moved_to=str(exc.moved_to)) from None
+    if record is None:
+        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
+                          hint="pmtool claim takes a task and writes the record")
+    return record
+
+
+def _preview(text: str, task: dict[str, Any], role: str, plan: dict[str, Any],
+             instructions_dir: str | None, ctx_path: str | None,
+             from_file: bool) -> dict[str, Any]:
+    from pmtool.agent import role_instructions, verdict_schema
+
+    source = "--prompt-file" if from_file else role_instructions(role, instructions_dir,
+                                                                 ctx_path)[1]
+    return {"prompt": text, "task_id": task.get("id"), "role": role, "cwd": str(plan["cwd"]),
+            "branch": plan["branch"], "model": plan["model"], "instructions": source,
+            "verdict_schema": verdict_schema(role), "notes": plan.get("notes") or []}
+
+
+def _finish(answer: dict[str, Any], signals: list[int]) -> int:
+    """Emit the answer; the exit code says how the run ended."""
+    ok = bool(answer.pop("ok"))
+    outcome = answer.get("outcome")
+    if ok:
+        say(f"exec-claude: verdict {outcome}: {answer.get('summary') or ''}".rstrip())
+    else:
+        error = answer.get("error") or {}
+        say(f"pmtool: {error.get('type', 'failed')}: {error.get('message', 'the agent failed')}"
+            + (f" (log: {answer.get('log')})" if answer.get("log") else ""))
+    emit(answer, ok=ok)
+    if ok:
+        return EXIT_OK
+    if answer.get("timed_out"):
+        return EXIT_TIMEOUT
+    if answer.get("stopped") and signals:
+        return EXIT_SIGNAL.get(signals[0], EXIT_FAILED)
+    return EXIT_FAILED
