@@ -248,11 +248,12 @@ class StreamParser:
                 name = str(block.get("name"))
                 self.tool_calls.append(name)
                 events.append({"event": "tool", "tool": name, "turn": self.turns,
-                               "detail": _tool_detail(name, block.get("input"))})
+                               "detail": _tool_detail(name, block.get("input")),
+                               "tokens": self.tokens})
             elif block.get("type") == "text" and block.get("text"):
                 self.texts.append(block["text"])
                 events.append({"event": "text", "turn": self.turns,
-                               "text": _short(block["text"], 120)})
+                               "text": _short(block["text"], 120), "tokens": self.tokens})
         return events
 
     def summary(self) -> dict[str, Any]:
@@ -271,6 +272,32 @@ class StreamParser:
         }
         out.update(extract_verdict(self.result, self.role, self.texts))
         return out
+
+
+def describe_event(event: Mapping[str, Any]) -> str | None:
+    """One human line for a progress event (what `exec-claude` prints on stderr), or None.
+
+    For callers whose progress view takes text: `progress=lambda e: show(describe_event(e))`.
+    """
+    kind = event.get("event")
+    # The stream carries token counts per answer; the cost in dollars comes only with the
+    # result line, so the running figure is tokens.
+    tokens = f" [{event['tokens']:,} tokens so far]" if event.get("tokens") else ""
+    if kind == "init":
+        return f"session {event.get('session_id')} started (model {event.get('model') or '?'})"
+    if kind == "tool":
+        detail = f": {event['detail']}" if event.get("detail") else ""
+        return f"turn {event.get('turn')}: {event.get('tool')}{detail}{tokens}"
+    if kind == "text":
+        return f"turn {event.get('turn')}: {event.get('text')}{tokens}"
+    if kind == "result":
+        cost = event.get("total_cost_usd")
+        return (f"finished after {event.get('num_turns')} turns, cost "
+                f"${cost if cost is not None else '?'}"
+                + (" (error)" if event.get("is_error") else ""))
+    if kind == "restart":
+        return str(event.get("reason"))
+    return None
 
 
 def parse_stream(lines: Iterable[str], role: str | None = None,
@@ -495,9 +522,11 @@ def agent_env(base: Mapping[str, str] | None, *, mark: str, task_id: Any, sessio
     """The agent's environment: ours minus the Headless PM key, plus the run's PMTOOL_*."""
     from pmtool import procs
 
+    # The contract's variables are set from this run only: none may leak in from a pmtool
+    # (or hook) that runs us inside another task's environment.
+    contract = ("PMTOOL_RESUME", "PMTOOL_ROLE", "PMTOOL_BRANCH", "PMTOOL_MAX_BUDGET_USD")
     env = {k: v for k, v in (os.environ if base is None else base).items()
-           if k not in DROPPED_ENV}
-    env.pop("PMTOOL_RESUME", None)
+           if k not in DROPPED_ENV and k not in contract}
     env.update({procs.MARK_ENV: mark, "PMTOOL_TASK_ID": str(task_id),
                 "PMTOOL_SESSION_ID": session_id, "PMTOOL_MODEL": model,
                 "PMTOOL_VERDICT_SCHEMA": json.dumps(verdict_schema(role))})
@@ -697,10 +726,10 @@ def _run_once(cmd: list[str], stdin_text: str, *, cwd: str | Path, model: str,
                    threading.Thread(target=run.pump_stderr, args=(proc.stderr,), daemon=True)]
         for reader in readers:
             reader.start()
-        if on_start:
-            on_start({"pid": proc.pid, "mark": mark, "session_id": session_id,
-                      "log": str(log_path)})
         try:
+            if on_start:
+                on_start({"pid": proc.pid, "mark": mark, "session_id": session_id,
+                          "log": str(log_path)})
             while True:
                 try:
                     proc.wait(timeout=0.1)
@@ -1066,6 +1095,7 @@ __all__ = [
     "build_prompt",
     "claude_command",
     "continuation_prompt",
+    "describe_event",
     "end_orphan",
     "extract_verdict",
     "fetch_instructions_path",

@@ -526,7 +526,7 @@ def test_verdicts() -> None:
 
 
 def test_parse_stream_counts_turns_tools_and_reads_the_result() -> None:
-    from pmtool.agent import parse_stream
+    from pmtool.agent import describe_event, parse_stream
 
     def assistant(mid: str, *blocks: dict[str, Any]) -> str:
         return json.dumps({"type": "assistant", "message": {
@@ -550,7 +550,10 @@ def test_parse_stream_counts_turns_tools_and_reads_the_result() -> None:
     assert summary["outcome"] == "done" and summary["is_error"] is False
     assert [e["event"] for e in events] == ["init", "turn", "text", "tool", "turn", "text",
                                             "result"]
-    assert events[3] == {"event": "tool", "tool": "Bash", "turn": 1, "detail": "ls"}
+    assert events[3] == {"event": "tool", "tool": "Bash", "turn": 1, "detail": "ls",
+                         "tokens": 12}
+    assert describe_event(events[3]) == "turn 1: Bash: ls [12 tokens so far]"
+    assert describe_event(events[-1]) == "finished after 2 turns, cost $0.01"
     cut = parse_stream(lines[:3])  # the agent died before its result
     assert cut["is_error"] is True and cut["outcome"] is None and cut["num_turns"] == 1
 

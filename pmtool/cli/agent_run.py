@@ -37,22 +37,11 @@ def _read_text(path: str | None, what: str) -> str | None:
 
 def _progress(event: dict[str, Any]) -> None:
     """The human view of a run, one line per event, on stderr."""
-    kind = event.get("event")
-    if kind == "init":
-        say(f"exec-claude: session {event.get('session_id')} started "
-            f"(model {event.get('model') or '?'})")
-    elif kind == "tool":
-        detail = f": {event['detail']}" if event.get("detail") else ""
-        say(f"exec-claude: turn {event.get('turn')}: {event.get('tool')}{detail}")
-    elif kind == "text":
-        say(f"exec-claude: turn {event.get('turn')}: {event.get('text')}")
-    elif kind == "result":
-        cost = event.get("total_cost_usd")
-        say(f"exec-claude: finished after {event.get('num_turns')} turns, "
-            f"cost ${cost if cost is not None else '?'}"
-            + (" (error)" if event.get("is_error") else ""))
-    elif kind == "restart":
-        say(f"exec-claude: {event.get('reason')}")
+    from pmtool.agent import describe_event
+
+    line = describe_event(event)
+    if line:
+        say(f"exec-claude: {line}")
 
 
 @contextlib.contextmanager
