@@ -538,10 +538,14 @@ def agent_env(base: Mapping[str, str] | None, *, mark: str, task_id: Any, sessio
         env["PMTOOL_RESUME"] = session_id
     if max_budget_usd is not None:
         env["PMTOOL_MAX_BUDGET_USD"] = f"{max_budget_usd:g}"
-    # claude refuses --dangerously-skip-permissions as root unless it is told it runs in a
-    # sandbox; a root runner (containers, CI) means exactly that.
+    # claude refuses --dangerously-skip-permissions as root unless IS_SANDBOX=1; a root
+    # runner (containers, CI) is exactly that case. Only "1" counts for claude (measured:
+    # "true"/"yes"/"on" are refused), so a truthy spelling is normalised; an explicit "0",
+    # "false" or "no" is the operator's choice and stays.
     if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.setdefault("IS_SANDBOX", "1")
+        current = env.get("IS_SANDBOX", "").strip().lower()
+        if current not in ("0", "false", "no", "off"):
+            env["IS_SANDBOX"] = "1"
     return env
 
 

@@ -501,6 +501,43 @@ def test_sigterm_stops_the_agent(scene: Scene) -> None:
     assert processes_of_task(scene.task["id"]) == []
 
 
+# ---- opt-in: the real model API (costs money; never in CI) ------------------------------
+
+REAL_API = os.environ.get("PMTOOL_TEST_REAL_API") == "1"
+
+
+@pytest.mark.skipif(not REAL_API, reason="talks to the real model API: set PMTOOL_TEST_REAL_API=1 "
+                    "(with ANTHROPIC_API_KEY or a logged-in claude) to run it")
+@pytest.mark.timeout(400)
+def test_real_model_api_smoke(tmp_path: Path) -> None:
+    """One small task against the real API, with a spend cap: does the prompt lead a real
+    model to commit and give a verdict? Model: PMTOOL_TEST_REAL_MODEL (default haiku)."""
+    from pmtool.claude import find_claude
+
+    claude = os.environ.get("PMTOOL_CLAUDE_BIN") or CLAUDE or find_claude()
+    if not claude:
+        pytest.skip("no claude binary")
+    scene = make_scene(tmp_path, "http://unused")
+    # The caller's own environment (key or login under the real HOME), not the offline one.
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_BASE_URL"}
+    env.update({k: scene.env[k] for k in ("PMTOOL_STATE_DIR", "PMTOOL_CONFIG",
+                                          "HEADLESS_PM_API_URL")})
+    env.update({"PMTOOL_CLAUDE_BIN": claude, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+                "DISABLE_AUTOUPDATER": "1"})
+    scene.env = env
+    scene.task.update(title="Add HELLO.txt",
+                      description="Create a file HELLO.txt containing the line `hello` and "
+                                  "commit it. Nothing else.")
+    scene.record()
+    model = os.environ.get("PMTOOL_TEST_REAL_MODEL", "haiku")
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--model", model,
+                 "--max-budget-usd", "0.25", "--timeout", "300", timeout=360)
+    assert run.code == 0, (run.out, run.stderr[-2000:])
+    assert run.out["outcome"] == "done" and run.out["total_cost_usd"] > 0
+    assert (scene.worktree / "HELLO.txt").read_text().strip() == "hello"
+    assert "HELLO.txt" in scene.git("show", "--name-only", "--format=", "feature/login")
+
+
 # ---- the library, in process ---------------------------------------------------------------
 
 
@@ -584,9 +621,10 @@ def test_claude_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert env["PMTOOL_RUN_MARK"] == "m1" and env["PMTOOL_TASK_ID"] == "7"
     assert json.loads(env["PMTOOL_VERDICT_SCHEMA"])["properties"]["outcome"]["enum"][0] == "pass"
     assert (env.get("IS_SANDBOX") == "1") is (os.geteuid() == 0)
-    assert agent_env({"IS_SANDBOX": "0"}, mark="m", task_id=1, session_id="s", model="m",
-                     role=None, branch=None, resume=True,
-                     max_budget_usd=1)["IS_SANDBOX"] == "0"
+    for given, wanted in (("0", "0"), ("no", "no"), ("yes", "1"), ("true", "1")):
+        env = agent_env({"IS_SANDBOX": given}, mark="m", task_id=1, session_id="s", model="m",
+                        role=None, branch=None, resume=True, max_budget_usd=1)
+        assert env["IS_SANDBOX"] == (wanted if os.geteuid() == 0 else given)
 
 
 def test_role_instructions_are_found_in_order(tmp_path: Path) -> None:
