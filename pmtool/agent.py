@@ -966,8 +966,10 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
 
     Answers `run_agent`'s dict plus `agent_id`, `task_id`, `role`, `cwd`, `branch`,
     `task_cost_usd` (the record's total over all runs), `attempts`, and `note` when
-    something is worth saying. Raises NothingToDo when the agent has no record, Conflict
-    when its agent already runs under a live pmtool.
+    something is worth saying. Role instructions: `instructions_dir` (default
+    settings.instructions_dir), then `context_instructions_path`, asked from the server's
+    /api/v1/context when not given, then the built-in file. Raises NothingToDo when the
+    agent has no record, Conflict when its agent already runs under a live pmtool.
     """
     from pmtool.claude import find_claude
     from pmtool.records import CorruptRecord, process_started
@@ -994,6 +996,10 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
         notes.append("the record has no session to resume; started a new one")
         resume = False
     task, role, run_cwd, branch = record.task, record.role, plan["cwd"], plan["branch"]
+    instructions_dir = instructions_dir or settings.instructions_dir
+    if context_instructions_path is None and prompt is None \
+            and not role_file(role, instructions_dir):
+        context_instructions_path = fetch_instructions_path(settings)
     full_prompt = prompt or build_prompt(task, role, run_cwd, branch, instructions_dir,
                                          context_instructions_path, template)
 
@@ -1095,17 +1101,23 @@ __all__ = [
     "CONTINUATION_TEMPLATE",
     "DEFAULT_TEMPLATE",
     "StreamParser",
+    "agent_env",
     "branch_for",
     "build_prompt",
     "claude_command",
     "continuation_prompt",
+    "current_branch",
     "describe_event",
     "end_orphan",
     "extract_verdict",
     "fetch_instructions_path",
+    "log_paths",
+    "outcomes_for",
     "parse_stream",
     "plan_for_record",
     "prompt_fields",
+    "repo_or_cwd",
+    "role_file",
     "role_instructions",
     "run_agent",
     "run_for_record",

@@ -418,6 +418,25 @@ def test_print_prompt_shows_task_branch_and_instructions(scene: Scene) -> None:
     assert run.out["instructions"] == "builtin:qa" and "QA engineer" in run.out["prompt"]
 
 
+def test_server_instructions_path_is_used_when_it_exists_here(
+        scene: Scene, make_standin: Callable[..., Any]) -> None:
+    # The stand-in answers /api/v1/context with instructions_path "./agent_instructions", a
+    # path on the server's machine: here it resolves from where pmtool runs.
+    server = make_standin(api_key="k-" + uuid.uuid4().hex)
+    folder = scene.tmp / "agent_instructions"
+    folder.mkdir()
+    (folder / "backend_dev.md").write_text("Server-side rules for backend developers.\n")
+    scene.record()
+    env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": server.api_key}
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--print-prompt", env=env,
+                 cwd=scene.tmp)
+    assert run.out["instructions"] == "agent_instructions/backend_dev.md"
+    assert "Server-side rules for backend developers." in run.out["prompt"]
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--print-prompt", env=env,
+                 cwd=scene.repo)  # not here: the built-in file, no failure
+    assert run.out["instructions"] == "builtin:backend_dev"
+
+
 def test_bad_input_and_missing_record(scene: Scene) -> None:
     assert pmtool(scene, "exec-claude").code == 2
     assert pmtool(scene, "exec-claude", "--agent-id", "a", "--task-json", "-", input="{}").code == 2

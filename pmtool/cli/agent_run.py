@@ -177,8 +177,9 @@ def exec_claude_cmd(
     if agent_id is not None:
         store = record_store(settings)
         record = _load(store, agent_id)
-        ctx_path = _instructions_path(settings, record.role, instructions_dir, bool(prompt))
         if print_prompt:
+            ctx_path = _instructions_path(settings, record.role, instructions_dir,
+                                          bool(prompt))
             plan = agent.plan_for_record(record, settings, cwd=cwd, model=model)
             if resume and record.session_id and not prompt:
                 # What a --resume run would send: the session already holds the task.
@@ -195,7 +196,7 @@ def exec_claude_cmd(
             answer = agent.run_for_record(
                 store, agent_id, settings, resume=resume, cwd=cwd, model=model, prompt=prompt,
                 template=template, instructions_dir=instructions_dir,
-                context_instructions_path=ctx_path, timeout=timeout, idle_timeout=idle_timeout,
+                timeout=timeout, idle_timeout=idle_timeout,
                 max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
                 stop_event=stop)
         return _finish(answer, seen)
