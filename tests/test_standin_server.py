@@ -14,27 +14,13 @@ from typing import Any
 import pytest
 import requests
 
-from pmtool.testing.seed import Seeder, SeedError, unique_id
+from pmtool.testing.seed import Seeder, unique_id
 
 TASK_KEYS = {"id", "feature_id", "epic_id", "title", "description", "created_by", "target_role",
              "difficulty", "complexity", "branch", "status", "locked_by", "locked_at", "notes",
              "created_at", "updated_at", "task_type", "poll_interval"}
 
 
-def drain(seeder: Seeder, role: str) -> None:
-    """Park every task the server would offer `role` (lock it with a parking agent), so a
-    shared server's leftovers cannot come before this test's own tasks."""
-    parker = unique_id("parker")
-    seeder.register(parker, role, "principal")
-    for _ in range(500):
-        task = seeder.next_task(role, "principal")
-        if task is None:
-            return
-        try:
-            seeder.lock(task["id"], parker)
-        except SeedError as err:
-            assert err.status == 409
-    raise AssertionError(f"could not drain the {role} queue")
 
 
 def agent(seeder: Seeder, role: str = "backend_dev", level: str = "senior") -> str:
@@ -160,7 +146,7 @@ def test_list_tasks_newest_first_and_filters(seeder):
 
 
 def test_pending_is_never_picked_until_promoted(seeder):
-    drain(seeder, "frontend_dev")
+    seeder.drain("frontend_dev")
     task = seeder.create_task(target_role="frontend_dev", promote=False)
     assert seeder.next_task("frontend_dev", "principal") is None
     dev = unique_id("fe")
@@ -174,7 +160,7 @@ def test_pending_is_never_picked_until_promoted(seeder):
 
 
 def test_dev_pick_respects_role_level_and_age(seeder):
-    drain(seeder, "backend_dev")
+    seeder.drain("backend_dev")
     senior = seeder.create_task(target_role="backend_dev", difficulty="senior")
     junior = seeder.create_task(target_role="backend_dev", difficulty="junior")
     seeder.create_task(target_role="frontend_dev", difficulty="junior")
@@ -188,7 +174,7 @@ def test_dev_pick_respects_role_level_and_age(seeder):
 
 
 def test_qa_picks_oldest_dev_done_of_any_role_and_level(seeder):
-    drain(seeder, "qa")
+    seeder.drain("qa")
     first = seeder.create_task(target_role="frontend_dev", difficulty="principal")
     second = seeder.create_task(target_role="backend_dev", difficulty="junior")
     seeder.create_task(target_role="qa", difficulty="junior")  # created, not dev_done
@@ -208,7 +194,7 @@ def test_next_without_role_or_level_is_400(seeder):
 
 
 def test_simulate_answers_at_once(seeder):
-    drain(seeder, "architect")
+    seeder.drain("architect")
     # Without simulate this would hold the request for the default 180 s.
     resp = seeder.request("GET", "tasks/next", timeout=30,
                           params={"role": "architect", "level": "junior", "simulate": "true"})

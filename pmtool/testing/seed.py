@@ -134,6 +134,22 @@ class Seeder:
         self.set_status(task_id, "under_work")
         return self.set_status(task_id, status)["task"]
 
+    def drain(self, role: str) -> None:
+        """Park every task the server would offer `role` (lock it with a parking agent), so
+        a shared server's leftovers cannot come before a test's own tasks."""
+        parker = unique_id("parker")
+        self.register(parker, role, "principal")
+        for _ in range(500):
+            task = self.next_task(role, "principal")
+            if task is None:
+                return
+            try:
+                self.lock(task["id"], parker)
+            except SeedError as err:
+                if err.status != 409:
+                    raise
+        raise RuntimeError(f"could not drain the {role} queue")
+
     def retire_created(self) -> None:
         """Move every task this seeder made to `committed`, unlocked, so that leftovers never
         reach another test's next-task pick on a shared server. Deleted ones are skipped."""
