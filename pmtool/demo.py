@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import shlex
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +33,6 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "pmtool demo", "GIT_AUTHOR_EMAIL": "demo@pmto
                 "GIT_COMMITTER_EMAIL": "demo@pmtool.invalid"}
 
 
-def fake_agent_cmd() -> str:
-    return f"{shlex.quote(sys.executable)} -m pmtool.testing.fake_agent"
-
-
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -56,6 +50,7 @@ def make_repo(path: Path) -> Path:
 def run_demo(workdir: Path | None = None, agent: str = "stand-in",
              on_event: Callable[[dict[str, Any]], None] = lambda _e: None,
              progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    from pmtool.testing import fake_agent
     from pmtool.testing.seed import Seeder
     from pmtool.testing.server import StandInServer
 
@@ -79,7 +74,7 @@ def run_demo(workdir: Path | None = None, agent: str = "stand-in",
         settings = load_settings({"api_url": server.url, "api_key": key,
                                   "state_dir": str(state), "hooks_dir": str(root / "hooks")},
                                  config_path=root / "no-config.toml")
-        agent_cmd = None if agent == "claude" else fake_agent_cmd()
+        agent_cmd = None if agent == "claude" else fake_agent.command()
         common = {"repo": str(repo), "level": "principal", "agent_cmd": agent_cmd,
                   "idle_poll": 0.0, "settle": 0.05, "health_interval": 3600.0,
                   "timeout": 600.0}

@@ -24,7 +24,7 @@ from typing import Any
 from pmtool import work
 from pmtool.config import Settings
 from pmtool.errors import (
-    EXIT_CONFLICT,
+    EXIT_FAILED,
     EXIT_NOTHING,
     EXIT_OK,
     Conflict,
@@ -97,8 +97,9 @@ class Runner:
     # -- events -------------------------------------------------------------------------
 
     def event(self, kind: str, task_id: int | None = None, **data: Any) -> None:
-        self._emit({"event": kind, "time": now_iso(), "agent": self.opts.agent_id,
-                    "task_id": task_id, **data})
+        event = {"ok": kind != "error", "event": kind, "time": now_iso(),
+                 "agent": self.opts.agent_id, "task_id": task_id}
+        self._emit({**event, **data})
 
     def request_stop(self) -> None:
         """Signal handler body: the first call stops softly, the second ends the agent."""
@@ -142,12 +143,18 @@ class Runner:
                             code = EXIT_NOTHING
                             break
                         continue
-                self._work(record)
-                self.backoff = 1.0
-                self.done += 1
-                if self.opts.single_task or (self.opts.max_tasks
-                                             and self.done >= self.opts.max_tasks):
+                finished = self._work(record)
+                if finished:
+                    self.backoff = 1.0
+                    self.done += 1
+                if self.opts.single_task:
+                    code = EXIT_OK if finished else EXIT_FAILED
                     break
+                if self.opts.max_tasks and self.done >= self.opts.max_tasks:
+                    break
+                if not finished:
+                    # Given back: wait, or the server hands the same task straight back.
+                    self._sleep(self.opts.give_back_wait)
             except Stop:
                 break
             except ServerError as exc:
@@ -159,11 +166,6 @@ class Runner:
                 try:
                     self._sleep(wait)
                 except Stop:
-                    break
-            except Conflict as exc:
-                self.event("error", error=exc.to_json())
-                if exc.details.get("fatal"):
-                    code = EXIT_CONFLICT
                     break
             except PmtoolError as exc:
                 self.event("error", error=exc.to_json())
@@ -280,21 +282,22 @@ class Runner:
 
         return repo_root(self.opts.repo or os.getcwd())
 
-    def _work(self, record: TaskRecord) -> None:
-        """One task from claimed (or resumed) to finished."""
+    def _work(self, record: TaskRecord) -> bool:
+        """One task from claimed (or resumed) to finished (True) or given back (False)."""
         repo = self._repo()
         last = (record.steps or [{}])[-1]
         verdict = last.get("verdict") if last.get("step") == "agent-done" else None
         if verdict is None:
             if not self._pre_task(record, repo):
-                return
+                return False
             self._check_stop()
             cwd = self._worktree(record, repo)
             self._check_stop()
             verdict = self._agent(record, cwd)
             if verdict is None:
-                return  # given back, stopped, or lost: handled inside
+                return False  # given back; a stop or a lost task raises instead
         self._finish(record, verdict, repo)
+        return True
 
     def _pre_task(self, record: TaskRecord, repo: Path) -> bool:
         while True:
@@ -316,7 +319,6 @@ class Runner:
             if choice == "stop":
                 raise OperationFailed(f"pre_task hook failed: {why}", fatal=True)
             self._give_back(record, f"pre_task hook failed: {why}")
-            self._sleep(self.opts.give_back_wait)
             return False
 
     def _worktree(self, record: TaskRecord, repo: Path) -> str:
@@ -413,15 +415,21 @@ class Runner:
 
     def _run_agent(self, resume: bool, model: str | None,
                    stop_event: threading.Event) -> dict[str, Any]:
-        from pmtool.agent import run_for_record
+        from pmtool.agent import describe_event, run_for_record
 
         opts = self.opts
+
+        def agent_progress(event: dict[str, Any]) -> None:
+            line = describe_event(event)
+            if line:
+                self.progress(line)
+
         try:
             return run_for_record(
                 self.store, opts.agent_id, self.settings, resume=resume, model=model,
                 timeout=opts.timeout or self.settings.claude_timeout,
                 idle_timeout=opts.idle_timeout, max_budget_usd=opts.max_budget_usd,
-                agent_cmd=opts.agent_cmd, stop_event=stop_event, progress=self.progress)
+                agent_cmd=opts.agent_cmd, stop_event=stop_event, progress=agent_progress)
         except PmtoolError as exc:
             return {"ok": False, "error": exc.to_json()}
 
@@ -461,6 +469,7 @@ class Runner:
         self.progress(f"task {record.task_id} given back: {why}")
 
     def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
+        record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
         context = self._context(record, outcome=verdict["outcome"])
         notes = self._summary(record, verdict)
         result = work.finish(self.client, self.store, self.opts.agent_id, verdict["outcome"],

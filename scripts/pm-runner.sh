@@ -79,7 +79,7 @@ while [ "$stopping" = 0 ]; do
   resume=()
   [ -n "$session" ] && resume=(--resume)
   step exec-claude --agent-id "$agent" "${resume[@]}" "${agent_cmd[@]}"
-  if [ "$rc" != 0 ] && [ "$stopping" = 0 ]; then  # retry once, continuing the same session
+  if { [ "$rc" = 1 ] || [ "$rc" = 124 ]; } && [ "$stopping" = 0 ]; then  # retry once, same session
     step exec-claude --agent-id "$agent" --resume "${agent_cmd[@]}"
   fi
   [ "$stopping" = 0 ] || break

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, emit_line, options, say
-from pmtool.cli.work import AgentId, Level, Role
+from pmtool.cli.work import AgentId, Level, Role, Settle
 from pmtool.errors import UsageError
 
 COLOURS = {"claimed": "36", "resumed": "36", "finished": "32", "error": "31", "idle": "2",
@@ -98,6 +98,7 @@ def run_cmd(
         help="Spend cap per agent run (claude's --max-budget-usd).")] = None,
     idle_poll: Annotated[float, typer.Option(
         help="Seconds of looking for work between `idle` events.")] = 30.0,
+    settle: Settle = 0.3,
 ) -> int:
     """Work tasks for a role continuously: claim, hooks, worktree, claude, finish, repeat.
 
@@ -108,7 +109,7 @@ def run_cmd(
 
     Example: pmtool run --role backend_dev --agent-id dev_001 --repo ~/src/app
 
-    Example: pmtool run --role qa --agent-id qa_001 --single-task | jq -c 'select(.ok == false)'
+    Example: pmtool run --role qa --agent-id qa_001 --single-task | jq 'select(.event=="finished")'
     """
     from pmtool.config import check_level
     from pmtool.loop import AGENT_FAILURE_POLICIES, HOOK_FAILURE_POLICIES, Runner, RunOptions
@@ -127,7 +128,8 @@ def run_cmd(
                       on_agent_failure=on_agent_failure, on_hook_failure=on_hook_failure,
                       task_budget_usd=task_budget_usd, escalate=escalate, agent_cmd=agent_cmd,
                       timeout=timeout, idle_timeout=idle_timeout,
-                      max_budget_usd=max_budget_usd, idle_poll=idle_poll)
+                      max_budget_usd=max_budget_usd, idle_poll=idle_poll,
+                      settle=settle)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
 
     def on_event(event: dict[str, Any]) -> None:
