@@ -67,6 +67,16 @@ class RunOptions:
     give_back_wait: float = 30.0
 
 
+def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
+    """The verdict of an agent run that ended before a stop, if no run started since."""
+    for step in reversed(record.steps):
+        if step.get("step") == "agent-done":
+            return step.get("verdict")
+        if step.get("step") in ("agent_starting", "agent_running"):
+            return None
+    return None
+
+
 class Stop(Exception):
     """Raised between steps once a stop was asked for."""
 
@@ -123,7 +133,11 @@ class Runner:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        lock = self.store.runner_lock(self.opts.agent_id).acquire()
+        try:
+            lock = self.store.runner_lock(self.opts.agent_id).acquire()
+        except Conflict as exc:
+            self.event("error", error=exc.to_json())
+            return exc.exit_code
         try:
             return self._loop()
         finally:
@@ -285,8 +299,7 @@ class Runner:
     def _work(self, record: TaskRecord) -> bool:
         """One task from claimed (or resumed) to finished (True) or given back (False)."""
         repo = self._repo()
-        last = (record.steps or [{}])[-1]
-        verdict = last.get("verdict") if last.get("step") == "agent-done" else None
+        verdict = kept_verdict(record)
         if verdict is None:
             if not self._pre_task(record, repo):
                 return False

@@ -1,0 +1,473 @@
+"""`pmtool run` and `pmtool demo`: the loop as a user runs it, in real subprocesses, against a
+stand-in server, in real git repositories; with the built-in fake agent, and end to end
+with the real claude binary against the scripted model server."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from helpers import PMTOOL
+from pmtool.records import RecordStore
+from pmtool.testing import fake_agent
+from pmtool.testing.claude_env import claude_env, find_test_claude
+from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
+from pmtool.testing.seed import Seeder
+
+CLAUDE = find_test_claude()
+needs_claude = pytest.mark.skipif(CLAUDE is None, reason="real claude CLI not installed: "
+                                  "run `npm ci --prefix tests --no-audit --no-fund`")
+
+
+@dataclass
+class World:
+    tmp: Path
+    repo: Path
+    state: Path
+    hooks: Path
+    env: dict[str, str]
+    seeder: Seeder
+    server: Any
+
+    @property
+    def store(self) -> RecordStore:
+        return RecordStore(self.state)
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    def task(self, title: str = "Add a ping endpoint", **kw: Any) -> dict[str, Any]:
+        spec = {"target_role": "backend_dev", "difficulty": "senior", "complexity": "major",
+                "branch": f"feature/{secrets.token_hex(3)}", **kw}
+        return self.seeder.create_task(title=title, description="Do it well.", **spec)
+
+    def status(self, task_id: int) -> dict[str, Any]:
+        task = self.seeder.get_task(task_id)
+        assert task is not None
+        return task
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 90) -> Run:
+        proc = subprocess.run([PMTOOL, "run", *self.args(*args)], capture_output=True,
+                              text=True, env={**self.env, **(env or {})}, cwd=self.repo,
+                              timeout=timeout, check=False)
+        return Run(proc.returncode, events(proc.stdout), proc.stderr)
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen([PMTOOL, "run", *self.args(*args)], text=True,
+                                env={**self.env, **(env or {})}, cwd=self.repo,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def args(self, *args: str) -> list[str]:
+        defaults = ["--repo", str(self.repo), "--settle", "0.05", "--idle-poll", "0.5"]
+        if "--role" not in args:
+            defaults += ["--role", "backend_dev"]
+        if "--agent-id" not in args:
+            defaults += ["--agent-id", "dev_1"]
+        if "--agent-cmd" not in args and "--real-claude" not in args:
+            defaults += ["--agent-cmd", fake_agent.command()]
+        return [a for a in args if a != "--real-claude"] + defaults
+
+
+@dataclass
+class Run:
+    code: int
+    events: list[dict[str, Any]]
+    stderr: str
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind]
+
+
+def events(stdout: str) -> list[dict[str, Any]]:
+    out = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    for event in out:  # the event contract: every line has these
+        assert {"ok", "event", "time", "agent", "task_id"} <= set(event), event
+    return out
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
+    key = f"k-{secrets.token_hex(8)}"
+    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
+           "PMTOOL_STATE_DIR": str(tmp_path / "state"),
+           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_HOOKS_DIR": str(hooks)}
+    env.pop("PMTOOL_RUNNER_PID", None)
+    seeder = Seeder(server.url, key)
+    return World(tmp_path, repo, tmp_path / "state", hooks, env, seeder, server)
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def dev_done_count(world: World, task_id: int) -> int:
+    return sum(1 for c in world.seeder.changelog(500)
+               if c["task_id"] == task_id and c["new_status"] == "dev_done")
+
+
+# ---- one task, start to end ---------------------------------------------------------------
+
+
+def test_single_task_major_goes_to_dev_done_on_its_branch(world: World) -> None:
+    task = world.task()
+    run = world.run("--single-task")
+    assert run.code == 0, run.stderr
+    assert run.kinds() == ["health", "claimed", "hook", "worktree", "agent", "finished",
+                           "hook", "worktree", "stopped"]
+    finished = run.of("finished")[0]
+    assert finished["outcome"] == "done" and finished["status"] == "dev_done"
+    server_task = world.status(task["id"])
+    assert server_task["status"] == "dev_done" and server_task["locked_by"] is None
+    assert "pmtool: done, model sonnet, 3 turns" in server_task["notes"]
+    assert f"branch {task['branch']}" in server_task["notes"]
+    # The agent's commit is on the task branch, not on main; the worktree is gone.
+    assert "backend_dev notes" in world.git("log", "-1", "--format=%s", task["branch"])
+    assert "fake agent" not in world.git("log", "-1", "--format=%s", "main")
+    worktree = run.of("worktree")[0]["path"]
+    assert not Path(worktree).exists()
+    assert world.store.load("dev_1") is None
+    history = (world.state / "history.jsonl").read_text().splitlines()
+    assert json.loads(history[-1])["outcome"] == "done"
+    assert "task" in run.stderr and "finished" in run.stderr  # the human view
+
+
+def test_single_task_with_nothing_to_do_exits_3(world: World) -> None:
+    run = world.run("--single-task")
+    assert run.code == 3
+    assert run.kinds()[-1] == "stopped"
+
+
+def test_minor_task_commits_on_main_without_worktree(world: World) -> None:
+    task = world.task(complexity="minor", branch="main")
+    run = world.run("--single-task")
+    assert run.code == 0, run.stderr
+    assert run.of("worktree")[0]["path"] is None
+    assert "backend_dev notes" in world.git("log", "-1", "--format=%s", "main")
+    assert world.status(task["id"])["status"] == "dev_done"
+
+
+def test_qa_fail_sends_task_back_and_developer_takes_it_again(world: World) -> None:
+    task = world.task()
+    assert world.run("--single-task").code == 0
+    qa = world.run("--single-task", "--role", "qa", "--agent-id", "qa_1",
+                   env={"PMTOOL_FAKE_AGENT_OUTCOME": "fail"})
+    assert qa.code == 0, qa.stderr
+    assert qa.of("finished")[0]["status"] == "created"
+    back = world.status(task["id"])
+    assert back["status"] == "created" and "pmtool: fail" in back["notes"]
+    again = world.run("--single-task")
+    assert again.code == 0, again.stderr
+    assert again.of("claimed")[0]["task_id"] == task["id"]
+    assert world.status(task["id"])["status"] == "dev_done"
+    qa = world.run("--single-task", "--role", "qa", "--agent-id", "qa_1")
+    assert world.status(task["id"])["status"] == "qa_done"
+
+
+# ---- failures and policies ----------------------------------------------------------------
+
+
+def test_failing_agent_is_retried_with_resume_then_given_back(world: World) -> None:
+    task = world.task()
+    run = world.run("--single-task", env={"PMTOOL_FAKE_AGENT_EXIT": "1"})
+    assert run.code == 1
+    agents = run.of("agent")
+    assert len(agents) == 2 and agents[1]["resumed"] is True
+    assert agents[0]["session_id"] == agents[1]["session_id"]
+    given = run.of("finished")[0]
+    assert given["outcome"] == "given_back" and "agent failed" in given["reason"]
+    back = world.status(task["id"])
+    assert back["status"] == "created" and back["locked_by"] is None
+    assert "agent failed" in back["notes"]
+
+
+def test_escalate_retries_on_the_stronger_model(world: World) -> None:
+    world.task()
+    run = world.run("--single-task", "--on-agent-failure", "release", "--escalate",
+                    env={"PMTOOL_FAKE_AGENT_OUTCOME": "none"})
+    assert [a["model"] for a in run.of("agent")] == ["sonnet", "opus"]
+    assert run.of("finished")[0]["outcome"] == "given_back"
+
+
+def test_task_budget_gives_the_task_back(world: World) -> None:
+    world.task()
+    run = world.run("--single-task", "--task-budget-usd", "0.0001",
+                    env={"PMTOOL_FAKE_AGENT_OUTCOME": "none"})
+    assert len(run.of("agent")) == 1
+    assert "task budget" in run.of("finished")[0]["reason"]
+
+
+def test_failing_pre_task_hook_gives_the_task_back(world: World) -> None:
+    task = world.task()
+    hook = world.hooks / "pre_task.sh"
+    hook.write_text("#!/bin/sh\necho 'disk is full' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    run = world.run("--single-task")
+    assert run.code == 1
+    assert run.of("hook")[0]["ok"] is False
+    assert "disk is full" in run.of("finished")[0]["reason"]
+    assert world.status(task["id"])["status"] == "created"
+    assert not run.of("agent")
+
+    run = world.run("--single-task", "--on-hook-failure", "continue")
+    assert run.code == 0 and world.status(task["id"])["status"] == "dev_done"
+
+
+def test_unknown_policy_and_level_are_usage_errors(world: World) -> None:
+    for args in (["--on-agent-failure", "maybe"], ["--level", "staff"]):
+        proc = subprocess.run([PMTOOL, "run", *world.args(*args)], capture_output=True,
+                              text=True, env=world.env, check=False)
+        assert proc.returncode == 2
+        assert json.loads(proc.stdout)["error"]["type"] == "usage"
+
+
+def test_second_runner_for_the_same_agent_is_refused(world: World) -> None:
+    first = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "30"})
+    try:
+        world.task()
+        wait_for(lambda: (world.store.load("dev_1") or None) and
+                 world.store.load("dev_1").session_id, what="the agent to start")
+        second = world.run("--single-task")
+        assert second.code == 5
+        assert "already has a runner" in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+
+
+# ---- signals, crashes, heartbeat ----------------------------------------------------------
+
+
+def test_sigterm_stops_after_the_step_and_restart_finishes_once(world: World) -> None:
+    task = world.task()
+    proc = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "2"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id,
+             what="the agent to start")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    first = Run(proc.returncode, events(out), err)
+    assert first.of("agent")[0]["outcome"] == "done"  # the step ran to its end
+    assert not first.of("finished")
+    assert first.of("stopped")[0]["record_kept"] is True
+    assert world.status(task["id"])["status"] == "under_work"
+
+    again = world.run("--single-task")
+    assert again.code == 0, again.stderr
+    assert again.kinds()[:2] == ["health", "resumed"]
+    assert not again.of("agent")  # the verdict was kept: the agent does not run twice
+    assert again.of("finished")[0]["status"] == "dev_done"
+    assert dev_done_count(world, task["id"]) == 1
+
+
+def test_second_signal_ends_the_agent_now_and_keeps_the_record(world: World) -> None:
+    world.task()
+    proc = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "60"})
+    record = wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id and r,
+                      what="the agent to start")
+    agent_pid = wait_for(lambda: next((s["pid"] for s in world.store.load("dev_1").steps
+                                       if s["step"] == "agent_running"), None),
+                         what="the agent's pid")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _err = proc.communicate(timeout=20)
+    assert not psutil.pid_exists(agent_pid) or \
+        psutil.Process(agent_pid).status() == psutil.STATUS_ZOMBIE
+    kept = world.store.load("dev_1")
+    assert kept is not None and kept.session_id == record.session_id
+    assert events(out)[-1]["event"] == "stopped"
+
+
+def test_kill_9_during_the_agent_then_restart_resumes_the_same_task(world: World) -> None:
+    task = world.task()
+    proc = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "60"})
+    record = wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id and r,
+                      what="the agent to start")
+    wait_for(lambda: any(s["step"] == "agent_running" for s in world.store.load("dev_1").steps),
+             what="the agent's pid")
+    proc.kill()
+    proc.communicate()
+    again = world.run("--single-task")
+    assert again.code == 0, again.stderr
+    resumed = again.of("resumed")[0]
+    assert resumed["task_id"] == task["id"] and resumed["session_id"] == record.session_id
+    agent = again.of("agent")[0]
+    assert agent["session_id"] == record.session_id and agent["resumed"] is True
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert dev_done_count(world, task["id"]) == 1
+
+
+def test_heartbeat_notices_the_task_was_given_away(world: World) -> None:
+    task = world.task()
+    proc = world.start("--heartbeat", "0.2", "--single-task",
+                       env={"PMTOOL_FAKE_AGENT_SLEEP": "30"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
+    # Someone else takes the task: the lock moves to another agent.
+    world.seeder.release(task["id"], status="created")
+    world.seeder.register("thief", "backend_dev", "senior")
+    world.seeder.lock(task["id"], "thief")
+    out, err = proc.communicate(timeout=30)
+    run = Run(proc.returncode, events(out), err)
+    assert run.code == 5, err
+    error = run.of("error")[0]["error"]
+    assert error["type"] == "conflict" and "another agent" in error["message"]
+    assert world.status(task["id"])["locked_by"] == "thief"
+    assert world.store.load("dev_1") is None
+
+
+def test_heartbeat_keeps_the_lock_past_the_30_minute_rule(world: World) -> None:
+    task = world.task()
+    proc = world.start("--heartbeat", "0.2", "--single-task",
+                       env={"PMTOOL_FAKE_AGENT_SLEEP": "3"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
+    time.sleep(0.5)  # a heartbeat has re-registered
+    world.server.advance_clock(20 * 60)
+    time.sleep(0.5)
+    world.server.advance_clock(20 * 60)  # 40 minutes since the claim, < 30 since a beat
+    world.seeder.register("other", "backend_dev", "senior")
+    assert world.seeder.next_task("backend_dev", "senior") is None  # runs the stale cleanup
+    assert world.status(task["id"])["locked_by"] == "dev_1"
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert world.status(task["id"])["status"] == "dev_done"
+
+
+def test_three_runners_five_tasks_each_finished_once(world: World) -> None:
+    tasks = [world.task(title=f"task {i}") for i in range(5)]
+    procs = [world.start("--agent-id", f"dev_{i}") for i in range(3)]
+    try:
+        wait_for(lambda: all(world.status(t["id"])["status"] == "dev_done" for t in tasks),
+                 timeout=60, what="every task to be done")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        outs = [proc.communicate(timeout=30) for proc in procs]
+    finished = [e for out, _ in outs for e in events(out) if e["event"] == "finished"]
+    assert sorted(e["task_id"] for e in finished) == sorted(t["id"] for t in tasks)
+    for task in tasks:
+        assert dev_done_count(world, task["id"]) == 1
+    assert all(proc.returncode == 0 for proc in procs)
+
+
+def test_server_going_away_keeps_the_record_and_backs_off(world: World) -> None:
+    world.task()
+    proc = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "1"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
+    world.server.stop()
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    run = Run(proc.returncode, events(out), err)
+    assert any(e["error"]["type"] == "server" for e in run.of("error")), err
+    assert world.store.load("dev_1") is not None  # the claim is kept for a later resume
+
+
+# ---- the demo ----------------------------------------------------------------------------
+
+
+def test_demo_runs_everything_on_a_fresh_setup(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEADLESS_PM", "PMTOOL"))}
+    proc = subprocess.run([PMTOOL, "demo", "--workdir", str(tmp_path / "demo")],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["ok"] is True
+    assert [t["status"] for t in out["tasks"]] == ["qa_done", "qa_done"]
+    assert {t["complexity"] for t in out["tasks"]} == {"minor", "major"}
+    assert all(len(t["commits"]) == 2 for t in out["tasks"])
+    assert Path(out["where"]["history"]).exists()
+    assert "look in:" in proc.stderr
+
+
+# ---- end to end with the real claude binary -------------------------------------------------
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_developer_then_qa_on_a_major_task(world: World) -> None:
+    task = world.task(title="Add a login page")
+    with ScriptedModelServer() as model:
+        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Write("login.py", "def login():\n    return True\n"),
+                          Bash("git add login.py && git commit -q -m 'Add the login page'"),
+                          Structured({"outcome": "done", "summary": "Login page added."})])
+        dev = world.run("--single-task", "--real-claude", env=env)
+        assert dev.code == 0, dev.stderr
+        agent = dev.of("agent")[0]
+        assert agent["outcome"] == "done" and agent["num_turns"] >= 3
+        assert agent["total_cost_usd"] > 0
+        assert world.git("log", "-1", "--format=%s", task["branch"]) == "Add the login page"
+        assert world.status(task["id"])["status"] == "dev_done"
+
+        model.set_script([Bash("git log --oneline -3"),
+                          Structured({"outcome": "pass", "summary": "Looks right."})])
+        qa = world.run("--single-task", "--real-claude", "--role", "qa", "--agent-id", "qa_1",
+                       env=env)
+        assert qa.code == 0, qa.stderr
+        assert qa.of("finished")[0]["status"] == "qa_done"
+        assert len(model.sessions()) == 2
+    final = world.status(task["id"])
+    assert final["status"] == "qa_done"
+    assert "Login page added." in final["notes"] and "Looks right." in final["notes"]
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) -> None:
+    task = world.task()
+    with ScriptedModelServer() as model:
+        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Write("half.txt", "half\n"), Hang(),
+                          Bash("git add -A && git commit -q -m 'Finish after resume'"),
+                          Structured({"outcome": "done", "summary": "Resumed and done."})])
+        proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
+                                cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: len(model.main_requests()) >= 2, timeout=30, what="the hang")
+            proc.kill()
+            proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        session = world.store.load("dev_1").session_id
+        again = world.run("--single-task", "--real-claude", env=env)
+        assert again.code == 0, again.stderr
+        assert again.of("resumed")[0]["session_id"] == session
+        assert again.of("agent")[0]["session_id"] == session
+        assert model.sessions() == [session]
+        assert "half.txt" in json.dumps(model.main_requests(session)[2]["messages"])
+    assert world.git("log", "-1", "--format=%s", task["branch"]) == "Finish after resume"
+    assert dev_done_count(world, task["id"]) == 1
