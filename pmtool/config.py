@@ -7,7 +7,6 @@ value is what it is. The API key is only ever shown masked.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +138,8 @@ def load_file(path: Path) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    import tomllib  # only when there is a file: start-up matters for every command
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -207,3 +207,22 @@ def test_client_validation_error_is_usage(pm_server):
         client.register("contract-agent", "fullstack_dev", "senior")
     assert err.value.exit_code == 2
     assert "backend_dev" in err.value.message
+
+
+def test_every_command_is_in_the_lazy_registration_map():
+    from pmtool.cli import (
+        COMMAND_MODULES,
+        app,
+        command_name,
+        commands,  # noqa: F401  (all of them)
+    )
+
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert names == set(COMMAND_MODULES)
+    assert command_name(["--pretty", "--api-url", "http://x", "claim", "--role", "qa"]) == "claim"
+
+
+def test_help_lists_every_command(clean_env):
+    proc = subprocess.run([PMTOOL, "--help"], capture_output=True, text=True, check=True)
+    for name in ("claim", "exec-claude", "worktree", "run", "demo", "recover", "health"):
+        assert name in proc.stdout
