@@ -972,15 +972,9 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
     agent has no record, Conflict when its agent already runs under a live pmtool.
     """
     from pmtool.claude import find_claude
-    from pmtool.records import CorruptRecord, process_started
+    from pmtool.records import process_started
 
-    try:
-        record = store.load(agent_id)
-    except CorruptRecord as exc:
-        raise NothingToDo(str(exc), hint="pmtool recover", moved_to=str(exc.moved_to)) from None
-    if record is None:
-        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
-                          hint="pmtool claim takes a task and writes the record")
+    record = store.need(agent_id)
     notes: list[str] = []
     orphan = end_orphan(record)
 

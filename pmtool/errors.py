@@ -41,6 +41,12 @@ class OperationFailed(PmtoolError):
     """The operation ran and did not succeed (unhealthy, hook failed, agent failed)."""
 
 
+class RecordCorrupt(OperationFailed):
+    """The agent's record did not parse; it has been moved aside, never deleted."""
+
+    kind = "corrupt"
+
+
 class UsageError(PmtoolError):
     kind = "usage"
     exit_code = EXIT_USAGE

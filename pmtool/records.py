@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pmtool.errors import Conflict
+from pmtool.errors import Conflict, NothingToDo, RecordCorrupt
 
 RECORD_VERSION = 1
 MAX_STEPS = 30
@@ -131,6 +131,25 @@ class RecordStore:
     def load(self, agent_id: str) -> TaskRecord | None:
         """The agent's record, None if there is none; raises CorruptRecord after quarantine."""
         return self._read(self.path(agent_id))
+
+    def get(self, agent_id: str) -> TaskRecord | None:
+        """Like `load`, but a corrupt record is a RecordCorrupt error (exit 1) for callers."""
+        try:
+            return self.load(agent_id)
+        except CorruptRecord as exc:
+            raise RecordCorrupt(
+                f"the record of agent {agent_id} was corrupt ({exc.reason}); "
+                f"kept as {exc.moved_to}",
+                hint=f"check the server for tasks locked by {agent_id}, then run the command "
+                     "again", kept_as=str(exc.moved_to)) from None
+
+    def need(self, agent_id: str) -> TaskRecord:
+        """The agent's record; NothingToDo (exit 3) when there is none."""
+        record = self.get(agent_id)
+        if record is None:
+            raise NothingToDo(f"agent {agent_id} has no task record on this machine",
+                              hint="pmtool claim takes a task and writes the record")
+        return record
 
     def _read(self, path: Path) -> TaskRecord | None:
         try:

@@ -36,12 +36,11 @@ from pmtool.errors import (
     ApiError,
     Conflict,
     NothingToDo,
-    OperationFailed,
     ServerError,
     UsageError,
     detail_text,
 )
-from pmtool.records import CorruptRecord, RecordStore, TaskRecord, now_iso, process_started
+from pmtool.records import RecordStore, TaskRecord, now_iso, process_started
 
 # Longer than the server's in-flight lock window: a lock request that passed the server's
 # check before ours was written lands within that window (quirk 2). The stand-in's race
@@ -79,12 +78,6 @@ def _fault(point: str) -> None:
     elif fault == f"pause-{point}" and not _paused:
         _paused.append(True)
         os.kill(os.getpid(), signal.SIGSTOP)
-
-
-class RecordCorrupt(OperationFailed):
-    """The agent's record did not parse; it has been moved aside, never deleted."""
-
-    kind = "corrupt"
 
 
 @dataclass
@@ -127,24 +120,6 @@ def _append_notes(task: dict[str, Any] | None, extra: str | None) -> str | None:
         return old or None
     # Blank-line separated, as the server joins comments.
     return f"{old.rstrip()}\n\n{extra}" if old.strip() else extra
-
-
-def _load(store: RecordStore, agent_id: str) -> TaskRecord | None:
-    try:
-        return store.load(agent_id)
-    except CorruptRecord as exc:
-        raise RecordCorrupt(
-            f"the record of agent {agent_id} was corrupt ({exc.reason}); kept as {exc.moved_to}",
-            hint=f"check the server for tasks locked by {agent_id}, then run the command again",
-            kept_as=str(exc.moved_to)) from None
-
-
-def _need_record(store: RecordStore, agent_id: str) -> TaskRecord:
-    record = _load(store, agent_id)
-    if record is None:
-        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
-                          hint="pmtool claim takes a task")
-    return record
 
 
 def _discard(store: RecordStore, record: TaskRecord) -> None:
@@ -272,7 +247,7 @@ def claim_abandoned(record: TaskRecord) -> bool:
 
 
 def _refuse_if_busy(store: RecordStore, agent_id: str) -> None:
-    record = _load(store, agent_id)
+    record = store.get(agent_id)
     if record is None:
         return
     live = store.is_live(record)
@@ -439,7 +414,7 @@ def acquire(client: Any, store: RecordStore, task_id: int, agent_id: str, role: 
 
 def show(store: RecordStore, agent_id: str) -> dict[str, Any]:
     """The agent's record, where it is and whether its runner lives; NothingToDo if none."""
-    record = _need_record(store, agent_id)
+    record = store.need(agent_id)
     return {"record": record.to_json(), "path": str(store.path(agent_id)),
             "live": store.is_live(record)}
 
@@ -453,7 +428,7 @@ def update_record(store: RecordStore, agent_id: str, *, worktree: str | None = N
 
     Returns the record and its path; NothingToDo if the agent has none.
     """
-    record = _need_record(store, agent_id)
+    record = store.need(agent_id)
     changed = {k: v for k, v in {"worktree": worktree, "branch": branch,
                                  "session_id": session_id, "model": model,
                                  "attempts": attempts, "cost_usd": cost_usd}.items()
@@ -522,7 +497,7 @@ def release(client: Any, store: RecordStore, agent_id: str,
     Returns `{"task_id", "action": "released"|"moved_on", "task"}`. A task that someone
     else has moved on is left as it is (`moved_on`); the record is closed either way.
     """
-    record = _need_record(store, agent_id)
+    record = store.need(agent_id)
     task = read_task(client, record.task_id)
     extra = f"{agent_id}: released: {notes}" if notes else None
     if _ours(task, record):
@@ -576,7 +551,7 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
     `moved_on`. Returns `{"task_id", "action", "outcome", "status", "task"}`; the record
     is closed either way.
     """
-    record = _need_record(store, agent_id)
+    record = store.need(agent_id)
     status = outcome_status(record.role, outcome, record.previous_status)
     task = read_task(client, record.task_id, status=UNDER_WORK)
     if not _ours(task, record):

@@ -176,7 +176,7 @@ def exec_claude_cmd(
 
     if agent_id is not None:
         store = record_store(settings)
-        record = _load(store, agent_id)
+        record = store.need(agent_id)
         if print_prompt:
             ctx_path = _instructions_path(settings, record.role, instructions_dir,
                                           bool(prompt))
@@ -244,20 +244,6 @@ def _level(task: dict[str, Any]) -> str:
 
     level = task.get("difficulty")
     return level if level in LEVELS else "senior"
-
-
-def _load(store: Any, agent_id: str) -> Any:
-    from pmtool.errors import NothingToDo
-    from pmtool.records import CorruptRecord
-
-    try:
-        record = store.load(agent_id)
-    except CorruptRecord as exc:
-        raise NothingToDo(str(exc), hint="pmtool recover", moved_to=str(exc.moved_to)) from None
-    if record is None:
-        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
-                          hint="pmtool claim takes a task and writes the record")
-    return record
 
 
 def _preview(text: str, task: dict[str, Any], role: str, plan: dict[str, Any],

@@ -47,19 +47,6 @@ def _store(settings: Settings) -> RecordStore:
     return RecordStore(settings.state_path)
 
 
-def _record(store: RecordStore, agent_id: str) -> TaskRecord:
-    from pmtool.records import CorruptRecord
-
-    try:
-        record = store.load(agent_id)
-    except CorruptRecord as exc:
-        raise NothingToDo(str(exc), hint="pmtool recover", moved_to=str(exc.moved_to)) from None
-    if record is None:
-        raise NothingToDo(f"agent {agent_id} has no task record on this machine",
-                          hint="pmtool claim takes a task and writes the record")
-    return record
-
-
 def _repo_of(repo: str | None, record: TaskRecord | None = None) -> Path:
     from pmtool.worktree import repo_root
 
@@ -101,7 +88,7 @@ def worktree_create(
     settings = options().settings(hooks_dir=hooks_dir, worktree_base=worktree_base)
     store, record = _store(settings), None
     if agent_id:
-        record = _record(store, agent_id)
+        record = store.need(agent_id)
         if task_id is not None and task_id != record.task_id:
             raise UsageError(f"--task-id {task_id} is not the task of {agent_id}'s record "
                              f"({record.task_id})")
@@ -170,7 +157,7 @@ def worktree_remove(
     settings = options().settings(worktree_base=worktree_base)
     store, record = _store(settings), None
     if agent_id:
-        record = _record(store, agent_id)
+        record = store.need(agent_id)
         if record.task.get("complexity") == "minor" or not record.worktree:
             raise NothingToDo(f"task {record.task_id} has no worktree (a minor task works in "
                               "the repo itself)", task_id=record.task_id)
@@ -284,7 +271,7 @@ def hook_run(
 
     check_name(name)
     settings = options().settings(hooks_dir=hooks_dir, hook_timeout=timeout)
-    record = _record(_store(settings), agent_id) if agent_id else None
+    record = _store(settings).need(agent_id) if agent_id else None
     context = task_context(record, state_dir=settings.state_path, api_url=settings.api_url)
     if input_ is not None:
         data = read_json_arg(input_, "--input")
