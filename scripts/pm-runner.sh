@@ -5,14 +5,18 @@
 #   -> hook post_task -> worktree remove -> next
 #
 # Usage: pm-runner.sh --role ROLE --agent-id ID [--level L] [--repo DIR] [--single-task]
-#                     [--agent-cmd CMD] [--wait SECONDS]
-# Prints each step's JSON on stdout, one object per line. Ctrl-C stops after the current
-# step and keeps the task record, so the next start resumes the same task.
+#                     [--max-tasks N] [--agent-cmd CMD] [--wait SECONDS]
+# Prints each step's JSON on stdout, one object per line, and a last `stopped` line.
+# --wait: seconds each claim looks for work, and the pause after giving a task back
+# (default 30; 0 with --single-task). --single-task exits 0 after one finished task, 1
+# when it was given back, 3 when there was none. Ctrl-C or SIGTERM stops after the
+# current step and keeps the task record, so the next start resumes the same task.
+# PMTOOL names the pmtool to run (default: pmtool on PATH).
 set -euo pipefail
 
 PMTOOL=${PMTOOL:-pmtool}
-role="" agent="" level=senior repo=$PWD single=0 wait=30 agent_cmd=()
-usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+role="" agent="" level=senior repo=$PWD single=0 max_tasks=0 wait="" agent_cmd=()
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
     --role) role=$2; shift 2 ;;
@@ -20,6 +24,7 @@ while [ $# -gt 0 ]; do
     --level) level=$2; shift 2 ;;
     --repo) repo=$2; shift 2 ;;
     --wait) wait=$2; shift 2 ;;
+    --max-tasks) max_tasks=$2; shift 2 ;;
     --agent-cmd) agent_cmd=(--agent-cmd "$2"); shift 2 ;;
     --single-task) single=1; shift ;;
     -h|--help) usage ;;
@@ -28,11 +33,16 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$role" ] && [ -n "$agent" ] || usage
 command -v jq >/dev/null || { echo "pm-runner: needs jq" >&2; exit 2; }
+command -v "$PMTOOL" >/dev/null || { echo "pm-runner: $PMTOOL not found (PATH, or set PMTOOL)" >&2; exit 2; }
+# --single-task looks once, as `pmtool run --single-task` does.
+if [ -z "$wait" ]; then
+  if [ "$single" = 1 ]; then wait=0; else wait=30; fi
+fi
 
 # The task record names this script as the process working the task: while it lives,
-# `pmtool recover` leaves the record alone.
+# `pmtool recover` (cron-recover.sh) leaves the record alone.
 export PMTOOL_RUNNER_PID=$$
-stopping=0
+stopping=0 done_tasks=0
 trap 'stopping=1; echo "pm-runner: stopping after this step; the task record is kept" >&2' INT TERM
 
 out="" rc=0
@@ -40,65 +50,151 @@ out="" rc=0
 step() {
   rc=0
   out=$("$PMTOOL" "$@") || rc=$?
+  if [ -z "$out" ]; then  # pmtool died before it could answer: still one JSON line
+    out=$(jq -nc --arg cmd "$1" --argjson rc "$rc" \
+      '{ok: false, error: {type: "failed", message: "pmtool \($cmd) printed nothing (exit \($rc))"}}')
+  fi
   printf '%s\n' "$out"
 }
 
-step recover --agent-id "$agent"          # 3 = nothing to recover
-case $rc in 0|3) ;; *) exit "$rc" ;; esac
+# pause SECONDS: sleep, but let a signal cut it short (a foreground sleep would delay the trap).
+pause() {
+  [ "$stopping" = 0 ] || return 0
+  sleep "$1" & local pid=$!
+  wait "$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+}
+
+# stop CODE: the last line, as `pmtool run` ends, then exit.
+stop() {
+  local kept=false task=null record reason="done"
+  [ "$stopping" = 0 ] || reason=signal
+  if record=$("$PMTOOL" lock show --agent-id "$agent" 2>/dev/null); then
+    kept=true task=$(jq '.record.task.id' <<<"$record")
+  fi
+  jq -nc --arg agent "$agent" --argjson task "$task" --argjson kept "$kept" \
+    --argjson tasks "$done_tasks" --arg reason "$reason" \
+    '{ok: true, event: "stopped", time: (now | todate), agent: $agent, task_id: $task,
+      tasks_done: $tasks, record_kept: $kept, reason: $reason}'
+  if [ "$kept" = true ]; then
+    echo "pm-runner: stopped; task $task's record is kept, the next start resumes it" >&2
+  fi
+  exit "$1"
+}
+
+# give_back REASON: the task goes back to the queue; work in its worktree goes to a rescue ref.
+give_back() {
+  step lock release --agent-id "$agent" --notes "$1"
+  if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
+    step worktree remove "$task_id" --repo "$repo" --rescue
+  fi
+  echo "pm-runner: task $task_id given back: $1" >&2
+  if [ "$single" = 1 ]; then stop 1; fi
+  pause "$wait"   # or the server hands the same task straight back
+}
+
+# A record of ours from before (a crash, a stop): recover says whether it is still ours.
+while :; do
+  step recover --agent-id "$agent"
+  case $rc in
+    0|3) break ;;
+    4) [ "$stopping" = 0 ] || stop 0; pause 10 ;;  # server away: the record is kept
+    *) exit "$rc" ;;
+  esac
+done
+if [ "$rc" = 0 ] && jq -e 'any(.entries[]; .action == "running")' <<<"$out" >/dev/null; then
+  echo "pm-runner: agent $agent's task has a live runner (pid $(jq '.entries[0].pid' <<<"$out")); stop it or use another --agent-id" >&2
+  exit 5
+fi
 
 while [ "$stopping" = 0 ]; do
   step lock show --agent-id "$agent"
-  if [ "$rc" = 3 ]; then                   # no task yet: claim one
-    step claim --agent-id "$agent" --role "$role" --level "$level" --wait "$wait"
+  case $rc in
+    0) ;;
+    3) step claim --agent-id "$agent" --role "$role" --level "$level" --wait "$wait"
+       case $rc in
+         0) ;;
+         3) if [ "$single" = 1 ]; then stop 3; fi; continue ;;
+         4) pause 10; continue ;;           # server away: the record (if any) is kept
+         *) exit "$rc" ;;
+       esac
+       step lock show --agent-id "$agent"
+       [ "$rc" = 0 ] || exit "$rc" ;;
+    *) exit "$rc" ;;
+  esac
+  record=$out
+  task_id=$(jq -r '.record.task.id' <<<"$record")
+  complexity=$(jq -r '.record.task.complexity // "major"' <<<"$record")
+  session=$(jq -r '.record.session_id // empty' <<<"$record")
+  worktree=$(jq -r '.record.worktree // empty' <<<"$record")
+  if [ "$(jq -r '.record.pid' <<<"$record")" != $$ ]; then  # resumed: we are its runner now
+    step lock update --agent-id "$agent" --runner-pid $$ --step resumed
+  fi
+  # An agent run that gave a verdict before a stop: finish with it, do not run it again.
+  outcome=$(jq -r '[.record.steps[] | select(.step | startswith("agent_"))] | last
+                   | select(.step == "agent_finished" and .ok) | .outcome // empty' <<<"$record")
+  summary="(verdict of an earlier run, before a stop)"
+  [ "$stopping" = 0 ] || break
+
+  if [ -z "$outcome" ]; then
+    step hook run pre_task --agent-id "$agent" --cwd "$repo"
+    if [ "$rc" != 0 ]; then
+      give_back "pre_task hook failed: $(jq -r '.error.message? // .error // (.stderr // "" | .[-200:] | sub("\\s+$"; "") | select(length > 0)) // "exit \(.exit_code)"' <<<"$out")"
+      continue
+    fi
+    [ "$stopping" = 0 ] || break
+
+    step worktree create --agent-id "$agent" --repo "$repo"
+    worktree=$(jq -r '.worktree // empty' <<<"$out")
+    if [ "$rc" != 0 ]; then
+      give_back "no worktree: $(jq -r '.error.message // "worktree_setup hook failed"' <<<"$out")"
+      continue
+    fi
+    [ "$stopping" = 0 ] || break
+
+    resume=()
+    [ -n "$session" ] && resume=(--resume)
+    step exec-claude --agent-id "$agent" "${resume[@]}" "${agent_cmd[@]}"
+    if { [ "$rc" = 1 ] || [ "$rc" = 124 ]; } && [ "$stopping" = 0 ]; then  # retry once, same session
+      step exec-claude --agent-id "$agent" --resume "${agent_cmd[@]}"
+    fi
     case $rc in
-      0) ;;
-      3) if [ "$single" = 1 ]; then exit 3; fi; continue ;;
-      4) sleep 10; continue ;;              # server away: the record (if any) is kept
-      *) exit "$rc" ;;
+      130|143) stopping=1 ;;                  # the agent was stopped by a signal: record kept
+      5) exit 5 ;;                            # an agent of this record runs elsewhere
     esac
-    step lock show --agent-id "$agent"
-  fi
-  task_id=$(jq -r '.record.task.id' <<<"$out")
-  session=$(jq -r '.record.session_id // empty' <<<"$out")
-  [ "$stopping" = 0 ] || break
-
-  step hook run pre_task --agent-id "$agent" --cwd "$repo"
-  if [ "$rc" != 0 ]; then
-    step lock release --agent-id "$agent" --notes "pre_task hook failed"
-    sleep "$wait"; continue
-  fi
-  [ "$stopping" = 0 ] || break
-
-  step worktree create --agent-id "$agent" --repo "$repo"
-  if [ "$rc" != 0 ]; then
-    step lock release --agent-id "$agent" --notes "no worktree: $(jq -r '.error.message // "setup failed"' <<<"$out")"
-    continue
-  fi
-  [ "$stopping" = 0 ] || break
-
-  resume=()
-  [ -n "$session" ] && resume=(--resume)
-  step exec-claude --agent-id "$agent" "${resume[@]}" "${agent_cmd[@]}"
-  if { [ "$rc" = 1 ] || [ "$rc" = 124 ]; } && [ "$stopping" = 0 ]; then  # retry once, same session
-    step exec-claude --agent-id "$agent" --resume "${agent_cmd[@]}"
-  fi
-  [ "$stopping" = 0 ] || break
-  outcome=$(jq -r '.outcome // empty' <<<"$out")
-  summary=$(jq -r '"\(.summary // "") (model \(.model), \(.num_turns) turns, $\(.total_cost_usd))"' <<<"$out")
-  if [ "$rc" != 0 ] || [ -z "$outcome" ]; then
-    step lock release --agent-id "$agent" --notes "agent failed: $(jq -r '.error.message // "no verdict"' <<<"$out")"
-    step worktree remove "$task_id" --repo "$repo" --rescue
-    continue
+    [ "$stopping" = 0 ] || break
+    outcome=$(jq -r '.outcome // empty' <<<"$out")
+    if [ "$rc" != 0 ] || [ -z "$outcome" ]; then
+      give_back "agent failed: $(jq -r '.error.message // (if .timed_out then "timed out" else "no verdict" end)' <<<"$out")"
+      continue
+    fi
+    summary=$(jq -r '"\(.summary // "") (model \(.model), \(.num_turns) turns, $\(.total_cost_usd))"' <<<"$out")
   fi
 
+  # The post_task hook gets the same context as under `pmtool run` (the record is closed by
+  # finish, so it is read first).
   step lock show --agent-id "$agent"
-  context=$(jq -c --arg outcome "$outcome" '.record + {outcome: $outcome}' <<<"$out")
+  record=$out
   step finish --agent-id "$agent" --outcome "$outcome" --notes "$summary"
-  step hook run post_task --input - <<<"$context" || true   # post_task never blocks
-  step worktree remove "$task_id" --repo "$repo"
-  if [ "$rc" = 5 ]; then                     # uncommitted work: keep it on a rescue ref
-    step worktree remove "$task_id" --repo "$repo" --rescue
+  case $rc in
+    0) ;;
+    4) pause 10; continue ;;                  # server away: the record is kept, finish again
+    *) exit "$rc" ;;
+  esac
+  status=$(jq -r '.status // empty' <<<"$out")
+  jq -c --arg outcome "$outcome" --arg summary "$summary" --arg status "$status" \
+    '.record | {task_id: .task.id, title: .task.title, agent_id, role, level,
+                complexity: .task.complexity, branch: (.branch // .task.branch), worktree,
+                model, session_id, attempts, cost_usd, claimed_at, server_url, task,
+                outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
+    | step hook run post_task --input - --cwd "$repo"   # post_task never blocks
+  if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
+    step worktree remove "$task_id" --repo "$repo"
+    if [ "$rc" = 5 ]; then                     # uncommitted work: keep it on a rescue ref
+      step worktree remove "$task_id" --repo "$repo" --rescue
+    fi
   fi
-  if [ "$single" = 1 ]; then exit 0; fi
+  done_tasks=$((done_tasks + 1))
+  if [ "$single" = 1 ]; then stop 0; fi
+  if [ "$max_tasks" -gt 0 ] && [ "$done_tasks" -ge "$max_tasks" ]; then stop 0; fi
 done
-echo "pm-runner: stopped; $("$PMTOOL" lock show --agent-id "$agent" >/dev/null 2>&1 && echo "task record kept for resume" || echo "no task in progress")" >&2
+stop 0
