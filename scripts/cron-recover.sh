@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # cron-recover.sh: reconcile every task record on this machine with the server
-# (`pmtool recover --all`) and report what was done in one line. Exit 0 when all is
-# reconciled or there was nothing to do; pmtool's exit code otherwise.
-#   */15 * * * * /path/to/scripts/cron-recover.sh >>"$HOME/pmtool-recover.log" 2>&1
+# (`pmtool recover --all`) and report what was done in one line: the counts, then each
+# record as agent/task=action. Exit 0 when all is reconciled or there was nothing to do;
+# pmtool's exit code otherwise, with the reason in one line on stderr (cron mails it).
+#   */15 * * * * /path/to/scripts/cron-recover.sh >>"$HOME/.local/state/pmtool/recover.log"
+# Arguments go to `pmtool recover` (e.g. --give-back, --dry-run).
 set -euo pipefail
 PMTOOL=${PMTOOL:-pmtool}
+stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 
 rc=0
 out=$("$PMTOOL" recover --all "$@" 2>/dev/null) || rc=$?
 case $rc in
-  0) echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) pmtool recover: $(jq -r '.counts | to_entries | map("\(.key)=\(.value)") | join(" ")' <<<"$out")"
-     printf '%s\n' "$out" ;;
-  3) echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) pmtool recover: no task records" ; exit 0 ;;
-  *) echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) pmtool recover: exit $rc: $(jq -r '.error.message // "failed"' <<<"$out" 2>/dev/null || echo failed)" >&2
+  0) echo "$(stamp) pmtool recover: $(jq -r '
+       (.counts | to_entries | map("\(.key)=\(.value)") | join(" ")) + ": " +
+       (.entries | map("\(.agent_id // "?")/\(.task_id // "?")=\(.action)") | join(" "))
+       + (if .dry_run then " (dry run)" else "" end)' <<<"$out")" ;;
+  3) echo "$(stamp) pmtool recover: no task records" ;;
+  *) echo "$(stamp) pmtool recover: exit $rc: $(jq -r '.error.message // "failed"' <<<"$out" 2>/dev/null || echo "no answer from $PMTOOL")" >&2
      exit "$rc" ;;
 esac
