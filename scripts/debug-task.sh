@@ -26,12 +26,17 @@ exec 3<&0                      # the operator's Enter comes from here, whatever 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
+bold="" plain=""
+if [ -t 2 ]; then bold=$'\033[1m' plain=$'\033[0m'; fi
+
 out="" rc=0
+# show ARGS...: print the command, run it, print its JSON (pretty on stderr, as is on
+# stdout), then wait for Enter. Steps read /dev/null, so they never eat the operator's Enter.
 show() {
-  printf '\n\033[1m$ pmtool %s\033[0m\n' "$*" >&2
+  printf '\n%s$ pmtool%s%s\n' "$bold" "$(printf ' %q' "$@")" "$plain" >&2
   rc=0
-  out=$("$PMTOOL" "$@") || rc=$?
-  jq . <<<"$out" >&2 || printf '%s\n' "$out" >&2
+  out=$("$PMTOOL" "$@" </dev/null) || rc=$?
+  jq . <<<"$out" >&2 2>/dev/null || printf '%s\n' "$out" >&2
   printf '%s\n' "$out"
   echo "(exit $rc) press Enter for the next step, Ctrl-C to stop here" >&2
   read -r _ <&3 || true
@@ -53,6 +58,9 @@ show exec-claude --agent-id "$agent" "${agent_cmd[@]}"
 agent_out=$out
 outcome=$(jq -r '.outcome // "blocked"' <<<"$agent_out")
 show finish --agent-id "$agent" --outcome "$outcome" --notes "debug-task.sh: $(jq -r '.summary // "no summary"' <<<"$agent_out")"
-jq -c --argjson task "$task" '{outcome, summary, session_id, total_cost_usd, task_id: $task}' <<<"$agent_out" >"$tmp/result.json"
-show hook run post_task --input "$tmp/result.json"
+jq -c --argjson task "$task" --arg outcome "$outcome" --arg status "$(jq -r '.status // empty' <<<"$out")" \
+  '{task_id: $task, agent_id, role, branch, worktree: .cwd, model, session_id, num_turns,
+    total_cost_usd, duration_s, summary, outcome: $outcome, status: $status}' \
+  <<<"$agent_out" >"$tmp/result.json"
+show hook run post_task --input "$tmp/result.json" --cwd "$repo"
 show worktree remove "$task" --repo "$repo"
