@@ -238,7 +238,6 @@ class Runner:
                                                runner_pid=os.getpid(), step="resumed")
                 self.event("resumed", task_id=record.task_id, session_id=record.session_id,
                            worktree=record.worktree)
-                self.progress(f"resuming task {record.task_id}: {record.task.get('title')}")
                 return record
             self.event("recovered", task_id=entry.get("task_id"), action=entry["action"],
                        reason=entry.get("reason"))
@@ -269,7 +268,6 @@ class Runner:
                        status=task.get("status"), previous_status=claimed.record.previous_status,
                        difficulty=task.get("difficulty"), complexity=task.get("complexity"),
                        record=str(claimed.path))
-            self.progress(f"claimed task {task['id']}: {task.get('title')}")
             return claimed.record
 
     def _context(self, record: TaskRecord, **extra: Any) -> dict[str, Any]:
@@ -479,7 +477,6 @@ class Runner:
         self._remove_worktree(record)
         self.event("finished", task_id=record.task_id, outcome="given_back", reason=why,
                    action=result["action"])
-        self.progress(f"task {record.task_id} given back: {why}")
 
     def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
         record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
@@ -490,8 +487,6 @@ class Runner:
         self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
                    status=result.get("status"), action=result.get("action"),
                    summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6))
-        self.progress(f"task {record.task_id} finished: {verdict['outcome']} "
-                      f"-> {result.get('status')}")
         from pmtool.hooks import run_hook
 
         hook = run_hook("post_task", self.opts.hooks_dir or self.settings.hooks_dir,
