@@ -24,6 +24,7 @@ def _progress_view(event: dict[str, Any]) -> str:
     task = f" task {event['task_id']}" if event.get("task_id") else ""
     detail = {
         "claimed": lambda e: e.get("title"),
+        "resumed": lambda e: f"same task, session {e.get('session_id')}",
         "hook": lambda e: f"{e.get('hook')} " + ("skipped" if e.get("skipped") else
                                                 "ok" if e.get("ok") else
                                                 f"FAILED (exit {e.get('exit_code')})"),
