@@ -168,6 +168,33 @@ def test_pm_runner_single_task_takes_a_major_task_to_dev_done(box: Box) -> None:
     assert context["status"] == "dev_done" and context["branch"] == "feature/ping"
 
 
+def test_pm_runner_minor_task_commits_on_the_base_branch(box: Box) -> None:
+    task = box.seeder.create_task(title="Fix a typo", complexity="minor")
+    proc = box.run("pm-runner.sh", *runner_args("dev_minor", "--repo", str(box.repo),
+                                                "--single-task"))
+    assert proc.returncode == 0, proc.stderr
+    assert box.task(task["id"])["status"] == "dev_done"
+    assert git(box.repo, "log", "-1", "--format=%s", "main") == \
+        f"task {task['id']}: backend_dev notes (fake agent)"
+    assert not any("removed" in o for o in json_lines(proc.stdout))  # no worktree to remove
+
+
+def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Box) -> None:
+    task = box.seeder.create_task(title="Unclear", branch="feature/unclear")
+    proc = box.run("pm-runner.sh", *runner_args("dev_fail", "--repo", str(box.repo),
+                                                "--single-task"),
+                   env={"PMTOOL_FAKE_AGENT_OUTCOME": "none"})
+    assert proc.returncode == 1, proc.stderr
+    runs = [o for o in json_lines(proc.stdout) if "verdict_source" in o]
+    assert [o["resumed"] for o in runs] == [False, True]  # the retry continues the session
+    after = box.task(task["id"])
+    assert after["status"] == "created" and after["locked_by"] is None
+    assert "agent failed: " in after["notes"]
+    # the agent's commits stay on the task branch; the worktree is gone
+    assert git(box.repo, "log", "--format=%s", "feature/unclear").count("fake agent") == 2
+    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+
+
 def test_pm_runner_single_task_without_a_task_exits_3(box: Box) -> None:
     start = time.monotonic()
     proc = box.run("pm-runner.sh", *runner_args("dev_idle", "--single-task"))
