@@ -471,3 +471,33 @@ def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) 
         assert "half.txt" in json.dumps(model.main_requests(session)[2]["messages"])
     assert world.git("log", "-1", "--format=%s", task["branch"]) == "Finish after resume"
     assert dev_done_count(world, task["id"]) == 1
+
+
+def test_operator_is_asked_at_a_terminal_when_pre_task_fails(world: World) -> None:
+    import pty
+
+    task = world.task()
+    hook = world.hooks / "pre_task.sh"
+    hook.write_text("#!/bin/sh\necho 'no GPU here' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([PMTOOL, "run", *world.args("--single-task")], env=world.env,
+                            cwd=world.repo, stdin=follower, stderr=follower,
+                            stdout=subprocess.PIPE, text=True)
+    os.close(follower)
+    screen = b""
+    try:
+        while b"[c]ontinue" not in screen:
+            chunk = os.read(leader, 4096)
+            assert chunk, "the terminal closed before the question"
+            screen += chunk
+        assert b"no GPU here" in screen
+        os.write(leader, b"c\n")  # continue without the checks
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    assert proc.returncode == 0
+    assert Run(0, events(out), "").of("finished")[0]["status"] == "dev_done"
+    assert world.status(task["id"])["status"] == "dev_done"
