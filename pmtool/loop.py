@@ -248,13 +248,16 @@ class Runner:
         opts = self.opts
         deadline = time.monotonic() + (0 if opts.single_task else opts.idle_poll)
         delay = work.POLL_FIRST
+        registered = False
         while True:
             self._check_stop()
             try:
+                # Register once per wait, not per poll: an idle runner costs one request a poll.
                 claimed = work.claim(self.client, self.store, opts.agent_id, opts.role,
                                      opts.level, wait=0, runner_pid=os.getpid(),
-                                     settle=opts.settle)
+                                     settle=opts.settle, register_first=not registered)
             except NothingToDo:
+                registered = True
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self.event("idle", waited_s=opts.idle_poll)

@@ -188,7 +188,7 @@ def _valid_values(detail: Any, field: str) -> list[str]:
 def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
           wait: float = 0.0, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
           stats: ClaimStats | None = None,
-          sleep: Callable[[float], None] = time.sleep) -> Claimed:
+          sleep: Callable[[float], None] = time.sleep, register_first: bool = True) -> Claimed:
     """Take the next task for the role and level and make it this agent's.
 
     Looks once when `wait` is 0, else polls until a task is claimed or `wait` seconds have
@@ -201,7 +201,8 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
     start = time.monotonic()
     runner_pid = runner_pid or os.getpid()
     _refuse_if_busy(store, agent_id)
-    register(client, agent_id, role, level)  # a never-seen agent id can claim at once
+    if register_first:  # a never-seen agent id can claim at once
+        register(client, agent_id, role, level)
     deadline = start + max(wait, 0.0)
     delay = POLL_FIRST
     try:
