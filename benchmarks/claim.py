@@ -43,6 +43,7 @@ from pmtool.client import PMClient
 from pmtool.errors import NothingToDo
 from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
+from pmtool.testing.server import server_under_test
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
@@ -67,17 +68,8 @@ class Server:
     """The server under test, and a way to give each phase a clean queue."""
 
     def __init__(self, quick: bool) -> None:
-        self.proc: subprocess.Popen | None = None
-        url, key = os.environ.get("PMTOOL_TEST_PM_URL"), os.environ.get("PMTOOL_TEST_PM_KEY")
-        if url and key:
-            self.url, self.key, self.standin = url.rstrip("/"), key, False
-            return
-        self.key, self.standin = "bench-" + os.urandom(6).hex(), True
-        self.proc = subprocess.Popen(
-            [PMTOOL, "sandbox", "serve", "--port", "0", "--api-key", self.key],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.proc.stdout is not None
-        self.url = json.loads(self.proc.stdout.readline())["url"]
+        self.url, self.key, self.proc = server_under_test(PMTOOL)
+        self.standin = self.proc is not None
 
     def admin(self, what: str, body: dict | None = None) -> Any:
         return requests.post(f"{self.url}/_sandbox/{what}", json=body or {}, timeout=10).json()

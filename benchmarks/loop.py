@@ -48,6 +48,7 @@ import requests
 
 from pmtool.testing import fake_agent
 from pmtool.testing.seed import Seeder, unique_id
+from pmtool.testing.server import server_under_test
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
@@ -101,17 +102,8 @@ class Server:
     """A stand-in in its own process, or the real server from the environment."""
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        url, key = os.environ.get("PMTOOL_TEST_PM_URL"), os.environ.get("PMTOOL_TEST_PM_KEY")
-        if url and key:
-            self.url, self.key, self.standin = url.rstrip("/"), key, False
-        else:
-            self.key, self.standin = "bench-" + os.urandom(6).hex(), True
-            self.proc = subprocess.Popen(
-                [PMTOOL, "sandbox", "serve", "--port", "0", "--api-key", self.key],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            assert self.proc.stdout is not None
-            self.url = json.loads(self.proc.stdout.readline())["url"]
+        self.url, self.key, self.proc = server_under_test(PMTOOL)
+        self.standin = self.proc is not None
         self.seeder = Seeder(self.url, self.key)
         if not self.standin:
             self.seeder.drain(ROLE)  # a real server's own tasks must not reach our runners

@@ -10,7 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from pmtool.testing.claude_env import find_test_claude
+
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
+
+# The real claude CLI for the end-to-end tests (tests/run.sh installs it), or None.
+CLAUDE = find_test_claude()
+needs_claude = pytest.mark.skipif(
+    CLAUDE is None,
+    reason="real claude CLI not installed: run `npm ci --prefix tests --no-audit --no-fund` "
+    "(or set PMTOOL_TEST_CLAUDE_BIN)",
+)
 
 
 @dataclass

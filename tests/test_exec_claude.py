@@ -24,10 +24,10 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import PMTOOL
+from helpers import CLAUDE, PMTOOL, needs_claude
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.testing import fake_agent
-from pmtool.testing.claude_env import claude_env, find_test_claude
+from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import (
     Bash,
     Error,
@@ -39,12 +39,6 @@ from pmtool.testing.model_server import (
     commit_file_script,
 )
 
-CLAUDE = find_test_claude()
-needs_claude = pytest.mark.skipif(
-    CLAUDE is None,
-    reason="real claude CLI not installed: run `npm ci --prefix tests --no-audit --no-fund` "
-    "(or set PMTOOL_TEST_CLAUDE_BIN)",
-)
 API_KEY = "pm-secret-key-for-tests-0123456789"
 
 

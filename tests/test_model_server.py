@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 
-from pmtool.testing.claude_env import claude_env, find_test_claude
+from helpers import CLAUDE, needs_claude
+from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import (
     Bash,
     Error,
@@ -37,13 +38,6 @@ from pmtool.testing.model_server import (
     as_step,
     commit_file_script,
     write_file_script,
-)
-
-CLAUDE = find_test_claude()
-needs_claude = pytest.mark.skipif(
-    CLAUDE is None,
-    reason="real claude CLI not installed: run `npm ci --prefix tests --no-audit --no-fund` "
-    "(or set PMTOOL_TEST_CLAUDE_BIN)",
 )
 
 

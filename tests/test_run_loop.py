@@ -18,16 +18,12 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import PMTOOL
+from helpers import CLAUDE, PMTOOL, needs_claude
 from pmtool.records import RecordStore
 from pmtool.testing import fake_agent
-from pmtool.testing.claude_env import claude_env, find_test_claude
+from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
 from pmtool.testing.seed import Seeder
-
-CLAUDE = find_test_claude()
-needs_claude = pytest.mark.skipif(CLAUDE is None, reason="real claude CLI not installed: "
-                                  "run `npm ci --prefix tests --no-audit --no-fund`")
 
 
 @dataclass

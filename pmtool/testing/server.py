@@ -710,3 +710,20 @@ def serve_forever(host: str = "127.0.0.1", port: int = 6969, api_key: str = "san
         pass
     finally:
         server.stop()
+
+
+def server_under_test(pmtool: str) -> tuple[str, str, Any]:
+    """For benchmarks: the real server from PMTOOL_TEST_PM_URL/KEY, else a stand-in in its
+    own process (`pmtool sandbox serve`), so the server's threads do not share the
+    benchmark's interpreter. Answers (url, key, process or None); stop the process after."""
+    import os
+    import subprocess
+
+    url, key = os.environ.get("PMTOOL_TEST_PM_URL"), os.environ.get("PMTOOL_TEST_PM_KEY")
+    if url and key:
+        return url.rstrip("/"), key, None
+    key = "bench-" + os.urandom(6).hex()
+    proc = subprocess.Popen([pmtool, "sandbox", "serve", "--port", "0", "--api-key", key],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    return json.loads(proc.stdout.readline())["url"], key, proc
