@@ -65,6 +65,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from pmtool.config import ROLES
 from pmtool.errors import Conflict, NothingToDo, UsageError
+from pmtool.models import task_level
 
 if TYPE_CHECKING:
     from pmtool.config import Settings
@@ -877,13 +878,6 @@ def fetch_instructions_path(settings: Settings, timeout: float = 3.0) -> str | N
     return path if isinstance(path, str) and path else None
 
 
-def _level(record: TaskRecord) -> str:
-    from pmtool.config import LEVELS
-
-    level = record.task.get("difficulty") or record.level
-    return level if level in LEVELS else "senior"
-
-
 def _update_record(store: RecordStore, agent_id: str,
                    change: Callable[[TaskRecord], None]) -> TaskRecord | None:
     """Re-read the record, apply `change`, save. Re-reading keeps what others (a heartbeat,
@@ -1087,7 +1081,8 @@ def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | No
                               record.task.get("complexity"))
     if note:
         notes.append(note)
-    chosen = model or record.model or settings.model_for(_level(record))
+    level = task_level(record.task, record.level)
+    chosen = model or record.model or settings.model_for(level)
     return {"cwd": run_cwd, "branch": branch, "model": chosen, "notes": notes}
 
 

@@ -21,6 +21,13 @@ def level_of(task: dict[str, Any]) -> str:
     return check_level(level)
 
 
+def task_level(task: dict[str, Any], default: str | None = None) -> str:
+    """The level a task's model is chosen for: its `difficulty`, else `default`, else
+    senior (a record or task from elsewhere may lack it; a run still needs a model)."""
+    level = task.get("difficulty") or default
+    return level if level in LEVELS else "senior"
+
+
 def stronger_model(model: str, settings: Settings) -> str | None:
     """The next model up the junior < senior < principal ladder that differs from `model`."""
     ladder = [settings.model_for(level) for level in LEVELS]

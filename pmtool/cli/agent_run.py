@@ -208,7 +208,9 @@ def exec_claude_cmd(
     if not run_cwd.is_dir():
         raise UsageError(f"working directory {run_cwd} does not exist")
     branch, note = agent.branch_for(run_cwd, task.get("branch"), task.get("complexity"))
-    run_model = model or settings.model_for(_level(task))
+    from pmtool.models import task_level
+
+    run_model = model or settings.model_for(task_level(task))
     ctx_path = _instructions_path(settings, run_role, instructions_dir, bool(prompt))
     text = prompt or agent.build_prompt(task, run_role, run_cwd, branch, instructions_dir,
                                         ctx_path, template)
@@ -237,13 +239,6 @@ def exec_claude_cmd(
     if note:
         answer["note"] = note
     return _finish(answer, seen)
-
-
-def _level(task: dict[str, Any]) -> str:
-    from pmtool.config import LEVELS
-
-    level = task.get("difficulty")
-    return level if level in LEVELS else "senior"
 
 
 def _preview(text: str, task: dict[str, Any], role: str, plan: dict[str, Any],
