@@ -483,21 +483,14 @@ class Runner:
 
     def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
         record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
-        context = self._context(record, outcome=verdict["outcome"])
         notes = self._summary(record, verdict)
         result = work.finish(self.client, self.store, self.opts.agent_id, verdict["outcome"],
                              notes=notes)
         self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
                    status=result.get("status"), action=result.get("action"),
                    summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6))
-        from pmtool.hooks import run_hook
-
-        hook = run_hook("post_task", self.opts.hooks_dir or self.settings.hooks_dir,
-                        {**context, **verdict, "status": result.get("status")},
-                        timeout=self.settings.hook_timeout, cwd=str(repo))
-        self.event("hook", task_id=record.task_id, hook="post_task", ok=hook["ok"],
-                   skipped=hook.get("skipped"), exit_code=hook.get("exit_code"),
-                   timed_out=hook.get("timed_out"))
+        # post_task never blocks: its result is reported, not acted on.
+        self._hook("post_task", record, str(repo), **verdict, status=result.get("status"))
         self._remove_worktree(record)
 
     def _summary(self, record: TaskRecord, verdict: dict[str, Any]) -> str:
@@ -522,15 +515,12 @@ class Runner:
 
         if not record.worktree or record.task.get("complexity") == "minor":
             return None
-        repo = self._repo()
         try:
-            answer = remove_worktree(repo, record.task_id)
+            # rescue=True saves a dirty tree to a ref first, and does nothing to a clean one.
+            answer = remove_worktree(self._repo(), record.task_id, rescue=True)
         except NothingToDo:
             return None
-        except Conflict:
-            answer = remove_worktree(repo, record.task_id, rescue=True)
-        rescued = (answer.get("rescued") or {}).get("ref") if isinstance(
-            answer.get("rescued"), dict) else answer.get("rescued")
+        rescued = (answer.get("rescued") or {}).get("ref")
         self.event("worktree", task_id=record.task_id, path=answer.get("path"),
                    removed=answer.get("removed"), rescued=rescued)
         if rescued:

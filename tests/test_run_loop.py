@@ -156,6 +156,22 @@ def test_single_task_major_goes_to_dev_done_on_its_branch(world: World) -> None:
     assert "task" in run.stderr and "finished" in run.stderr  # the human view
 
 
+def test_uncommitted_work_is_rescued_to_a_ref_when_the_worktree_goes(world: World) -> None:
+    task = world.task()
+    run = world.run("--single-task", env={"PMTOOL_FAKE_AGENT_NO_COMMIT": "1"})
+    assert run.code == 0, run.stderr
+    removed = run.of("worktree")[-1]
+    assert removed["removed"] is True
+    ref = removed["rescued"]
+    assert ref.startswith(f"refs/pmtool/rescue/task-{task['id']}/")
+    assert not Path(removed["path"]).exists()
+    # Every byte of the uncommitted file is in the rescue ref; the task branch is untouched.
+    rescued = world.git("show", f"{ref}:notes/task-{task['id']}.md")
+    assert f"backend_dev worked on task {task['id']}" in rescued
+    assert "fake agent" not in world.git("log", "-1", "--format=%s", task["branch"])
+    assert f"uncommitted work kept at {ref}" in run.stderr
+
+
 def test_single_task_with_nothing_to_do_exits_3(world: World) -> None:
     run = world.run("--single-task")
     assert run.code == 3
