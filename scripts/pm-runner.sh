@@ -188,10 +188,8 @@ while [ "$stopping" = 0 ]; do
                 outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
     | step hook run post_task --input - --cwd "$repo"   # post_task never blocks
   if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
-    step worktree remove "$task_id" --repo "$repo"
-    if [ "$rc" = 5 ]; then                     # uncommitted work: keep it on a rescue ref
-      step worktree remove "$task_id" --repo "$repo" --rescue
-    fi
+    # --rescue keeps uncommitted work on a rescue ref first; a clean tree is just removed.
+    step worktree remove "$task_id" --repo "$repo" --rescue
   fi
   done_tasks=$((done_tasks + 1))
   if [ "$single" = 1 ]; then stop 0; fi
