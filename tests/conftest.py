@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+import helpers
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import StandInServer
 
@@ -80,9 +80,7 @@ def _standin_only_marker(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 def free_port() -> int:
     """A loopback port nobody listens on (for 'server unreachable' cases)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return helpers.free_port()
 
 
 @pytest.fixture

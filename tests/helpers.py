@@ -33,6 +33,15 @@ class Result:
     stderr: str
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on (for 'server unreachable' cases)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def pmtool(*args: str, env: dict[str, str] | None = None, input: str | None = None,
            cwd: str | Path | None = None, timeout: float = 120) -> Result:
     """Run `pmtool ARGS` in a subprocess; stdout must be exactly one JSON object."""

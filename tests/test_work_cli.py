@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers import PMTOOL, Result, pmtool
+from helpers import PMTOOL, Result, free_port, pmtool
 from pmtool.testing.seed import Seeder, unique_id
 
 PICKABLE = ("created", "dev_done", "approved")
@@ -100,12 +100,6 @@ def wait_stopped(pids: list[int], timeout: float = 30) -> None:
                     pending.discard(pid)
         time.sleep(0.02)
     assert not pending, f"processes never paused: {pending}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def assert_consistent(seeder: Seeder, env: dict[str, str], agents: list[str]) -> None:

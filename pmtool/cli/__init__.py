@@ -36,7 +36,6 @@ class Options:
     pretty: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     config: Path | None = None
-    _settings: Any = None
 
     def settings(self, **flags: Any):  # -> pmtool.config.Settings
         from pmtool.config import load_settings
