@@ -87,8 +87,11 @@ def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0) -> lis
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + grace
-    while mark and marked(mark) and time.monotonic() < deadline:
-        for proc in marked(mark):
+    while mark and time.monotonic() < deadline:
+        left = marked(mark)  # one /proc scan a round: it reads every process's environment
+        if not left:
+            break
+        for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         time.sleep(0.05)
