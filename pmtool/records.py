@@ -1,9 +1,10 @@
 """Task records: what this machine knows about the task an agent is working on.
 
-One JSON file per agent under `<state_dir>/records/`. Writes are atomic (temp file,
-fsync, rename), so a crash leaves either the old record or the new one. A record that
-does not parse is moved aside as `*.corrupt-<time>` and reported, never deleted. Closed
-records are appended to `<state_dir>/history.jsonl`, so nothing about a task is lost.
+One JSON file per agent under `<state_dir>/records/` (the layout is `pmtool.state`'s).
+Writes are atomic (temp file, fsync, rename), so a crash leaves either the old record or
+the new one. A record that does not parse is moved aside as `*.corrupt-<time>` and
+reported, never deleted. Closed records are appended to the history
+(`StateDir.append_history`), so nothing about a task is lost.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from pmtool.errors import Conflict, NothingToDo, RecordCorrupt
+from pmtool.state import (  # noqa: F401 (safe_name, atomic_write_json: re-exported)
+    StateDir,
+    atomic_write_json,
+    make_dir,
+    now_iso,
+    open_private,
+    safe_name,
+)
 
 RECORD_VERSION = 1
 MAX_STEPS = 30
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass
@@ -99,34 +103,14 @@ def pid_alive(pid: int, started: float | None = None) -> bool:
     return abs(actual - started) < 1.0
 
 
-def safe_name(agent_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", agent_id) or "_"
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 class RecordStore:
-    def __init__(self, state_dir: str | Path) -> None:
-        self.state_dir = Path(state_dir).expanduser()
-        self.dir = self.state_dir / "records"
+    def __init__(self, state_dir: str | Path | StateDir) -> None:
+        self.state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+        self.state_dir = self.state.root
+        self.dir = self.state.records_dir
 
     def path(self, agent_id: str) -> Path:
-        return self.dir / f"{safe_name(agent_id)}.json"
+        return self.state.record_path(agent_id)
 
     def load(self, agent_id: str) -> TaskRecord | None:
         """The agent's record, None if there is none; raises CorruptRecord after quarantine."""
@@ -151,7 +135,7 @@ class RecordStore:
                               hint="pmtool claim takes a task and writes the record")
         return record
 
-    def _read(self, path: Path) -> TaskRecord | None:
+    def _read(self, path: Path, quarantine: bool = True) -> TaskRecord | None:
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -159,7 +143,7 @@ class RecordStore:
         try:
             return TaskRecord.from_json(json.loads(text))
         except (ValueError, TypeError) as exc:
-            moved = self.quarantine(path)
+            moved = self.quarantine(path) if quarantine else path
             raise CorruptRecord(path, moved, str(exc)[:200]) from None
 
     def quarantine(self, path: Path) -> Path:
@@ -177,30 +161,35 @@ class RecordStore:
     def close(self, record: TaskRecord, outcome: str, **info: Any) -> None:
         """Retire a record: append it to the history, then remove the live file."""
         record.step("closed", outcome=outcome, **info)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"closed_at": now_iso(), "outcome": outcome, **record.to_json()},
-                          default=str)
-        with open(self.state_dir / "history.jsonl", "a") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self.state.append_history({"closed_at": now_iso(), "outcome": outcome,
+                                   **record.to_json()})
         with contextlib.suppress(FileNotFoundError):
             self.path(record.agent_id).unlink()
 
-    def scan(self) -> tuple[list[TaskRecord], list[CorruptRecord]]:
-        """Every record on this machine; corrupt ones are quarantined and listed apart."""
-        records, corrupt = [], []
+    def scan(self, *, quarantine: bool = True
+             ) -> tuple[list[TaskRecord], list[CorruptRecord]]:
+        """Every record on this machine; corrupt ones are listed apart and, unless
+        `quarantine` is false (a dry run), moved aside."""
+        good, corrupt = self.scan_files(quarantine=quarantine)
+        return [record for _, record in good], corrupt
+
+    def scan_files(self, *, quarantine: bool = True
+                   ) -> tuple[list[tuple[Path, TaskRecord]], list[CorruptRecord]]:
+        """Like `scan`, with the file each record was read from. Without `quarantine`
+        nothing is moved: a corrupt record's `moved_to` is its own path."""
+        good: list[tuple[Path, TaskRecord]] = []
+        corrupt: list[CorruptRecord] = []
         if not self.dir.is_dir():
-            return records, corrupt
+            return good, corrupt
         for path in sorted(self.dir.glob("*.json")):
             try:
-                record = self._read(path)
+                record = self._read(path, quarantine=quarantine)
             except CorruptRecord as exc:
                 corrupt.append(exc)
                 continue
-            if record:
-                records.append(record)
-        return records, corrupt
+            if record:  # None: closed while we looked
+                good.append((path, record))
+        return good, corrupt
 
     def is_live(self, record: TaskRecord) -> bool:
         """A record is live while its runner process runs on this host."""
@@ -213,8 +202,7 @@ class RecordStore:
     @contextlib.contextmanager
     def claim_lock(self, timeout: float = 60.0) -> Iterator[None]:
         """Serialise claims of agents on this machine (fewer lock races on the server)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / "claim.lock", "a+") as fh:
+        with open_private(self.state.claim_lock_path) as fh:
             deadline = time.monotonic() + timeout
             while True:
                 try:
@@ -231,7 +219,7 @@ class RecordStore:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def runner_lock(self, agent_id: str) -> RunnerLock:
-        return RunnerLock(self.state_dir / "runners" / f"{safe_name(agent_id)}.lock", agent_id)
+        return RunnerLock(self.state.runner_lock_path(agent_id), agent_id)
 
 
 class RunnerLock:
@@ -244,7 +232,7 @@ class RunnerLock:
         self.path, self.agent_id, self._fh = path, agent_id, None
 
     def acquire(self) -> RunnerLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent)
         fh = open(self.path, "a+")  # noqa: SIM115 (held for the runner's lifetime)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

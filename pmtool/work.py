@@ -20,7 +20,6 @@ plain data and raises `pmtool.errors` types.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -587,18 +586,10 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
 
 def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
                                                 list[tuple[Path, str]]]:
-    """Every record and every unreadable one, without moving anything (for --dry-run)."""
-    good, bad = [], []
-    if not store.dir.is_dir():
-        return good, bad
-    for path in sorted(store.dir.glob("*.json")):
-        try:
-            good.append((path, TaskRecord.from_json(json.loads(path.read_text()))))
-        except FileNotFoundError:
-            continue  # closed while we looked
-        except (ValueError, TypeError) as exc:
-            bad.append((path, str(exc)[:200]))
-    return good, bad
+    """Every record and every unreadable one, without moving anything (recover moves the
+    corrupt ones itself, unless it is a dry run)."""
+    good, corrupt = store.scan_files(quarantine=False)
+    return good, [(c.path, c.reason) for c in corrupt]
 
 
 def recover(client: Any, store: RecordStore, agent_id: str | None = None,

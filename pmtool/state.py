@@ -1,0 +1,276 @@
+"""The state folder: the one place that knows where pmtool keeps what on this machine.
+
+    <state>/records/<agent>.json    the live task record of each agent (records.py)
+    <state>/runners/<agent>.lock    held by the runner of each agent while it lives
+    <state>/claim.lock              serialises claims on this machine
+    <state>/history.jsonl           closed records and other task history, one JSON per line
+    <state>/events/<agent>.jsonl    every event of each runner, one JSON per line
+    <state>/logs/task-<id>-<session>.jsonl (and .stderr.log)   agent transcripts
+
+Folders are made 0700 and files that hold task text, transcripts or context 0600: a
+task's description and an agent's transcript are nobody else's business on a shared
+machine. Appends are one write() of a whole line (O_APPEND), so writers on this machine
+never interleave inside a line; readers skip a line that does not parse, never fail on
+it. Retention (`prune`) removes old transcripts and event logs only: the history and the
+records are what "nothing lost" is about, and they are never pruned here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO time as pmtool writes it (or any ISO 8601), aware; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def safe_name(agent_id: str) -> str:
+    """An agent id as a file name: anything outside [A-Za-z0-9_.-] becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", agent_id) or "_"
+
+
+def make_dir(path: Path) -> None:
+    """mkdir -p, each folder made here 0700 whatever the umask."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    for folder in missing:
+        with contextlib.suppress(OSError):
+            os.chmod(folder, DIR_MODE)
+
+
+def open_private(path: Path, mode: str = "a") -> IO[str]:
+    """Open a file of the state folder for text writing, created 0600 (its folder 0700)."""
+    make_dir(path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(path, flags, FILE_MODE)
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+def append_line(path: Path, obj: Any, *, sync: bool = False) -> None:
+    """Append one JSON line in a single write(), so concurrent writers never interleave."""
+    data = (json.dumps(obj, default=str) + "\n").encode()
+    make_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write a whole JSON file so that a crash leaves the old file or the new one (0600)."""
+    make_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open_private(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a .jsonl file; missing file, bad lines and non-objects skipped."""
+    try:
+        fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with fh:
+        for line in fh:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash, or a hand edit
+            if isinstance(obj, dict):
+                yield obj
+
+
+def _files_size(paths: Iterator[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                total += path.stat().st_size
+    return total
+
+
+class StateDir:
+    """The layout of one state folder, and its readers and writers."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.records_dir = self.root / "records"
+        self.runners_dir = self.root / "runners"
+        self.logs_dir = self.root / "logs"
+        self.events_dir = self.root / "events"
+        self.history_path = self.root / "history.jsonl"
+        self.claim_lock_path = self.root / "claim.lock"
+
+    def __repr__(self) -> str:
+        return f"StateDir({str(self.root)!r})"
+
+    def ensure(self) -> None:
+        """Make the folder and its subfolders (0700) if they are not there."""
+        for folder in (self.records_dir, self.runners_dir, self.logs_dir, self.events_dir):
+            make_dir(folder)
+
+    def record_path(self, agent_id: str) -> Path:
+        return self.records_dir / f"{safe_name(agent_id)}.json"
+
+    def runner_lock_path(self, agent_id: str) -> Path:
+        return self.runners_dir / f"{safe_name(agent_id)}.lock"
+
+    def events_path(self, agent_id: str) -> Path:
+        return self.events_dir / f"{safe_name(agent_id)}.jsonl"
+
+    # -- history ----------------------------------------------------------------------------
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        """One line of task history, on disk (fsync) before this returns.
+
+        `kind` defaults to "closed" (a retired task record: `{"closed_at", "outcome",
+        **record}`, the shape every history line had before kinds existed); `at` is now.
+        """
+        line = {"kind": "closed", **entry, "at": now_iso()}
+        append_line(self.history_path, line, sync=True)
+
+    def history(self, *, task_id: int | None = None, agent_id: str | None = None,
+                since: datetime | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """History lines, oldest first, filtered; lines that do not parse are skipped.
+
+        Each line comes back with `kind`, `at`, `task_id` and `agent_id` filled in when the
+        line has them elsewhere (old lines: `closed_at`, `task.id`), so callers filter and
+        show every kind alike.
+        """
+        since = _aware(since) if since else None
+        out = []
+        for entry in read_lines(self.history_path):
+            entry.setdefault("kind", "closed")
+            entry.setdefault("at", entry.get("closed_at"))
+            if "task_id" not in entry and isinstance(entry.get("task"), dict):
+                entry["task_id"] = entry["task"].get("id")
+            entry.setdefault("agent_id", entry.get("agent"))
+            if kind is not None and entry["kind"] != kind:
+                continue
+            if task_id is not None and not _same_id(entry.get("task_id"), task_id):
+                continue
+            if agent_id is not None and entry.get("agent_id") != agent_id:
+                continue
+            if since is not None:
+                when = parse_time(entry.get("at"))
+                if when is None or when < since:
+                    continue
+            out.append(entry)
+        return out
+
+    # -- events -----------------------------------------------------------------------------
+
+    def append_event(self, agent_id: str, event: dict[str, Any]) -> None:
+        """Keep one runner event (the dict `pmtool run` prints) in that runner's log."""
+        append_line(self.events_path(agent_id), event)
+
+    def events(self, *, agent_id: str | None = None, task_id: int | None = None,
+               since: datetime | None = None) -> list[dict[str, Any]]:
+        """Events of every runner (or one), merged in order of their `time`."""
+        if agent_id is not None:
+            paths = [self.events_path(agent_id)]
+        else:
+            paths = sorted(self.events_dir.glob("*.jsonl")) if self.events_dir.is_dir() else []
+        since = _aware(since) if since else None
+        floor = datetime.min.replace(tzinfo=UTC)
+        out = []
+        for path in paths:
+            for event in read_lines(path):
+                if agent_id is not None and event.get("agent", agent_id) != agent_id:
+                    continue  # two ids with the same safe name share a file
+                if task_id is not None and not _same_id(event.get("task_id"), task_id):
+                    continue
+                when = parse_time(event.get("time"))
+                if since is not None and (when is None or when < since):
+                    continue
+                out.append((when or floor, event))
+        out.sort(key=lambda pair: pair[0])  # stable: one runner's order is kept on ties
+        return [event for _, event in out]
+
+    # -- transcripts and retention ----------------------------------------------------------
+
+    def transcripts(self, task_id: int) -> list[Path]:
+        """The agent transcripts of a task (one per session), oldest first."""
+        if not self.logs_dir.is_dir():
+            return []
+        paths = [p for p in self.logs_dir.glob(f"task-{task_id}-*.jsonl") if p.is_file()]
+        return sorted(paths, key=lambda p: (p.stat().st_mtime, p.name))
+
+    def prune(self, keep_days: float) -> dict[str, int]:
+        """Remove transcripts, agent stderr logs and event logs untouched for `keep_days`.
+
+        The history and the records are never removed here. Returns what went.
+        """
+        cutoff = time.time() - keep_days * 86400
+        files = size = 0
+        for folder, pattern in ((self.logs_dir, "task-*"), (self.events_dir, "*.jsonl")):
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(pattern):
+                try:
+                    info = path.stat()
+                    if not path.is_file() or info.st_mtime >= cutoff:
+                        continue
+                    path.unlink()
+                except OSError:
+                    continue  # gone meanwhile, or not ours to remove: never fatal
+                files += 1
+                size += info.st_size
+        return {"files": files, "bytes": size}
+
+    def usage(self) -> dict[str, int]:
+        """Bytes on disk: transcripts and logs, event logs, the history."""
+        logs = self.logs_dir.rglob("*") if self.logs_dir.is_dir() else iter(())
+        events = self.events_dir.glob("*") if self.events_dir.is_dir() else iter(())
+        return {"logs_bytes": _files_size(logs), "events_bytes": _files_size(events),
+                "history_bytes": _files_size(iter([self.history_path]))}
+
+
+def _same_id(value: Any, task_id: int) -> bool:
+    try:
+        return int(value) == int(task_id)
+    except (TypeError, ValueError):
+        return False
