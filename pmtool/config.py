@@ -59,6 +59,31 @@ SPECS: dict[str, Spec] = {
                              "health: least free disk space"),
     "memory_min_available_mb": Spec(int, 256, ("PMTOOL_MEMORY_MIN_AVAILABLE_MB",),
                                     "health: least available memory"),
+    # -- run policies (checked by pmtool.policy; `pmtool run` flags of the same names) ----
+    "on_agent_failure": Spec(str, "retry", ("PMTOOL_ON_AGENT_FAILURE",),
+                             "agent run without a verdict: retry, release or stop"),
+    "on_hook_failure": Spec(str, "release", ("PMTOOL_ON_HOOK_FAILURE",),
+                            "failing pre_task hook: release, continue or stop"),
+    "max_attempts": Spec(int, 3, ("PMTOOL_MAX_ATTEMPTS",), "claims of one task, at most"),
+    "retry_cooldown": Spec(float, 60.0, ("PMTOOL_RETRY_COOLDOWN",),
+                           "seconds before a given-back task is claimed again"),
+    "max_bounces": Spec(int, 3, ("PMTOOL_MAX_BOUNCES",), "QA fails of one task, at most"),
+    "max_consecutive_failures": Spec(int, 3, ("PMTOOL_MAX_CONSECUTIVE_FAILURES",),
+                                     "failed tasks in a row before a runner backs off"),
+    "daily_budget_usd": Spec(float, None, ("PMTOOL_DAILY_BUDGET_USD",),
+                             "spend of this machine per day, at most"),
+    "max_turns": Spec(int, None, ("PMTOOL_MAX_TURNS",), "claude turns per agent run"),
+    "poll_interval": Spec(float, 2.0, ("PMTOOL_POLL_INTERVAL",),
+                          "seconds between looks for work, at first"),
+    "poll_max": Spec(float, 60.0, ("PMTOOL_POLL_MAX",),
+                     "seconds between looks for work, at most"),
+    "keep_logs": Spec(float, 30.0, ("PMTOOL_KEEP_LOGS",),
+                      "days to keep transcripts and event logs"),
+    "leftover": Spec(str, "commit", ("PMTOOL_LEFTOVER",),
+                     "uncommitted work left by an agent: commit or rescue"),
+    "push": Spec(bool, False, ("PMTOOL_PUSH",), "push task branches"),
+    "grace": Spec(float, 900.0, ("PMTOOL_GRACE",),
+                  "seconds a dead runner's task waits before it is given back"),
 }
 
 
@@ -117,6 +142,8 @@ def _convert(name: str, raw: Any, where: str) -> Any:
     try:
         if spec.type is int and isinstance(raw, str):
             return int(raw.strip())
+        if spec.type is bool:  # bool("false") is True: read the word
+            return _boolean(raw)
         if spec.type is float:
             value = float(raw)
             if value < 0:
@@ -128,6 +155,17 @@ def _convert(name: str, raw: Any, where: str) -> Any:
             f"{where}: {name} must be a {spec.type.__name__}, got {raw!r}",
             hint=f"fix {where}",
         ) from None
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(word)
 
 
 def load_file(path: Path) -> dict[str, Any]:

@@ -17,12 +17,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from pmtool import work
-from pmtool.config import Settings
+from pmtool.config import SPECS, Settings, check_level
 from pmtool.errors import (
     EXIT_FAILED,
     EXIT_NOTHING,
@@ -32,18 +32,41 @@ from pmtool.errors import (
     OperationFailed,
     PmtoolError,
     ServerError,
+    UsageError,
+)
+from pmtool.policy import (
+    POLICY_SETTINGS,
+    AgentFailure,
+    HookFailure,
+    Leftover,
+    check_run_policy,
 )
 from pmtool.records import RecordStore, TaskRecord, now_iso
 
-AGENT_FAILURE_POLICIES = ("retry", "release", "stop")
-HOOK_FAILURE_POLICIES = ("release", "continue", "stop")
 HEALTH_CHECKS = ["api", "disk", "memory", "git"]
 IDLE_POLL = 30.0  # seconds of looking for a task before an `idle` event
 BACKOFF_CAP = 60.0
+# Kept for callers that listed the choices; the enums in pmtool.policy are the source.
+AGENT_FAILURE_POLICIES = tuple(p.value for p in AgentFailure)
+HOOK_FAILURE_POLICIES = tuple(p.value for p in HookFailure)
 
 
-@dataclass
+def _default(name: str) -> Any:
+    return SPECS[name].default
+
+
+@dataclass(frozen=True)
 class RunOptions:
+    """What one runner does. Policies and limits are checked here (UsageError, exit 2),
+    so a Python caller gets the checks the CLI gives. Settings of the same name in
+    `pmtool.config.SPECS` give the defaults; `from_settings` takes them from a Settings.
+
+    Reserved, not acted on yet (the settings exist so that flags, env and config files
+    can name them now): max_attempts, retry_cooldown, max_bounces,
+    max_consecutive_failures, daily_budget_usd, max_turns, poll_interval, poll_max,
+    keep_logs, leftover, push, grace.
+    """
+
     agent_id: str
     role: str
     level: str = "senior"
@@ -54,8 +77,8 @@ class RunOptions:
     max_tasks: int | None = None
     heartbeat: float = 300.0
     health_interval: float = 300.0
-    on_agent_failure: str = "retry"
-    on_hook_failure: str = "release"
+    on_agent_failure: AgentFailure = AgentFailure.RETRY
+    on_hook_failure: HookFailure = HookFailure.RELEASE
     task_budget_usd: float | None = None
     escalate: bool = False
     agent_cmd: str | None = None
@@ -65,6 +88,43 @@ class RunOptions:
     idle_poll: float = IDLE_POLL
     settle: float = work.DEFAULT_SETTLE
     give_back_wait: float = 30.0
+    max_attempts: int = _default("max_attempts")
+    retry_cooldown: float = _default("retry_cooldown")
+    max_bounces: int = _default("max_bounces")
+    max_consecutive_failures: int = _default("max_consecutive_failures")
+    daily_budget_usd: float | None = _default("daily_budget_usd")
+    max_turns: int | None = _default("max_turns")
+    poll_interval: float = _default("poll_interval")
+    poll_max: float = _default("poll_max")
+    keep_logs: float = _default("keep_logs")
+    leftover: Leftover = Leftover.COMMIT
+    push: bool = _default("push")
+    grace: float = _default("grace")
+
+    def __post_init__(self) -> None:
+        check_level(self.level)
+        checked = check_run_policy({f.name: getattr(self, f.name) for f in fields(self)})
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)  # frozen: converted once, here
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **given: Any) -> RunOptions:
+        """Options whose settings-backed fields (policies, limits, heartbeat, hooks
+        folder, health interval) come from `settings` unless given."""
+        from_settings = {"heartbeat": settings.heartbeat, "hooks_dir": settings.hooks_dir,
+                         "health_interval": settings.health_check_interval}
+        names = {f.name for f in fields(cls)}
+        given = {k: v for k, v in given.items() if v is not None}
+        for name, value in settings.values.items():
+            if name in names and name in POLICY_SETTINGS and name not in given:
+                from_settings[name] = value
+                try:
+                    check_run_policy({name: value})
+                except UsageError as exc:  # say where the bad value came from
+                    where = settings.sources.get(name, "default")
+                    raise UsageError(f"{exc.message} (from {where})", hint=f"fix {where}",
+                                     **exc.details) from None
+        return cls(**{**from_settings, **given})
 
 
 def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
@@ -97,6 +157,8 @@ class Runner:
         self.client = client or PMClient(settings.api_url, settings.api_key,
                                          timeout=settings.http_timeout)
         self.store = RecordStore(settings.state_path)
+        self.state = self.store.state
+        self._event_log_failed = False
         self.stopping = threading.Event()  # first signal: stop after the current step
         self.kill_now = threading.Event()  # second signal: end the agent now
         self.done = 0
@@ -108,8 +170,15 @@ class Runner:
 
     def event(self, kind: str, task_id: int | None = None, **data: Any) -> None:
         event = {"ok": kind != "error", "event": kind, "time": now_iso(),
-                 "agent": self.opts.agent_id, "task_id": task_id}
-        self._emit({**event, **data})
+                 "agent": self.opts.agent_id, "task_id": task_id, **data}
+        # Kept in the runner's event log (what status, logs and report read), then shown.
+        try:
+            self.state.append_event(self.opts.agent_id, event)
+        except OSError as exc:  # a full disk must not stop the work; say so once
+            if not self._event_log_failed:
+                self._event_log_failed = True
+                self.progress(f"cannot keep events in {self.state.events_dir}: {exc}")
+        self._emit(event)
 
     def request_stop(self) -> None:
         """Signal handler body: the first call stops softly, the second ends the agent."""

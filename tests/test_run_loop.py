@@ -20,6 +20,7 @@ import pytest
 
 from helpers import CLAUDE, PMTOOL, needs_claude
 from pmtool.records import RecordStore
+from pmtool.state import StateDir
 from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
@@ -156,6 +157,22 @@ def test_single_task_major_goes_to_dev_done_on_its_branch(world: World) -> None:
     assert "task" in run.stderr and "finished" in run.stderr  # the human view
 
 
+def test_every_event_is_kept_in_the_runners_event_log(world: World) -> None:
+    first, second = world.task(), world.task()
+    runs = [world.run("--single-task"), world.run("--single-task", "--agent-id", "dev_2")]
+    assert all(run.code == 0 for run in runs), runs[0].stderr + runs[1].stderr
+    state = StateDir(world.state)
+    assert state.events(agent_id="dev_1") == runs[0].events  # as printed, in order
+    assert state.events(agent_id="dev_2") == runs[1].events
+    assert state.events() == sorted(runs[0].events + runs[1].events, key=lambda e: e["time"])
+    task_id = runs[1].of("claimed")[0]["task_id"]
+    assert {e["agent"] for e in state.events(task_id=task_id)} == {"dev_2"}
+    closed = state.history(task_id=task_id, kind="closed")
+    assert [(h["agent_id"], h["outcome"]) for h in closed] == [("dev_2", "done")]
+    assert {first["id"], second["id"]} == {h["task_id"] for h in state.history()}
+    assert oct(state.events_path("dev_1").stat().st_mode & 0o777) == "0o600"
+
+
 def test_uncommitted_work_is_rescued_to_a_ref_when_the_worktree_goes(world: World) -> None:
     task = world.task()
     run = world.run("--single-task", env={"PMTOOL_FAKE_AGENT_NO_COMMIT": "1"})
@@ -259,6 +276,72 @@ def test_unknown_policy_and_level_are_usage_errors(world: World) -> None:
                               text=True, env=world.env, check=False)
         assert proc.returncode == 2
         assert json.loads(proc.stdout)["error"]["type"] == "usage"
+
+
+def test_a_python_caller_gets_the_policy_checks_the_cli_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pmtool.config import SPECS, load_settings
+    from pmtool.errors import UsageError
+    from pmtool.loop import RunOptions
+    from pmtool.policy import AgentFailure, Leftover
+
+    for bad in ({"on_agent_failure": "maybe"}, {"on_hook_failure": "retry"},
+                {"leftover": "drop"}, {"max_attempts": 0}, {"max_turns": 2.5},
+                {"retry_cooldown": -1.0}, {"daily_budget_usd": "lots"},
+                {"poll_interval": 10.0, "poll_max": 5.0}, {"level": "staff"}):
+        with pytest.raises(UsageError):
+            RunOptions(agent_id="a", role="qa", **bad)
+    opts = RunOptions(agent_id="a", role="qa", on_agent_failure="stop", max_turns=4.0)
+    assert opts.on_agent_failure is AgentFailure.STOP and opts.on_agent_failure == "stop"
+    assert opts.max_turns == 4 and isinstance(opts.max_turns, int)
+    with pytest.raises(AttributeError):
+        opts.max_attempts = 9  # type: ignore[misc]  (frozen)
+    # One set of defaults: the settings' and the options' agree.
+    default = RunOptions(agent_id="a", role="qa")
+    for name in ("on_agent_failure", "on_hook_failure", "max_attempts", "retry_cooldown",
+                 "max_bounces", "max_consecutive_failures", "daily_budget_usd", "max_turns",
+                 "poll_interval", "poll_max", "keep_logs", "leftover", "push", "grace"):
+        assert getattr(default, name) == SPECS[name].default, name
+
+    config = tmp_path / "config.toml"
+    config.write_text('leftover = "rescue"\nmax_attempts = 5\npush = true\n')
+    monkeypatch.setenv("PMTOOL_RETRY_COOLDOWN", "7.5")
+    monkeypatch.setenv("PMTOOL_MAX_BOUNCES", "nine")
+    with pytest.raises(UsageError, match="PMTOOL_MAX_BOUNCES"):
+        load_settings(config_path=config)
+    monkeypatch.setenv("PMTOOL_MAX_BOUNCES", "0")
+    with pytest.raises(UsageError, match="from env:PMTOOL_MAX_BOUNCES"):
+        RunOptions.from_settings(load_settings(config_path=config), agent_id="a", role="qa")
+    monkeypatch.delenv("PMTOOL_MAX_BOUNCES")
+    settings = load_settings({"grace": 60}, config_path=config)
+    opts = RunOptions.from_settings(settings, agent_id="a", role="qa", max_attempts=2)
+    assert opts.leftover is Leftover.RESCUE and opts.push is True  # config file
+    assert opts.retry_cooldown == 7.5  # environment
+    assert opts.grace == 60.0  # flag, through the settings
+    assert opts.max_attempts == 2  # given beats the settings
+
+
+def test_run_flags_reach_the_settings_and_bad_env_values_are_usage_errors(
+        world: World) -> None:
+    proc = subprocess.run([PMTOOL, "run", "--help"], capture_output=True, text=True,
+                          env={**world.env, "COLUMNS": "200"}, check=True)
+    for flag in ("--max-attempts", "--retry-cooldown", "--max-bounces",
+                 "--max-consecutive-failures", "--daily-budget-usd", "--max-turns",
+                 "--poll-interval", "--poll-max", "--keep-logs", "--leftover", "--push",
+                 "--grace"):
+        assert f" {flag} " in proc.stdout, flag
+    proc = subprocess.run([PMTOOL, "config"], capture_output=True, text=True,
+                          env={**world.env, "PMTOOL_GRACE": "30"}, check=True)
+    shown = json.loads(proc.stdout)["settings"]
+    assert shown["grace"] == {"value": 30.0, "source": "env:PMTOOL_GRACE"}
+    assert shown["max_attempts"] == {"value": 3, "source": "default"}
+    world.task()
+    proc = subprocess.run([PMTOOL, "run", *world.args("--single-task")], capture_output=True,
+                          text=True, env={**world.env, "PMTOOL_ON_HOOK_FAILURE": "shrug"},
+                          check=False)
+    assert proc.returncode == 2
+    assert "PMTOOL_ON_HOOK_FAILURE" in json.loads(proc.stdout)["error"]["message"]
+    assert world.store.load("dev_1") is None  # checked before anything was claimed
 
 
 def test_second_runner_for_the_same_agent_is_refused(world: World) -> None:

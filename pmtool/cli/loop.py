@@ -79,11 +79,13 @@ def run_cmd(
     heartbeat: Annotated[float | None, typer.Option(
         help="Seconds between re-registrations while the agent works [env PMTOOL_HEARTBEAT, "
              "default 300].")] = None,
-    on_agent_failure: Annotated[str, typer.Option(
-        help="retry (once with --resume, then give back), release, or stop.")] = "retry",
-    on_hook_failure: Annotated[str, typer.Option(
+    on_agent_failure: Annotated[str | None, typer.Option(
+        help="retry (once with --resume, then give back), release, or stop "
+             "[env PMTOOL_ON_AGENT_FAILURE, default retry].")] = None,
+    on_hook_failure: Annotated[str | None, typer.Option(
         help="When pre_task fails and nobody is at a terminal: release (give the task back "
-             "and wait), continue, or stop.")] = "release",
+             "and wait), continue, or stop [env PMTOOL_ON_HOOK_FAILURE, default release].")
+    ] = None,
     task_budget_usd: Annotated[float | None, typer.Option(
         help="Give a task back once its agent runs have cost this much in all.")] = None,
     escalate: Annotated[bool, typer.Option(
@@ -100,6 +102,41 @@ def run_cmd(
     idle_poll: Annotated[float, typer.Option(
         help="Seconds of looking for work between `idle` events.")] = 30.0,
     settle: Settle = 0.3,
+    max_attempts: Annotated[int | None, typer.Option(
+        help="Reserved: claims of one task, at most [env PMTOOL_MAX_ATTEMPTS, default 3].")
+    ] = None,
+    retry_cooldown: Annotated[float | None, typer.Option(
+        help="Reserved: seconds before a given-back task is claimed again "
+             "[env PMTOOL_RETRY_COOLDOWN, default 60].")] = None,
+    max_bounces: Annotated[int | None, typer.Option(
+        help="Reserved: QA fails of one task, at most [env PMTOOL_MAX_BOUNCES, default 3].")
+    ] = None,
+    max_consecutive_failures: Annotated[int | None, typer.Option(
+        help="Reserved: failed tasks in a row before the runner backs off "
+             "[env PMTOOL_MAX_CONSECUTIVE_FAILURES, default 3].")] = None,
+    daily_budget_usd: Annotated[float | None, typer.Option(
+        help="Reserved: this machine's spend per day, at most [env PMTOOL_DAILY_BUDGET_USD].")
+    ] = None,
+    max_turns: Annotated[int | None, typer.Option(
+        help="Reserved: claude turns per agent run [env PMTOOL_MAX_TURNS].")] = None,
+    poll_interval: Annotated[float | None, typer.Option(
+        help="Reserved: seconds between looks for work, at first "
+             "[env PMTOOL_POLL_INTERVAL, default 2].")] = None,
+    poll_max: Annotated[float | None, typer.Option(
+        help="Reserved: seconds between looks for work, at most "
+             "[env PMTOOL_POLL_MAX, default 60].")] = None,
+    keep_logs: Annotated[float | None, typer.Option(
+        help="Reserved: days to keep transcripts and event logs "
+             "[env PMTOOL_KEEP_LOGS, default 30].")] = None,
+    leftover: Annotated[str | None, typer.Option(
+        help="Reserved: uncommitted work an agent leaves: commit or rescue "
+             "[env PMTOOL_LEFTOVER, default commit].")] = None,
+    push: Annotated[bool | None, typer.Option(
+        "--push/--no-push", help="Reserved: push task branches [env PMTOOL_PUSH, default no].")
+    ] = None,
+    grace: Annotated[float | None, typer.Option(
+        help="Reserved: seconds a dead runner's task waits before it is given back "
+             "[env PMTOOL_GRACE, default 900].")] = None,
 ) -> int:
     """Work tasks for a role continuously: claim, hooks, worktree, claude, finish, repeat.
 
@@ -112,25 +149,22 @@ def run_cmd(
 
     Example: pmtool run --role qa --agent-id qa_001 --single-task | jq 'select(.event=="finished")'
     """
-    from pmtool.config import check_level
-    from pmtool.loop import AGENT_FAILURE_POLICIES, HOOK_FAILURE_POLICIES, Runner, RunOptions
+    from pmtool.loop import Runner, RunOptions
 
-    check_level(level)
-    for value, valid, flag in ((on_agent_failure, AGENT_FAILURE_POLICIES, "--on-agent-failure"),
-                               (on_hook_failure, HOOK_FAILURE_POLICIES, "--on-hook-failure")):
-        if value not in valid:
-            raise UsageError(f"{flag} {value!r} is not one of {', '.join(valid)}",
-                             valid=list(valid))
-    settings = options().settings(hooks_dir=hooks_dir)
-    opts = RunOptions(agent_id=agent_id, role=role, level=level, repo=repo, base=base,
-                      hooks_dir=settings.hooks_dir, single_task=single_task,
-                      max_tasks=max_tasks, heartbeat=heartbeat or settings.heartbeat,
-                      health_interval=settings.health_check_interval,
-                      on_agent_failure=on_agent_failure, on_hook_failure=on_hook_failure,
-                      task_budget_usd=task_budget_usd, escalate=escalate, agent_cmd=agent_cmd,
-                      timeout=timeout, idle_timeout=idle_timeout,
-                      max_budget_usd=max_budget_usd, idle_poll=idle_poll,
-                      settle=settle)
+    settings = options().settings(
+        hooks_dir=hooks_dir, on_agent_failure=on_agent_failure,
+        on_hook_failure=on_hook_failure, max_attempts=max_attempts,
+        retry_cooldown=retry_cooldown, max_bounces=max_bounces,
+        max_consecutive_failures=max_consecutive_failures, daily_budget_usd=daily_budget_usd,
+        max_turns=max_turns, poll_interval=poll_interval, poll_max=poll_max,
+        keep_logs=keep_logs, leftover=leftover, push=push, grace=grace)
+    # Policies and limits are checked by RunOptions itself (UsageError, exit 2).
+    opts = RunOptions.from_settings(
+        settings, agent_id=agent_id, role=role, level=level, repo=repo, base=base,
+        single_task=single_task, max_tasks=max_tasks, heartbeat=heartbeat,
+        task_budget_usd=task_budget_usd, escalate=escalate, agent_cmd=agent_cmd,
+        timeout=timeout, idle_timeout=idle_timeout, max_budget_usd=max_budget_usd,
+        idle_poll=idle_poll, settle=settle)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
 
     def on_event(event: dict[str, Any]) -> None:
