@@ -4,9 +4,31 @@ subcommands use, in the same order as `scripts/pm-runner.sh`:
     health (when due) -> recover own record -> claim -> pre_task hook -> worktree ->
     exec-claude (with heartbeat) -> finish -> post_task hook -> remove worktree
 
-Every step is one event (a dict) handed to `emit`; the CLI prints them as JSON lines.
-The loop never releases a lock on exit while work is in progress: a stop leaves the task
-record, and the next start resumes it.
+Every step is one event (a dict) handed to `emit`, and kept in the runner's event log
+(`StateDir.append_event`); the CLI prints them as JSON lines. The loop never releases a
+lock on exit while work is in progress: a stop leaves the task record, and the next start
+resumes it.
+
+The same loop in bash is `scripts/pm-runner.sh`; a test runs one scenario through both
+and compares their steps (tests/test_scripts.py). Where each policy lives in the script
+(`pm-runner.sh:` comments below mark the same places here; "none" is a difference):
+
+    one runner per agent (runner lock)   none; PMTOOL_RUNNER_PID marks the record instead
+    live runner of our record -> exit 5  the first `recover` loop, action "running"
+    health before claiming               none (scripts/cron-health.sh, from cron)
+    claim wait / idle                    `claim --wait "$wait"`
+    verdict kept across a stop           `outcome=$(jq ... agent_finished ...)`
+    pre_task failure (--on-hook-failure) always give_back (release); never asks
+    worktree failure                     give_back "no worktree: ..."
+    agent failure (--on-agent-failure)   retry once with --resume on exit 1/124, then
+                                         give_back; no stop/release, --escalate or
+                                         --task-budget-usd
+    heartbeat, task given away           none: exec-claude does not re-register
+    server away (exit 4)                 `pause 10` (fixed), record kept
+    pause after a give-back              give_back's `pause "$wait"`
+    post_task never blocks               `hook run post_task` result not acted on
+    worktree removal, rescue dirty work  `worktree remove --rescue`
+    signals: stop after the step         trap INT TERM -> stopping=1
 """
 
 from __future__ import annotations
@@ -128,7 +150,8 @@ class RunOptions:
 
 
 def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
-    """The verdict of an agent run that ended before a stop, if no run started since."""
+    """The verdict of an agent run that ended before a stop, if no run started since.
+    pm-runner.sh: `outcome=$(jq ... agent_finished ...)`."""
     for step in reversed(record.steps):
         if step.get("step") == "agent-done":
             return step.get("verdict")
@@ -202,6 +225,7 @@ class Runner:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
+        # pm-runner.sh: none (no runner lock; PMTOOL_RUNNER_PID marks the record).
         try:
             lock = self.store.runner_lock(self.opts.agent_id).acquire()
         except Conflict as exc:
@@ -237,11 +261,13 @@ class Runner:
                     break
                 if not finished:
                     # Given back: wait, or the server hands the same task straight back.
+                    # pm-runner.sh: give_back's `pause "$wait"`.
                     self._sleep(self.opts.give_back_wait)
             except Stop:
                 break
             except ServerError as exc:
                 # Server away: keep the record, back off (capped, jittered), try again.
+                # pm-runner.sh: `pause 10` on exit 4 (a fixed wait).
                 wait = min(BACKOFF_CAP, self.backoff) * random.uniform(0.5, 1.0)
                 self.backoff = min(BACKOFF_CAP, self.backoff * 2)
                 self.event("error", error=exc.to_json(), retry_in_s=round(wait, 1))
@@ -275,6 +301,7 @@ class Runner:
     # -- steps ----------------------------------------------------------------------------
 
     def _health_if_due(self) -> None:
+        # pm-runner.sh: none; scripts/cron-health.sh runs `pmtool health` from cron.
         if time.monotonic() - self.last_health < self.opts.health_interval and self.last_health:
             return
         from pmtool.health import run_health
@@ -298,7 +325,7 @@ class Runner:
         except NothingToDo:
             return None
         for entry in entries:
-            if entry["action"] == "running":
+            if entry["action"] == "running":  # pm-runner.sh: first recover loop, exit 5
                 raise Conflict(f"agent {self.opts.agent_id} has a task record whose runner "
                                f"(pid {entry['pid']}) is alive", fatal=True,
                                hint="stop that runner, or use another --agent-id")
@@ -314,6 +341,7 @@ class Runner:
 
     def _claim(self) -> TaskRecord | None:
         """Look for a task for up to `idle_poll` seconds; None (and an `idle` event) if none."""
+        # pm-runner.sh: `claim --wait "$wait"`.
         opts = self.opts
         deadline = time.monotonic() + (0 if opts.single_task else opts.idle_poll)
         delay = work.POLL_FIRST
@@ -383,6 +411,7 @@ class Runner:
         return True
 
     def _pre_task(self, record: TaskRecord, repo: Path) -> bool:
+        # pm-runner.sh: a failing pre_task always gives the task back (release), no ask.
         while True:
             result = self._hook("pre_task", record, str(repo))
             if result["ok"]:
@@ -415,7 +444,7 @@ class Runner:
                                      hooks_dir=self.opts.hooks_dir or self.settings.hooks_dir,
                                      hook_timeout=self.settings.hook_timeout,
                                      context=self._context(record))
-        except (Conflict, OperationFailed) as exc:
+        except (Conflict, OperationFailed) as exc:  # pm-runner.sh: give_back "no worktree"
             self._give_back(record, f"no worktree: {exc.message}")
             raise
         cwd = answer.get("worktree") or str(repo)
@@ -432,6 +461,8 @@ class Runner:
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""
+        # pm-runner.sh: one retry with --resume on exit 1/124, then give_back; it has no
+        # stop/release choice, no escalation and no task budget.
         from pmtool.models import stronger_model
 
         opts = self.opts
@@ -519,7 +550,8 @@ class Runner:
     def _heartbeat(self, record: TaskRecord, stop_agent: threading.Event,
                    lost: threading.Event) -> None:
         """Re-register while the agent works (the server drops locks of agents unseen for
-        30 minutes, quirk 3) and check the task is still ours; if not, stop the agent."""
+        30 minutes, quirk 3) and check the task is still ours; if not, stop the agent.
+        pm-runner.sh: none (exec-claude does not re-register)."""
         while not stop_agent.wait(self.opts.heartbeat):
             try:
                 self.client.register(self.opts.agent_id, self.opts.role, self.opts.level)
@@ -546,9 +578,11 @@ class Runner:
 
     def _give_back(self, record: TaskRecord, why: str) -> None:
         result = work.release(self.client, self.store, self.opts.agent_id, notes=why)
-        self._remove_worktree(record)
+        # The event when it happened, before the worktree goes (as _finish does; the
+        # script's `lock release` then `worktree remove` print in this order too).
         self.event("finished", task_id=record.task_id, outcome="given_back", reason=why,
                    action=result["action"])
+        self._remove_worktree(record)
 
     def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
         record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
@@ -558,7 +592,7 @@ class Runner:
         self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
                    status=result.get("status"), action=result.get("action"),
                    summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6))
-        # post_task never blocks: its result is reported, not acted on.
+        # post_task never blocks: its result is reported, not acted on (pm-runner.sh too).
         self._hook("post_task", record, str(repo), **verdict, status=result.get("status"))
         self._remove_worktree(record)
 
@@ -579,7 +613,8 @@ class Runner:
         return text
 
     def _remove_worktree(self, record: TaskRecord) -> str | None:
-        """Remove the task's worktree; a dirty one is rescued to a ref first, never lost."""
+        """Remove the task's worktree; a dirty one is rescued to a ref first, never lost.
+        pm-runner.sh: `worktree remove --rescue`."""
         from pmtool.worktree import remove_worktree
 
         if not record.worktree or record.task.get("complexity") == "minor":

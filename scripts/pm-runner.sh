@@ -12,6 +12,13 @@
 # when it was given back, 3 when there was none. Ctrl-C or SIGTERM stops after the
 # current step and keeps the task record, so the next start resumes the same task.
 # PMTOOL names the pmtool to run (default: pmtool on PATH).
+#
+# `pmtool run` is the same loop in Python (pmtool/loop.py, Runner); tests/test_scripts.py
+# runs one scenario through both and compares their steps. Where each policy lives there
+# is named next to it below ("pmtool run:"); what only `pmtool run` has: one runner per
+# agent id (a runner lock), health checks before claiming (here: cron-health.sh), a
+# heartbeat that keeps the lock during long agent runs and notices a task given away,
+# --on-hook-failure/--on-agent-failure choices, --escalate and --task-budget-usd.
 set -euo pipefail
 
 PMTOOL=${PMTOOL:-pmtool}
@@ -43,6 +50,7 @@ fi
 # `pmtool recover` (cron-recover.sh) leaves the record alone.
 export PMTOOL_RUNNER_PID=$$
 stopping=0 done_tasks=0
+# pmtool run: Runner.request_stop (there a second signal ends the agent at once).
 trap 'stopping=1; echo "pm-runner: stopping after this step; the task record is kept" >&2' INT TERM
 
 out="" rc=0
@@ -82,6 +90,7 @@ stop() {
 }
 
 # give_back REASON: the task goes back to the queue; work in its worktree goes to a rescue ref.
+# pmtool run: Runner._give_back, then the give_back_wait pause in Runner._loop.
 give_back() {
   step lock release --agent-id "$agent" --notes "$1"
   if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
@@ -93,11 +102,12 @@ give_back() {
 }
 
 # A record of ours from before (a crash, a stop): recover says whether it is still ours.
+# pmtool run: Runner._recover (a live runner is exit 5 there too).
 while :; do
   step recover --agent-id "$agent"
   case $rc in
     0|3) break ;;
-    4) [ "$stopping" = 0 ] || stop 0; pause 10 ;;  # server away: the record is kept
+    4) [ "$stopping" = 0 ] || stop 0; pause 10 ;;  # server away: the record is kept (pmtool run: capped, jittered backoff in Runner._loop)
     *) exit "$rc" ;;
   esac
 done
@@ -110,7 +120,8 @@ while [ "$stopping" = 0 ]; do
   step lock show --agent-id "$agent"
   case $rc in
     0) ;;
-    3) step claim --agent-id "$agent" --role "$role" --level "$level" --wait "$wait"
+    3) # pmtool run: Runner._claim (looks for --idle-poll seconds, then an `idle` event)
+       step claim --agent-id "$agent" --role "$role" --level "$level" --wait "$wait"
        case $rc in
          0) ;;
          3) if [ "$single" = 1 ]; then stop 3; fi; continue ;;
@@ -130,6 +141,7 @@ while [ "$stopping" = 0 ]; do
     step lock update --agent-id "$agent" --runner-pid $$ --step resumed
   fi
   # An agent run that gave a verdict before a stop: finish with it, do not run it again.
+  # pmtool run: loop.kept_verdict.
   outcome=$(jq -r '[.record.steps[] | select(.step | startswith("agent_"))] | last
                    | select(.step == "agent_finished" and .ok) | .outcome // empty' <<<"$record")
   summary="(verdict of an earlier run, before a stop)"
@@ -137,13 +149,13 @@ while [ "$stopping" = 0 ]; do
 
   if [ -z "$outcome" ]; then
     step hook run pre_task --agent-id "$agent" --cwd "$repo"
-    if [ "$rc" != 0 ]; then
+    if [ "$rc" != 0 ]; then  # pmtool run: Runner._pre_task, policy --on-hook-failure (default release)
       give_back "pre_task hook failed: $(jq -r '.error.message? // .error // (.stderr // "" | .[-200:] | sub("\\s+$"; "") | select(length > 0)) // "exit \(.exit_code)"' <<<"$out")"
       continue
     fi
     [ "$stopping" = 0 ] || break
 
-    step worktree create --agent-id "$agent" --repo "$repo"
+    step worktree create --agent-id "$agent" --repo "$repo"   # pmtool run: Runner._worktree
     worktree=$(jq -r '.worktree // empty' <<<"$out")
     if [ "$rc" != 0 ]; then
       give_back "no worktree: $(jq -r '.error.message // "worktree_setup hook failed"' <<<"$out")"
@@ -153,6 +165,8 @@ while [ "$stopping" = 0 ]; do
 
     resume=()
     [ -n "$session" ] && resume=(--resume)
+    # pmtool run: Runner._agent, policy --on-agent-failure (default retry: once with
+    # --resume, as here), plus --escalate and --task-budget-usd; Runner._heartbeat too.
     step exec-claude --agent-id "$agent" "${resume[@]}" "${agent_cmd[@]}"
     if { [ "$rc" = 1 ] || [ "$rc" = 124 ]; } && [ "$stopping" = 0 ]; then  # retry once, same session
       step exec-claude --agent-id "$agent" --resume "${agent_cmd[@]}"
@@ -174,7 +188,7 @@ while [ "$stopping" = 0 ]; do
   # finish, so it is read first).
   step lock show --agent-id "$agent"
   record=$out
-  step finish --agent-id "$agent" --outcome "$outcome" --notes "$summary"
+  step finish --agent-id "$agent" --outcome "$outcome" --notes "$summary"   # pmtool run: Runner._finish
   case $rc in
     0) ;;
     4) pause 10; continue ;;                  # server away: the record is kept, finish again
@@ -186,9 +200,10 @@ while [ "$stopping" = 0 ]; do
                 complexity: .task.complexity, branch: (.branch // .task.branch), worktree,
                 model, session_id, attempts, cost_usd, claimed_at, server_url, task,
                 outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
-    | step hook run post_task --input - --cwd "$repo"   # post_task never blocks
+    | step hook run post_task --input - --cwd "$repo"   # post_task never blocks (pmtool run: Runner._finish)
   if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
     # --rescue keeps uncommitted work on a rescue ref first; a clean tree is just removed.
+    # pmtool run: Runner._remove_worktree.
     step worktree remove "$task_id" --repo "$repo" --rescue
   fi
   done_tasks=$((done_tasks + 1))

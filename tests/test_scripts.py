@@ -94,30 +94,35 @@ def git(repo: Path, *args: str) -> str:
                           check=True).stdout.strip()
 
 
-@pytest.fixture
-def box(make_standin: Callable[..., StandInServer], tmp_path: Path) -> Iterator[Box]:
+def new_box(make_standin: Callable[..., StandInServer], root: Path) -> Box:
     key = f"scripts-{secrets.token_hex(8)}"
     server = make_standin(api_key=key, production=True)
-    repo = tmp_path / "repo"
-    repo.mkdir()
+    repo = root / "repo"
+    repo.mkdir(parents=True)
     git(repo, "init", "-q", "-b", "main")
     (repo / "README.md").write_text("# scratch\n")
     git(repo, "add", "README.md")
     git(repo, "commit", "-q", "-m", "start")
-    hooks = tmp_path / "hooks"
+    hooks = root / "hooks"
     hooks.mkdir()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMTOOL_", "HEADLESS_PM_", "API_KEY_HEADLESS_PM"))}
     env.update({
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
         "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
-        "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-        "PMTOOL_CONFIG": str(tmp_path / "no-config.toml"),
+        "PMTOOL_STATE_DIR": str(root / "state"),
+        "PMTOOL_CONFIG": str(root / "no-config.toml"),
         "HEADLESS_PM_HOOKS_DIR": str(hooks), "PMTOOL_CLAIM_SETTLE": "0.05",
-        "PMTOOL_HEALTH_LOG": str(tmp_path / "health.log"),
+        "PMTOOL_HEALTH_LOG": str(root / "health.log"),
     })
-    with Seeder(server.url, key) as seeder:
-        yield Box(server, seeder, repo, tmp_path / "state", hooks, env)
+    return Box(server, Seeder(server.url, key), repo, root / "state", hooks, env)
+
+
+@pytest.fixture
+def box(make_standin: Callable[..., StandInServer], tmp_path: Path) -> Iterator[Box]:
+    made = new_box(make_standin, tmp_path)
+    with made.seeder:
+        yield made
 
 
 def json_lines(stdout: str) -> list[dict[str, Any]]:
@@ -281,6 +286,115 @@ def test_pm_runner_refuses_an_agent_whose_runner_lives(box: Box) -> None:
     proc = box.run("pm-runner.sh", *runner_args("dev_busy", "--single-task"))
     assert proc.returncode == 5
     assert "live runner" in proc.stderr
+
+
+# ---- pm-runner.sh and `pmtool run`: one loop, two implementations --------------------------
+
+
+def script_steps(calls: list[list[str]], stdout: str) -> list[str]:
+    """What pm-runner.sh did, from the pmtool commands it ran, in the loop's event words."""
+    steps = []
+    for args in calls:
+        if args[0] == "claim":
+            steps.append("claimed")
+        elif args[:2] == ["hook", "run"]:
+            steps.append(f"hook {args[2]}")
+        elif args[:2] == ["worktree", "create"]:
+            steps.append("worktree create")
+        elif args[:2] == ["worktree", "remove"]:
+            steps.append("worktree remove")
+        elif args[0] == "exec-claude":
+            steps.append("agent resumed" if "--resume" in args else "agent")
+        elif args[0] == "finish":
+            steps.append(f"finished {args[args.index('--outcome') + 1]}")
+        elif args[:2] == ["lock", "release"]:
+            steps.append("finished given_back")
+        # recover, lock show, lock update: bookkeeping the loop does in-process
+    stopped = json_lines(stdout)[-1]
+    steps.append(f"stopped done={stopped['tasks_done']} kept={stopped['record_kept']}")
+    return steps
+
+
+def loop_steps(events: list[dict[str, Any]]) -> list[str]:
+    """What `pmtool run` did, from its events (health has no step in the script)."""
+    steps = []
+    for e in events:
+        kind = e["event"]
+        if kind in ("claimed", "finished"):
+            steps.append(kind + (f" {e['outcome']}" if kind == "finished" else ""))
+        elif kind == "hook":
+            steps.append(f"hook {e['hook']}")
+        elif kind == "worktree":
+            steps.append("worktree remove" if "removed" in e else "worktree create")
+        elif kind == "agent":
+            steps.append("agent resumed" if e.get("resumed") else "agent")
+        elif kind == "stopped":
+            steps.append(f"stopped done={e['tasks_done']} kept={e['record_kept']}")
+    return steps
+
+
+def run_scenario(box: Box, how: str, scenario: str) -> dict[str, Any]:
+    """One task, one --single-task runner (the script or `pmtool run`): what happened."""
+    task = box.seeder.create_task(title="Same scenario", complexity="major",
+                                  branch="feature/same")
+    env = {"PMTOOL_FAKE_AGENT_OUTCOME": "none"} if scenario == "no verdict" else {}
+    if scenario == "pre_task fails":
+        box.hook("pre_task", "echo 'no database' >&2\nexit 1\n")
+    box.hook("post_task", "cat >/dev/null\n")
+    args = runner_args("dev_same", "--repo", str(box.repo), "--single-task")
+    if how == "script":
+        # A pmtool that notes each command the script runs, then runs it.
+        calls = box.state.parent / "calls.jsonl"
+        wrapper = box.state.parent / "pmtool-noting"
+        wrapper.write_text(
+            "#!/usr/bin/env bash\n"
+            f"jq -nc '$ARGS.positional' --args -- \"$@\" >>{shlex.quote(str(calls))}\n"
+            f"exec {shlex.quote(str(BIN / 'pmtool'))} \"$@\"\n")
+        wrapper.chmod(0o755)
+        proc = box.run("pm-runner.sh", *args, env={"PMTOOL": str(wrapper), **env})
+        steps = script_steps([json.loads(line) for line in calls.read_text().splitlines()],
+                             proc.stdout)
+    else:
+        proc = subprocess.run([str(BIN / "pmtool"), "run", *args], env={**box.env, **env},
+                              cwd=box.repo, capture_output=True, text=True, timeout=60,
+                              check=False)
+        steps = loop_steps(json_lines(proc.stdout))
+    after = box.task(task["id"])
+    return {
+        "code": proc.returncode,
+        "steps": steps,
+        "statuses": [(c["old_status"], c["new_status"])
+                     for c in box.seeder.changelog(limit=-1) if c["task_id"] == task["id"]],
+        "task": (after["status"], after["locked_by"]),
+        "history": [h["outcome"] for h in box.history() if h["task"]["id"] == task["id"]],
+        "record_left": box.pmtool("lock", "show", "--agent-id", "dev_same")[0] != 3,
+        "worktrees": git(box.repo, "worktree", "list", "--porcelain").count("worktree "),
+        "stderr": proc.stderr,
+    }
+
+
+@pytest.mark.parametrize("scenario", ["done", "no verdict", "pre_task fails"])
+def test_pm_runner_and_pmtool_run_take_the_same_steps(
+        make_standin: Callable[..., StandInServer], tmp_path: Path, scenario: str) -> None:
+    results = {}
+    for how in ("script", "loop"):
+        made = new_box(make_standin, tmp_path / how)
+        with made.seeder:
+            results[how] = run_scenario(made, how, scenario)
+    script, loop = results["script"], results["loop"]
+    stderr = f"script:\n{script.pop('stderr')}\nloop:\n{loop.pop('stderr')}"
+    assert script == loop, stderr
+    expected = {
+        "done": ["claimed", "hook pre_task", "worktree create", "agent", "finished done",
+                 "hook post_task", "worktree remove", "stopped done=1 kept=False"],
+        "no verdict": ["claimed", "hook pre_task", "worktree create", "agent",
+                       "agent resumed", "finished given_back", "worktree remove",
+                       "stopped done=0 kept=False"],
+        "pre_task fails": ["claimed", "hook pre_task", "finished given_back",
+                           "stopped done=0 kept=False"],
+    }[scenario]
+    assert loop["steps"] == expected  # and so are the script's: a change shows up here
+    assert loop["code"] == (0 if scenario == "done" else 1)
 
 
 # ---- cron-health.sh ----------------------------------------------------------------------
