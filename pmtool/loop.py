@@ -226,6 +226,7 @@ class Runner:
 
     def run(self) -> int:
         # pm-runner.sh: none (no runner lock; PMTOOL_RUNNER_PID marks the record).
+        self.state.ensure()  # private folders before any transcript or record is written
         try:
             lock = self.store.runner_lock(self.opts.agent_id).acquire()
         except Conflict as exc:

@@ -171,6 +171,7 @@ def test_every_event_is_kept_in_the_runners_event_log(world: World) -> None:
     assert [(h["agent_id"], h["outcome"]) for h in closed] == [("dev_2", "done")]
     assert {first["id"], second["id"]} == {h["task_id"] for h in state.history()}
     assert oct(state.events_path("dev_1").stat().st_mode & 0o777) == "0o600"
+    assert oct(state.logs_dir.stat().st_mode & 0o777) == "0o700"  # transcripts kept private
 
 
 def test_uncommitted_work_is_rescued_to_a_ref_when_the_worktree_goes(world: World) -> None:

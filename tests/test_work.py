@@ -346,6 +346,26 @@ def test_recover_dry_run_and_unreachable_change_nothing(store):
     assert store.path("dev_1").read_bytes() == before
 
 
+def test_recover_moves_a_corrupt_record_aside_except_in_a_dry_run(store):
+    server = FakeServer(task(1, status="under_work", locked_by="dev_1"))
+    stale_record(store, server, 1, "claimed")
+    bad = store.path("dev_2")
+    bad.write_text('{"agent_id": "dev_2", "task": ')  # torn by a crash
+
+    entries = work.recover(server, store, dry_run=True, sleep=no_sleep)
+    corrupt = [e for e in entries if e["action"] == "corrupt"]
+    assert [(e["record"], e["kept_as"]) for e in corrupt] == [(str(bad), str(bad))]
+    assert bad.exists()  # a dry run moves nothing
+
+    entries = work.recover(server, store, sleep=no_sleep)
+    (entry,) = [e for e in entries if e["action"] == "corrupt"]
+    assert not bad.exists() and Path(entry["kept_as"]).exists()
+    assert Path(entry["kept_as"]).name.startswith("dev_2.json.corrupt-")
+    assert store.load("dev_1") is not None  # the good record is resumed, not touched
+    with pytest.raises(NothingToDo):  # moved aside once: nothing left for that agent
+        work.recover(server, store, agent_id="dev_2", sleep=no_sleep)
+
+
 def test_recover_nothing_and_usage(store):
     with pytest.raises(NothingToDo):
         work.recover(FakeServer(), store)
