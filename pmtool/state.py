@@ -167,9 +167,9 @@ class StateDir:
         """One line of task history, on disk (fsync) before this returns.
 
         `kind` defaults to "closed" (a retired task record: `{"closed_at", "outcome",
-        **record}`, the shape every history line had before kinds existed); `at` is now.
+        **record}`, the shape every history line had before kinds existed); `at` to now.
         """
-        line = {"kind": "closed", **entry, "at": now_iso()}
+        line = {"kind": "closed", "at": now_iso(), **entry}
         append_line(self.history_path, line, sync=True)
 
     def history(self, *, task_id: int | None = None, agent_id: str | None = None,
@@ -194,8 +194,8 @@ class StateDir:
                 continue
             if agent_id is not None and entry.get("agent_id") != agent_id:
                 continue
-            if since is not None:
-                when = parse_time(entry.get("at"))
+            if since is not None:  # a closed record dates from its closing
+                when = parse_time(entry.get("closed_at") or entry.get("at"))
                 if when is None or when < since:
                     continue
             out.append(entry)
