@@ -581,6 +581,43 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
             "status": status, "task": new, "lock_expired": task.get("locked_by") is None}
 
 
+PARKED = "pending"  # the server never offers a pending task: it waits for a person
+
+
+def park(client: Any, store: RecordStore, agent_id: str, reason: str,
+         cause: str = "parked", **info: Any) -> dict[str, Any]:
+    """Park the agent's task for a person: status `pending`, the reason as a comment.
+
+    For tasks no runner should take again by itself (the agent said `blocked`, too many
+    attempts or QA bounces, a branch git rejects). The server never offers a pending task;
+    a person sets it back to `created` when it can be worked. `cause` says why in the
+    history (`blocked`, `max_attempts`, `max_bounces`, `poison`...). The record is closed
+    with outcome `parked`; a task someone else moved on meanwhile is left as it is
+    (`moved_on`). Returns `{"task_id", "action", "status", "reason", "cause", "task"}`.
+    """
+    record = store.need(agent_id)
+    task = read_task(client, record.task_id, status=UNDER_WORK)
+    if not _ours(task, record):
+        _drop_stray_lock(client, record, task)
+        store.close(record, "moved_on", requested="parked", reason=reason,
+                    status=(task or {}).get("status"))
+        return {"task_id": record.task_id, "action": "moved_on", "cause": cause,
+                "status": (task or {}).get("status"), "reason": _why_not_ours(task, agent_id),
+                "task": task}
+    assert task is not None
+    record.step("parking", cause=cause, reason=reason)
+    store.save(record)
+    new = _release_on_server(client, agent_id, task, PARKED)
+    # After the status change: a status update's notes would overwrite the comment.
+    text = (f"parked by pmtool ({cause}): {reason} -- set the task back to created "
+            "when it can be worked again")
+    client.comment(record.task_id, agent_id, text)
+    new["notes"] = _append_notes(new, f"{agent_id}: {text}")
+    store.close(record, "parked", status=PARKED, cause=cause, reason=reason, **info)
+    return {"task_id": record.task_id, "action": "parked", "cause": cause, "status": PARKED,
+            "reason": reason, "task": new}
+
+
 # -- recover ------------------------------------------------------------------------------
 
 

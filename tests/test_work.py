@@ -436,3 +436,30 @@ def test_finish_or_release_of_a_cut_short_claim_drops_our_lock(store, how):
         assert work.release(server, store, "dev_1")["action"] == "released"
     assert server.tasks[1]["locked_by"] is None and server.tasks[1]["status"] == "created"
     assert store.load("dev_1") is None
+
+
+# -- park ------------------------------------------------------------------------------------
+
+
+def test_park_sets_pending_comments_and_closes_as_parked(store):
+    server = claimed(store, task(1, notes="spec"))
+    result = work.park(server, store, "dev_1", "the agent said: no schema", cause="blocked")
+    assert result["action"] == "parked" and result["status"] == "pending"
+    assert server.tasks[1]["status"] == "pending" and server.tasks[1]["locked_by"] is None
+    kinds = [c[0] for c in server.calls]
+    assert kinds[-2:] == ["status", "comment"]  # a status update would wipe the comment
+    assert "parked by pmtool (blocked): the agent said: no schema" in server.tasks[1]["notes"]
+    assert server.tasks[1]["notes"].startswith("spec")
+    assert store.load("dev_1") is None
+    closed = store.state.history(task_id=1)
+    assert closed[-1]["outcome"] == "parked" and closed[-1]["steps"][-1]["cause"] == "blocked"
+
+
+def test_park_leaves_a_task_that_moved_on(store):
+    server = claimed(store, task(1))
+    server.tasks[1].update(status="dev_done", locked_by=None)
+    writes = len(server.calls)
+    result = work.park(server, store, "dev_1", "too many attempts", cause="max_attempts")
+    assert result["action"] == "moved_on" and server.tasks[1]["status"] == "dev_done"
+    assert not [c for c in server.calls[writes:] if c[0] in ("status", "comment")]
+    assert store.load("dev_1") is None
