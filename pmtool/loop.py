@@ -280,6 +280,12 @@ class Runner:
             except PmtoolError as exc:
                 self.event("error", error=exc.to_json())
                 if exc.details.get("fatal") or self.opts.single_task:
+                    if exc.details.get("fatal"):  # a person is needed: the notify hook
+                        from pmtool.ops import notify
+
+                        notify("fatal", self.opts.hooks_dir or self.settings.hooks_dir,
+                               record=self._safe_load(), agent_id=self.opts.agent_id,
+                               error=exc.to_json(), timeout=self.settings.hook_timeout)
                     code = exc.exit_code
                     break
                 try:

@@ -5,5 +5,6 @@ from pmtool.cli import (
     agent_tools,  # noqa: F401
     core,  # noqa: F401
     loop,  # noqa: F401
+    ops,  # noqa: F401
     work,  # noqa: F401
 )

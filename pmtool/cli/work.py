@@ -210,6 +210,8 @@ def recover_cmd(
         "--give-back", help="Give tasks whose runner died back to the queue instead of "
                             "keeping them for a runner to resume.")] = False,
     settle: Settle = 0.3,
+    keep_logs: Annotated[float, typer.Option(
+        help="Days of logs and transcripts to keep; older ones are deleted.")] = 30.0,
 ) -> None:
     """Reconcile every task record on this machine with the server.
 
@@ -220,9 +222,11 @@ def recover_cmd(
 
     Example: */10 * * * * pmtool recover --all >> ~/.local/state/pmtool/recover.log 2>&1
     """
+    from pmtool.ops import prune_logs
     from pmtool.work import recover
 
     settings = options().settings()
+    pruned = None if dry_run else prune_logs(settings.state_path, keep_logs)
     entries = recover(server(settings), record_store(settings), agent_id=agent_id,
                       all_=all_, dry_run=dry_run, give_back=give_back, settle=settle)
     counts: dict[str, Any] = {}
@@ -230,4 +234,4 @@ def recover_cmd(
         counts[entry["action"]] = counts.get(entry["action"], 0) + 1
         say(f"pmtool: recover: {entry.get('agent_id') or entry['record']}: "
             f"{entry['action']} ({entry.get('reason')})")
-    emit({"entries": entries, "counts": counts, "dry_run": dry_run})
+    emit({"entries": entries, "counts": counts, "dry_run": dry_run, "pruned": pruned})

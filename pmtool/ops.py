@@ -1,0 +1,493 @@
+"""The operator's views of the state folder: what runs now (`status`), a task's story
+(`logs`), what it cost (`report`); the `notify` hook; `init` of a set-up folder.
+
+Everything here reads; nothing prints. The CLI (pmtool.cli.ops) draws the tables.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pmtool.errors import Conflict, UsageError
+from pmtool.records import RecordStore, TaskRecord, pid_alive, safe_name
+from pmtool.state import StateDir, parse_time
+
+DEFAULT_KEEP_LOGS_DAYS = 30.0
+NOTIFY_EVENTS = ("parked", "given_up", "fatal", "budget", "finished")
+BY_KEYS = ("task", "agent", "model", "day", "outcome")
+
+# The step a runner is in, from its last event (the loop's event kinds).
+EVENT_STEP = {
+    "health": "polling", "idle": "polling", "recovered": "polling",
+    "claimed": "claiming", "resumed": "claiming", "worktree": "agent", "heartbeat": "agent",
+    "agent": "finishing", "finished": "finishing", "stopped": "stopped",
+}
+# ... and from the last step noted in its task record (newer than the last event, or the
+# only thing there is when events are not logged).
+RECORD_STEP = {
+    "claiming": "claiming", "locked": "claiming", "under_work": "claiming",
+    "claimed": "claiming", "resumed": "claiming", "recovered": "claiming",
+    "worktree": "agent", "agent_starting": "agent", "agent_running": "agent",
+    "agent_finished": "finishing", "agent-done": "finishing", "finishing": "finishing",
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _seconds(since: Any, now: datetime) -> float | None:
+    when = parse_time(since)
+    return round((now - when).total_seconds(), 1) if when else None
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def _locked_inodes() -> set[int] | None:
+    """Inodes with a lock on them (Linux /proc/locks); None where it cannot be read."""
+    try:
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    inodes = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) > 5 and parts[1] == "FLOCK":
+            inodes.add(int(parts[5].rsplit(":", 1)[-1]))
+    return inodes
+
+
+def _runner_pid(lock: Path, locked: set[int] | None) -> tuple[int | None, bool]:
+    """The pid in a runner lock file, and whether that runner lives. Only looked at, never
+    locked: taking the flock even briefly could turn a starting runner away."""
+    try:
+        text, inode = lock.read_text().strip(), lock.stat().st_ino
+    except OSError:
+        return None, False
+    pid = int(text) if text.isdigit() else None
+    live = bool(pid and pid_alive(pid)) and (locked is None or inode in locked)
+    return pid, live
+
+
+def step_of(event: dict[str, Any] | None) -> str | None:
+    if not event:
+        return None
+    kind = event.get("event")
+    if event.get("cooling_down") or event.get("cooldown_until") or kind in ("cooldown",
+                                                                              "cooling_down"):
+        return "cooling down"
+    if kind == "error" and event.get("retry_in_s") is not None:
+        return "waiting for the server"
+    if kind == "hook":
+        return "pre_task" if event.get("hook") == "pre_task" else "finishing"
+    return EVENT_STEP.get(str(kind))
+
+
+def _runner_row(agent_id: str, record: TaskRecord | None, events: list[dict[str, Any]],
+                pid: int | None, live: bool, now: datetime) -> dict[str, Any]:
+    last = events[-1] if events else None
+    step, step_at = step_of(last), (last or {}).get("time")
+    if record and record.steps:
+        noted = record.steps[-1]
+        when = noted.get("at")
+        newer = not step_at or (when and str(when) > str(step_at))
+        if newer and noted.get("step") in RECORD_STEP:
+            step, step_at = RECORD_STEP[noted["step"]], when
+    if record is None and step in ("claiming", "agent", "finishing", "pre_task"):
+        step = "polling"  # the task's record is closed: the runner moved on
+    if not live:
+        step = "stopped" if last and last.get("event") == "stopped" else "dead"
+    task = record.task if record else {}
+    return {
+        "agent_id": agent_id, "role": record.role if record else None,
+        "level": record.level if record else None, "pid": pid, "live": live,
+        "task_id": record.task_id if record else None, "title": task.get("title"),
+        "step": step, "task_s": _seconds(record.claimed_at, now) if record else None,
+        "step_s": _seconds(step_at, now), "cost_usd": round(record.cost_usd, 6) if record else 0.0,
+        "attempts": record.attempts if record else 0,
+        "last_event": {k: last.get(k) for k in ("event", "time", "task_id", "outcome")
+                       if last.get(k) is not None} if last else None,
+    }
+
+
+def _open_marks(state: StateDir, kind: str, ended: tuple[str, ...]) -> list[dict[str, Any]]:
+    """History marks of `kind` (e.g. parked) not followed by an end for the same task."""
+    open_: dict[str, dict[str, Any]] = {}
+    for entry in state.history():
+        task_id = str(entry.get("task_id") or (entry.get("task") or {}).get("id"))
+        if entry.get("kind") == kind:
+            open_[task_id] = entry
+        elif entry.get("kind") in ended:
+            open_.pop(task_id, None)
+    return list(open_.values())
+
+
+def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any]:
+    """Every runner on this machine (live or dead), parked and cooling tasks, state sizes."""
+    now = now or _now()
+    state = StateDir(state_root)
+    store = RecordStore(state.root)
+    records, corrupt = store.scan()
+    by_agent = {r.agent_id: r for r in records}
+    locked = _locked_inodes()
+    agents: dict[str, tuple[int | None, bool]] = {}
+    if state.runners_dir.is_dir():
+        for lock in sorted(state.runners_dir.glob("*.lock")):
+            agents[lock.stem] = _runner_pid(lock, locked)
+    rows = []
+    for agent_id in sorted(set(agents) - {safe_name(a) for a in by_agent} | set(by_agent)):
+        record = by_agent.get(agent_id)
+        pid, live = agents.get(safe_name(agent_id), (None, False))
+        if record and not live and record.pid and store.is_live(record):
+            pid, live = record.pid, True  # a `claim` without `run`: its record names it
+        events = state.events(agent_id=agent_id, since=now - timedelta(days=2))
+        rows.append(_runner_row(agent_id, record, events, pid, live, now))
+    cooling = [e for e in _open_marks(state, "cooldown", ("closed", "claimed"))
+               if (parse_time(e.get("until")) or now) > now]
+    return {
+        "runners": rows,
+        "live": sum(1 for r in rows if r["live"]),
+        "parked": _open_marks(state, "parked", ("unparked", "closed")),
+        "cooling_down": cooling,
+        "corrupt_records": [str(c.moved_to) for c in corrupt],
+        "usage": state.usage(),
+        "state_dir": str(state.root),
+        "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+# -- logs --------------------------------------------------------------------------------
+
+
+def _jsonl_from(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Complete JSON lines of `path` from byte `offset`; a half-written last line waits."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    out = []
+    for line in data[:end].splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            out.append(item)
+    return out, offset + end
+
+
+class TaskLog:
+    """A task's story on this machine: pmtool's events with each agent run's transcript
+    placed before the `agent` event that ended it; read again for what is new."""
+
+    def __init__(self, state_root: str | Path, task_id: int) -> None:
+        self.state = StateDir(state_root)
+        self.task_id = task_id
+        self.seen_events = 0
+        self.offsets: dict[Path, int] = {}
+
+    def _transcript(self, path: Path) -> list[dict[str, Any]]:
+        lines, self.offsets[path] = _jsonl_from(path, self.offsets.get(path, 0))
+        return [{"source": "claude", "log": path.name, "line": line} for line in lines]
+
+    def read(self) -> list[dict[str, Any]]:
+        """What was written since the last call (everything, the first time)."""
+        out: list[dict[str, Any]] = []
+        events = self.state.events(task_id=self.task_id)
+        for event in events[self.seen_events:]:
+            log = event.get("log") if event.get("event") == "agent" else None
+            if log:
+                out += self._transcript(Path(log))
+            out.append({"source": "pmtool", "line": event})
+        self.seen_events = len(events)
+        for path in self.state.transcripts(self.task_id):
+            out += self._transcript(path)
+        return out
+
+    def running(self) -> bool:
+        """A live runner still holds this task."""
+        store = RecordStore(self.state.root)
+        records, _ = store.scan()
+        return any(r.task_id == self.task_id and store.is_live(r) for r in records)
+
+    def follow(self, poll: float = 0.5, stop: Callable[[], bool] = lambda: False
+               ) -> Iterator[dict[str, Any]]:
+        """Everything, then what is new until the task is no longer running here."""
+        yield from self.read()
+        while not stop():
+            running = self.running()
+            time.sleep(poll)
+            yield from self.read()
+            if not running:
+                return
+
+
+def _short(value: Any, width: int = 120) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def render(item: dict[str, Any]) -> list[str]:
+    """Readable lines for one story item (assistant text, tool calls, results, cost)."""
+    line = item["line"]
+    if item["source"] == "pmtool":
+        extra = {k: v for k, v in line.items()
+                 if k not in ("ok", "event", "time", "agent", "task_id", "log") and v is not None}
+        stamp = str(line.get("time", ""))[11:19]
+        return [f"{stamp} [{line.get('agent')}] {line.get('event')}"
+                + (f" {_short(extra, 100)}" if extra else "")]
+    kind = line.get("type")
+    if kind == "system" and line.get("subtype") == "init":
+        return [f"  claude session {line.get('session_id')} ({line.get('model')})"]
+    if kind == "result":
+        return [f"  result: {line.get('subtype')}, {line.get('num_turns')} turns, "
+                f"${line.get('total_cost_usd') or 0:.4f}, "
+                f"{(line.get('duration_ms') or 0) / 1000:.1f}s"]
+    out = []
+    for block in (line.get("message") or {}).get("content") or []:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text" and block.get("text", "").strip():
+            out.append(f"  {_short(block['text'], 200)}")
+        elif block.get("type") == "tool_use":
+            out.append(f"  -> {block.get('name')} {_short(block.get('input'), 100)}")
+        elif block.get("type") == "tool_result":
+            content = block.get("content")
+            if isinstance(content, list):
+                content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
+            mark = "<- error" if block.get("is_error") else "<-"
+            out.append(f"  {mark} {_short(content, 100)}")
+    return out
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def parse_since(value: str | None, now: datetime | None = None) -> datetime | None:
+    """`24h`, `7d`, `30m`, `2w`, or a date / ISO time (UTC unless it says otherwise)."""
+    if not value:
+        return None
+    now = now or _now()
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", value)
+    if match:
+        unit = {"m": 60, "h": 3600, "d": 86400, "w": 604800}[match[2]]
+        return now - timedelta(seconds=float(match[1]) * unit)
+    when = parse_time(value)
+    if when is None:
+        raise UsageError(f"--since {value!r}: give a span (24h, 7d) or a date (2026-11-01)")
+    return when
+
+
+def _p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _facts(entry: dict[str, Any]) -> dict[str, Any]:
+    """One closed task's numbers, from its history line."""
+    steps = entry.get("steps") or []
+    turns, agent_s, started = 0, 0.0, None
+    for step in steps:
+        if step.get("step") == "agent_starting":
+            started = parse_time(step.get("at"))
+        elif step.get("step") == "agent_finished":
+            turns += int(step.get("num_turns") or 0)
+            ended = parse_time(step.get("at"))
+            if started and ended:
+                agent_s += (ended - started).total_seconds()
+            started = None
+    if "num_turns" in entry:
+        turns = int(entry["num_turns"] or 0)
+    if "agent_s" in entry:
+        agent_s = float(entry["agent_s"] or 0)
+    closed, claimed = parse_time(entry.get("closed_at")), parse_time(entry.get("claimed_at"))
+    task = entry.get("task") or {}
+    return {
+        "task_id": task.get("id", entry.get("task_id")), "title": task.get("title"),
+        "agent": entry.get("agent_id"), "model": entry.get("model"),
+        "outcome": entry.get("outcome"), "cost_usd": float(entry.get("cost_usd") or 0),
+        "attempts": int(entry.get("attempts") or 0), "turns": turns,
+        "agent_s": round(agent_s, 1),
+        "task_s": (closed - claimed).total_seconds() if closed and claimed else None,
+        "day": (closed or claimed).strftime("%Y-%m-%d") if closed or claimed else None,
+    }
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    times = [r["task_s"] for r in rows if r["task_s"] is not None]
+    outcomes: dict[str, int] = {}
+    for r in rows:
+        outcomes[str(r["outcome"])] = outcomes.get(str(r["outcome"]), 0) + 1
+    return {
+        "tasks": len(rows), "outcomes": outcomes,
+        "attempts": sum(r["attempts"] for r in rows),
+        "cost_usd": round(sum(r["cost_usd"] for r in rows), 6),
+        "turns": sum(r["turns"] for r in rows),
+        "agent_s": round(sum(r["agent_s"] for r in rows), 1),
+        "mean_task_s": round(sum(times) / len(times), 1) if times else None,
+        "p95_task_s": round(_p95(times), 1) if times else None,
+    }
+
+
+def report(state_root: str | Path, since: datetime | None = None, by: str = "day",
+           top: int = 5) -> dict[str, Any]:
+    """Totals of the tasks closed on this machine since `since`, and per `by` group."""
+    if by not in BY_KEYS:
+        raise UsageError(f"--by {by!r} is not one of {', '.join(BY_KEYS)}", valid=list(BY_KEYS))
+    rows = [_facts(e) for e in StateDir(state_root).history(kind="closed", since=since)]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r["task_id" if by == "task" else by]), []).append(r)
+    expensive = sorted(rows, key=lambda r: r["cost_usd"], reverse=True)[:top]
+    return {
+        "since": since.strftime("%Y-%m-%dT%H:%M:%SZ") if since else None, "by": by,
+        "totals": _totals(rows),
+        "groups": [{"key": key, **_totals(items)} for key, items in sorted(groups.items())],
+        "most_expensive": [{k: r[k] for k in ("task_id", "title", "outcome", "cost_usd",
+                                               "attempts", "agent")} for r in expensive],
+    }
+
+
+def report_html(result: dict[str, Any]) -> str:
+    """A self-contained page: the totals, and an inline SVG bar chart of cost per group."""
+    groups = result["groups"]
+    peak = max((g["cost_usd"] for g in groups), default=0) or 1
+    bar_h, width = 22, 420
+    bars = []
+    for i, g in enumerate(groups):
+        w = max(1, round(width * g["cost_usd"] / peak))
+        y = i * bar_h
+        bars.append(f'<text x="0" y="{y + 15}">{html.escape(g["key"])}</text>'
+                    f'<rect x="160" y="{y + 3}" width="{w}" height="{bar_h - 6}" fill="#4a7"/>'
+                    f'<text x="{166 + w}" y="{y + 15}">${g["cost_usd"]:.2f}</text>')
+    totals = result["totals"]
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in totals.items())
+    svg_h = max(bar_h, bar_h * len(groups))
+    return (f"<!doctype html><meta charset=utf-8><title>pmtool report</title>"
+            f"<style>body{{font:14px sans-serif;margin:2em}}td,th{{text-align:left;"
+            f"padding:2px 12px}}svg text{{font:12px sans-serif}}</style>"
+            f"<h1>pmtool report</h1><p>since {html.escape(str(result['since'] or 'the start'))}"
+            f", by {html.escape(result['by'])}</p><table>{rows}</table>"
+            f"<h2>Cost per {html.escape(result['by'])}</h2>"
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{svg_h}">'
+            f"{''.join(bars)}</svg>\n")
+
+
+# -- notify ------------------------------------------------------------------------------
+
+
+def notify_message(event: str, ctx: dict[str, Any]) -> str:
+    task = f"task {ctx['task_id']}" if ctx.get("task_id") is not None else "no task"
+    title = f" ({ctx['title']})" if ctx.get("title") else ""
+    why = ctx.get("reason") or (ctx.get("error") or {}).get("message") or ""
+    agent = ctx.get("agent_id") or "?"
+    return {
+        "parked": f"{task}{title} is parked for a person: {why}",
+        "given_up": f"{task}{title} was given up: {why}",
+        "fatal": f"runner {agent} stopped on a fatal error: {why}",
+        "budget": f"runner {agent} reached its budget: {why}",
+        "finished": f"{task}{title} finished: {ctx.get('outcome')}",
+    }.get(event, f"{event}: {task}{title} {why}").rstrip(": ")
+
+
+def notify(event: str, hooks_dir: str | Path | None, *, record: Any = None,
+           timeout: float | None = 30.0, **extra: Any) -> dict[str, Any]:
+    """Run the `notify` hook for `event` (parked, given_up, fatal, budget, finished).
+
+    The hook gets the task context (pmtool.hooks.task_context) plus `event`, `message` and
+    `time` on stdin; it is skipped (ok) when there is none. Never raises for the hook.
+    """
+    from pmtool.hooks import run_hook, task_context
+    from pmtool.records import now_iso
+
+    if event not in NOTIFY_EVENTS:
+        raise UsageError(f"unknown notify event {event!r}", valid=list(NOTIFY_EVENTS))
+    ctx = task_context(record, event=event, time=now_iso(), **extra)
+    ctx["message"] = extra.get("message") or notify_message(event, ctx)
+    return run_hook("notify", hooks_dir, ctx, timeout=timeout)
+
+
+# -- init --------------------------------------------------------------------------------
+
+
+def examples_dir() -> Path:
+    """Where the bundled hooks/ and scripts/ are (package data, or the source checkout)."""
+    return Path(__file__).parent / "examples"
+
+
+def config_text(hooks_dir: Path | None = None) -> str:
+    """A commented config file: every setting, its default, the variable that beats it;
+    `hooks_dir` set to the hooks written beside it."""
+    from pmtool.config import SPECS
+
+    lines = ["# pmtool configuration (TOML). Flags beat environment variables, which beat",
+             "# this file, which beats the defaults. `pmtool config` shows where each",
+             "# value comes from. Uncomment what you change.", ""]
+    for name, spec in SPECS.items():
+        env = f" [env {', '.join(spec.env)}]" if spec.env else ""
+        lines.append(f"# {spec.help}{env}")
+        if name == "api_key":
+            lines.append("# (better in the environment than in a file)")
+        default = spec.default
+        shown = ('""' if default is None else json.dumps(default) if isinstance(default, str)
+                 else repr(default))
+        if name == "hooks_dir" and hooks_dir is not None:
+            lines += [f"hooks_dir = {json.dumps(str(hooks_dir))}", ""]
+        else:
+            lines += [f"# {name} = {shown}", ""]
+    return "\n".join(lines)
+
+
+def init(folder: str | Path) -> dict[str, Any]:
+    """Write config.toml, hooks/ and scripts/ into `folder`; never overwrite a file."""
+    root = Path(folder).expanduser()
+    source = examples_dir()
+    text = config_text(root.resolve() / "hooks").encode()
+    plan: dict[Path, tuple[bytes, bool]] = {root / "config.toml": (text, False)}
+    for sub in ("hooks", "scripts"):
+        for path in sorted((source / sub).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                executable = path.suffix in (".py", ".sh") or bool(path.stat().st_mode & 0o111)
+                plan[root / sub / path.name] = (path.read_bytes(), executable)
+    existing = sorted(str(p) for p in plan if p.exists() or p.is_symlink())
+    if existing:
+        raise Conflict(f"{len(existing)} of the files init writes already exist in {root}; "
+                       "nothing was written", existing=existing,
+                       hint="init into a new folder, or move those files away first")
+    for path, (data, executable) in plan.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "xb") as fh:  # x: never replace a file that appeared meanwhile
+            fh.write(data)
+        if executable:
+            os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return {"folder": str(root), "written": [str(p) for p in plan],
+            "config": str(root / "config.toml"), "hooks_dir": str(root / "hooks")}
+
+
+# -- pruning -----------------------------------------------------------------------------
+
+
+def prune_logs(state_root: str | Path, keep_days: float = DEFAULT_KEEP_LOGS_DAYS
+               ) -> dict[str, int]:
+    """Delete logs and transcripts older than `keep_days` (the history stays)."""
+    if keep_days < 0:
+        raise UsageError("--keep-logs must be 0 or more days")
+    return StateDir(state_root).prune(keep_days)
