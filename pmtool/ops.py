@@ -201,6 +201,7 @@ class TaskLog:
         self.offsets: dict[Path, int] = {}
 
     def _transcript(self, path: Path) -> list[dict[str, Any]]:
+        path = path.resolve()  # the same file named by an event and by a listing
         lines, self.offsets[path] = _jsonl_from(path, self.offsets.get(path, 0))
         return [{"source": "claude", "log": path.name, "line": line} for line in lines]
 

@@ -425,3 +425,29 @@ def test_init_into_an_empty_then_a_non_empty_folder(tmp_path: Path) -> None:
     assert str(target / "hooks" / "notify.py") in error["existing"]
     assert (target / "hooks" / "notify.py").read_text() == "my own\n"
     assert not (target / "config.toml").exists()  # nothing written, not even the free ones
+
+
+def test_task_log_puts_each_transcript_before_its_agent_event(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    log = state.logs_dir / "task-7-s1.jsonl"
+    log.write_text(json.dumps({"type": "system", "subtype": "init", "session_id": "s1"}) + "\n"
+                   + '{"type": "result", "subty')  # the agent is still writing this line
+    event = {"ok": True, "agent": "dev_1", "task_id": 7}
+    state.append_event("dev_1", {**event, "event": "claimed", "time": "2026-11-30T01:00:00Z"})
+    state.append_event("dev_1", {**event, "event": "claimed", "time": "2026-11-30T01:00:01Z",
+                                 "task_id": 8})
+    story = ops.TaskLog(state.root, 7)
+    first = story.read()
+    assert [(e["source"], e["line"].get("event") or e["line"].get("type")) for e in first] == [
+        ("pmtool", "claimed"), ("claude", "system")]
+    with open(log, "a") as fh:
+        fh.write('pe": "success", "num_turns": 2, "total_cost_usd": 0.5}\n')
+    state.append_event("dev_1", {**event, "event": "agent", "time": "2026-11-30T01:05:00Z",
+                                 "log": str(log)})
+    state.append_event("dev_1", {**event, "event": "finished", "time": "2026-11-30T01:05:01Z"})
+    second = story.read()
+    assert [e["line"].get("event") or e["line"].get("type") for e in second] == [
+        "result", "agent", "finished"]
+    assert ops.render(second[0]) == ["  result: success, 2 turns, $0.5000, 0.0s"]
+    assert story.read() == [] and not story.running()

@@ -165,7 +165,7 @@ def logs_cmd(
             if raw:
                 emit_line(item["line"])
             elif follow:
-                emit_line(item)
+                emit_line({"ok": True, **item})
             else:
                 entries.append(item)
     except KeyboardInterrupt:
@@ -198,7 +198,10 @@ def report_cmd(
 
     result = report(options().settings().state_path, parse_since(since), by)
     if html:
-        html.write_text(report_html(result))
+        try:
+            html.write_text(report_html(result))
+        except OSError as exc:
+            raise UsageError(f"cannot write --html {html}: {exc.strerror}") from None
         result["html"] = str(html)
     if sys.stderr.isatty():
         say("\n".join(report_view(result)))
