@@ -122,7 +122,7 @@ def status_cmd(
             # Home, overwrite each line, clear what is left of it and below: no blank frame.
             out.write("\033[H" + "".join(scrub(ln) + "\033[K\n" for ln in lines) + "\033[J")
             out.flush()
-            time.sleep(interval)
+            time.sleep(max(0.2, interval))
             result = status(state)
     except KeyboardInterrupt:
         pass
