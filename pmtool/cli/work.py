@@ -210,8 +210,9 @@ def recover_cmd(
         "--give-back", help="Give tasks whose runner died back to the queue instead of "
                             "keeping them for a runner to resume.")] = False,
     settle: Settle = 0.3,
-    keep_logs: Annotated[float, typer.Option(
-        help="Days of logs and transcripts to keep; older ones are deleted.")] = 30.0,
+    keep_logs: Annotated[float | None, typer.Option(
+        help="Days of logs and transcripts to keep; older ones are deleted "
+             "[env PMTOOL_KEEP_LOGS, default 30].")] = None,
 ) -> None:
     """Reconcile every task record on this machine with the server.
 
@@ -225,8 +226,8 @@ def recover_cmd(
     from pmtool.ops import prune_logs
     from pmtool.work import recover
 
-    settings = options().settings()
-    pruned = None if dry_run else prune_logs(settings.state_path, keep_logs)
+    settings = options().settings(keep_logs=keep_logs)
+    pruned = None if dry_run else prune_logs(settings.state_path, settings.keep_logs)
     entries = recover(server(settings), record_store(settings), agent_id=agent_id,
                       all_=all_, dry_run=dry_run, give_back=give_back, settle=settle)
     counts: dict[str, Any] = {}
