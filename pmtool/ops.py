@@ -121,16 +121,38 @@ def _runner_row(agent_id: str, record: TaskRecord | None, events: list[dict[str,
     }
 
 
-def _open_marks(state: StateDir, kind: str, ended: tuple[str, ...]) -> list[dict[str, Any]]:
-    """History marks of `kind` (e.g. parked) not followed by an end for the same task."""
+def _task_of(entry: dict[str, Any]) -> str:
+    return str(entry.get("task_id") or (entry.get("task") or {}).get("id"))
+
+
+def parked_tasks(state: StateDir) -> list[dict[str, Any]]:
+    """Tasks this machine parked for a person (a record closed as `parked`, see
+    pmtool.work.park) that no later history line shows worked again."""
     open_: dict[str, dict[str, Any]] = {}
     for entry in state.history():
-        task_id = str(entry.get("task_id") or (entry.get("task") or {}).get("id"))
-        if entry.get("kind") == kind:
-            open_[task_id] = entry
-        elif entry.get("kind") in ended:
+        task_id = _task_of(entry)
+        if entry.get("kind") == "parked" or entry.get("outcome") == "parked":
+            closing = (entry.get("steps") or [{}])[-1]
+            task = entry.get("task") or {}
+            open_[task_id] = {
+                "task_id": entry.get("task_id", task.get("id")), "title": task.get("title"),
+                "agent_id": entry.get("agent_id"), "at": entry.get("closed_at") or entry.get("at"),
+                "cause": entry.get("cause") or closing.get("cause"),
+                "reason": entry.get("reason") or closing.get("reason")}
+        elif entry.get("kind") in ("closed", "unparked"):
             open_.pop(task_id, None)
     return list(open_.values())
+
+
+def cooling_tasks(state: StateDir, now: datetime) -> list[dict[str, Any]]:
+    """History lines of kind `cooldown` whose `until` is still ahead."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in state.history():
+        if entry.get("kind") == "cooldown":
+            latest[_task_of(entry)] = entry
+        elif entry.get("kind") == "closed":
+            latest.pop(_task_of(entry), None)
+    return [e for e in latest.values() if (parse_time(e.get("until")) or now) > now]
 
 
 def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any]:
@@ -138,7 +160,7 @@ def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any
     now = now or _now()
     state = StateDir(state_root)
     store = RecordStore(state.root)
-    records, corrupt = store.scan()
+    records, corrupt = store.scan(quarantine=False)  # a view: moves nothing
     by_agent = {r.agent_id: r for r in records}
     locked = _locked_inodes()
     agents: dict[str, tuple[int | None, bool]] = {}
@@ -153,13 +175,11 @@ def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any
             pid, live = record.pid, True  # a `claim` without `run`: its record names it
         events = state.events(agent_id=agent_id, since=now - timedelta(days=2))
         rows.append(_runner_row(agent_id, record, events, pid, live, now))
-    cooling = [e for e in _open_marks(state, "cooldown", ("closed", "claimed"))
-               if (parse_time(e.get("until")) or now) > now]
     return {
         "runners": rows,
         "live": sum(1 for r in rows if r["live"]),
-        "parked": _open_marks(state, "parked", ("unparked", "closed")),
-        "cooling_down": cooling,
+        "parked": parked_tasks(state),
+        "cooling_down": cooling_tasks(state, now),
         "corrupt_records": [str(c.moved_to) for c in corrupt],
         "usage": state.usage(),
         "state_dir": str(state.root),

@@ -352,16 +352,22 @@ def test_status_lists_dead_runners_parked_tasks_and_sizes(tmp_path: Path) -> Non
     (state.records_dir / "dev_9.json").write_text(json.dumps(data))
     state.append_event("dev_9", {"ok": True, "event": "claimed", "time": "2026-11-30T01:00:00Z",
                                  "agent": "dev_9", "task_id": 5})
-    state.append_history({"kind": "parked", "task_id": 11, "reason": "needs a person"})
-    state.append_history({"kind": "parked", "task_id": 12, "reason": "needs a person"})
-    state.append_history({"kind": "unparked", "task_id": 12})
+    for task_id in (11, 12):  # the shape pmtool.work.park leaves: a record closed as parked
+        parked = closed(task_id, "parked", 0.1, 3, "2026-11-30T00:00:00Z", "2026-11-30T00:30:00Z")
+        parked["steps"].append({"at": "2026-11-30T00:30:00Z", "step": "closed",
+                                "outcome": "parked", "cause": "max_attempts",
+                                "reason": "3 attempts failed"})
+        state.append_history(parked)
+    state.append_history(closed(12, "done", 0.2, 1, "2026-11-30T01:00:00Z",
+                                "2026-11-30T01:10:00Z"))  # a person set 12 back; worked
     (state.logs_dir).mkdir(parents=True)
     (state.logs_dir / "task-5-s.jsonl").write_text("x" * 1000)
     out = pmtool("status", env=state_env(tmp_path)).out
     [row] = out["runners"]
     assert row["agent_id"] == "dev_9" and not row["live"] and row["step"] == "dead"
     assert row["last_event"]["event"] == "claimed"
-    assert [p["task_id"] for p in out["parked"]] == [11]
+    assert [(p["task_id"], p["cause"], p["reason"]) for p in out["parked"]] == [
+        (11, "max_attempts", "3 attempts failed")]
     assert out["usage"]["logs_bytes"] == 1000
 
 

@@ -80,8 +80,10 @@ def status_view(result: dict[str, Any]) -> list[str]:
     for kind, label in (("parked", "parked for a person"), ("cooling_down", "cooling down")):
         for e in result[kind]:
             task = e.get("task_id") or (e.get("task") or {}).get("id")
-            why = e.get("reason") or e.get("until") or ""
-            lines.append(_paint(f"{label}: task {task} {why}".rstrip(), "33"))
+            title = f" ({e['title']})" if e.get("title") else ""
+            why = e.get("reason") or (f"until {e['until']}" if e.get("until") else "")
+            cause = f" [{e['cause']}]" if e.get("cause") else ""
+            lines.append(_paint(f"{label}: task {task}{title}: {why}{cause}".rstrip(": "), "33"))
     u = result["usage"]
     lines += ["", f"logs {_size(u['logs_bytes'])}, events {_size(u['events_bytes'])}, "
                   f"history {_size(u['history_bytes'])}"]
