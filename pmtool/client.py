@@ -1,7 +1,12 @@
 """The Headless PM client: one requests session, a timeout on every call, typed errors.
 
-Only idempotent calls are retried (connection errors and 5xx, with backoff): a retried
-lock or status change could act twice. See ../shared/headless-pm-api.md for the contract.
+The server fails in measured ways (../shared/headless-pm-api.md, quirks 7-8): under load it
+answers a plain-text 500, and the next request on that connection may be reset. So:
+- idempotent calls (GET, register) are retried on 5xx, resets and timeouts, with full
+  jitter and a capped backoff, which also spreads a burst of registrations out;
+- a lock or status change is never blindly resent (it could act twice): after a 5xx or a
+  reset the task is read back, and the call is repeated at most once, only if the read
+  shows it did not land. A timeout is not read back: the request may still be in flight.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 from pmtool.errors import ApiError, AuthError, ServerError
 
 KEY_ENV_HINT = "set HEADLESS_PM_API_KEY (or API_KEY_HEADLESS_PM) to the server's key"
+BACKOFF_CAP = 5.0  # seconds; the longest pause between two tries of one call
 
 
 class PMClient:
@@ -34,6 +40,8 @@ class PMClient:
     def request(self, method: str, path: str, *, params: dict | None = None,
                 json: Any = None, idempotent: bool | None = None,
                 timeout: float | None = None) -> Any:
+        """One API call; raises ServerError (with `unsure` True when a change may or may
+        not have landed: a 5xx or a reset), AuthError, or ApiError for other 4xx."""
         import requests
 
         if idempotent is None:
@@ -42,6 +50,7 @@ class PMClient:
         params = {k: v for k, v in (params or {}).items() if v is not None}
         attempts = self.retries + 1 if idempotent else 1
         for attempt in range(attempts):
+            unsure = False
             try:
                 resp = self.session.request(method, url, params=params, json=json,
                                             timeout=timeout or self.timeout)
@@ -49,18 +58,54 @@ class PMClient:
                 error = ServerError(f"{method} {path}: server at {self.url} did not answer "
                                     f"within {timeout or self.timeout:g}s",
                                     hint="is the server overloaded? see PMTOOL_HTTP_TIMEOUT")
-            except requests.ConnectionError:
+            except requests.ConnectionError as exc:
+                # Refused (nothing sent) or reset after a 500 (quirk 8): either way the
+                # server may be fine now; a later read tells what landed.
+                unsure = True
                 error = ServerError(f"cannot reach the Headless PM server at {self.url}",
                                     hint="is it running? set HEADLESS_PM_API_URL or --api-url")
+                error.__cause__ = exc
             else:
                 if resp.status_code < 500:
                     return self._answer(resp, method, path)
+                unsure = True
                 error = ServerError(f"{method} {path}: server error {resp.status_code}: "
-                                    f"{_detail(resp)}", status=resp.status_code)
+                                    f"{_detail_text(resp)}", status=resp.status_code)
+            error.unsure = unsure  # type: ignore[attr-defined]
             if attempt + 1 < attempts:
-                time.sleep(self.backoff * (2 ** attempt) * (0.5 + random.random()))
+                time.sleep(self.pause(attempt))
         raise error
 
+    def pause(self, attempt: int) -> float:
+        """Seconds before try `attempt + 2`: full jitter under a doubling, capped ceiling,
+        so clients that failed together do not come back together."""
+        return random.uniform(0, min(BACKOFF_CAP, self.backoff * 2 ** attempt)) \
+            + self.backoff / 10
+
+    def _change(self, method: str, path: str, task_id: int, landed: Any, *,
+                status: str | None = None, params: dict | None = None,
+                json: Any = None) -> Any:
+        """A non-idempotent task change: on a 5xx or reset, read the task back (listed,
+        filtered by `status` when given); `landed(task)` answers what to return if the
+        change is there (or raises), None if it is not: then send it once more."""
+        try:
+            return self.request(method, path, params=params, json=json)
+        except ServerError as exc:
+            if not getattr(exc, "unsure", False) or isinstance(exc, AuthError):
+                raise
+            first = exc
+        time.sleep(self.pause(0))
+        task = self.get_task(task_id, status=status)
+        if task is None and status is not None:
+            task = self.get_task(task_id)
+        if task is not None:
+            answer = landed(task)
+            if answer is not None:
+                return answer
+        try:
+            return self.request(method, path, params=params, json=json)
+        except ServerError as exc:
+            raise exc from first
     def _answer(self, resp: Any, method: str, path: str) -> Any:
         if resp.status_code == 401:
             raise AuthError(f"the server at {self.url} rejected the API key", hint=KEY_ENV_HINT)
@@ -122,7 +167,16 @@ class PMClient:
         return self.request("GET", "/api/v1/tasks/next", params=params, timeout=wait)
 
     def lock(self, task_id: int, agent_id: str) -> dict:
-        return self.request("POST", f"/api/v1/tasks/{task_id}/lock",
+        def landed(task: dict) -> dict | None:
+            holder = task.get("locked_by")
+            if holder == agent_id:
+                return task
+            if holder:  # what the server would have answered had we been later
+                raise ApiError(409, f"Task {task_id} is already locked by another agent "
+                               f"({holder}; read back after a failed lock call)")
+            return None
+
+        return self._change("POST", f"/api/v1/tasks/{task_id}/lock", task_id, landed,
                             params={"agent_id": agent_id})
 
     def set_status(self, task_id: int, agent_id: str, status: str,
@@ -130,36 +184,22 @@ class PMClient:
         body: dict[str, Any] = {"status": status}
         if notes is not None:
             body["notes"] = notes
-        return self.request("PUT", f"/api/v1/tasks/{task_id}/status",
-                            params={"agent_id": agent_id}, json=body)
+
+        def landed(task: dict) -> dict | None:
+            # The server replaces notes only when non-empty; with them, they tell our
+            # write from an older move to the same status.
+            if task.get("status") != status or (notes and task.get("notes") != notes):
+                return None
+            return {"task": task, "next_task": None, "workflow_status": "no_tasks",
+                    "task_completed": task_id, "auto_continue": False,
+                    "continuation_prompt": "", "session_momentum": "low", "read_back": True}
+
+        return self._change("PUT", f"/api/v1/tasks/{task_id}/status", task_id, landed,
+                            status=status, params={"agent_id": agent_id}, json=body)
 
     def comment(self, task_id: int, agent_id: str, comment: str) -> dict:
         return self.request("POST", f"/api/v1/tasks/{task_id}/comment",
                             params={"agent_id": agent_id}, json={"comment": comment})
-
-    def changelog(self, limit: int = 50) -> list[dict]:
-        return self.request("GET", "/api/v1/changelog", params={"limit": limit})
-
-    # -- planning (tests and the demo) ---------------------------------------------------
-
-    def create_epic(self, agent_id: str, name: str, description: str = "") -> dict:
-        return self.request("POST", "/api/v1/epics", params={"agent_id": agent_id},
-                            json={"name": name, "description": description})
-
-    def create_feature(self, agent_id: str, epic_id: int, name: str,
-                       description: str = "") -> dict:
-        return self.request("POST", "/api/v1/features", params={"agent_id": agent_id},
-                            json={"epic_id": epic_id, "name": name,
-                                  "description": description})
-
-    def create_task(self, agent_id: str, feature_id: int, title: str, description: str,
-                    target_role: str, difficulty: str = "senior",
-                    complexity: str = "major", branch: str = "main") -> dict:
-        return self.request("POST", "/api/v1/tasks/create", params={"agent_id": agent_id},
-                            json={"feature_id": feature_id, "title": title,
-                                  "description": description, "target_role": target_role,
-                                  "difficulty": difficulty, "complexity": complexity,
-                                  "branch": branch})
 
 
 def _detail(resp: Any) -> Any:

@@ -36,3 +36,18 @@ def stronger_model(model: str, settings: Settings) -> str | None:
             if candidate != model:
                 return candidate
     return None
+
+
+def same_task(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """True when two task objects are the same server task, not merely the same id.
+
+    The server reuses the newest task's id after it is deleted (SQLite rowid, contract
+    quirk 9), so an id seen before can name a different task now: compare `created_at`
+    as well, or the title when either side lacks it (the id alone when both lack that).
+    """
+    if not a or not b or a.get("id") != b.get("id"):
+        return False
+    for key in ("created_at", "title"):
+        if a.get(key) and b.get(key):
+            return a[key] == b[key]
+    return True

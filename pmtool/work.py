@@ -39,6 +39,7 @@ from pmtool.errors import (
     UsageError,
     detail_text,
 )
+from pmtool.models import same_task
 from pmtool.records import RecordStore, TaskRecord, now_iso, process_started
 
 # Longer than the server's in-flight lock window: a lock request that passed the server's
@@ -672,8 +673,11 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
         else:
             entry["stale_runner"] = not store.is_live(record)
             entry["claim_abandoned"] = claim_abandoned(record)
-            _reconcile(client, store, record, tasks.get(record.task_id), entry, dry_run,
-                       give_back, settle, sleep)
+            task = tasks.get(record.task_id)
+            if task is not None and not same_task(record.task, task):
+                # The id now names another task (quirk 9: ids are reused): ours is gone.
+                entry["id_reused"], task = True, None
+            _reconcile(client, store, record, task, entry, dry_run, give_back, settle, sleep)
         if dry_run:
             entry["dry_run"] = True
         entries.append(entry)

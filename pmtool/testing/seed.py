@@ -1,5 +1,9 @@
 """Seed a Headless PM server through its real HTTP API, so the same helpers work against the
 stand-in and against a real server (tests, the demo, benchmarks).
+
+It talks through pmtool's own PMClient (one client: the same retries and read-backs that
+pmtool relies on), and adds what only seeding needs: epics, features, task creation, the
+changelog, deletes and raw calls for tests that look at status codes.
 """
 
 from __future__ import annotations
@@ -7,15 +11,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import requests
-
-
-class SeedError(RuntimeError):
-    """The server refused a seeding call; `status` and `detail` are what it answered."""
-
-    def __init__(self, method: str, path: str, status: int, detail: Any) -> None:
-        super().__init__(f"{method} {path} -> {status}: {detail}")
-        self.status, self.detail = status, detail
+from pmtool.client import PMClient
+from pmtool.errors import ApiError
 
 
 def unique_id(prefix: str = "agent") -> str:
@@ -28,45 +25,39 @@ class Seeder:
 
     Tasks come out `pending` from the server; `create_task(promote=True)` sets them to
     `created` so agents can pick them. A default epic and feature are made on first need.
+    A refused call raises pmtool.errors.ApiError (`status`, `detail`).
     """
 
     def __init__(self, url: str, api_key: str, pm_agent_id: str | None = None,
-                 session: requests.Session | None = None, timeout: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self.api_key = api_key
+                 timeout: float = 30.0) -> None:
+        self.client = PMClient(url, api_key, timeout=timeout)
+        self.url, self.api_key, self.timeout = self.client.url, api_key, timeout
         self.pm_agent_id = pm_agent_id or unique_id("seed_pm")
-        self.session = session or requests.Session()
-        self.timeout = timeout
         self._pm_ready = False
         self.created: list[int] = []  # task ids this seeder made, for retire_created()
         self._feature: dict[str, Any] | None = None
 
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One raw call with the key: `tasks` means /api/v1/tasks; `/health` is taken as is."""
-        full = path if path.startswith("/") else "/api/v1/" + path
-        headers = {"X-API-Key": self.api_key, **kwargs.pop("headers", {})}
-        return self.session.request(method, self.url + full, headers=headers,
-                                    timeout=kwargs.pop("timeout", self.timeout), **kwargs)
+    @staticmethod
+    def _path(path: str) -> str:
+        return path if path.startswith("/") else "/api/v1/" + path
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One raw call with the key, no retries, the requests.Response as it came:
+        `tasks` means /api/v1/tasks; `/health` is taken as is."""
+        return self.client.session.request(method, self.url + self._path(path),
+                                           timeout=kwargs.pop("timeout", self.timeout),
+                                           **kwargs)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Like `request`, but answers the decoded JSON and raises SeedError unless 200."""
-        resp = self.request(method, path, **kwargs)
-        if resp.status_code != 200:
-            try:
-                detail = resp.json().get("detail")
-            except ValueError:
-                detail = resp.text
-            raise SeedError(method, path, resp.status_code, detail)
-        return resp.json()
+        """Like `request`, but answers the decoded JSON; ApiError (or ServerError) unless 2xx."""
+        return self.client.request(method, self._path(path), **kwargs)
 
     # ---- agents ----------------------------------------------------------------------
 
     def register(self, agent_id: str, role: str, level: str = "senior",
                  connection_type: str = "client") -> dict[str, Any]:
         """POST /register; returns the whole answer ({"agent", "next_task", "mentions"})."""
-        return self.call("POST", "register", json={"agent_id": agent_id, "role": role,
-                                                   "level": level,
-                                                   "connection_type": connection_type})
+        return self.client.register(agent_id, role, level, connection_type)
 
     def ensure_pm(self) -> str:
         if not self._pm_ready:
@@ -112,19 +103,13 @@ class Seeder:
     def set_status(self, task_id: int, status: str, agent_id: str | None = None,
                    notes: str | None = None) -> dict[str, Any]:
         """PUT /tasks/{id}/status as `agent_id` (default: the seeder's pm); the whole answer."""
-        body: dict[str, Any] = {"status": status}
-        if notes is not None:
-            body["notes"] = notes
-        return self.call("PUT", f"tasks/{task_id}/status",
-                         params={"agent_id": agent_id or self.ensure_pm()}, json=body)
+        return self.client.set_status(task_id, agent_id or self.ensure_pm(), status, notes)
 
     def lock(self, task_id: int, agent_id: str) -> dict[str, Any]:
-        return self.call("POST", f"tasks/{task_id}/lock", params={"agent_id": agent_id})
+        return self.client.lock(task_id, agent_id)
 
     def comment(self, task_id: int, comment: str, agent_id: str | None = None) -> dict[str, Any]:
-        return self.call("POST", f"tasks/{task_id}/comment",
-                         params={"agent_id": agent_id or self.ensure_pm()},
-                         json={"comment": comment})
+        return self.client.comment(task_id, agent_id or self.ensure_pm(), comment)
 
     def delete_task(self, task_id: int) -> dict[str, Any]:
         return self.call("DELETE", f"tasks/{task_id}", params={"agent_id": self.ensure_pm()})
@@ -145,7 +130,7 @@ class Seeder:
                 return
             try:
                 self.lock(task["id"], parker)
-            except SeedError as err:
+            except ApiError as err:
                 if err.status != 409:
                     raise
         raise RuntimeError(f"could not drain the {role} queue")
@@ -156,7 +141,7 @@ class Seeder:
         for task_id in self.created:
             try:
                 self.release(task_id, "committed")
-            except SeedError as err:
+            except ApiError as err:
                 if err.status != 404:
                     raise
         self.created.clear()
@@ -164,27 +149,21 @@ class Seeder:
     # ---- reading ---------------------------------------------------------------------
 
     def list_tasks(self, status: str | None = None, role: str | None = None) -> list[dict]:
-        params = {k: v for k, v in (("status", status), ("role", role)) if v is not None}
-        return self.call("GET", "tasks", params=params)
+        return self.client.list_tasks(status, role)
 
     def get_task(self, task_id: int, status: str | None = None) -> dict[str, Any] | None:
         """Quirk 1: there is no GET /tasks/{id}; list (filtered when the status is known)."""
-        return next((t for t in self.list_tasks(status) if t["id"] == task_id), None)
+        return self.client.get_task(task_id, status)
 
     def next_task(self, role: str, level: str, timeout: int | None = None,
                   simulate: bool = True) -> dict[str, Any] | None:
-        params: dict[str, Any] = {"role": role, "level": level,
-                                  "simulate": str(simulate).lower()}
-        if timeout is not None:
-            params["timeout"] = timeout
-        return self.call("GET", "tasks/next", params=params,
-                         timeout=self.timeout + (timeout or 0))
+        return self.client.next_task(role, level, simulate=simulate, timeout=timeout)
 
     def changelog(self, limit: int = 50) -> list[dict]:
         return self.call("GET", "changelog", params={"limit": limit})
 
     def close(self) -> None:
-        self.session.close()
+        self.client.close()
 
     def __enter__(self) -> Seeder:
         return self

@@ -16,8 +16,25 @@ Read from the real code, beyond the contract:
 - Deletes answer 404 for an unknown requester, 403 for a non-pm one.
 - `/tasks/next` picks for a throwaway agent built from the query; it refreshes nobody.
 
-Not part of the real API: the `/_sandbox/*` admin endpoints (clock, race window, stats,
-reset). Mentions are not modelled (always `[]`); nor are documents and services.
+Measured against a real server (contract quirks 7-11), and the default here:
+- The lock's check-then-set window is open: each lock sleeps a random part of
+  `race_window` (default DEFAULT_RACE_WINDOW) between its check and its set, so concurrent
+  lockers can all be answered 200. `race_window=0` makes locking atomic.
+- A 500 is uvicorn's: `text/plain` "Internal Server Error"; afterwards the next request on
+  that keep-alive connection is reset (RST, no answer) with probability `reset_after_500`.
+- The database pool: `db_pool` connections (5 + 10 overflow), a request that cannot get one
+  within `db_pool_timeout` (30 s) answers 500; each request holds its connection for
+  `db_latency` seconds. `/health` waits for a connection too, so it stalls under load.
+- Task ids are SQLite rowids: deleting the newest task makes its id the next one again.
+- Deleting an agent frees its locks; deleting one that created a task is a 500 that
+  deletes nothing.
+- `@agent_id` in a comment makes a mention for that (registered) agent, listed in its
+  register answers until read (`GET /mentions`, `PUT /mentions/{id}/read`).
+- `connection_type: null` registers as "client"; the keys `development-key` and `XXXXXX`
+  work only with `production=False` (the real server's development mode).
+
+Not part of the real API: the `/_sandbox/*` admin endpoints (clock, per-agent ageing, race
+window, injected 500s, stats, reset). Documents, services and `/changes` are not modelled.
 """
 
 from __future__ import annotations
@@ -25,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import random
 import re
 import selectors
 import socket
@@ -45,6 +63,17 @@ COMPLEXITIES = ("minor", "major")
 CONNECTION_TYPES = ("mcp", "client")
 STALE_AFTER = timedelta(minutes=30)
 DEV_KEYS = ("development-key", "XXXXXX")
+# Seconds: each lock sleeps a random part of it between check and set. The real server
+# double-locked 7 of 20 tasks raced by 20 agents; this window does about as much on
+# loopback while staying well under pmtool's claim settle time (0.3 s).
+DEFAULT_RACE_WINDOW = 0.02
+# The real server's SQLAlchemy pool: pool_size 5 + max_overflow 10, pool_timeout 30 s.
+DEFAULT_DB_POOL, DEFAULT_DB_POOL_TIMEOUT = 5 + 10, 30.0
+# Measured: after a 500, the next request on the same connection was reset in 1 of 3 tries.
+DEFAULT_RESET_AFTER_500 = 1 / 3
+POOL_EXHAUSTED = ("QueuePool limit of size 5 overflow 10 reached, connection timed out, "
+                  "timeout {:.2f}")
+MENTION = re.compile(r"@([A-Za-z0-9_-]+)")
 AGENT_404 = ("Agent '{}' not found. Please ensure the agent is registered using "
              "POST /api/v1/register before attempting this operation.")
 TASK_404 = "Task with ID {} not found. Please verify the task ID exists."
@@ -69,6 +98,21 @@ class HTTPError(Exception):
     def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
         super().__init__(status, detail)
         self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+class Crash(Exception):
+    """An unhandled server-side error: answered as uvicorn does, plain-text 500."""
+
+
+class _Degraded(Exception):
+    """/health could not reach the database."""
+
+
+class PlainText(str):
+    """A payload sent as text/plain instead of JSON."""
+
+
+INTERNAL_ERROR = PlainText("Internal Server Error")
 
 
 # ---- pydantic-like validation ----------------------------------------------------------
@@ -184,10 +228,16 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:  # a stand-in bug must answer 500, not kill the worker thread
             if self.server.log:
                 raise
-            status, payload, headers = 500, {"detail": "Internal Server Error"}, {}
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+            status, payload, headers = 500, INTERNAL_ERROR, {}
+        if isinstance(payload, PlainText):
+            data, ctype = payload.encode(), "text/plain; charset=utf-8"
+        else:
+            data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+            ctype = "application/json"
+        if status == 500:  # quirk 8: the connection may not survive the next request
+            self.reset_next = random.random() < self.server.reset_after_500
         self.send_response(status)
-        self.send_header("content-type", "application/json")
+        self.send_header("content-type", ctype)
         self.send_header("content-length", str(len(data)))
         for key, value in headers.items():
             self.send_header(key, value)
@@ -213,11 +263,20 @@ class StandInServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, api_key: str = "sandbox-key",
-                 production: bool = False, workers: int = 40, poll_check_interval: float = 5.0,
-                 race_window: float = 0.0, log: bool = False, clock: Clock | None = None) -> None:
+                 production: bool = True, workers: int = 40, poll_check_interval: float = 5.0,
+                 race_window: float = DEFAULT_RACE_WINDOW, log: bool = False,
+                 clock: Clock | None = None, db_pool: int = DEFAULT_DB_POOL,
+                 db_pool_timeout: float = DEFAULT_DB_POOL_TIMEOUT, db_latency: float = 0.0,
+                 reset_after_500: float = DEFAULT_RESET_AFTER_500,
+                 fail_rate: float = 0.0) -> None:
         self.host, self.port, self.api_key, self.production = host, port, api_key, production
         self.workers, self.poll_check_interval = workers, poll_check_interval
         self.race_window, self.log = race_window, log
+        self.db_pool, self.db_pool_timeout, self.db_latency = db_pool, db_pool_timeout, db_latency
+        self.reset_after_500, self.fail_rate = reset_after_500, fail_rate
+        self._pool = threading.BoundedSemaphore(db_pool)
+        self._failures: list[dict[str, Any]] = []  # injected 500s, see inject_failure
+        # Development keys only in the real server's development mode (ENVIRONMENT unset).
         self._keys = {api_key} | (set() if production else set(DEV_KEYS))
         self._clock = clock or utcnow
         self._offset = timedelta()
@@ -279,9 +338,27 @@ class StandInServer:
             return self.now()
 
     def set_race_window(self, seconds: float) -> float:
-        """Seconds between the lock endpoint's check and its set; 0 makes locking atomic."""
-        self.race_window = max(0.0, float(seconds))
-        return self.race_window
+        """Longest pause between the lock endpoint's check and its set (each lock sleeps a
+        random part of it); 0 makes locking atomic. Answers the window before the change."""
+        before, self.race_window = self.race_window, max(0.0, float(seconds))
+        return before
+
+    def age_agent(self, agent_id: str, seconds: float) -> dict:
+        """Move one agent's `last_seen` `seconds` into the past (the others keep theirs)."""
+        with self._lock:
+            agent = self._find_agent(agent_id)
+            agent["last_seen"] -= timedelta(seconds=seconds)
+            return self._agent_json(agent)
+
+    def inject_failure(self, route: str | None = None, times: int = 1,
+                       after: bool = False) -> dict:
+        """Answer the next `times` requests to `route` ("POST /api/v1/tasks/{task_id}/lock",
+        as in stats(); None: any /api/v1 route) with a real-shaped 500. With `after`, the
+        endpoint does its work first, so the change lands but its answer is lost."""
+        rule = {"route": route, "times": int(times), "after": bool(after)}
+        with self._stats_lock:
+            self._failures.append(rule)
+        return rule
 
     def reset(self) -> None:
         """Forget every agent, epic, feature, task and changelog entry; ids restart at 1."""
@@ -292,9 +369,11 @@ class StandInServer:
             self._features: dict[int, dict] = {}
             self._tasks: dict[int, dict] = {}
             self._changelog: list[dict] = []
+            self._mentions: dict[int, dict] = {}
             self._ids: Counter[str] = Counter()
             self._offset = timedelta()
         with self._stats_lock:
+            self._failures = []
             self._counts: Counter[str] = Counter()
             self._busy = self._peak_busy = 0
 
@@ -356,6 +435,13 @@ class StandInServer:
 
     def _worker(self) -> None:
         while (handler := self._jobs.get()) is not None:
+            if getattr(handler, "reset_next", False):
+                # Quirk 8: the request after a 500 gets no answer, the peer resets.
+                with contextlib.suppress(OSError):
+                    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                  b"\1\0\0\0\0\0\0\0")
+                handler.connection.close()
+                continue
             with self._stats_lock:
                 self._busy += 1
                 self._peak_busy = max(self._peak_busy, self._busy)
@@ -400,9 +486,53 @@ class StandInServer:
                 body = self._decode_body(headers, raw)  # FastAPI does so before the key check
             if auth and headers.get("X-API-Key") not in self._keys:
                 raise HTTPError(401, "Invalid API key")
-            return 200, fn(_validate(spec, rx.match(path).groupdict(), query, body)), {}
+            args = _validate(spec, rx.match(path).groupdict(), query, body)
+            if not path.startswith("/api/v1/") and path not in ("/health", "/status"):
+                return 200, fn(args), {}  # /_sandbox/* and /context need no database
+            fail = self._failure_for(f"{method} {template}")
+            if fail == "before":
+                raise Crash(template)
+            with self._db_connection(path):
+                payload = fn(args)
+            if fail == "after":
+                raise Crash(template)
+            return 200, payload, {}
         except HTTPError as err:
             return err.status, {"detail": err.detail}, err.headers
+        except Crash:
+            return 500, INTERNAL_ERROR, {}
+        except _Degraded as err:
+            return 200, {**self._health({}), "status": "degraded",
+                         "database": f"unhealthy: {err}"}, {}
+
+    def _failure_for(self, route: str) -> str | None:
+        """"before" or "after" when this request is to fail (injected or at fail_rate)."""
+        with self._stats_lock:
+            for rule in self._failures:
+                if rule["route"] in (None, route) and route.split()[1].startswith("/api/v1/"):
+                    rule["times"] -= 1
+                    if rule["times"] <= 0:
+                        self._failures.remove(rule)
+                    return "after" if rule["after"] else "before"
+        if self.fail_rate and route.split()[1].startswith("/api/v1/") \
+                and random.random() < self.fail_rate:
+            return "before"
+        return None
+
+    @contextlib.contextmanager
+    def _db_connection(self, path: str) -> Any:
+        """Quirk 7: a pooled database connection for the request, or a 500 after the
+        pool's timeout; held for `db_latency` seconds on top of the work itself."""
+        if not self._pool.acquire(timeout=self.db_pool_timeout):
+            if path == "/health":  # the health check catches it and reports it
+                raise _Degraded(POOL_EXHAUSTED.format(self.db_pool_timeout))
+            raise Crash("pool exhausted")
+        try:
+            if self.db_latency > 0:
+                self._stopping.wait(self.db_latency)
+            yield
+        finally:
+            self._pool.release()
 
     def _match(self, method: str, path: str) -> tuple[tuple | None, tuple | None]:
         """(route matching path and method, else None; first route matching the path only)."""
@@ -462,10 +592,19 @@ class StandInServer:
                 **task_p, **agent_q, "comment": B("str")}),
             ("DELETE", task, self._delete_task, True, {**task_p, **agent_q}),
             ("GET", f"{v1}/changelog", self._get_changelog, True, {"limit": Q("int", 50)}),
+            ("GET", f"{v1}/mentions", self._list_mentions, True, {
+                "agent_id": Q("str"), "unread_only": Q("bool", True), "limit": Q("int", 50)}),
+            ("PUT", f"{v1}/mentions/{{mention_id}}/read", self._read_mention, True, {
+                "mention_id": P("int"), **agent_q}),
             ("POST", "/_sandbox/clock", lambda a: {"now": _iso(self.advance_clock(
                 a["advance_seconds"]))}, False, {"advance_seconds": B("number")}),
-            ("POST", "/_sandbox/race", lambda a: {"window": self.set_race_window(a["window"])},
+            ("POST", "/_sandbox/age", lambda a: self.age_agent(a["agent_id"], a["seconds"]),
+             False, {"agent_id": Q("str"), "seconds": Q("number")}),
+            ("POST", "/_sandbox/race", lambda a: {"was": self.set_race_window(a["window"]),
+                                                  "window": self.race_window},
              False, {"window": B("number")}),
+            ("POST", "/_sandbox/fail", lambda a: self.inject_failure(**a), False, {
+                "route": B("str", None, True), "times": B("int", 1), "after": B("bool", False)}),
             ("GET", "/_sandbox/stats", lambda a: self.stats(), False, {}),
             ("POST", "/_sandbox/reset", lambda a: self.reset() or {"reset": True}, False, {}),
         ]
@@ -473,6 +612,8 @@ class StandInServer:
     # ---- state helpers (call with self._lock held) -----------------------------------
 
     def _next_id(self, table: str) -> int:
+        if table == "task":  # quirk 9: a rowid, so the newest task's id comes back
+            return max(self._tasks, default=0) + 1
         self._ids[table] += 1
         return self._ids[table]
 
@@ -480,7 +621,6 @@ class StandInServer:
         return {**agent, "last_seen": _iso(agent["last_seen"])}
 
     def _task_json(self, t: dict) -> dict:
-        # A lock held by a deleted agent shows as null but still blocks, as with the real DB.
         locker, creator = self._agents_pk.get(t["locked_by"]), self._agents_pk.get(t["created_by"])
         return {"id": t["id"], "feature_id": t["feature_id"],
                 "epic_id": self._features[t["feature_id"]]["epic_id"], "title": t["title"],
@@ -550,13 +690,16 @@ class StandInServer:
     def _register(self, a: dict) -> Payload:
         with self._lock:
             agent = self._agents.get(a["agent_id"])
+            kind = a["connection_type"] or "client"  # null registers as the default
             if agent:  # quirk 4: an existing agent keeps its role and level
-                agent["last_seen"], agent["connection_type"] = self.now(), a["connection_type"]
+                agent["last_seen"], agent["connection_type"] = self.now(), kind
             else:
-                agent = {"id": self._next_id("agent"), **a, "last_seen": self.now()}
+                agent = {"id": self._next_id("agent"), **a, "connection_type": kind,
+                         "last_seen": self.now()}
                 self._agents[agent["agent_id"]] = self._agents_pk[agent["id"]] = agent
             return {"agent": self._agent_json(agent),
-                    "next_task": self._pick(agent["role"], agent["level"]), "mentions": []}
+                    "next_task": self._pick(agent["role"], agent["level"]),
+                    "mentions": self._mentions_of(agent["agent_id"], True, 50)}
 
     def _list_agents(self, a: dict) -> Payload:
         with self._lock:
@@ -570,6 +713,12 @@ class StandInServer:
                 raise HTTPError(400, "Cannot delete your own agent record")
             if a["agent_id"] not in self._agents:
                 raise HTTPError(404, "Agent not found")
+            pk = self._agents[a["agent_id"]]["id"]
+            if any(t["created_by"] == pk for t in self._tasks.values()):
+                raise Crash("foreign key: the agent created tasks")  # quirk 10: nothing goes
+            for t in self._tasks.values():  # quirk 10: its locks go with it
+                if t["locked_by"] == pk:
+                    t["locked_by"] = t["locked_at"] = None
             del self._agents_pk[self._agents.pop(a["agent_id"])["id"]]
         return {"message": f"Agent {a['agent_id']} deleted successfully"}
 
@@ -638,9 +787,9 @@ class StandInServer:
             agent = self._find_agent(a["agent_id"])
             if window <= 0:
                 return self._set_lock(task, agent)
-        # Quirk 2 on demand: check and set are separate steps with no row lock between
-        # them, so concurrent lockers all pass the check, all get 200, the last one wins.
-        self._stopping.wait(window)
+        # Quirk 2: check and set are separate steps with no row lock between them, so
+        # concurrent lockers all pass the check, all get 200, the last one wins.
+        self._stopping.wait(random.uniform(0, window))
         with self._lock:
             return self._set_lock(task, agent)
 
@@ -674,13 +823,45 @@ class StandInServer:
             line = f"{a['agent_id']}: {a['comment']}"
             task["notes"] = f"{task['notes']}\n\n{line}" if task["notes"] else line
             task["updated_at"] = self.now()
+            for name in dict.fromkeys(MENTION.findall(a["comment"])):  # quirk 11
+                if name in self._agents:
+                    mention = {"id": self._next_id("mention"), "document_id": None,
+                               "task_id": task["id"], "mentioned_agent_id": name,
+                               "created_by": a["agent_id"], "is_read": False,
+                               "created_at": self.now()}
+                    self._mentions[mention["id"]] = mention
         return {"message": "Comment added successfully"}
+
+    def _mention_json(self, m: dict) -> dict:
+        task = self._tasks.get(m["task_id"])
+        return {**m, "created_at": _iso(m["created_at"]), "document_title": None,
+                "task_title": task["title"] if task else None}
+
+    def _mentions_of(self, agent_id: str, unread_only: bool, limit: int) -> list[dict]:
+        found = [m for m in self._mentions.values() if m["mentioned_agent_id"] == agent_id
+                 and not (unread_only and m["is_read"])]
+        found.sort(key=lambda m: (m["created_at"], m["id"]), reverse=True)
+        return [self._mention_json(m) for m in found[:limit]]
+
+    def _list_mentions(self, a: dict) -> Payload:
+        with self._lock:
+            return self._mentions_of(a["agent_id"], a["unread_only"], a["limit"])
+
+    def _read_mention(self, a: dict) -> Payload:
+        with self._lock:
+            mention = self._mentions.get(a["mention_id"])
+            if mention is None or mention["mentioned_agent_id"] != a["agent_id"]:
+                raise HTTPError(404, "Mention not found")
+            mention["is_read"] = True
+            return self._mention_json(mention)
 
     def _delete_task(self, a: dict) -> Payload:
         with self._lock:
             self._find_agent(a["agent_id"], ("pm",))
             if self._tasks.pop(a["task_id"], None) is None:
                 raise HTTPError(404, "Task not found")
+            self._mentions = {k: m for k, m in self._mentions.items()
+                              if m["task_id"] != a["task_id"]}
             # the real Task cascades to its changelog rows
             self._changelog = [c for c in self._changelog if c["task_id"] != a["task_id"]]
         return {"message": f"Task {a['task_id']} deleted successfully"}
@@ -694,15 +875,39 @@ class StandInServer:
             return [{**c, "changed_at": _iso(c["changed_at"])} for c in entries]
 
 
-def serve_forever(host: str = "127.0.0.1", port: int = 6969, api_key: str = "sandbox-key",
-                  production: bool = False, workers: int = 40, poll_check_interval: float = 5.0,
-                  race_window: float = 0.0, log: bool = False,
-                  ready: Callable[[StandInServer], None] | None = None) -> None:
-    """Run a stand-in until interrupted; `ready` gets the started server (e.g. to print its url)."""
-    server = StandInServer(host, port, api_key, production, workers, poll_check_interval,
-                           race_window, log).start()
-    if ready:
-        ready(server)
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pmtool.testing.server`: a stand-in with every switch, until Ctrl-C.
+
+    Prints one JSON line with its URL when ready. The defaults are the real server's."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pmtool.testing.server",
+                                     description=main.__doc__)
+    add = parser.add_argument
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=6969)
+    add("--api-key", default="sandbox-key")
+    add("--dev-keys", action="store_true",
+        help="also accept development-key and XXXXXX (the real server's development mode)")
+    add("--workers", type=int, default=40)
+    add("--poll-interval", type=float, default=5.0)
+    add("--race-window", type=float, default=DEFAULT_RACE_WINDOW,
+        help="longest lock check-to-set pause in seconds; 0 makes locking atomic")
+    add("--db-pool", default="5+10", help="pool size + overflow (or one number)")
+    add("--db-pool-timeout", type=float, default=DEFAULT_DB_POOL_TIMEOUT)
+    add("--db-latency", type=float, default=0.0,
+        help="seconds each request holds its database connection")
+    add("--reset-after-500", type=float, default=DEFAULT_RESET_AFTER_500)
+    add("--fail-rate", type=float, default=0.0, help="share of /api/v1 requests that answer 500")
+    add("--log", action="store_true")
+    opts = parser.parse_args(argv)
+    server = StandInServer(
+        opts.host, opts.port, opts.api_key, production=not opts.dev_keys, workers=opts.workers,
+        poll_check_interval=opts.poll_interval, race_window=opts.race_window, log=opts.log,
+        db_pool=sum(int(n) for n in opts.db_pool.split("+")),
+        db_pool_timeout=opts.db_pool_timeout, db_latency=opts.db_latency,
+        reset_after_500=opts.reset_after_500, fail_rate=opts.fail_rate).start()
+    print(json.dumps({"url": server.url}), flush=True)
     try:
         while not server._stopping.wait(3600):
             pass
@@ -727,3 +932,7 @@ def server_under_test(pmtool: str) -> tuple[str, str, Any]:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     return json.loads(proc.stdout.readline())["url"], key, proc
+
+
+if __name__ == "__main__":
+    main()
