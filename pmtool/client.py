@@ -71,6 +71,9 @@ class PMClient:
                 unsure = True
                 error = ServerError(f"{method} {path}: server error {resp.status_code}: "
                                     f"{_detail_text(resp)}", status=resp.status_code)
+                # After a 500 the server may reset the next request on this connection
+                # (quirk 8): start the next one on a fresh connection.
+                self.session.close()
             error.unsure = unsure  # type: ignore[attr-defined]
             if attempt + 1 < attempts:
                 time.sleep(self.pause(attempt))

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import requests
 
+from pmtool import work
+from pmtool.client import PMClient
+from pmtool.errors import ApiError, ServerError
+from pmtool.models import same_task
+from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
+from pmtool.testing.server import DEFAULT_RACE_WINDOW
 
 TASK_KEYS = {"id", "feature_id", "epic_id", "title", "description", "created_by", "target_role",
              "difficulty", "complexity", "branch", "status", "locked_by", "locked_at", "notes",
@@ -390,3 +396,261 @@ def test_long_polls_starve_the_worker_pool(make_standin):
         t.join(30)
     assert health == [200]
     assert server.stats()["requests"]["GET /api/v1/tasks/next"] == 4
+
+
+# ---- failing the way the real server fails (contract quirks 7-11) --------------------------
+
+
+def test_task_ids_are_reused_after_deleting_the_newest(seeder):
+    first = seeder.create_task(title="kept")
+    newest = seeder.create_task(title="deleted")
+    seeder.delete_task(newest["id"])
+    again = seeder.create_task(title="same id, other task")
+    assert again["id"] == newest["id"] != first["id"]  # SQLite rowid (quirk 9)
+    assert same_task(newest, newest) and not same_task(newest, again)
+    assert not same_task({"id": again["id"], "title": "deleted"}, again)  # no created_at
+
+
+def test_deleting_an_agent_frees_its_locks(seeder):
+    task = seeder.create_task()
+    victim, other = agent(seeder), agent(seeder)
+    seeder.lock(task["id"], victim)
+    seeder.call("DELETE", f"agents/{victim}", params={"requester_agent_id": seeder.ensure_pm()})
+    assert seeder.get_task(task["id"])["locked_by"] is None
+    assert seeder.lock(task["id"], other)["locked_by"] == other  # quirk 10
+
+
+def test_deleting_an_agent_that_created_a_task_is_a_plain_500(seeder):
+    seeder.create_task()
+    other_pm = agent(seeder, "pm", "principal")
+    # A fresh connection: the one after a 500 may be reset (quirk 8).
+    resp = requests.delete(f"{seeder.url}/api/v1/agents/{seeder.pm_agent_id}",
+                           params={"requester_agent_id": other_pm},
+                           headers={"X-API-Key": seeder.api_key, "Connection": "close"},
+                           timeout=30)
+    assert (resp.status_code, resp.text) == (500, "Internal Server Error")
+    assert resp.headers["content-type"].startswith("text/plain")
+    assert seeder.pm_agent_id in [a["agent_id"] for a in seeder.call("GET", "agents")]
+
+
+def test_mentions_reach_the_agents_next_register(seeder):
+    task = seeder.create_task(title="mention me")
+    dev, ghost = agent(seeder), unique_id("ghost")
+    seeder.comment(task["id"], f"@{dev} please look, and @{ghost} too")
+    [mention] = seeder.register(dev, "backend_dev", "senior")["mentions"]
+    assert {"id", "task_id", "task_title", "mentioned_agent_id", "created_by", "is_read",
+            "created_at", "document_id", "document_title"} <= set(mention)
+    assert (mention["task_id"], mention["task_title"], mention["mentioned_agent_id"],
+            mention["created_by"], mention["is_read"]) == (
+        task["id"], "mention me", dev, seeder.pm_agent_id, False)
+    assert [m["id"] for m in seeder.call("GET", "mentions", params={"agent_id": dev})] == [
+        mention["id"]]
+    read = seeder.call("PUT", f"mentions/{mention['id']}/read", params={"agent_id": dev})
+    assert read["is_read"] is True
+    assert seeder.register(dev, "backend_dev", "senior")["mentions"] == []
+
+
+def test_null_connection_type_registers_as_client(seeder):
+    answer = seeder.register(unique_id("dev"), "qa", "junior", connection_type=None)
+    assert answer["agent"]["connection_type"] == "client"
+
+
+def test_development_keys_only_in_development_mode(make_standin):
+    strict, lax = make_standin(api_key="k"), make_standin(api_key="k", production=False)
+    for key in ("development-key", "XXXXXX"):
+        headers = {"X-API-Key": key}
+        assert requests.get(f"{strict.url}/api/v1/agents", headers=headers,
+                            timeout=10).status_code == 401
+        assert requests.get(f"{lax.url}/api/v1/agents", headers=headers,
+                            timeout=10).status_code == 200
+
+
+def test_ageing_one_agent_drops_only_its_locks(make_standin):
+    _, seed = _private(make_standin)
+    old_task, kept_task = seed.create_task(), seed.create_task()
+    stale, fresh = agent(seed), agent(seed)
+    seed.lock(old_task["id"], stale)
+    seed.lock(kept_task["id"], fresh)
+    aged = seed.call("POST", "/_sandbox/age", params={"agent_id": stale, "seconds": 31 * 60})
+    assert aged["agent_id"] == stale
+    assert seed.next_task("backend_dev", "junior")["id"] == old_task["id"]
+    locks = {t["id"]: t["locked_by"] for t in seed.list_tasks()}
+    assert locks == {old_task["id"]: None, kept_task["id"]: fresh}
+    assert seed.request("POST", "/_sandbox/age", params={"agent_id": "nobody",
+                                                          "seconds": 1}).status_code == 404
+
+
+def test_race_window_is_on_by_default_and_zero_is_atomic(make_standin):
+    assert make_standin().race_window == DEFAULT_RACE_WINDOW > 0
+    server, seed = _private(make_standin, race_window=0)
+    agents = [agent(seed) for _ in range(10)]
+    codes = sorted(r.status_code for r in _lock_storm(server, seed.create_task()["id"], agents))
+    assert codes == [200] + [409] * 9
+
+
+def test_injected_500_is_plain_text_and_resets_the_next_request(make_standin):
+    server, seed = _private(make_standin, reset_after_500=1.0)
+    rule = seed.call("POST", "/_sandbox/fail", json={"route": "GET /api/v1/agents"})
+    assert rule == {"route": "GET /api/v1/agents", "times": 1, "after": False}
+    session = requests.Session()
+    resp = session.get(f"{server.url}/api/v1/agents", headers={"X-API-Key": "k"}, timeout=10)
+    assert (resp.status_code, resp.text) == (500, "Internal Server Error")
+    assert resp.headers["content-type"].startswith("text/plain")
+    with pytest.raises(requests.ConnectionError):  # the same keep-alive connection
+        session.get(f"{server.url}/api/v1/agents", headers={"X-API-Key": "k"}, timeout=10)
+    assert server.stats()["resets"] == 1
+    assert session.get(f"{server.url}/api/v1/agents", headers={"X-API-Key": "k"},
+                       timeout=10).status_code == 200  # a new connection is fine
+
+
+def test_fail_after_lands_the_change_and_loses_the_answer(make_standin):
+    server, seed = _private(make_standin, reset_after_500=0.0)
+    task, dev = seed.create_task(), agent(seed)
+    server.inject_failure("POST /api/v1/tasks/{task_id}/lock", after=True)
+    resp = seed.request("POST", f"tasks/{task['id']}/lock", params={"agent_id": dev})
+    assert resp.status_code == 500
+    assert seed.get_task(task["id"])["locked_by"] == dev
+
+
+def test_database_pool_exhaustion_answers_500_and_health_degrades(make_standin):
+    server, seed = _private(make_standin, db_pool=2, db_pool_timeout=0.2, db_latency=3.0)
+    barrier, codes = threading.Barrier(6), []
+
+    def register(i: int) -> None:
+        barrier.wait()
+        codes.append(seed.request("POST", "register", json={
+            "agent_id": f"burst_{i}", "role": "qa", "level": "junior"}).status_code)
+
+    burst = [threading.Thread(target=register, args=(i,)) for i in range(6)]
+    for t in burst:
+        t.start()
+    wait_for(lambda: len(codes) >= 4, "the pool to turn the late ones away")
+    health = requests.get(f"{server.url}/health", timeout=30).json()
+    assert health["status"] == "degraded" and "QueuePool limit" in health["database"]
+    for t in burst:
+        t.join(30)
+    assert sorted(codes) == [200, 200, 500, 500, 500, 500]
+
+
+# ---- pmtool survives them ------------------------------------------------------------------
+
+
+def _client(server: Any, **kwargs: Any) -> PMClient:
+    return PMClient(server.url, "k", backoff=0.01, **kwargs)
+
+
+def _calls(server: Any, route: str) -> int:
+    return server.stats()["requests"].get(route, 0)
+
+
+LOCK = "POST /api/v1/tasks/{task_id}/lock"
+STATUS = "PUT /api/v1/tasks/{task_id}/status"
+
+
+def test_client_retries_reads_and_register_through_500_and_reset(make_standin):
+    server, seed = _private(make_standin, reset_after_500=1.0)
+    client = _client(server)
+    seed.create_task()
+    server.inject_failure("GET /api/v1/tasks", times=2)
+    assert len(client.list_tasks()) == 1
+    server.inject_failure("POST /api/v1/register", times=2)
+    assert client.register("dev_1", "backend_dev", "senior")["agent"]["agent_id"] == "dev_1"
+    server.inject_failure("POST /api/v1/register", times=9)
+    with pytest.raises(ServerError) as err:
+        client.register("dev_1", "backend_dev", "senior")
+    assert err.value.details["status"] == 500 and "Internal Server Error" in err.value.message
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["lost-before", "landed-after"])
+def test_lock_after_a_500_is_read_back_then_sent_at_most_once_more(make_standin, after):
+    server, seed = _private(make_standin, reset_after_500=1.0)
+    client, task, dev = _client(server), seed.create_task(), agent(seed)
+    server.inject_failure(LOCK, after=after)
+    assert client.lock(task["id"], dev)["locked_by"] == dev
+    assert _calls(server, LOCK) == (1 if after else 2)  # never resent once it landed
+    # Taken by someone else meanwhile: answered as the server would, a 409.
+    other, second = agent(seed), seed.create_task()
+    server.inject_failure(LOCK, after=True)
+    seed.lock(second["id"], other)  # the seeder's own read-back finds it landed
+    server.inject_failure(LOCK)
+    with pytest.raises(ApiError) as err:
+        client.lock(second["id"], dev)
+    assert err.value.status == 409
+    # Two 500s in a row: one resend, then the error.
+    third = seed.create_task()
+    server.inject_failure(LOCK, times=2)
+    before = _calls(server, LOCK)
+    with pytest.raises(ServerError):
+        client.lock(third["id"], dev)
+    assert _calls(server, LOCK) - before == 2
+    assert seed.get_task(third["id"])["locked_by"] is None
+
+
+def test_lock_after_a_reset_connection_is_read_back_and_sent_again(make_standin):
+    server, seed = _private(make_standin, reset_after_500=1.0)
+    task, dev = seed.create_task(), agent(seed)
+    server.inject_failure("GET /api/v1/agents")
+    # A raw call leaves the 500's connection in the pool, so the lock goes out on it.
+    assert seed.request("GET", "agents").status_code == 500
+    assert seed.client.lock(task["id"], dev)["locked_by"] == dev
+    assert server.stats()["resets"] == 1  # the first lock request was reset, unanswered
+    assert _calls(server, LOCK) == 1  # and never reached the endpoint
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["lost-before", "landed-after"])
+def test_status_after_a_500_is_read_back(make_standin, after):
+    server, seed = _private(make_standin, reset_after_500=1.0)
+    client, task, dev = _client(server), seed.create_task(), agent(seed)
+    client.lock(task["id"], dev)
+    server.inject_failure(STATUS, after=after)
+    answer = client.set_status(task["id"], dev, "under_work", notes="claimed")
+    assert (answer["task"]["status"], answer["task"]["notes"]) == ("under_work", "claimed")
+    assert _calls(server, STATUS) == (1 if after else 2) + 1  # +1: the seeder's promote
+    history = [c for c in seed.changelog() if c["task_id"] == task["id"]]
+    assert [c["new_status"] for c in history].count("under_work") == 1
+
+
+def test_burst_registration_against_a_small_pool_backs_off_and_gets_through(make_standin):
+    server = make_standin(api_key="k", db_pool=2, db_pool_timeout=0.05, db_latency=0.05)
+    answers: list[Any] = []
+
+    def register(i: int) -> None:
+        client = PMClient(server.url, "k", backoff=0.2, retries=8)
+        answers.append(client.register(f"burst_{i}", "qa", "junior"))
+
+    burst = [threading.Thread(target=register, args=(i,)) for i in range(12)]
+    for t in burst:
+        t.start()
+    for t in burst:
+        t.join(60)
+    assert len(answers) == 12
+    assert server.stats()["requests"]["POST /api/v1/register"] >= 12
+
+
+def test_recover_does_not_resume_a_task_whose_id_was_reused(make_standin, tmp_path):
+    server, seed = _private(make_standin)
+    client, store = _client(server), RecordStore(tmp_path / "state")
+    seed.create_task(title="ours")
+    claimed = work.claim(client, store, "dev_1", "backend_dev", "senior", settle=0.05)
+    record = claimed.record
+    record.pid, record.pid_started = _dead_pid(), None  # the runner is gone
+    store.save(record)
+    seed.delete_task(claimed.task["id"])
+    impostor = seed.create_task(title="someone else's, same id")
+    assert impostor["id"] == claimed.task["id"]
+    client.lock(impostor["id"], "dev_1")  # looks ours by id, status and lock
+    seed.set_status(impostor["id"], "under_work")
+    [entry] = work.recover(client, store)
+    assert (entry["action"], entry["id_reused"]) == ("released", True)
+    assert "gone" in entry["reason"]
+    assert seed.get_task(impostor["id"])["locked_by"] == "dev_1"  # not ours to touch
+
+
+def _dead_pid() -> int:
+    import os
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid

@@ -166,6 +166,9 @@ def _convert(kind: Any, value: Any) -> tuple[Any, str | None]:
         return (text in _TRUE, None) if text in _TRUE + _FALSE else (None, "bool_parsing")
     if isinstance(value, int | float) and not isinstance(value, bool):  # "number"
         return float(value), None
+    if isinstance(value, str):  # a query parameter
+        with contextlib.suppress(ValueError):
+            return float(value.strip()), None
     return None, "float_type"
 
 
@@ -375,13 +378,14 @@ class StandInServer:
         with self._stats_lock:
             self._failures = []
             self._counts: Counter[str] = Counter()
-            self._busy = self._peak_busy = 0
+            self._busy = self._peak_busy = self._resets = 0
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
             return {"total": sum(self._counts.values()), "requests": dict(self._counts),
                     "busy_workers": self._busy, "peak_busy_workers": self._peak_busy,
-                    "queued": self._jobs.qsize(), "workers": self.workers}
+                    "queued": self._jobs.qsize(), "workers": self.workers,
+                    "resets": self._resets}
 
     # ---- connection handling ---------------------------------------------------------
 
@@ -437,10 +441,12 @@ class StandInServer:
         while (handler := self._jobs.get()) is not None:
             if getattr(handler, "reset_next", False):
                 # Quirk 8: the request after a 500 gets no answer, the peer resets.
+                with self._stats_lock:
+                    self._resets += 1
                 with contextlib.suppress(OSError):
                     handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                   b"\1\0\0\0\0\0\0\0")
-                handler.connection.close()
+                self._close(handler)
                 continue
             with self._stats_lock:
                 self._busy += 1
