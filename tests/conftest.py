@@ -48,7 +48,9 @@ def pm_server() -> Iterator[PMServer]:
     if url and key:
         yield PMServer(url.rstrip("/"), key, is_standin=False)
         return
-    # Production mode: only the random key works, as against a real deployment.
+    # At the stand-in's defaults, which fail the way a real server does (a lock race
+    # window, plain 500s and resets after them, the database pool); production mode:
+    # only the random key works, as against a real deployment.
     with StandInServer(api_key=f"test-{secrets.token_hex(8)}", production=True) as server:
         yield PMServer(server.url, server.api_key, is_standin=True, standin=server)
 
@@ -85,7 +87,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def make_standin() -> Iterator[Callable[..., StandInServer]]:
-    """Start private stand-ins (own clock, workers, race window); stopped after the test."""
+    """Start private stand-ins (own clock, workers, switches; `race_window=0` for atomic
+    locks where a test needs them); stopped after the test."""
     servers: list[StandInServer] = []
 
     def make(**kwargs: object) -> StandInServer:
