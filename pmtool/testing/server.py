@@ -494,12 +494,15 @@ class StandInServer:
                 raise HTTPError(401, "Invalid API key")
             args = _validate(spec, rx.match(path).groupdict(), query, body)
             if not path.startswith("/api/v1/") and path not in ("/health", "/status"):
-                return 200, fn(args), {}  # /_sandbox/* and /context need no database
+                return 200, fn(args), {}  # /_sandbox/* needs no database
             fail = self._failure_for(f"{method} {template}")
             if fail == "before":
                 raise Crash(template)
-            with self._db_connection(path):
-                payload = fn(args)
+            if template == "/api/v1/tasks/next":
+                payload = fn(args)  # takes a connection per check, not for its whole wait
+            else:
+                with self._db_connection(path):
+                    payload = fn(args)
             if fail == "after":
                 raise Crash(template)
             return 200, payload, {}
@@ -776,7 +779,7 @@ class StandInServer:
         # Quirk 5: a long poll keeps this worker thread until a task shows up or time runs out.
         deadline = monotonic() + (180 if a["timeout"] is None else a["timeout"])
         while True:
-            with self._lock:
+            with self._db_connection("/api/v1/tasks/next"), self._lock:
                 task = self._pick(a["role"], a["level"])
             if task or a["simulate"]:
                 return task
