@@ -63,10 +63,12 @@ COMPLEXITIES = ("minor", "major")
 CONNECTION_TYPES = ("mcp", "client")
 STALE_AFTER = timedelta(minutes=30)
 DEV_KEYS = ("development-key", "XXXXXX")
-# Seconds: each lock sleeps a random part of it between check and set. The real server
-# double-locked 7 of 20 tasks raced by 20 agents; this window does about as much on
-# loopback while staying well under pmtool's claim settle time (0.3 s).
-DEFAULT_RACE_WINDOW = 0.02
+# Seconds: each lock sleeps a random part of it between check and set, about what a
+# SQLite check, update and commit take. The real server double-locked 7 of 20 tasks raced
+# by 20 agents; 20 threads on loopback racing this stand-in double-lock more (18 of 20, as
+# with any window from 1 ms up), so tests see double locks at least as often as in real
+# use, while the window stays far under pmtool's claim settle time (0.3 s).
+DEFAULT_RACE_WINDOW = 0.005
 # The real server's SQLAlchemy pool: pool_size 5 + max_overflow 10, pool_timeout 30 s.
 DEFAULT_DB_POOL, DEFAULT_DB_POOL_TIMEOUT = 5 + 10, 30.0
 # Measured: after a 500, the next request on the same connection was reset in 1 of 3 tries.
