@@ -65,7 +65,7 @@ STALE_AFTER = timedelta(minutes=30)
 DEV_KEYS = ("development-key", "XXXXXX")
 # Seconds: each lock sleeps a random part of it between check and set, about what a
 # SQLite check, update and commit take. The real server double-locked 7 of 20 tasks raced
-# by 20 agents; 20 threads on loopback racing this stand-in double-lock more (18 of 20, as
+# by 20 agents; 20 threads on loopback racing this stand-in double-lock more (14-18 of 20, as
 # with any window from 1 ms up), so tests see double locks at least as often as in real
 # use, while the window stays far under pmtool's claim settle time (0.3 s).
 DEFAULT_RACE_WINDOW = 0.005
