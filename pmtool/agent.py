@@ -839,24 +839,18 @@ def _failure(answer: dict[str, Any], info: dict[str, Any], stderr_tail: list[str
 
 def current_branch(cwd: str | Path) -> str | None:
     """The branch checked out in `cwd`, None if detached or not a git checkout."""
-    try:
-        out = subprocess.run(["git", "symbolic-ref", "--quiet", "--short", "HEAD"], cwd=cwd,
-                             capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
+    from pmtool import git
+
+    return git.current_branch(cwd)
 
 
 def repo_or_cwd(path: str | Path | None = None) -> Path:
     """The top of the git checkout that `path` (default: the current directory) is in, else
     `path` itself."""
+    from pmtool import git
+
     here = Path(path or os.getcwd()).expanduser().resolve()
-    try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here,
-                             capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return here
-    return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else here
+    return git.toplevel(here) or here
 
 
 def fetch_instructions_path(settings: Settings, timeout: float = 3.0) -> str | None:

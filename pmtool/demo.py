@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +33,9 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "pmtool demo", "GIT_AUTHOR_EMAIL": "demo@pmto
 
 
 def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    from pmtool import git
+
+    return git.out(repo, *args)
 
 
 def make_repo(path: Path) -> Path:

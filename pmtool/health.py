@@ -99,14 +99,15 @@ def check_claude(settings: Settings) -> Check:
 
 
 def check_git(settings: Settings) -> Check:
-    git = shutil.which("git")
-    if not git:
+    from pmtool import git
+
+    try:
+        version = git.version()
+        ok = git.has_worktree_support()
+    except git.GitMissing:
         return {"ok": False, "detail": "git not found on PATH"}
-    version = subprocess.run([git, "--version"], capture_output=True, text=True,
-                             check=False).stdout.strip()
-    # `git worktree -h` exits 129 with usage when the command exists.
-    probe = subprocess.run([git, "worktree", "-h"], capture_output=True, text=True, check=False)
-    ok = "usage: git worktree" in (probe.stdout + probe.stderr)
+    except PmtoolError as exc:  # timed out, or failed to run
+        return {"ok": False, "detail": exc.message}
     return {"ok": ok, "detail": version + ("" if ok else " (no worktree support)"),
             "version": version}
 

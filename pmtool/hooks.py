@@ -6,9 +6,12 @@ The contract a hook sees:
   (pmtool never changes file modes: a hook someone forgot to chmod is reported, not run);
 - the task context arrives as one JSON object on stdin, and its main fields as `PMTOOL_*`
   environment variables (see `ENV_FIELDS`); pmtool never puts the API key in either;
-- it runs in its own session, with a mark in its environment, so that on timeout the whole
-  tree ends, even grandchildren that detached with `setsid` (see pmtool.procs);
+- it is started and owned by pmtool.procs, as the agent is: its own session, a mark in its
+  environment, a parent-death signal (Linux), so that on timeout, on Ctrl-C and when the
+  runner is killed the whole tree ends, even grandchildren that detached with `setsid`;
 - exit 0 is success, anything else a failure; stdout and stderr are kept (the last 64 KiB).
+  A hook killed by signal N reports exit_code 128+N and `signal` (its name); a hook that
+  ran out of time reports `timed_out: true` and exit_code 124, as timeout(1) does.
 
 The library never prints and never exits: `run_hook` answers a dict, and the CLI decides
 the exit code (0 ok, 1 failed, 124 timed out).
@@ -16,14 +19,11 @@ the exit code (0 ok, 1 failed, 124 timed out).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import re
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -148,7 +148,8 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
 
     Answers `{"ok", "hook", "path", "exit_code", "stdout", "stderr", "duration_s",
     "skipped", "timed_out"}`, plus `error` (a message) when the hook could not be started,
-    `left_running` (pids of processes the hook left behind after a normal exit) and
+    `signal` (e.g. "SIGKILL") when a signal ended it, `left_running` (pids of processes the
+    hook left behind after a normal exit) and
     `stdout_truncated` / `stderr_truncated`. A missing hook is skipped and ok. `timeout`
     None or <= 0 means no limit. `env` replaces os.environ as the base environment.
     Raises UsageError only for a bad name or a `cwd` that does not exist.
@@ -173,52 +174,36 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
 
     ctx = {k: v for k, v in context.items() if k not in SECRET_KEYS}
     ctx["hook"] = name
-    mark = procs.new_mark(f"hook-{name}")
-    child_env = hook_env(name, ctx, env)
-    child_env[procs.MARK_ENV] = mark
-
     # Files, not pipes: a grandchild that keeps stdout open after the hook exits would make
-    # a pipe reader wait for it; a file is simply read when the hook itself is done. The
-    # context goes through a file too, so a hook that never reads stdin cannot block us.
-    with tempfile.TemporaryFile() as stdin, tempfile.TemporaryFile() as out, \
-            tempfile.TemporaryFile() as err:
-        stdin.write(json.dumps(ctx, default=str).encode() + b"\n")
-        stdin.seek(0)
-        start = time.monotonic()
+    # a pipe reader wait for it; a file is simply read when the hook itself is done.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen([str(path.resolve())], stdin=stdin, stdout=out, stderr=err,
-                                    cwd=cwd, env=child_env, start_new_session=True)
+            child = procs.start([str(path.resolve())], label=f"hook-{name}",
+                                stdin=json.dumps(ctx, default=str).encode() + b"\n",
+                                stdout=out, stderr=err, cwd=cwd,
+                                env=hook_env(name, ctx, env))
         except OSError as exc:
             result.update(ok=False, error=_start_error(path, exc))
             return result
-        try:
-            proc.wait(timeout=timeout if timeout and timeout > 0 else None)
-        except subprocess.TimeoutExpired:
-            procs.terminate_tree(proc.pid, mark)
-            proc.wait()
-            result["timed_out"] = True
-        except BaseException:
-            # Ctrl-C or a signal turned into an exception: the hook is in its own session,
-            # so nothing else would end it.
-            procs.terminate_tree(proc.pid, mark)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=5)
-            raise
-        result["duration_s"] = round(time.monotonic() - start, 3)
-        result["exit_code"] = proc.returncode
+        with child:
+            ending = child.wait(timeout if timeout and timeout > 0 else None)
+            # Left alone on purpose (a setup hook may start a watcher), but said, so a hook
+            # that leaks processes on every task is noticed.
+            left = [] if ending.timed_out else [p.pid for p in child.leftovers()]
+        result["duration_s"] = ending.duration_s
+        result["exit_code"] = ending.exit_code
+        result["timed_out"] = ending.timed_out
+        if ending.signal:
+            result["signal"] = ending.signal
         result["stdout"], cut_out = _tail(out)
         result["stderr"], cut_err = _tail(err)
     if cut_out:
         result["stdout_truncated"] = True
     if cut_err:
         result["stderr_truncated"] = True
-    result["ok"] = proc.returncode == 0 and not result["timed_out"]
-    if not result["timed_out"]:
-        # Left alone on purpose (a setup hook may start a watcher), but said, so a hook that
-        # leaks processes on every task is noticed.
-        left = [p.pid for p in procs.marked(mark)]
-        if left:
-            result["left_running"] = left
+    result["ok"] = ending.exit_code == 0 and not ending.timed_out
+    if left:
+        result["left_running"] = left
     return result
 
 

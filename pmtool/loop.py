@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -604,11 +603,9 @@ class Runner:
         self._remove_worktree(record)
 
     def _summary(self, record: TaskRecord, verdict: dict[str, Any]) -> str:
-        commit = None
-        if record.worktree:
-            out = subprocess.run(["git", "-C", record.worktree, "log", "-1", "--format=%h %s"],
-                                 capture_output=True, text=True, check=False)
-            commit = out.stdout.strip() or None
+        from pmtool import git
+
+        commit = git.last_commit(record.worktree) if record.worktree else None
         parts = [f"pmtool: {verdict['outcome']}", f"model {verdict.get('model')}",
                  f"{verdict.get('num_turns')} turns", f"${record.cost_usd:.4f}",
                  f"{verdict.get('duration_s')}s", f"branch {record.branch}"]

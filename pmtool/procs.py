@@ -1,19 +1,49 @@
-"""Starting child processes so that they can be ended whole, and ending them whole.
+"""The one door to child processes: start them so that they can be ended whole, own them
+while they run, and end them whole.
 
-A child is started in its own session, with a mark in its environment. Ending it sweeps
-its descendants, its process group, and every process carrying the mark: processes that
-the agent's Bash tool started in a new session or group escape `killpg`, but they inherit
-the environment, so the mark still finds them.
+`start` runs a child in its own session, with a mark in its environment, its stdin fed
+from a file, and (Linux) a parent-death signal; `Child.wait` waits for it with a time
+limit, an idle limit and a stop event, and ends the whole tree when one of them fires or
+when anything goes wrong (`with start(...) as child:` ends it on any exception, Ctrl-C
+included). Hooks and the agent both go through it, so they behave the same, down to the
+exit code of a killed child: 128+N and the signal's name for a child killed by signal N,
+124 for one ended by a time limit (as timeout(1) says), never 0.
+
+Finding the tree, three nets:
+- the child's descendants, by parent pid, and its process group;
+- after `become_subreaper()` (Linux, the run loop calls it), descendants that double-fork
+  or call `setsid` are re-parented to us instead of to init, so they are found as our
+  adopted children whatever their environment (`env -i setsid ...`);
+- every process carrying the mark: processes that left the session inherit the
+  environment. This is the only net for orphans where there are no subreapers (macOS,
+  the BSDs) and for processes of a runner that died (`end_orphan`, `recover`).
+
+The parent-death signal (PR_SET_PDEATHSIG) ends the child when its parent dies, `kill -9`
+included. The kernel sends it when the *thread* that forked the child ends, not the
+process: `start` and `wait` are one synchronous call in the same thread (hooks.run_hook,
+agent.run_agent), which therefore outlives the child; a caller that hands a Child to
+another thread must keep the starting thread alive until the child is done. The signal
+reaches only the child itself: its own children are ended by the subreaper's parent
+(nobody, once the runner is dead) or later by the mark sweep (`recover`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 MARK_ENV = "PMTOOL_RUN_MARK"
 
@@ -40,8 +70,9 @@ def marked(mark: str) -> list[Any]:
     return found
 
 
-def tree(pid: int, mark: str | None = None) -> list[Any]:
-    """The process, its descendants, its group, and the marked processes."""
+def tree(pid: int, mark: str | None = None, since: float | None = None) -> list[Any]:
+    """The process, its descendants, the marked processes, and (with `since`, a
+    time.time()) the orphans we adopted as a subreaper that were born since then."""
     import psutil
 
     procs: dict[int, Any] = {}
@@ -52,17 +83,20 @@ def tree(pid: int, mark: str | None = None) -> list[Any]:
             procs[child.pid] = child
     except psutil.Error:
         pass
-    if mark:
-        for proc in marked(mark):
-            procs[proc.pid] = proc
-            with contextlib.suppress(psutil.Error):
-                for child in proc.children(recursive=True):
-                    procs[child.pid] = child
+    extra = marked(mark) if mark else []
+    if since is not None:
+        extra += adopted(since)
+    for proc in extra:
+        procs[proc.pid] = proc
+        with contextlib.suppress(psutil.Error):
+            for child in proc.children(recursive=True):
+                procs[child.pid] = child
     procs.pop(os.getpid(), None)
     return list(procs.values())
 
 
-def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0) -> list[int]:
+def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0,
+                   since: float | None = None) -> list[int]:
     """End a process tree: SIGTERM, wait up to `grace` seconds, then SIGKILL the rest.
 
     Returns the pids that were signalled. The claude CLI has been seen to take 1-3 s to
@@ -71,7 +105,7 @@ def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0) -> lis
     import psutil
 
     signalled: set[int] = set()
-    procs = tree(pid, mark)
+    procs = tree(pid, mark, since)
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGTERM)  # the group we created with start_new_session
     for proc in procs:
@@ -80,19 +114,283 @@ def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0) -> lis
             signalled.add(proc.pid)
     _gone, alive = psutil.wait_procs(procs, timeout=grace)
     # A second sweep catches processes forked while we were ending the first ones.
-    for proc in alive + tree(pid, mark):
+    for proc in alive + tree(pid, mark, since):
         with contextlib.suppress(psutil.Error):
             proc.kill()
             signalled.add(proc.pid)
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + grace
-    while mark and time.monotonic() < deadline:
-        left = marked(mark)  # one /proc scan a round: it reads every process's environment
+    while (mark or since is not None) and time.monotonic() < deadline:
+        # One /proc scan a round: it reads every process's environment.
+        left = (marked(mark) if mark else []) + (adopted(since) if since is not None else [])
         if not left:
             break
         for proc in left:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+                signalled.add(proc.pid)
         time.sleep(0.05)
+    reap_adopted()
     return sorted(signalled)
+
+
+# -- Linux process controls ----------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_subreaper = False
+_owned: set[int] = set()  # pids of children started by `start` and not yet reaped
+_owned_lock = threading.Lock()
+
+
+def _libc_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _libc_prctl()
+
+
+def has_parent_death_signal() -> bool:
+    """Whether children can get a parent-death signal here (Linux)."""
+    return _prctl is not None
+
+
+def become_subreaper() -> bool:
+    """Make this process a child subreaper (Linux 3.4+): orphans among our descendants are
+    re-parented to us, not to init, so `tree` finds them whatever they did to hide. Answers
+    whether it worked; where it does not, the mark is the only net for such orphans.
+    Idempotent. Adopted orphans that die are reaped by `reap_adopted`."""
+    global _subreaper
+    if _prctl is None:
+        return False
+    if not _subreaper:
+        _subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return _subreaper
+
+
+def is_subreaper() -> bool:
+    return _subreaper
+
+
+def adopted(since: float) -> list[Any]:
+    """Orphans we adopted as a subreaper, born at or after `since` (a time.time()).
+
+    Ours to end: a direct child we did not start through `start`, in another session than
+    ours (a plain `subprocess.run` elsewhere in this process shares our session, so it is
+    never taken for one). Empty unless `become_subreaper()` was called.
+    """
+    import psutil
+
+    if not _subreaper:
+        return []
+    mysid = os.getsid(0)
+    found = []
+    with _owned_lock, contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().children():
+            with contextlib.suppress(psutil.Error, OSError):
+                if (proc.pid not in _owned and os.getsid(proc.pid) != mysid
+                        and proc.create_time() >= since - 1.0
+                        and proc.status() != psutil.STATUS_ZOMBIE):
+                    found.append(proc)
+    return found
+
+
+def reap_adopted() -> list[int]:
+    """Collect the exit status of adopted orphans that have died, so they do not stay
+    zombies in the process table. Never touches children started by `start` or by a
+    `subprocess` call in our own session (their owners wait for them)."""
+    import psutil
+
+    if not _subreaper:
+        return []
+    mysid = os.getsid(0)
+    reaped = []
+    with _owned_lock, contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().children():
+            with contextlib.suppress(psutil.Error, OSError):
+                if (proc.pid in _owned or proc.status() != psutil.STATUS_ZOMBIE
+                        or os.getsid(proc.pid) == mysid):
+                    continue
+                if os.waitpid(proc.pid, os.WNOHANG)[0] == proc.pid:
+                    reaped.append(proc.pid)
+    return reaped
+
+
+def _parent_death(sig: int | None) -> Callable[[], None] | None:
+    """The preexec function that asks for `sig` when our (forking thread's) parent dies."""
+    if sig is None or _prctl is None:
+        return None
+    prctl, parent = _prctl, os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec: nothing that locks
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os.kill(os.getpid(), int(sig))
+
+    return preexec
+
+
+# -- start and own -------------------------------------------------------------------------
+
+TIMEOUT_EXIT = 124  # as timeout(1)
+
+
+def exit_status(returncode: int | None) -> tuple[int | None, str | None]:
+    """Popen's returncode as a shell reports it: (128+N, "SIGNAME") for a signal N."""
+    if returncode is None or returncode >= 0:
+        return returncode, None
+    number = -returncode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"SIG{number}"
+    return 128 + number, name
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a child ended. `exit_code` is 124 when a time limit ended it, 128+N when signal
+    N did (`signal` names it), else the child's own exit code."""
+
+    exit_code: int | None
+    signal: str | None = None
+    timed_out_by: str | None = None  # "timeout" or "idle_timeout"
+    stopped: bool = False
+    swept: tuple[int, ...] = ()  # every pid we signalled
+    duration_s: float = 0.0
+
+    @property
+    def timed_out(self) -> bool:
+        return self.timed_out_by is not None
+
+
+class Child:
+    """A child started by `start`: ours until `wait` returned. As a context manager it ends
+    the whole tree when the block raises (the child runs in its own session: a Ctrl-C at
+    the terminal does not reach it, nothing but us would end it)."""
+
+    def __init__(self, popen: subprocess.Popen, mark: str, since: float) -> None:
+        self.popen, self.mark, self.since = popen, mark, since
+        self.pid = popen.pid
+        self.started = time.monotonic()
+        self.swept: set[int] = set()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None and self.popen.returncode is None:
+            self.end(grace=3.0)
+            with contextlib.suppress(Exception):
+                self.popen.wait(timeout=5)
+        self._release()
+
+    def end(self, grace: float = 3.0) -> list[int]:
+        """End the whole tree now (SIGTERM, `grace`, SIGKILL)."""
+        signalled = terminate_tree(self.pid, self.mark, grace=grace, since=self.since)
+        self.swept.update(signalled)
+        return signalled
+
+    def leftovers(self) -> list[Any]:
+        """Processes of this child still running after it exited (marked or adopted)."""
+        left = {p.pid: p for p in marked(self.mark)}
+        left.update((p.pid, p) for p in adopted(self.since))
+        left.pop(self.pid, None)
+        return list(left.values())
+
+    def wait(self, timeout: float | None = None, *, deadline: float | None = None,
+             idle_timeout: float | None = None,
+             last_activity: Callable[[], float] | None = None,
+             stop: threading.Event | None = None, grace: float = 3.0,
+             poll: float = 0.1) -> Ending:
+        """Wait for the child; end its whole tree when `timeout` seconds (or the monotonic
+        `deadline`) pass, when `last_activity()` is older than `idle_timeout`, or when `stop`
+        is set. Leftovers after a normal exit are not ended here (see `leftovers`)."""
+        if timeout is not None and timeout > 0:
+            limit = self.started + timeout
+            deadline = limit if deadline is None else min(deadline, limit)
+        timed_out_by, stopped = None, False
+        while True:
+            try:
+                self.popen.wait(timeout=poll)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if stop is not None and stop.is_set():
+                stopped = True
+            elif deadline is not None and now >= deadline:
+                timed_out_by = "timeout"
+            elif idle_timeout and idle_timeout > 0 and last_activity is not None \
+                    and now - last_activity() >= idle_timeout:
+                timed_out_by = "idle_timeout"
+            else:
+                continue
+            self.end(grace=grace)
+            self.popen.wait()
+            break
+        code, name = exit_status(self.popen.returncode)
+        if timed_out_by is not None:
+            code = TIMEOUT_EXIT
+        return Ending(exit_code=code, signal=name, timed_out_by=timed_out_by, stopped=stopped,
+                      swept=tuple(sorted(self.swept)),
+                      duration_s=round(time.monotonic() - self.started, 3))
+
+    def _release(self) -> None:
+        with _owned_lock:
+            _owned.discard(self.pid)
+        reap_adopted()
+
+
+def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None = None,
+          stdout: int | IO[Any] | None = subprocess.DEVNULL,
+          stderr: int | IO[Any] | None = subprocess.DEVNULL, cwd: str | Path | None = None,
+          env: Mapping[str, str] | None = None, mark: str | None = None,
+          parent_death: int | None = signal.SIGKILL) -> Child:
+    """Start `cmd` as a child we own: its own session, `MARK_ENV` in its environment (from
+    `env`, default os.environ), `stdin` fed from a file (a child that never reads it cannot
+    block us; a pipe could), and `parent_death` sent to it if we die (Linux; None: none).
+
+    Raises OSError when it cannot be started (ENOENT, EACCES, ENOEXEC...). Use it as a
+    context manager around `wait`, so any exception ends the tree.
+    """
+    mark = mark or new_mark(label)
+    child_env = dict(os.environ if env is None else env)
+    child_env[MARK_ENV] = mark
+    since = time.time()
+    with tempfile.TemporaryFile() as feed:
+        if stdin is not None:
+            feed.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
+            feed.seek(0)
+        with _owned_lock:  # so a concurrent reap_adopted never takes the new child for one
+            popen = subprocess.Popen(list(cmd), stdin=feed, stdout=stdout, stderr=stderr,
+                                     cwd=None if cwd is None else str(cwd), env=child_env,
+                                     start_new_session=True,
+                                     preexec_fn=_parent_death(parent_death))
+            _owned.add(popen.pid)
+    return Child(popen, mark, since)
+
+
+def run(cmd: Sequence[str], *, timeout: float, cwd: str | Path | None = None,
+        env: Mapping[str, str] | None = None, label: str = "run",
+        stdin: bytes | str | None = None) -> tuple[Ending, str, str]:
+    """Run a short command to the end or to `timeout`; answer (ending, stdout, stderr).
+
+    Output goes to files, not pipes: a grandchild holding a pipe open (a hung `claude
+    --version` that spawned a helper) cannot make us wait past the time limit.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with start(cmd, label=label, stdin=stdin, stdout=out, stderr=err, cwd=cwd,
+                   env=env) as child:
+            ending = child.wait(timeout)
+        out.seek(0)
+        err.seek(0)
+        return (ending, out.read().decode("utf-8", errors="replace"),
+                err.read().decode("utf-8", errors="replace"))

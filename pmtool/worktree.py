@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pmtool import git
 from pmtool.errors import Conflict, NothingToDo, OperationFailed, UsageError
 
 RESCUE_PREFIX = "refs/pmtool/rescue"
@@ -52,23 +53,8 @@ TRUNK_NAMES = ("main", "master", "trunk", "develop")
 
 def _git(cwd: str | Path, *args: str, env: dict[str, str] | None = None,
          check: bool = True, text: bool = True) -> subprocess.CompletedProcess:
-    """Run git in `cwd`; on failure (with check) raise OperationFailed carrying git's words."""
-    full_env = {**os.environ, **(env or {})}
-    # pmtool runs from cron and loops: git must never wait for a password or an editor.
-    full_env.setdefault("GIT_TERMINAL_PROMPT", "0")
-    full_env.setdefault("GIT_EDITOR", "true")
-    try:
-        proc = subprocess.run(["git", *args], cwd=str(cwd), env=full_env, capture_output=True,
-                              text=text, check=False)
-    except FileNotFoundError:
-        raise OperationFailed("git is not installed (not found on PATH)") from None
-    except NotADirectoryError:
-        raise UsageError(f"{cwd} is not a directory") from None
-    if check and proc.returncode != 0:
-        stderr = proc.stderr if text else proc.stderr.decode(errors="replace")
-        raise OperationFailed(f"git {args[0]} failed: {stderr.strip() or proc.returncode}",
-                              command=["git", *args], git_exit=proc.returncode)
-    return proc
+    """Run git in `cwd` through the one door (pmtool.git)."""
+    return git.run(cwd, *args, env=env, check=check, text=text)
 
 
 def _ok(cwd: str | Path, *args: str) -> bool:
