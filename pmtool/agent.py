@@ -53,12 +53,13 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -606,73 +607,103 @@ def _no_conversation(parser: StreamParser) -> bool:
     return bool(result.get("is_error")) and "No conversation found" in text
 
 
-def run_agent(prompt: str, *, cwd: str | Path, model: str, role: str | None = None,
-              task_id: Any = None, session_id: str | None = None, resume: bool = False,
-              resume_prompt: str | None = None, claude_bin: str | None = None,
-              agent_cmd: str | None = None, permission_mode: str | None = "bypassPermissions",
-              allowed_tools: str | None = None, max_budget_usd: float | None = None,
-              timeout: float | None = None, idle_timeout: float | None = None,
-              log_dir: str | Path, branch: str | None = None,
-              env: Mapping[str, str] | None = None, progress: Progress | None = None,
-              stop_event: threading.Event | None = None,
-              on_start: Callable[[dict[str, Any]], None] | None = None,
-              secrets: Iterable[str | None] = (), grace: float = 3.0) -> dict[str, Any]:
-    """Run the agent once on `prompt` in `cwd`; answer what happened (never raises for the
-    agent's sake).
+@dataclass(frozen=True)
+class AgentRun:
+    """One run of the agent: everything `run_agent` needs to know, in one value.
 
-    `resume` continues `session_id` with `resume_prompt` (claude: `--resume`); if claude has
-    no transcript of that session (it died before writing one), the full `prompt` starts it
-    afresh under the same id. `timeout` / `idle_timeout` (seconds without a line of output)
-    end the whole process tree, as does setting `stop_event`. `on_start` is called with
-    `{"pid", "mark", "session_id", "log"}` once the child runs. Leftover processes of the
-    agent (marked ones still running after it exited) are ended; `swept` lists every pid
-    pmtool had to signal (on a time limit, a stop, or for such leftovers).
-
-    Answers `{"ok", "exit_code", "timed_out", "timed_out_by", "stopped", "session_id",
-    "model", "model_used", "num_turns", "total_cost_usd", "duration_s", "outcome",
-    "summary", "verdict_source", "is_error", "api_error_status", "resumed", "log",
-    "stderr_log", "tool_calls", "swept"}` and, when not ok, `error`
-    (`{"type", "message"}`). Raises UsageError when the agent cannot be started at all.
+    `prompt` is sent on stdin; with `resume`, `session_id` continues with `resume_prompt`
+    (claude: --resume). `claude_bin` runs claude, `agent_cmd` (a command line) any agent
+    that follows the --agent-cmd contract instead. `timeout` / `idle_timeout` (seconds
+    without a line of output) end the whole process tree; `grace` is the SIGTERM-to-SIGKILL
+    wait. `env` replaces os.environ as the base environment; `secrets` are scrubbed from
+    the logs. Build one with `dataclasses.replace` to vary a field.
     """
-    session_id = session_id or str(uuid.uuid4())
-    if agent_cmd is not None:
+
+    prompt: str
+    cwd: str | Path
+    model: str
+    log_dir: str | Path
+    role: str | None = None
+    task_id: Any = None
+    session_id: str | None = None
+    resume: bool = False
+    resume_prompt: str | None = None
+    claude_bin: str | None = None
+    agent_cmd: str | None = None
+    permission_mode: str | None = "bypassPermissions"
+    allowed_tools: str | None = None
+    max_budget_usd: float | None = None
+    timeout: float | None = None
+    idle_timeout: float | None = None
+    branch: str | None = None
+    env: Mapping[str, str] | None = None
+    secrets: tuple[str | None, ...] = ()
+    grace: float = 3.0
+
+
+def run_agent(run: AgentRun, *, progress: Progress | None = None,
+              stop_event: threading.Event | None = None,
+              on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Do `run` once; answer what happened (never raises for the agent's sake).
+
+    If claude has no transcript of a resumed session (it died before writing one), the full
+    prompt starts it afresh under the same id. Setting `stop_event` ends the whole process
+    tree, as a time limit does. `on_start` is called with `{"pid", "mark", "session_id",
+    "log"}` once the child runs. Leftover processes of the agent (marked or adopted ones
+    still running after it exited) are ended; `swept` lists every pid pmtool had to signal
+    (on a time limit, a stop, or for such leftovers).
+
+    Answers `{"ok", "exit_code", "signal", "timed_out", "timed_out_by", "stopped",
+    "session_id", "model", "model_used", "num_turns", "total_cost_usd", "duration_s",
+    "outcome", "summary", "verdict_source", "is_error", "api_error_status", "resumed",
+    "log", "stderr_log", "tool_calls", "swept"}` and, when not ok, `error` (`{"type",
+    "message"}`). `exit_code` is 124 when a time limit ended the agent, 128+N when signal N
+    did (`signal` names it). Raises UsageError when the agent cannot be started at all.
+    """
+    if run.session_id is None:
+        run = replace(run, session_id=str(uuid.uuid4()))
+    session_id = run.session_id
+    assert session_id is not None
+    base_cmd: list[str] = []
+    if run.agent_cmd is not None:
         try:
-            base_cmd = shlex.split(agent_cmd)
+            base_cmd = shlex.split(run.agent_cmd)
         except ValueError as exc:
             raise UsageError(f"--agent-cmd cannot be split: {exc}") from None
         if not base_cmd:
             raise UsageError("--agent-cmd is empty")
-    elif not claude_bin:
+    elif not run.claude_bin:
         raise UsageError("no claude binary to run",
                          hint="install Claude Code or set PMTOOL_CLAUDE_BIN")
-    if not Path(cwd).is_dir():
-        raise UsageError(f"working directory {cwd} does not exist")
+    if not Path(run.cwd).is_dir():
+        raise UsageError(f"working directory {run.cwd} does not exist")
 
-    log_path, err_path = log_paths(log_dir, task_id if task_id is not None else "adhoc",
+    log_path, err_path = log_paths(run.log_dir,
+                                   run.task_id if run.task_id is not None else "adhoc",
                                    session_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    redact = _redactor([*secrets, *((env or os.environ).get(k) for k in SECRET_ENV)])
+    redact = _redactor([*run.secrets,
+                        *((run.env or os.environ).get(k) for k in SECRET_ENV)])
     started = time.monotonic()
-    deadline = started + timeout if timeout and timeout > 0 else None
+    deadline = started + run.timeout if run.timeout and run.timeout > 0 else None
     answer: dict[str, Any] = {}
-    attempts = [resume, False] if resume and agent_cmd is None else [resume]
+    attempts = [run.resume, False] if run.resume and run.agent_cmd is None else [run.resume]
     restarted = False
     for resuming in attempts:
-        if agent_cmd is not None:
-            cmd, stdin_text = base_cmd, prompt
+        if run.agent_cmd is not None:
+            cmd, stdin_text = base_cmd, run.prompt
         else:
-            assert claude_bin is not None
-            cmd = claude_command(claude_bin, model, session_id, resume=resuming, role=role,
-                                 permission_mode=permission_mode, allowed_tools=allowed_tools,
-                                 max_budget_usd=max_budget_usd)
-            stdin_text = (resume_prompt or prompt) if resuming else prompt
+            assert run.claude_bin is not None
+            cmd = claude_command(run.claude_bin, run.model, session_id, resume=resuming,
+                                 role=run.role, permission_mode=run.permission_mode,
+                                 allowed_tools=run.allowed_tools,
+                                 max_budget_usd=run.max_budget_usd)
+            stdin_text = (run.resume_prompt or run.prompt) if resuming else run.prompt
         answer, parser = _run_once(
-            cmd, stdin_text, cwd=cwd, model=model, role=role, task_id=task_id,
-            session_id=session_id, resume=resuming, max_budget_usd=max_budget_usd,
-            deadline=deadline, idle_timeout=idle_timeout, log_path=log_path,
-            err_path=err_path, branch=branch, env=env, progress=progress,
-            stop_event=stop_event, on_start=on_start, redact=redact, grace=grace)
-        if not (resuming and agent_cmd is None and _no_conversation(parser)):
+            run, cmd, stdin_text, resume=resuming, deadline=deadline, log_path=log_path,
+            err_path=err_path, progress=progress, stop_event=stop_event, on_start=on_start,
+            redact=redact)
+        if not (resuming and run.agent_cmd is None and _no_conversation(parser)):
             break
         restarted = True
         if progress:
@@ -688,103 +719,78 @@ def run_agent(prompt: str, *, cwd: str | Path, model: str, role: str | None = No
     return answer
 
 
-def _run_once(cmd: list[str], stdin_text: str, *, cwd: str | Path, model: str,
-              role: str | None, task_id: Any, session_id: str, resume: bool,
-              max_budget_usd: float | None, deadline: float | None,
-              idle_timeout: float | None, log_path: Path, err_path: Path,
-              branch: str | None, env: Mapping[str, str] | None, progress: Progress | None,
-              stop_event: threading.Event | None,
+def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
+              deadline: float | None, log_path: Path, err_path: Path,
+              progress: Progress | None, stop_event: threading.Event | None,
               on_start: Callable[[dict[str, Any]], None] | None,
-              redact: Callable[[str], str], grace: float) -> tuple[dict[str, Any], StreamParser]:
+              redact: Callable[[str], str]) -> tuple[dict[str, Any], StreamParser]:
     from pmtool import procs
     from pmtool.records import now_iso
 
-    mark = procs.new_mark(f"agent-{task_id}")
-    child_env = agent_env(env, mark=mark, task_id=task_id if task_id is not None else "",
-                          session_id=session_id, model=model, role=role, branch=branch,
-                          resume=resume, max_budget_usd=max_budget_usd)
-    parser = StreamParser(role)
-    stop_event = stop_event or threading.Event()
-    timed_out_by: str | None = None
-    stopped = False
-    swept: list[int] = []
+    session_id = str(run.session_id)
+    mark = procs.new_mark(f"agent-{run.task_id}")
+    child_env = agent_env(run.env, mark=mark,
+                          task_id=run.task_id if run.task_id is not None else "",
+                          session_id=session_id, model=run.model, role=run.role,
+                          branch=run.branch, resume=resume, max_budget_usd=run.max_budget_usd)
+    parser = StreamParser(run.role)
     with open(log_path, "a", encoding="utf-8") as log, \
-            open(err_path, "a", encoding="utf-8") as err_log, \
-            tempfile.TemporaryFile() as stdin:
-        # The prompt goes through a file: a pipe could fill up while the agent is not yet
-        # reading it, and a file needs no writer thread.
-        stdin.write(stdin_text.encode("utf-8"))
-        stdin.seek(0)
+            open(err_path, "a", encoding="utf-8") as err_log:
         log.write(json.dumps({"type": "pmtool", "event": "start", "at": now_iso(),
-                              "session_id": session_id, "resume": resume, "model": model,
-                              "cwd": str(cwd), "argv0": cmd[0]}) + "\n")
+                              "session_id": session_id, "resume": resume, "model": run.model,
+                              "cwd": str(run.cwd), "argv0": cmd[0]}) + "\n")
         log.flush()
-        run = _Run(parser, log, err_log, redact, progress)
+        pump = _Run(parser, log, err_log, redact, progress)
         try:
-            proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, cwd=str(cwd), env=child_env,
-                                    start_new_session=True)
+            # The prompt goes through a file (procs.start): a pipe could fill up while the
+            # agent is not yet reading it, and a file needs no writer thread. SIGTERM, not
+            # SIGKILL, when pmtool dies: claude writes the last of its session transcript on
+            # the way out (measured: after a SIGKILL the resume found no conversation).
+            child = procs.start(cmd, stdin=stdin_text, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=run.cwd, env=child_env, mark=mark,
+                                parent_death=signal.SIGTERM)
         except OSError as exc:
             raise UsageError(f"cannot start the agent {cmd[0]}: {exc.strerror or exc}",
                              hint="check PMTOOL_CLAUDE_BIN or --agent-cmd") from None
-        readers = [threading.Thread(target=run.pump_stdout, args=(proc.stdout,), daemon=True),
-                   threading.Thread(target=run.pump_stderr, args=(proc.stderr,), daemon=True)]
-        for reader in readers:
-            reader.start()
-        try:
-            if on_start:
-                on_start({"pid": proc.pid, "mark": mark, "session_id": session_id,
-                          "log": str(log_path)})
-            while True:
-                try:
-                    proc.wait(timeout=0.1)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                now = time.monotonic()
-                if stop_event.is_set():
-                    stopped = True
-                elif deadline is not None and now >= deadline:
-                    timed_out_by = "timeout"
-                elif idle_timeout and idle_timeout > 0 and now - run.last_output >= idle_timeout:
-                    timed_out_by = "idle_timeout"
-                else:
-                    continue
-                swept = procs.terminate_tree(proc.pid, mark, grace=grace)
-                proc.wait()
-                break
-        except BaseException:
-            # Ctrl-C or a signal turned into an exception: the agent runs in its own
-            # session, so nothing else would end it.
-            procs.terminate_tree(proc.pid, mark, grace=grace)
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=5)
-            raise
-        for reader in readers:
-            reader.join(READER_GRACE)
-        # Whatever the agent left running (a dev server its Bash tool started, a detached
-        # watcher) belongs to a run that is over: end it, so tasks do not pile them up.
-        left = procs.marked(mark)
-        if left:
-            swept = sorted({*swept, *(p.pid for p in left),
-                            *procs.terminate_tree(proc.pid, mark, grace=grace)})
+        with child:
+            readers = [threading.Thread(target=pump.pump_stdout, args=(child.popen.stdout,),
+                                        daemon=True),
+                       threading.Thread(target=pump.pump_stderr, args=(child.popen.stderr,),
+                                        daemon=True)]
             for reader in readers:
-                reader.join(READER_GRACE)  # a leftover may have held our pipes open
+                reader.start()
+            if on_start:
+                on_start({"pid": child.pid, "mark": mark, "session_id": session_id,
+                          "log": str(log_path)})
+            ending = child.wait(deadline=deadline, idle_timeout=run.idle_timeout,
+                                last_activity=lambda: pump.last_output, stop=stop_event,
+                                grace=run.grace)
+            for reader in readers:
+                reader.join(READER_GRACE)
+            # Whatever the agent left running (a dev server its Bash tool started, a
+            # detached watcher) belongs to a run that is over: end it, so tasks do not pile
+            # them up.
+            if child.leftovers():
+                child.end(grace=run.grace)
+                for reader in readers:
+                    reader.join(READER_GRACE)  # a leftover may have held our pipes open
+        swept = sorted(child.swept)
         log.write(json.dumps({"type": "pmtool", "event": "end", "at": now_iso(),
-                              "exit_code": proc.returncode, "timed_out_by": timed_out_by,
-                              "stopped": stopped, "swept": swept}) + "\n")
+                              "exit_code": ending.exit_code, "signal": ending.signal,
+                              "timed_out_by": ending.timed_out_by,
+                              "stopped": ending.stopped, "swept": swept}) + "\n")
         log.flush()
 
     info = parser.summary()
-    timed_out = timed_out_by is not None
     answer: dict[str, Any] = {
         "ok": False,
-        "exit_code": proc.returncode,
-        "timed_out": timed_out,
-        "timed_out_by": timed_out_by,
-        "stopped": stopped,
+        "exit_code": ending.exit_code,
+        "signal": ending.signal,
+        "timed_out": ending.timed_out,
+        "timed_out_by": ending.timed_out_by,
+        "stopped": ending.stopped,
         "session_id": info["session_id"] or session_id,
-        "model": model,
+        "model": run.model,
         "model_used": info["model_used"],
         "num_turns": info["num_turns"],
         "total_cost_usd": info["total_cost_usd"],
@@ -800,10 +806,11 @@ def _run_once(cmd: list[str], stdin_text: str, *, cwd: str | Path, model: str,
         "tool_calls": info["tool_calls"],
         "swept": swept,
     }
-    answer["ok"] = (proc.returncode == 0 and not info["is_error"] and info["outcome"] is not None
-                    and not timed_out and not stopped)
+    answer["ok"] = (ending.exit_code == 0 and not info["is_error"]
+                    and info["outcome"] is not None and not ending.timed_out
+                    and not ending.stopped)
     if not answer["ok"]:
-        answer["error"] = _failure(answer, info, run.stderr_tail, idle_timeout)
+        answer["error"] = _failure(answer, info, pump.stderr_tail, run.idle_timeout)
     return answer, parser
 
 
@@ -1003,7 +1010,7 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
             mark=info["mark"], session_id=session, runner_pid=me,
             runner_started=process_started(me), log=info["log"]))
 
-    answer = run_agent(
+    run = AgentRun(
         full_prompt, cwd=run_cwd, model=plan["model"], role=role, task_id=record.task_id,
         session_id=session, resume=resume,
         resume_prompt=None if prompt else continuation_prompt(task, role, run_cwd, branch),
@@ -1011,8 +1018,8 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
         allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
         timeout=settings.claude_timeout if timeout is None else timeout,
         idle_timeout=idle_timeout, log_dir=store.state_dir / "logs", branch=branch, env=env,
-        progress=progress, stop_event=stop_event, on_start=started,
-        secrets=[settings.api_key])
+        secrets=(settings.api_key,))
+    answer = run_agent(run, progress=progress, stop_event=stop_event, on_start=started)
 
     cost = float(answer.get("total_cost_usd") or 0.0)
 
@@ -1036,6 +1043,82 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
         notes.append("the task record was closed while the agent ran; nothing was recorded")
     if answer.get("note"):
         notes.append(answer["note"])
+    if notes:
+        answer["note"] = "; ".join(notes)
+    return answer
+
+
+def task_role(task: Mapping[str, Any], role: str | None = None) -> str:
+    """The role a task runs as: `role`, else the task's target_role; UsageError if neither
+    is a known role."""
+    chosen = role or task.get("target_role")
+    if chosen not in ROLES:
+        raise UsageError(f"unknown role {chosen!r}" if chosen else "give --role",
+                         hint="valid roles: " + ", ".join(ROLES), valid=list(ROLES))
+    return str(chosen)
+
+
+def plan_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | None = None,
+                  cwd: str | Path | None = None, model: str | None = None,
+                  prompt: str | None = None, template: str | None = None,
+                  instructions_dir: str | Path | None = None) -> dict[str, Any]:
+    """Where, how and with which prompt a bare task object (no record) would run.
+
+    `{"prompt", "role", "cwd", "branch", "model", "notes", "instructions_dir",
+    "context_instructions_path"}`; no side effects beyond asking the server where its
+    instruction files are, and only when the answer could matter.
+    """
+    run_role = task_role(task, role)
+    run_cwd = Path(cwd).expanduser() if cwd else repo_or_cwd()
+    if not run_cwd.is_dir():
+        raise UsageError(f"working directory {run_cwd} does not exist")
+    branch, note = branch_for(run_cwd, task.get("branch"), task.get("complexity"))
+    instructions_dir = instructions_dir or settings.instructions_dir
+    ctx_path = None
+    if prompt is None and not role_file(run_role, instructions_dir):
+        ctx_path = fetch_instructions_path(settings)
+    text = prompt or build_prompt(task, run_role, run_cwd, branch, instructions_dir, ctx_path,
+                                  template)
+    return {"prompt": text, "role": run_role, "cwd": run_cwd, "branch": branch,
+            "model": model or settings.model_for(task_level(task)),
+            "notes": [note] if note else [], "instructions_dir": instructions_dir,
+            "context_instructions_path": ctx_path}
+
+
+def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | None = None,
+                 cwd: str | Path | None = None, model: str | None = None,
+                 prompt: str | None = None, template: str | None = None,
+                 instructions_dir: str | Path | None = None, timeout: float | None = None,
+                 idle_timeout: float | None = None, max_budget_usd: float | None = None,
+                 agent_cmd: str | None = None, progress: Progress | None = None,
+                 stop_event: threading.Event | None = None,
+                 env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run the agent on a bare task object (`exec-claude --task-json`): no record, no
+    resume. Answers `run_agent`'s dict plus `task_id`, `role`, `cwd`, `branch` and `note`.
+    Raises UsageError for a bad role, a missing working directory or no claude."""
+    from pmtool.claude import find_claude
+
+    plan = plan_for_task(task, settings, role=role, cwd=cwd, model=model, prompt=prompt,
+                         template=template, instructions_dir=instructions_dir)
+    claude = None
+    if agent_cmd is None:
+        claude = find_claude(settings.claude_bin)
+        if not claude:
+            raise UsageError("claude CLI not found",
+                             hint="install it (npm install -g @anthropic-ai/claude-code) or "
+                                  "set PMTOOL_CLAUDE_BIN")
+    run = AgentRun(
+        plan["prompt"], cwd=plan["cwd"], model=plan["model"], role=plan["role"],
+        task_id=task.get("id"), claude_bin=claude, agent_cmd=agent_cmd,
+        permission_mode=settings.permission_mode, allowed_tools=settings.allowed_tools,
+        max_budget_usd=max_budget_usd,
+        timeout=settings.claude_timeout if timeout is None else timeout,
+        idle_timeout=idle_timeout, log_dir=settings.state_path / "logs",
+        branch=plan["branch"], env=env, secrets=(settings.api_key,))
+    answer = run_agent(run, progress=progress, stop_event=stop_event)
+    answer.update(task_id=task.get("id"), role=plan["role"], cwd=str(plan["cwd"]),
+                  branch=plan["branch"])
+    notes = [*plan["notes"], *([answer["note"]] if answer.get("note") else [])]
     if notes:
         answer["note"] = "; ".join(notes)
     return answer
@@ -1083,6 +1166,7 @@ def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | No
 __all__ = [
     "CONTINUATION_TEMPLATE",
     "DEFAULT_TEMPLATE",
+    "AgentRun",
     "StreamParser",
     "agent_env",
     "branch_for",
@@ -1098,12 +1182,15 @@ __all__ = [
     "outcomes_for",
     "parse_stream",
     "plan_for_record",
+    "plan_for_task",
     "prompt_fields",
     "repo_or_cwd",
     "role_file",
     "role_instructions",
     "run_agent",
     "run_for_record",
+    "run_for_task",
+    "task_role",
     "verdict_line",
     "verdict_schema",
 ]

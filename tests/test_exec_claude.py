@@ -309,6 +309,13 @@ def test_idle_timeout_ends_a_silent_run(scene: Scene, server: ScriptedModelServe
     assert processes_of_task(scene.task["id"]) == []
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 @e2e
 def test_resume_after_pmtool_was_killed(scene: Scene, server: ScriptedModelServer) -> None:
     # Each session walks its own copy of this script: the first run hangs on its second
@@ -327,7 +334,7 @@ def test_resume_after_pmtool_was_killed(scene: Scene, server: ScriptedModelServe
         while len(server.main_requests()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(server.main_requests()) == 2, "the first run never reached the hang"
-        proc.kill()  # SIGKILL: no cleanup; the agent (own session) is orphaned
+        proc.kill()  # SIGKILL: no cleanup; the parent-death signal ends the agent
         proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
@@ -335,14 +342,18 @@ def test_resume_after_pmtool_was_killed(scene: Scene, server: ScriptedModelServe
     record = scene.store.load("dev_001")
     assert record is not None and record.session_id
     session = record.session_id
-    orphan = next(s for s in reversed(record.steps) if s["step"] == "agent_running")["pid"]
-    assert psutil.pid_exists(orphan)
+    agent_pid = next(s for s in reversed(record.steps) if s["step"] == "agent_running")["pid"]
+    # The agent died with its pmtool (PR_SET_PDEATHSIG); claude's session stayed on disk.
+    deadline = time.monotonic() + 5
+    while not _gone(agent_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(agent_pid), "the agent outlived its killed pmtool"
 
     run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--resume")
     assert run.code == 0, run.stderr
     out = run.out
     assert out["session_id"] == session and out["resumed"] is True
-    assert out["outcome"] == "done" and out["ended_orphan"] == orphan
+    assert out["outcome"] == "done" and "ended_orphan" not in out
     assert server.sessions() == [session]
     # The resumed run sent the earlier conversation: the Write call and its result.
     opening = json.dumps(server.main_requests(session)[2]["messages"])
@@ -662,18 +673,18 @@ def test_role_instructions_are_found_in_order(tmp_path: Path) -> None:
 def test_stop_event_ends_the_run(tmp_path: Path) -> None:
     import threading
 
-    from pmtool.agent import run_agent
+    from pmtool.agent import AgentRun, run_agent
 
     stop = threading.Event()
     started: list[dict[str, Any]] = []
     timer = threading.Timer(0.8, stop.set)
     timer.start()
     try:
-        answer = run_agent("Task 5: nothing\nRole: backend_dev\n", cwd=tmp_path, model="m",
-                           task_id=5, agent_cmd=fake_agent.command(), log_dir=tmp_path / "logs",
-                           env={**os.environ, "PMTOOL_FAKE_AGENT_SLEEP": "30",
-                                "PMTOOL_FAKE_AGENT_NO_COMMIT": "1"},
-                           stop_event=stop, on_start=started.append, grace=1)
+        run = AgentRun("Task 5: nothing\nRole: backend_dev\n", cwd=tmp_path, model="m",
+                       task_id=5, agent_cmd=fake_agent.command(), log_dir=tmp_path / "logs",
+                       env={**os.environ, "PMTOOL_FAKE_AGENT_SLEEP": "30",
+                            "PMTOOL_FAKE_AGENT_NO_COMMIT": "1"}, grace=1)
+        answer = run_agent(run, stop_event=stop, on_start=started.append)
     finally:
         timer.cancel()
     assert answer["stopped"] is True and answer["ok"] is False and answer["timed_out"] is False

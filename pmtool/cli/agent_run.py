@@ -1,7 +1,7 @@
 """Running the agent: `exec-claude`.
 
 The command resolves the task (an agent's record, or a task object), settings and the
-prompt, calls `pmtool.agent.run_for_record` or `run_agent`, shows progress on stderr and
+prompt, calls `pmtool.agent.run_for_record` or `run_for_task`, shows progress on stderr and
 emits the answer. `pmtool.agent` is imported inside the command so that other commands do
 not pay for it.
 """
@@ -75,16 +75,6 @@ def _task_from_json(task_json: str) -> dict[str, Any]:
         raise UsageError("--task-json must be a Headless PM task object (with a title)",
                          hint="e.g. the `task` of `pmtool claim`'s answer")
     return task
-
-
-def _role_for(role: str | None, task: dict[str, Any]) -> str:
-    from pmtool.config import ROLES
-
-    chosen = role or task.get("target_role")
-    if chosen not in ROLES:
-        raise UsageError(f"unknown role {chosen!r}" if chosen else "give --role",
-                         hint="valid roles: " + ", ".join(ROLES), valid=list(ROLES))
-    return chosen
 
 
 def _instructions_path(settings: Settings, role: str, instructions_dir: str | None,
@@ -203,41 +193,19 @@ def exec_claude_cmd(
 
     assert task_json is not None
     task = _task_from_json(task_json)
-    run_role = _role_for(role, task)
-    run_cwd = Path(cwd).expanduser() if cwd else agent.repo_or_cwd()
-    if not run_cwd.is_dir():
-        raise UsageError(f"working directory {run_cwd} does not exist")
-    branch, note = agent.branch_for(run_cwd, task.get("branch"), task.get("complexity"))
-    from pmtool.models import task_level
-
-    run_model = model or settings.model_for(task_level(task))
-    ctx_path = _instructions_path(settings, run_role, instructions_dir, bool(prompt))
-    text = prompt or agent.build_prompt(task, run_role, run_cwd, branch, instructions_dir,
-                                        ctx_path, template)
-    plan = {"cwd": run_cwd, "branch": branch, "model": run_model, "notes": [note] if note else []}
     if print_prompt:
-        emit(_preview(text, task, run_role, plan, instructions_dir, ctx_path, bool(prompt)))
+        plan = agent.plan_for_task(task, settings, role=role, cwd=cwd, model=model,
+                                   prompt=prompt, template=template,
+                                   instructions_dir=instructions_dir)
+        emit(_preview(plan["prompt"], task, plan["role"], plan, instructions_dir,
+                      plan["context_instructions_path"], bool(prompt)))
         return EXIT_OK
-    claude = None
-    if agent_cmd is None:
-        from pmtool.claude import find_claude
-
-        claude = find_claude(settings.claude_bin)
-        if not claude:
-            raise UsageError("claude CLI not found",
-                             hint="install it (npm install -g @anthropic-ai/claude-code) or "
-                                  "set PMTOOL_CLAUDE_BIN")
     with _stop_on_signals() as (stop, seen):
-        answer = agent.run_agent(
-            text, cwd=run_cwd, model=run_model, role=run_role, task_id=task.get("id"),
-            claude_bin=claude, agent_cmd=agent_cmd, permission_mode=settings.permission_mode,
-            allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
-            timeout=settings.claude_timeout if timeout is None else timeout,
-            idle_timeout=idle_timeout, log_dir=settings.state_path / "logs", branch=branch,
-            progress=_progress, stop_event=stop, secrets=[settings.api_key])
-    answer.update(task_id=task.get("id"), role=run_role, cwd=str(run_cwd), branch=branch)
-    if note:
-        answer["note"] = note
+        answer = agent.run_for_task(
+            task, settings, role=role, cwd=cwd, model=model, prompt=prompt, template=template,
+            instructions_dir=instructions_dir, timeout=timeout, idle_timeout=idle_timeout,
+            max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
+            stop_event=stop)
     return _finish(answer, seen)
 
 
