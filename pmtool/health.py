@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,18 +82,33 @@ def check_memory(settings: Settings) -> Check:
             "available_mb": avail}
 
 
+CLAUDE_VERSION_TIMEOUT = 20.0  # seconds; a first start of claude may update itself
+
+
 def check_claude(settings: Settings) -> Check:
-    from pmtool.claude import claude_version, find_claude
+    from pmtool import procs
+    from pmtool.claude import find_claude
 
     binary = find_claude(settings.claude_bin)
     if not binary:
         where = settings.claude_bin or "claude on PATH"
         return {"ok": False, "detail": f"claude CLI not found ({where})",
                 "hint": "npm install -g @anthropic-ai/claude-code, or set PMTOOL_CLAUDE_BIN"}
+    # Through procs, not subprocess.run: a hung `claude --version` whose helper holds its
+    # output open would keep run() waiting after the timeout; procs ends the whole tree.
     try:
-        version = claude_version(binary)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        ending, out, err = procs.run([binary, "--version"], timeout=CLAUDE_VERSION_TIMEOUT,
+                                     env={**os.environ, "DISABLE_AUTOUPDATER": "1"},
+                                     label="claude-version")
+    except OSError as exc:
         return {"ok": False, "detail": f"{binary} does not run: {exc}", "path": binary}
+    if ending.timed_out:
+        return {"ok": False, "path": binary, "timed_out": True,
+                "detail": f"{binary} --version did not answer in {CLAUDE_VERSION_TIMEOUT:g}s"}
+    if ending.exit_code != 0:
+        return {"ok": False, "path": binary, "detail": f"{binary} --version exited "
+                                                       f"{ending.exit_code}: {err.strip()[:200]}"}
+    version = out.strip()
     return {"ok": True, "detail": version, "path": binary, "version": version}
 
 

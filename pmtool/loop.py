@@ -224,8 +224,13 @@ class Runner:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
+        from pmtool import procs
+
         # pm-runner.sh: none (no runner lock; PMTOOL_RUNNER_PID marks the record).
         self.state.ensure()  # private folders before any transcript or record is written
+        # Descendants that double-fork or setsid are re-parented to us, found by tree and
+        # ended with their run, whatever their environment (Linux; elsewhere the mark).
+        procs.become_subreaper()
         try:
             lock = self.store.runner_lock(self.opts.agent_id).acquire()
         except Conflict as exc:

@@ -1,0 +1,227 @@
+"""pmtool.procs, the one door to child processes, with real processes.
+
+The subreaper and parent-death tests run their "runner" in a separate Python process: a
+subreaper adopts every orphan below it, which must not change the pytest process itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pmtool import procs
+
+linux = pytest.mark.skipif(not procs.has_parent_death_signal(),
+                           reason="parent-death signal and subreaper are Linux only")
+
+
+def _token() -> str:
+    """A sleep length no other process uses, so the test can find its sleeper by argv."""
+    return f"1000.{uuid.uuid4().int % 10**9:09d}"
+
+
+def _sleepers(token: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and token in (proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def _wait_gone(token: str, within: float = 5.0) -> list[psutil.Process]:
+    """Poll (a bounded wait, not a speed check) until no sleeper with `token` is left."""
+    deadline = time.monotonic() + within
+    while _sleepers(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _sleepers(token)
+
+
+def _kill(procs_: list[psutil.Process]) -> None:
+    for proc in procs_:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_exit_status_of_a_signalled_child() -> None:
+    with procs.start(["sh", "-c", "kill -KILL $$"]) as child:
+        ending = child.wait(10)
+    assert (ending.exit_code, ending.signal, ending.timed_out) == (137, "SIGKILL", False)
+    with procs.start(["sh", "-c", "exit 3"]) as child:
+        assert child.wait(10).exit_code == 3
+
+
+def test_a_time_limit_ends_the_tree_and_reports_124() -> None:
+    token = _token()
+    with procs.start(["sh", "-c", f"sleep {token} & wait"]) as child:
+        ending = child.wait(0.5, grace=1)
+    assert ending.timed_out and ending.timed_out_by == "timeout" and ending.exit_code == 124
+    assert child.pid in ending.swept
+    assert _wait_gone(token) == []
+
+
+def test_an_exception_while_waiting_ends_the_tree() -> None:
+    token = _token()
+    with pytest.raises(KeyboardInterrupt), procs.start(["sleep", token]):
+        raise KeyboardInterrupt
+    assert _wait_gone(token) == []
+
+
+def test_stdin_is_fed_from_a_file(tmp_path: Path) -> None:
+    ending, out, _err = procs.run(["cat"], timeout=10, stdin="hello\n")
+    assert ending.exit_code == 0 and out == "hello\n"
+
+
+# -- escaped children: the subreaper finds them whatever their environment ------------------
+
+ESCAPE = "(env -i setsid sleep {token} &)"  # double fork + new session + no mark
+
+HOOK_RUNNER = """
+import json, sys
+from pathlib import Path
+from pmtool import procs
+from pmtool.hooks import run_hook
+if sys.argv[1] == "subreaper":
+    assert procs.become_subreaper()
+result = run_hook("escape", sys.argv[2], {}, timeout=float(sys.argv[3]))
+print(json.dumps(result))
+"""
+
+
+def _escaping_hook(tmp_path: Path, token: str, then: str) -> Path:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    hook = hooks / "escape"
+    hook.write_text(f"#!/bin/sh\n{ESCAPE.format(token=token)}\n{then}\n")
+    hook.chmod(0o755)
+    return hooks
+
+
+@linux
+def test_a_hook_child_that_hides_ends_with_the_timed_out_hook(tmp_path: Path) -> None:
+    token = _token()
+    hooks = _escaping_hook(tmp_path, token, "sleep 60")
+    try:
+        run = _python(HOOK_RUNNER, "subreaper", str(hooks), "1")
+        assert run.returncode == 0, run.stderr
+        assert '"timed_out": true' in run.stdout and '"exit_code": 124' in run.stdout
+        assert _wait_gone(token) == []
+    finally:
+        _kill(_sleepers(token))
+
+
+@linux
+def test_without_the_subreaper_the_same_child_escapes(tmp_path: Path) -> None:
+    # The control for the test above: the mark alone cannot find `env -i setsid`.
+    token = _token()
+    hooks = _escaping_hook(tmp_path, token, "sleep 60")
+    try:
+        run = _python(HOOK_RUNNER, "plain", str(hooks), "1")
+        assert run.returncode == 0, run.stderr
+        assert _sleepers(token), "expected the hidden child to escape without a subreaper"
+    finally:
+        _kill(_sleepers(token))
+
+
+AGENT_RUNNER = """
+import json, sys
+from pmtool import procs
+from pmtool.agent import AgentRun, run_agent
+assert procs.become_subreaper()
+run = AgentRun("the prompt", cwd=sys.argv[1], model="m", task_id=7, log_dir=sys.argv[2],
+               agent_cmd=sys.argv[3], grace=1)
+print(json.dumps(run_agent(run)))
+"""
+
+
+@linux
+def test_an_agent_child_that_hides_ends_with_the_run(tmp_path: Path) -> None:
+    token = _token()
+    agent = tmp_path / "agent.sh"
+    result = ('{"type": "result", "is_error": false, "num_turns": 1, "result": '
+              '"PMTOOL_VERDICT: done ok"}')
+    agent.write_text(f"#!/bin/sh\ncat >/dev/null\n{ESCAPE.format(token=token)}\n"
+                     f"echo '{result}'\n")
+    agent.chmod(0o755)
+    try:
+        run = _python(AGENT_RUNNER, str(tmp_path), str(tmp_path / "logs"), str(agent))
+        assert run.returncode == 0, run.stderr
+        assert '"outcome": "done"' in run.stdout
+        assert _wait_gone(token) == []
+    finally:
+        _kill(_sleepers(token))
+
+
+# -- kill -9 of the parent -------------------------------------------------------------------
+
+PARENT = """
+import sys, time
+from pmtool import procs
+with procs.start(["sleep", sys.argv[1]], parent_death=int(sys.argv[2])) as child:
+    print(child.pid, flush=True)
+    child.wait()
+"""
+
+
+@linux
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_child_dies_with_its_killed_parent(sig: int) -> None:
+    token = _token()
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PARENT), token, str(sig)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        assert _sleepers(token)
+        parent.kill()  # SIGKILL: the parent runs no cleanup at all
+        parent.wait(10)
+        assert _wait_gone(token) == [], f"child {child_pid} outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        _kill(_sleepers(token))
+
+
+def test_adopted_ignores_our_own_session_children() -> None:
+    # A plain subprocess of ours (git, say) is never taken for an escaped orphan.
+    with subprocess.Popen(["sleep", "5"]) as plain:
+        try:
+            assert plain.pid not in [p.pid for p in procs.adopted(0.0)]
+        finally:
+            plain.kill()
+
+
+def test_only_procs_and_git_start_processes() -> None:
+    """Children are started through procs, and git through pmtool.git: nowhere else.
+
+    pmtool.testing is left out: its stand-in agent *is* a child, and does what agents do.
+    """
+    package = Path(procs.__file__).parent
+    doors = {package / "procs.py", package / "git.py"}
+    allowed_subprocess = {package / "claude.py"}  # finding claude, not owning a run
+    offenders = []
+    for path in package.rglob("*.py"):
+        if "testing" in path.relative_to(package).parts or path in doors:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if '["git"' in text or "['git'" in text or 'which("git")' in text:
+            offenders.append(f"{path.name}: runs git itself")
+        if path not in allowed_subprocess and ("subprocess.Popen(" in text
+                                               or "subprocess.run(" in text):
+            offenders.append(f"{path.name}: starts a process itself")
+    assert offenders == []
+    assert os.path.exists(package / "git.py")
