@@ -105,6 +105,8 @@ def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0,
     import psutil
 
     signalled: set[int] = set()
+    if pid <= 1:  # killpg(0) would be our own group; a fake Popen (tests) has pid 0
+        raise ValueError(f"refusing to end the tree of pid {pid}")
     procs = tree(pid, mark, since)
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGTERM)  # the group we created with start_new_session

@@ -96,6 +96,10 @@ def git_worktrees(repo: str | Path) -> list[GitWorktree]:
     if proc.returncode != 0 and "not a git repository" not in proc.stderr:
         # -z arrived in git 2.36; older git (Ubuntu 22.04 has 2.34) prints one per line.
         proc, sep = _git(repo, "worktree", "list", "--porcelain", check=False), "\n"
+    if proc.returncode != 0 and "is not a git command" in proc.stderr:
+        # git before 2.5 has no worktrees at all: a fault of the machine, not of the repo.
+        raise OperationFailed(f"this git has no `git worktree`: {proc.stderr.strip()}",
+                              hint="install git 2.20 or newer")
     if proc.returncode != 0:
         raise UsageError(f"{repo} is not in a git repository",
                          hint="pass --repo PATH, or run from inside the repository",

@@ -161,6 +161,7 @@ wait
                  env={"HEADLESS_PM_HOOK_TIMEOUT": "1", "HOOK_TEST_TOKEN": token})
     assert res.code == 124
     assert res.out["timed_out"] is True and res.out["ok"] is False
+    assert res.out["exit_code"] == 124  # as timeout(1) says, never the 0 of a killed shell
     assert res.out["stdout"] == "started\n"
     assert time.monotonic() - start < 15
     deadline = time.monotonic() + 5
@@ -233,6 +234,14 @@ def test_hook_without_shebang_says_why(tmp_path: Path) -> None:
     hook(tmp_path, "bare", "echo no shebang\n")
     result = run_hook("bare", tmp_path, {}, timeout=5)
     assert result["ok"] is False and "#!" in result["error"]
+
+
+def test_a_hook_killed_by_a_signal_reports_128_plus_n(tmp_path: Path) -> None:
+    hook(tmp_path, "oom", "#!/bin/sh\necho before\nkill -KILL $$\n")
+    result = run_hook("oom", tmp_path, {}, timeout=10)
+    assert result["ok"] is False and result["timed_out"] is False
+    assert result["exit_code"] == 137 and result["signal"] == "SIGKILL"
+    assert result["stdout"] == "before\n"
 
 
 def test_task_context_never_carries_the_key(tmp_path: Path) -> None:

@@ -225,3 +225,25 @@ def test_only_procs_and_git_start_processes() -> None:
             offenders.append(f"{path.name}: starts a process itself")
     assert offenders == []
     assert os.path.exists(package / "git.py")
+
+
+@pytest.mark.timeout(120)  # a hang here is the bug: fail, do not wait forever
+def test_a_hung_claude_version_fails_the_health_check(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from pmtool import health
+    from pmtool.config import load_settings
+
+    token = _token()
+    fake = tmp_path / "claude"
+    # The helper it starts holds the output open: subprocess.run would wait for it.
+    fake.write_text(f"#!/bin/sh\nsleep {token} &\nsleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(health, "CLAUDE_VERSION_TIMEOUT", 1.0)
+    settings = load_settings({"claude_bin": str(fake)}, config_path=tmp_path / "none.toml")
+    try:
+        check = health.check_claude(settings)
+        assert check["ok"] is False and check["timed_out"] is True
+        assert "did not answer" in check["detail"]
+        assert _wait_gone(token) == []
+    finally:
+        _kill(_sleepers(token))
