@@ -95,6 +95,34 @@ def tree(pid: int, mark: str | None = None, since: float | None = None) -> list[
     return list(procs.values())
 
 
+def _wait_ended(procs: list[Any], timeout: float) -> list[Any]:
+    """psutil.wait_procs, except that a child started by `start` is never reaped here: a
+    waitpid of ours would take its exit status from Popen, which then reports exit 0
+    (ECHILD) for a child that was killed. Answers the processes still running."""
+    import psutil
+
+    started = time.monotonic()
+    with _owned_lock:
+        owned = set(_owned)
+    mine = [p for p in procs if p.pid in owned]
+    _gone, alive = psutil.wait_procs([p for p in procs if p.pid not in owned],
+                                     timeout=timeout)
+    while mine and time.monotonic() < started + timeout:
+        mine = [p for p in mine if _alive(p)]
+        if mine:
+            time.sleep(0.05)
+    return alive + [p for p in mine if _alive(p)]
+
+
+def _alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0,
                    since: float | None = None) -> list[int]:
     """End a process tree: SIGTERM, wait up to `grace` seconds, then SIGKILL the rest.
@@ -114,7 +142,7 @@ def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0,
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
             signalled.add(proc.pid)
-    _gone, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = _wait_ended(procs, grace)
     # A second sweep catches processes forked while we were ending the first ones.
     for proc in alive + tree(pid, mark, since):
         with contextlib.suppress(psutil.Error):

@@ -247,3 +247,16 @@ def test_a_hung_claude_version_fails_the_health_check(tmp_path: Path,
         assert _wait_gone(token) == []
     finally:
         _kill(_sleepers(token))
+
+
+def test_a_stopped_child_reports_the_signal_not_0() -> None:
+    # Ending the tree must leave the child's exit status to its owner: a reaped-elsewhere
+    # child makes Popen say 0, which is how a killed hook once read "failed: exit 0".
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    with procs.start(["sleep", _token()]) as child:
+        ending = child.wait(stop=stop, grace=2)
+    assert ending.stopped and not ending.timed_out
+    assert (ending.exit_code, ending.signal) == (143, "SIGTERM")
