@@ -71,8 +71,8 @@ def marked(mark: str) -> list[Any]:
 
 
 def tree(pid: int, mark: str | None = None, since: float | None = None) -> list[Any]:
-    """The process, its descendants, the marked processes, and (with `since`, a
-    time.time()) the orphans we adopted as a subreaper that were born since then."""
+    """The process, its descendants, the marked processes, and (with `since`, a psutil
+    create_time) the orphans we adopted as a subreaper that were born since then."""
     import psutil
 
     procs: dict[int, Any] = {}
@@ -210,7 +210,7 @@ def is_subreaper() -> bool:
 
 
 def adopted(since: float) -> list[Any]:
-    """Orphans we adopted as a subreaper, born at or after `since` (a time.time()).
+    """Orphans we adopted as a subreaper, born at or after `since` (a psutil create_time).
 
     Ours to end: a direct child we did not start through `start`, in another session than
     ours (a plain `subprocess.run` elsewhere in this process shares our session, so it is
@@ -226,7 +226,7 @@ def adopted(since: float) -> list[Any]:
         for proc in psutil.Process().children():
             with contextlib.suppress(psutil.Error, OSError):
                 if (proc.pid not in _owned and os.getsid(proc.pid) != mysid
-                        and proc.create_time() >= since - 1.0
+                        and proc.create_time() >= since
                         and proc.status() != psutil.STATUS_ZOMBIE):
                     found.append(proc)
     return found
@@ -391,10 +391,11 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
     Raises OSError when it cannot be started (ENOENT, EACCES, ENOEXEC...). Use it as a
     context manager around `wait`, so any exception ends the tree.
     """
+    import psutil
+
     mark = mark or new_mark(label)
     child_env = dict(os.environ if env is None else env)
     child_env[MARK_ENV] = mark
-    since = time.time()
     with tempfile.TemporaryFile() as feed:
         if stdin is not None:
             feed.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
@@ -405,6 +406,12 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
                                      start_new_session=True,
                                      preexec_fn=_parent_death(parent_death))
             _owned.add(popen.pid)
+    # Orphans adopted later count as this child's when born after it. psutil's clock, not
+    # time.time(): its create times rest on a boot time rounded to the second.
+    try:
+        since = psutil.Process(popen.pid).create_time()
+    except psutil.Error:
+        since = time.time() - 1.0
     return Child(popen, mark, since)
 
 

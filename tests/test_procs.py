@@ -260,3 +260,36 @@ def test_a_stopped_child_reports_the_signal_not_0() -> None:
         ending = child.wait(stop=stop, grace=2)
     assert ending.stopped and not ending.timed_out
     assert (ending.exit_code, ending.signal) == (143, "SIGTERM")
+
+
+WATCHER_RUNNER = """
+import json, sys
+from pmtool import procs
+from pmtool.hooks import run_hook
+assert procs.become_subreaper()
+first = run_hook("escape", sys.argv[1], {}, timeout=10)
+second = run_hook("quick", sys.argv[1], {}, timeout=10)
+print(json.dumps([first, second]))
+"""
+
+
+@linux
+def test_a_watcher_a_hook_leaves_is_reported_and_not_taken_for_the_next_childs(
+        tmp_path: Path) -> None:
+    # A worktree_setup may start a watcher on purpose: it is listed, and the next child
+    # (started after it) does not count it among its own leftovers.
+    import json
+
+    token = _token()
+    hooks = _escaping_hook(tmp_path, token, "exit 0")
+    (hooks / "quick").write_text("#!/bin/sh\nexit 0\n")
+    (hooks / "quick").chmod(0o755)
+    try:
+        run = _python(WATCHER_RUNNER, str(hooks))
+        assert run.returncode == 0, run.stderr
+        first, second = json.loads(run.stdout)
+        watcher = [p.pid for p in _sleepers(token)]
+        assert first["ok"] and watcher and first["left_running"] == watcher
+        assert second["ok"] and "left_running" not in second
+    finally:
+        _kill(_sleepers(token))
