@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import signal
 import subprocess
@@ -174,14 +173,24 @@ _owned: set[int] = set()  # pids of children started by `start` and not yet reap
 _owned_lock = threading.Lock()
 
 
+def _find_libc() -> str | None:
+    import ctypes.util
+
+    return ctypes.util.find_library("c")
+
+
 def _libc_prctl() -> Any:
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl
-    except (OSError, AttributeError):
-        return None
+    # libc.so.6 first: ctypes.util.find_library runs ldconfig or a compiler, which is slow.
+    for find in (lambda: "libc.so.6", _find_libc):
+        try:
+            name = find()
+            if name:
+                return ctypes.CDLL(name, use_errno=True).prctl
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 _prctl = _libc_prctl()
