@@ -5,14 +5,15 @@ The library never prints: progress goes to a callback, the outcome comes back as
 
 The run
 -------
-`run_agent` starts ``claude -p --model M --output-format stream-json --verbose
---session-id UUID <permission flags> --json-schema VERDICT [--max-budget-usd N]`` with the
-prompt on stdin, in its own session, with a mark in its environment (`pmtool.procs`), so a
-time limit ends the whole process tree, even what the agent's Bash tool started with
-``setsid``. Every stdout line goes to the transcript ``<state>/logs/task-<id>-<session>.jsonl``
-(the child's stderr to ``...stderr.log`` next to it); ``--resume`` runs append to the same
-files. The session id is chosen before the start, so a caller can record it first and a
-crash can be resumed (`run_for_record` does exactly that for an agent's task record).
+`run_agent` starts ``claude -p --model M --output-format stream-json --verbose --session-id
+UUID <permission flags> --json-schema VERDICT [--max-budget-usd N]`` with the prompt on
+stdin, started and owned by `pmtool.procs` (its own session, a mark in its environment,
+SIGTERM when pmtool dies), so a time limit ends the whole process tree, even what the
+agent's Bash tool started with ``setsid``. Every stdout line goes to the transcript
+``<state>/logs/task-<id>-<session>.jsonl`` (the child's stderr to ``...stderr.log`` next to
+it); ``--resume`` runs append to the same files. The session id is chosen before the start,
+so a caller can record it first and a crash can be resumed (`run_for_record` does exactly
+that for an agent's task record).
 
 The verdict
 -----------
