@@ -10,6 +10,7 @@ without it; the --agent-cmd cases use the built-in fake agent and always run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -692,3 +693,52 @@ def test_stop_event_ends_the_run(tmp_path: Path) -> None:
     assert answer["duration_s"] < 5 and started[0]["pid"] in answer["swept"]
     assert not psutil.pid_exists(started[0]["pid"]) or \
         psutil.Process(started[0]["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+@e2e
+def test_kill_9_during_a_slow_tool_step_then_resume_accounts_for_every_process(
+        scene: Scene, server: ScriptedModelServer) -> None:
+    # issue 13: claude dies with its runner (parent-death signal); the tool step it was
+    # waiting for is claude's child, out of reach of that signal, but it carries the mark:
+    # the resume ends it before the session continues, and then nothing of the run is left.
+    sleeper = f"sleep {2000 + scene.task['id'] % 97}.25"
+    server.set_script([Bash(sleeper), Structured({"outcome": "done", "summary": "x"})])
+    scene.record()
+    proc = subprocess.Popen([PMTOOL, "exec-claude", "--agent-id", "dev_001"], cwd=scene.repo,
+                            env=scene.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not _by_cmdline(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _by_cmdline(sleeper), "the tool step never started"
+        proc.kill()
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    record = scene.store.load("dev_001")
+    assert record is not None
+    agent_pid = next(s for s in reversed(record.steps) if s["step"] == "agent_running")["pid"]
+    deadline = time.monotonic() + 5
+    while not _gone(agent_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert _gone(agent_pid), "claude outlived its killed pmtool"
+        run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--resume")
+        assert run.code == 0, run.stderr
+        assert run.out["outcome"] == "done" and run.out["resumed"] is True
+        assert run.out["ended_orphan"] == agent_pid  # its leftover tool step, by the mark
+        assert processes_of_task(scene.task["id"]) == [] and _by_cmdline(sleeper) == []
+    finally:
+        for p in _by_cmdline(sleeper):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def _by_cmdline(cmdline: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if " ".join(p.info["cmdline"] or []) == cmdline and \
+                p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
