@@ -5,6 +5,7 @@ The library raises these; only the CLI edge turns them into JSON and an exit cod
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 # The table the README documents. Changing a number here changes the contract.
@@ -15,6 +16,12 @@ EXIT_NOTHING = 3
 EXIT_SERVER = 4
 EXIT_CONFLICT = 5
 EXIT_TIMEOUT = 124  # as timeout(1)
+# Stopped by a signal: 128 + the signal's number, as a shell reports a process it killed.
+EXIT_SIGHUP = 129
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+EXIT_SIGNALS = {1: EXIT_SIGHUP, 2: EXIT_SIGINT, 15: EXIT_SIGTERM}
+SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 15: "SIGTERM"}
 
 
 class PmtoolError(Exception):
@@ -78,6 +85,22 @@ class TimeLimit(PmtoolError):
     exit_code = EXIT_TIMEOUT
 
 
+class Stopped(PmtoolError):
+    """A signal (Ctrl-C, SIGTERM, SIGHUP) stopped the command; exit 128 + its number."""
+
+    kind = "stopped"
+
+    def __init__(self, signum: int, message: str | None = None, **details: Any) -> None:
+        name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+        super().__init__(message or f"stopped by {name}", signal=name, **details)
+        self.signum = signum
+        self.exit_code = exit_for_signal(signum)
+
+
+def exit_for_signal(signum: int) -> int:
+    return EXIT_SIGNALS.get(signum, 128 + signum)
+
+
 class ApiError(PmtoolError):
     """The server answered with an error status that is not about reachability.
 
@@ -111,3 +134,36 @@ def detail_text(detail: Any) -> str:
                 parts.append(str(item))
         return "; ".join(parts)
     return str(detail)
+
+
+# The exit code of each `error.type`, for answers that carry an error instead of raising it.
+KIND_EXIT = {cls.kind: cls.exit_code for cls in (
+    OperationFailed, RecordCorrupt, UsageError, NothingToDo, ServerError, AuthError, Conflict,
+    TimeLimit)}
+
+
+def exit_code(outcome: BaseException | Mapping[str, Any] | None = None) -> int:
+    """The one path from a command's result or error to its exit code.
+
+    An error gives its own code (a KeyboardInterrupt is a Ctrl-C: 130). An answer (a
+    dict) gives 0 when `ok` is not false; otherwise 128 + `signal` when a signal stopped
+    it, 124 when `timed_out`, the code of its `error.type`, else 1.
+    """
+    if outcome is None:
+        return EXIT_OK
+    if isinstance(outcome, PmtoolError):
+        return outcome.exit_code
+    if isinstance(outcome, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(outcome, BaseException):
+        return EXIT_FAILED
+    if outcome.get("ok", True):
+        return EXIT_OK
+    if isinstance(outcome.get("signal"), int):
+        return exit_for_signal(outcome["signal"])
+    if outcome.get("timed_out"):
+        return EXIT_TIMEOUT
+    error = outcome.get("error")
+    if isinstance(error, Mapping):
+        return KIND_EXIT.get(str(error.get("type")), EXIT_FAILED)
+    return EXIT_FAILED

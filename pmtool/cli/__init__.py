@@ -2,13 +2,17 @@
 
 Each command parses its arguments, calls one library function and hands the result to
 `emit`. Errors travel up as `PmtoolError` and are turned into the JSON error shape and the
-exit-code table in exactly one place: `main`.
+exit-code table in exactly one place: `main` (through `pmtool.errors.exit_code`, which a
+command that answers rather than raises uses for its own code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
-from pmtool.errors import PmtoolError, UsageError
+from pmtool import __version__
+from pmtool.errors import PmtoolError, Stopped, UsageError, exit_code
 
 app = typer.Typer(
     name="pmtool",
@@ -24,6 +29,8 @@ app = typer.Typer(
          "Every command prints one JSON object on stdout (`ok` true or false); progress "
          "and errors go to stderr.",
     no_args_is_help=True,
+    # Turned on in `main` only for root-level calls (`--install-completion`,
+    # `--show-completion`, help): building the options imports shellingham.
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -52,6 +59,12 @@ _secrets: set[str | None] = set()
 _state = Options()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"pmtool {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(
     pretty: Annotated[bool, typer.Option("--pretty", help="Indent the JSON output.")] = False,
@@ -61,6 +74,9 @@ def _global(
         "--state-dir", help="Task records and logs [env PMTOOL_STATE_DIR].")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="Config file (TOML) [env PMTOOL_CONFIG].")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="Print pmtool's version and exit.")] = False,
 ) -> None:
     _state.pretty = pretty or _state.pretty
     _state.overrides = {"api_url": api_url, "state_dir": state_dir}
@@ -92,8 +108,32 @@ def emit_line(event: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+_ANSI = re.compile(r"\033\[[0-9;]*m")
+
+
+def colour(stream: Any = None) -> bool:
+    """Whether to colour what goes to `stream` (default stderr).
+
+    NO_COLOR (any value) turns colour off, FORCE_COLOR (any value but 0) turns it on even
+    into a pipe; otherwise colour only on a terminal. NO_COLOR wins when both are set.
+    """
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR", "0") not in ("", "0"):
+        return True
+    stream = sys.stderr if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def paint(text: str, code: str, stream: Any = None) -> str:
+    """`text` in the ANSI colour `code` (e.g. "32"), when `colour(stream)`."""
+    return f"\033[{code}m{text}\033[0m" if colour(stream) else text
+
+
 def say(message: str) -> None:
-    """A human line on stderr."""
+    """A human line on stderr (colour removed when NO_COLOR asks for none)."""
+    if not colour():
+        message = _ANSI.sub("", message)
     sys.stderr.write(scrub(message) + "\n")
     sys.stderr.flush()
 
@@ -145,8 +185,35 @@ def command_name(args: list[str]) -> str | None:
 def _register_commands(args: list[str]) -> None:
     import importlib
 
-    module = COMMAND_MODULES.get(command_name(args) or "")
+    name = command_name(args)
+    module = COMMAND_MODULES.get(name or "")
     importlib.import_module(f"pmtool.cli.{module}" if module else "pmtool.cli.commands")
+    # Completion options only where they are offered: the root, bare or with its options.
+    app._add_completion = name is None
+
+
+class SignalStop(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C raises KeyboardInterrupt.
+
+    A KeyboardInterrupt, so it unwinds through the same paths as Ctrl-C: child process
+    trees are ended and `finally` blocks run, where the default action would kill pmtool
+    at once and leave its children behind. Commands that stop gracefully (`run`,
+    `exec-claude`) install their own handlers over these.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise SignalStop(signum)
+
+
+def _stop_on_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, _raise_stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,15 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     _register_commands(args)
     if os.environ.get("PMTOOL_PRETTY") == "1":
         _state.pretty = True
+    _stop_on_signals()
     try:
         rv = app(args=args, prog_name="pmtool", standalone_mode=False)
     except PmtoolError as exc:
         code = fail(exc)
-    except KeyboardInterrupt:
-        fail(PmtoolError("interrupted"))
-        code = 130
+    except KeyboardInterrupt as exc:
+        code = fail(Stopped(getattr(exc, "signum", signal.SIGINT)))
     except Exception as exc:  # typer/click usage errors carry exit_code and format_message
-        if hasattr(exc, "format_message") and getattr(exc, "exit_code", None) is not None:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            # A bare `pmtool` (or `pmtool worktree`): the help, once, on stdout; not an error.
+            sys.stdout.write(exc.format_message() + "\n")
+            code = 0
+        elif hasattr(exc, "format_message") and getattr(exc, "exit_code", None) is not None:
             if exc.exit_code == 0:
                 code = 0
             else:
@@ -176,5 +247,5 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise
     else:
-        code = rv if isinstance(rv, int) else 0
+        code = rv if isinstance(rv, int) else exit_code(None)
     return code

@@ -13,25 +13,21 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, options, read_json_arg, say
-from pmtool.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, NothingToDo, UsageError
+from pmtool.cli.options import (
+    AgentIdOrNone,
+    Base,
+    HooksDir,
+    Repo,
+    TaskArg,
+    TaskIdAlias,
+    WorktreeBase,
+    record_store,
+    resolve_task,
+)
+from pmtool.errors import NothingToDo, TimeLimit, UsageError, exit_code
 
 if TYPE_CHECKING:
-    from pmtool.config import Settings
-    from pmtool.records import RecordStore, TaskRecord
-
-# Options shared by the commands below, declared once.
-AgentId = Annotated[str | None, typer.Option(
-    "--agent-id", help="Take the task from this agent's task record.")]
-Repo = Annotated[str | None, typer.Option(
-    "--repo", help="The git repository [default: the one the current directory is in].")]
-HooksDir = Annotated[str | None, typer.Option(
-    "--hooks-dir", help="Hooks folder [env HEADLESS_PM_HOOKS_DIR; default ./hooks].")]
-WorktreeBase = Annotated[str | None, typer.Option(
-    "--worktree-base", help="Where task worktrees go [env HEADLESS_PM_WORKTREE_BASE; "
-                            "default <repo>/.worktrees; relative = from the repo root].")]
-Base = Annotated[str | None, typer.Option(
-    "--base", help="Branch or commit tasks start from [default: origin's HEAD, else the "
-                   "main checkout's branch].")]
+    from pmtool.records import TaskRecord
 
 worktree_app = typer.Typer(help="One git worktree per major task; removal never loses work.",
                            no_args_is_help=True)
@@ -39,12 +35,6 @@ app.add_typer(worktree_app, name="worktree")
 hook_app = typer.Typer(help="Run the hooks of the hooks folder with a task's context.",
                        no_args_is_help=True)
 app.add_typer(hook_app, name="hook")
-
-
-def _store(settings: Settings) -> RecordStore:
-    from pmtool.records import RecordStore
-
-    return RecordStore(settings.state_path)
 
 
 def _repo_of(repo: str | None, record: TaskRecord | None = None) -> Path:
@@ -57,9 +47,9 @@ def _repo_of(repo: str | None, record: TaskRecord | None = None) -> Path:
 
 @worktree_app.command("create")
 def worktree_create(
-    agent_id: AgentId = None,
-    task_id: Annotated[int | None, typer.Option(
-        "--task-id", help="Task id (without --agent-id).")] = None,
+    task: TaskArg = None,
+    agent_id: AgentIdOrNone = None,
+    task_id: TaskIdAlias = None,
     branch: Annotated[str | None, typer.Option(
         "--branch", help="The task's branch (the server's `branch` field).")] = None,
     complexity: Annotated[str | None, typer.Option(
@@ -80,17 +70,18 @@ def worktree_create(
 
     Example: pmtool worktree create --agent-id dev_001 --repo ~/src/app
 
-    Example: pmtool worktree create --task-id 7 --branch feature/login --base main
+    Example: pmtool worktree create 7 --branch feature/login --base main
     """
     from pmtool.hooks import task_context
     from pmtool.worktree import create_worktree
 
+    task_id = resolve_task(task, task_id)
     settings = options().settings(hooks_dir=hooks_dir, worktree_base=worktree_base)
-    store, record = _store(settings), None
+    store, record = record_store(settings), None
     if agent_id:
         record = store.need(agent_id)
         if task_id is not None and task_id != record.task_id:
-            raise UsageError(f"--task-id {task_id} is not the task of {agent_id}'s record "
+            raise UsageError(f"task {task_id} is not the task of {agent_id}'s record "
                              f"({record.task_id})")
         task_id = record.task_id
         # The record's branch first: it is what an earlier create chose (e.g. task-<id>).
@@ -98,8 +89,8 @@ def worktree_create(
         complexity = complexity or record.task.get("complexity")
         context = task_context(record, state_dir=settings.state_path, api_url=settings.api_url)
     elif task_id is None:
-        raise UsageError("give --agent-id, or --task-id (with --branch for a major task)",
-                         hint="pmtool worktree create --task-id 7 --branch feature/login")
+        raise UsageError("give --agent-id, or the TASK (with --branch for a major task)",
+                         hint="pmtool worktree create 7 --branch feature/login")
     else:
         context = task_context(state_dir=settings.state_path, api_url=settings.api_url,
                                task_id=task_id, branch=branch)
@@ -121,16 +112,17 @@ def worktree_create(
         say(f"pmtool: worktree_setup failed ({_hook_why(hook)}); the worktree is kept at "
             f"{result['path']}")
         emit(result, ok=False)
-        return EXIT_TIMEOUT if hook.get("timed_out") else EXIT_FAILED
+        return exit_code({"ok": False, "timed_out": hook.get("timed_out")})
     emit(result)
-    return EXIT_OK
+    return exit_code(None)
 
 
 @worktree_app.command("remove")
 def worktree_remove(
     target: Annotated[str | None, typer.Argument(
-        help="The worktree's path, or the task id.")] = None,
-    agent_id: AgentId = None,
+        metavar="TASK|PATH", help="The task's id, or the worktree's path.")] = None,
+    agent_id: AgentIdOrNone = None,
+    task_id: TaskIdAlias = None,
     rescue: Annotated[bool, typer.Option(
         "--rescue", help="Commit uncommitted and untracked work (and small ignored files "
                          "such as .env) to refs/pmtool/rescue/task-<id>/<time> first.")
@@ -154,8 +146,13 @@ def worktree_remove(
     """
     from pmtool.worktree import remove_worktree
 
+    if task_id is not None:
+        if target is not None and target != str(task_id):
+            raise UsageError(f"{target} and --task-id {task_id} name different worktrees",
+                             hint="give one of them")
+        target = str(task_id)
     settings = options().settings(worktree_base=worktree_base)
-    store, record = _store(settings), None
+    store, record = record_store(settings), None
     if agent_id:
         record = store.need(agent_id)
         if record.task.get("complexity") == "minor" or not record.worktree:
@@ -196,7 +193,7 @@ def worktree_list(repo: Repo = None, worktree_base: WorktreeBase = None) -> None
     from pmtool.worktree import list_worktrees
 
     settings = options().settings(worktree_base=worktree_base)
-    records, corrupt = _store(settings).scan()
+    records, corrupt = record_store(settings).scan()
     root = _repo_of(repo)
     emit({"repo": str(root),
           "worktrees": list_worktrees(root, records, worktree_base=settings.worktree_base),
@@ -223,7 +220,7 @@ def worktree_prune(
     from pmtool.worktree import prune
 
     settings = options().settings(worktree_base=worktree_base)
-    records, corrupt = _store(settings).scan()
+    records, corrupt = record_store(settings).scan()
     result = prune(_repo_of(repo), {r.task_id for r in records}, rescue=rescue,
                    worktree_base=settings.worktree_base, dry_run=dry_run)
     for kept in result["kept"]:
@@ -246,7 +243,7 @@ def hook_run(
     name: Annotated[str, typer.Argument(
         help="pre_task, post_task, worktree_setup, health_check, or any hook's name.")],
     hooks_dir: HooksDir = None,
-    agent_id: AgentId = None,
+    agent_id: AgentIdOrNone = None,
     input_: Annotated[str | None, typer.Option(
         "--input", help="Context JSON object (file, or - for stdin); merged over the "
                         "record's context.")] = None,
@@ -271,7 +268,7 @@ def hook_run(
 
     check_name(name)
     settings = options().settings(hooks_dir=hooks_dir, hook_timeout=timeout)
-    record = _store(settings).need(agent_id) if agent_id else None
+    record = record_store(settings).need(agent_id) if agent_id else None
     context = task_context(record, state_dir=settings.state_path, api_url=settings.api_url)
     if input_ is not None:
         data = read_json_arg(input_, "--input")
@@ -286,9 +283,11 @@ def hook_run(
         say(f"pmtool: hook: {result['reason']} (skipped)")
     elif not ok:
         say(f"pmtool: hook: {name} failed: {_hook_why(result)}")
-        if result.get("error"):
+        if result["timed_out"]:
+            result["error"] = TimeLimit(f"hook {name} ran out of time: {_hook_why(result)}",
+                                        hint="raise --timeout or HEADLESS_PM_HOOK_TIMEOUT"
+                                        ).to_json()
+        elif result.get("error"):
             result["error"] = {"type": "failed", "message": result["error"]}
     emit(result, ok=ok)
-    if ok:
-        return EXIT_OK
-    return EXIT_TIMEOUT if result["timed_out"] else EXIT_FAILED
+    return exit_code({**result, "ok": ok})

@@ -7,49 +7,27 @@ commands so that `pmtool lock show` does not pay for `requests`.
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from pmtool.cli import app, emit, options, say
 
-if TYPE_CHECKING:
-    from pmtool.client import PMClient
-    from pmtool.config import Settings
-    from pmtool.records import RecordStore
-
-AgentId = Annotated[str, typer.Option("--agent-id", help="The agent's id on the server.")]
-Role = Annotated[str, typer.Option(
-    "--role", help="frontend_dev, backend_dev, qa, architect or pm.")]
-Level = Annotated[str, typer.Option("--level", help="junior, senior or principal.")]
-Settle = Annotated[float, typer.Option(
-    "--settle", envvar="PMTOOL_CLAIM_SETTLE", min=0.0,
-    help="Seconds to let in-flight lock requests land before reading the lock back; must "
-         "exceed the server's lock window [env PMTOOL_CLAIM_SETTLE].")]
-RunnerPid = Annotated[int | None, typer.Option(
-    "--runner-pid", envvar="PMTOOL_RUNNER_PID",
-    help="The process that works the task; a record whose runner is gone is stale "
-         "[env PMTOOL_RUNNER_PID; default: the parent of pmtool, e.g. your script].")]
-
-
-def server(settings: Settings) -> PMClient:
-    """The Headless PM client the settings call for."""
-    from pmtool.client import PMClient
-
-    return PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout)
-
-
-def record_store(settings: Settings) -> RecordStore:
-    from pmtool.records import RecordStore
-
-    return RecordStore(settings.state_path)
-
-
-def _runner(pid: int | None) -> int:
-    # `pmtool claim` exits at once; the process that goes on working the task is the
-    # shell or script that ran it.
-    return pid or os.getppid()
+# Re-exported for callers that took them from here before `options` existed.
+from pmtool.cli.options import (
+    AgentId,
+    AgentIdOrNone,
+    Level,
+    Role,
+    RunnerPid,
+    Settle,
+    TaskArg,
+    TaskIdAlias,
+    record_store,
+    resolve_task,
+    server,
+)
+from pmtool.cli.options import runner_pid as working_pid
 
 
 @app.command("register")
@@ -88,7 +66,7 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
     settings = options().settings()
     stats = ClaimStats()
     claimed = claim(server(settings), record_store(settings), agent_id, role, level,
-                    wait=wait, runner_pid=_runner(runner_pid), settle=settle, stats=stats)
+                    wait=wait, runner_pid=working_pid(runner_pid), settle=settle, stats=stats)
     say(f"pmtool: {agent_id} claimed task {claimed.task['id']}: {claimed.task.get('title')}")
     emit({"task": claimed.task, "record": str(claimed.path), "claim": stats.to_json()})
 
@@ -112,8 +90,8 @@ def lock_show(agent_id: AgentId) -> None:
 
 
 @lock_app.command("acquire")
-def lock_acquire(task_id: Annotated[int, typer.Argument(help="The task to lock.")],
-                 agent_id: AgentId, role: Role, level: Level = "senior",
+def lock_acquire(agent_id: AgentId, role: Role, task: TaskArg = None,
+                 task_id: TaskIdAlias = None, level: Level = "senior",
                  settle: Settle = 0.3, runner_pid: RunnerPid = None) -> None:
     """Lock a named task with the same checks as claim, set under_work, write the record.
 
@@ -121,11 +99,15 @@ def lock_acquire(task_id: Annotated[int, typer.Argument(help="The task to lock."
 
     Example: pmtool lock acquire 42 --agent-id dev_001 --role backend_dev
     """
+    from pmtool.errors import UsageError
     from pmtool.work import acquire
 
+    number = resolve_task(task, task_id)
+    if number is None:
+        raise UsageError("give the TASK to lock", hint="pmtool lock acquire 42 --agent-id ...")
     settings = options().settings()
-    claimed = acquire(server(settings), record_store(settings), task_id, agent_id, role,
-                      level, runner_pid=_runner(runner_pid), settle=settle)
+    claimed = acquire(server(settings), record_store(settings), number, agent_id, role,
+                      level, runner_pid=working_pid(runner_pid), settle=settle)
     emit({"task": claimed.task, "record": str(claimed.path)})
 
 
@@ -201,8 +183,7 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
 
 @app.command("recover")
 def recover_cmd(
-    agent_id: Annotated[str | None, typer.Option(
-        "--agent-id", help="Only this agent's record.")] = None,
+    agent_id: AgentIdOrNone = None,
     all_: Annotated[bool, typer.Option(
         "--all", help="Every record on this machine (the default).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report.")] = False,
@@ -233,6 +214,7 @@ def recover_cmd(
     counts: dict[str, Any] = {}
     for entry in entries:
         counts[entry["action"]] = counts.get(entry["action"], 0) + 1
+        why = f" ({entry['reason']})" if entry.get("reason") else ""
         say(f"pmtool: recover: {entry.get('agent_id') or entry['record']}: "
-            f"{entry['action']} ({entry.get('reason')})")
+            f"{entry['action']}{why}")
     emit({"entries": entries, "counts": counts, "dry_run": dry_run, "pruned": pruned})

@@ -1,0 +1,87 @@
+"""The options many commands share, declared once, and the builders they all use.
+
+A command module imports its options from here, never from another command module:
+importing `pmtool.cli.work` registers every work command on the app, which a run of
+`pmtool run` must not pay for (see `COMMAND_MODULES` in `pmtool.cli`). This module
+registers nothing and imports only typer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from pmtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from pmtool.client import PMClient
+    from pmtool.config import Settings
+    from pmtool.records import RecordStore
+
+_AGENT_ID = typer.Option(
+    "--agent-id", help="The agent's id on the server; its task record on this machine is "
+                       "named after it.")
+AgentId = Annotated[str, _AGENT_ID]
+# The same option where a command can also be pointed at a task another way.
+AgentIdOrNone = Annotated[str | None, _AGENT_ID]
+
+Role = Annotated[str, typer.Option(
+    "--role", help="frontend_dev, backend_dev, qa, architect or pm.")]
+Level = Annotated[str, typer.Option("--level", help="junior, senior or principal.")]
+Settle = Annotated[float, typer.Option(
+    "--settle", envvar="PMTOOL_CLAIM_SETTLE", min=0.0,
+    help="Seconds to let in-flight lock requests land before reading the lock back; must "
+         "exceed the server's lock window [env PMTOOL_CLAIM_SETTLE].")]
+RunnerPid = Annotated[int | None, typer.Option(
+    "--runner-pid", envvar="PMTOOL_RUNNER_PID",
+    help="The process that works the task; a record whose runner is gone is stale "
+         "[env PMTOOL_RUNNER_PID; default: the parent of pmtool, e.g. your script].")]
+
+# A task is addressed the same way everywhere: a positional TASK, with --task-id kept as
+# an alias for scripts written before (`resolve_task` merges the two).
+TaskArg = Annotated[int | None, typer.Argument(
+    metavar="TASK", help="The task's id.", show_default=False)]
+TaskIdAlias = Annotated[int | None, typer.Option(
+    "--task-id", help="Same as TASK (kept for older scripts).", show_default=False)]
+
+Repo = Annotated[str | None, typer.Option(
+    "--repo", help="The git repository [default: the one the current directory is in].")]
+HooksDir = Annotated[str | None, typer.Option(
+    "--hooks-dir", help="Hooks folder [env HEADLESS_PM_HOOKS_DIR; default ./hooks].")]
+WorktreeBase = Annotated[str | None, typer.Option(
+    "--worktree-base", help="Where task worktrees go [env HEADLESS_PM_WORKTREE_BASE; "
+                            "default <repo>/.worktrees; relative = from the repo root].")]
+Base = Annotated[str | None, typer.Option(
+    "--base", help="Branch or commit tasks start from [default: origin's HEAD, else the "
+                   "main checkout's branch].")]
+
+
+def resolve_task(task: int | None, task_id: int | None) -> int | None:
+    """TASK or its alias --task-id; both given must agree."""
+    if task is not None and task_id is not None and task != task_id:
+        raise UsageError(f"TASK {task} and --task-id {task_id} name different tasks",
+                         hint="give one of them")
+    return task if task is not None else task_id
+
+
+def server(settings: Settings) -> PMClient:
+    """The Headless PM client the settings call for."""
+    from pmtool.client import PMClient
+
+    return PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout)
+
+
+def record_store(settings: Settings) -> RecordStore:
+    """This machine's task records, in the settings' state folder."""
+    from pmtool.records import RecordStore
+
+    return RecordStore(settings.state_path)
+
+
+def runner_pid(pid: int | None) -> int:
+    """The process that works a claimed task: the given one, else pmtool's parent."""
+    # `pmtool claim` exits at once; the process that goes on working the task is the
+    # shell or script that ran it.
+    return pid or os.getppid()
