@@ -107,12 +107,16 @@ class Settings:
         return self.values[f"model_{level}"]
 
     def public(self) -> dict[str, Any]:
-        """The settings as `pmtool config` shows them: value and source, the key masked."""
+        """The settings as `pmtool config` shows them: value, source, what it is and the
+        environment variables that set it; the key masked."""
         out = {}
         for name, value in self.values.items():
             if name == "api_key" and value:
                 value = mask(value)
             out[name] = {"value": value, "source": self.sources.get(name, "default")}
+            spec = SPECS.get(name)
+            if spec is not None:
+                out[name].update(help=spec.help, env=list(spec.env))
         return out
 
 

@@ -1,0 +1,75 @@
+"""The layering the README promises: only `pmtool/cli/` knows typer, only the client speaks
+HTTP through requests, and the library imports neither behind the CLI's back."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pmtool
+
+PACKAGE = Path(pmtool.__file__).parent
+ROOT = PACKAGE.parent
+
+# Files that import requests besides the client, each until its own change lands; the test
+# fails when one of them stops, so that the list only ever shrinks.
+REQUESTS_PENDING = {"pmtool/testing/seed.py"}  # its own client, until it uses PMClient
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at any depth (lazy imports too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def importers(module: str) -> set[str]:
+    return {str(path.relative_to(ROOT)) for path in sorted(PACKAGE.rglob("*.py"))
+            if module in imported_modules(path)}
+
+
+def test_only_the_cli_imports_typer():
+    outside = {p for p in importers("typer") if not p.startswith("pmtool/cli/")}
+    assert outside == set(), f"typer imported outside pmtool/cli/: {sorted(outside)}"
+
+
+def test_only_the_client_imports_requests():
+    found = importers("requests")
+    assert "pmtool/client.py" in found
+    assert found - {"pmtool/client.py"} <= REQUESTS_PENDING, sorted(found)
+    assert REQUESTS_PENDING <= found, "a pending file no longer imports requests: drop it"
+
+
+def test_the_library_loads_without_typer_or_requests():
+    """Importing every library module (outside cli/ and testing/) pulls in neither."""
+    modules = sorted(f"pmtool.{p.stem}" for p in PACKAGE.glob("*.py")
+                     if p.stem not in ("__main__",))
+    code = ("import sys\n"
+            + "".join(f"import {m}\n" for m in modules)
+            + "print(sorted(m for m in ('typer', 'requests', 'click') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_library_never_prints_or_exits():
+    """print() and sys.exit belong to the CLI edge (and the test kits' own mains)."""
+    offenders = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = (fn.id if isinstance(fn, ast.Name) else
+                        f"{getattr(fn.value, 'id', '')}.{fn.attr}"
+                        if isinstance(fn, ast.Attribute) else "")
+                if name in ("print", "sys.exit", "exit"):
+                    offenders.append(f"{path.name}:{node.lineno} {name}")
+    assert offenders == []
