@@ -139,7 +139,7 @@ def detail_text(detail: Any) -> str:
 # The exit code of each `error.type`, for answers that carry an error instead of raising it.
 KIND_EXIT = {cls.kind: cls.exit_code for cls in (
     OperationFailed, RecordCorrupt, UsageError, NothingToDo, ServerError, AuthError, Conflict,
-    TimeLimit)}
+    TimeLimit, ApiError)}
 
 
 def exit_code(outcome: BaseException | Mapping[str, Any] | None = None) -> int:

@@ -3,8 +3,14 @@ through the real console script in subprocesses."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -55,19 +61,31 @@ def test_precedence_flag_env_file_default(clean_env, monkeypatch):
         'api_url = "http://file:1"\nmodel_senior = "file-model"\nhook_timeout = 7\n')
     r = pmtool("config")
     s = r.out["settings"]
-    assert s["api_url"] == {"value": "http://file:1", "source": "file"}
-    assert s["hook_timeout"] == {"value": 7.0, "source": "file"}
-    assert s["claude_timeout"] == {"value": 600.0, "source": "default"}
+    assert vs(s["api_url"]) == {"value": "http://file:1", "source": "file"}
+    assert vs(s["hook_timeout"]) == {"value": 7.0, "source": "file"}
+    assert vs(s["claude_timeout"]) == {"value": 600.0, "source": "default"}
     assert pmtool("model-for", "senior").out["model"] == "file-model"
 
     monkeypatch.setenv("HEADLESS_PM_API_URL", "http://env:2")
     monkeypatch.setenv("PMTOOL_MODEL_SENIOR", "env-model")
     s = pmtool("config").out["settings"]
-    assert s["api_url"] == {"value": "http://env:2", "source": "env:HEADLESS_PM_API_URL"}
+    assert vs(s["api_url"]) == {"value": "http://env:2", "source": "env:HEADLESS_PM_API_URL"}
     assert pmtool("model-for", "senior").out["model"] == "env-model"
 
     s = pmtool("--api-url", "http://flag:3", "config").out["settings"]
-    assert s["api_url"] == {"value": "http://flag:3", "source": "flag"}
+    assert vs(s["api_url"]) == {"value": "http://flag:3", "source": "flag"}
+
+
+def vs(setting: dict) -> dict:
+    """A setting's value and source (`pmtool config` also shows its help and env)."""
+    return {"value": setting["value"], "source": setting["source"]}
+
+
+def test_config_shows_what_each_setting_is(clean_env):
+    s = pmtool("config").out["settings"]
+    assert s["hook_timeout"]["help"] == "seconds per hook"
+    assert s["hook_timeout"]["env"] == ["HEADLESS_PM_HOOK_TIMEOUT"]
+    assert all(entry["help"] for entry in s.values())
 
 
 def test_second_key_variable_and_masking(clean_env, monkeypatch):
@@ -226,3 +244,198 @@ def test_help_lists_every_command(clean_env):
     proc = subprocess.run([PMTOOL, "--help"], capture_output=True, text=True, check=True)
     for name in ("claim", "exec-claude", "worktree", "run", "demo", "recover", "health"):
         assert name in proc.stdout
+
+
+# -- the README keeps up with the CLI (the sqlite-utils way) ----------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_section(heading: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def table_rows(section: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines()
+            if line.startswith("|") and not line.startswith("| ---")][1:]
+
+
+def help_commands(*path: str) -> list[str]:
+    """The commands a `--help` lists, from the real console script."""
+    out = subprocess.run([PMTOOL, *path, "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    listing = out.split("\nCommands:\n", 1)[1] if "\nCommands:\n" in out else ""
+    return [line.split()[0] for line in listing.splitlines()
+            if line.startswith("  ") and not line.startswith("   ")]
+
+
+def test_every_command_is_in_the_readme_table():
+    documented: set[str] = set()
+    for row in table_rows(readme_section("The commands")):
+        words = row[0].strip("`").split()
+        assert words[0] == "pmtool", row
+        if len(words) > 2 and words[2].islower():
+            documented.update(f"{words[1]} {sub}" for sub in words[2].split("/"))
+        else:
+            documented.add(words[1])
+    listed = set()
+    for name in help_commands():
+        subs = help_commands(name)
+        listed.update(f"{name} {sub}" for sub in subs) if subs else listed.add(name)
+    assert listed, "no commands parsed from `pmtool --help`"
+    assert listed - documented == set(), "commands missing from the README's table"
+    assert documented - listed == set(), "README documents commands pmtool does not have"
+
+
+def test_every_exit_code_is_in_the_readme_table():
+    from pmtool import errors
+
+    codes = {value for name, value in vars(errors).items()
+             if name.startswith("EXIT_") and isinstance(value, int)}
+    rows = table_rows(readme_section("Output and exit codes"))
+    table = {int(row[0]): row[2] for row in rows if row[0].isdigit()}
+    assert set(table) == codes
+    kinds = {kind.strip("` ") for types in table.values() for kind in types.split(",")} - {""}
+    assert set(errors.KIND_EXIT) | {"stopped"} <= kinds
+    for kind, code in errors.KIND_EXIT.items():
+        assert kind in table[code], (kind, code)
+
+
+# -- a CLI that feels finished -----------------------------------------------------------------
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PMTOOL, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+def test_version():
+    import pmtool as package
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout == f"pmtool {package.__version__}\n"
+
+
+@pytest.mark.parametrize("args", [[], ["--pretty"], ["worktree"], ["lock"]])
+def test_bare_command_prints_help_once_and_exits_0(args):
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("Usage: pmtool") == 1
+    assert proc.stderr == ""
+    assert not proc.stdout.lstrip().startswith("{")
+
+
+def test_root_help_offers_completion_and_commands_do_not_pay_for_it():
+    assert "--install-completion" in run_cli("--help").stdout
+    assert "--install-completion" not in run_cli("model-for", "--help").stdout
+
+
+def test_completion_script_and_completion_itself():
+    proc = run_cli("--show-completion", env={"SHELL": "/bin/bash"})
+    assert proc.returncode == 0, proc.stderr
+    assert "_PMTOOL_COMPLETE=complete_bash" in proc.stdout
+    # What bash then asks for: the commands starting with "wor", and a command's options.
+    words = run_cli(env={"_PMTOOL_COMPLETE": "complete_bash",
+                         "COMP_WORDS": "pmtool wor", "COMP_CWORD": "1"})
+    assert words.stdout.split() == ["worktree"]
+    words = run_cli(env={"_PMTOOL_COMPLETE": "complete_bash",
+                         "COMP_WORDS": "pmtool worktree create --ag", "COMP_CWORD": "3"})
+    assert words.stdout.split() == ["--agent-id"]
+
+
+@pytest.mark.parametrize(("env", "coloured"), [
+    ({"FORCE_COLOR": "1"}, True), ({"FORCE_COLOR": "0"}, False), ({}, False),
+    ({"NO_COLOR": "1"}, False), ({"NO_COLOR": "1", "FORCE_COLOR": "1"}, False)])
+def test_colour_follows_no_color_and_force_color(monkeypatch, env, coloured):
+    from pmtool.cli import colour, paint
+
+    for name in ("NO_COLOR", "FORCE_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert colour(io.StringIO()) is coloured  # not a terminal
+    assert ("\033[" in paint("x", "32", io.StringIO())) is coloured
+
+
+def test_no_color_on_a_terminal(monkeypatch):
+    """On a real terminal colour is on, and NO_COLOR turns it off, also in `say`."""
+    import pty
+
+    from pmtool.cli import colour, say
+
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    leader, follower = pty.openpty()
+    with os.fdopen(follower, "w") as tty:
+        assert colour(tty) is True
+        monkeypatch.setenv("NO_COLOR", "1")
+        assert colour(tty) is False
+        monkeypatch.setattr(sys, "stderr", tty)
+        say("\033[32mgreen\033[0m words")
+    assert os.read(leader, 1024) == b"green words\r\n"
+    os.close(leader)
+
+
+def test_sigterm_stops_a_command_with_143_and_one_json_answer(clean_env, free_port):
+    """claim --wait against a server that is not there: a SIGTERM ends it at once."""
+    proc = subprocess.Popen(
+        [PMTOOL, "claim", "--agent-id", "dev_sig", "--role", "backend_dev", "--wait", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port}",
+             "HEADLESS_PM_API_KEY": "k-signal"})
+    try:
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    answer = json.loads(out)
+    assert answer["ok"] is False
+    assert answer["error"] == {"type": "stopped", "message": "stopped by SIGTERM",
+                               "signal": "SIGTERM"}
+
+
+def test_exit_code_is_one_function_of_answer_or_error():
+    from pmtool.errors import (
+        Conflict,
+        NothingToDo,
+        Stopped,
+        TimeLimit,
+        exit_code,
+    )
+
+    assert exit_code(None) == 0
+    assert exit_code({"ok": True}) == 0
+    assert exit_code({"ok": False}) == 1
+    assert exit_code({"ok": False, "timed_out": True}) == 124
+    assert exit_code({"ok": False, "signal": 15}) == 143
+    assert exit_code({"ok": False, "error": {"type": "conflict"}}) == 5
+    assert exit_code({"ok": False, "error": TimeLimit("x").to_json()}) == 124
+    assert exit_code(Conflict("x")) == 5 and exit_code(NothingToDo("x")) == 3
+    assert [exit_code(Stopped(n)) for n in (1, 2, 15)] == [129, 130, 143]
+    assert exit_code(KeyboardInterrupt()) == 130
+
+
+def test_task_is_positional_with_task_id_as_alias(clean_env, tmp_path):
+    """`worktree create TASK` and `--task-id` name the same task; two different ones are
+    refused."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "init"],
+                   check=True)
+    first = pmtool("worktree", "create", "7", "--branch", "feature/x", "--repo", str(repo))
+    assert first.code == 0, first.stderr
+    again = pmtool("worktree", "create", "--task-id", "7", "--branch", "feature/x",
+                   "--repo", str(repo))
+    assert again.code == 0 and again.out["path"] == first.out["path"]
+    assert again.out["created"] is False
+    clash = pmtool("worktree", "create", "7", "--task-id", "8", "--repo", str(repo))
+    assert clash.code == 2 and "different" in clash.out["error"]["message"]
+    removed = pmtool("worktree", "remove", "--task-id", "7", "--repo", str(repo))
+    assert removed.code == 0, removed.stderr
+    assert removed.out["removed"] is True

@@ -43,7 +43,7 @@ def test_only_the_client_imports_requests():
     found = importers("requests")
     assert "pmtool/client.py" in found
     assert found - {"pmtool/client.py"} <= REQUESTS_PENDING, sorted(found)
-    assert REQUESTS_PENDING <= found, "a pending file no longer imports requests: drop it"
+    assert found >= REQUESTS_PENDING, "a pending file no longer imports requests: drop it"
 
 
 def test_the_library_loads_without_typer_or_requests():

@@ -193,12 +193,13 @@ def _register_commands(args: list[str]) -> None:
 
 
 class SignalStop(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, as Ctrl-C raises KeyboardInterrupt.
+    """SIGINT, SIGTERM or SIGHUP, raised where the program is, as Ctrl-C raises
+    KeyboardInterrupt.
 
     A KeyboardInterrupt, so it unwinds through the same paths as Ctrl-C: child process
-    trees are ended and `finally` blocks run, where the default action would kill pmtool
-    at once and leave its children behind. Commands that stop gracefully (`run`,
-    `exec-claude`) install their own handlers over these.
+    trees are ended and `finally` blocks run, where SIGTERM's default action would kill
+    pmtool at once and leave its children behind. Commands that stop gracefully (`run`,
+    `exec-claude`) install their own handlers over these and answer for themselves.
     """
 
     def __init__(self, signum: int) -> None:
@@ -206,12 +207,18 @@ class SignalStop(KeyboardInterrupt):
         self.signum = signum
 
 
+# The signal that stopped the command, if one did. Kept here because typer turns a
+# KeyboardInterrupt into a plain exit code 130 before `main` can see which signal it was.
+_stopped_by: list[int] = []
+
+
 def _raise_stop(signum: int, _frame: Any) -> None:
+    _stopped_by.append(signum)
     raise SignalStop(signum)
 
 
 def _stop_on_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError, OSError):  # not the main thread
             signal.signal(sig, _raise_stop)
 
@@ -223,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PMTOOL_PRETTY") == "1":
         _state.pretty = True
     _stop_on_signals()
+    if command_name(args) is None and not any(a.startswith("--") and "-completion" in a
+                                              for a in args):
+        # No command (`pmtool`, `pmtool --pretty`): the help, not a "missing command" error.
+        args = [*args, "--help"]
     try:
         rv = app(args=args, prog_name="pmtool", standalone_mode=False)
     except PmtoolError as exc:
@@ -247,5 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise
     else:
-        code = rv if isinstance(rv, int) else exit_code(None)
+        if _stopped_by:  # typer answered 130 for whichever signal it was
+            code = fail(Stopped(_stopped_by[0]))
+        else:
+            code = rv if isinstance(rv, int) else exit_code(None)
     return code
