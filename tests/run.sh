@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need into the project's own folders, then runs
-# every test. A fresh clone needs only python3 (>= 3.11), git, node and npm.
+# The test command: installs what the tests need into the project's own folders, runs ruff
+# and shellcheck, then every test. A fresh clone needs only python3 (>= 3.11), git, node and npm.
 #   tests/run.sh            # everything
 #   tests/run.sh -k claim   # arguments go to pytest
 set -euo pipefail
@@ -12,6 +12,10 @@ python=${PYTHON:-python3}
 
 # The real claude CLI, pinned, for the end-to-end tests (tests/package.json).
 npm ci --prefix tests --no-audit --no-fund --loglevel=error
+
+# The checks that keep the code as the README says: lint, then the shell scripts.
+.venv/bin/ruff check --quiet pmtool tests benchmarks
+.venv/bin/shellcheck scripts/*.sh tests/run.sh .ci/run
 
 # The example scripts need jq; install it where we may (CI runs as root on Debian).
 if ! command -v jq >/dev/null 2>&1; then
