@@ -139,6 +139,9 @@ def default_state_dir() -> str:
     return user_state_dir("pmtool")
 
 
+_KIND = {str: "text", int: "a whole number", float: "a number, 0 or more"}
+
+
 def _convert(name: str, raw: Any, where: str) -> Any:
     spec = SPECS[name]
     if raw is None:
@@ -156,7 +159,7 @@ def _convert(name: str, raw: Any, where: str) -> Any:
         return spec.type(raw)
     except (TypeError, ValueError):
         raise UsageError(
-            f"{where}: {name} must be a {spec.type.__name__}, got {raw!r}",
+            f'{where}: {name} must be {_KIND[spec.type]}, got "{raw}"',
             hint=f"fix {where}",
         ) from None
 
@@ -221,6 +224,6 @@ def load_settings(overrides: dict[str, Any] | None = None,
 
 def check_level(level: str) -> str:
     if level not in LEVELS:
-        raise UsageError(f"unknown level {level!r}", hint="valid levels: " + ", ".join(LEVELS),
+        raise UsageError(f'unknown level "{level}"', hint="valid levels: " + ", ".join(LEVELS),
                          valid=list(LEVELS))
     return level

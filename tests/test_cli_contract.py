@@ -439,3 +439,10 @@ def test_task_is_positional_with_task_id_as_alias(clean_env, tmp_path):
     removed = pmtool("worktree", "remove", "--task-id", "7", "--repo", str(repo))
     assert removed.code == 0, removed.stderr
     assert removed.out["removed"] is True
+
+
+def test_messages_count_in_words():
+    from pmtool.cli import plural
+
+    assert [plural(n, "task") for n in (0, 1, 2)] == ["0 tasks", "1 task", "2 tasks"]
+    assert plural(1, "entry", "entries") == "1 entry"

@@ -138,6 +138,11 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """`1 task`, `2 tasks`: messages never say "1 tasks"."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
 def fail(error: PmtoolError) -> int:
     emit({"error": error.to_json()}, ok=False)
     hint = f" ({error.hint})" if error.hint else ""

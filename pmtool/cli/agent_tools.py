@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from pmtool.cli import app, emit, options, read_json_arg, say
+from pmtool.cli import app, emit, options, plural, read_json_arg, say
 from pmtool.cli.options import (
     AgentIdOrNone,
     Base,
@@ -166,7 +166,7 @@ def worktree_remove(
     result = remove_worktree(root, target, rescue=rescue, delete_branch=delete_branch,
                              base=base, worktree_base=settings.worktree_base)
     if result["rescued"]:
-        say(f"pmtool: worktree: rescued {len(result['rescued']['files'])} files to "
+        say(f"pmtool: worktree: rescued {plural(len(result['rescued']['files']), 'file')} to "
             f"{result['rescued']['ref']}")
     if record is not None and result["removed"]:
         record.worktree = None
