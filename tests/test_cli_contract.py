@@ -446,3 +446,11 @@ def test_messages_count_in_words():
 
     assert [plural(n, "task") for n in (0, 1, 2)] == ["0 tasks", "1 task", "2 tasks"]
     assert plural(1, "entry", "entries") == "1 entry"
+
+
+def test_every_setting_is_in_the_readme_table():
+    from pmtool.config import SPECS
+
+    rows = table_rows(readme_section("Configuration"))
+    documented = {name.strip("` ") for row in rows for name in row[0].split(",")}
+    assert set(SPECS) == documented
