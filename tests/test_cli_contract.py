@@ -454,3 +454,43 @@ def test_every_setting_is_in_the_readme_table():
     rows = table_rows(readme_section("Configuration"))
     documented = {name.strip("` ") for row in rows for name in row[0].split(",")}
     assert set(SPECS) == documented
+
+
+def stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> bytes:
+    """Run pmtool with stderr on a pseudo-terminal; what it wrote there."""
+    import pty
+    import threading
+
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    clean = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "FORCE_COLOR")}
+    proc = subprocess.Popen([PMTOOL, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=follower, env={**clean, **env})
+    os.close(follower)
+    proc.communicate(timeout=120)
+    reader.join(timeout=10)
+    os.close(leader)
+    assert proc.returncode == 0, b"".join(chunks)
+    return b"".join(chunks)
+
+
+def test_no_color_turns_off_the_colour_of_a_real_run(tmp_path):
+    """`pmtool demo` colours its progress on a terminal, and not with NO_COLOR."""
+    coloured = stderr_on_a_terminal(["demo", "--workdir", str(tmp_path / "a")], {})
+    assert b"\033[" in coloured
+    plain = stderr_on_a_terminal(["demo", "--workdir", str(tmp_path / "b")], {"NO_COLOR": "1"})
+    assert b"\033[" not in plain
+    assert b"claimed" in plain

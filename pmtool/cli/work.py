@@ -67,7 +67,8 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
     stats = ClaimStats()
     claimed = claim(server(settings), record_store(settings), agent_id, role, level,
                     wait=wait, runner_pid=working_pid(runner_pid), settle=settle, stats=stats)
-    say(f"pmtool: {agent_id} claimed task {claimed.task['id']}: {claimed.task.get('title')}")
+    title = f": {claimed.task['title']}" if claimed.task.get("title") else ""
+    say(f"pmtool: {agent_id} claimed task {claimed.task['id']}{title}")
     emit({"task": claimed.task, "record": str(claimed.path), "claim": stats.to_json()})
 
 
@@ -176,8 +177,8 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
     settings = options().settings()
     result = finish(server(settings), record_store(settings), agent_id, outcome, notes=notes)
     if result["action"] == "moved_on":
-        say(f"pmtool: task {result['task_id']} had moved on ({result['reason']}); "
-            "left as it is")
+        why = f" ({result['reason']})" if result.get("reason") else ""
+        say(f"pmtool: task {result['task_id']} had moved on{why}; left as it is")
     emit(result)
 
 
