@@ -494,3 +494,18 @@ def test_no_color_turns_off_the_colour_of_a_real_run(tmp_path):
     plain = stderr_on_a_terminal(["demo", "--workdir", str(tmp_path / "b")], {"NO_COLOR": "1"})
     assert b"\033[" not in plain
     assert b"claimed" in plain
+
+
+def test_ctrl_c_ends_sandbox_serve_with_130_and_its_one_json_line(free_port):
+    proc = subprocess.Popen([PMTOOL, "sandbox", "serve", "--port", str(free_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["url"] == f"http://127.0.0.1:{free_port}"
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert rest == ""  # still exactly one JSON object on stdout
+    assert "stopped by SIGINT" in err

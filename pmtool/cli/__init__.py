@@ -41,6 +41,7 @@ app = typer.Typer(
 @dataclass
 class Options:
     pretty: bool = False
+    emitted: bool = False  # the command printed its one JSON object
     overrides: dict[str, Any] = field(default_factory=dict)
     config: Path | None = None
 
@@ -96,6 +97,7 @@ def scrub(text: str) -> str:
 
 def emit(result: dict[str, Any], ok: bool = True) -> None:
     """Print the one JSON object of a command."""
+    _state.emitted = True
     payload = {"ok": ok, **result}
     text = json.dumps(payload, indent=2 if _state.pretty else None, default=str)
     sys.stdout.write(scrub(text) + "\n")
@@ -147,6 +149,15 @@ def fail(error: PmtoolError) -> int:
     emit({"error": error.to_json()}, ok=False)
     hint = f" ({error.hint})" if error.hint else ""
     say(f"pmtool: {error.kind}: {error.message}{hint}")
+    return error.exit_code
+
+
+def _stopped(error: Stopped) -> int:
+    """A signal stopped the command: its answer, unless it already printed one (`sandbox
+    serve` prints its URL first), so that stdout still holds exactly one JSON object."""
+    if not _state.emitted:
+        return fail(error)
+    say(f"pmtool: {error.message}")
     return error.exit_code
 
 
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except PmtoolError as exc:
         code = fail(exc)
     except KeyboardInterrupt as exc:
-        code = fail(Stopped(getattr(exc, "signum", signal.SIGINT)))
+        code = _stopped(Stopped(getattr(exc, "signum", signal.SIGINT)))
     except Exception as exc:  # typer/click usage errors carry exit_code and format_message
         if type(exc).__name__ == "NoArgsIsHelpError":
             # A bare `pmtool` (or `pmtool worktree`): the help, once, on stdout; not an error.
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
     else:
         if _stopped_by:  # typer answered 130 for whichever signal it was
-            code = fail(Stopped(_stopped_by[0]))
+            code = _stopped(Stopped(_stopped_by[0]))
         else:
             code = rv if isinstance(rv, int) else exit_code(None)
     return code
