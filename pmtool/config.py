@@ -107,17 +107,18 @@ class Settings:
         return self.values[f"model_{level}"]
 
     def public(self) -> dict[str, Any]:
-        """The settings as `pmtool config` shows them: value, source, what it is and the
-        environment variables that set it; the key masked."""
+        """The settings as `pmtool config` shows them: value and source, the key masked."""
         out = {}
         for name, value in self.values.items():
             if name == "api_key" and value:
                 value = mask(value)
             out[name] = {"value": value, "source": self.sources.get(name, "default")}
-            spec = SPECS.get(name)
-            if spec is not None:
-                out[name].update(help=spec.help, env=list(spec.env))
         return out
+
+
+def about() -> dict[str, dict[str, Any]]:
+    """What each setting is and the environment variables that set it (first wins)."""
+    return {name: {"help": spec.help, "env": list(spec.env)} for name, spec in SPECS.items()}
 
 
 def mask(secret: str) -> str:
@@ -159,7 +160,7 @@ def _convert(name: str, raw: Any, where: str) -> Any:
         return spec.type(raw)
     except (TypeError, ValueError):
         raise UsageError(
-            f'{where}: {name} must be {_KIND[spec.type]}, got "{raw}"',
+            f'{where}: {name} must be {_KIND.get(spec.type, spec.type.__name__)}, got "{raw}"',
             hint=f"fix {where}",
         ) from None
 

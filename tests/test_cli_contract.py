@@ -78,15 +78,17 @@ def test_precedence_flag_env_file_default(clean_env, monkeypatch):
 
 
 def vs(setting: dict) -> dict:
-    """A setting's value and source (`pmtool config` also shows its help and env)."""
+    """A setting's value and source."""
     return {"value": setting["value"], "source": setting["source"]}
 
 
 def test_config_shows_what_each_setting_is(clean_env):
-    s = pmtool("config").out["settings"]
-    assert s["hook_timeout"]["help"] == "seconds per hook"
-    assert s["hook_timeout"]["env"] == ["HEADLESS_PM_HOOK_TIMEOUT"]
-    assert all(entry["help"] for entry in s.values())
+    out = pmtool("config").out
+    about = out["about"]
+    assert about["hook_timeout"] == {"help": "seconds per hook",
+                                     "env": ["HEADLESS_PM_HOOK_TIMEOUT"]}
+    assert set(about) == set(out["settings"])
+    assert all(entry["help"] for entry in about.values())
 
 
 def test_second_key_variable_and_masking(clean_env, monkeypatch):

@@ -223,8 +223,10 @@ class SignalStop(KeyboardInterrupt):
         self.signum = signum
 
 
-# The signal that stopped the command, if one did. Kept here because typer turns a
-# KeyboardInterrupt into a plain exit code 130 before `main` can see which signal it was.
+# The signals that reached pmtool's own handlers. Kept here because typer turns a
+# KeyboardInterrupt that leaves the command into a plain 130 before `main` can see which
+# signal it was; a command that catches the interrupt (`status --watch`: Ctrl-C is how it
+# ends) answers for itself.
 _stopped_by: list[int] = []
 
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise
     else:
-        if _stopped_by:  # typer answered 130 for whichever signal it was
+        if _stopped_by and rv == 130:  # typer's answer to the interrupt, whichever signal
             code = _stopped(Stopped(_stopped_by[0]))
         else:
             code = rv if isinstance(rv, int) else exit_code(None)

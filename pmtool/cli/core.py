@@ -12,14 +12,18 @@ from pmtool.errors import UsageError
 
 @app.command("config")
 def config_cmd() -> None:
-    """Print the resolved settings, each with its source (flag, env, file, default).
+    """Print the resolved settings, each with its source (flag, env, file, default), and
+    under "about" what each one is and the environment variables that set it.
 
     The API key is masked.
 
     Example: pmtool config --pretty
     """
+    from pmtool.config import about
+
     settings = options().settings()
-    emit({"config_file": str(settings.config_path), "settings": settings.public()})
+    emit({"config_file": str(settings.config_path), "settings": settings.public(),
+          "about": about()})
 
 
 @app.command("model-for")
