@@ -13,11 +13,6 @@ import pmtool
 PACKAGE = Path(pmtool.__file__).parent
 ROOT = PACKAGE.parent
 
-# Files that import requests besides the client, each until its own change lands; the test
-# fails when one of them stops, so that the list only ever shrinks.
-REQUESTS_PENDING = {"pmtool/testing/seed.py"}  # its own client, until it uses PMClient
-
-
 def imported_modules(path: Path) -> set[str]:
     """Top-level names of every module `path` imports, at any depth (lazy imports too)."""
     names = set()
@@ -40,10 +35,8 @@ def test_only_the_cli_imports_typer():
 
 
 def test_only_the_client_imports_requests():
-    found = importers("requests")
-    assert "pmtool/client.py" in found
-    assert found - {"pmtool/client.py"} <= REQUESTS_PENDING, sorted(found)
-    assert found >= REQUESTS_PENDING, "a pending file no longer imports requests: drop it"
+    """The stand-in's seeder too talks through PMClient: one client."""
+    assert importers("requests") == {"pmtool/client.py"}
 
 
 def test_the_library_loads_without_typer_or_requests():
