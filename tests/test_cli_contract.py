@@ -383,15 +383,24 @@ def test_no_color_on_a_terminal(monkeypatch):
     os.close(leader)
 
 
-def test_sigterm_stops_a_command_with_143_and_one_json_answer(clean_env, free_port):
-    """claim --wait against a server that is not there: a SIGTERM ends it at once."""
-    proc = subprocess.Popen(
-        [PMTOOL, "claim", "--agent-id", "dev_sig", "--role", "backend_dev", "--wait", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port}",
-             "HEADLESS_PM_API_KEY": "k-signal"})
+def test_sigterm_stops_a_command_with_143_one_json_answer_and_no_leftovers(clean_env):
+    """A hook that would run for a minute: SIGTERM to pmtool ends the hook's process tree
+    (where SIGTERM's default action would leave it running) and answers 143."""
+    hooks = clean_env / "hooks"
+    hooks.mkdir()
+    started = clean_env / "started"
+    hook = hooks / "slow.sh"
+    hook.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {started}.tmp\n"
+                    f"mv {started}.tmp {started}\nwait\n")
+    hook.chmod(0o755)
+    proc = subprocess.Popen([PMTOOL, "hook", "run", "slow", "--hooks-dir", str(hooks),
+                             "--timeout", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sleeper = int(started.read_text())
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -401,6 +410,15 @@ def test_sigterm_stops_a_command_with_143_and_one_json_answer(clean_env, free_po
     assert answer["ok"] is False
     assert answer["error"] == {"type": "stopped", "message": "stopped by SIGTERM",
                                "signal": "SIGTERM"}
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(sleeper) and time.monotonic() < deadline:
+        if psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(sleeper) or \
+        psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE
 
 
 def test_exit_code_is_one_function_of_answer_or_error():
