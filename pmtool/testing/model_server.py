@@ -180,6 +180,9 @@ class Error:
     message: str = "Internal server error (scripted)"
     should_retry: bool | None = None
     retry_after: float | None = None
+    # Extra answer headers, e.g. the `anthropic-ratelimit-unified-*` headers with which the
+    # API tells a subscription about its usage limit and when it resets.
+    headers: dict[str, str] | None = None
 
 
 @dataclass
@@ -580,6 +583,7 @@ class _Handler(BaseHTTPRequestHandler):
                 extra["x-should-retry"] = "true" if step.should_retry else "false"
             if step.retry_after is not None:
                 extra["retry-after"] = str(step.retry_after)
+            extra.update(step.headers or {})
             self.close_connection = True
             err = {"type": step.error_type, "message": step.message}
             self._send_json(step.status, {"type": "error", "error": err}, extra)

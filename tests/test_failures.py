@@ -1,0 +1,270 @@
+"""pmtool.failures: how claude stops are named, and the attempt accounting built on them.
+
+The classification is checked against the real claude binary and the scripted model server
+for every stop the server can produce (budget, max_turns, 429, usage limit with resetsAt,
+529, 401, a hang ended by pmtool), and against recorded stream lines for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from helpers import CLAUDE, needs_claude
+from pmtool import failures as f
+from pmtool.testing.claude_env import claude_env
+from pmtool.testing.model_server import Bash, Error, Hang, ScriptedModelServer, Text
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+TASK = {"id": 7, "created_at": "2026-11-30T10:00:00.000001", "notes": None}
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def line(kind: str, minutes: float, cost: float = 0.0, task: dict | None = None,
+         agent: str = "dev1", outcome: str | None = None) -> dict:
+    return f.attempt_line(task or TASK, agent, outcome=outcome or ("done" if kind == "ok"
+                                                                   else "given_back"),
+                          kind=kind, cost_usd=cost, reason=f"{kind} reason", at=at(minutes))
+
+
+# -- the real claude ---------------------------------------------------------------------------
+
+
+def run_claude(tmp_path: Path, script: list, *extra: str, max_retries: int | None = 1,
+               oauth: bool = False, timeout: float | None = None) -> f.Stop:
+    """Run the real CLI against the scripted server and classify its end as pmtool would."""
+    assert CLAUDE
+    with ScriptedModelServer(script) as srv:
+        env = claude_env(srv.url, tmp_path / "home", max_retries=max_retries)
+        if oauth:  # a subscription login: the API's usage-limit headers reach the stream
+            del env["ANTHROPIC_API_KEY"]
+            env["CLAUDE_CODE_OAUTH_TOKEN"] = "scripted-oauth-token"
+        cmd = [CLAUDE, "-p", "work", "--output-format", "stream-json", "--verbose",
+               "--dangerously-skip-permissions", "--session-id", str(uuid.uuid4()), *extra]
+        timed_out = None
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout or 60)
+        except subprocess.TimeoutExpired:
+            if not timeout:
+                raise
+            timed_out = "timeout"
+            proc.terminate()
+            out, err = proc.communicate(timeout=30)
+    result, events = f.read_stream(out.splitlines())
+    return f.classify(result, events, exit_code=proc.returncode, stderr=err,
+                      timed_out_by=timed_out, has_verdict=False)
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_stops_are_named(tmp_path: Path) -> None:
+    steps = [Bash("echo 1"), Bash("echo 2"), Bash("echo 3"), Text("done")]
+
+    budget = run_claude(tmp_path, steps, "--max-budget-usd", "0.0000001")
+    assert budget.kind == "budget" and not budget.policy.retry and budget.policy.attempt
+
+    turns = run_claude(tmp_path, steps, "--max-turns", "1")
+    assert turns.kind == "max_turns" and turns.policy.retry and turns.policy.attempt
+
+    limited = run_claude(tmp_path, [Error(429, "rate_limit_error", "slow down")] * 5)
+    assert limited.kind == "rate_limit" and limited.api_error_status == 429
+    assert limited.retries == 1 and limited.last_retry["error"] == "rate_limit"
+    assert limited.policy.keep and not limited.policy.attempt
+
+    reset = int(time.time()) + 3600
+    usage = run_claude(tmp_path, [Error(429, "rate_limit_error", "limit", headers={
+        "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(reset),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour"})] * 5, oauth=True)
+    assert usage.kind == "rate_limit"
+    assert usage.resets_at == datetime.fromtimestamp(reset, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    overloaded = run_claude(tmp_path, [Error(529, "overloaded_error", "Overloaded")] * 5)
+    assert overloaded.kind == "overloaded" and overloaded.last_retry["error"] == "overloaded"
+
+    refused = run_claude(tmp_path, [Error(401, "authentication_error", "bad key")] * 5)
+    assert refused.kind == "auth" and refused.policy.stop and refused.policy.keep
+
+    # pmtool's own time limit while claude waits on the API: a timeout, an attempt.
+    hung = run_claude(tmp_path, [Hang()], timeout=3)
+    assert hung.kind == "timeout" and hung.policy.attempt
+
+    no_verdict = run_claude(tmp_path, [Text("all done")])
+    assert no_verdict.kind == "failed" and "no verdict" in no_verdict.message
+
+
+# -- recorded stream lines ---------------------------------------------------------------------
+
+
+def test_recorded_stops() -> None:
+    retry = {"type": "system", "subtype": "api_retry", "attempt": 3, "max_retries": 10,
+             "retry_delay_ms": 2000, "error_status": 529, "error": "overloaded"}
+    # Timed out by pmtool while claude was still retrying an overloaded API: overload.
+    stop = f.classify(None, [retry], exit_code=-15, timed_out_by="timeout")
+    assert stop.kind == "overloaded" and stop.retries == 1
+    assert f.classify(None, [], exit_code=-15, timed_out_by="idle_timeout",
+                      idle_s=30).kind == "idle"
+    killed = f.classify(None, [], exit_code=-9)
+    assert (killed.kind, killed.signal, killed.exit_code) == ("killed", 9, 137)
+    assert "SIGKILL" in killed.message
+    assert f.classify(None, [], exit_code=137).signal == 9
+    assert f.classify(None, [], exit_code=1, stopped=True).kind == "stopped"
+    auth_retry = {**retry, "error": "authentication_failed", "error_status": 401}
+    assert f.classify(None, [auth_retry], exit_code=-15, timed_out_by="timeout").kind == "auth"
+    expired = {"type": "result", "subtype": "success", "is_error": True,
+               "result": "OAuth token has expired. Please run /login"}
+    assert f.classify(expired, exit_code=1).kind == "auth"
+    old_limit = {"type": "result", "is_error": True,
+                 "result": "Claude AI usage limit reached|1796010553"}
+    stop = f.classify(old_limit, exit_code=1)
+    assert stop.kind == "rate_limit" and stop.resets_at.startswith("2026-")
+    allowed = {"type": "rate_limit_event",
+               "rate_limit_info": {"status": "allowed_warning", "resetsAt": 1796010553}}
+    good = {"type": "result", "subtype": "success", "is_error": False, "result": "ok"}
+    assert f.classify(good, [allowed], exit_code=0, has_verdict=True).kind == "ok"
+    assert f.classify({**good, "is_error": True, "api_error_status": 500},
+                      exit_code=1).kind == "overloaded"
+    assert f.classify(None, [], exit_code=1, stderr="boom").message.endswith("boom")
+
+
+def test_read_stream_reads_only_the_last_run_of_a_transcript() -> None:
+    lines = [json.dumps(x) for x in (
+        {"type": "pmtool", "event": "start"},
+        {"type": "system", "subtype": "api_retry", "error": "overloaded"},
+        {"type": "result", "subtype": "error_max_turns"},
+        {"type": "pmtool", "event": "start"},
+        {"type": "assistant", "message": {}},
+    )] + ["not json"]
+    assert f.read_stream(lines) == (None, [])
+
+
+def test_describe_retry_says_what_claude_waits_for() -> None:
+    text = f.describe_retry({"type": "system", "subtype": "api_retry", "attempt": 2,
+                             "max_retries": 10, "retry_delay_ms": 4000, "error_status": 529,
+                             "error": "overloaded"})
+    assert text == "model API answered 529 (overloaded); claude retry 2/10, next try in 4s"
+    assert f.describe_retry({"type": "assistant"}) is None
+
+
+# -- accounting --------------------------------------------------------------------------------
+
+
+def test_cooldown_grows_and_is_capped() -> None:
+    assert [f.cooldown_s(n, 60) for n in range(0, 5)] == [0, 60, 120, 240, 480]
+    assert f.cooldown_s(20, 60) == 3600
+    rows = [line("failed", 0), line("timeout", 10)]
+    assert f.cooling_until(rows, 60) == at(10) + timedelta(seconds=120)
+    # Pauses (rate limits) are not attempts and do not lengthen the wait.
+    assert f.cooling_until([*rows, line("rate_limit", 11)], 60) == at(10) + timedelta(
+        seconds=120)
+    assert f.cooling_until([*rows, line("ok", 20)], 60) is None
+    assert f.cooling_until([], 60) is None
+
+
+def test_attempts_are_per_task_and_restart_after_a_park() -> None:
+    other = {"id": 7, "created_at": "2026-12-01T00:00:00"}  # same id, a new task (quirk 9)
+    history = [line("failed", 0), line("failed", 1, task=other),
+               f.park_line(TASK, "dev1", "3 attempts", at=at(2)), line("failed", 3),
+               {"kind": "closed", "task": TASK}]
+    rows = f.attempts_of(history, TASK)
+    assert [r["at"] for r in rows] == [f.iso(at(3))]
+    assert len(f.attempts_of(history, other)) == 1
+
+
+def test_park_reasons() -> None:
+    limits = f.Limits(max_attempts=3, task_budget_usd=1.0, max_bounces=2)
+    assert f.park_reason([line("failed", 0), line("hook", 1)], limits) is None
+    three = [line("failed", 0), line("hook", 1), line("timeout", 2)]
+    assert "3 attempts failed" in f.park_reason(three, limits)
+    # A rate-limit pause in between is not an attempt.
+    assert f.park_reason([line("failed", 0), line("rate_limit", 1), line("hook", 2)],
+                         limits) is None
+    assert f.park_reason([line("blocked", 0, outcome="blocked")], limits).startswith(
+        "blocked:")
+    assert f.park_reason([line("budget", 0, cost=0.2)], limits).startswith("budget:")
+    assert "task budget $1 spent" in f.park_reason([line("failed", 0, cost=0.6),
+                                                    line("failed", 1, cost=0.5)], limits)
+    assert "QA failed it 2 times" in f.park_reason([], limits, bounces=2)
+    assert f.park_reason([line("ok", 0)], limits, bounces=1) is None
+
+
+def test_qa_bounces_from_the_changelog_and_the_notes() -> None:
+    def change(n: int, old: str, new: str, task_id: int = 7) -> dict:
+        return {"id": n, "task_id": task_id, "old_status": old, "new_status": new,
+                "changed_at": f"2026-11-30T11:00:{n:02d}"}
+
+    flow = [("created", "under_work"), ("under_work", "dev_done"),  # dev done
+            ("dev_done", "under_work"), ("under_work", "created"),  # QA fail 1
+            ("created", "under_work"), ("under_work", "created"),   # dev gave back: no bounce
+            ("created", "under_work"), ("under_work", "dev_done"),
+            ("dev_done", "under_work"), ("under_work", "created")]  # QA fail 2
+    log = [change(n, *pair) for n, pair in enumerate(flow)] + [change(40, "dev_done",
+                                                                      "under_work", 8)]
+    assert f.qa_bounces(log, TASK) == 2
+    # Un-parked by a person (pending -> created): the count starts again.
+    log += [change(20, "created", "pending"), change(21, "pending", "created")]
+    assert f.qa_bounces(log, TASK) == 0
+    # Entries older than the task belong to a deleted task with the same id.
+    assert f.qa_bounces([change(n, *p) for n, p in enumerate(flow)],
+                        {"id": 7, "created_at": "2026-11-30T12:00:00"}) == 0
+    notes = "qa1: fail: tests red\n\nqa2: fail: still red\ndev: done"
+    assert f.qa_bounces([], {**TASK, "notes": notes}) == 2
+    assert f.qa_bounces([], {**TASK, "notes": notes + f"\n{f.PARKED_MARK}: x\nqa: fail: y"}) == 1
+
+
+def test_breaker_opens_doubles_and_closes() -> None:
+    limits = f.Limits(max_consecutive_failures=3, retry_cooldown=60)
+    rows = [line("failed", 0), line("hook", 1)]
+    assert f.breaker(rows, limits, now=at(2)).state == "closed"
+    rows.append(line("timeout", 2))
+    state = f.breaker(rows, limits, now=at(2.5))
+    assert (state.state, state.wait_s, state.until) == ("open", 60, at(3))
+    assert not state.allows(at(2.5)) and state.allows(at(3))
+    assert f.breaker(rows, limits, now=at(3)).state == "half_open"
+    rows.append(line("failed", 4))  # the half-open try failed: twice as long
+    state = f.breaker(rows, limits, now=at(4.5))
+    assert (state.state, state.wait_s) == ("open", 120)
+    rows += [line("failed", 10 + n) for n in range(10)]
+    assert f.breaker(rows, limits, now=at(20)).wait_s == 3600
+    # Pauses and verdicts are no failures; a good end closes it.
+    assert f.breaker([*rows, line("rate_limit", 21)], limits, now=at(21)).trips == 12
+    assert f.breaker([*rows, line("ok", 30)], limits, now=at(30)).state == "closed"
+    assert f.breaker([line("blocked", n) for n in range(5)], limits, now=at(6)).state == \
+        "closed"
+
+
+def test_daily_budget_counts_today_only() -> None:
+    limits = f.Limits(daily_budget_usd=1.0)
+    history = [line("ok", -60 * 13, cost=5.0), line("ok", 0, cost=0.7),
+               line("failed", 1, cost=0.3, task={"id": 9})]
+    over, spent, tomorrow = f.over_daily_budget(history, limits, now=at(2))
+    assert (over, spent) == (True, 1.0)
+    assert tomorrow == datetime(2026, 12, 1, tzinfo=UTC)
+    assert not f.over_daily_budget(history, f.Limits(), now=at(2))[0]
+
+
+def test_decide_claim_cool_park() -> None:
+    limits = f.Limits(max_attempts=3, retry_cooldown=60, max_bounces=3)
+    assert f.decide(TASK, [], limits, now=at(0)).action == "claim"
+    history = [line("failed", 0)]
+    cool = f.decide(TASK, history, limits, now=at(0.5))
+    assert (cool.action, cool.until) == ("cool", at(1))
+    assert f.decide(TASK, history, limits, now=at(1)).action == "claim"
+    history += [line("failed", 2), line("failed", 5)]
+    park = f.decide(TASK, history, limits, now=at(100))
+    assert park.action == "park" and park.attempts == 3
+    bounced = {**TASK, "notes": "q: fail: a\nq: fail: b\nq: fail: c"}
+    assert f.decide(bounced, [], limits, role="backend_dev").action == "park"
+    assert f.decide(bounced, [], limits, role="qa").action == "claim"
