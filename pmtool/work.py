@@ -26,10 +26,12 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pmtool import bounds
+from pmtool import failures as fl
 from pmtool.config import LEVELS, check_level
 from pmtool.errors import (
     ApiError,
@@ -89,6 +91,8 @@ class ClaimStats:
     conflicts: int = 0  # the lock call answered 409: someone had it already
     losses: int = 0  # the lock call answered 200, but the read-back showed another agent
     elapsed: float = 0.0
+    cooling: dict[int, str] = field(default_factory=dict)  # task id -> may be claimed at
+    parked: list[dict[str, Any]] = field(default_factory=list)  # parked by this claim
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -188,19 +192,26 @@ def _valid_values(detail: Any, field: str) -> list[str]:
 def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
           wait: float = 0.0, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
           stats: ClaimStats | None = None,
-          sleep: Callable[[float], None] = time.sleep, register_first: bool = True) -> Claimed:
+          sleep: Callable[[float], None] = time.sleep, register_first: bool = True,
+          limits: fl.Limits | None = None, explain: bool = True) -> Claimed:
     """Take the next task for the role and level and make it this agent's.
 
     Looks once when `wait` is 0, else polls until a task is claimed or `wait` seconds have
     passed. Returns `Claimed(task, record, path)`: the task as the server has it after
     `under_work` was set, the record and where it lives. `stats` (filled in place, also
-    when nothing was claimed) counts polls, 409s and lost races. Raises NothingToDo when no
-    task came, Conflict when the agent already has a record.
+    when nothing was claimed) counts polls, 409s and lost races, and lists the tasks that
+    were cooling down and those parked. `limits` bound the work (pmtool.failures): a
+    task given back is not taken again by this machine before its cooldown, one that has
+    had its attempts (or QA fails, or budget) is parked for a person instead. Raises
+    NothingToDo when no task came (with `why`, unless `explain` is False), Conflict when
+    the agent already has a record or a running `pmtool run` of its own.
     """
     stats = stats if stats is not None else ClaimStats()
+    limits = limits or fl.Limits()
     start = time.monotonic()
     runner_pid = runner_pid or os.getpid()
     _refuse_if_busy(store, agent_id)
+    _refuse_if_runner(store, agent_id, runner_pid)
     if register_first:  # a never-seen agent id can claim at once
         register(client, agent_id, role, level)
     deadline = start + max(wait, 0.0)
@@ -211,7 +222,7 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
                 # Again under the lock: another process may have claimed for this agent.
                 _refuse_if_busy(store, agent_id)
                 claimed = _claim_round(client, store, agent_id, role, level, runner_pid,
-                                       settle, stats, sleep)
+                                       settle, stats, sleep, limits)
             if claimed:
                 return claimed
             left = deadline - time.monotonic()
@@ -222,9 +233,48 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
             delay = min(POLL_CAP, delay * 2)
     finally:
         stats.elapsed = time.monotonic() - start
+    why = why_nothing(client, role, level, stats.cooling) if explain else []
     raise NothingToDo(f"no task for {role}/{level} "
-                      + (f"within {wait:g}s" if wait else "right now"),
-                      hint="--wait SECONDS keeps looking", **stats.to_json())
+                      + (f"within {wait:g}s" if wait else "right now")
+                      + (f": {why[0]}" if why else ""),
+                      hint="--wait SECONDS keeps looking", why=why, **stats.to_json())
+
+
+def why_nothing(client: Any, role: str, level: str,
+                cooling: dict[int, str] | None = None) -> list[str]:
+    """Why no task was found for the role and level (see preflight.explain_nothing)."""
+    from pmtool.errors import PmtoolError
+    from pmtool.preflight import explain_nothing
+
+    try:
+        tasks = client.list_tasks()
+    except PmtoolError:
+        return []
+    return explain_nothing(tasks, role, level, cooling)
+
+
+def _refuse_if_runner(store: RecordStore, agent_id: str, runner_pid: int) -> None:
+    """A running `pmtool run` of this agent owns its claims: a manual claim next to it
+    would hand the runner a record it did not make."""
+    import fcntl
+
+    path = store.runner_lock(agent_id).path
+    if not path.exists():
+        return
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            pid = int(holder) if holder.isdigit() else None
+            if pid in (os.getpid(), runner_pid):
+                return  # the runner itself claiming
+            raise Conflict(f"agent {agent_id} has a running `pmtool run` on this machine "
+                           f"(pid {holder or '?'}); it claims its own tasks",
+                           hint="stop that runner, or claim with another --agent-id",
+                           pid=pid) from None
+        fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 INCOMPLETE_STEPS = ("claiming", "locked", UNDER_WORK)
@@ -263,30 +313,43 @@ def _refuse_if_busy(store: RecordStore, agent_id: str) -> None:
 
 def _claim_round(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
                  runner_pid: int, settle: float, stats: ClaimStats,
-                 sleep: Callable[[float], None]) -> Claimed | None:
-    """One look for work: the server's pick, then (after a loss) the other candidates."""
+                 sleep: Callable[[float], None], limits: fl.Limits) -> Claimed | None:
+    """One look for work: the server's pick, then (after a loss, or when the pick is
+    cooling down or was parked) the other candidates."""
     stats.polls += 1
     first = client.next_task(role, level, simulate=True)
     if not first:
         return None
+    ledger = bounds.Ledger(store.state_dir)
+    screen = bounds.new_screen(ledger, limits, role, agent_id)
     tried: set[int] = set()
     candidates: list[dict[str, Any]] | None = None
     task: dict[str, Any] | None = first
-    while task is not None:
-        tried.add(task["id"])
-        claimed = _take(client, store, task, agent_id, role, level, runner_pid, settle,
-                        stats, sleep)
-        if claimed:
-            return claimed
-        # /tasks/next only ever names the oldest task, which someone else now has: find
-        # the other unlocked candidates ourselves, oldest first, as the server would.
-        if candidates is None:
-            candidates = _candidates(client, role, level)
-        left = [c for c in candidates if c["id"] not in tried]
-        # Losers of one race would all stampede to the same next-oldest task and race
-        # again; a random pick among the oldest few scatters them (20-way: 3x faster).
-        task = random.choice(left[:SPREAD]) if left else None
-    return None
+    try:
+        while task is not None:
+            tried.add(task["id"])
+            action = bounds.screen_task(client, ledger, screen, task)
+            if action == "claim":
+                claimed = _take(client, store, task, agent_id, role, level, runner_pid,
+                                settle, stats, sleep)
+                if claimed:
+                    return claimed
+            # /tasks/next only ever names the oldest task, which someone else now has (or
+            # we may not take): find the other unlocked candidates ourselves, oldest
+            # first, as the server would.
+            if candidates is None:
+                candidates = _candidates(client, role, level)
+            left = [c for c in candidates if c["id"] not in tried]
+            if action != "claim":
+                task = left[0] if left else None  # no race to scatter from
+            else:
+                # Losers of one race would all stampede to the same next-oldest task and
+                # race again; a random pick among the oldest few scatters them.
+                task = random.choice(left[:SPREAD]) if left else None
+        return None
+    finally:
+        stats.cooling.update(screen.cooling)
+        stats.parked.extend(screen.parked)
 
 
 def _candidates(client: Any, role: str, level: str) -> list[dict[str, Any]]:
@@ -491,21 +554,43 @@ def _drop_stray_lock(client: Any, record: TaskRecord, task: dict[str, Any] | Non
     return True
 
 
-def release(client: Any, store: RecordStore, agent_id: str,
-            notes: str | None = None) -> dict[str, Any]:
+def release(client: Any, store: RecordStore, agent_id: str, notes: str | None = None,
+            kind: str = fl.FAILED, limits: fl.Limits | None = None) -> dict[str, Any]:
     """Give the agent's task back: status as before the claim, lock dropped, record closed.
 
-    Returns `{"task_id", "action": "released"|"moved_on", "task"}`. A task that someone
-    else has moved on is left as it is (`moved_on`); the record is closed either way.
+    `kind` says why (a pmtool.failures kind; default `failed`): the claim's end is kept as
+    an attempt line on this machine (outcome, kind, cost, reason) and in the task's notes.
+    A task that has had its attempts (`limits.max_attempts`), or whose kind is not to be
+    retried (budget), or whose task budget is spent over all claims, is parked for a
+    person instead (status `pending`, action `parked`, with `parked` the reason).
+
+    Returns `{"task_id", "action": "released"|"parked"|"moved_on", "task", "attempt"}`.
+    A task that someone else has moved on is left as it is (`moved_on`); the record is
+    closed either way.
     """
+    limits = limits or fl.Limits()
     record = store.need(agent_id)
     task = read_task(client, record.task_id)
-    extra = f"{agent_id}: released: {notes}" if notes else None
     if _ours(task, record):
         assert task is not None
+        ledger = bounds.Ledger(store.state_dir)
+        line = bounds.account(ledger, record.task, agent_id, outcome="given_back", kind=kind,
+                              cost_usd=record.cost_usd, reason=notes,
+                              claimed_at=record.claimed_at)
+        rows = fl.attempts_of(ledger.lines(), record.task)
+        summary = bounds.attempt_summary(line, rows, limits)
+        reason = fl.park_reason(rows, limits)
+        if reason:
+            answer = bounds.park(client, ledger, agent_id, task, reason, rows)
+            store.close(record, "parked", status=bounds.PENDING, reason=reason)
+            return {"task_id": record.task_id, "action": "parked", "parked": reason,
+                    "task": answer.get("task"), "attempt": line}
+        extra = f"{agent_id}: released: {summary}" + (f": {notes}" if notes else "")
         new = _release_on_server(client, agent_id, task, record.previous_status, extra)
         store.close(record, "released", status=record.previous_status)
-        return {"task_id": record.task_id, "action": "released", "task": new}
+        until = fl.cooling_until(rows, limits.retry_cooldown, limits.cooldown_cap)
+        return {"task_id": record.task_id, "action": "released", "task": new,
+                "attempt": line, "cooling_until": fl.iso(until) if until else None}
     if _drop_stray_lock(client, record, task):
         assert task is not None
         store.close(record, "released", status=task["status"])
@@ -526,37 +611,45 @@ def _why_not_ours(task: dict[str, Any] | None, agent_id: str) -> str:
 
 
 OUTCOMES = {
-    # outcome -> status; "blocked" gives the task back to the status it had before.
-    "dev": {"done": "dev_done", "blocked": None},
-    QA: {"pass": "qa_done", "fail": "created", "blocked": None},
+    # outcome -> status; "blocked" parks the task for a person: `pending` is never picked.
+    "dev": {"done": "dev_done", "blocked": bounds.PENDING},
+    QA: {"pass": "qa_done", "fail": "created", "blocked": bounds.PENDING},
 }
 
 
-def outcome_status(role: str, outcome: str, previous_status: str) -> str:
+def outcome_status(role: str, outcome: str, previous_status: str | None = None) -> str:
     """The status the role's flow calls for; UsageError for an outcome the role lacks."""
     table = OUTCOMES[QA if role == QA else "dev"]
     if outcome not in table:
         raise UsageError(f"outcome {outcome!r} is not one for role {role}",
                          hint="valid outcomes: " + ", ".join(table), valid=list(table))
-    return table[outcome] or previous_status
+    return table[outcome]
 
 
 def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
-           notes: str | None = None) -> dict[str, Any]:
+           notes: str | None = None, limits: fl.Limits | None = None) -> dict[str, Any]:
     """Report the outcome of the agent's task with the status its role's flow calls for.
 
     `done` (developers, architect, pm) -> dev_done; qa `pass` -> qa_done, `fail` ->
-    created; `blocked` -> back to the status before the claim, the reason as a comment.
-    Notes are appended to the task's notes, never replace them. If the server shows the
-    task moved on (maybe by the agent itself), nothing is overwritten: `action` is
-    `moved_on`. Returns `{"task_id", "action", "outcome", "status", "task"}`; the record
-    is closed either way.
+    created, or parked once QA has failed it `limits.max_bounces` times (counted from the
+    server's changelog and the notes); `blocked` parks the task for a person: status
+    `pending` (never picked), the reason in the notes and as a comment. Notes are
+    appended to the task's notes, never replace them; the claim's end is kept as an
+    attempt line on this machine. If the server shows the task moved on (maybe by the
+    agent itself), nothing is overwritten: `action` is `moved_on`. Returns `{"task_id",
+    "action", "outcome", "status", "task"}` (and `parked`, the reason, when parked); the
+    record is closed either way.
     """
+    limits = limits or fl.Limits()
     record = store.need(agent_id)
-    status = outcome_status(record.role, outcome, record.previous_status)
+    status = outcome_status(record.role, outcome)
     task = read_task(client, record.task_id, status=UNDER_WORK)
+    ledger = bounds.Ledger(store.state_dir)
     if not _ours(task, record):
         _drop_stray_lock(client, record, task)
+        bounds.account(ledger, record.task, agent_id, outcome="moved_on", kind=fl.OK,
+                       cost_usd=record.cost_usd, reason=_why_not_ours(task, agent_id),
+                       claimed_at=record.claimed_at)
         store.close(record, "moved_on", requested=outcome,
                     status=(task or {}).get("status"))
         return {"task_id": record.task_id, "action": "moved_on", "outcome": outcome,
@@ -565,12 +658,28 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
     assert task is not None
     record.step("finishing", outcome=outcome)
     store.save(record)  # a crash from here on is found by recover as "moved on"
+    kind = fl.BLOCKED if outcome == "blocked" else fl.OK
+    line = bounds.account(ledger, record.task, agent_id, outcome=outcome, kind=kind,
+                          cost_usd=record.cost_usd, reason=notes,
+                          claimed_at=record.claimed_at)
+    parked = None
     if outcome == "blocked":
-        reason = notes or "blocked (no reason given)"
-        new = _release_on_server(client, agent_id, task, status)
-        # After the status change: a status update's notes would overwrite the comment.
-        client.comment(record.task_id, agent_id, f"blocked: {reason}")
-        new["notes"] = _append_notes(new, f"{agent_id}: blocked: {reason}")
+        parked = f"blocked: {notes or 'no reason given'}"
+    elif outcome == "fail" and limits.max_bounces:
+        changelog = bounds.changelog(client)
+        # This fail is not in the changelog yet: count it on top of the earlier ones.
+        bounces = fl.qa_bounces(changelog, task) + 1
+        if bounces >= limits.max_bounces:
+            parked = (f"QA failed it {bounces} times (max_bounces {limits.max_bounces}); "
+                      f"last: {notes or 'no notes given'}")
+    if parked:
+        # The verdict goes into the notes first, so the park note follows it.
+        text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
+        task = {**task, "notes": _append_notes(task, f"{agent_id}: {outcome}: {text}"
+                                               if text and outcome != "blocked" else None)}
+        answer = bounds.park(client, ledger, agent_id, task, parked,
+                             fl.attempts_of(ledger.lines(), record.task) or [line])
+        new, status = answer.get("task") or task, bounds.PENDING
     else:
         text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
         extra = f"{agent_id}: {outcome}: {text}" if text else None
@@ -578,8 +687,11 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
                                    notes=_append_notes(task, extra))
         new = (answer or {}).get("task") or {**task, "status": status}
     store.close(record, outcome, status=status)
-    return {"task_id": record.task_id, "action": "finished", "outcome": outcome,
-            "status": status, "task": new, "lock_expired": task.get("locked_by") is None}
+    out = {"task_id": record.task_id, "action": "finished", "outcome": outcome,
+           "status": status, "task": new, "lock_expired": task.get("locked_by") is None}
+    if parked:
+        out["parked"] = parked
+    return out
 
 
 PARKED = "pending"  # the server never offers a pending task: it waits for a person

@@ -214,7 +214,7 @@ def claimed(store: RecordStore, *tasks: dict[str, Any], role: str = "backend_dev
 @pytest.mark.parametrize(("role", "outcome", "status"), [
     ("backend_dev", "done", "dev_done"), ("architect", "done", "dev_done"),
     ("pm", "done", "dev_done"), ("qa", "pass", "qa_done"), ("qa", "fail", "created"),
-    ("backend_dev", "blocked", "created"), ("qa", "blocked", "dev_done")])
+    ("backend_dev", "blocked", "pending"), ("qa", "blocked", "pending")])
 def test_outcome_status(role, outcome, status):
     previous = "dev_done" if role == "qa" else "created"
     assert work.outcome_status(role, outcome, previous) == status
@@ -238,13 +238,15 @@ def test_finish_appends_notes_and_closes(store):
         work.finish(server, store, "dev_1", "done")
 
 
-def test_finish_blocked_comments_after_giving_back(store):
+def test_finish_blocked_parks_and_comments_after_the_status(store):
     server = claimed(store, task(1))
-    work.finish(server, store, "dev_1", "blocked", notes="no schema")
+    result = work.finish(server, store, "dev_1", "blocked", notes="no schema")
     kinds = [c[0] for c in server.calls]
     assert kinds[-2:] == ["status", "comment"]  # a status update would wipe the comment
-    assert server.tasks[1]["status"] == "created" and server.tasks[1]["locked_by"] is None
-    assert server.tasks[1]["notes"].endswith("dev_1: blocked: no schema")
+    assert server.tasks[1]["status"] == "pending" and server.tasks[1]["locked_by"] is None
+    assert result["parked"] == "blocked: no schema" and result["status"] == "pending"
+    assert "pmtool: parked by dev_1" in server.tasks[1]["notes"]
+    assert server.tasks[1]["notes"].endswith("dev_1: parked: blocked: no schema")
 
 
 def test_finish_moved_on_does_not_write(store):

@@ -294,12 +294,15 @@ def test_qa_fail_pass_and_blocked(env, queue):
     assert claim(env, qa, role="qa").code == 0
     r = pmtool("finish", "--agent-id", qa, "--outcome", "blocked", "--notes",
                "staging is down", env=env)
-    assert r.out["status"] == "dev_done"
+    # Blocked parks the task for a person: pending is never offered to anyone.
+    assert r.out["status"] == "pending" and r.out["parked"] == "blocked: staging is down"
     on_server = queue.get_task(task["id"])
-    assert on_server["status"] == "dev_done" and on_server["locked_by"] is None
-    assert f"{qa}: blocked: staging is down" in on_server["notes"]
+    assert on_server["status"] == "pending" and on_server["locked_by"] is None
+    assert f"{qa}: parked: blocked: staging is down" in on_server["notes"]
     assert "500 on login" in on_server["notes"]
+    assert claim(env, qa, role="qa").code == 3
 
+    queue.set_status(task["id"], "dev_done")  # a person un-parks it
     assert claim(env, qa, role="qa").code == 0
     r = pmtool("finish", "--agent-id", qa, "--outcome", "pass", env=env)
     assert queue.get_task(task["id"])["status"] == "qa_done"
@@ -387,8 +390,12 @@ def test_kill_9_at_each_step_then_recover(env, queue, point):
         # Recovering again is harmless; the task can then be given back or finished.
         assert pmtool("recover", env=env).out["entries"][0]["action"] == "resume"
         assert pmtool("lock", "release", "--agent-id", agent, env=env).code == 0
-    # Nothing lost: the task is claimable again.
-    r = claim(env, unique_id("dev"))
+        # A give-back is an attempt: this machine lets the task cool down first.
+        r = claim(env, unique_id("dev"))
+        assert r.code == 3 and task["id"] in map(int, r.out["error"]["cooling"])
+    # Nothing lost: the task is claimable again (by another machine at once).
+    other = {**env, "PMTOOL_STATE_DIR": env["PMTOOL_STATE_DIR"] + "-other"}
+    r = claim(other, unique_id("dev"))
     assert r.code == 0 and r.out["task"]["id"] == task["id"]
 
 
