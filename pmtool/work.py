@@ -742,20 +742,31 @@ def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
     return good, [(c.path, c.reason) for c in corrupt]
 
 
+DEFAULT_GRACE = 900.0  # seconds a dead runner's task is kept for it to come back
+
+
 def recover(client: Any, store: RecordStore, agent_id: str | None = None,
             all_: bool = False, dry_run: bool = False, give_back: bool = False,
             settle: float = DEFAULT_SETTLE,
-            sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+            sleep: Callable[[float], None] = time.sleep,
+            grace: float = DEFAULT_GRACE, limits: fl.Limits | None = None,
+            now: float | None = None) -> list[dict[str, Any]]:
     """Reconcile the records on this machine with the server; one entry per record.
 
     `action` is `running` (the runner lives: left alone), `resume` (still ours and under
-    work: re-registered, record kept for a runner to take over, with its worktree and
-    session id), `released` (the server gave the lock away or the task moved on: record
-    closed into history, nothing deleted from the worktree) or `corrupt` (quarantined).
+    work: re-registered, record kept for the runner to take over, with its worktree and
+    session id), `waiting` (the runner died less than `grace` seconds ago: left for it to
+    come back and resume, and *not* re-registered, so a runner that never comes back does
+    not keep the task locked), `released` (given back: the server gave the lock away or
+    the task moved on, or its runner has been dead longer than `grace`; its worktree's
+    uncommitted work is rescued first and the rescue ref named in the task's notes as
+    `rescued`), or `corrupt` (quarantined). Only `agent_id` (the agent's own runner
+    starting again) resumes; every record (`--all`, cron) waits or is given back. A
+    record of this very process is its own and is reconciled, never `running`.
     `stale_runner` is true when the record's runner pid was dead. With `give_back`, tasks
-    that would resume are released to the queue instead. `dry_run` changes nothing.
-    Raises NothingToDo when there were no records, ServerError (records untouched) when
-    the server cannot be read.
+    are given back at once, grace or not. `dry_run` changes nothing. Raises NothingToDo
+    when there were no records, ServerError (records untouched) when the server cannot
+    be read.
     """
     if agent_id and all_:
         raise UsageError("give --agent-id or --all, not both")
@@ -767,7 +778,8 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
         who = f"agent {agent_id}" if agent_id else "this machine"
         raise NothingToDo(f"no task records for {who} in {store.dir}")
 
-    stale = {p for p, r in good if not store.is_live(r) or claim_abandoned(r)}
+    me = os.getpid()
+    stale = {p for p, r in good if not store.is_live(r) or claim_abandoned(r) or r.pid == me}
     # Read the server before changing anything, so that an unreachable server leaves
     # every record as it was.
     tasks = {t["id"]: t for t in client.list_tasks()} if stale else {}
@@ -789,7 +801,14 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
             if task is not None and not same_task(record.task, task):
                 # The id now names another task (quirk 9: ids are reused): ours is gone.
                 entry["id_reused"], task = True, None
-            _reconcile(client, store, record, task, entry, dry_run, give_back, settle, sleep)
+            if not agent_id and not give_back and record.pid != me:
+                dead = _dead_for(store, record, now)
+                entry["dead_for_s"] = round(dead)
+                give_back_now = dead >= grace
+            else:
+                give_back_now = give_back
+            _reconcile(client, store, record, task, entry, dry_run, give_back_now, settle,
+                       sleep, wait=not agent_id and not give_back_now, limits=limits)
         if dry_run:
             entry["dry_run"] = True
         entries.append(entry)
@@ -804,9 +823,45 @@ def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:
             "session_id": record.session_id, "model": record.model}
 
 
+def _dead_for(store: RecordStore, record: TaskRecord, now: float | None = None) -> float:
+    """Seconds since the record's runner last showed life: the record's last write, its
+    runner's event log, its agent's transcript (whichever is newest)."""
+    from pmtool.failures import parse_time
+
+    stamps = []
+    when = parse_time(record.updated_at)
+    if when:
+        stamps.append(when.timestamp())
+    paths = [store.path(record.agent_id),
+             store.state_dir / "events" / f"{store.path(record.agent_id).stem}.jsonl"]
+    paths += [Path(s["log"]) for s in record.steps if s.get("log")][-1:]
+    for path in paths:
+        with contextlib.suppress(OSError):
+            stamps.append(path.stat().st_mtime)
+    last = max(stamps) if stamps else 0.0
+    return max(0.0, (now if now is not None else time.time()) - last)
+
+
+def _rescue_worktree(record: TaskRecord) -> str | None:
+    """Save the uncommitted work of a dead runner's worktree to a rescue ref, remove the
+    worktree; the ref, or None when there was nothing to save (or no worktree)."""
+    from pmtool.errors import PmtoolError
+    from pmtool.worktree import remove_worktree, repo_root
+
+    if not record.worktree or not Path(record.worktree).is_dir() \
+            or record.task.get("complexity") == "minor":
+        return None
+    try:
+        answer = remove_worktree(repo_root(record.worktree), record.worktree, rescue=True)
+    except PmtoolError:
+        return None
+    return (answer.get("rescued") or {}).get("ref")
+
+
 def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
                task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
-               give_back: bool, settle: float, sleep: Callable[[float], None]) -> None:
+               give_back: bool, settle: float, sleep: Callable[[float], None],
+               wait: bool = False, limits: fl.Limits | None = None) -> None:
     """Decide and (unless dry_run) do what a record whose runner died calls for."""
     agent_id = record.agent_id
     entry["server"] = ({"status": task.get("status"), "locked_by": task.get("locked_by")}
@@ -830,10 +885,26 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
         return
     assert task is not None
     if give_back:
+        dead = entry.get("dead_for_s")
+        why = "runner gone" + (f" for {dead}s" if dead is not None else "")
         if not dry_run:
+            rescued = _rescue_worktree(record)
+            entry["rescued"] = rescued
+            note = f"given back by pmtool recover ({why})" + (
+                f"; uncommitted work saved at {rescued}" if rescued else "")
+            ledger = bounds.Ledger(store.state_dir)
+            bounds.account(ledger, record.task, agent_id, outcome="given_back",
+                           kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
+                           claimed_at=record.claimed_at)
             _release_on_server(client, agent_id, task, record.previous_status,
-                               f"{agent_id}: given back by pmtool recover (runner gone)")
-        released(f"given back to the queue ({record.previous_status})")
+                               f"{agent_id}: {note}")
+        released(f"given back to the queue ({record.previous_status}; {why})")
+        return
+    if wait:
+        dead = entry.get("dead_for_s")
+        entry.update(action="waiting",
+                     reason=f"runner gone {dead}s ago; kept for it to resume until the "
+                            "grace has passed, then given back (not re-registered)")
         return
 
     entry.update(action="resume", reason="still ours and under work")

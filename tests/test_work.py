@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -317,21 +318,37 @@ def test_recover_decides_per_server_state(store):
         stale_record(store, server, n, "claimed", agent=f"a{n}")
     stale_record(store, server, 6, "claimed", agent="a6")  # task 6 is gone
     entries = {e["agent_id"]: e for e in work.recover(server, store, sleep=no_sleep)}
-    assert entries["a1"]["action"] == "resume"
-    assert (entries["a1"]["worktree"], entries["a1"]["session_id"]) == ("/wt/1", "sess-1")
+    # Every record (cron): a runner that died just now is waited for, not re-registered,
+    # so one that never comes back does not keep its task locked.
+    assert entries["a1"]["action"] == entries["a5"]["action"] == "waiting"
     assert entries["a2"]["action"] == "released"  # lock released: claim never finished
     assert server.tasks[2]["locked_by"] is None and server.tasks[2]["status"] == "created"
     assert entries["a3"]["action"] == "released" and server.tasks[3]["locked_by"] == "someone"
     assert entries["a4"]["action"] == "released"
-    assert entries["a5"]["action"] == "resume"  # lock expired: taken back
-    assert server.tasks[5]["locked_by"] == "a5"
     assert entries["a6"]["action"] == "released" and "gone" in entries["a6"]["reason"]
     assert all(e["stale_runner"] for e in entries.values())
     assert sorted(p.stem for p in store.dir.glob("*.json")) == ["a1", "a5"]
+    assert not [c for c in server.calls if c[0] == "register"]
+
+    # The agent's own runner starting again resumes its record.
+    (a1,) = work.recover(server, store, agent_id="a1", sleep=no_sleep)
+    assert a1["action"] == "resume"
+    assert (a1["worktree"], a1["session_id"]) == ("/wt/1", "sess-1")
     # a1 was re-registered before anything else could take its lock (quirk 3).
     assert ("register", "a1") in server.calls
     record = store.load("a1")
     assert record and record.steps[-1]["step"] == "recovered"
+    (a5,) = work.recover(server, store, agent_id="a5", sleep=no_sleep)
+    assert a5["action"] == "resume"  # lock expired: taken back
+    assert server.tasks[5]["locked_by"] == "a5"
+
+    # Past the grace, cron gives the task back, with an attempt line.
+    late = {e["agent_id"]: e for e in work.recover(server, store, sleep=no_sleep,
+                                                     now=time.time() + 901)}
+    a5 = late["a5"]
+    assert a5["action"] == late["a1"]["action"] == "released" and a5["dead_for_s"] >= 900
+    assert server.tasks[5]["status"] == "created" and server.tasks[5]["locked_by"] is None
+    assert "given back by pmtool recover (runner gone for" in server.tasks[5]["notes"]
 
 
 def test_recover_dry_run_and_unreachable_change_nothing(store):
@@ -377,7 +394,8 @@ def test_recover_nothing_and_usage(store):
 
 def test_recover_live_runner_left_alone(store):
     server = FakeServer(task(1))
-    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep,
+               runner_pid=os.getppid())
     server.calls.clear()
     (entry,) = work.recover(server, store)
     assert entry["action"] == "running" and server.calls == []  # not even a read
