@@ -453,6 +453,7 @@ def acquire(client: Any, store: RecordStore, task_id: int, agent_id: str, role: 
         if holder and holder != agent_id:
             raise Conflict(f"task {task_id} is locked by {holder}",
                            hint="pmtool claim takes the next free task", locked_by=holder)
+        _refuse_unpickable(task, role, level)
         if task.get("status") == UNDER_WORK:
             raise Conflict(f"task {task_id} is already under work"
                            + (" (locked by this agent, without a record here)"
@@ -471,6 +472,26 @@ def acquire(client: Any, store: RecordStore, task_id: int, agent_id: str, role: 
         raise Conflict(f"task {task_id} went to {now.get('locked_by') or 'another agent'}",
                        hint="pmtool claim takes the next free task", **stats.to_json())
     return claimed
+
+
+def _refuse_unpickable(task: dict[str, Any], role: str, level: str) -> None:
+    """A named task must be one the server could hand this role and level: not finished,
+    not parked, not another role's, not above the level."""
+    status = task.get("status")
+    want = QA_PICK if role == QA else DEV_PICK
+    if status != UNDER_WORK and status not in want:
+        why = ("it is pending (parked, or not released yet: a person sets it to created)"
+               if status == "pending" else f"it is {status}")
+        raise Conflict(f"task {task['id']} is not for {role} to take: {why}",
+                       hint=f"{role} takes tasks that are {' or '.join(want)}",
+                       status=status)
+    if role != QA and task.get("target_role") != role:
+        raise Conflict(f"task {task['id']} is for {task.get('target_role')}, not {role}",
+                       hint=f"lock it as a {task.get('target_role')} agent",
+                       target_role=task.get("target_role"))
+    if role != QA and _level_rank(task.get("difficulty")) > _level_rank(level):
+        raise Conflict(f"task {task['id']} is {task.get('difficulty')}, above level {level}",
+                       hint="lock it with an agent of that level", level=level)
 
 
 # -- the record by hand -------------------------------------------------------------------

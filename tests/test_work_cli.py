@@ -261,6 +261,23 @@ def test_lock_acquire_update_release(env, queue):
     assert r.code == 2
 
 
+@pytest.mark.parametrize(("status", "role", "target", "difficulty", "why"), [
+    ("qa_done", "backend_dev", "backend_dev", "junior", "it is qa_done"),
+    ("pending", "backend_dev", "backend_dev", "junior", "it is pending (parked"),
+    ("created", "frontend_dev", "backend_dev", "junior", "is for backend_dev, not frontend"),
+    ("created", "qa", "backend_dev", "junior", "it is created"),
+    ("created", "backend_dev", "backend_dev", "principal", "is principal, above level"),
+])
+def test_lock_acquire_refuses_what_the_role_would_never_be_given(
+        env, queue, status, role, target, difficulty, why):
+    made = queue.create_task(title="not yours", target_role=target, difficulty=difficulty)
+    queue.set_status(made["id"], status)
+    r = pmtool("lock", "acquire", str(made["id"]), "--agent-id", unique_id("a"), "--role",
+               role, "--level", "senior", env=env)
+    assert r.code == 5 and why in r.out["error"]["message"]
+    assert queue.get_task(made["id"])["locked_by"] is None
+
+
 def test_release_of_a_task_still_only_locked(env, queue):
     """A lock on a task that is not under work is released via under_work (contract)."""
     task = queue.create_task(title="locked only")
