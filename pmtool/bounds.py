@@ -15,57 +15,32 @@ task back to `created` gives it fresh attempts.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pmtool import failures as f
 from pmtool.errors import ApiError, PmtoolError
+from pmtool.state import StateDir
 
 PENDING = "pending"
 CHANGELOG_LIMIT = 500
 
 
 class Ledger:
-    """The attempt and park lines of this machine (in `<state>/history.jsonl`, shared by
-    every runner and every pmtool command on the machine, kept across restarts)."""
+    """The attempt and park lines of this machine, in the state folder's history (shared
+    by every runner and every pmtool command on the machine, kept across restarts)."""
 
-    def __init__(self, state_dir: str | Path) -> None:
-        self.path = Path(state_dir).expanduser() / "history.jsonl"
+    def __init__(self, state: StateDir | str | Path) -> None:
+        self.state = state if isinstance(state, StateDir) else StateDir(state)
 
     def lines(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        try:
-            fh = open(self.path, encoding="utf-8", errors="replace")  # noqa: SIM115
-        except FileNotFoundError:
-            return out
-        with fh:
-            for line in fh:
-                if '"attempt"' not in line and '"park"' not in line:
-                    continue  # closed records are big; attempt lines are what we need
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue  # a torn line from a crash: skip it, keep the rest
-                if isinstance(obj, dict) and obj.get("kind") in (f.ATTEMPT, f.PARK):
-                    out.append(obj)
-        return out
+        return [h for h in self.state.history() if h.get("kind") in (f.ATTEMPT, f.PARK)]
 
     def add(self, entry: dict[str, Any]) -> None:
-        """One line in a single write() (O_APPEND), fsynced: writers never interleave."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(entry, default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.state.append_history(entry)
 
 
 @dataclass
@@ -82,6 +57,7 @@ class Screen:
 
 
 def new_screen(ledger: Ledger, limits: f.Limits, role: str, agent_id: str) -> Screen:
+    """A claim round's screen; the history is read once per round."""
     return Screen(limits, role, agent_id, ledger.lines())
 
 
@@ -90,7 +66,7 @@ def changelog(client: Any) -> list[dict[str, Any]]:
     QA fails: never fail a claim or a finish on this)."""
     try:
         answer = client.changelog(limit=CHANGELOG_LIMIT)
-    except (PmtoolError, AttributeError):
+    except PmtoolError:
         return []
     return answer if isinstance(answer, list) else []
 
@@ -114,8 +90,10 @@ def screen_task(client: Any, ledger: Ledger, screen: Screen,
         screen.cooling[int(task["id"])] = f.iso(decision.until)
     elif decision.action == "park":
         rows = f.attempts_of(screen.history, task)
-        answer = park(client, ledger, screen.agent_id, task, decision.reason or "parked",
-                      rows)
+        reason = decision.reason or "parked"
+        cause = ("max_bounces" if reason.startswith("QA failed") else
+                 "task_budget" if reason.startswith("task budget") else "max_attempts")
+        answer = park(client, ledger, screen.agent_id, task, reason, rows, cause=cause)
         screen.history.append(answer["line"])
         screen.parked.append({"task_id": task["id"], "reason": decision.reason,
                               "status": answer.get("status")})
@@ -127,37 +105,39 @@ def _append(notes: str | None, extra: str) -> str:
     return f"{old.rstrip()}\n\n{extra}" if old.strip() else extra
 
 
-def park_note(agent_id: str, reason: str,
-              attempts: list[Mapping[str, Any]] | None = None) -> str:
-    text = f"{f.PARKED_MARK} by {agent_id} on {socket.gethostname()}: {reason}. A person " \
-           "sets the task back to created to have it worked again."
-    if attempts:
-        text += "\nattempts on this machine:\n" + f.history_note(attempts)
-    return text
+def park_comment(cause: str, reason: str) -> str:
+    """The comment of a park; it starts with PARKED_MARK (QA fails before it are settled)."""
+    return (f"{f.PARKED_MARK} ({cause}): {reason} -- set the task back to created when it "
+            "can be worked again")
+
+
+def attempts_note(attempts: list[Mapping[str, Any]]) -> str:
+    return (f"attempts on {socket.gethostname()}:\n" + f.history_note(attempts)
+            if attempts else "")
 
 
 def park(client: Any, ledger: Ledger, agent_id: str, task: Mapping[str, Any], reason: str,
-         attempts: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """Park the task for a person: status `pending` with the reason in notes and as a
-    comment, and a park line in the history. Our own lock goes with the status change;
-    a task under work by another agent is not touched (`status` is then unchanged)."""
+         attempts: list[Mapping[str, Any]] | None = None,
+         cause: str = "parked") -> dict[str, Any]:
+    """Park a task nobody holds (a candidate of a claim, found exhausted): status
+    `pending`, the attempts in its notes, the reason as a comment, a park line in the
+    history. A task another agent has locked is left alone (`parked` False). For the
+    agent's own task, `pmtool.work.park` does the same with its record."""
     holder = task.get("locked_by")
-    line = f.park_line(task, agent_id, reason)
-    status = task.get("status")
+    line = f.park_line(task, agent_id, f"{cause}: {reason}")
     if holder and holder != agent_id:
-        return {"status": status, "line": line, "parked": False,
+        return {"status": task.get("status"), "line": line, "parked": False,
                 "reason": f"locked by {holder}"}
-    notes = _append(task.get("notes"), park_note(agent_id, reason, list(attempts or [])))
-    if holder == agent_id and status != "under_work":
-        # A lock is only dropped by a move out of under_work (contract).
-        client.set_status(task["id"], agent_id, "under_work", notes=notes)
-    answer = client.set_status(task["id"], agent_id, PENDING, notes=notes)
+    notes = task.get("notes")
+    if attempts:
+        notes = _append(notes, attempts_note(list(attempts)))
+    answer = client.set_status(task["id"], agent_id, PENDING, notes=notes or None)
     ledger.add(line)
     # After the status change: a status update's notes would overwrite the comment.
     with contextlib.suppress(ApiError):
-        client.comment(task["id"], agent_id, f"parked: {reason}")
+        client.comment(task["id"], agent_id, park_comment(cause, reason))
     new = (answer or {}).get("task") or {**task, "status": PENDING}
-    return {"status": PENDING, "line": line, "parked": True, "task": new, "notes": notes}
+    return {"status": PENDING, "line": line, "parked": True, "task": new}
 
 
 def account(ledger: Ledger, task: Mapping[str, Any], agent_id: str, *, outcome: str,
@@ -177,7 +157,3 @@ def attempt_summary(line: Mapping[str, Any], attempts: list[Mapping[str, Any]],
     return (f"attempt {n}/{limits.max_attempts} ({line.get('stop')}, "
             f"${float(line.get('cost_usd') or 0):.4f}; "
             f"${f.task_cost(attempts):.4f} over all claims)")
-
-
-def now() -> datetime:
-    return datetime.now(UTC)

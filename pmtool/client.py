@@ -204,6 +204,11 @@ class PMClient:
         return self.request("POST", f"/api/v1/tasks/{task_id}/comment",
                             params={"agent_id": agent_id}, json={"comment": comment})
 
+    def changelog(self, limit: int = 50) -> list[dict]:
+        # The status changes of every task, newest first: how often QA failed a task is
+        # counted from here (pmtool.failures.qa_bounces), so it holds across machines.
+        return self.request("GET", "/api/v1/changelog", params={"limit": limit})
+
 
 def _detail(resp: Any) -> Any:
     try:

@@ -331,7 +331,7 @@ def iso(when: datetime) -> str:
 
 ATTEMPT = "attempt"  # the `kind` of attempt lines in the history
 PARK = "park"  # the `kind` of the line written when a task is parked
-PARKED_MARK = "pmtool: parked"  # starts the note of a park; QA fails before it are settled
+PARKED_MARK = "parked by pmtool"  # starts a park's comment; QA fails before it are settled
 COOLDOWN_CAP = 3600.0
 BREAKER_CAP = 3600.0
 

@@ -320,7 +320,7 @@ def _claim_round(client: Any, store: RecordStore, agent_id: str, role: str, leve
     first = client.next_task(role, level, simulate=True)
     if not first:
         return None
-    ledger = bounds.Ledger(store.state_dir)
+    ledger = bounds.Ledger(store.state)
     screen = bounds.new_screen(ledger, limits, role, agent_id)
     tried: set[int] = set()
     candidates: list[dict[str, Any]] | None = None
@@ -594,7 +594,7 @@ def release(client: Any, store: RecordStore, agent_id: str, notes: str | None = 
     task = read_task(client, record.task_id)
     if _ours(task, record):
         assert task is not None
-        ledger = bounds.Ledger(store.state_dir)
+        ledger = bounds.Ledger(store.state)
         line = bounds.account(ledger, record.task, agent_id, outcome="given_back", kind=kind,
                               cost_usd=record.cost_usd, reason=notes,
                               claimed_at=record.claimed_at)
@@ -602,10 +602,14 @@ def release(client: Any, store: RecordStore, agent_id: str, notes: str | None = 
         summary = bounds.attempt_summary(line, rows, limits)
         reason = fl.park_reason(rows, limits)
         if reason:
-            answer = bounds.park(client, ledger, agent_id, task, reason, rows)
-            store.close(record, "parked", status=bounds.PENDING, reason=reason)
-            return {"task_id": record.task_id, "action": "parked", "parked": reason,
-                    "task": answer.get("task"), "attempt": line}
+            cause = kind if not fl.policy(kind).retry else "max_attempts"
+            if limits.task_budget_usd is not None and reason.startswith("task budget"):
+                cause = "task_budget"
+            answer = park(client, store, agent_id, reason, cause=cause,
+                          notes=f"{agent_id}: released: {summary}"
+                                + (f": {notes}" if notes else "")
+                                + "\n" + bounds.attempts_note(rows))
+            return {**answer, "parked": reason, "attempt": line}
         extra = f"{agent_id}: released: {summary}" + (f": {notes}" if notes else "")
         new = _release_on_server(client, agent_id, task, record.previous_status, extra)
         store.close(record, "released", status=record.previous_status)
@@ -665,7 +669,7 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
     record = store.need(agent_id)
     status = outcome_status(record.role, outcome)
     task = read_task(client, record.task_id, status=UNDER_WORK)
-    ledger = bounds.Ledger(store.state_dir)
+    ledger = bounds.Ledger(store.state)
     if not _ours(task, record):
         _drop_stray_lock(client, record, task)
         bounds.account(ledger, record.task, agent_id, outcome="moved_on", kind=fl.OK,
@@ -680,46 +684,41 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
     record.step("finishing", outcome=outcome)
     store.save(record)  # a crash from here on is found by recover as "moved on"
     kind = fl.BLOCKED if outcome == "blocked" else fl.OK
-    line = bounds.account(ledger, record.task, agent_id, outcome=outcome, kind=kind,
-                          cost_usd=record.cost_usd, reason=notes,
-                          claimed_at=record.claimed_at)
-    parked = None
+    bounds.account(ledger, record.task, agent_id, outcome=outcome, kind=kind,
+                   cost_usd=record.cost_usd, reason=notes, claimed_at=record.claimed_at)
+    text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
+    extra = f"{agent_id}: {outcome}: {text}" if text else None
+    parked = cause = None
     if outcome == "blocked":
-        parked = f"blocked: {notes or 'no reason given'}"
+        parked, cause = notes or "no reason given", "blocked"
     elif outcome == "fail" and limits.max_bounces:
         changelog = bounds.changelog(client)
         # This fail is not in the changelog yet: count it on top of the earlier ones.
         bounces = fl.qa_bounces(changelog, task) + 1
         if bounces >= limits.max_bounces:
-            parked = (f"QA failed it {bounces} times (max_bounces {limits.max_bounces}); "
-                      f"last: {notes or 'no notes given'}")
+            parked, cause = (f"QA failed it {bounces} times (max_bounces "
+                             f"{limits.max_bounces}); last: {text}"), "max_bounces"
+    lock_expired = task.get("locked_by") is None
     if parked:
-        # The verdict goes into the notes first, so the park note follows it.
-        text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
-        task = {**task, "notes": _append_notes(task, f"{agent_id}: {outcome}: {text}"
-                                               if text and outcome != "blocked" else None)}
-        answer = bounds.park(client, ledger, agent_id, task, parked,
-                             fl.attempts_of(ledger.lines(), record.task) or [line])
-        new, status = answer.get("task") or task, bounds.PENDING
-    else:
-        text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
-        extra = f"{agent_id}: {outcome}: {text}" if text else None
-        answer = client.set_status(record.task_id, agent_id, status,
-                                   notes=_append_notes(task, extra))
-        new = (answer or {}).get("task") or {**task, "status": status}
+        # The verdict goes into the notes before the park comment: QA fails before the
+        # park are settled once a person sets the task back.
+        answer = park(client, store, agent_id, parked, cause=cause,
+                      notes=extra if outcome != "blocked" else None)
+        return {**answer, "action": "finished", "outcome": outcome,
+                "parked": f"{cause}: {parked}", "lock_expired": lock_expired}
+    answer = client.set_status(record.task_id, agent_id, status,
+                               notes=_append_notes(task, extra))
+    new = (answer or {}).get("task") or {**task, "status": status}
     store.close(record, outcome, status=status)
-    out = {"task_id": record.task_id, "action": "finished", "outcome": outcome,
-           "status": status, "task": new, "lock_expired": task.get("locked_by") is None}
-    if parked:
-        out["parked"] = parked
-    return out
+    return {"task_id": record.task_id, "action": "finished", "outcome": outcome,
+            "status": status, "task": new, "lock_expired": lock_expired}
 
 
 PARKED = "pending"  # the server never offers a pending task: it waits for a person
 
 
 def park(client: Any, store: RecordStore, agent_id: str, reason: str,
-         cause: str = "parked", **info: Any) -> dict[str, Any]:
+         cause: str = "parked", notes: str | None = None, **info: Any) -> dict[str, Any]:
     """Park the agent's task for a person: status `pending`, the reason as a comment.
 
     For tasks no runner should take again by itself (the agent said `blocked`, too many
@@ -727,7 +726,10 @@ def park(client: Any, store: RecordStore, agent_id: str, reason: str,
     a person sets it back to `created` when it can be worked. `cause` says why in the
     history (`blocked`, `max_attempts`, `max_bounces`, `poison`...). The record is closed
     with outcome `parked`; a task someone else moved on meanwhile is left as it is
-    (`moved_on`). Returns `{"task_id", "action", "status", "reason", "cause", "task"}`.
+    (`moved_on`). `notes` (the verdict, the attempts) go into the task's notes before the
+    comment. A park line in the history settles the task's attempts on this machine: once
+    a person sets it back, it starts afresh. Returns `{"task_id", "action", "status",
+    "reason", "cause", "task"}`.
     """
     record = store.need(agent_id)
     task = read_task(client, record.task_id, status=UNDER_WORK)
@@ -741,12 +743,12 @@ def park(client: Any, store: RecordStore, agent_id: str, reason: str,
     assert task is not None
     record.step("parking", cause=cause, reason=reason)
     store.save(record)
-    new = _release_on_server(client, agent_id, task, PARKED)
+    new = _release_on_server(client, agent_id, task, PARKED, notes)
     # After the status change: a status update's notes would overwrite the comment.
-    text = (f"parked by pmtool ({cause}): {reason} -- set the task back to created "
-            "when it can be worked again")
+    text = bounds.park_comment(cause, reason)
     client.comment(record.task_id, agent_id, text)
     new["notes"] = _append_notes(new, f"{agent_id}: {text}")
+    bounds.Ledger(store.state).add(fl.park_line(record.task, agent_id, f"{cause}: {reason}"))
     store.close(record, "parked", status=PARKED, cause=cause, reason=reason, **info)
     return {"task_id": record.task_id, "action": "parked", "cause": cause, "status": PARKED,
             "reason": reason, "task": new}
@@ -913,7 +915,7 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
             entry["rescued"] = rescued
             note = f"given back by pmtool recover ({why})" + (
                 f"; uncommitted work saved at {rescued}" if rescued else "")
-            ledger = bounds.Ledger(store.state_dir)
+            ledger = bounds.Ledger(store.state)
             bounds.account(ledger, record.task, agent_id, outcome="given_back",
                            kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
                            claimed_at=record.claimed_at)

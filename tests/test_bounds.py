@@ -88,8 +88,8 @@ def test_always_failing_task_is_parked_after_max_attempts(queue, client, store) 
     on_server = queue.get_task(made["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
     assert "released: attempt 1/3 (failed, $0.0000" in on_server["notes"]
-    assert "pmtool: parked by" in on_server["notes"] and "tests red (3)" in on_server["notes"]
-    assert f"{agent}: parked: 3 attempts failed" in on_server["notes"]  # the comment
+    assert "tests red (3)" in on_server["notes"] and "attempts on " in on_server["notes"]
+    assert f"{agent}: parked by pmtool (max_attempts): 3 attempts failed" in on_server["notes"]
     kinds = [(x["kind"], x.get("stop")) for x in attempt_lines(store)]
     assert kinds == [("attempt", "failed")] * 3 + [("park", None)]
 
@@ -128,9 +128,10 @@ def test_blocked_runs_once_and_waits_for_a_person(queue, client, store) -> None:
     result = work.finish(client, store, agent, "blocked", notes="which database?",
                          limits=FAST)
     assert (result["status"], result["parked"]) == ("pending", "blocked: which database?")
+    assert result["action"] == "finished"
     on_server = queue.get_task(made["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
-    assert on_server["notes"].endswith(f"{agent}: parked: blocked: which database?")
+    assert f"{agent}: parked by pmtool (blocked): which database?" in on_server["notes"]
     with pytest.raises(NothingToDo) as exc:
         take(client, store, unique_id("dev"))
     assert any("pending" in why for why in exc.value.details["why"])
@@ -153,7 +154,8 @@ def test_ping_pong_is_parked_after_max_bounces(queue, client, store) -> None:
     assert qa_round(queue, client, store, made["id"], dev, qa)["status"] == "created"
     third = qa_round(queue, client, store, made["id"], dev, qa)
     assert third["status"] == "pending"
-    assert third["parked"].startswith("QA failed it 3 times (max_bounces 3)")
+    assert third["parked"].startswith("max_bounces: QA failed it 3 times (max_bounces 3)")
+    assert third["action"] == "finished" and third["outcome"] == "fail"
     with pytest.raises(NothingToDo):
         take(client, store, dev)
     assert queue.get_task(made["id"])["status"] == "pending"

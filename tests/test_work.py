@@ -94,6 +94,10 @@ class FakeServer:
             t["notes"] = notes
         return {"task": dict(t), "next_task": None}
 
+    def changelog(self, limit: int = 50) -> list[dict[str, Any]]:
+        self._call("changelog", limit)
+        return []
+
     def comment(self, task_id: int, agent_id: str, comment: str) -> dict[str, Any]:
         self._call("comment", task_id)
         t = self.tasks[task_id]
@@ -122,7 +126,8 @@ def test_claim_locks_verifies_and_records(store):
     assert claimed.task["id"] == 1 and claimed.task["status"] == "under_work"
     assert naps == [0.25]  # settled once, before the read-back
     kinds = [c[0] for c in server.calls]
-    assert kinds[:3] == ["register", "next", "lock"]
+    # The changelog counts QA fails of the candidate (max_bounces) before it is locked.
+    assert kinds[:4] == ["register", "next", "changelog", "lock"]
     assert kinds.index("status") > kinds.index("lock")
     assert server.tasks[1]["notes"].startswith("from the pm\n\nclaimed by dev_1 on ")
     record = store.load("dev_1")
@@ -246,8 +251,8 @@ def test_finish_blocked_parks_and_comments_after_the_status(store):
     assert kinds[-2:] == ["status", "comment"]  # a status update would wipe the comment
     assert server.tasks[1]["status"] == "pending" and server.tasks[1]["locked_by"] is None
     assert result["parked"] == "blocked: no schema" and result["status"] == "pending"
-    assert "pmtool: parked by dev_1" in server.tasks[1]["notes"]
-    assert server.tasks[1]["notes"].endswith("dev_1: parked: blocked: no schema")
+    assert "dev_1: parked by pmtool (blocked): no schema -- set the task back to created" \
+        in server.tasks[1]["notes"]
 
 
 def test_finish_moved_on_does_not_write(store):

@@ -315,7 +315,7 @@ def test_qa_fail_pass_and_blocked(env, queue):
     assert r.out["status"] == "pending" and r.out["parked"] == "blocked: staging is down"
     on_server = queue.get_task(task["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
-    assert f"{qa}: parked: blocked: staging is down" in on_server["notes"]
+    assert f"{qa}: parked by pmtool (blocked): staging is down" in on_server["notes"]
     assert "500 on login" in on_server["notes"]
     assert claim(env, qa, role="qa").code == 3
 
