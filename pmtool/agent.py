@@ -66,7 +66,17 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pmtool.config import ROLES
-from pmtool.errors import Conflict, NothingToDo, UsageError
+from pmtool.errors import ClaudeMissing, Conflict, NothingToDo, UsageError
+from pmtool.failures import (
+    AUTH,
+    BUDGET,
+    KILLED,
+    MAX_TURNS,
+    OK,
+    OVERLOADED,
+    RATE_LIMIT,
+    classify,
+)
 from pmtool.models import task_level
 
 if TYPE_CHECKING:
@@ -200,6 +210,9 @@ class StreamParser:
         self.tokens = 0
         self.lines = 0
         self._messages: set[str] = set()
+        # claude's own retries of the model API and usage-limit notices: what
+        # pmtool.failures.classify reads to tell a rate limit or overload from a failure.
+        self.stops: list[dict[str, Any]] = []
 
     def feed(self, line: str) -> list[dict[str, Any]]:
         line = line.strip()
@@ -221,6 +234,9 @@ class StreamParser:
             return [{"event": "init", "session_id": self.session_id, "model": self.model_used}]
         if kind == "assistant":
             return self._assistant(obj)
+        if kind == "rate_limit_event" or (kind == "system" and obj.get("subtype") == "api_retry"):
+            self.stops.append(obj)
+            return [{"event": "api_retry" if kind == "system" else "rate_limit", "raw": obj}]
         if kind == "result":
             self.result = obj
             if isinstance(obj.get("session_id"), str):
@@ -300,6 +316,10 @@ def describe_event(event: Mapping[str, Any]) -> str | None:
                 + (" (error)" if event.get("is_error") else ""))
     if kind == "restart":
         return str(event.get("reason"))
+    if kind in ("api_retry", "rate_limit"):
+        from pmtool.failures import describe_retry
+
+        return describe_retry(event.get("raw") or {})
     return None
 
 
@@ -507,7 +527,8 @@ def permission_flags(permission_mode: str | None, allowed_tools: str | None) -> 
 def claude_command(claude: str, model: str, session_id: str, *, resume: bool = False,
                    role: str | None = None, permission_mode: str | None = None,
                    allowed_tools: str | None = None,
-                   max_budget_usd: float | None = None) -> list[str]:
+                   max_budget_usd: float | None = None,
+                   max_turns: int | None = None) -> list[str]:
     """The argv of one claude run; the prompt goes on stdin."""
     cmd = [claude, "-p", "--model", model, "--output-format", "stream-json", "--verbose"]
     cmd += ["--resume", session_id] if resume else ["--session-id", session_id]
@@ -516,6 +537,8 @@ def claude_command(claude: str, model: str, session_id: str, *, resume: bool = F
     cmd += ["--json-schema", json.dumps(verdict_schema(role), separators=(",", ":"))]
     if max_budget_usd is not None:
         cmd += ["--max-budget-usd", f"{max_budget_usd:g}"]
+    if max_turns is not None:
+        cmd += ["--max-turns", str(max_turns)]
     return cmd
 
 
@@ -634,6 +657,7 @@ class AgentRun:
     permission_mode: str | None = "bypassPermissions"
     allowed_tools: str | None = None
     max_budget_usd: float | None = None
+    max_turns: int | None = None
     timeout: float | None = None
     idle_timeout: float | None = None
     branch: str | None = None
@@ -698,7 +722,8 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
             cmd = claude_command(run.claude_bin, run.model, session_id, resume=resuming,
                                  role=run.role, permission_mode=run.permission_mode,
                                  allowed_tools=run.allowed_tools,
-                                 max_budget_usd=run.max_budget_usd)
+                                 max_budget_usd=run.max_budget_usd,
+                                 max_turns=run.max_turns)
             stdin_text = (run.resume_prompt or run.prompt) if resuming else run.prompt
         answer, parser = _run_once(
             run, cmd, stdin_text, resume=resuming, deadline=deadline, log_path=log_path,
@@ -751,8 +776,9 @@ def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
                                 stderr=subprocess.PIPE, cwd=run.cwd, env=child_env, mark=mark,
                                 parent_death=signal.SIGTERM)
         except OSError as exc:
-            raise UsageError(f"cannot start the agent {cmd[0]}: {exc.strerror or exc}",
-                             hint="check PMTOOL_CLAUDE_BIN or --agent-cmd") from None
+            error = UsageError if run.agent_cmd is not None else ClaudeMissing
+            raise error(f"cannot start the agent {cmd[0]}: {exc.strerror or exc}",
+                        hint="check PMTOOL_CLAUDE_BIN or --agent-cmd") from None
         with child:
             readers = [threading.Thread(target=pump.pump_stdout, args=(child.popen.stdout,),
                                         daemon=True),
@@ -810,8 +836,19 @@ def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
     answer["ok"] = (ending.exit_code == 0 and not info["is_error"]
                     and info["outcome"] is not None and not ending.timed_out
                     and not ending.stopped)
+    stop = classify(parser.result, parser.stops, exit_code=ending.exit_code,
+                    timed_out_by=ending.timed_out_by, stopped=ending.stopped,
+                    stderr="\n".join(pump.stderr_tail),
+                    has_verdict=info["outcome"] is not None, timeout_s=run.timeout,
+                    idle_s=run.idle_timeout)
+    if answer["ok"]:
+        stop = replace(stop, kind=OK, message="finished")
+    answer["stop"] = stop.to_json()
     if not answer["ok"]:
         answer["error"] = _failure(answer, info, pump.stderr_tail, run.idle_timeout)
+        if stop.kind in (BUDGET, AUTH, RATE_LIMIT, OVERLOADED, MAX_TURNS, KILLED):
+            answer["error"] = {"type": stop.kind, "message": stop.message}
+        answer["error"]["stop"] = stop.kind
     return answer, parser
 
 
@@ -949,7 +986,8 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
                    max_budget_usd: float | None = None, agent_cmd: str | None = None,
                    progress: Progress | None = None,
                    stop_event: threading.Event | None = None,
-                   env: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   env: Mapping[str, str] | None = None,
+                   max_turns: int | None = None) -> dict[str, Any]:
     """Run the agent on the task of `agent_id`'s record, and keep the record up to date.
 
     Working directory: the record's worktree, else `cwd`, else the git checkout of the
@@ -978,7 +1016,7 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
     notes += plan.pop("notes")
     claude = None if agent_cmd else find_claude(settings.claude_bin)
     if agent_cmd is None and not claude:
-        raise UsageError("claude CLI not found",
+        raise ClaudeMissing("claude not found",
                          hint="install it (npm install -g @anthropic-ai/claude-code) or set "
                               "PMTOOL_CLAUDE_BIN")
     session = record.session_id if resume and record.session_id else str(uuid.uuid4())
@@ -1017,6 +1055,7 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
         resume_prompt=None if prompt else continuation_prompt(task, role, run_cwd, branch),
         claude_bin=claude, agent_cmd=agent_cmd, permission_mode=settings.permission_mode,
         allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
+        max_turns=max_turns if max_turns is not None else settings.max_turns,
         timeout=settings.claude_timeout if timeout is None else timeout,
         idle_timeout=idle_timeout, log_dir=store.state_dir / "logs", branch=branch, env=env,
         secrets=(settings.api_key,))
@@ -1093,7 +1132,8 @@ def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | Non
                  idle_timeout: float | None = None, max_budget_usd: float | None = None,
                  agent_cmd: str | None = None, progress: Progress | None = None,
                  stop_event: threading.Event | None = None,
-                 env: Mapping[str, str] | None = None) -> dict[str, Any]:
+                 env: Mapping[str, str] | None = None,
+                 max_turns: int | None = None) -> dict[str, Any]:
     """Run the agent on a bare task object (`exec-claude --task-json`): no record, no
     resume. Answers `run_agent`'s dict plus `task_id`, `role`, `cwd`, `branch` and `note`.
     Raises UsageError for a bad role, a missing working directory or no claude."""
@@ -1105,7 +1145,7 @@ def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | Non
     if agent_cmd is None:
         claude = find_claude(settings.claude_bin)
         if not claude:
-            raise UsageError("claude CLI not found",
+            raise ClaudeMissing("claude not found",
                              hint="install it (npm install -g @anthropic-ai/claude-code) or "
                                   "set PMTOOL_CLAUDE_BIN")
     run = AgentRun(
@@ -1113,6 +1153,7 @@ def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | Non
         task_id=task.get("id"), claude_bin=claude, agent_cmd=agent_cmd,
         permission_mode=settings.permission_mode, allowed_tools=settings.allowed_tools,
         max_budget_usd=max_budget_usd,
+        max_turns=max_turns if max_turns is not None else settings.max_turns,
         timeout=settings.claude_timeout if timeout is None else timeout,
         idle_timeout=idle_timeout, log_dir=settings.state_path / "logs",
         branch=plan["branch"], env=env, secrets=(settings.api_key,))

@@ -111,6 +111,8 @@ class PMClient:
             raise exc from first
     def _answer(self, resp: Any, method: str, path: str) -> Any:
         if resp.status_code == 401:
+            if "X-API-Key" not in self.session.headers:
+                raise AuthError("HEADLESS_PM_API_KEY is not set", hint=KEY_ENV_HINT)
             raise AuthError(f"the server at {self.url} rejected the API key", hint=KEY_ENV_HINT)
         if resp.status_code >= 400:
             raise ApiError(resp.status_code, _detail(resp),

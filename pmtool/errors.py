@@ -15,6 +15,9 @@ EXIT_USAGE = 2
 EXIT_NOTHING = 3
 EXIT_SERVER = 4
 EXIT_CONFLICT = 5
+# Fatal for a runner: every task would fail the same way, so `run` stops before a claim.
+EXIT_AUTH = 6  # the server's key is missing or rejected, or claude's login is refused
+EXIT_CLAUDE = 7  # claude is not found or does not run
 EXIT_TIMEOUT = 124  # as timeout(1)
 # Stopped by a signal: 128 + the signal's number, as a shell reports a process it killed.
 EXIT_SIGHUP = 129
@@ -72,7 +75,18 @@ class ServerError(PmtoolError):
 
 
 class AuthError(ServerError):
+    """The key is missing or rejected (or claude's login is refused): nothing will work
+    until a person fixes it, so it has its own exit code, not the server's 4."""
+
     kind = "auth"
+    exit_code = EXIT_AUTH
+
+
+class ClaudeMissing(PmtoolError):
+    """The claude CLI is not found or does not run."""
+
+    kind = "claude"
+    exit_code = EXIT_CLAUDE
 
 
 class Conflict(PmtoolError):
@@ -139,7 +153,7 @@ def detail_text(detail: Any) -> str:
 # The exit code of each `error.type`, for answers that carry an error instead of raising it.
 KIND_EXIT = {cls.kind: cls.exit_code for cls in (
     OperationFailed, RecordCorrupt, UsageError, NothingToDo, ServerError, AuthError, Conflict,
-    TimeLimit, ApiError)}
+    TimeLimit, ApiError, ClaudeMissing)}
 
 
 def exit_code(outcome: BaseException | Mapping[str, Any] | None = None) -> int:

@@ -21,34 +21,11 @@ from typing import Any
 from pmtool.config import LEVELS, ROLES, Settings
 from pmtool.errors import (
     EXIT_SERVER,
-    EXIT_USAGE,
+    AuthError,
+    ClaudeMissing,
     PmtoolError,
+    UsageError,
 )
-
-# Exit codes of fatal setup problems (documented in the README's exit-code table).
-EXIT_KEY = 6  # the server's key is missing or rejected, or claude's login is refused
-EXIT_CLAUDE = 7  # claude is not found or does not run
-
-
-class SetupError(PmtoolError):
-    """A problem that makes every task fail: fix it before running."""
-
-    kind = "setup"
-
-
-class KeyProblem(SetupError):
-    kind = "key"
-    exit_code = EXIT_KEY
-
-
-class ClaudeProblem(SetupError):
-    kind = "claude"
-    exit_code = EXIT_CLAUDE
-
-
-class UsageProblem(SetupError):
-    kind = "usage"
-    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -57,7 +34,7 @@ class Finding:
     ok: bool
     detail: str
     fix: str | None = None
-    error: type[SetupError] | None = None
+    error: type[PmtoolError] | None = None
     unreachable: bool = False  # transient: the server did not answer
 
     def to_json(self) -> dict[str, Any]:
@@ -85,18 +62,16 @@ def hooks_folder(configured: str | Path | None, repo: str | Path | None) -> Path
 
 
 def check_key(settings: Settings, client: Any) -> Finding:
-    from pmtool.errors import AuthError
-
     if not settings.api_key:
         return Finding("key", False, "HEADLESS_PM_API_KEY is not set",
                        "export HEADLESS_PM_API_KEY=<the server's key> (or api_key in the "
-                       "config file)", KeyProblem)
+                       "config file)", AuthError)
     try:
         client.agents()
     except AuthError:
         return Finding("key", False, f"the server at {settings.api_url} rejected the key",
                        "set HEADLESS_PM_API_KEY to the key the server was started with",
-                       KeyProblem)
+                       AuthError)
     except PmtoolError as exc:
         return Finding("key", False, exc.message, exc.hint,
                        unreachable=exc.exit_code == EXIT_SERVER)
@@ -107,27 +82,27 @@ def check_repo(repo: str | Path | None) -> Finding:
     where = Path(repo or os.getcwd()).expanduser()
     if not where.is_dir():
         return Finding("repo", False, f"--repo {where} is not a folder",
-                       "pass --repo the path of a git checkout", UsageProblem)
+                       "pass --repo the path of a git checkout", UsageError)
     try:
         out = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel"],
                              capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Finding("repo", False, f"git does not run: {exc}", "install git",
-                       UsageProblem)
+                       UsageError)
     if out.returncode != 0:
         return Finding("repo", False, f"{where} is not a git repository",
                        "pass --repo the path of a git checkout (or git init it)",
-                       UsageProblem)
+                       UsageError)
     return Finding("repo", True, out.stdout.strip())
 
 
 def check_role(role: str, level: str) -> Finding:
     if role not in ROLES:
         return Finding("role", False, f"unknown role {role!r}",
-                       "valid roles: " + ", ".join(ROLES), UsageProblem)
+                       "valid roles: " + ", ".join(ROLES), UsageError)
     if level not in LEVELS:
         return Finding("role", False, f"unknown level {level!r}",
-                       "valid levels: " + ", ".join(LEVELS), UsageProblem)
+                       "valid levels: " + ", ".join(LEVELS), UsageError)
     return Finding("role", True, f"{role}/{level}")
 
 
@@ -137,17 +112,17 @@ def check_hooks(folder: Path | None, explicit: bool) -> Finding:
         if explicit:
             return Finding("hooks", False, f"hooks folder {folder} does not exist",
                            "create it, or drop --hooks-dir / HEADLESS_PM_HOOKS_DIR",
-                           UsageProblem)
+                           UsageError)
         return Finding("hooks", True, f"no hooks folder at {folder} (hooks are optional)")
     if not folder.is_dir():
         return Finding("hooks", False, f"hooks folder {folder} is not a folder",
-                       "point --hooks-dir at a folder", UsageProblem)
+                       "point --hooks-dir at a folder", UsageError)
     bad = sorted(p.name for p in folder.iterdir()
                  if p.is_file() and not p.name.startswith((".", "_"))
                  and not os.access(p, os.X_OK))
     if bad:
         return Finding("hooks", False, f"hooks not executable: {', '.join(bad)}",
-                       f"chmod +x {' '.join(str(folder / b) for b in bad)}", UsageProblem)
+                       f"chmod +x {' '.join(str(folder / b) for b in bad)}", UsageError)
     return Finding("hooks", True, f"hooks folder {folder}")
 
 
@@ -162,13 +137,13 @@ def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:
         where = settings.claude_bin or "claude on PATH"
         return Finding("claude", False, f"claude not found ({where})",
                        "install it (npm install -g @anthropic-ai/claude-code) or set "
-                       "PMTOOL_CLAUDE_BIN to its path", ClaudeProblem)
+                       "PMTOOL_CLAUDE_BIN to its path", ClaudeMissing)
     try:
         version = claude_version(binary, timeout=15)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return Finding("claude", False, f"{binary} does not run: {str(exc)[:200]}",
                        "reinstall claude, or set PMTOOL_CLAUDE_BIN to a working one",
-                       ClaudeProblem)
+                       ClaudeMissing)
     return Finding("claude", True, version)
 
 

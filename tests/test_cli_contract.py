@@ -209,6 +209,7 @@ def test_client_wrong_key_names_variable_not_key(pm_server):
     client = PMClient(pm_server.url, "definitely-wrong-key")
     with pytest.raises(AuthError) as err:
         client.agents()
+    assert err.value.exit_code == 6  # fatal, not the transient 4
     assert "HEADLESS_PM_API_KEY" in err.value.hint
     assert "definitely-wrong-key" not in str(err.value.to_json())
 

@@ -13,6 +13,7 @@ from helpers import CLAUDE, needs_claude
 from pmtool import preflight as pf
 from pmtool.client import PMClient
 from pmtool.config import Settings, load_settings
+from pmtool.errors import AuthError, ClaudeMissing
 
 
 def settings_for(server: PMServer, tmp_path: Path, **over: object) -> Settings:
@@ -51,10 +52,10 @@ def test_key_missing_or_rejected(pm_server: PMServer, tmp_path: Path, repo: Path
     missing = checks(settings_for(pm_server, tmp_path, api_key=None), repo)["key"]
     assert (missing.ok, missing.detail) == (False, "HEADLESS_PM_API_KEY is not set")
     wrong = checks(settings_for(pm_server, tmp_path, api_key="wrong-key"), repo)["key"]
-    assert "rejected the key" in wrong.detail and wrong.error is pf.KeyProblem
-    with pytest.raises(pf.KeyProblem) as exc:
+    assert "rejected the key" in wrong.detail and wrong.error is AuthError
+    with pytest.raises(AuthError) as exc:
         wrong.raise_it()
-    assert exc.value.exit_code == pf.EXIT_KEY and "wrong-key" not in str(exc.value.to_json())
+    assert exc.value.exit_code == 6 and "wrong-key" not in str(exc.value.to_json())
 
 
 def test_unreachable_server_is_transient(tmp_path: Path, repo: Path, free_port: int) -> None:
@@ -66,13 +67,13 @@ def test_unreachable_server_is_transient(tmp_path: Path, repo: Path, free_port: 
 def test_claude_missing_or_broken(pm_server: PMServer, tmp_path: Path, repo: Path) -> None:
     missing = checks(settings_for(pm_server, tmp_path, claude_bin=str(tmp_path / "nope")),
                      repo)["claude"]
-    assert missing.error is pf.ClaudeProblem and missing.detail.startswith("claude not found")
+    assert missing.error is ClaudeMissing and missing.detail.startswith("claude not found")
     assert "PMTOOL_CLAUDE_BIN" in (missing.fix or "")
     broken = tmp_path / "claude"
     broken.write_text("#!/bin/sh\necho broken >&2\nexit 3\n")
     broken.chmod(0o755)
     bad = checks(settings_for(pm_server, tmp_path, claude_bin=str(broken)), repo)["claude"]
-    assert bad.error is pf.ClaudeProblem and "broken" in bad.detail
+    assert bad.error is ClaudeMissing and "broken" in bad.detail
     skipped = checks(settings_for(pm_server, tmp_path, claude_bin=str(broken)), repo,
                      agent_cmd="python fake.py")["claude"]
     assert skipped.ok

@@ -133,10 +133,10 @@ def test_unknown_role_is_usage_error_with_valid_roles(env):
     assert "Traceback" not in r.stderr
 
 
-def test_wrong_key_exit_4_and_key_never_shown(env):
+def test_wrong_key_exit_6_and_key_never_shown(env):
     secret = "wrong-key-" + "9" * 20
     r = claim({**env, "HEADLESS_PM_API_KEY": secret}, unique_id("dev"))
-    assert r.code == 4 and r.out["error"]["type"] == "auth"
+    assert r.code == 6 and r.out["error"]["type"] == "auth"
     assert secret not in r.stdout + r.stderr
 
 

@@ -123,6 +123,10 @@ def exec_claude_cmd(
                                       "many seconds (a hung agent), exit 124.")] = None,
     max_budget_usd: Annotated[float | None, typer.Option(
         "--max-budget-usd", min=0, help="Spend cap of this run (claude's own flag).")] = None,
+    max_turns: Annotated[int | None, typer.Option(
+        "--max-turns", min=1, help="Turn cap of this run (claude's own flag) [env "
+                                   "PMTOOL_MAX_TURNS; default: the max_turns setting].")
+    ] = None,
     agent_cmd: Annotated[str | None, typer.Option(
         "--agent-cmd", help="Run this agent command instead of claude (the --agent-cmd "
                             "contract: prompt on stdin, PMTOOL_* env, stream-json out).")
@@ -188,7 +192,7 @@ def exec_claude_cmd(
                 template=template, instructions_dir=instructions_dir,
                 timeout=timeout, idle_timeout=idle_timeout,
                 max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
-                stop_event=stop)
+                stop_event=stop, max_turns=max_turns)
         return _finish(answer, seen)
 
     assert task_json is not None
@@ -205,7 +209,7 @@ def exec_claude_cmd(
             task, settings, role=role, cwd=cwd, model=model, prompt=prompt, template=template,
             instructions_dir=instructions_dir, timeout=timeout, idle_timeout=idle_timeout,
             max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
-            stop_event=stop)
+            stop_event=stop, max_turns=max_turns)
     return _finish(answer, seen)
 
 
