@@ -29,6 +29,34 @@ PENDING = "pending"
 CHANGELOG_LIMIT = 500
 
 
+def parked_tasks(client: Any) -> list[dict[str, Any]]:
+    """The server's tasks parked by pmtool (pending, with a park comment): id, title, why."""
+    out = []
+    for task in client.list_tasks(status=PENDING):
+        notes = task.get("notes") or ""
+        if f.PARKED_MARK not in notes:
+            continue
+        tail = notes.rsplit(f.PARKED_MARK, 1)[-1]
+        reason = tail.split(" -- set the task back", 1)[0].strip(" :")
+        out.append({"id": task.get("id"), "title": task.get("title"),
+                    "target_role": task.get("target_role"), "reason": reason})
+    return out
+
+
+def limits_from(settings: Any, **given: Any) -> f.Limits:
+    """The limits named by the settings (flags, env, config), `given` values first."""
+    names = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
+             "task_budget_usd", "daily_budget_usd")
+    values = {}
+    for name in names:
+        value = given.get(name)
+        if value is None:
+            value = getattr(settings, "values", {}).get(name)
+        if value is not None:
+            values[name] = value
+    return f.Limits(**values)
+
+
 class Ledger:
     """The attempt and park lines of this machine, in the state folder's history (shared
     by every runner and every pmtool command on the machine, kept across restarts)."""

@@ -149,24 +149,58 @@ def check_records(settings: Settings) -> Check:
 
     store = RecordStore(settings.state_path)
     records, corrupt = store.scan()
-    stale = [r.agent_id for r in records if not store.is_live(r)]
-    problems = []
+    stale = [r for r in records if not store.is_live(r)]
+    problems, hints = [], []
     if stale:
-        problems.append(f"stale records (runner gone): {', '.join(stale)}")
+        problems.append("stale records (runner gone): "
+                        + ", ".join(f"{r.agent_id} (task {r.task_id})" for r in stale))
+        # What really frees them: the runner coming back resumes its task; cron's
+        # `recover --all` only gives a task back once its runner is gone for --grace.
+        hints.append("restart the runner (pmtool run --agent-id "
+                     + "/".join(r.agent_id for r in stale[:3])
+                     + ") to resume, or `pmtool recover --give-back` to hand the tasks back "
+                       "now (`pmtool recover --all` does it by itself once the runner has "
+                       f"been gone {settings.grace:g}s)")
     if corrupt:
         kept = ", ".join(str(c.moved_to) for c in corrupt)
         problems.append(f"corrupt records kept aside: {kept}")
+        hints.append("read the kept files, then `pmtool recover --all` releases any lock "
+                     "their agent still holds on the server")
     detail = "; ".join(problems) or f"{len(records)} live records"
-    out = {"ok": not problems, "detail": detail, "records": len(records), "stale": stale,
-           "corrupt": [str(c.moved_to) for c in corrupt]}
-    if problems:
-        out["hint"] = "pmtool recover --all"
+    out = {"ok": not problems, "detail": detail, "records": len(records),
+           "stale": [r.agent_id for r in stale], "corrupt": [str(c.moved_to) for c in corrupt]}
+    if hints:
+        out["hint"] = "; ".join(hints)
     return out
+
+
+def check_parked(settings: Settings) -> Check:
+    """Tasks parked for a person (status pending with pmtool's park comment): not a fault
+    of this machine, but nobody will work them until a person sets them back."""
+    from pmtool.bounds import parked_tasks
+    from pmtool.client import PMClient
+
+    client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
+                      retries=0)
+    try:
+        parked = parked_tasks(client)
+    except PmtoolError as exc:
+        return {"ok": False, "detail": exc.message, "unreachable": exc.exit_code == EXIT_SERVER}
+    finally:
+        client.close()
+    if not parked:
+        return {"ok": True, "detail": "no tasks parked for a person", "parked": []}
+    shown = "; ".join(f"#{p['id']} {p['reason']}" for p in parked[:5])
+    return {"ok": True, "detail": f"{len(parked)} task(s) parked for a person: {shown}",
+            "parked": parked,
+            "hint": "fix what the reason says, then set the task back to created "
+                    "(PUT /api/v1/tasks/ID/status) to have it worked again"}
 
 
 CHECKS: dict[str, Callable[[Settings], Check]] = {
     "api": check_api, "auth": check_auth, "disk": check_disk, "memory": check_memory,
     "claude": check_claude, "git": check_git, "hooks": check_hooks, "records": check_records,
+    "parked": check_parked,
 }
 
 

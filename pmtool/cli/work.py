@@ -57,16 +57,23 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
     Locks it, checks after in-flight locks settled that the lock is still ours (the server
     double-locks under contention), sets under_work and writes the task record. Prints
     {"ok": true, "task": {...}, "record": PATH, "claim": {polls, conflicts, losses, ...}}.
-    Exit 3 when no task came within --wait, 5 if the agent already has a task.
+    A task this machine gave back waits out its cooldown (PMTOOL_RETRY_COOLDOWN); one that
+    used up PMTOOL_MAX_ATTEMPTS or PMTOOL_MAX_BOUNCES is parked (status pending) instead.
+    Exit 3 when no task came within --wait (error.why says why), 5 if the agent already
+    has a task or a running `pmtool run`.
 
     Example: pmtool claim --agent-id dev_001 --role backend_dev --wait 300 | jq .task.id
     """
+    from pmtool.bounds import limits_from
     from pmtool.work import ClaimStats, claim
 
     settings = options().settings()
     stats = ClaimStats()
     claimed = claim(server(settings), record_store(settings), agent_id, role, level,
-                    wait=wait, runner_pid=working_pid(runner_pid), settle=settle, stats=stats)
+                    wait=wait, runner_pid=working_pid(runner_pid), settle=settle, stats=stats,
+                    limits=limits_from(settings))
+    for parked in stats.parked:
+        say(f"pmtool: parked task {parked['task_id']}: {parked['reason']}")
     title = f": {claimed.task['title']}" if claimed.task.get("title") else ""
     say(f"pmtool: {agent_id} claimed task {claimed.task['id']}{title}")
     emit({"task": claimed.task, "record": str(claimed.path), "claim": stats.to_json()})
@@ -144,18 +151,37 @@ def lock_update(
 
 @lock_app.command("release")
 def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
-        help="Why; appended to the task's notes.")] = None) -> None:
+        help="Why; appended to the task's notes.")] = None,
+        kind: Annotated[str, typer.Option(
+            help="Why, as a kind: failed, timeout, idle, killed, max_turns, hook, budget "
+                 "(counted as attempts), or rate_limit, overloaded, auth, stopped (not "
+                 "counted); exec-claude's stop.kind fits here.")] = "failed",
+        task_budget_usd: Annotated[float | None, typer.Option(
+            help="Park the task once its claims have cost this much in all.")] = None,
+) -> None:
     """Give the agent's task back: status as before the claim, lock released, record closed.
 
-    A task that someone else moved on is left alone ("action": "moved_on").
-    Exit 3 when the agent has no record.
+    The give-back is an attempt of the task on this machine (kept with its kind, cost and
+    reason, and written to the task's notes): this machine waits out a cooldown before it
+    takes the task again, and after PMTOOL_MAX_ATTEMPTS (or a budget stop) the task is
+    parked for a person instead ("action": "parked", status pending). A task that someone
+    else moved on is left alone ("action": "moved_on"). Exit 3 when the agent has no record.
 
     Example: pmtool lock release --agent-id dev_001 --notes "needs a decision on the schema"
     """
+    from pmtool.bounds import limits_from
+    from pmtool.errors import UsageError
+    from pmtool.failures import KINDS
     from pmtool.work import release
 
+    if kind not in KINDS:
+        raise UsageError(f"--kind {kind!r} is not one of {', '.join(KINDS)}", valid=list(KINDS))
     settings = options().settings()
-    emit(release(server(settings), record_store(settings), agent_id, notes=notes))
+    result = release(server(settings), record_store(settings), agent_id, notes=notes,
+                     kind=kind, limits=limits_from(settings, task_budget_usd=task_budget_usd))
+    if result.get("parked"):
+        say(f"pmtool: task {result['task_id']} parked for a person: {result['parked']}")
+    emit(result)
 
 
 @app.command("finish")
@@ -166,16 +192,21 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
 ) -> None:
     """Report the outcome of the agent's task and close its record.
 
-    done -> dev_done; qa pass -> qa_done, fail -> created; blocked -> back to the queue
-    with the reason as a comment. If the task has already moved on, it is not
-    overwritten ("action": "moved_on"). Exit 3 when the agent has no record.
+    done -> dev_done; qa pass -> qa_done, fail -> created (parked once QA has failed it
+    PMTOOL_MAX_BOUNCES times); blocked -> parked for a person: status pending, the reason
+    in the notes and as a comment ("parked" says why). If the task has already moved on,
+    it is not overwritten ("action": "moved_on"). Exit 3 when the agent has no record.
 
     Example: pmtool finish --agent-id qa_001 --outcome fail --notes "login 500s on empty password"
     """
+    from pmtool.bounds import limits_from
     from pmtool.work import finish
 
     settings = options().settings()
-    result = finish(server(settings), record_store(settings), agent_id, outcome, notes=notes)
+    result = finish(server(settings), record_store(settings), agent_id, outcome, notes=notes,
+                    limits=limits_from(settings))
+    if result.get("parked"):
+        say(f"pmtool: task {result['task_id']} parked for a person: {result['parked']}")
     if result["action"] == "moved_on":
         why = f" ({result['reason']})" if result.get("reason") else ""
         say(f"pmtool: task {result['task_id']} had moved on{why}; left as it is")
@@ -195,27 +226,48 @@ def recover_cmd(
     keep_logs: Annotated[float | None, typer.Option(
         help="Days of logs and transcripts to keep; older ones are deleted "
              "[env PMTOOL_KEEP_LOGS, default 30].")] = None,
+    grace: Annotated[float | None, typer.Option(
+        help="Seconds a dead runner's task is kept for it to come back; then it is given "
+             "back, its uncommitted work rescued [env PMTOOL_GRACE, default 900].")] = None,
 ) -> None:
     """Reconcile every task record on this machine with the server.
 
-    One entry per record: resume (still ours: a runner can continue, with the worktree and
-    session id), released (lock lost or task moved on: record closed, worktree kept),
-    running (the runner lives: left alone), corrupt (kept aside). stale_runner is true
-    when the runner pid was dead. Exit 3 when there were no records. Made for cron.
+    One entry per record: running (the runner lives: left alone), waiting (its runner died
+    less than --grace ago: kept for it, not re-registered), released (given back after
+    --grace with its uncommitted work rescued to the ref in `rescued` and in the task's
+    notes; or lock lost, task moved on), resume (--agent-id only: the agent's own runner
+    continues, with the worktree and session id), corrupt (kept aside). stale_runner is
+    true when the runner pid was dead. `parked` lists this server's tasks parked for a
+    person. Exit 3 when there were no records. Made for cron.
 
     Example: */10 * * * * pmtool recover --all >> ~/.local/state/pmtool/recover.log 2>&1
     """
+    from pmtool.bounds import limits_from, parked_tasks
+    from pmtool.errors import NothingToDo, PmtoolError
     from pmtool.ops import prune_logs
     from pmtool.work import recover
 
-    settings = options().settings(keep_logs=keep_logs)
+    settings = options().settings(keep_logs=keep_logs, grace=grace)
     pruned = None if dry_run else prune_logs(settings.state_path, settings.keep_logs)
-    entries = recover(server(settings), record_store(settings), agent_id=agent_id,
-                      all_=all_, dry_run=dry_run, give_back=give_back, settle=settle)
+    client = server(settings)
+    try:
+        parked = parked_tasks(client)
+    except PmtoolError:
+        parked = None  # recover itself says whether the server can be read
+    try:
+        entries = recover(client, record_store(settings), agent_id=agent_id,
+                          all_=all_, dry_run=dry_run, give_back=give_back, settle=settle,
+                          grace=settings.grace, limits=limits_from(settings))
+    except NothingToDo as exc:
+        exc.details["parked"] = parked
+        raise
+    for task in parked or []:
+        say(f"pmtool: recover: task {task['id']} is parked for a person: {task['reason']}")
     counts: dict[str, Any] = {}
     for entry in entries:
         counts[entry["action"]] = counts.get(entry["action"], 0) + 1
         why = f" ({entry['reason']})" if entry.get("reason") else ""
         say(f"pmtool: recover: {entry.get('agent_id') or entry['record']}: "
             f"{entry['action']}{why}")
-    emit({"entries": entries, "counts": counts, "dry_run": dry_run, "pruned": pruned})
+    emit({"entries": entries, "counts": counts, "dry_run": dry_run, "pruned": pruned,
+          "parked": parked})
