@@ -204,8 +204,11 @@ CHECKS: dict[str, Callable[[Settings], Check]] = {
 }
 
 
-def run_health(settings: Settings, only: list[str] | None = None) -> tuple[dict, int]:
-    """Run the checks (all, or `only`) and the `health_check` hook; answer and exit code."""
+def run_health(settings: Settings, only: list[str] | None = None, hook: bool | None = None,
+               hooks_dir: str | Path | None = None) -> tuple[dict, int]:
+    """Run the checks (all, or `only`) and the `health_check` hook (by default only with
+    all checks; `hook` says otherwise); answer and exit code. `hooks_dir` replaces the
+    setting (the run loop resolves it against the repo)."""
     names = list(only) if only else list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
@@ -222,10 +225,10 @@ def run_health(settings: Settings, only: list[str] | None = None) -> tuple[dict,
 
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
         checks = list(pool.map(run, names))
-    if not only:
-        hook = _health_hook(settings)
-        if hook:
-            checks.append(hook)
+    if hook if hook is not None else not only:
+        found = _health_hook(settings, hooks_dir)
+        if found:
+            checks.append(found)
     failed = [c for c in checks if not c["ok"]]
     if not failed:
         code = EXIT_OK
@@ -236,12 +239,13 @@ def run_health(settings: Settings, only: list[str] | None = None) -> tuple[dict,
     return {"ok": not failed, "checks": checks}, code
 
 
-def _health_hook(settings: Settings) -> Check | None:
+def _health_hook(settings: Settings, hooks_dir: str | Path | None = None) -> Check | None:
     from pmtool.hooks import find_hook, run_hook
 
-    if not find_hook("health_check", settings.hooks_dir):
+    folder = hooks_dir or settings.hooks_dir
+    if not find_hook("health_check", folder):
         return None
-    result = run_hook("health_check", settings.hooks_dir,
+    result = run_hook("health_check", folder,
                       {"api_url": settings.api_url, "state_dir": str(settings.state_path)},
                       timeout=settings.hook_timeout)
     detail = (result.get("stderr") or result.get("stdout") or "").strip().splitlines()

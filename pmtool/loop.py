@@ -42,12 +42,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pmtool import work
+from pmtool import bounds, work
+from pmtool import failures as fl
 from pmtool.config import SPECS, Settings, check_level
 from pmtool.errors import (
     EXIT_FAILED,
     EXIT_NOTHING,
     EXIT_OK,
+    AuthError,
+    ClaudeMissing,
     Conflict,
     NothingToDo,
     OperationFailed,
@@ -64,7 +67,11 @@ from pmtool.policy import (
 )
 from pmtool.records import RecordStore, TaskRecord, now_iso
 
-HEALTH_CHECKS = ["api", "disk", "memory", "git"]
+# Checked inside the loop on --health-interval, with the health_check hook: while one
+# fails the loop does not claim; it waits, reports and goes on by itself (a refused key
+# stops it: waiting will not fix that).
+HEALTH_CHECKS = ["api", "auth", "claude", "disk", "memory", "git"]
+PAUSE_CAP = 3600.0  # the longest single wait for an overloaded model API or a breaker
 IDLE_POLL = 30.0  # seconds of looking for a task before an `idle` event
 BACKOFF_CAP = 60.0
 # Kept for callers that listed the choices; the enums in pmtool.policy are the source.
@@ -83,9 +90,10 @@ class RunOptions:
     `pmtool.config.SPECS` give the defaults; `from_settings` takes them from a Settings.
 
     Reserved, not acted on yet (the settings exist so that flags, env and config files
-    can name them now): max_attempts, retry_cooldown, max_bounces,
-    max_consecutive_failures, daily_budget_usd, max_turns, poll_interval, poll_max,
-    keep_logs, leftover, push, grace.
+    can name them now): poll_interval, poll_max, keep_logs, leftover, push. The bounds
+    (max_attempts, retry_cooldown, max_bounces, max_consecutive_failures,
+    daily_budget_usd, task_budget_usd) are pmtool.failures.Limits (`limits`); max_turns
+    goes to claude; grace is recover's.
     """
 
     agent_id: str
@@ -147,6 +155,14 @@ class RunOptions:
                                      **exc.details) from None
         return cls(**{**from_settings, **given})
 
+    @property
+    def limits(self) -> fl.Limits:
+        return fl.Limits(max_attempts=self.max_attempts, retry_cooldown=self.retry_cooldown,
+                         max_bounces=self.max_bounces,
+                         max_consecutive_failures=self.max_consecutive_failures,
+                         task_budget_usd=self.task_budget_usd,
+                         daily_budget_usd=self.daily_budget_usd)
+
 
 def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
     """The verdict of an agent run that ended before a stop, if no run started since.
@@ -187,6 +203,10 @@ class Runner:
         self.last_health = 0.0
         self.backoff = 1.0
         self._agent_stop: threading.Event | None = None
+        self.limits = opts.limits
+        self.ledger = bounds.Ledger(self.state)
+        self.hooks_dir: str | None = opts.hooks_dir or settings.hooks_dir
+        self.last_why: list[str] = []
 
     # -- events -------------------------------------------------------------------------
 
@@ -237,9 +257,40 @@ class Runner:
             self.event("error", error=exc.to_json())
             return exc.exit_code
         try:
+            fatal = self._preflight()
+            if fatal is not None:
+                self.event("stopped", task_id=None, tasks_done=0,
+                           record_kept=self._safe_load() is not None, reason="fatal")
+                return fatal
             return self._loop()
         finally:
             lock.release()
+
+    def _preflight(self) -> int | None:
+        """Before the first claim: what would fail every task (key, repo, role and level,
+        hooks, claude) ends the run at once with its exit code and a one-line fix, having
+        claimed nothing. A server that does not answer is not fatal: the loop waits."""
+        from pmtool.preflight import first_fatal, hooks_folder, preflight
+
+        opts, settings = self.opts, self.settings
+        repo = opts.repo or os.getcwd()
+        explicit = bool(opts.hooks_dir and opts.hooks_dir != settings.hooks_dir) or \
+            settings.sources.get("hooks_dir", "default") != "default"
+        findings = preflight(settings, self.client, role=opts.role, level=opts.level,
+                             repo=repo, hooks_dir=self.hooks_dir, hooks_explicit=explicit,
+                             agent_cmd=opts.agent_cmd)
+        fatal = first_fatal(findings)
+        self.event("preflight", ok=fatal is None, checks=[f.to_json() for f in findings])
+        if fatal is None:
+            # Hooks are found in the repo's folder, whatever directory we were started in.
+            folder = hooks_folder(self.hooks_dir, self._repo())
+            self.hooks_dir = str(folder) if folder else None
+            return None
+        assert fatal.error is not None
+        error = fatal.error(fatal.detail, hint=fatal.fix, check=fatal.name, fatal=True)
+        self.event("error", error=error.to_json())
+        self.progress(f"fatal: {fatal.detail}" + (f"; fix: {fatal.fix}" if fatal.fix else ""))
+        return error.exit_code
 
     def _loop(self) -> int:
         code = EXIT_OK
@@ -249,6 +300,7 @@ class Runner:
                 self._health_if_due()
                 record = self._recover()
                 if record is None:
+                    self._gate()
                     record = self._claim()
                     if record is None:
                         if self.opts.single_task:
@@ -264,11 +316,18 @@ class Runner:
                     break
                 if self.opts.max_tasks and self.done >= self.opts.max_tasks:
                     break
-                if not finished:
-                    # Given back: wait, or the server hands the same task straight back.
-                    # pm-runner.sh: give_back's `pause "$wait"`.
-                    self._sleep(self.opts.give_back_wait)
+                # Given back: no wait here; the task cools down in the claim instead
+                # (retry_cooldown), and other tasks are taken meanwhile.
             except Stop:
+                break
+            except (AuthError, ClaudeMissing) as exc:
+                # A refused key or login, or no claude: every task would fail the same way.
+                # Stop, keep the record for a resume once a person fixed it.
+                self.event("error", error={**exc.to_json(), "fatal": True})
+                self.progress(f"fatal: {exc.message}" + (f"; {exc.hint}" if exc.hint else "")
+                              + "; the task record is kept for a resume")
+                self._notify_fatal(exc)
+                code = exc.exit_code
                 break
             except ServerError as exc:
                 # Server away: keep the record, back off (capped, jittered), try again.
@@ -285,11 +344,7 @@ class Runner:
                 self.event("error", error=exc.to_json())
                 if exc.details.get("fatal") or self.opts.single_task:
                     if exc.details.get("fatal"):  # a person is needed: the notify hook
-                        from pmtool.ops import notify
-
-                        notify("fatal", self.opts.hooks_dir or self.settings.hooks_dir,
-                               record=self._safe_load(), agent_id=self.opts.agent_id,
-                               error=exc.to_json(), timeout=self.settings.hook_timeout)
+                        self._notify_fatal(exc)
                     code = exc.exit_code
                     break
                 try:
@@ -302,6 +357,12 @@ class Runner:
                    tasks_done=self.done, record_kept=bool(record),
                    reason="signal" if self.stopping.is_set() else "done")
         return code
+
+    def _notify_fatal(self, exc: PmtoolError) -> None:
+        from pmtool.ops import notify
+
+        notify("fatal", self.hooks_dir, record=self._safe_load(), agent_id=self.opts.agent_id,
+               error=exc.to_json(), timeout=self.settings.hook_timeout)
 
     def _safe_load(self) -> TaskRecord | None:
         try:
@@ -317,16 +378,62 @@ class Runner:
             return
         from pmtool.health import run_health
 
-        result, _code = run_health(self.settings, HEALTH_CHECKS)
+        checks = HEALTH_CHECKS if not self.opts.agent_cmd else \
+            [c for c in HEALTH_CHECKS if c != "claude"]
+        result, _code = run_health(self.settings, checks, hook=True,
+                                   hooks_dir=self.hooks_dir)
         self.last_health = time.monotonic()
         failed = [c for c in result["checks"] if not c["ok"]]
-        self.event("health", ok=result["ok"], failed=[c["name"] for c in failed])
+        self.event("health", ok=result["ok"], failed=[c["name"] for c in failed],
+                   details={c["name"]: c["detail"] for c in failed} or None)
         if failed:
+            refused = [c for c in failed if c["name"] == "auth" and not c.get("unreachable")]
+            if refused:
+                raise AuthError(refused[0]["detail"], fatal=True,
+                                hint="set HEADLESS_PM_API_KEY to the server's key")
             if all(c.get("unreachable") for c in failed):
                 raise ServerError("; ".join(c["detail"] for c in failed))
             self.last_health = 0.0  # check again next turn
             raise OperationFailed("health check failed: " + "; ".join(
                 f"{c['name']}: {c['detail']}" for c in failed))
+
+    def _gate(self) -> None:
+        """Before a claim: the machine's daily budget, and this runner's circuit breaker.
+        Each wait is an event and a line on stderr; a stop signal cuts it short."""
+        lines = self.ledger.lines()
+        over, spent, tomorrow = fl.over_daily_budget(lines, self.limits)
+        if over:
+            self.event("paused", reason="daily_budget", spent_usd=spent,
+                       daily_budget_usd=self.limits.daily_budget_usd,
+                       until=fl.iso(tomorrow))
+            self.progress(f"daily budget ${self.limits.daily_budget_usd:g} spent "
+                          f"(${spent:.2f}); no claims until {fl.iso(tomorrow)[:16]}Z")
+            if self.opts.single_task:
+                raise NothingToDo("the machine's daily budget is spent",
+                                  hint="raise --daily-budget-usd, or wait for tomorrow (UTC)")
+            self._sleep_until(tomorrow)
+            return
+        mine = [a for a in lines if a.get("kind") == fl.ATTEMPT
+                and a.get("agent_id") == self.opts.agent_id]
+        state = fl.breaker(mine, self.limits)
+        if state.state == "open" and state.until is not None:
+            self.event("breaker", state="open", failures=state.failures, trips=state.trips,
+                       wait_s=state.wait_s, until=fl.iso(state.until))
+            self.progress(f"{state.failures} tasks failed in a row: no claims for "
+                          f"{state.wait_s:.0f}s (circuit breaker), then one try")
+            self._sleep_until(state.until)
+            state = fl.breaker(mine, self.limits)
+        if state.state == "half_open":
+            self.event("breaker", state="half_open", failures=state.failures,
+                       trips=state.trips)
+            self.progress("circuit breaker: trying one task")
+
+    def _sleep_until(self, until: Any) -> None:
+        from datetime import UTC, datetime
+
+        left = (until - datetime.now(UTC)).total_seconds()
+        if left > 0:
+            self._sleep(left)
 
     def _recover(self) -> TaskRecord | None:
         """This agent's record from before (a crash, a stop): resume it when still ours."""
@@ -336,7 +443,8 @@ class Runner:
         except NothingToDo:
             return None
         for entry in entries:
-            if entry["action"] == "running":  # pm-runner.sh: first recover loop, exit 5
+            if entry["action"] == "running" and entry.get("pid") != os.getpid():
+                # pm-runner.sh: first recover loop, exit 5
                 raise Conflict(f"agent {self.opts.agent_id} has a task record whose runner "
                                f"(pid {entry['pid']}) is alive", fatal=True,
                                hint="stop that runner, or use another --agent-id")
@@ -361,14 +469,26 @@ class Runner:
             self._check_stop()
             try:
                 # Register once per wait, not per poll: an idle runner costs one request a poll.
+                stats = work.ClaimStats()
                 claimed = work.claim(self.client, self.store, opts.agent_id, opts.role,
                                      opts.level, wait=0, runner_pid=os.getpid(),
-                                     settle=opts.settle, register_first=not registered)
+                                     settle=opts.settle, register_first=not registered,
+                                     limits=self.limits, explain=False, stats=stats)
             except NothingToDo:
                 registered = True
+                for parked in stats.parked:
+                    self.event("parked", task_id=parked["task_id"], reason=parked["reason"])
+                    self.progress(f"task {parked['task_id']} parked for a person: "
+                                  f"{parked['reason']}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    self.event("idle", waited_s=opts.idle_poll)
+                    # Once per idle period, not per poll: why nothing was picked up.
+                    why = work.why_nothing(self.client, opts.role, opts.level, stats.cooling)
+                    self.event("idle", waited_s=opts.idle_poll, why=why or None,
+                               cooling=stats.cooling or None)
+                    if why and why != self.last_why:
+                        self.progress("nothing to pick up: " + "; ".join(why))
+                    self.last_why = why
                     return None
                 # Our own backoff, so a stop signal interrupts the wait at once.
                 self._sleep(min(left, delay * random.uniform(0.5, 1.0)))
@@ -391,9 +511,8 @@ class Runner:
               **extra: Any) -> dict[str, Any]:
         from pmtool.hooks import run_hook
 
-        result = run_hook(name, self.opts.hooks_dir or self.settings.hooks_dir,
-                          self._context(record, **extra), timeout=self.settings.hook_timeout,
-                          cwd=cwd)
+        result = run_hook(name, self.hooks_dir, self._context(record, **extra),
+                          timeout=self.settings.hook_timeout, cwd=cwd)
         self.event("hook", task_id=record.task_id, hook=name, ok=result["ok"],
                    skipped=result.get("skipped"), exit_code=result.get("exit_code"),
                    timed_out=result.get("timed_out"), duration_s=result.get("duration_s"),
@@ -441,7 +560,7 @@ class Runner:
                 return True
             if choice == "stop":
                 raise OperationFailed(f"pre_task hook failed: {why}", fatal=True)
-            self._give_back(record, f"pre_task hook failed: {why}")
+            self._give_back(record, f"pre_task hook failed: {why}", kind=fl.HOOK)
             return False
 
     def _worktree(self, record: TaskRecord, repo: Path) -> str:
@@ -452,11 +571,11 @@ class Runner:
             answer = create_worktree(repo, record.task_id, record.branch or task.get("branch"),
                                      task.get("complexity") or "major", base=self.opts.base,
                                      worktree_base=self.settings.worktree_base,
-                                     hooks_dir=self.opts.hooks_dir or self.settings.hooks_dir,
+                                     hooks_dir=self.hooks_dir,
                                      hook_timeout=self.settings.hook_timeout,
                                      context=self._context(record))
         except (Conflict, OperationFailed) as exc:  # pm-runner.sh: give_back "no worktree"
-            self._give_back(record, f"no worktree: {exc.message}")
+            self._give_back(record, f"no worktree: {exc.message}", kind=fl.FAILED)
             raise
         cwd = answer.get("worktree") or str(repo)
         work.update_record(self.store, self.opts.agent_id, worktree=cwd,
@@ -466,7 +585,7 @@ class Runner:
                    branch=answer["branch"], base=answer.get("base"),
                    created=answer.get("created"))
         if not answer.get("ok", True):
-            self._give_back(record, "worktree_setup hook failed")
+            self._give_back(record, "worktree_setup hook failed", kind=fl.HOOK)
             raise OperationFailed("worktree_setup hook failed", task_id=record.task_id)
         return cwd
 
@@ -481,6 +600,10 @@ class Runner:
         model = record.model
         escalated = False
         retried = False
+        pauses = 0
+        # The task's spend on this machine before this claim: the task budget counts
+        # every attempt and claim, not only this one.
+        before = fl.task_cost(fl.attempts_of(self.ledger.lines(), record.task))
         while True:
             stop_agent = threading.Event()
             self._agent_stop = stop_agent
@@ -489,7 +612,8 @@ class Runner:
                                     daemon=True)
             beat.start()
             try:
-                result = self._run_agent(resume=resume, model=model, stop_event=stop_agent)
+                result = self._run_agent(resume=resume, model=model, stop_event=stop_agent,
+                                         max_budget_usd=self._run_budget(record, before))
             finally:
                 stop_agent.set()
                 beat.join(timeout=5)
@@ -501,7 +625,8 @@ class Runner:
                        total_cost_usd=result.get("total_cost_usd"),
                        task_cost_usd=record.cost_usd, duration_s=result.get("duration_s"),
                        timed_out=result.get("timed_out"), stopped=result.get("stopped"),
-                       resumed=result.get("resumed"), log=result.get("log"))
+                       resumed=result.get("resumed"), log=result.get("log"),
+                       stop=result.get("stop"))
             if lost.is_set():
                 self._lost(record)
                 return None
@@ -517,9 +642,28 @@ class Runner:
                 return record.steps[-1]["verdict"]
             why = ("timed out" if result.get("timed_out") else
                    (result.get("error") or {}).get("message") or "no verdict")
-            if opts.task_budget_usd is not None and record.cost_usd >= opts.task_budget_usd:
+            stop = result.get("stop") or {}
+            kind = stop.get("kind") or fl.FAILED
+            if kind in (fl.RATE_LIMIT, fl.OVERLOADED):
+                # Not the task's fault and not an attempt: keep the task, wait, go on with
+                # the same session.
+                pauses += 1
+                self._pause(record, kind, why, stop.get("resets_at"), pauses)
+                resume = bool(record.session_id)
+                continue
+            if kind == fl.AUTH:
+                raise AuthError(f"claude's login or key was refused: {why}", fatal=True,
+                                task_id=record.task_id,
+                                hint="log claude in again (or fix ANTHROPIC_API_KEY), then "
+                                     "start the runner again: it resumes the kept task")
+            spent = before + record.cost_usd
+            if kind == fl.BUDGET:  # a retry would spend it again
+                self._give_back(record, f"{why} (${spent:.4f} over all claims)", kind=kind)
+                return None
+            if opts.task_budget_usd is not None and spent >= opts.task_budget_usd:
                 self._give_back(record, f"task budget ${opts.task_budget_usd:g} spent "
-                                        f"(${record.cost_usd:.2f}); last run: {why}")
+                                        f"(${spent:.4f} over all claims); last run: {why}",
+                                kind=fl.BUDGET)
                 return None
             self._check_stop()
             if opts.on_agent_failure == "stop":
@@ -535,11 +679,49 @@ class Runner:
                     escalated, resume, model = True, False, stronger
                     self.progress(f"agent failed ({why}); escalating to {stronger}")
                     continue
-            self._give_back(record, f"agent failed: {why}")
+            self._give_back(record, f"agent failed: {why}", kind=kind)
             return None
 
+    def _run_budget(self, record: TaskRecord, before: float) -> float | None:
+        """claude's --max-budget-usd for the next run: the per-run cap, and no more than
+        what is left of the task budget over every claim."""
+        caps = [self.opts.max_budget_usd] if self.opts.max_budget_usd is not None else []
+        if self.opts.task_budget_usd is not None:
+            caps.append(max(self.opts.task_budget_usd - before - record.cost_usd, 0.0))
+        return min(caps) if caps else None
+
+    def _pause(self, record: TaskRecord, kind: str, why: str, resets_at: str | None,
+               pauses: int) -> None:
+        """Wait out a rate limit (until claude's `resetsAt`) or an overloaded model API
+        (backing off, capped and jittered), keeping the task: heartbeats go on, so the
+        server does not hand the task to someone else meanwhile."""
+        from datetime import UTC, datetime
+
+        until = fl.parse_time(resets_at) if resets_at else None
+        if until is not None:
+            wait = max((until - datetime.now(UTC)).total_seconds(), 0.0) + 1.0
+        else:
+            base = max(self.opts.retry_cooldown, 1.0)
+            wait = fl.cooldown_s(pauses, base, PAUSE_CAP) * random.uniform(0.75, 1.0)
+        self.event("paused", task_id=record.task_id, reason=kind, detail=why,
+                   wait_s=round(wait, 1), until=resets_at, task_kept=True)
+        self.progress(f"{kind.replace('_', ' ')}: {why}; task {record.task_id} kept, going on "
+                      f"in {wait:.0f}s" + (f" (resets at {resets_at})" if resets_at else ""))
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._sleep(min(left, self.opts.heartbeat))
+            if deadline - time.monotonic() > 0:
+                try:  # quirk 3: unseen for 30 minutes, the lock would go
+                    self.client.register(self.opts.agent_id, self.opts.role, self.opts.level)
+                except PmtoolError as exc:
+                    self.progress(f"heartbeat failed: {exc.message} (still waiting)")
+
     def _run_agent(self, resume: bool, model: str | None,
-                   stop_event: threading.Event) -> dict[str, Any]:
+                   stop_event: threading.Event,
+                   max_budget_usd: float | None = None) -> dict[str, Any]:
         from pmtool.agent import describe_event, run_for_record
 
         opts = self.opts
@@ -553,8 +735,11 @@ class Runner:
             return run_for_record(
                 self.store, opts.agent_id, self.settings, resume=resume, model=model,
                 timeout=opts.timeout or self.settings.claude_timeout,
-                idle_timeout=opts.idle_timeout, max_budget_usd=opts.max_budget_usd,
-                agent_cmd=opts.agent_cmd, stop_event=stop_event, progress=agent_progress)
+                idle_timeout=opts.idle_timeout, max_budget_usd=max_budget_usd,
+                agent_cmd=opts.agent_cmd, stop_event=stop_event, progress=agent_progress,
+                max_turns=opts.max_turns)
+        except (ClaudeMissing, AuthError):
+            raise  # fatal: the loop stops, the record is kept
         except PmtoolError as exc:
             return {"ok": False, "error": exc.to_json()}
 
@@ -587,22 +772,32 @@ class Runner:
                        task_id=record.task_id, rescued=rescued,
                        hint="raise the heartbeat frequency (--heartbeat)")
 
-    def _give_back(self, record: TaskRecord, why: str) -> None:
-        result = work.release(self.client, self.store, self.opts.agent_id, notes=why)
+    def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED) -> None:
+        result = work.release(self.client, self.store, self.opts.agent_id, notes=why,
+                              kind=kind, limits=self.limits)
         # The event when it happened, before the worktree goes (as _finish does; the
         # script's `lock release` then `worktree remove` print in this order too).
+        attempt = result.get("attempt") or {}
         self.event("finished", task_id=record.task_id, outcome="given_back", reason=why,
-                   action=result["action"])
+                   action=result["action"], stop=kind, cost_usd=attempt.get("cost_usd"),
+                   parked=result.get("parked"), cooling_until=result.get("cooling_until"))
+        if result.get("parked"):
+            self.event("parked", task_id=record.task_id, reason=result["parked"])
+            self.progress(f"task {record.task_id} parked for a person: {result['parked']}")
         self._remove_worktree(record)
 
     def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
         record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
         notes = self._summary(record, verdict)
         result = work.finish(self.client, self.store, self.opts.agent_id, verdict["outcome"],
-                             notes=notes)
+                             notes=notes, limits=self.limits)
         self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
                    status=result.get("status"), action=result.get("action"),
-                   summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6))
+                   summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6),
+                   parked=result.get("parked"))
+        if result.get("parked"):
+            self.event("parked", task_id=record.task_id, reason=result["parked"])
+            self.progress(f"task {record.task_id} parked for a person: {result['parked']}")
         # post_task never blocks: its result is reported, not acted on (pm-runner.sh too).
         self._hook("post_task", record, str(repo), **verdict, status=result.get("status"))
         self._remove_worktree(record)

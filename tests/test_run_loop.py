@@ -110,7 +110,9 @@ def world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
     hooks.mkdir()
     env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_HOOKS_DIR": str(hooks)}
+           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_HOOKS_DIR": str(hooks),
+           # A given-back task may be taken again at once (tests of the cooldown set it).
+           "PMTOOL_RETRY_COOLDOWN": "0"}
     env.pop("PMTOOL_RUNNER_PID", None)
     seeder = Seeder(server.url, key)
     return World(tmp_path, repo, tmp_path / "state", hooks, env, seeder, server)
@@ -138,8 +140,8 @@ def test_single_task_major_goes_to_dev_done_on_its_branch(world: World) -> None:
     task = world.task()
     run = world.run("--single-task")
     assert run.code == 0, run.stderr
-    assert run.kinds() == ["health", "claimed", "hook", "worktree", "agent", "finished",
-                           "hook", "worktree", "stopped"]
+    assert run.kinds() == ["preflight", "health", "claimed", "hook", "worktree", "agent",
+                           "finished", "hook", "worktree", "stopped"]
     finished = run.of("finished")[0]
     assert finished["outcome"] == "done" and finished["status"] == "dev_done"
     server_task = world.status(task["id"])
@@ -263,6 +265,7 @@ def test_failing_pre_task_hook_gives_the_task_back(world: World) -> None:
     run = world.run("--single-task")
     assert run.code == 1
     assert run.of("hook")[0]["ok"] is False
+    assert run.of("finished"), (run.events[-3:], run.stderr)
     assert "disk is full" in run.of("finished")[0]["reason"]
     assert world.status(task["id"])["status"] == "created"
     assert not run.of("agent")
@@ -378,7 +381,7 @@ def test_sigterm_stops_after_the_step_and_restart_finishes_once(world: World) ->
 
     again = world.run("--single-task")
     assert again.code == 0, again.stderr
-    assert again.kinds()[:2] == ["health", "resumed"]
+    assert again.kinds()[:3] == ["preflight", "health", "resumed"]
     assert not again.of("agent")  # the verdict was kept: the agent does not run twice
     assert again.of("finished")[0]["status"] == "dev_done"
     assert dev_done_count(world, task["id"]) == 1

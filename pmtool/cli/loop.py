@@ -87,7 +87,8 @@ def run_cmd(
              "and wait), continue, or stop [env PMTOOL_ON_HOOK_FAILURE, default release].")
     ] = None,
     task_budget_usd: Annotated[float | None, typer.Option(
-        help="Give a task back once its agent runs have cost this much in all.")] = None,
+        help="Park a task once its agent runs have cost this much, over every attempt and "
+             "claim on this machine.")] = None,
     escalate: Annotated[bool, typer.Option(
         "--escalate", help="Retry a failed task once on the next stronger model.")] = False,
     agent_cmd: Annotated[str | None, typer.Option(
@@ -103,22 +104,22 @@ def run_cmd(
         help="Seconds of looking for work between `idle` events.")] = 30.0,
     settle: Settle = 0.3,
     max_attempts: Annotated[int | None, typer.Option(
-        help="Reserved: claims of one task, at most [env PMTOOL_MAX_ATTEMPTS, default 3].")
+        help="Claims of one task, at most [env PMTOOL_MAX_ATTEMPTS, default 3].")
     ] = None,
     retry_cooldown: Annotated[float | None, typer.Option(
-        help="Reserved: seconds before a given-back task is claimed again "
+        help="Seconds before a given-back task is claimed again "
              "[env PMTOOL_RETRY_COOLDOWN, default 60].")] = None,
     max_bounces: Annotated[int | None, typer.Option(
-        help="Reserved: QA fails of one task, at most [env PMTOOL_MAX_BOUNCES, default 3].")
+        help="QA fails of one task, at most [env PMTOOL_MAX_BOUNCES, default 3].")
     ] = None,
     max_consecutive_failures: Annotated[int | None, typer.Option(
-        help="Reserved: failed tasks in a row before the runner backs off "
+        help="Failed tasks in a row before the runner backs off "
              "[env PMTOOL_MAX_CONSECUTIVE_FAILURES, default 3].")] = None,
     daily_budget_usd: Annotated[float | None, typer.Option(
-        help="Reserved: this machine's spend per day, at most [env PMTOOL_DAILY_BUDGET_USD].")
+        help="This machine's spend per day, at most [env PMTOOL_DAILY_BUDGET_USD].")
     ] = None,
     max_turns: Annotated[int | None, typer.Option(
-        help="Reserved: claude turns per agent run [env PMTOOL_MAX_TURNS].")] = None,
+        help="Claude turns per agent run [env PMTOOL_MAX_TURNS].")] = None,
     poll_interval: Annotated[float | None, typer.Option(
         help="Reserved: seconds between looks for work, at first "
              "[env PMTOOL_POLL_INTERVAL, default 2].")] = None,
@@ -135,7 +136,7 @@ def run_cmd(
         "--push/--no-push", help="Reserved: push task branches [env PMTOOL_PUSH, default no].")
     ] = None,
     grace: Annotated[float | None, typer.Option(
-        help="Reserved: seconds a dead runner's task waits before it is given back "
+        help="Seconds a dead runner's task waits before it is given back "
              "[env PMTOOL_GRACE, default 900].")] = None,
 ) -> int:
     """Work tasks for a role continuously: claim, hooks, worktree, claude, finish, repeat.
