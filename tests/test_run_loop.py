@@ -68,7 +68,9 @@ class World:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def args(self, *args: str) -> list[str]:
-        defaults = ["--repo", str(self.repo), "--settle", "0.05", "--idle-poll", "0.5"]
+        defaults = ["--settle", "0.05", "--idle-poll", "0.5"]
+        if "--repo" not in args:
+            defaults += ["--repo", str(self.repo)]
         if "--role" not in args:
             defaults += ["--role", "backend_dev"]
         if "--agent-id" not in args:
@@ -100,6 +102,11 @@ def events(stdout: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
+    return make_world(tmp_path, make_standin)
+
+
+def make_world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
+    """A private stand-in, a git repo, a hooks folder and the environment to run in."""
     key = f"k-{secrets.token_hex(8)}"
     server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
     repo = tmp_path / "repo"

@@ -1,0 +1,325 @@
+"""`pmtool run` left alone overnight: every failure ends bounded and visible (issue 9).
+
+Real `pmtool run` processes against a private stand-in server, in real git repositories,
+with the fake agent or the real claude binary against the scripted model server. The
+counts the issue asks for are asserted here: a `blocked` task runs once, an always-failing
+task at most max_attempts times, a ping-pong task is parked after max_bounces QA fails,
+a missing claude or a wrong key ends the run before any claim, and an outage of the
+server in the middle of a task ends with the task dev_done once and exit 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_run_loop import Run, World, dev_done_count, events, make_world, wait_for
+
+from helpers import CLAUDE, PMTOOL, needs_claude
+from pmtool.testing.claude_env import claude_env
+from pmtool.testing.model_server import Error, ScriptedModelServer, Structured, Write
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
+    return make_world(tmp_path, make_standin)
+
+
+class Watched:
+    """A running `pmtool run`: its events as they come (stdout and stderr read by threads,
+    so neither pipe fills up), and its end on SIGTERM."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.events, self.err = proc, [], []
+        self.readers = [threading.Thread(target=self._out, daemon=True),
+                        threading.Thread(target=self._err, daemon=True)]
+        for reader in self.readers:
+            reader.start()
+
+    def _out(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip():
+                self.events.extend(events(line))
+
+    def _err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.err.append(line)
+
+    def count(self, kind: str, **match: Any) -> int:
+        return sum(1 for e in list(self.events) if e["event"] == kind
+                   and all(e.get(k) == v for k, v in match.items()))
+
+    def end(self, signal_it: bool = True, timeout: float = 60) -> Run:
+        if signal_it and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.proc.kill()
+        for reader in self.readers:
+            reader.join(10)
+        return Run(self.proc.returncode, list(self.events), "".join(self.err))
+
+
+def attempt_lines(world: World) -> list[dict[str, Any]]:
+    return [h for h in world.store.state.history() if h.get("kind") in ("attempt", "park")]
+
+
+# ---- 2. blocked parks the task: it runs exactly once ----------------------------------------
+
+
+def test_blocked_task_runs_exactly_once_and_is_parked(world: World) -> None:
+    task = world.task()
+    runner = Watched(world.start(env={"PMTOOL_FAKE_AGENT_OUTCOME": "blocked"}))
+    try:
+        wait_for(lambda: world.status(task["id"])["status"] == "pending", what="the park")
+        # The runner goes on looking for work and does not take the parked task again.
+        wait_for(lambda: runner.count("idle") >= 2, what="two idle rounds after the park")
+    finally:
+        run = runner.end()
+    assert len(run.of("agent")) == 1
+    on_server = world.status(task["id"])
+    assert on_server["status"] == "pending" and on_server["locked_by"] is None
+    assert "parked by pmtool (blocked)" in on_server["notes"]
+    assert run.of("parked")[0]["task_id"] == task["id"]
+    assert "pending" in run.of("idle")[-1]["why"][0]  # "no task" says why
+    assert [h["kind"] for h in attempt_lines(world)] == ["attempt", "park"]
+    # `recover` lists it for a person; `health` too.
+    listed = subprocess.run([PMTOOL, "health", "--check", "parked"], env=world.env,
+                            capture_output=True, text=True, timeout=60)
+    assert f"#{task['id']} (blocked): " in listed.stdout
+
+
+# ---- 3. bounded retries --------------------------------------------------------------------
+
+
+def test_always_failing_task_runs_at_most_max_attempts_times(world: World) -> None:
+    task = world.task()
+    runner = Watched(world.start("--on-agent-failure", "release", "--max-attempts", "3",
+                                 "--retry-cooldown", "0.2",
+                                 env={"PMTOOL_FAKE_AGENT_EXIT": "1"}))
+    try:
+        wait_for(lambda: world.status(task["id"])["status"] == "pending", timeout=60,
+                 what="the park after 3 attempts")
+        wait_for(lambda: runner.count("idle") >= 2, what="idle rounds after the park")
+    finally:
+        run = runner.end()
+    assert len(run.of("claimed")) == 3
+    assert len(run.of("agent")) == 3
+    notes = world.status(task["id"])["notes"]
+    assert "parked by pmtool (max_attempts): 3 attempts failed" in notes
+    for n in (1, 2):
+        assert f"released: attempt {n}/3 (failed" in notes
+    attempts = [h for h in attempt_lines(world) if h["kind"] == "attempt"]
+    assert [a["stop"] for a in attempts] == ["failed"] * 3
+    # The circuit breaker opened after three failures in a row, and said so.
+    assert any(e["state"] == "open" for e in run.of("breaker"))
+
+
+def test_ping_pong_is_parked_after_max_bounces(world: World) -> None:
+    task = world.task()
+    dev = Watched(world.start("--max-bounces", "3"))
+    qa = Watched(world.start("--role", "qa", "--agent-id", "qa_1", "--max-bounces", "3",
+                             env={"PMTOOL_FAKE_AGENT_OUTCOME": "fail"}))
+    try:
+        wait_for(lambda: world.status(task["id"])["status"] == "pending", timeout=90,
+                 what="the park after three QA fails")
+        time.sleep(1.5)  # time for a storm to show, if there were one
+    finally:
+        dev.end()
+        qa_run = qa.end()
+    assert qa_run.of("parked")[0]["task_id"] == task["id"]
+    fails = [c for c in world.seeder.changelog(500)
+             if c["task_id"] == task["id"] and c["old_status"] == "under_work"
+             and c["new_status"] in ("created", "pending")]
+    assert len(fails) == 3
+    assert dev_done_count(world, task["id"]) == 3
+    assert "parked by pmtool (max_bounces): QA failed it 3 times" in \
+        world.status(task["id"])["notes"]
+
+
+# ---- 4. fatal problems stop before a claim ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("case", "code", "words"), [
+    ("no claude", 7, "claude not found"),
+    ("wrong key", 6, "rejected the key"),
+    ("no key", 6, "HEADLESS_PM_API_KEY is not set"),
+    ("not a repo", 2, "is not a git repository"),
+])
+def test_fatal_problems_end_the_run_before_any_claim(world: World, tmp_path: Path, case: str,
+                                                     code: int, words: str) -> None:
+    task = world.task()
+    env: dict[str, str] = {}
+    args = ["--real-claude"]  # no --agent-cmd: claude is what runs
+    if case == "no claude":
+        env["PMTOOL_CLAUDE_BIN"] = str(tmp_path / "nowhere" / "claude")
+    else:
+        args = []
+    if case == "wrong key":
+        env["HEADLESS_PM_API_KEY"] = "wrong-" + "7" * 16
+    if case == "no key":
+        env["HEADLESS_PM_API_KEY"] = ""
+    if case == "not a repo":
+        (tmp_path / "plain").mkdir()
+        args += ["--repo", str(tmp_path / "plain")]
+    start = time.monotonic()
+    run = world.run(*args, env=env, timeout=10)  # without --single-task: it must still end
+    assert time.monotonic() - start < 10
+    assert run.code == code, run.stderr
+    assert not run.of("claimed")
+    assert words in run.of("error")[0]["error"]["message"]
+    fatal = [line for line in run.stderr.splitlines() if "fatal: " in line]
+    assert len(fatal) == 1 and words in fatal[0] and "fix: " in fatal[0]
+    on_server = world.status(task["id"])
+    assert on_server["status"] == "created" and on_server["locked_by"] is None
+    assert "wrong-7777" not in run.stderr + str(run.events)
+
+
+# ---- 4. transient problems never end the run ---------------------------------------------------
+
+
+def test_a_server_outage_mid_task_ends_dev_done_once_and_exit_0(world: World) -> None:
+    task = world.task()
+    proc = world.start("--single-task", env={"PMTOOL_FAKE_AGENT_SLEEP": "2"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="the agent")
+    world.server.stop()  # the server goes away while the agent works ...
+    time.sleep(8)
+    world.server._stopping.clear()  # ... and comes back on the same port, data intact
+    world.server.start()
+    out, err = proc.communicate(timeout=120)
+    run = Run(proc.returncode, events(out), err)
+    assert run.code == 0, err
+    assert any(e["error"]["type"] == "server" for e in run.of("error"))
+    assert "is alive" not in err
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert dev_done_count(world, task["id"]) == 1
+    assert world.store.load("dev_1") is None
+
+
+# ---- 5. health inside the loop ---------------------------------------------------------------
+
+
+def test_failing_health_check_hook_keeps_the_loop_from_claiming(world: World) -> None:
+    task = world.task()
+    flag = world.tmp / "unhealthy"
+    flag.write_text("yes")
+    hook = world.hooks / "health_check.sh"
+    hook.write_text(f"#!/bin/sh\nif [ -e {flag} ]; then echo 'vpn is down' >&2; exit 1; fi\n")
+    hook.chmod(0o755)
+    runner = Watched(world.start("--max-tasks", "1"))
+    wait_for(lambda: runner.count("health", ok=False) >= 2, what="failed checks")
+    assert world.status(task["id"])["status"] == "created"  # nothing claimed meanwhile
+    flag.unlink()
+    wait_for(lambda: runner.proc.poll() is not None, timeout=90, what="the task")
+    run = runner.end(signal_it=False)
+    failed = [e for e in run.of("health") if not e["ok"]]
+    assert "hook:health_check" in failed[0]["failed"]
+    assert "vpn is down" in failed[0]["details"]["hook:health_check"]
+    assert run.code == 0, run.stderr
+    assert world.status(task["id"])["status"] == "dev_done"
+
+
+# ---- 4 and 6, with the real claude -----------------------------------------------------------
+
+
+def real(world: World, model: ScriptedModelServer, **extra: str) -> dict[str, str]:
+    return {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+            "PMTOOL_CLAUDE_BIN": str(CLAUDE), **extra}
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_usage_limit_pauses_until_reset_with_the_task_kept(world: World) -> None:
+    task = world.task()
+    reset = int(time.time()) + 3
+    limit = Error(429, "rate_limit_error", "limit", headers={
+        "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": str(reset),
+        "anthropic-ratelimit-unified-representative-claim": "five_hour"})
+    with ScriptedModelServer([limit, Write("a.txt", "a\n"),
+                              Structured({"outcome": "done", "summary": "ok"})]) as model:
+        env = real(world, model)
+        env.pop("ANTHROPIC_API_KEY")
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = "scripted-oauth"  # usage limits come with a login
+        run = world.run("--single-task", "--real-claude", env=env)
+    assert run.code == 0, run.stderr
+    (paused,) = run.of("paused")
+    assert paused["reason"] == "rate_limit" and paused["task_kept"] is True
+    assert paused["until"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(reset)))
+    assert "rate limit" in run.stderr and "resets at" in run.stderr
+    assert not [e for e in run.of("finished") if e["outcome"] == "given_back"]
+    assert world.status(task["id"])["status"] == "dev_done"
+    attempts = [h for h in attempt_lines(world) if h["kind"] == "attempt"]
+    assert [a["stop"] for a in attempts] == ["ok"]  # the pause was no attempt
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_overload_backs_off_and_goes_on(world: World) -> None:
+    task = world.task()
+    with ScriptedModelServer([Error(529, "overloaded_error", "Overloaded"),
+                              Structured({"outcome": "done", "summary": "ok"})]) as model:
+        run = world.run("--single-task", "--real-claude", "--retry-cooldown", "1",
+                        env=real(world, model))
+    assert run.code == 0, run.stderr
+    assert [e["reason"] for e in run.of("paused")] == ["overloaded"]
+    assert run.of("agent")[0]["stop"]["kind"] == "overloaded"
+    assert world.status(task["id"])["status"] == "dev_done"
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_refused_login_stops_the_runner_with_the_record_kept(world: World) -> None:
+    task = world.task()
+    with ScriptedModelServer([Error(401, "authentication_error", "invalid x-api-key")] * 3
+                             ) as model:
+        run = world.run("--real-claude", env=real(world, model), timeout=60)
+    assert run.code == 6, run.stderr
+    assert run.of("agent")[0]["stop"]["kind"] == "auth"
+    assert run.of("stopped")[0]["record_kept"] is True
+    assert world.status(task["id"])["status"] == "under_work"  # kept for the resume
+    assert "fatal: claude's login or key was refused" in run.stderr
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_budget_stop_is_not_retried(world: World) -> None:
+    task = world.task()
+    with ScriptedModelServer([Write("a.txt", "a\n"), Write("b.txt", "b\n"),
+                              Structured({"outcome": "done", "summary": "ok"})]) as model:
+        run = world.run("--single-task", "--real-claude", "--max-budget-usd", "0.0000001",
+                        env=real(world, model))
+    assert run.code == 1, run.stderr
+    (agent,) = run.of("agent")  # no retry, no resume
+    assert agent["stop"]["kind"] == "budget"
+    assert run.of("finished")[0]["parked"].startswith("budget:")
+    assert world.status(task["id"])["status"] == "pending"
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(120)
+def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
+    task = world.task()
+    with ScriptedModelServer([Write("a.txt", "a\n"), Write("b.txt", "b\n"),
+                              Structured({"outcome": "done", "summary": "ok"})]) as model:
+        run = world.run("--single-task", "--real-claude", "--max-turns", "1",
+                        "--on-agent-failure", "release", env=real(world, model))
+    assert run.code == 1, run.stderr
+    assert run.of("agent")[0]["stop"]["kind"] == "max_turns"
+    assert run.of("finished")[0]["stop"] == "max_turns"
+    assert world.status(task["id"])["status"] == "created"
+    assert "max_turns" in world.status(task["id"])["notes"]
