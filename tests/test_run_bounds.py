@@ -10,6 +10,7 @@ server in the middle of a task ends with the task dev_done once and exit 0.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -23,6 +24,7 @@ from test_run_loop import Run, World, dev_done_count, events, make_world, wait_f
 
 from helpers import CLAUDE, PMTOOL, needs_claude
 from pmtool.testing.claude_env import claude_env
+from pmtool.testing.fake_agent import command as fake_agent_command
 from pmtool.testing.model_server import Error, ScriptedModelServer, Structured, Write
 
 
@@ -323,3 +325,41 @@ def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
     assert run.of("finished")[0]["stop"] == "max_turns"
     assert world.status(task["id"])["status"] == "created"
     assert "max_turns" in world.status(task["id"])["notes"]
+
+
+# ---- 8. the README's bash pipeline -------------------------------------------------------------
+
+
+def readme_pipeline() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("The same steps as a bash pipeline:")
+    block = text[text.index("```bash\n", start) + 8:]
+    return block[:block.index("```")]
+
+
+@pytest.mark.parametrize("claude_works", [False, True])
+def test_readme_pipeline_never_finishes_a_failed_run(world: World, claude_works: bool) -> None:
+    """With claude failing, the pipeline gives the task back (an attempt), never
+    `finish --outcome null`; with it working, the task is finished."""
+    task = world.task()
+    bindir = world.tmp / "bin"
+    bindir.mkdir()
+    fake = bindir / "claude"
+    if claude_works:  # the fake agent speaks claude's stream-json; flags are ignored
+        fake.write_text(f"#!/bin/sh\nexec {fake_agent_command()}\n")
+    else:
+        fake.write_text("#!/bin/sh\necho 'claude: crashed' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    script = readme_pipeline().replace("~/src/app", str(world.repo))
+    env = {**world.env, "PATH": f"{bindir}:{Path(PMTOOL).parent}:{os.environ['PATH']}",
+           "PMTOOL_CLAUDE_BIN": str(fake)}
+    proc = subprocess.run(["bash", "-c", script], env=env, cwd=world.repo, text=True,
+                          capture_output=True, timeout=120)
+    notes = world.status(task["id"])["notes"] or ""
+    if claude_works:
+        assert proc.returncode == 0, proc.stderr
+        assert world.status(task["id"])["status"] == "dev_done"
+    else:
+        assert "--outcome" not in proc.stderr and "null" not in notes
+        assert world.status(task["id"])["status"] == "created"
+        assert "released: attempt 1/3 (failed" in notes
