@@ -25,7 +25,8 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
                                          --task-budget-usd
     heartbeat, task given away           none: exec-claude does not re-register
     server away (exit 4)                 `pause 10` (fixed), record kept
-    pause after a give-back              give_back's `pause "$wait"`
+    cooldown after a give-back           the same: `lock release --kind` and `claim`
+                                         (the library) skip the task while it cools
     post_task never blocks               `hook run post_task` result not acted on
     worktree removal, rescue dirty work  `worktree remove --rescue`
     signals: stop after the step         trap INT TERM -> stopping=1
@@ -207,6 +208,7 @@ class Runner:
         self.ledger = bounds.Ledger(self.state)
         self.hooks_dir: str | None = opts.hooks_dir or settings.hooks_dir
         self.last_why: list[str] = []
+        self._told_missing: set[str] = set()
 
     # -- events -------------------------------------------------------------------------
 
@@ -513,8 +515,15 @@ class Runner:
 
         result = run_hook(name, self.hooks_dir, self._context(record, **extra),
                           timeout=self.settings.hook_timeout, cwd=cwd)
+        if result.get("skipped") and name not in self._told_missing:
+            # Said once per hook, not silently skipped: a hook with a typo in its name
+            # would otherwise never run, and nobody would know.
+            self._told_missing.add(name)
+            self.progress(f"no {name} hook in {self.hooks_dir} (looked for {name}, "
+                          f"{name}.py, {name}.sh): skipped")
         self.event("hook", task_id=record.task_id, hook=name, ok=result["ok"],
-                   skipped=result.get("skipped"), exit_code=result.get("exit_code"),
+                   skipped=result.get("skipped"), reason=result.get("reason"),
+                   signal=result.get("signal"), exit_code=result.get("exit_code"),
                    timed_out=result.get("timed_out"), duration_s=result.get("duration_s"),
                    stderr=(result.get("stderr") or "")[-500:] or None)
         return result

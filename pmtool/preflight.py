@@ -50,6 +50,9 @@ class Finding:
         raise self.error(self.detail, hint=self.fix, check=self.name)
 
 
+KNOWN_HOOKS = ("pre_task", "post_task", "worktree_setup", "health_check", "notify")
+
+
 def hooks_folder(configured: str | Path | None, repo: str | Path | None) -> Path | None:
     """The hooks folder: as configured when absolute, else relative to the repo (never to
     whatever directory the runner happened to be started from)."""
@@ -123,7 +126,13 @@ def check_hooks(folder: Path | None, explicit: bool) -> Finding:
     if bad:
         return Finding("hooks", False, f"hooks not executable: {', '.join(bad)}",
                        f"chmod +x {' '.join(str(folder / b) for b in bad)}", UsageError)
-    return Finding("hooks", True, f"hooks folder {folder}")
+    from pmtool.hooks import find_hook
+
+    found = [n for n in KNOWN_HOOKS if find_hook(n, folder)]
+    missing = [n for n in KNOWN_HOOKS if n not in found]
+    return Finding("hooks", True, f"hooks folder {folder}: "
+                   + (", ".join(found) if found else "no hooks")
+                   + (f"; not there (skipped): {', '.join(missing)}" if missing else ""))
 
 
 def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:

@@ -89,16 +89,17 @@ stop() {
   exit "$1"
 }
 
-# give_back REASON: the task goes back to the queue; work in its worktree goes to a rescue ref.
-# pmtool run: Runner._give_back, then the give_back_wait pause in Runner._loop.
+# give_back REASON [KIND]: the task goes back to the queue (an attempt of KIND, default
+# failed: this machine lets it cool down, and parks it after PMTOOL_MAX_ATTEMPTS); work in
+# its worktree goes to a rescue ref. pmtool run: Runner._give_back (no pause: the claim
+# skips the task while it cools, and takes others meanwhile).
 give_back() {
-  step lock release --agent-id "$agent" --notes "$1"
+  step lock release --agent-id "$agent" --notes "$1" --kind "${2:-failed}"
   if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
     step worktree remove "$task_id" --repo "$repo" --rescue
   fi
   echo "pm-runner: task $task_id given back: $1" >&2
   if [ "$single" = 1 ]; then stop 1; fi
-  pause "$wait"   # or the server hands the same task straight back
 }
 
 # A record of ours from before (a crash, a stop): recover says whether it is still ours.
@@ -150,7 +151,7 @@ while [ "$stopping" = 0 ]; do
   if [ -z "$outcome" ]; then
     step hook run pre_task --agent-id "$agent" --cwd "$repo"
     if [ "$rc" != 0 ]; then  # pmtool run: Runner._pre_task, policy --on-hook-failure (default release)
-      give_back "pre_task hook failed: $(jq -r '.error.message? // .error // (.stderr // "" | .[-200:] | sub("\\s+$"; "") | select(length > 0)) // "exit \(.exit_code)"' <<<"$out")"
+      give_back "pre_task hook failed: $(jq -r '.error.message? // .error // (.stderr // "" | .[-200:] | sub("\\s+$"; "") | select(length > 0)) // "exit \(.exit_code)"' <<<"$out")" hook
       continue
     fi
     [ "$stopping" = 0 ] || break
@@ -174,11 +175,14 @@ while [ "$stopping" = 0 ]; do
     case $rc in
       130|143) stopping=1 ;;                  # the agent was stopped by a signal: record kept
       5) exit 5 ;;                            # an agent of this record runs elsewhere
+      6|7) echo "pm-runner: $(jq -r '.error.message // "claude cannot run"' <<<"$out"); the task record is kept" >&2
+           exit "$rc" ;;                      # claude's login refused, or no claude: fatal
     esac
     [ "$stopping" = 0 ] || break
     outcome=$(jq -r '.outcome // empty' <<<"$out")
     if [ "$rc" != 0 ] || [ -z "$outcome" ]; then
-      give_back "agent failed: $(jq -r '.error.message // (if .timed_out then "timed out" else "no verdict" end)' <<<"$out")"
+      give_back "agent failed: $(jq -r '.error.message // (if .timed_out then "timed out" else "no verdict" end)' <<<"$out")" \
+        "$(jq -r '.stop.kind // "failed"' <<<"$out")"
       continue
     fi
     summary=$(jq -r '"\(.summary // "") (model \(.model), \(.num_turns) turns, $\(.total_cost_usd))"' <<<"$out")

@@ -94,7 +94,10 @@ def test_repo_role_level_and_hooks(pm_server: PMServer, tmp_path: Path, repo: Pa
     assert not hooks.ok and "not executable: pre_task" in hooks.detail
     assert f"chmod +x {repo / 'hooks' / 'pre_task'}" in (hooks.fix or "")
     (repo / "hooks" / "pre_task").chmod(0o755)
-    assert checks(settings, repo, hooks_dir="hooks")["hooks"].ok
+    found = checks(settings, repo, hooks_dir="hooks")["hooks"]
+    assert found.ok and found.detail == (
+        f"hooks folder {repo / 'hooks'}: pre_task; not there (skipped): post_task, "
+        "worktree_setup, health_check, notify")
     gone = checks(settings, repo, hooks_dir="nohooks", hooks_explicit=True)["hooks"]
     assert not gone.ok and "does not exist" in gone.detail
     assert checks(settings, repo, hooks_dir="nohooks")["hooks"].ok

@@ -88,6 +88,8 @@ def test_blocked_task_runs_exactly_once_and_is_parked(world: World) -> None:
     finally:
         run = runner.end()
     assert len(run.of("agent")) == 1
+    # Missing hooks are said, once each, not skipped silently.
+    assert run.stderr.count("no pre_task hook in") == 1
     on_server = world.status(task["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
     assert "parked by pmtool (blocked)" in on_server["notes"]

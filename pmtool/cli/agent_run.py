@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, options, read_json_arg, say
-from pmtool.errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, UsageError
+from pmtool.errors import EXIT_AUTH, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, UsageError
 
 if TYPE_CHECKING:
     from pmtool.config import Settings
@@ -242,4 +242,6 @@ def _finish(answer: dict[str, Any], signals: list[int]) -> int:
         return EXIT_TIMEOUT
     if answer.get("stopped") and signals:
         return EXIT_SIGNAL.get(signals[0], EXIT_FAILED)
+    if (answer.get("error") or {}).get("type") == "auth":
+        return EXIT_AUTH  # claude's login refused: every run would fail alike
     return EXIT_FAILED
