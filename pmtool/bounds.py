@@ -152,7 +152,7 @@ def park(client: Any, ledger: Ledger, agent_id: str, task: Mapping[str, Any], re
     history. A task another agent has locked is left alone (`parked` False). For the
     agent's own task, `pmtool.work.park` does the same with its record."""
     holder = task.get("locked_by")
-    line = f.park_line(task, agent_id, f"{cause}: {reason}")
+    line = f.park_line(task, agent_id, reason, cause=cause)
     if holder and holder != agent_id:
         return {"status": task.get("status"), "line": line, "parked": False,
                 "reason": f"locked by {holder}"}

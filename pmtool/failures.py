@@ -330,7 +330,7 @@ def iso(when: datetime) -> str:
 # -- attempt accounting ----------------------------------------------------------------------
 
 ATTEMPT = "attempt"  # the `kind` of attempt lines in the history
-PARK = "park"  # the `kind` of the line written when a task is parked
+PARK = "parked"  # the `kind` of the line written when a task is parked (as ops reads it)
 PARKED_MARK = "parked by pmtool"  # starts a park's comment; QA fails before it are settled
 COOLDOWN_CAP = 3600.0
 BREAKER_CAP = 3600.0
@@ -355,10 +355,14 @@ def attempt_line(task: Mapping[str, Any], agent_id: str, *, outcome: str, kind: 
 
 
 def park_line(task: Mapping[str, Any], agent_id: str, reason: str,
-              at: datetime | None = None) -> dict[str, Any]:
+              at: datetime | None = None, cause: str | None = None) -> dict[str, Any]:
     """The history line for parking a task: the attempts before it are settled."""
     return {"kind": PARK, "at": iso(at or datetime.now(UTC)), "task_id": task.get("id"),
-            "task_key": task_key(task), "agent_id": agent_id, "reason": _short(reason, 500)}
+            "task_key": task_key(task), "agent_id": agent_id, "cause": cause,
+            "reason": _short(reason, 500), "task": {"id": task.get("id"),
+                                                    "title": task.get("title")}}
+
+COOLDOWN = "cooldown"  # the `kind` of the line saying until when a task cools down
 
 
 def attempts_of(history: Iterable[Mapping[str, Any]],

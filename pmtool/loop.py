@@ -292,6 +292,7 @@ class Runner:
         error = fatal.error(fatal.detail, hint=fatal.fix, check=fatal.name, fatal=True)
         self.event("error", error=error.to_json())
         self.progress(f"fatal: {fatal.detail}" + (f"; fix: {fatal.fix}" if fatal.fix else ""))
+        self._notify_fatal(error)
         return error.exit_code
 
     def _loop(self) -> int:

@@ -614,6 +614,9 @@ def release(client: Any, store: RecordStore, agent_id: str, notes: str | None = 
         new = _release_on_server(client, agent_id, task, record.previous_status, extra)
         store.close(record, "released", status=record.previous_status)
         until = fl.cooling_until(rows, limits.retry_cooldown, limits.cooldown_cap)
+        if until is not None:  # for `pmtool status`: what cools down, until when
+            ledger.add({"kind": fl.COOLDOWN, "task_id": record.task_id, "agent_id": agent_id,
+                        "until": fl.iso(until), "reason": notes, "stop": kind})
         return {"task_id": record.task_id, "action": "released", "task": new,
                 "attempt": line, "cooling_until": fl.iso(until) if until else None}
     if _drop_stray_lock(client, record, task):
@@ -748,7 +751,7 @@ def park(client: Any, store: RecordStore, agent_id: str, reason: str,
     text = bounds.park_comment(cause, reason)
     client.comment(record.task_id, agent_id, text)
     new["notes"] = _append_notes(new, f"{agent_id}: {text}")
-    bounds.Ledger(store.state).add(fl.park_line(record.task, agent_id, f"{cause}: {reason}"))
+    bounds.Ledger(store.state).add(fl.park_line(record.task, agent_id, reason, cause=cause))
     store.close(record, "parked", status=PARKED, cause=cause, reason=reason, **info)
     return {"task_id": record.task_id, "action": "parked", "cause": cause, "status": PARKED,
             "reason": reason, "task": new}

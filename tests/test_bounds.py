@@ -51,7 +51,7 @@ def store(tmp_path: Path) -> RecordStore:
 def attempt_lines(store: RecordStore) -> list[dict[str, Any]]:
     path = store.state_dir / "history.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-    return [x for x in lines if x.get("kind") in ("attempt", "park")]
+    return [x for x in lines if x.get("kind") in ("attempt", "parked")]
 
 
 def take(client: PMClient, store: RecordStore, agent: str, role: str = "backend_dev",
@@ -91,7 +91,7 @@ def test_always_failing_task_is_parked_after_max_attempts(queue, client, store) 
     assert "tests red (3)" in on_server["notes"] and "attempts on " in on_server["notes"]
     assert f"{agent}: parked by pmtool (max_attempts): 3 attempts failed" in on_server["notes"]
     kinds = [(x["kind"], x.get("stop")) for x in attempt_lines(store)]
-    assert kinds == [("attempt", "failed")] * 3 + [("park", None)]
+    assert kinds == [("attempt", "failed")] * 3 + [("parked", None)]
 
     # A person sets it back to created: it gets fresh attempts.
     queue.set_status(made["id"], "created")

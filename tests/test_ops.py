@@ -221,7 +221,11 @@ def test_fatal_stop_fires_the_notify_hook_once(world: dict[str, Any]) -> None:
     (hooks / "pre_task.sh").chmod(0o755)
     log = world["tmp"] / "notify.jsonl"
     recording_hook(hooks, log)
-    proc = subprocess.run(run_args(world, "--on-hook-failure", "stop"), env=world["env"],
+    from pmtool.testing.fake_agent import command
+
+    # claude is never reached (pre_task stops the run), but the preflight wants one.
+    proc = subprocess.run(run_args(world, "--on-hook-failure", "stop", "--agent-cmd",
+                                   command()), env=world["env"],
                           cwd=world["repo"], capture_output=True, text=True, timeout=90,
                           check=False)
     assert proc.returncode == 1, proc.stderr

@@ -72,7 +72,7 @@ class Watched:
 
 
 def attempt_lines(world: World) -> list[dict[str, Any]]:
-    return [h for h in world.store.state.history() if h.get("kind") in ("attempt", "park")]
+    return [h for h in world.store.state.history() if h.get("kind") in ("attempt", "parked")]
 
 
 # ---- 2. blocked parks the task: it runs exactly once ----------------------------------------
@@ -95,7 +95,7 @@ def test_blocked_task_runs_exactly_once_and_is_parked(world: World) -> None:
     assert "parked by pmtool (blocked)" in on_server["notes"]
     assert run.of("parked")[0]["task_id"] == task["id"]
     assert "pending" in run.of("idle")[-1]["why"][0]  # "no task" says why
-    assert [h["kind"] for h in attempt_lines(world)] == ["attempt", "park"]
+    assert [h["kind"] for h in attempt_lines(world)] == ["attempt", "parked"]
     # `recover` lists it for a person; `health` too.
     listed = subprocess.run([PMTOOL, "health", "--check", "parked"], env=world.env,
                             capture_output=True, text=True, timeout=60)

@@ -73,9 +73,11 @@ class Box:
         return task
 
     def history(self) -> list[dict[str, Any]]:
+        """The closed records (the history also keeps attempt and park lines)."""
         path = self.state / "history.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] \
+        lines = [json.loads(line) for line in path.read_text().splitlines()] \
             if path.exists() else []
+        return [h for h in lines if h.get("kind", "closed") == "closed"]
 
     def transitions(self, task_id: int, to: str) -> int:
         return sum(1 for c in self.seeder.changelog(limit=-1)
@@ -114,6 +116,8 @@ def new_box(make_standin: Callable[..., StandInServer], root: Path) -> Box:
         "PMTOOL_CONFIG": str(root / "no-config.toml"),
         "HEADLESS_PM_HOOKS_DIR": str(hooks), "PMTOOL_CLAIM_SETTLE": "0.05",
         "PMTOOL_HEALTH_LOG": str(root / "health.log"),
+        # A given-back task may be taken again at once (the cooldown has its own tests).
+        "PMTOOL_RETRY_COOLDOWN": "0",
     })
     return Box(server, Seeder(server.url, key), repo, root / "state", hooks, env)
 
@@ -449,19 +453,38 @@ def test_cron_recover_reconciles_the_records_of_killed_runners(box: Box) -> None
     owner = {t: a for a, t in (("dev_dead1", ours["id"]), ("dev_dead2", moved["id"]))}
     assert box.task(ours["id"])["locked_by"] == owner[ours["id"]]
 
+    # The dead runner of `ours` left uncommitted work in its worktree.
+    code, made = box.pmtool("worktree", "create", "--agent-id", "dev_dead1", "--repo",
+                            str(box.repo))
+    assert code == 0, made
+    (Path(made["worktree"]) / "half-done.txt").write_text("half\n")
+
     proc = box.run("cron-recover.sh")
 
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 1
-    assert re.search(r"pmtool recover: released=1 resume=1: ", proc.stdout) or \
-        re.search(r"pmtool recover: resume=1 released=1: ", proc.stdout)
-    assert f"dev_dead1/{ours['id']}=resume" in proc.stdout
+    assert re.search(r"pmtool recover: (released=1 waiting=1|waiting=1 released=1): ",
+                     proc.stdout)
+    assert f"dev_dead1/{ours['id']}=waiting" in proc.stdout
     assert f"dev_dead2/{moved['id']}=released" in proc.stdout
-    # still ours: kept for a runner to resume; moved on: closed into the history
+    # still ours, runner dead only just now: kept for it, and *not* re-registered (a
+    # runner that never comes back must not keep the task locked); moved on: closed
     code, shown = box.pmtool("lock", "show", "--agent-id", "dev_dead1")
-    assert code == 0 and shown["record"]["steps"][-1]["step"] == "recovered"
+    assert code == 0 and shown["record"]["steps"][-1]["step"] != "recovered"
     assert box.pmtool("lock", "show", "--agent-id", "dev_dead2")[0] == 3
     assert [h["task"]["id"] for h in box.history()] == [moved["id"]]
+
+    # Past the grace the task is given back, its work rescued to a ref named in the notes.
+    proc = box.run("cron-recover.sh", "--grace", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert f"dev_dead1/{ours['id']}=released" in proc.stdout
+    on_server = box.task(ours["id"])
+    assert on_server["status"] == "created" and on_server["locked_by"] is None
+    ref = re.search(r"uncommitted work saved at (refs/pmtool/rescue/\S+)", on_server["notes"])
+    assert ref, on_server["notes"]
+    assert subprocess.run(["git", "-C", str(box.repo), "show", f"{ref.group(1)}:half-done.txt"],
+                          capture_output=True, text=True, check=True).stdout == "half\n"
+    assert box.pmtool("lock", "show", "--agent-id", "dev_dead1")[0] == 3
 
 
 # ---- debug-task.sh -----------------------------------------------------------------------
