@@ -268,3 +268,17 @@ def test_decide_claim_cool_park() -> None:
     bounced = {**TASK, "notes": "q: fail: a\nq: fail: b\nq: fail: c"}
     assert f.decide(bounced, [], limits, role="backend_dev").action == "park"
     assert f.decide(bounced, [], limits, role="qa").action == "claim"
+
+
+def test_claudes_own_retries_are_shown_while_they_happen() -> None:
+    """During claude's retries of an overloaded API nothing else is printed for minutes:
+    each retry becomes a progress line, and the stop is classified from them."""
+    from pmtool.agent import StreamParser, describe_event
+
+    parser = StreamParser("backend_dev")
+    retry = {"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
+             "retry_delay_ms": 500, "error_status": 529, "error": "overloaded"}
+    shown = [describe_event(e) for line in (json.dumps(retry),) for e in parser.feed(line)]
+    assert shown == ["model API answered 529 (overloaded); claude retry 1/10, next try in 0s"]
+    assert f.classify(None, parser.stops, exit_code=-15, timed_out_by="timeout").kind == \
+        "overloaded"

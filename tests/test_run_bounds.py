@@ -209,6 +209,23 @@ def test_a_server_outage_mid_task_ends_dev_done_once_and_exit_0(world: World) ->
     assert world.store.load("dev_1") is None
 
 
+# ---- 4. the daily budget --------------------------------------------------------------------
+
+
+def test_daily_budget_stops_claims_for_the_day(world: World) -> None:
+    first, second = world.task(title="first"), world.task(title="second")
+    run = world.run("--single-task", "--daily-budget-usd", "0.0001")  # the fake costs more
+    assert run.code == 0, run.stderr
+    done = run.of("finished")[0]["task_id"]
+    again = world.run("--single-task", "--daily-budget-usd", "0.0001")
+    assert again.code == 3 and not again.of("claimed")
+    (paused,) = again.of("paused")
+    assert paused["reason"] == "daily_budget" and paused["spent_usd"] >= 0.0001
+    assert "daily budget $0.0001 spent" in again.stderr
+    left = second if done == first["id"] else first
+    assert world.status(left["id"])["status"] == "created"
+
+
 # ---- 5. health inside the loop ---------------------------------------------------------------
 
 
