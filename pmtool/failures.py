@@ -294,8 +294,9 @@ def describe_retry(event: Mapping[str, Any]) -> str | None:
     """One human line for claude's own retry of the model API (else minutes of silence)."""
     if event.get("type") == "system" and event.get("subtype") == "api_retry":
         delay = event.get("retry_delay_ms")
-        wait = f", next try in {float(delay) / 1000:.0f}s" if isinstance(delay, int | float) \
-            else ""
+        secs = float(delay) / 1000 if isinstance(delay, int | float) else None
+        wait = "" if secs is None else f", next try in {secs:.1f}s" if secs < 10 \
+            else f", next try in {secs:.0f}s"
         return (f"model API answered {event.get('error_status')} ({event.get('error')}); "
                 f"claude retry {event.get('attempt')}/{event.get('max_retries')}{wait}")
     if event.get("type") == "rate_limit_event":

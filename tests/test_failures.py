@@ -154,7 +154,7 @@ def test_describe_retry_says_what_claude_waits_for() -> None:
     text = f.describe_retry({"type": "system", "subtype": "api_retry", "attempt": 2,
                              "max_retries": 10, "retry_delay_ms": 4000, "error_status": 529,
                              "error": "overloaded"})
-    assert text == "model API answered 529 (overloaded); claude retry 2/10, next try in 4s"
+    assert text == "model API answered 529 (overloaded); claude retry 2/10, next try in 4.0s"
     assert f.describe_retry({"type": "assistant"}) is None
 
 
@@ -279,6 +279,6 @@ def test_claudes_own_retries_are_shown_while_they_happen() -> None:
     retry = {"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
              "retry_delay_ms": 500, "error_status": 529, "error": "overloaded"}
     shown = [describe_event(e) for line in (json.dumps(retry),) for e in parser.feed(line)]
-    assert shown == ["model API answered 529 (overloaded); claude retry 1/10, next try in 0s"]
+    assert shown == ["model API answered 529 (overloaded); claude retry 1/10, next try in 0.5s"]
     assert f.classify(None, parser.stops, exit_code=-15, timed_out_by="timeout").kind == \
         "overloaded"
