@@ -226,6 +226,22 @@ def test_daily_budget_stops_claims_for_the_day(world: World) -> None:
     assert world.status(left["id"])["status"] == "created"
 
 
+def test_random_500s_and_resets_never_end_the_run_nor_finish_twice(world: World) -> None:
+    """A server that answers 500 (plain text, and resets the next request on that
+    connection, as the real one does) to one call in ten: every task ends dev_done once."""
+    tasks = [world.task(title=f"t{n}") for n in range(2)]
+    world.server.fail_rate = 0.1
+    try:
+        run = world.run("--max-tasks", "2", timeout=240)
+    finally:
+        world.server.fail_rate = 0.0
+    assert run.code == 0, run.stderr
+    for task in tasks:
+        assert world.status(task["id"])["status"] == "dev_done"
+        assert dev_done_count(world, task["id"]) == 1
+    assert "is alive" not in run.stderr
+
+
 # ---- 5. health inside the loop ---------------------------------------------------------------
 
 
