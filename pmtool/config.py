@@ -106,6 +106,26 @@ class Settings:
     def model_for(self, level: str) -> str:
         return self.values[f"model_{level}"]
 
+    def hooks_path(self, repo: str | Path | None = None) -> Path:
+        """The hooks folder. A relative one is found where it was written down, never in
+        whatever directory pmtool happens to run in: a `--hooks-dir` flag from the current
+        directory (as a shell would), a config file's from that file's folder, and the
+        environment's or the default `hooks` in the repo (`repo`, else the checkout of the
+        current directory)."""
+        path = Path(self.values["hooks_dir"]).expanduser()
+        if path.is_absolute():
+            return path
+        source = self.sources.get("hooks_dir", "default")
+        if source == "flag":
+            return Path.cwd() / path
+        if source == "file" and self.config_path is not None:
+            return self.config_path.expanduser().parent / path
+        if repo is None:
+            from pmtool import git
+
+            repo = git.toplevel(Path.cwd())
+        return Path(repo or Path.cwd()).expanduser() / path
+
     def public(self) -> dict[str, Any]:
         """The settings as `pmtool config` shows them: value and source, the key masked."""
         out = {}

@@ -127,7 +127,7 @@ def check_git(settings: Settings) -> Check:
 
 
 def check_hooks(settings: Settings) -> Check:
-    hooks = Path(settings.hooks_dir).expanduser()
+    hooks = settings.hooks_path()
     if not hooks.exists():
         return {"ok": True, "detail": f"no hooks folder at {hooks} (hooks are optional)",
                 "hooks": []}
@@ -242,7 +242,7 @@ def run_health(settings: Settings, only: list[str] | None = None, hook: bool | N
 def _health_hook(settings: Settings, hooks_dir: str | Path | None = None) -> Check | None:
     from pmtool.hooks import find_hook, run_hook
 
-    folder = hooks_dir or settings.hooks_dir
+    folder = hooks_dir or settings.hooks_path()
     if not find_hook("health_check", folder):
         return None
     result = run_hook("health_check", folder,

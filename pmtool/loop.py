@@ -272,21 +272,20 @@ class Runner:
         """Before the first claim: what would fail every task (key, repo, role and level,
         hooks, claude) ends the run at once with its exit code and a one-line fix, having
         claimed nothing. A server that does not answer is not fatal: the loop waits."""
-        from pmtool.preflight import first_fatal, hooks_folder, preflight
+        from pmtool.preflight import first_fatal, preflight
 
         opts, settings = self.opts, self.settings
         repo = opts.repo or os.getcwd()
         explicit = bool(opts.hooks_dir and opts.hooks_dir != settings.hooks_dir) or \
             settings.sources.get("hooks_dir", "default") != "default"
         findings = preflight(settings, self.client, role=opts.role, level=opts.level,
-                             repo=repo, hooks_dir=self.hooks_dir, hooks_explicit=explicit,
-                             agent_cmd=opts.agent_cmd)
+                             repo=repo, hooks_dir=self._hooks_path(repo),
+                             hooks_explicit=explicit, agent_cmd=opts.agent_cmd)
         fatal = first_fatal(findings)
         self.event("preflight", ok=fatal is None, checks=[f.to_json() for f in findings])
         if fatal is None:
             # Hooks are found in the repo's folder, whatever directory we were started in.
-            folder = hooks_folder(self.hooks_dir, self._repo())
-            self.hooks_dir = str(folder) if folder else None
+            self.hooks_dir = str(self._hooks_path(self._repo()))
             return None
         assert fatal.error is not None
         error = fatal.error(fatal.detail, hint=fatal.fix, check=fatal.name, fatal=True)
@@ -360,6 +359,14 @@ class Runner:
                    tasks_done=self.done, record_kept=bool(record),
                    reason="signal" if self.stopping.is_set() else "done")
         return code
+
+    def _hooks_path(self, repo: str | Path) -> Path:
+        """The hooks folder: --hooks-dir as given (a Python caller's relative folder is
+        the repo's), else the setting, found in the repo (see Settings.hooks_path)."""
+        if self.opts.hooks_dir and self.opts.hooks_dir != self.settings.hooks_dir:
+            path = Path(self.opts.hooks_dir).expanduser()
+            return path if path.is_absolute() else Path(repo) / path
+        return self.settings.hooks_path(repo)
 
     def _notify_fatal(self, exc: PmtoolError) -> None:
         from pmtool.ops import notify

@@ -265,6 +265,33 @@ def test_failing_health_check_hook_keeps_the_loop_from_claiming(world: World) ->
     assert world.status(task["id"])["status"] == "dev_done"
 
 
+# ---- 8. hooks: found in the repo, and missing ones said -------------------------------------
+
+
+def test_a_relative_hooks_folder_is_the_repos_not_the_current_directory(world: World) -> None:
+    task = world.task()
+    folder = world.repo / "ops-hooks"
+    folder.mkdir()
+    ran = world.tmp / "pre_task-ran"
+    (folder / "pre_task.sh").write_text(f"#!/bin/sh\ntouch {ran}\n")
+    (folder / "pre_task.sh").chmod(0o755)
+    elsewhere = world.tmp / "elsewhere"
+    elsewhere.mkdir()
+    env = {**world.env, "HEADLESS_PM_HOOKS_DIR": "ops-hooks"}
+    proc = subprocess.run([PMTOOL, "run", *world.args("--single-task")], env=env,
+                          cwd=elsewhere, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert ran.exists()
+    assert world.status(task["id"])["status"] == "dev_done"
+    # The same for `pmtool hook run` from a subfolder of the repo.
+    ran.unlink()
+    (world.repo / "sub").mkdir()
+    hook = subprocess.run([PMTOOL, "hook", "run", "pre_task"], env=env, cwd=world.repo / "sub",
+                          capture_output=True, text=True, timeout=60)
+    assert hook.returncode == 0, hook.stderr
+    assert ran.exists()
+
+
 # ---- 4 and 6, with the real claude -----------------------------------------------------------
 
 

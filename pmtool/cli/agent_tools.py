@@ -94,10 +94,11 @@ def worktree_create(
     else:
         context = task_context(state_dir=settings.state_path, api_url=settings.api_url,
                                task_id=task_id, branch=branch)
-    result = create_worktree(_repo_of(repo, record), task_id, branch, complexity, base=base,
+    root = _repo_of(repo, record)
+    result = create_worktree(root, task_id, branch, complexity, base=base,
                              worktree_base=settings.worktree_base,
-                             hooks_dir=settings.hooks_dir, hook_timeout=settings.hook_timeout,
-                             context=context)
+                             hooks_dir=settings.hooks_path(root),
+                             hook_timeout=settings.hook_timeout, context=context)
     if record is not None:
         # The directory the agent works in: the worktree, or the repo for a minor task.
         record.worktree, record.branch = result["path"], result["branch"]
@@ -277,7 +278,11 @@ def hook_run(
         context.update(data)
     if cwd is None and record is not None and record.worktree and Path(record.worktree).is_dir():
         cwd = record.worktree
-    result = run_hook(name, settings.hooks_dir, context, timeout=settings.hook_timeout, cwd=cwd)
+    from pmtool import git
+
+    repo = git.toplevel(Path(cwd or Path.cwd()))
+    result = run_hook(name, settings.hooks_path(repo), context,
+                      timeout=settings.hook_timeout, cwd=cwd)
     ok = result.pop("ok")
     if result["skipped"]:
         say(f"pmtool: hook: {result['reason']} (skipped)")
