@@ -209,6 +209,7 @@ class Runner:
         self.hooks_dir: str | None = opts.hooks_dir or settings.hooks_dir
         self.last_why: list[str] = []
         self._told_missing: set[str] = set()
+        self._breaker_tripped = False
 
     # -- events -------------------------------------------------------------------------
 
@@ -437,6 +438,10 @@ class Runner:
             self.event("breaker", state="half_open", failures=state.failures,
                        trips=state.trips)
             self.progress("circuit breaker: trying one task")
+        elif state.state == "closed" and self._breaker_tripped:
+            self.event("breaker", state="closed")
+            self.progress("circuit breaker closed: the last task went well")
+        self._breaker_tripped = state.state != "closed"
 
     def _sleep_until(self, until: Any) -> None:
         from datetime import UTC, datetime
