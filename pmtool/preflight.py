@@ -86,17 +86,14 @@ def check_repo(repo: str | Path | None) -> Finding:
     if not where.is_dir():
         return Finding("repo", False, f"--repo {where} is not a folder",
                        "pass --repo the path of a git checkout", UsageError)
-    try:
-        out = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel"],
-                             capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Finding("repo", False, f"git does not run: {exc}", "install git",
-                       UsageError)
-    if out.returncode != 0:
+    from pmtool import git
+
+    top = git.toplevel(where)
+    if top is None:
         return Finding("repo", False, f"{where} is not a git repository",
                        "pass --repo the path of a git checkout (or git init it)",
                        UsageError)
-    return Finding("repo", True, out.stdout.strip())
+    return Finding("repo", True, str(top))
 
 
 def check_role(role: str, level: str) -> Finding:
