@@ -57,6 +57,9 @@ def limits_from(settings: Any, **given: Any) -> f.Limits:
     return f.Limits(**values)
 
 
+_CACHE: dict[str, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
+
+
 class Ledger:
     """The attempt and park lines of this machine, in the state folder's history (shared
     by every runner and every pmtool command on the machine, kept across restarts)."""
@@ -65,7 +68,21 @@ class Ledger:
         self.state = state if isinstance(state, StateDir) else StateDir(state)
 
     def lines(self) -> list[dict[str, Any]]:
-        return [h for h in self.state.history() if h.get("kind") in (f.ATTEMPT, f.PARK)]
+        # An idle runner screens the same cooling task every poll: read the history (which
+        # holds whole closed records too) only when it changed.
+        path = self.state.history_path
+        try:
+            stat = path.stat()
+            stamp: tuple[int, int] | None = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            stamp = None
+        cached = _CACHE.get(str(path))
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return list(cached[1])
+        lines = [h for h in self.state.history() if h.get("kind") in (f.ATTEMPT, f.PARK)]
+        if stamp is not None:
+            _CACHE[str(path)] = (stamp, lines)
+        return list(lines)
 
     def add(self, entry: dict[str, Any]) -> None:
         self.state.append_history(entry)
