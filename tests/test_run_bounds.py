@@ -243,6 +243,23 @@ def test_random_500s_and_resets_never_end_the_run_nor_finish_twice(world: World)
     assert "is alive" not in run.stderr
 
 
+def test_a_hanging_server_mid_task_ends_dev_done_once_and_exit_0(world: World) -> None:
+    """Every call hangs past the client's timeout for a while (the database stalls)."""
+    task = world.task()
+    proc = world.start("--single-task", env={"PMTOOL_FAKE_AGENT_SLEEP": "1",
+                                             "PMTOOL_HTTP_TIMEOUT": "1"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="the agent")
+    world.server.db_latency = 2.5
+    time.sleep(6)
+    world.server.db_latency = 0.0
+    out, err = proc.communicate(timeout=120)
+    run = Run(proc.returncode, events(out), err)
+    assert run.code == 0, err
+    assert any(e["error"]["type"] == "server" for e in run.of("error")), err
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert dev_done_count(world, task["id"]) == 1
+
+
 # ---- 5. health inside the loop ---------------------------------------------------------------
 
 
