@@ -283,6 +283,31 @@ def test_failing_health_check_hook_keeps_the_loop_from_claiming(world: World) ->
     assert world.status(task["id"])["status"] == "dev_done"
 
 
+# ---- 7. health advises what really frees a dead runner's task ---------------------------------
+
+
+def test_health_advice_for_a_dead_runners_record_names_what_frees_it(world: World) -> None:
+    import json
+
+    world.task()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    env = {**world.env, "PMTOOL_RUNNER_PID": str(dead.pid)}
+    claim = subprocess.run([PMTOOL, "claim", "--agent-id", "dev_gone", "--role",
+                            "backend_dev"], env=env, capture_output=True, text=True, timeout=60)
+    assert claim.returncode == 0, claim.stderr
+    health = subprocess.run([PMTOOL, "health", "--check", "records"], env=world.env,
+                            capture_output=True, text=True, timeout=60)
+    (check,) = json.loads(health.stdout)["checks"]
+    assert not check["ok"] and "dev_gone" in check["detail"]
+    assert "pmtool run --agent-id dev_gone" in check["hint"]
+    assert "pmtool recover --give-back" in check["hint"]
+    # What the hint promises: --give-back frees it now.
+    back = subprocess.run([PMTOOL, "recover", "--give-back"], env=world.env,
+                          capture_output=True, text=True, timeout=60)
+    assert json.loads(back.stdout)["entries"][0]["action"] == "released"
+
+
 # ---- 8. hooks: found in the repo, and missing ones said -------------------------------------
 
 
