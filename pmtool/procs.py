@@ -18,13 +18,18 @@ Finding the tree, three nets:
   environment. This is the only net for orphans where there are no subreapers (macOS,
   the BSDs) and for processes of a runner that died (`end_orphan`, `recover`).
 
-The parent-death signal (PR_SET_PDEATHSIG) ends the child when its parent dies, `kill -9`
-included. The kernel sends it when the *thread* that forked the child ends, not the
-process: `start` and `wait` are one synchronous call in the same thread (hooks.run_hook,
-agent.run_agent), which therefore outlives the child; a caller that hands a Child to
-another thread must keep the starting thread alive until the child is done. The signal
-reaches only the child itself: its own children are ended by the subreaper's parent
-(nobody, once the runner is dead) or later by the mark sweep (`recover`).
+When the runner dies (`kill -9` included), Linux: each child runs under a keeper
+(`pmtool/keeper.py`, a few-millisecond Python process with stdio passed straight
+through and the child's exit status passed back). The keeper gets a parent-death signal
+(PR_SET_PDEATHSIG) and is a subreaper itself, so everything below it stays below it;
+on that signal it ends the child's whole tree (the caller's `parent_death` signal, a
+grace, SIGKILL). A watcher thread could not do this: it dies with the runner. The
+kernel sends the parent-death signal when the *thread* that forked the keeper ends, not
+the process: `start` and `wait` are one synchronous call in the same thread
+(hooks.run_hook, agent.run_agent), which therefore outlives the child; a caller that
+hands a Child to another thread must keep the starting thread alive until the child is
+done. Without a keeper (`keeper=False`, or no Python executable to run it), the signal
+reaches only the child itself and the mark sweep (`recover`) is the net for the rest.
 """
 
 from __future__ import annotations
