@@ -450,8 +450,10 @@ KEEPER = Path(__file__).with_name("keeper.py")
 
 
 def has_keeper() -> bool:
-    """Whether children can run under a keeper here (Linux, with this Python)."""
-    return _prctl is not None and bool(sys.executable) and KEEPER.is_file()
+    """Whether children run under a keeper here: Linux, with this Python, and not turned
+    off by PMTOOL_KEEPER=0 (tests of the other nets; a platform where it misbehaves)."""
+    return (_prctl is not None and bool(sys.executable) and KEEPER.is_file()
+            and os.environ.get("PMTOOL_KEEPER", "1") != "0")
 
 
 def _keeper_preexec(parent: int) -> Callable[[], None]:

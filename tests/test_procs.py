@@ -71,6 +71,14 @@ def test_exit_status_is_the_childs(script: str, code: int, name: str | None,
     assert (child.inner_pid != child.pid) is keeper
 
 
+def test_pmtool_keeper_0_turns_the_keeper_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMTOOL_KEEPER", "0")
+    assert not procs.has_keeper()
+    with procs.start(["true"]) as child:
+        assert child.wait(10).exit_code == 0
+    assert child.inner_pid == child.pid
+
+
 @pytest.mark.skipif(not procs.has_keeper(), reason="Linux only")
 def test_a_child_that_cannot_start_raises_through_the_keeper(tmp_path: Path) -> None:
     import errno
