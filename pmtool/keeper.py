@@ -118,6 +118,8 @@ def end_tree(child: int, first: int, grace: float, status: list[int]) -> None:
             signalled_group.add(sig)
         fresh = [p for p in pids if p not in signalled]  # children forked meanwhile too
         signal_all(sig, fresh)
+        if sig != signal.SIGKILL:
+            signal_all(signal.SIGCONT, fresh)  # a stopped process acts on SIGTERM only then
         signalled.update(fresh)
         signal.sigtimedwait({signal.SIGCHLD}, 0.05)
         reap(child, status)
@@ -138,6 +140,8 @@ def main(argv: list[str]) -> None:
                                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
     except OSError as exc:
         os.write(report, f"err {exc.errno or 0}\n".encode())
+        os._exit(127)
+    except NotImplementedError:  # no POSIX_SPAWN_SETSID in this libc: pmtool goes without us
         os._exit(127)
     try:
         os.write(report, f"ok {child}\n".encode())

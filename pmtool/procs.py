@@ -423,9 +423,12 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
         if stdin is not None:
             feed.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
             feed.seek(0)
+        kept = None
         if keeper and parent_death is not None:
-            popen, inner = _start_kept(list(cmd), int(parent_death), grace, stdin=feed,
-                                       stdout=stdout, stderr=stderr, cwd=cwd, env=child_env)
+            kept = _start_kept(list(cmd), int(parent_death), grace, stdin=feed,
+                               stdout=stdout, stderr=stderr, cwd=cwd, env=child_env)
+        if kept is not None:
+            popen, inner = kept
         else:
             with _owned_lock:  # so a concurrent reap_adopted never takes it for an orphan
                 popen = subprocess.Popen(list(cmd), stdin=feed, stdout=stdout,
@@ -447,13 +450,14 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
 
 
 KEEPER = Path(__file__).with_name("keeper.py")
+keeper_trouble: str | None = None  # why the keeper is not used, once it failed to run
 
 
 def has_keeper() -> bool:
     """Whether children run under a keeper here: Linux, with this Python, and not turned
     off by PMTOOL_KEEPER=0 (tests of the other nets; a platform where it misbehaves)."""
     return (_prctl is not None and bool(sys.executable) and KEEPER.is_file()
-            and os.environ.get("PMTOOL_KEEPER", "1") != "0")
+            and keeper_trouble is None and os.environ.get("PMTOOL_KEEPER", "1") != "0")
 
 
 def _keeper_preexec(parent: int) -> Callable[[], None]:
@@ -470,8 +474,9 @@ def _keeper_preexec(parent: int) -> Callable[[], None]:
 
 def _start_kept(cmd: list[str], parent_death: int, grace: float, *, stdin: Any,
                 stdout: Any, stderr: Any, cwd: str | Path | None,
-                env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """Start `cmd` under a keeper; answers (the keeper's Popen, the child's pid)."""
+                env: dict[str, str]) -> tuple[subprocess.Popen, int] | None:
+    """Start `cmd` under a keeper; answers (the keeper's Popen, the child's pid), or None
+    when the keeper itself could not run (then `keeper_trouble` says why)."""
     # Python's start-up rewrites a C locale's LC_CTYPE in its own environment; the keeper
     # puts the child's back.
     read_end, write_end = os.pipe()
@@ -499,10 +504,18 @@ def _start_kept(cmd: list[str], parent_death: int, grace: float, *, stdin: Any,
     popen.wait()
     with _owned_lock:
         _owned.discard(popen.pid)
+    for pipe in (popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
     if word == "err" and value.isdigit() and int(value):
         number = int(value)
         raise OSError(number, os.strerror(number), cmd[0])
-    raise OSError(f"the keeper of {cmd[0]} did not start it (exit {popen.returncode})")
+    # The keeper itself is broken here (no usable Python, an old libc): children start
+    # without it from now on, as where there is none, rather than not at all.
+    global keeper_trouble
+    keeper_trouble = f"the keeper did not start (exit {popen.returncode}); children run " \
+        "without it"
+    return None
 
 
 def run(cmd: Sequence[str], *, timeout: float, cwd: str | Path | None = None,

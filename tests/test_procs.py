@@ -80,6 +80,23 @@ def test_pmtool_keeper_0_turns_the_keeper_off(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.skipif(not procs.has_keeper(), reason="Linux only")
+def test_a_keeper_that_cannot_run_is_done_without(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "keeper.py"
+    broken.write_text("raise SystemExit(1)\n")
+    monkeypatch.setattr(procs, "KEEPER", broken)
+    monkeypatch.setattr(procs, "keeper_trouble", None)
+    with procs.start(["sh", "-c", "cat; exit 5"], stdin="in\n",
+                     stdout=subprocess.PIPE) as child:
+        assert child.popen.stdout is not None
+        with child.popen.stdout:
+            assert child.popen.stdout.read() == b"in\n"
+        assert child.wait(10).exit_code == 5
+    assert child.inner_pid == child.pid and not procs.has_keeper()
+    assert procs.keeper_trouble and "did not start" in procs.keeper_trouble
+
+
+@pytest.mark.skipif(not procs.has_keeper(), reason="Linux only")
 def test_a_child_that_cannot_start_raises_through_the_keeper(tmp_path: Path) -> None:
     import errno
 
@@ -114,7 +131,8 @@ def test_stdin_and_stdout_pass_through_untouched(tmp_path: Path) -> None:
     payload = bytes(range(256)) * 64  # binary, bigger than a pipe write
     with procs.start(["cat"], stdin=payload, stdout=subprocess.PIPE) as child:
         assert child.popen.stdout is not None
-        out = child.popen.stdout.read()
+        with child.popen.stdout:
+            out = child.popen.stdout.read()
         child.wait(10)
     assert out == payload
 
@@ -247,7 +265,7 @@ def test_a_child_dies_with_its_killed_parent(sig: int) -> None:
         child_pid = int(parent.stdout.readline())
         assert _sleepers(token)
         parent.kill()  # SIGKILL: the parent runs no cleanup at all
-        parent.wait(10)
+        parent.communicate(timeout=10)
         assert _wait_gone(token) == [], f"child {child_pid} outlived its killed parent"
     finally:
         if parent.poll() is None:
@@ -292,7 +310,7 @@ def test_kill_9_of_the_parent_ends_every_process_the_child_hid(sig: int) -> None
     parent = _start_hiding_parent(token, "kept", sig)
     try:
         parent.kill()
-        parent.wait(10)
+        parent.communicate(timeout=10)  # and closes its stdout
         assert _wait_gone(token) == []
     finally:
         if parent.poll() is None:
@@ -307,7 +325,7 @@ def test_without_the_keeper_the_hidden_processes_outlive_the_parent() -> None:
     parent = _start_hiding_parent(token, "bare", signal.SIGKILL)
     try:
         parent.kill()
-        parent.wait(10)
+        parent.communicate(timeout=10)  # and closes its stdout
         time.sleep(1)
         assert len(_sleepers(token)) == 4  # the signal ended the shell, none of its sleeps
     finally:
