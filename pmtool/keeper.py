@@ -153,13 +153,12 @@ def main(argv: list[str]) -> None:
     while not orphaned:
         info = signal.sigwaitinfo(WATCHED)
         reap(child, status)
-        if status:
+        if os.getppid() != parent:  # even if the child just exited: its tree is ours
+            orphaned = True
+        elif status:
             exit_like(status)
-        if info.si_signo in STOPS:
-            if os.getppid() != parent:
-                orphaned = True
-            else:
-                signal_all(info.si_signo, [-child, child])
+        elif info.si_signo in STOPS:
+            signal_all(info.si_signo, [-child, child])
     end_tree(child, first, grace, status)
     exit_like(status)
 
