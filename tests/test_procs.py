@@ -318,6 +318,29 @@ def test_kill_9_of_the_parent_ends_every_process_the_child_hid(sig: int) -> None
         _kill(_sleepers(token))
 
 
+@pytest.mark.skipif(not procs.has_keeper(), reason="the keeper is Linux only")
+def test_kill_9_of_the_runner_during_a_hook_ends_what_the_hook_started(
+        tmp_path: Path) -> None:
+    # A worktree_setup running `npm install`, say: the hook waits on a child of its own
+    # while another hides with env -i setsid; the runner (no subreaper) is killed.
+    token = _token()
+    hooks = _escaping_hook(tmp_path, token, f"sleep {token}")
+    runner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOOK_RUNNER), "keeper",
+                               str(hooks), "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(_sleepers(token)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_sleepers(token)) == 2, "the hook never started its children"
+        runner.kill()
+        runner.communicate(timeout=10)
+        assert _wait_gone(token) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        _kill(_sleepers(token))
+
+
 @linux
 def test_without_the_keeper_the_hidden_processes_outlive_the_parent() -> None:
     # The control: the parent-death signal reaches the child only.
