@@ -18,13 +18,18 @@ Finding the tree, three nets:
   environment. This is the only net for orphans where there are no subreapers (macOS,
   the BSDs) and for processes of a runner that died (`end_orphan`, `recover`).
 
-The parent-death signal (PR_SET_PDEATHSIG) ends the child when its parent dies, `kill -9`
-included. The kernel sends it when the *thread* that forked the child ends, not the
-process: `start` and `wait` are one synchronous call in the same thread (hooks.run_hook,
-agent.run_agent), which therefore outlives the child; a caller that hands a Child to
-another thread must keep the starting thread alive until the child is done. The signal
-reaches only the child itself: its own children are ended by the subreaper's parent
-(nobody, once the runner is dead) or later by the mark sweep (`recover`).
+When the runner dies (`kill -9` included), Linux: each child runs under a keeper
+(`pmtool/keeper.py`, a few-millisecond Python process with stdio passed straight
+through and the child's exit status passed back). The keeper gets a parent-death signal
+(PR_SET_PDEATHSIG) and is a subreaper itself, so everything below it stays below it;
+on that signal it ends the child's whole tree (the caller's `parent_death` signal, a
+grace, SIGKILL). A watcher thread could not do this: it dies with the runner. The
+kernel sends the parent-death signal when the *thread* that forked the keeper ends, not
+the process: `start` and `wait` are one synchronous call in the same thread
+(hooks.run_hook, agent.run_agent), which therefore outlives the child; a caller that
+hands a Child to another thread must keep the starting thread alive until the child is
+done. Without a keeper (`keeper=False`, or no Python executable to run it), the signal
+reaches only the child itself and the mark sweep (`recover`) is the net for the rest.
 """
 
 from __future__ import annotations
@@ -318,6 +323,7 @@ class Child:
     def __init__(self, popen: subprocess.Popen, mark: str, since: float) -> None:
         self.popen, self.mark, self.since = popen, mark, since
         self.pid = popen.pid
+        self.inner_pid = popen.pid  # the child itself, below its keeper if it has one
         self.started = time.monotonic()
         self.swept: set[int] = set()
 
@@ -392,10 +398,16 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
           stdout: int | IO[Any] | None = subprocess.DEVNULL,
           stderr: int | IO[Any] | None = subprocess.DEVNULL, cwd: str | Path | None = None,
           env: Mapping[str, str] | None = None, mark: str | None = None,
-          parent_death: int | None = signal.SIGKILL) -> Child:
+          parent_death: int | None = signal.SIGKILL, grace: float = 3.0,
+          keeper: bool | None = None) -> Child:
     """Start `cmd` as a child we own: its own session, `MARK_ENV` in its environment (from
     `env`, default os.environ), `stdin` fed from a file (a child that never reads it cannot
     block us; a pipe could), and `parent_death` sent to it if we die (Linux; None: none).
+
+    With a parent-death signal on Linux the child runs under a keeper (`pmtool.keeper`,
+    `keeper=False` to do without): if we die, the keeper sends `parent_death` to the
+    child's whole tree, waits `grace` seconds, and SIGKILLs what is left. `Child.pid` is
+    then the keeper's, which exits exactly as the child does.
 
     Raises OSError when it cannot be started (ENOENT, EACCES, ENOEXEC...). Use it as a
     context manager around `wait`, so any exception ends the tree.
@@ -405,23 +417,105 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
     mark = mark or new_mark(label)
     child_env = dict(os.environ if env is None else env)
     child_env[MARK_ENV] = mark
+    if keeper is None:
+        keeper = parent_death is not None and has_keeper()
     with tempfile.TemporaryFile() as feed:
         if stdin is not None:
             feed.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
             feed.seek(0)
-        with _owned_lock:  # so a concurrent reap_adopted never takes the new child for one
-            popen = subprocess.Popen(list(cmd), stdin=feed, stdout=stdout, stderr=stderr,
-                                     cwd=None if cwd is None else str(cwd), env=child_env,
-                                     start_new_session=True,
-                                     preexec_fn=_parent_death(parent_death))
-            _owned.add(popen.pid)
+        kept = None
+        if keeper and parent_death is not None:
+            kept = _start_kept(list(cmd), int(parent_death), grace, stdin=feed,
+                               stdout=stdout, stderr=stderr, cwd=cwd, env=child_env)
+        if kept is not None:
+            popen, inner = kept
+        else:
+            with _owned_lock:  # so a concurrent reap_adopted never takes it for an orphan
+                popen = subprocess.Popen(list(cmd), stdin=feed, stdout=stdout,
+                                         stderr=stderr,
+                                         cwd=None if cwd is None else str(cwd),
+                                         env=child_env, start_new_session=True,
+                                         preexec_fn=_parent_death(parent_death))
+                _owned.add(popen.pid)
+            inner = popen.pid
     # Orphans adopted later count as this child's when born after it. psutil's clock, not
     # time.time(): its create times rest on a boot time rounded to the second.
     try:
         since = psutil.Process(popen.pid).create_time()
     except psutil.Error:
         since = time.time() - 1.0
-    return Child(popen, mark, since)
+    child = Child(popen, mark, since)
+    child.inner_pid = inner
+    return child
+
+
+KEEPER = Path(__file__).with_name("keeper.py")
+keeper_trouble: str | None = None  # why the keeper is not used, once it failed to run
+
+
+def has_keeper() -> bool:
+    """Whether children run under a keeper here: Linux, with this Python, and not turned
+    off by PMTOOL_KEEPER=0 (tests of the other nets; a platform where it misbehaves)."""
+    return (_prctl is not None and bool(sys.executable) and KEEPER.is_file()
+            and keeper_trouble is None and os.environ.get("PMTOOL_KEEPER", "1") != "0")
+
+
+def _keeper_preexec(parent: int) -> Callable[[], None]:
+    prctl = _prctl
+
+    def preexec() -> None:  # between fork and exec: nothing that locks
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)  # the keeper's cue
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # kept across exec
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # nothing started yet: nothing to end
+
+    return preexec
+
+
+def _start_kept(cmd: list[str], parent_death: int, grace: float, *, stdin: Any,
+                stdout: Any, stderr: Any, cwd: str | Path | None,
+                env: dict[str, str]) -> tuple[subprocess.Popen, int] | None:
+    """Start `cmd` under a keeper; answers (the keeper's Popen, the child's pid), or None
+    when the keeper itself could not run (then `keeper_trouble` says why)."""
+    # Python's start-up rewrites a C locale's LC_CTYPE in its own environment; the keeper
+    # puts the child's back.
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-I", "-S", str(KEEPER), str(os.getpid()), str(parent_death),
+            f"{max(grace, 0.0):g}", str(write_end), env.get("LC_CTYPE", "-"), "--", *cmd]
+    try:
+        with _owned_lock:
+            popen = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
+                                     cwd=None if cwd is None else str(cwd), env=env,
+                                     start_new_session=True, pass_fds=(write_end,),
+                                     preexec_fn=_keeper_preexec(os.getpid()))
+            _owned.add(popen.pid)
+        os.close(write_end)
+        write_end = -1
+        report = b""
+        while chunk := os.read(read_end, 64):  # EOF once the child runs (or cannot)
+            report += chunk
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    word, _, value = report.decode("ascii", "replace").strip().partition(" ")
+    if word == "ok" and value.isdigit():
+        return popen, int(value)
+    popen.wait()
+    with _owned_lock:
+        _owned.discard(popen.pid)
+    for pipe in (popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
+    if word == "err" and value.isdigit() and int(value):
+        number = int(value)
+        raise OSError(number, os.strerror(number), cmd[0])
+    # The keeper itself is broken here (no usable Python, an old libc): children start
+    # without it from now on, as where there is none, rather than not at all.
+    global keeper_trouble
+    keeper_trouble = f"the keeper did not start (exit {popen.returncode}); children run " \
+        "without it"
+    return None
 
 
 def run(cmd: Sequence[str], *, timeout: float, cwd: str | Path | None = None,

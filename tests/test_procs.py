@@ -57,12 +57,84 @@ def _python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_exit_status_of_a_signalled_child() -> None:
-    with procs.start(["sh", "-c", "kill -KILL $$"]) as child:
+@pytest.mark.parametrize("keeper", [True, False], ids=["kept", "bare"])
+@pytest.mark.parametrize(("script", "code", "name"), [
+    ("exit 0", 0, None), ("exit 3", 3, None),
+    ("kill -KILL $$", 137, "SIGKILL"), ("kill -TERM $$", 143, "SIGTERM")])
+def test_exit_status_is_the_childs(script: str, code: int, name: str | None,
+                                   keeper: bool) -> None:
+    if keeper and not procs.has_keeper():
+        pytest.skip("no keeper here (Linux only)")
+    with procs.start(["sh", "-c", script], keeper=keeper) as child:
         ending = child.wait(10)
-    assert (ending.exit_code, ending.signal, ending.timed_out) == (137, "SIGKILL", False)
-    with procs.start(["sh", "-c", "exit 3"]) as child:
-        assert child.wait(10).exit_code == 3
+    assert (ending.exit_code, ending.signal, ending.timed_out) == (code, name, False)
+    assert (child.inner_pid != child.pid) is keeper
+
+
+def test_pmtool_keeper_0_turns_the_keeper_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMTOOL_KEEPER", "0")
+    assert not procs.has_keeper()
+    with procs.start(["true"]) as child:
+        assert child.wait(10).exit_code == 0
+    assert child.inner_pid == child.pid
+
+
+@pytest.mark.skipif(not procs.has_keeper(), reason="Linux only")
+def test_a_keeper_that_cannot_run_is_done_without(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "keeper.py"
+    broken.write_text("raise SystemExit(1)\n")
+    monkeypatch.setattr(procs, "KEEPER", broken)
+    monkeypatch.setattr(procs, "keeper_trouble", None)
+    with procs.start(["sh", "-c", "cat; exit 5"], stdin="in\n",
+                     stdout=subprocess.PIPE) as child:
+        assert child.popen.stdout is not None
+        with child.popen.stdout:
+            assert child.popen.stdout.read() == b"in\n"
+        assert child.wait(10).exit_code == 5
+    assert child.inner_pid == child.pid and not procs.has_keeper()
+    assert procs.keeper_trouble and "did not start" in procs.keeper_trouble
+
+
+@pytest.mark.skipif(not procs.has_keeper(), reason="Linux only")
+def test_a_child_that_cannot_start_raises_through_the_keeper(tmp_path: Path) -> None:
+    import errno
+
+    script = tmp_path / "no-shebang"
+    script.write_text("echo hi\n")
+    script.chmod(0o755)
+    with pytest.raises(OSError) as missing:
+        procs.start([str(tmp_path / "missing")])
+    assert missing.value.errno == errno.ENOENT
+    with pytest.raises(OSError) as noexec:
+        procs.start([str(script)])
+    assert noexec.value.errno == errno.ENOEXEC
+    script.chmod(0o644)
+    with pytest.raises(OSError) as denied:
+        procs.start([str(script)])
+    assert denied.value.errno == errno.EACCES
+
+
+def test_stdin_and_stdout_pass_through_untouched(tmp_path: Path) -> None:
+    # A hook reads its JSON context on stdin and prints; an agent writes to a pipe.
+    from pmtool.hooks import run_hook
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    hook = hooks / "pre_task"
+    hook.write_text(f"#!{sys.executable}\nimport json, sys\nctx = json.load(sys.stdin)\n"
+                    "print(ctx['hook'], ctx['task_id'])\nprint('err', file=sys.stderr)\n")
+    hook.chmod(0o755)
+    result = run_hook("pre_task", hooks, {"task_id": 42}, timeout=30)
+    assert result["ok"], result
+    assert (result["stdout"], result["stderr"]) == ("pre_task 42\n", "err\n")
+    payload = bytes(range(256)) * 64  # binary, bigger than a pipe write
+    with procs.start(["cat"], stdin=payload, stdout=subprocess.PIPE) as child:
+        assert child.popen.stdout is not None
+        with child.popen.stdout:
+            out = child.popen.stdout.read()
+        child.wait(10)
+    assert out == payload
 
 
 def test_a_time_limit_ends_the_tree_and_reports_124() -> None:
@@ -97,6 +169,8 @@ from pmtool import procs
 from pmtool.hooks import run_hook
 if sys.argv[1] == "subreaper":
     assert procs.become_subreaper()
+if sys.argv[1] == "plain":
+    procs.has_keeper = lambda: False
 result = run_hook("escape", sys.argv[2], {}, timeout=float(sys.argv[3]))
 print(json.dumps(result))
 """
@@ -112,11 +186,14 @@ def _escaping_hook(tmp_path: Path, token: str, then: str) -> Path:
 
 
 @linux
-def test_a_hook_child_that_hides_ends_with_the_timed_out_hook(tmp_path: Path) -> None:
+@pytest.mark.parametrize("net", ["subreaper", "keeper"])
+def test_a_hook_child_that_hides_ends_with_the_timed_out_hook(tmp_path: Path,
+                                                              net: str) -> None:
+    # Either net alone finds it: the runner as a subreaper, or the hook's keeper.
     token = _token()
     hooks = _escaping_hook(tmp_path, token, "sleep 60")
     try:
-        run = _python(HOOK_RUNNER, "subreaper", str(hooks), "1")
+        run = _python(HOOK_RUNNER, net, str(hooks), "1")
         assert run.returncode == 0, run.stderr
         assert '"timed_out": true' in run.stdout and '"exit_code": 124' in run.stdout
         assert _wait_gone(token) == []
@@ -125,7 +202,7 @@ def test_a_hook_child_that_hides_ends_with_the_timed_out_hook(tmp_path: Path) ->
 
 
 @linux
-def test_without_the_subreaper_the_same_child_escapes(tmp_path: Path) -> None:
+def test_without_subreaper_and_keeper_the_same_child_escapes(tmp_path: Path) -> None:
     # The control for the test above: the mark alone cannot find `env -i setsid`.
     token = _token()
     hooks = _escaping_hook(tmp_path, token, "sleep 60")
@@ -188,8 +265,92 @@ def test_a_child_dies_with_its_killed_parent(sig: int) -> None:
         child_pid = int(parent.stdout.readline())
         assert _sleepers(token)
         parent.kill()  # SIGKILL: the parent runs no cleanup at all
-        parent.wait(10)
+        parent.communicate(timeout=10)
         assert _wait_gone(token) == [], f"child {child_pid} outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        _kill(_sleepers(token))
+
+
+HIDING_PARENT = """
+import sys
+from pmtool import procs
+token, keeper, sig = sys.argv[1][1:], sys.argv[2] == "kept", int(sys.argv[3])
+# setsid and env -i setsid, each double-forked (the shell's & child exits at once), and
+# one that ignores SIGTERM; then the child waits, as claude waits for a slow tool step.
+script = (f"setsid sleep {token} & (env -i setsid sleep {token} &); "
+          f"(trap '' TERM; exec env -i setsid sleep {token}) & sleep {token}")
+with procs.start(["sh", "-c", script], parent_death=sig, grace=1, keeper=keeper) as child:
+    print(child.pid, flush=True)
+    child.wait()
+"""
+
+
+def _start_hiding_parent(token: str, keeper: str, sig: int) -> subprocess.Popen:
+    # "=token": an argument of its own would make _sleepers count the parent.
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HIDING_PARENT),
+                               f"={token}", keeper, str(sig)],
+                              stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    parent.stdout.readline()
+    deadline = time.monotonic() + 10
+    while len(_sleepers(token)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_sleepers(token)) == 4, "the child never started its sleepers"
+    return parent
+
+
+@pytest.mark.skipif(not procs.has_keeper(), reason="the keeper is Linux only")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_kill_9_of_the_parent_ends_every_process_the_child_hid(sig: int) -> None:
+    # issue 13: the parent is no subreaper; the keeper alone ends the tree, setsid'd and
+    # env -i'd double-forks included, and SIGKILLs the one that ignores SIGTERM.
+    token = _token()
+    parent = _start_hiding_parent(token, "kept", sig)
+    try:
+        parent.kill()
+        parent.communicate(timeout=10)  # and closes its stdout
+        assert _wait_gone(token) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        _kill(_sleepers(token))
+
+
+@pytest.mark.skipif(not procs.has_keeper(), reason="the keeper is Linux only")
+def test_kill_9_of_the_runner_during_a_hook_ends_what_the_hook_started(
+        tmp_path: Path) -> None:
+    # A worktree_setup running `npm install`, say: the hook waits on a child of its own
+    # while another hides with env -i setsid; the runner (no subreaper) is killed.
+    token = _token()
+    hooks = _escaping_hook(tmp_path, token, f"sleep {token}")
+    runner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOOK_RUNNER), "keeper",
+                               str(hooks), "600"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while len(_sleepers(token)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_sleepers(token)) == 2, "the hook never started its children"
+        runner.kill()
+        runner.communicate(timeout=10)
+        assert _wait_gone(token) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        _kill(_sleepers(token))
+
+
+@linux
+def test_without_the_keeper_the_hidden_processes_outlive_the_parent() -> None:
+    # The control: the parent-death signal reaches the child only.
+    token = _token()
+    parent = _start_hiding_parent(token, "bare", signal.SIGKILL)
+    try:
+        parent.kill()
+        parent.communicate(timeout=10)  # and closes its stdout
+        time.sleep(1)
+        assert len(_sleepers(token)) == 4  # the signal ended the shell, none of its sleeps
     finally:
         if parent.poll() is None:
             parent.kill()
