@@ -176,6 +176,20 @@ def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
     return None
 
 
+def notify_event(event: dict[str, Any]) -> str | None:
+    """Which `notify` hook event (pmtool.ops.NOTIFY_EVENTS) a run event calls for, if any:
+    a person is told when a task is parked or given up, when the daily budget stops the
+    claims, and (the hook decides whether to pass it on) when a task is finished."""
+    kind = event.get("event")
+    if kind == "parked":
+        return "parked"
+    if kind == "paused" and event.get("reason") == "daily_budget":
+        return "budget"
+    if kind == "finished":
+        return "given_up" if event.get("outcome") == "given_back" else "finished"
+    return None
+
+
 class Stop(Exception):
     """Raised between steps once a stop was asked for."""
 
@@ -224,6 +238,21 @@ class Runner:
                 self._event_log_failed = True
                 self.progress(f"cannot keep events in {self.state.events_dir}: {exc}")
         self._emit(event)
+        which = notify_event(event)
+        if which:
+            self._notify(which, event)
+
+    def _notify(self, which: str, event: dict[str, Any]) -> None:
+        """Tell a person through the `notify` hook; its failure is said, never acted on."""
+        from pmtool.ops import notify
+
+        extra = {k: v for k, v in event.items() if k not in ("ok", "event", "time", "agent")}
+        result = notify(which, self.hooks_dir, record=self._safe_load(),
+                        agent_id=self.opts.agent_id, timeout=self.settings.hook_timeout,
+                        **extra)
+        if not result.get("ok"):
+            why = result.get("error") or f"exit {result.get('exit_code')}"
+            self.progress(f"notify hook failed for {which}: {why}")
 
     def request_stop(self) -> None:
         """Signal handler body: the first call stops softly, the second ends the agent."""
@@ -370,10 +399,7 @@ class Runner:
         return self.settings.hooks_path(repo)
 
     def _notify_fatal(self, exc: PmtoolError) -> None:
-        from pmtool.ops import notify
-
-        notify("fatal", self.hooks_dir, record=self._safe_load(), agent_id=self.opts.agent_id,
-               error=exc.to_json(), timeout=self.settings.hook_timeout)
+        self._notify("fatal", {"error": exc.to_json()})
 
     def _safe_load(self) -> TaskRecord | None:
         try:

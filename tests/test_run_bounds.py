@@ -10,6 +10,7 @@ server in the middle of a task ends with the task dev_done once and exit 0.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -100,6 +101,48 @@ def test_blocked_task_runs_exactly_once_and_is_parked(world: World) -> None:
     listed = subprocess.run([PMTOOL, "health", "--check", "parked"], env=world.env,
                             capture_output=True, text=True, timeout=60)
     assert f"#{task['id']} (blocked): " in listed.stdout
+
+
+def notify_hook(world: World) -> Path:
+    """A notify hook that keeps every JSON context it is given, one per line."""
+    log = world.hooks.parent / "notified.jsonl"
+    hook = world.hooks / "notify.sh"
+    hook.write_text(f"#!/bin/sh\ncat >> {log}\n")
+    hook.chmod(0o755)
+    return log
+
+
+def notified(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_person_is_told_once_when_a_task_is_parked(world: World) -> None:
+    log = notify_hook(world)
+    parked, done = world.task(title="cannot be done"), world.task(title="fine")
+    runner = Watched(world.start(env={"PMTOOL_FAKE_AGENT_OUTCOME": "blocked"}))
+    try:
+        wait_for(lambda: world.status(parked["id"])["status"] == "pending", what="the park")
+        wait_for(lambda: runner.count("idle") >= 2, what="two idle rounds after the park")
+    finally:
+        run = runner.end()
+    told = [n for n in notified(log) if n["event"] == "parked"]
+    assert len(told) == len(run.of("parked")) == 2  # both said blocked: two parks, two calls
+    assert {n["task_id"] for n in told} == {parked["id"], done["id"]}
+    assert all("is parked for a person" in n["message"] and n["hook"] == "notify"
+               for n in told)
+    assert "api_key" not in json.dumps(told) and world.env["HEADLESS_PM_API_KEY"] not in \
+        log.read_text()
+
+
+def test_a_given_up_task_is_told_as_given_up(world: World) -> None:
+    log = notify_hook(world)
+    task = world.task()
+    run = world.run("--single-task", "--on-agent-failure", "release",
+                    env={"PMTOOL_FAKE_AGENT_EXIT": "1"})
+    assert run.code == 1, run.stderr
+    kinds = [n["event"] for n in notified(log)]
+    assert kinds == ["given_up"], kinds
+    assert notified(log)[0]["task_id"] == task["id"]
 
 
 # ---- 3. bounded retries --------------------------------------------------------------------
