@@ -64,6 +64,8 @@ SPECS: dict[str, Spec] = {
                              "agent run without a verdict: retry, release or stop"),
     "on_hook_failure": Spec(str, "release", ("PMTOOL_ON_HOOK_FAILURE",),
                             "failing pre_task hook: release, continue or stop"),
+    "ask_timeout": Spec(float, 300.0, ("PMTOOL_ASK_TIMEOUT",),
+                        "seconds the pre_task question at a terminal waits (0: no limit)"),
     "max_attempts": Spec(int, 3, ("PMTOOL_MAX_ATTEMPTS",), "claims of one task, at most"),
     "retry_cooldown": Spec(float, 60.0, ("PMTOOL_RETRY_COOLDOWN",),
                            "seconds before a given-back task is claimed again"),

@@ -17,6 +17,7 @@ from typing import Any
 
 from pmtool.config import load_settings
 from pmtool.loop import Runner, RunOptions
+from pmtool.state import StateDir
 
 TASKS = [
     {"title": "Add a CHANGELOG entry for the 0.1 release", "target_role": "backend_dev",
@@ -92,8 +93,9 @@ def run_demo(workdir: Path | None = None, agent: str = "stand-in",
                         "commits": _git(repo, "log", "--format=%h %s", "-2", branch).splitlines(),
                         "notes": task.get("notes")})
     ok = all(t["status"] == "qa_done" for t in tasks)
+    layout = StateDir(settings.state_path)  # the one owner of where things go in it
     return {"ok": ok, "tasks": summary, "events": len(events),
             "runners": codes, "where": {"workdir": str(root), "repo": str(repo),
-                                        "state_dir": str(state),
-                                        "history": str(state / "history.jsonl"),
-                                        "logs": str(state / "logs")}}
+                                        "state_dir": str(layout.root),
+                                        "history": str(layout.history_path),
+                                        "logs": str(layout.logs_dir)}}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pmtool.config import Settings
-from pmtool.errors import EXIT_FAILED, EXIT_OK, EXIT_SERVER, PmtoolError, UsageError
+from pmtool.errors import EXIT_SERVER, PmtoolError, UsageError, exit_code
 
 Check = dict[str, Any]
 
@@ -230,13 +230,13 @@ def run_health(settings: Settings, only: list[str] | None = None, hook: bool | N
         if found:
             checks.append(found)
     failed = [c for c in checks if not c["ok"]]
-    if not failed:
-        code = EXIT_OK
-    elif all(c.get("unreachable") for c in failed):
-        code = EXIT_SERVER
-    else:
-        code = EXIT_FAILED
-    return {"ok": not failed, "checks": checks}, code
+    answer: dict[str, Any] = {"ok": not failed, "checks": checks}
+    if failed:
+        # Only the server out of reach is a server error (exit 4): this machine may be fine.
+        kind = "server" if all(c.get("unreachable") for c in failed) else "failed"
+        answer["error"] = {"type": kind,
+                           "message": "unhealthy: " + ", ".join(c["name"] for c in failed)}
+    return answer, exit_code(answer)
 
 
 def _health_hook(settings: Settings, hooks_dir: str | Path | None = None) -> Check | None:

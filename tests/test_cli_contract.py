@@ -148,6 +148,7 @@ def test_health_local_checks_pass(clean_env):
     r = pmtool("health", "--check", "git", "--check", "disk", "--check", "memory",
                "--check", "records", "--check", "hooks")
     assert r.code == 0, r.out
+    assert "error" not in r.out
     assert [c["name"] for c in r.out["checks"]] == ["git", "disk", "memory", "records", "hooks"]
 
 
@@ -155,6 +156,7 @@ def test_health_failing_check_exits_1(clean_env):
     r = pmtool("health", "--check", "claude", "--check", "git",
                env={"PMTOOL_CLAUDE_BIN": str(clean_env / "no-claude-here")})
     assert r.code == 1
+    assert r.out["error"] == {"type": "failed", "message": "unhealthy: claude"}
     claude = r.out["checks"][0]
     assert claude["name"] == "claude" and claude["ok"] is False
     assert r.out["checks"][1]["ok"] is True
@@ -170,6 +172,7 @@ def test_health_only_server_unreachable_exits_4(clean_env, free_port):
                env={"HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port}",
                     "HEADLESS_PM_API_KEY": "k-unreachable"})
     assert r.code == 4
+    assert r.out["error"]["type"] == "server"  # exit_code(answer) gives the 4
     assert "cannot reach" in r.out["checks"][0]["detail"]
 
 
@@ -461,6 +464,15 @@ def test_task_is_positional_with_task_id_as_alias(clean_env, tmp_path):
     removed = pmtool("worktree", "remove", "--task-id", "7", "--repo", str(repo))
     assert removed.code == 0, removed.stderr
     assert removed.out["removed"] is True
+
+
+def test_logs_takes_the_task_as_every_command_does(clean_env):
+    """`logs TASK` and `logs --task-id TASK` are the same call; two tasks are refused."""
+    positional, alias = pmtool("logs", "9"), pmtool("logs", "--task-id", "9")
+    assert positional.code == alias.code == 3
+    assert positional.out == alias.out and "task 9" in alias.out["error"]["message"]
+    clash = pmtool("logs", "9", "--task-id", "8")
+    assert clash.code == 2 and "different" in clash.out["error"]["message"]
 
 
 def test_messages_count_in_words():

@@ -4,6 +4,7 @@ HTTP through requests, and the library imports neither behind the CLI's back."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,8 @@ def test_the_library_never_prints_or_exits():
 
 
 # Command modules that still import another command module at the top, each until its own
-# change lands (cli/loop.py takes its options from cli/work.py); the list only shrinks.
-COMMAND_IMPORTS_PENDING = {("loop", "work")}
+# change lands; the list only shrinks (it is empty: keep it so).
+COMMAND_IMPORTS_PENDING: set[tuple[str, str]] = set()
 
 
 def test_a_command_module_never_imports_another_at_load():
@@ -82,10 +83,21 @@ def test_a_command_module_never_imports_another_at_load():
     found = set()
     for name in modules:
         tree = ast.parse((PACKAGE / "cli" / f"{name}.py").read_text(encoding="utf-8"))
-        for node in tree.body:  # top level only: imports inside a command run after parsing
+        # At any depth: an import inside a command body registers the other module's
+        # commands too, and typer then builds their parameters on every call of it.
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
                 other = node.module.removeprefix("pmtool.cli.")
                 if node.module.startswith("pmtool.cli.") and other in modules:
                     found.add((name, other))
     assert found - COMMAND_IMPORTS_PENDING == set()
     assert found >= COMMAND_IMPORTS_PENDING, "a pending import is gone: drop it from the list"
+
+
+def test_colour_is_decided_in_one_place():
+    """NO_COLOR and FORCE_COLOR are read by `pmtool.cli.colour` only; a command that decides
+    for itself (a bare isatty, FORCE_COLOR=0 taken as on) drifts from the rest."""
+    readers = {str(p.relative_to(ROOT)) for p in sorted(PACKAGE.rglob("*.py"))
+               if re.search(r"NO_COLOR|FORCE_COLOR|\\033\[\{|\\033\[3\dm",
+                            p.read_text(encoding="utf-8"))}
+    assert readers == {"pmtool/cli/__init__.py"}

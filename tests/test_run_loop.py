@@ -510,7 +510,10 @@ def test_demo_runs_everything_on_a_fresh_setup(tmp_path: Path) -> None:
     assert [t["status"] for t in out["tasks"]] == ["qa_done", "qa_done"]
     assert {t["complexity"] for t in out["tasks"]} == {"minor", "major"}
     assert all(len(t["commits"]) == 2 for t in out["tasks"])
-    assert Path(out["where"]["history"]).exists()
+    layout = StateDir(out["where"]["state_dir"])  # the paths it shows are the state folder's
+    assert (out["where"]["history"], out["where"]["logs"]) == (str(layout.history_path),
+                                                               str(layout.logs_dir))
+    assert Path(out["where"]["history"]).exists() and any(layout.logs_dir.iterdir())
     assert "look in:" in proc.stderr
 
 
@@ -607,3 +610,65 @@ def test_operator_is_asked_at_a_terminal_when_pre_task_fails(world: World) -> No
     assert proc.returncode == 0
     assert Run(0, events(out), "").of("finished")[0]["status"] == "dev_done"
     assert world.status(task["id"])["status"] == "dev_done"
+
+
+def test_the_operator_prompt_shows_its_default_and_takes_it_when_nobody_answers(
+        world: World) -> None:
+    """Distinct keys (retry and release do not share r), the default shown, and after
+    --ask-timeout the --on-hook-failure policy, as if nobody were at the terminal."""
+    import pty
+
+    task = world.task()
+    hook = world.hooks / "pre_task.sh"
+    hook.write_text("#!/bin/sh\necho 'no GPU here' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([PMTOOL, "run", *world.args("--single-task", "--ask-timeout", "1",
+                                                        "--on-hook-failure", "stop")],
+                            env=world.env, cwd=world.repo, stdin=follower, stderr=follower,
+                            stdout=subprocess.PIPE, text=True)
+    os.close(follower)
+    screen = b""
+    try:
+        while b"no answer" not in screen:
+            chunk = os.read(leader, 4096)
+            assert chunk, f"the terminal closed before the timeout: {screen!r}"
+            screen += chunk
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    text = screen.decode()
+    assert "[r]etry, [c]ontinue, r[e]lease, [s]top (Enter: stop; stop by itself in 1 s)?" \
+        in text
+    assert "no answer in 1 s: stop (--on-hook-failure)" in text
+    assert proc.returncode == 1  # stop: a fatal error, the record kept for a person
+    assert Run(1, events(out), "").of("finished") == []
+    assert world.store.load("dev_1").task_id == task["id"]
+
+
+def test_operator_prompt_keys_are_distinct() -> None:
+    from pmtool.cli.loop import choice_keys
+
+    assert choice_keys(["retry", "continue", "release"]) == {
+        "r": "retry", "c": "continue", "e": "release"}
+    keys = choice_keys(["retry", "continue", "release", "stop"])
+    assert len(set(keys)) == 4 and set(keys.values()) == {"retry", "continue", "release", "stop"}
+
+
+def test_progress_view_follows_no_color_and_force_color_and_says_no_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` and `demo` colour through pmtool.cli.colour: FORCE_COLOR colours into a pipe,
+    NO_COLOR never; and their lines read as text ("1 task", no "session None")."""
+    from pmtool.cli.loop import _progress_view
+
+    stopped = {"event": "stopped", "agent": "dev_1", "task_id": None, "tasks_done": 1}
+    resumed = {"event": "resumed", "agent": "dev_1", "task_id": 4, "session_id": None}
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert "\033[" in _progress_view(stopped)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert "\033[" not in _progress_view(stopped)
+    assert _progress_view(stopped).endswith("dev_1 stopped: 1 task done")
+    assert "None" not in _progress_view(resumed)

@@ -654,3 +654,47 @@ def _dead_pid() -> int:
         os._exit(0)
     os.waitpid(pid, 0)
     return pid
+
+
+def _switches(help_text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", help_text)) - {"--help"}
+
+
+def test_sandbox_serve_offers_every_switch_of_the_stand_in_with_its_defaults(free_port):
+    """`pmtool sandbox serve` is the stand-in the benchmarks and README point at: the same
+    switches as `python -m pmtool.testing.server`, and the same realistic defaults (a race
+    window, not the atomic locking a bare 0.0 would give)."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import PMTOOL
+    from pmtool.testing.server import DEFAULT_DB_POOL
+
+    module_help = subprocess.run([sys.executable, "-m", "pmtool.testing.server", "--help"],
+                                 capture_output=True, text=True, check=True).stdout
+    serve_help = subprocess.run([PMTOOL, "sandbox", "serve", "--help"], capture_output=True,
+                                text=True, check=True).stdout
+    assert _switches(module_help) - _switches(serve_help) == set()
+
+    def started(*args: str) -> dict[str, Any]:
+        proc = subprocess.Popen([PMTOOL, "sandbox", "serve", "--port", str(free_port), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert proc.stdout is not None
+            ready = json.loads(proc.stdout.readline())
+            ready["race"] = requests.post(f"{ready['url']}/_sandbox/race",
+                                          json={"window": 0.0}, timeout=10).json()["was"]
+            ready["health"] = requests.get(f"{ready['url']}/health", timeout=10).status_code
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        return ready
+
+    default = started()
+    assert default["race"] == DEFAULT_RACE_WINDOW and default["db_pool"] == DEFAULT_DB_POOL
+    assert default["health"] == 200
+    tuned = started("--race-window", "0", "--db-pool", "3+1", "--fail-rate", "0.5")
+    assert (tuned["race"], tuned["db_pool"], tuned["fail_rate"]) == (0.0, 4, 0.5)

@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, options, read_json_arg, say
-from pmtool.errors import EXIT_AUTH, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, UsageError
+from pmtool.cli.options import record_store
+from pmtool.errors import EXIT_OK, EXIT_SIGNALS, UsageError, exit_code
 
 if TYPE_CHECKING:
     from pmtool.config import Settings
-
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 
 
 def _read_text(path: str | None, what: str) -> str | None:
@@ -58,7 +57,7 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
         stop.set()
 
     old = {}
-    for sig in EXIT_SIGNAL:
+    for sig in EXIT_SIGNALS:
         with contextlib.suppress(ValueError, OSError):  # not the main thread
             old[sig] = signal.signal(sig, handler)
     try:
@@ -154,7 +153,6 @@ def exec_claude_cmd(
     Example: pmtool claim ... | jq .task | pmtool exec-claude --task-json - --role qa
     """
     from pmtool import agent
-    from pmtool.cli.work import record_store
 
     if (agent_id is None) == (task_json is None):
         raise UsageError("give --agent-id or --task-json (one of them)",
@@ -236,12 +234,7 @@ def _finish(answer: dict[str, Any], signals: list[int]) -> int:
         say(f"pmtool: {error.get('type', 'failed')}: {error.get('message', 'the agent failed')}"
             + (f" (log: {answer.get('log')})" if answer.get("log") else ""))
     emit(answer, ok=ok)
-    if ok:
-        return EXIT_OK
-    if answer.get("timed_out"):
-        return EXIT_TIMEOUT
-    if answer.get("stopped") and signals:
-        return EXIT_SIGNAL.get(signals[0], EXIT_FAILED)
-    if (answer.get("error") or {}).get("type") == "auth":
-        return EXIT_AUTH  # claude's login refused: every run would fail alike
-    return EXIT_FAILED
+    # The signal that stopped the run is known here, not to the library: it joins the answer
+    # only for the exit code (errors.exit_code: 128 + its number), as the run's JSON is out.
+    stopped_by = {"signal": signals[0]} if answer.get("stopped") and signals else {}
+    return exit_code({**answer, "ok": ok, **stopped_by})

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pmtool.cli import app, emit, emit_line, options, say
-from pmtool.cli.work import AgentId, Level, Role, Settle
+from pmtool.cli import app, emit, emit_line, options, paint, plural, say
+from pmtool.cli.options import AgentId, Level, Role, Settle
 from pmtool.errors import UsageError
 
 COLOURS = {"claimed": "36", "resumed": "36", "finished": "32", "error": "31", "idle": "2",
@@ -24,7 +28,8 @@ def _progress_view(event: dict[str, Any]) -> str:
     task = f" task {event['task_id']}" if event.get("task_id") else ""
     detail = {
         "claimed": lambda e: e.get("title"),
-        "resumed": lambda e: f"same task, session {e.get('session_id')}",
+        "resumed": lambda e: ("same task, session " + e["session_id"] if e.get("session_id")
+                              else "same task (no agent session yet)"),
         "hook": lambda e: f"{e.get('hook')} " + ("skipped" if e.get("skipped") else
                                                 "ok" if e.get("ok") else
                                                 f"FAILED (exit {e.get('exit_code')})"),
@@ -37,28 +42,65 @@ def _progress_view(event: dict[str, Any]) -> str:
         "finished": lambda e: f"{e.get('outcome')} -> {e.get('status') or e.get('reason')}",
         "error": lambda e: e["error"]["message"],
         "idle": lambda e: "no task; still looking",
-        "stopped": lambda e: f"{e.get('tasks_done')} tasks done"
+        "stopped": lambda e: f"{plural(e.get('tasks_done') or 0, 'task')} done"
                              + (", record kept for resume" if e.get("record_kept") else ""),
     }.get(kind, lambda e: "")(event)
     stamp = datetime.now().strftime("%H:%M:%S")
     line = f"{stamp} {event.get('agent')}{task} {kind}: {detail or ''}".rstrip(": ")
-    if sys.stderr.isatty():
-        line = f"\033[{COLOURS.get(kind, '0')}m{line}\033[0m"
-    return line
+    return paint(line, COLOURS.get(kind, "0"))
 
 
-def _ask(question: str, choices: list[str]) -> str:
-    """Ask the operator at the terminal; the first letter of a choice is enough."""
-    letters = "/".join(f"[{c[0]}]{c[1:]}" for c in choices)
-    while True:
-        sys.stderr.write(f"{question}\n  {letters}? ")
-        sys.stderr.flush()
-        answer = sys.stdin.readline().strip().lower()
-        if not answer:  # end of input: nobody is there after all
-            return choices[-1]
-        for choice in choices:
-            if choice.startswith(answer):
-                return choice
+def choice_keys(choices: list[str]) -> dict[str, str]:
+    """One key per choice, no two alike: its first letter, else its first letter not yet
+    taken (retry, continue, release: r, c, e), so a key never stands for two answers."""
+    keys: dict[str, str] = {}
+    for choice in choices:
+        free = [c for c in choice.lower() if c.isalpha() and c not in keys]
+        if not free:
+            raise ValueError(f"no free key for {choice}")
+        keys[free[0]] = choice
+    return keys
+
+
+def _labelled(choice: str, key: str) -> str:
+    at = choice.lower().index(key)
+    return f"{choice[:at]}[{choice[at]}]{choice[at + 1:]}"
+
+
+def _ask_at_terminal(default: str, timeout: float) -> Callable[[str, list[str]], str]:
+    """The operator prompt: distinct keys, the default shown (Enter takes it), and after
+    `timeout` seconds without an answer (0: no limit) the default, which is the policy
+    applied when nobody is at a terminal, so an unattended terminal never stalls a runner."""
+
+    def ask(question: str, choices: list[str]) -> str:
+        if default not in choices:
+            choices = [*choices, default]
+        keys = choice_keys(choices)
+        labels = ", ".join(_labelled(choice, key) for key, choice in keys.items())
+        wait = f"; {default} by itself in {timeout:g} s" if timeout else ""
+        prompt = f"{question}\n  {labels} (Enter: {default}{wait})? "
+        deadline = time.monotonic() + timeout if timeout else None
+        fd = sys.stdin.fileno()
+        while True:
+            sys.stderr.write(prompt)
+            sys.stderr.flush()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                say(f"\nno answer in {timeout:g} s: {default} (--on-hook-failure)")
+                return default
+            data = os.read(fd, 1024)
+            if not data:  # end of input: nobody is there after all
+                return default
+            answer = data.decode(errors="replace").strip().lower()
+            if not answer:
+                return default
+            if answer in keys:
+                return keys[answer]
+            if answer in choices:
+                return answer
+            say(f"answer {', '.join(keys)} or Enter")
+
+    return ask
 
 
 @app.command("run")
@@ -86,6 +128,10 @@ def run_cmd(
         help="When pre_task fails and nobody is at a terminal: release (give the task back "
              "and wait), continue, or stop [env PMTOOL_ON_HOOK_FAILURE, default release].")
     ] = None,
+    ask_timeout: Annotated[float | None, typer.Option(
+        min=0, help="Seconds the pre_task question at a terminal waits for an answer before "
+                    "--on-hook-failure decides [env PMTOOL_ASK_TIMEOUT, default 300; "
+                    "0 = no limit].")] = None,
     task_budget_usd: Annotated[float | None, typer.Option(
         help="Park a task once its agent runs have cost this much, over every attempt and "
              "claim on this machine.")] = None,
@@ -154,7 +200,7 @@ def run_cmd(
 
     settings = options().settings(
         hooks_dir=hooks_dir, on_agent_failure=on_agent_failure,
-        on_hook_failure=on_hook_failure, max_attempts=max_attempts,
+        on_hook_failure=on_hook_failure, ask_timeout=ask_timeout, max_attempts=max_attempts,
         retry_cooldown=retry_cooldown, max_bounces=max_bounces,
         max_consecutive_failures=max_consecutive_failures, daily_budget_usd=daily_budget_usd,
         max_turns=max_turns, poll_interval=poll_interval, poll_max=poll_max,
@@ -172,8 +218,10 @@ def run_cmd(
         emit_line(event)
         say(_progress_view(event))
 
-    runner = Runner(settings, opts, on_event, progress=lambda m: say(f"  {m}"),
-                    ask=_ask if interactive else None)
+    if settings.ask_timeout < 0:
+        raise UsageError(f"ask_timeout must be at least 0, got {settings.ask_timeout:g}")
+    ask = _ask_at_terminal(str(opts.on_hook_failure), settings.ask_timeout) if interactive else None
+    runner = Runner(settings, opts, on_event, progress=lambda m: say(f"  {m}"), ask=ask)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.request_stop())
     return runner.run()
@@ -199,7 +247,7 @@ def demo_cmd(
     from pmtool.demo import run_demo
 
     if agent not in ("stand-in", "claude"):
-        raise UsageError(f"--agent {agent!r}: use stand-in or claude")
+        raise UsageError(f'--agent "{agent}": use stand-in or claude')
     if workdir and workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"--workdir {workdir} is not empty", hint="give a new folder")
     result = run_demo(workdir, agent, on_event=lambda e: say(_progress_view(e)),

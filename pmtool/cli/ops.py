@@ -3,7 +3,6 @@ and charts on stderr only when it is a terminal."""
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -11,18 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
-from pmtool.cli import app, emit, emit_line, options, say, scrub
-from pmtool.errors import UsageError
-
-
-def _colour() -> bool:
-    if os.environ.get("NO_COLOR"):
-        return False
-    return bool(os.environ.get("FORCE_COLOR")) or sys.stderr.isatty()
-
-
-def _paint(text: str, code: str) -> str:
-    return f"\033[{code}m{text}\033[0m" if _colour() else text
+from pmtool.cli import app, colour, emit, emit_line, options, paint, plural, say, scrub
+from pmtool.cli.options import TaskArg, TaskIdAlias, resolve_task
+from pmtool.errors import EXIT_OK, EXIT_SIGINT, UsageError
 
 
 def _dur(seconds: float | None) -> str:
@@ -48,7 +38,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return [_paint(line(headers).rstrip(), "1"), *(line(r).rstrip() for r in rows)]
+    return [paint(line(headers).rstrip(), "1"), *(line(r).rstrip() for r in rows)]
 
 
 STEP_COLOURS = {"agent": "35", "claiming": "36", "pre_task": "34", "finishing": "32",
@@ -68,14 +58,14 @@ def status_view(result: dict[str, Any]) -> list[str]:
                      f"${r.get('cost_usd') or 0:.4f}",
                      f"{last.get('event', '-')} {str(last.get('time') or '')[11:19]}".strip()])
     lines = [f"pmtool status  {result['time']}  {result['live']} live of "
-             f"{len(result['runners'])} runners  ({result['state_dir']})", ""]
+             f"{plural(len(result['runners']), 'runner')}  ({result['state_dir']})", ""]
     table = _table(["AGENT", "ROLE", "LEVEL", "PID", "TASK", "TITLE", "STEP", "ON TASK",
                     "IN STEP", "COST", "LAST EVENT"], rows)
-    if _colour():  # colour the step cell only, after padding (escapes have no width)
+    if colour():  # colour the step cell only, after padding (escapes have no width)
         for i, r in enumerate(result["runners"], start=1):
             step = r.get("step") or "-"
             table[i] = table[i].replace(f"  {step}  ",
-                                        f"  {_paint(step, STEP_COLOURS.get(step, '0'))}  ", 1)
+                                        f"  {paint(step, STEP_COLOURS.get(step, '0'))}  ", 1)
     lines += table if rows else ["no runners on this machine"]
     for kind, label in (("parked", "parked for a person"), ("cooling_down", "cooling down")):
         for e in result[kind]:
@@ -83,7 +73,7 @@ def status_view(result: dict[str, Any]) -> list[str]:
             title = f" ({e['title']})" if e.get("title") else ""
             why = e.get("reason") or (f"until {e['until']}" if e.get("until") else "")
             cause = f" [{e['cause']}]" if e.get("cause") else ""
-            lines.append(_paint(f"{label}: task {task}{title}: {why}{cause}".rstrip(": "), "33"))
+            lines.append(paint(f"{label}: task {task}{title}: {why}{cause}".rstrip(": "), "33"))
     u = result["usage"]
     lines += ["", f"logs {_size(u['logs_bytes'])}, events {_size(u['events_bytes'])}, "
                   f"history {_size(u['history_bytes'])}"]
@@ -136,7 +126,8 @@ def status_cmd(
 
 @app.command("logs")
 def logs_cmd(
-    task: Annotated[int, typer.Argument(help="Task id.")],
+    task: TaskArg = None,
+    task_id: TaskIdAlias = None,
     follow: Annotated[bool, typer.Option(
         "--follow", "-f", help="Keep printing what is new until the task ends here.")] = False,
     raw: Annotated[bool, typer.Option(
@@ -155,6 +146,9 @@ def logs_cmd(
     from pmtool.errors import NothingToDo
     from pmtool.ops import TaskLog, render
 
+    task = resolve_task(task, task_id)
+    if task is None:
+        raise UsageError("give a TASK", hint="pmtool logs 42")
     log = TaskLog(options().settings().state_path, task)
     readable = sys.stderr.isatty()
     entries: list[dict[str, Any]] = []
@@ -171,13 +165,13 @@ def logs_cmd(
             else:
                 entries.append(item)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGINT
     if not follow and not raw:
         if not entries:
             raise NothingToDo(f"no events or transcripts of task {task} on this machine",
                               hint="pmtool status shows the tasks here")
         emit({"task_id": task, "entries": entries})
-    return 0
+    return EXIT_OK
 
 
 @app.command("report")
@@ -213,15 +207,16 @@ def report_cmd(
 def report_view(result: dict[str, Any]) -> list[str]:
     t = result["totals"]
     outcomes = ", ".join(f"{n} {k}" for k, n in sorted(t["outcomes"].items())) or "none"
-    lines = [f"{t['tasks']} task{'s' if t['tasks'] != 1 else ''} since "
+    lines = [f"{plural(t['tasks'], 'task')} since "
              f"{result['since'] or 'the start'}: {outcomes}",
-             f"cost ${t['cost_usd']:.4f}, {t['attempts']} attempts, {t['turns']} turns, "
+             f"cost ${t['cost_usd']:.4f}, {plural(t['attempts'], 'attempt')}, "
+             f"{plural(t['turns'], 'turn')}, "
              f"agent time {_dur(t['agent_s'])}, per task mean {_dur(t['mean_task_s'])} "
              f"p95 {_dur(t['p95_task_s'])}", ""]
     groups = result["groups"]
     peak = max((g["cost_usd"] for g in groups), default=0) or 1
     rows = [[g["key"], str(g["tasks"]), str(g["attempts"]), f"${g['cost_usd']:.4f}",
-             _paint("█" * max(1, round(30 * g["cost_usd"] / peak)), "32")] for g in groups]
+             paint("█" * max(1, round(30 * g["cost_usd"] / peak)), "32")] for g in groups]
     lines += _table([result["by"].upper(), "TASKS", "ATTEMPTS", "COST", ""], rows)
     if result["most_expensive"]:
         lines += ["", "most expensive:"] + [
@@ -245,7 +240,7 @@ def init_cmd(
     from pmtool.ops import init
 
     result = init(folder or default_config_path().parent)
-    say(f"wrote {len(result['written'])} files into {result['folder']}; edit "
+    say(f"wrote {plural(len(result['written']), 'file')} into {result['folder']}; edit "
         f"{result['config']} (hooks_dir points at {result['hooks_dir']})")
     emit(result)
 
