@@ -160,7 +160,7 @@ def extract_verdict(result: Mapping[str, Any] | None, role: str | None = None,
             found.update(outcome=outcome, summary=str(summary) if summary is not None else "",
                          verdict_source="structured_output")
             return found
-        found["verdict_error"] = (f"structured output has outcome {structured.get('outcome')!r}"
+        found["verdict_error"] = (f'structured output has outcome "{structured.get("outcome")}"'
                                   f", not one of {', '.join(outcomes_for(role))}")
     for text in [result.get("result"), *reversed(list(texts))]:
         line = verdict_line(text if isinstance(text, str) else None, role)
@@ -1093,7 +1093,7 @@ def task_role(task: Mapping[str, Any], role: str | None = None) -> str:
     is a known role."""
     chosen = role or task.get("target_role")
     if chosen not in ROLES:
-        raise UsageError(f"unknown role {chosen!r}" if chosen else "give --role",
+        raise UsageError(f'unknown role "{chosen}"' if chosen else "give --role",
                          hint="valid roles: " + ", ".join(ROLES), valid=list(ROLES))
     return str(chosen)
 

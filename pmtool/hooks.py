@@ -56,7 +56,7 @@ SECRET_KEYS = ("api_key", "key", "x_api_key")
 def check_name(name: str) -> str:
     """A hook name is a plain file name: no paths, so `hook run ../x` cannot escape."""
     if not NAME_RE.match(name):
-        raise UsageError(f"bad hook name {name!r}",
+        raise UsageError(f'bad hook name "{name}"',
                          hint="a plain name such as pre_task, post_task, worktree_setup")
     return name
 

@@ -310,7 +310,7 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
         return now - timedelta(seconds=float(match[1]) * unit)
     when = parse_time(value)
     if when is None:
-        raise UsageError(f"--since {value!r}: give a span (24h, 7d) or a date (2026-11-01)")
+        raise UsageError(f'--since "{value}": give a span (24h, 7d) or a date (2026-11-01)')
     return when
 
 
@@ -371,7 +371,7 @@ def report(state_root: str | Path, since: datetime | None = None, by: str = "day
            top: int = 5) -> dict[str, Any]:
     """Totals of the tasks closed on this machine since `since`, and per `by` group."""
     if by not in BY_KEYS:
-        raise UsageError(f"--by {by!r} is not one of {', '.join(BY_KEYS)}", valid=list(BY_KEYS))
+        raise UsageError(f'--by "{by}" is not one of ' + ", ".join(BY_KEYS), valid=list(BY_KEYS))
     rows = [_facts(e) for e in StateDir(state_root).history(kind="closed", since=since)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -440,7 +440,7 @@ def notify(event: str, hooks_dir: str | Path | None, *, record: Any = None,
     from pmtool.records import now_iso
 
     if event not in NOTIFY_EVENTS:
-        raise UsageError(f"unknown notify event {event!r}", valid=list(NOTIFY_EVENTS))
+        raise UsageError(f'unknown notify event "{event}"', valid=list(NOTIFY_EVENTS))
     ctx = task_context(record, event=event, time=now_iso(), **extra)
     ctx["message"] = extra.get("message") or notify_message(event, ctx)
     return run_hook("notify", hooks_dir, ctx, timeout=timeout)

@@ -47,7 +47,7 @@ def choose(kind: type[StrEnum], value: Any, name: str) -> Any:
         return kind(value)
     except ValueError:
         valid = [m.value for m in kind]
-        raise UsageError(f"{name} {value!r} is not one of {', '.join(valid)}",
+        raise UsageError(f'{name} "{value}" is not one of ' + ", ".join(valid),
                          valid=valid) from None
 
 
@@ -90,11 +90,11 @@ def check_limit(name: str, value: Any) -> Any:
             return None
         raise UsageError(f"{flag} needs a value")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UsageError(f"{flag} must be a number, got {value!r}")
+        raise UsageError(f'{flag} must be a number, got "{value}"')
     if kind is int and value != int(value):
-        raise UsageError(f"{flag} must be a whole number, got {value!r}")
+        raise UsageError(f'{flag} must be a whole number, got "{value}"')
     if math.isnan(value) or value < least:
-        raise UsageError(f"{flag} must be at least {least:g}, got {value!r}")
+        raise UsageError(f'{flag} must be at least {least:g}, got "{value}"')
     return kind(value)
 
 
@@ -109,7 +109,7 @@ def check_run_policy(values: dict[str, Any]) -> dict[str, Any]:
         elif name in SWITCHES:
             if not isinstance(value, bool):
                 raise UsageError(f"--{name.replace('_', '-')} must be true or false, "
-                                 f"got {value!r}")
+                                 f'got "{value}"')
             out[name] = value
     if "poll_interval" in out and "poll_max" in out and out["poll_max"] < out["poll_interval"]:
         raise UsageError(f"--poll-max {out['poll_max']:g} is below --poll-interval "

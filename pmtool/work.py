@@ -649,7 +649,7 @@ def outcome_status(role: str, outcome: str, previous_status: str | None = None) 
     """The status the role's flow calls for; UsageError for an outcome the role lacks."""
     table = OUTCOMES[QA if role == QA else "dev"]
     if outcome not in table:
-        raise UsageError(f"outcome {outcome!r} is not one for role {role}",
+        raise UsageError(f'outcome "{outcome}" is not one for role {role}',
                          hint="valid outcomes: " + ", ".join(table), valid=list(table))
     return table[outcome]
 

@@ -168,7 +168,7 @@ def start_point(repo: str | Path, base: str) -> str:
     for ref in (f"refs/heads/{base}", f"refs/remotes/origin/{base}", base):
         if _ok(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"):
             return ref
-    raise UsageError(f"base {base!r} is not a branch or commit in {repo}",
+    raise UsageError(f'base "{base}" is not a branch or commit in {repo}',
                      hint="pass --base REF (a repository needs one commit before worktrees)")
 
 
@@ -185,14 +185,14 @@ def task_branch(branch: str | None, base: str, task_id: int) -> tuple[str, str |
         return fallback, f"the task has no branch; using {fallback}"
     trunk = {base, base.removeprefix("origin/"), *TRUNK_NAMES}
     if branch in trunk or branch.removeprefix("origin/") in trunk:
-        return fallback, (f"the task's branch {branch!r} is a base branch; a major task works "
+        return fallback, (f"the task's branch \"{branch}\" is a base branch; a major task works "
                           f"on its own branch: {fallback}")
     return branch, None
 
 
 def check_branch_name(repo: str | Path, branch: str) -> None:
     if not _ok(repo, "check-ref-format", "--branch", branch):
-        raise UsageError(f"{branch!r} is not a valid git branch name")
+        raise UsageError(f'"{branch}" is not a valid git branch name')
 
 
 def worktree_path(repo: str | Path, task_id: int, worktree_base: str | Path | None = None
@@ -254,7 +254,7 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
     task_id = int(task_id)
     complexity = complexity or "major"
     if complexity not in ("major", "minor"):
-        raise UsageError(f"unknown complexity {complexity!r}", valid=["major", "minor"])
+        raise UsageError(f'unknown complexity "{complexity}"', valid=["major", "minor"])
     base = base or default_branch(root)
     start = start_point(root, base)
     answer: dict[str, Any] = {"ok": True, "path": None, "worktree": None, "branch": None,

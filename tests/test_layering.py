@@ -101,3 +101,20 @@ def test_colour_is_decided_in_one_place():
                if re.search(r"NO_COLOR|FORCE_COLOR|\\033\[\{|\\033\[3\dm",
                             p.read_text(encoding="utf-8"))}
     assert readers == {"pmtool/cli/__init__.py"}
+
+
+def test_messages_quote_values_plainly():
+    """A person reads messages: `unknown role "dev"`, never Python's `'dev'` or `None` repr.
+    `!r` is for code that is not a message: `__repr__`, and the test kit's errors to the
+    programmer who wrote a bad script step (there the Python value is the point)."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent.name == "testing":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        reprs = {id(n) for f in ast.walk(tree)
+                 if isinstance(f, ast.FunctionDef) and f.name == "__repr__" for n in ast.walk(f)}
+        offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for node in ast.walk(tree)
+                      if isinstance(node, ast.FormattedValue) and node.conversion == ord("r")
+                      and id(node) not in reprs]
+    assert offenders == []
