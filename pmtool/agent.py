@@ -311,7 +311,8 @@ def describe_event(event: Mapping[str, Any]) -> str | None:
         return f"turn {event.get('turn')}: {event.get('text')}{tokens}"
     if kind == "result":
         cost = event.get("total_cost_usd")
-        return (f"finished after {event.get('num_turns')} turns, cost "
+        turns = event.get("num_turns") or 0
+        return (f"finished after {turns} turn{'' if turns == 1 else 's'}, cost "
                 f"${cost if cost is not None else '?'}"
                 + (" (error)" if event.get("is_error") else ""))
     if kind == "restart":

@@ -276,7 +276,8 @@ def render(item: dict[str, Any]) -> list[str]:
     if kind == "system" and line.get("subtype") == "init":
         return [f"  claude session {line.get('session_id')} ({line.get('model')})"]
     if kind == "result":
-        return [f"  result: {line.get('subtype')}, {line.get('num_turns')} turns, "
+        turns = line.get("num_turns") or 0
+        return [f"  result: {line.get('subtype')}, {turns} turn{'' if turns == 1 else 's'}, "
                 f"${line.get('total_cost_usd') or 0:.4f}, "
                 f"{(line.get('duration_ms') or 0) / 1000:.1f}s"]
     out = []

@@ -672,3 +672,6 @@ def test_progress_view_follows_no_color_and_force_color_and_says_no_none(
     assert "\033[" not in _progress_view(stopped)
     assert _progress_view(stopped).endswith("dev_1 stopped: 1 task done")
     assert "None" not in _progress_view(resumed)
+    agent = {"event": "agent", "agent": "dev_1", "task_id": 4, "outcome": "done",
+             "num_turns": 1, "total_cost_usd": 0.01}
+    assert _progress_view(agent).endswith("agent: done in 1 turn, $0.0100")

@@ -36,7 +36,8 @@ def _progress_view(event: dict[str, Any]) -> str:
         "worktree": lambda e: (f"removed {e.get('path')}" if "removed" in e else
                                f"{e.get('path') or 'repo (minor task)'} on {e.get('branch')}")
         + (f", rescued to {e['rescued']}" if e.get("rescued") else ""),
-        "agent": lambda e: f"{e.get('outcome') or 'no verdict'} in {e.get('num_turns')} turns, "
+        "agent": lambda e: f"{e.get('outcome') or 'no verdict'} in "
+                           f"{plural(e.get('num_turns') or 0, 'turn')}, "
                            f"${e.get('total_cost_usd') or 0:.4f}"
                            + (" (timed out)" if e.get("timed_out") else ""),
         "finished": lambda e: f"{e.get('outcome')} -> {e.get('status') or e.get('reason')}",
