@@ -6,8 +6,6 @@ emits the answer. `pmtool.agent` is imported inside the command so that other co
 not pay for it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import signal
 import threading
@@ -76,7 +74,7 @@ def _task_from_json(task_json: str) -> dict[str, Any]:
     return task
 
 
-def _instructions_path(settings: Settings, role: str, instructions_dir: str | None,
+def _instructions_path(settings: "Settings", role: str, instructions_dir: str | None,
                        prompt_given: bool) -> str | None:
     """Ask the server where its instruction files are, only if the answer could matter."""
     from pmtool.agent import fetch_instructions_path, role_file

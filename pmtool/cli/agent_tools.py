@@ -5,8 +5,6 @@ Each command resolves settings and the task record, calls one function of
 inside the commands, so `pmtool --help` does not pay for them.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,7 +35,7 @@ hook_app = typer.Typer(help="Run the hooks of the hooks folder with a task's con
 app.add_typer(hook_app, name="hook")
 
 
-def _repo_of(repo: str | None, record: TaskRecord | None = None) -> Path:
+def _repo_of(repo: str | None, record: "TaskRecord | None" = None) -> Path:
     from pmtool.worktree import repo_root
 
     if repo is None and record is not None and record.worktree and Path(record.worktree).is_dir():

@@ -1,7 +1,5 @@
 """Commands about pmtool itself and its surroundings: config, model-for, health, sandbox."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

@@ -1,7 +1,5 @@
 """`pmtool run` (the continuous runner) and `pmtool demo`."""
 
-from __future__ import annotations
-
 import os
 import select
 import signal

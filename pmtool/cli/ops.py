@@ -1,8 +1,6 @@
 """The operator's commands: status, logs, report, init. JSON on stdout as always; tables
 and charts on stderr only when it is a terminal."""
 
-from __future__ import annotations
-
 import sys
 import time
 from pathlib import Path

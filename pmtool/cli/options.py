@@ -6,8 +6,6 @@ importing `pmtool.cli.work` registers every work command on the app, which a run
 registers nothing and imports only typer.
 """
 
-from __future__ import annotations
-
 import os
 from typing import TYPE_CHECKING, Annotated
 
@@ -66,14 +64,14 @@ def resolve_task(task: int | None, task_id: int | None) -> int | None:
     return task if task is not None else task_id
 
 
-def server(settings: Settings) -> PMClient:
+def server(settings: "Settings") -> "PMClient":
     """The Headless PM client the settings call for."""
     from pmtool.client import PMClient
 
     return PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout)
 
 
-def record_store(settings: Settings) -> RecordStore:
+def record_store(settings: "Settings") -> "RecordStore":
     """This machine's task records, in the settings' state folder."""
     from pmtool.records import RecordStore
 

@@ -5,8 +5,6 @@ function of `pmtool.work` and emits its result. The library is imported inside t
 commands so that `pmtool lock show` does not pay for `requests`.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
