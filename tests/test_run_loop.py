@@ -675,3 +675,34 @@ def test_progress_view_follows_no_color_and_force_color_and_says_no_none(
     agent = {"event": "agent", "agent": "dev_1", "task_id": 4, "outcome": "done",
              "num_turns": 1, "total_cost_usd": 0.01}
     assert _progress_view(agent).endswith("agent: done in 1 turn, $0.0100")
+
+
+def test_ctrl_c_at_the_operator_prompt_stops_and_keeps_the_task(world: World) -> None:
+    import pty
+
+    task = world.task()
+    hook = world.hooks / "pre_task.sh"
+    hook.write_text("#!/bin/sh\necho 'no GPU here' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([PMTOOL, "run", *world.args("--single-task")], env=world.env,
+                            cwd=world.repo, stdin=follower, stderr=follower,
+                            stdout=subprocess.PIPE, text=True)
+    os.close(follower)
+    screen = b""
+    try:
+        while b"(Enter: release; release by itself in 300 s)?" not in screen:
+            chunk = os.read(leader, 4096)
+            assert chunk, f"the terminal closed before the question: {screen!r}"
+            screen += chunk
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    run = Run(proc.returncode, events(out), "")
+    assert run.of("stopped")[0]["record_kept"] is True, run.events
+    assert run.of("finished") == []  # not given back: a stop keeps the task for the restart
+    assert world.store.load("dev_1").task_id == task["id"]
+    assert proc.returncode == 0  # a graceful stop, as a signal between any two steps

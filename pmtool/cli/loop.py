@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pmtool.cli import app, emit, emit_line, options, paint, plural, say
+from pmtool.cli import app, emit, emit_line, options, paint, plural, say, scrub
 from pmtool.cli.options import AgentId, Level, Role, Settle
 from pmtool.errors import UsageError
 
@@ -66,10 +66,13 @@ def _labelled(choice: str, key: str) -> str:
     return f"{choice[:at]}[{choice[at]}]{choice[at + 1:]}"
 
 
-def _ask_at_terminal(default: str, timeout: float) -> Callable[[str, list[str]], str]:
+def _ask_at_terminal(default: str, timeout: float,
+                     stopping: Callable[[], bool]) -> Callable[[str, list[str]], str]:
     """The operator prompt: distinct keys, the default shown (Enter takes it), and after
     `timeout` seconds without an answer (0: no limit) the default, which is the policy
-    applied when nobody is at a terminal, so an unattended terminal never stalls a runner."""
+    applied when nobody is at a terminal, so an unattended terminal never stalls a runner.
+    Ctrl-C while it waits is a stop like any other (task record kept)."""
+    from pmtool.loop import Stop
 
     def ask(question: str, choices: list[str]) -> str:
         if default not in choices:
@@ -81,12 +84,18 @@ def _ask_at_terminal(default: str, timeout: float) -> Callable[[str, list[str]],
         deadline = time.monotonic() + timeout if timeout else None
         fd = sys.stdin.fileno()
         while True:
-            sys.stderr.write(prompt)
+            sys.stderr.write(scrub(prompt))  # the hook's words may hold anything
             sys.stderr.flush()
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([fd], [], [], left)[0]:
-                say(f"\nno answer in {timeout:g} s: {default} (--on-hook-failure)")
-                return default
+            while True:  # in slices, to see a stop asked for by a signal
+                if stopping():
+                    say("")
+                    raise Stop
+                left = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+                if left <= 0:
+                    say(f"\nno answer in {timeout:g} s: {default} (--on-hook-failure)")
+                    return default
+                if select.select([fd], [], [], left)[0]:
+                    break
             data = os.read(fd, 1024)
             if not data:  # end of input: nobody is there after all
                 return default
@@ -219,7 +228,8 @@ def run_cmd(
 
     if settings.ask_timeout < 0:
         raise UsageError(f"ask_timeout must be at least 0, got {settings.ask_timeout:g}")
-    ask = _ask_at_terminal(str(opts.on_hook_failure), settings.ask_timeout) if interactive else None
+    ask = _ask_at_terminal(str(opts.on_hook_failure), settings.ask_timeout,
+                           stopping=lambda: runner.stopping.is_set()) if interactive else None
     runner = Runner(settings, opts, on_event, progress=lambda m: say(f"  {m}"), ask=ask)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: runner.request_stop())
