@@ -98,10 +98,10 @@ def check_repo(repo: str | Path | None) -> Finding:
 
 def check_role(role: str, level: str) -> Finding:
     if role not in ROLES:
-        return Finding("role", False, f"unknown role {role!r}",
+        return Finding("role", False, f'unknown role "{role}"',
                        "valid roles: " + ", ".join(ROLES), UsageError)
     if level not in LEVELS:
-        return Finding("role", False, f"unknown level {level!r}",
+        return Finding("role", False, f'unknown level "{level}"',
                        "valid levels: " + ", ".join(LEVELS), UsageError)
     return Finding("role", True, f"{role}/{level}")
 

@@ -173,7 +173,7 @@ def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
     from pmtool.work import release
 
     if kind not in KINDS:
-        raise UsageError(f"--kind {kind!r} is not one of {', '.join(KINDS)}", valid=list(KINDS))
+        raise UsageError(f'--kind "{kind}" is not one of ' + ", ".join(KINDS), valid=list(KINDS))
     settings = options().settings()
     result = release(server(settings), record_store(settings), agent_id, notes=notes,
                      kind=kind, limits=limits_from(settings, task_budget_usd=task_budget_usd))
