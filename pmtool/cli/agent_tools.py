@@ -53,15 +53,19 @@ def worktree_create(
     branch: Annotated[str | None, typer.Option(
         "--branch", help="The task's branch (the server's `branch` field).")] = None,
     complexity: Annotated[str | None, typer.Option(
-        "--complexity", help="major (own worktree and branch) or minor (the repo itself, "
-                             "on the base branch) [default: the task's, else major].")] = None,
+        "--complexity", help="major (own worktree and branch) or minor (own worktree on a "
+                             "short-lived branch that lands on the base; the checkout "
+                             "itself with PMTOOL_MINOR_IN_CHECKOUT) [default: the task's, "
+                             "else major].")] = None,
     repo: Repo = None,
     base: Base = None,
     hooks_dir: HooksDir = None,
     worktree_base: WorktreeBase = None,
 ) -> int:
-    """Give a task its place to work: a worktree on the task branch for a major task, the
-    repo itself for a minor one. Runs the worktree_setup hook in a new worktree.
+    """Give a task its own place to work: a worktree on the task branch for a major task,
+    on a short-lived pmtool/task-<id>-<hash> branch for a minor one (the repo's clean
+    checkout with PMTOOL_MINOR_IN_CHECKOUT). Runs the worktree_setup hook in a new worktree.
+    A branch another task's worktree has checked out is exit 5: tasks never share one.
 
     A second call answers the existing worktree with "created": false. With --agent-id the
     task record's worktree and branch are updated. A branch named like the base ("main")
@@ -98,7 +102,10 @@ def worktree_create(
     result = create_worktree(root, task_id, branch, complexity, base=base,
                              worktree_base=settings.worktree_base,
                              hooks_dir=settings.hooks_path(root),
-                             hook_timeout=settings.hook_timeout, context=context)
+                             hook_timeout=settings.hook_timeout, context=context,
+                             created_at=record.task.get("created_at") if record else None,
+                             minor_in_checkout=settings.minor_in_checkout,
+                             owner_pid=record.pid if record else None)
     if record is not None:
         # The directory the agent works in: the worktree, or the repo for a minor task.
         record.worktree, record.branch = result["path"], result["branch"]
