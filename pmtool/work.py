@@ -1015,9 +1015,9 @@ def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | No
 
 def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
     """None while the task is still the record's (under work, locked by its agent); else
-    what happened to it: `{"reason", "kind", "status", "locked_by", "moved_by"}`.
+    what happened to it: `{"reason", "loss", "status", "locked_by", "moved_by"}`.
 
-    `kind` is `deleted`, `moved` (a person or an agent changed its status: parked,
+    `loss` is `deleted`, `moved` (a person or an agent changed its status: parked,
     finished, given back), `taken` (locked by another agent) or `aged_out` (under work
     with no lock: the 30-minute rule, quirk 3). One filtered list call while all is well
     (quirk 1: there is no single-task read).
@@ -1028,19 +1028,19 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
     info: dict[str, Any] = {"status": (task or {}).get("status"),
                             "locked_by": (task or {}).get("locked_by"), "moved_by": None}
     if task is None:
-        info.update(kind="deleted", reason=f"task {record.task_id} was deleted")
+        info.update(loss="deleted", reason=f"task {record.task_id} was deleted")
     elif task.get("status") != UNDER_WORK:
-        info.update(kind="moved", reason=f"task {record.task_id} was moved to "
+        info.update(loss="moved", reason=f"task {record.task_id} was moved to "
                                          f"{task.get('status')}")
     elif task.get("locked_by"):
-        info.update(kind="taken", reason=f"task {record.task_id} was locked by "
+        info.update(loss="taken", reason=f"task {record.task_id} was locked by "
                                          f"{task.get('locked_by')}")
     else:
-        info.update(kind="aged_out", reason=f"the lock on task {record.task_id} ran out "
+        info.update(loss="aged_out", reason=f"the lock on task {record.task_id} ran out "
                                             "(agent unseen for 30 minutes)")
     if task is not None:
         change = moved_by(client, record.task_id)
-        if change and info["kind"] == "moved":
+        if change and info["loss"] == "moved":
             info["moved_by"] = change.get("changed_by")
             info["reason"] += f" by {change.get('changed_by')}"
     return info
@@ -1060,7 +1060,7 @@ def record_loss(client: Any, store: RecordStore, record: TaskRecord, info: dict[
     note = (f"pmtool: {agent_id} lost this task mid-work: {info.get('reason')}"
             + (f"; {work_note}" if work_note else ""))
     action = "gone"
-    task = read_task(client, record.task_id) if info.get("kind") != "deleted" else None
+    task = read_task(client, record.task_id) if info.get("loss") != "deleted" else None
     if task is not None:
         if task.get("status") == UNDER_WORK and not task.get("locked_by"):
             # Nobody has it: leave it unlocked under work and nobody ever will (the server

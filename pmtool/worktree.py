@@ -322,11 +322,23 @@ def release_checkout(repo: str | Path, task_id: int) -> bool:
 def land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
     """Fast-forward the base branch to a minor task's branch, or say why it stays there.
 
-    Answers `{"landed", "branch", "base", "head", "reason"}`. Lands only by fast-forward
-    (never a merge or a rebase nobody reviewed), and never writes to a checkout that has
-    the base checked out while it is dirty or another task holds it: then the work stays
-    on its branch for review, and `reason` says why.
+    Answers `{"landed", "branch", "base", "head", "reason", "note"}` (`note`: the sentence
+    for the task's notes, saying which happened). Lands only by fast-forward (never a
+    merge or a rebase nobody reviewed), and never writes to a checkout that has the base
+    checked out while it is dirty or another task holds it: then the work stays on its
+    branch for review, and `reason` says why.
     """
+    answer = _land(repo, path, base)
+    if answer["landed"]:
+        answer["note"] = (f"minor task: landed on {answer['base']} by fast-forward "
+                          f"({answer['head'][:12]})")
+    else:
+        answer["note"] = (f"minor task: left on branch {answer['branch']} for review, not "
+                          f"on {answer['base']}: {answer['reason']}")
+    return answer
+
+
+def _land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
     root = repo_root(repo)
     base = base.removeprefix("origin/")
     wt = next((w for w in git_worktrees(root) if _same(w.path, path)), None)

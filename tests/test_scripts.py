@@ -185,7 +185,14 @@ def test_pm_runner_minor_task_commits_on_the_base_branch(box: Box) -> None:
     assert box.task(task["id"])["status"] == "dev_done"
     assert git(box.repo, "log", "-1", "--format=%s", "main") == \
         f"task {task['id']}: backend_dev notes (fake agent)"
-    assert not any("removed" in o for o in json_lines(proc.stdout))  # no worktree to remove
+    # Its own worktree and short-lived branch, landed by fast-forward, then both removed.
+    lines = json_lines(proc.stdout)
+    (landed,) = [o for o in lines if "landed" in o]
+    assert landed["landed"] is True and landed["branch"].startswith("pmtool/task-")
+    assert "landed on main by fast-forward" in box.task(task["id"])["notes"]
+    removed = [o for o in lines if o.get("removed")]
+    assert removed and removed[-1]["branch_deleted"] is True
+    assert git(box.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
 
 
 def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Box) -> None:

@@ -1,4 +1,4 @@
-"""Doing the work: `worktree create|remove|list|prune` and `hook run`.
+"""Doing the work: `worktree create|remove|land|list|prune` and `hook run`.
 
 Each command resolves settings and the task record, calls one function of
 `pmtool.worktree` or `pmtool.hooks`, and emits its answer. The libraries are imported
@@ -29,7 +29,8 @@ from pmtool.errors import NothingToDo, TimeLimit, UsageError, exit_code
 if TYPE_CHECKING:
     from pmtool.records import TaskRecord
 
-worktree_app = typer.Typer(help="One git worktree per major task; removal never loses work.",
+worktree_app = typer.Typer(help="One git worktree per task, never shared; removal never "
+                                "loses work.",
                            no_args_is_help=True)
 app.add_typer(worktree_app, name="worktree")
 hook_app = typer.Typer(help="Run the hooks of the hooks folder with a task's context.",
@@ -163,10 +164,12 @@ def worktree_remove(
     store, record = record_store(settings), None
     if agent_id:
         record = store.need(agent_id)
-        if record.task.get("complexity") == "minor" or not record.worktree:
-            raise NothingToDo(f"task {record.task_id} has no worktree (a minor task works in "
-                              "the repo itself)", task_id=record.task_id)
-        target = target or record.worktree
+        if not record.worktree:
+            raise NothingToDo(f"task {record.task_id} has no worktree",
+                              task_id=record.task_id)
+        in_checkout = Path(record.worktree).resolve() == _repo_of(repo, record).resolve()
+        # minor_in_checkout: the task id frees the checkout; nothing is removed.
+        target = target or (str(record.task_id) if in_checkout else record.worktree)
     if target is None:
         raise UsageError("give the worktree's path or task id, or --agent-id",
                          hint="pmtool worktree list")
@@ -182,6 +185,34 @@ def worktree_remove(
                     rescue_ref=(result["rescued"] or {}).get("ref"))
         store.save(record)
     emit(result)
+
+
+@worktree_app.command("land")
+def worktree_land(
+    target: Annotated[str | None, typer.Argument(
+        help="The minor task's worktree path.")] = None,
+    agent_id: AgentIdOrNone = None,
+    repo: Repo = None,
+    base: Base = None,
+) -> None:
+    """Land a minor task's work on the base branch by fast-forward, or leave it on its
+    branch for review when the base moved on or the checkout that has it is dirty.
+
+    Prints {"landed", "branch", "base", "head", "reason", "note"}; exit 0 either way
+    (`note` is the sentence for the task's notes). pmtool never merges or rebases here,
+    and never writes to a dirty checkout.
+
+    Example: pmtool worktree land --agent-id dev_001
+    """
+    from pmtool.worktree import default_branch, land
+
+    settings = options().settings()
+    record = record_store(settings).need(agent_id) if agent_id else None
+    target = target or (record.worktree if record else None)
+    if not target:
+        raise UsageError("give the worktree's path, or --agent-id")
+    root = _repo_of(repo, record) if repo or record else _repo_near(target)
+    emit(land(root, target, base or default_branch(root)))
 
 
 def _repo_near(path: str) -> Path:
