@@ -1007,8 +1007,8 @@ SERVER_LOCK_AGE = 30 * 60
 def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | None:
     """The newest status change of the task in the changelog (who moved it, when), if any."""
     try:
-        entries = client.changelog(limit)
-    except ApiError:
+        entries = client.request("GET", "/api/v1/changelog", params={"limit": limit})
+    except (ApiError, ServerError):
         return None
     return next((e for e in entries if e.get("task_id") == task_id), None)
 
