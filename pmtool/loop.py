@@ -533,7 +533,9 @@ class Runner:
         from pmtool.hooks import run_hook
 
         result = run_hook(name, self.hooks_dir, self._context(record, **extra),
-                          timeout=self.settings.hook_timeout, cwd=cwd)
+                          timeout=self.settings.hook_timeout, cwd=cwd,
+                          api_key=self.settings.api_key
+                          if self.settings.values.get("pass_key_to_hooks") else None)
         if result.get("skipped") and name not in self._told_missing:
             # Said once per hook, not silently skipped: a hook with a typo in its name
             # would otherwise never run, and nobody would know.

@@ -25,7 +25,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -1133,3 +1133,35 @@ def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
                 entry.update(action="skipped", reason=f"{reason}; {detail_text(exc.detail)}")
         entries.append(entry)
     return entries
+
+
+@contextlib.contextmanager
+def heartbeat(client: Any, agent_id: str, role: str, level: str, every: float,
+              on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
+    """Re-register the agent every `every` seconds while the block runs, so its lock
+    outlives the server's 30-minute rule (quirk 3) however long the agent works. Failures
+    go to `on_error` and the beat goes on; `every` <= 0 does nothing.
+
+    Re-registering keeps the agent's first role and level (quirk 4): any role answers.
+    """
+    import threading
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            try:
+                client.register(agent_id, role, level)
+            except Exception as exc:  # a beat must never end the run
+                if on_error:
+                    on_error(exc)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{agent_id}", daemon=True)
+    if every and every > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join(timeout=5)

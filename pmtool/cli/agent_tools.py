@@ -320,7 +320,8 @@ def hook_run(
 
     repo = git.toplevel(Path(cwd or Path.cwd()))
     result = run_hook(name, settings.hooks_path(repo), context,
-                      timeout=settings.hook_timeout, cwd=cwd)
+                      timeout=settings.hook_timeout, cwd=cwd,
+                      api_key=settings.api_key if settings.pass_key_to_hooks else None)
     ok = result.pop("ok")
     if result["skipped"]:
         say(f"pmtool: hook: {result['reason']} (skipped)")
