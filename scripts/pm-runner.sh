@@ -16,8 +16,9 @@
 # `pmtool run` is the same loop in Python (pmtool/loop.py, Runner); tests/test_scripts.py
 # runs one scenario through both and compares their steps. Where each policy lives there
 # is named next to it below ("pmtool run:"); what only `pmtool run` has: one runner per
-# agent id (a runner lock), health checks before claiming (here: cron-health.sh), a
-# heartbeat that keeps the lock during long agent runs and notices a task given away,
+# agent id (a runner lock), health checks before claiming (here: cron-health.sh), noticing
+# mid-work that a task was moved or given away (here exec-claude only keeps the lock alive,
+# and `recover --orphans` from the PM's cron puts back what is left),
 # --on-hook-failure/--on-agent-failure choices, --escalate and --task-budget-usd.
 set -euo pipefail
 

@@ -442,6 +442,18 @@ def test_cron_recover_without_records(box: Box) -> None:
     assert proc.stdout.endswith("pmtool recover: no task records\n")
 
 
+def test_cron_recover_orphans_puts_back_what_no_runner_has(box: Box) -> None:
+    orphan = box.seeder.create_task(title="Its runner's machine is gone")
+    box.seeder.set_status(orphan["id"], "under_work")  # under work, nobody's lock
+    queued = box.seeder.create_task(title="In the queue")
+    proc = box.run("cron-recover.sh", "--orphans")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1
+    assert f"requeued=1: ?/{orphan['id']}=requeued" in proc.stdout
+    assert box.task(orphan["id"])["status"] == "created"
+    assert box.task(queued["id"])["status"] == "created" and not box.task(queued["id"])["notes"]
+
+
 def dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
@@ -533,7 +545,7 @@ def pmtool_help(*command: str) -> str:
 def test_crontab_example_runs_scripts_that_exist_with_valid_arguments() -> None:
     jobs = [line for line in (SCRIPTS / "crontab.example").read_text().splitlines()
             if line.strip() and not line.startswith("#") and not re.match(r"^\w+=", line)]
-    assert len(jobs) == 2
+    assert len(jobs) == 3
     checks = re.search(r"--check <str>\s+Run only this check \(repeatable\):([^.]+)\.",
                        pmtool_help("health"))
     assert checks
@@ -549,6 +561,8 @@ def test_crontab_example_runs_scripts_that_exist_with_valid_arguments() -> None:
             values = args[1::2]
             assert args[0::2] == ["--check"] * len(values)
             assert set(values) <= valid_checks, values
+        if script.name == "cron-recover.sh":
+            assert all(a in pmtool_help("recover") for a in args), args
 
 
 def systemd_expand(line: str, env: dict[str, str], instance: str, home: str) -> list[str]:
