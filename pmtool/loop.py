@@ -611,7 +611,8 @@ class Runner:
                                      created_at=task.get("created_at"),
                                      minor_in_checkout=bool(self.settings.values.get(
                                          "minor_in_checkout")),
-                                     owner_pid=os.getpid())
+                                     owner_pid=os.getpid(),
+                                     live_paths=self._live_worktrees(record))
         except Conflict as exc:
             if exc.details.get("branch_in_use") or exc.details.get("checkout_in_use"):
                 # Wait for the other task: give this one back (the queue offers it again
@@ -638,6 +639,12 @@ class Runner:
             self._give_back(record, "worktree_setup hook failed", kind=fl.HOOK)
             raise OperationFailed("worktree_setup hook failed", task_id=record.task_id)
         return cwd
+
+    def _live_worktrees(self, record: TaskRecord) -> list[str]:
+        """Worktrees the task records on this machine name (ours included): a pmtool
+        worktree none of them names, and no process works in, is a leftover."""
+        records, _corrupt = self.store.scan(quarantine=False)
+        return [r.worktree for r in [*records, record] if r.worktree]
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""

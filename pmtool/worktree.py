@@ -395,8 +395,8 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                     worktree_base: str | Path | None = None,
                     hooks_dir: str | Path | None = None, hook_timeout: float = 30.0,
                     context: dict[str, Any] | None = None, created_at: str | None = None,
-                    minor_in_checkout: bool = False, owner_pid: int | None = None
-                    ) -> dict[str, Any]:
+                    minor_in_checkout: bool = False, owner_pid: int | None = None,
+                    live_paths: Iterable[str] | None = None) -> dict[str, Any]:
     """Give task `task_id` a place to work, its own; answer where.
 
     Answers `{"ok", "path", "worktree", "branch", "base", "created", "task_id",
@@ -411,7 +411,10 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
       so QA sees the developer's pushed work). A second call answers the existing worktree
       with `created: false`. A branch checked out anywhere else (another task's worktree,
       the main checkout) is a Conflict with `branch_in_use` and `checked_out_at`: two
-      tasks never share a folder.
+      tasks never share a folder. Given `live_paths` (the worktrees of this machine's task
+      records), a pmtool worktree holding the branch that is not among them and that no
+      process works in is a leftover: it is removed first (its work rescued; said in
+      `leftover_removed`).
     - runs the `worktree_setup` hook in a new worktree (and again on a later call if it
       failed last time); `ok` is false when it failed, and the worktree is kept.
     Raises UsageError (not a repository, bad base or branch), Conflict (path taken,
@@ -464,6 +467,14 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                        "git keeps a branch in one worktree at a time",
                        hint=f"switch {holder.path} to another branch, then run this again",
                        branch=branch, checked_out_at=holder.path, branch_in_use=True)
+    if holder and live_paths is not None and _leftover(root, holder, live_paths,
+                                                      worktree_base):
+        # A finished or given-back task's folder that nobody works in: its commits stay on
+        # the branch, anything uncommitted goes to a rescue ref, then the branch is free.
+        gone = remove_worktree(root, holder.path, rescue=True, worktree_base=worktree_base)
+        answer["leftover_removed"] = {"path": holder.path, "rescued": (
+            gone.get("rescued") or {}).get("ref")}
+        holder = None
     if holder:
         # Another task works on this branch: sharing its folder is how one task's cleanup
         # removed the other's work. Wait for it (the caller defers the task).
@@ -505,6 +516,19 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                   branch_source=source)
     _setup(answer, hooks_dir, hook_timeout, context, root)
     return answer
+
+
+def _leftover(root: Path, wt: GitWorktree, live_paths: Iterable[str],
+              worktree_base: str | Path | None) -> bool:
+    """A pmtool worktree that no task record on this machine names and no process is in."""
+    task_id, _ = _label(wt)
+    managed = task_id is not None and _same(Path(wt.path).parent,
+                                            worktree_path(root, 0, worktree_base).parent)
+    if not managed or wt.locked is not None:
+        return False
+    if any(_same(wt.path, live) for live in live_paths if live):
+        return False
+    return not _users(wt.path)
 
 
 def _existing(answer: dict[str, Any], wt: GitWorktree, branch: str,

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from test_run_loop import Run, World, events, make_world, wait_for
 
+from helpers import PMTOOL
+
 RECONCILE = {"PMTOOL_RECONCILE_INTERVAL": "0.2"}
 
 
@@ -165,3 +167,20 @@ def test_task_parked_by_a_person_stops_the_agent_and_says_who(world: World) -> N
     assert now["status"] == "pending"  # a person's decision is left as it is
     assert now["notes"].startswith("on hold: waiting for the schema")
     assert f"task {task['id']}" in show(world, lost["rescued"], f"notes/task-{task['id']}.md")
+
+
+def test_a_leftover_worktree_on_the_branch_is_rescued_not_waited_for(world: World) -> None:
+    """A worktree no task record names (its task was given back, its runner gone) must not
+    keep the branch forever: its work is rescued and the task goes on."""
+    left = subprocess.run([PMTOOL, "worktree", "create", "99", "--branch", "feature/old",
+                           "--repo", str(world.repo)], env=world.env, capture_output=True,
+                          text=True, check=True)
+    old = Path(json.loads(left.stdout)["path"])
+    (old / "half-done.txt").write_text("someone's unfinished work\n")
+    task = world.task(branch="feature/old")
+    run = world.run("--single-task")
+    assert run.code == 0, run.stderr
+    assert not run.of("deferred") and world.status(task["id"])["status"] == "dev_done"
+    assert not old.exists()
+    refs = world.git("for-each-ref", "--format=%(refname)", "refs/pmtool/rescue/task-99")
+    assert show(world, refs.splitlines()[0], "half-done.txt") == "someone's unfinished work"

@@ -487,3 +487,25 @@ def test_worktree_folder_deleted_by_hand(repo: Path) -> None:
     result = remove_worktree(repo, 5)
     assert result["removed"] is True and "gone" in result["note"]
     assert os.listdir(repo / ".worktrees") == []
+
+
+def test_a_leftover_worktree_frees_its_branch_only_when_nobody_has_it(repo: Path) -> None:
+    old = create_worktree(repo, 5, "feature/z")
+    (Path(old["path"]) / "wip.txt").write_text("left behind\n")
+    # A task record names it: the next task on the branch waits.
+    with pytest.raises(Conflict):
+        create_worktree(repo, 6, "feature/z", live_paths=[old["path"]])
+    # Nobody names it, nobody works in it: removed with its work rescued, branch free.
+    new = create_worktree(repo, 6, "feature/z", live_paths=[])
+    assert new["created"] is True and not Path(old["path"]).exists()
+    ref = new["leftover_removed"]["rescued"]
+    assert git(repo, "show", f"{ref}:wip.txt") == "left behind"
+    # A process working in it keeps it.
+    busy = create_worktree(repo, 7, "feature/w")
+    sleeper = subprocess.Popen(["sleep", "30"], cwd=busy["path"])
+    try:
+        with pytest.raises(Conflict):
+            create_worktree(repo, 8, "feature/w", live_paths=[])
+    finally:
+        sleeper.kill()
+        sleeper.wait()

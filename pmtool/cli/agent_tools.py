@@ -106,7 +106,11 @@ def worktree_create(
                              hook_timeout=settings.hook_timeout, context=context,
                              created_at=record.task.get("created_at") if record else None,
                              minor_in_checkout=settings.minor_in_checkout,
-                             owner_pid=record.pid if record else None)
+                             owner_pid=record.pid if record else None,
+                             # With a record, the records on this machine tell a leftover
+                             # worktree (nobody's task) from one a task works in.
+                             live_paths=[r.worktree for r in store.scan(quarantine=False)[0]
+                                         if r.worktree] if record else None)
     if record is not None:
         # The directory the agent works in: the worktree, or the repo for a minor task.
         record.worktree, record.branch = result["path"], result["branch"]
