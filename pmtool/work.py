@@ -1080,6 +1080,23 @@ def _agents_seen(client: Any) -> dict[str, str | None]:
     return {a.get("agent_id"): a.get("last_seen") for a in client.agents()}
 
 
+def _still_orphan(client: Any, task: dict[str, Any], max_age: float, now: Any) -> bool:
+    """Read again just before the change: its agent may have re-registered (a heartbeat
+    after a network gap), or someone may have moved the task, since the list was read."""
+    from pmtool.state import parse_time
+
+    fresh = read_task(client, task["id"], status=UNDER_WORK)
+    if not fresh or fresh.get("status") != UNDER_WORK \
+            or fresh.get("locked_by") != task.get("locked_by") \
+            or fresh.get("created_at") != task.get("created_at"):
+        return False
+    holder = fresh.get("locked_by")
+    if not holder:
+        return True
+    when = parse_time(_agents_seen(client).get(holder))
+    return when is None or (now - when).total_seconds() > max_age
+
+
 def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
                     max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
                     now: Any = None) -> list[dict[str, Any]]:
@@ -1121,7 +1138,9 @@ def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
         entry = {"task_id": task["id"], "title": task.get("title"), "locked_by": holder,
                  "last_seen": last_seen, "reason": reason,
                  "action": "would_requeue" if dry_run else "requeued"}
-        if not dry_run:
+        if not dry_run and not _still_orphan(client, task, max_age, now):
+            entry.update(action="skipped", reason=f"{reason}; but it changed meanwhile")
+        elif not dry_run:
             note = (f"pmtool recover --orphans ({agent_id}): put back to created: {reason}; "
                     "the work of the agent that had it may be on its branch or a "
                     "refs/pmtool/rescue ref on its machine")

@@ -121,3 +121,39 @@ def test_a_corrupt_record_named_only_by_its_file(world, tmp_path):
     assert (records / "dev_junk.json").exists()
     pmtool("recover", env=env)
     assert seed.get_task(task["id"])["status"] == "created"
+
+
+class RacingServer:
+    """An orphan whose agent re-registers between the look and the change (a heartbeat
+    after a network gap): the change must not happen."""
+
+    def __init__(self) -> None:
+        self.task = {"id": 7, "status": "under_work", "locked_by": "dev_slow",
+                     "created_at": "2026-11-23T10:00:00", "notes": None}
+        self.seen = ["2026-11-23T10:00:00", "2026-11-23T11:00:00"]  # then it beats
+        self.changes: list[tuple] = []
+
+    def list_tasks(self, status: str | None = None, role: str | None = None) -> list[dict]:
+        return [dict(self.task)]
+
+    def get_task(self, task_id: int, status: str | None = None) -> dict | None:
+        return dict(self.task)
+
+    def agents(self) -> list[dict]:
+        return [{"agent_id": "dev_slow", "last_seen": self.seen.pop(0)}]
+
+    def health(self) -> dict:
+        return {"timestamp": "2026-11-23T11:00:30"}
+
+    def set_status(self, *args: Any, **kwargs: Any) -> dict:
+        self.changes.append(args)
+        return {}
+
+
+def test_an_orphan_whose_agent_comes_back_is_left_alone():
+    from pmtool.work import recover_orphans
+
+    server = RacingServer()
+    (entry,) = recover_orphans(server, "pm_cron")
+    assert entry["action"] == "skipped" and "changed meanwhile" in entry["reason"]
+    assert server.changes == []
