@@ -893,9 +893,10 @@ class Runner:
         for review; the sentence for the notes says which."""
         from pmtool.worktree import default_branch, land
 
+        # A developer's `done`, or QA's `pass` of work left on its branch for review.
         if (record.task.get("complexity") != "minor" or not record.worktree
-                or verdict.get("outcome") != "done" or os.path.realpath(record.worktree)
-                == os.path.realpath(repo)):
+                or verdict.get("outcome") not in ("done", "pass")
+                or os.path.realpath(record.worktree) == os.path.realpath(repo)):
             return None
         base = self.opts.base or default_branch(repo)
         try:
@@ -903,6 +904,8 @@ class Runner:
         except PmtoolError as exc:
             answer = {"landed": False, "branch": record.branch, "base": base,
                       "reason": exc.message}
+        if answer.get("nothing_to_land"):
+            return None  # e.g. QA of work that had already landed
         self.event("landed" if answer["landed"] else "not_landed", task_id=record.task_id,
                    branch=answer.get("branch"), base=answer.get("base"),
                    head=answer.get("head"), reason=answer.get("reason"))

@@ -356,7 +356,7 @@ def _land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
         answer["reason"] = f"there is no local branch {base} to land on"
         return answer
     if old == head:
-        answer["reason"] = "no commits to land"
+        answer.update(reason="no commits to land", nothing_to_land=True)
         return answer
     if not _ok(root, "merge-base", "--is-ancestor", old, head):
         answer["reason"] = f"{base} moved on since the task started; left on {branch} for review"

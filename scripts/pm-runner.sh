@@ -206,10 +206,12 @@ while [ "$stopping" = 0 ]; do
 
   # A minor task lands on the base by fast-forward, or stays on its branch for review; the
   # notes say which. pmtool run: Runner._land_minor.
-  if [ "$complexity" = minor ] && [ "$outcome" = "done" ] && [ -n "$worktree" ] \
-      && [ "$(realpath "$worktree")" != "$(realpath "$repo")" ]; then
+  if [ "$complexity" = minor ] && { [ "$outcome" = "done" ] || [ "$outcome" = pass ]; } \
+      && [ -n "$worktree" ] && [ "$(realpath "$worktree")" != "$(realpath "$repo")" ]; then
     step worktree land "$worktree" --repo "$repo"
-    summary="$summary"$'\n'"$(jq -r '.note // empty' <<<"$out")"
+    if ! jq -e '.nothing_to_land' <<<"$out" >/dev/null; then
+      summary="$summary"$'\n'"$(jq -r '.note // empty' <<<"$out")"
+    fi
   fi
   # The post_task hook gets the same context as under `pmtool run` (the record is closed by
   # finish, so it is read first).

@@ -184,3 +184,23 @@ def test_a_leftover_worktree_on_the_branch_is_rescued_not_waited_for(world: Worl
     assert not old.exists()
     refs = world.git("for-each-ref", "--format=%(refname)", "refs/pmtool/rescue/task-99")
     assert show(world, refs.splitlines()[0], "half-done.txt") == "someone's unfinished work"
+
+
+def test_qa_reviews_a_minor_task_left_on_its_branch_and_its_pass_lands_it(world: World) -> None:
+    (world.repo / "owner.txt").write_text("the owner's unsaved work\n")
+    task = world.task(title="small fix", complexity="minor", branch="main")
+    dev = world.run("--single-task")
+    branch = dev.of("not_landed")[0]["branch"]
+    (world.repo / "owner.txt").unlink()  # the owner is done; the checkout is clean
+    qa = world.run("--single-task", "--role", "qa", "--agent-id", "qa_1")
+    assert qa.code == 0, qa.stderr
+    # QA worked on the developer's branch: the developer's notes were there to review.
+    wt = qa.of("worktree")[0]  # created (the second is its removal)
+    assert wt["branch"] == branch
+    (landed,) = qa.of("landed")
+    assert world.git("rev-parse", "main") == landed["head"]
+    for name in (f"notes/task-{task['id']}.md", f"notes/task-{task['id']}-qa.md"):
+        assert (world.repo / name).exists(), name
+    final = world.status(task["id"])
+    assert final["status"] == "qa_done" and "landed on main by fast-forward" in final["notes"]
+    assert branch not in world.git("branch", "--format=%(refname:short)")
