@@ -706,7 +706,9 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
     log_path, err_path = log_paths(run.log_dir,
                                    run.task_id if run.task_id is not None else "adhoc",
                                    session_id)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    from pmtool.state import make_dir
+
+    make_dir(log_path.parent)  # 0700 also when exec-claude runs before any `pmtool run`
     redact = _redactor([*run.secrets,
                         *((run.env or os.environ).get(k) for k in SECRET_ENV)])
     started = time.monotonic()

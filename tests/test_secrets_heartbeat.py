@@ -210,3 +210,20 @@ def test_exec_claude_without_heartbeat_loses_the_lock(world: World) -> None:
     world.seeder.next_task("backend_dev", "senior")
     assert world.status(task["id"])["locked_by"] is None
     proc.communicate(timeout=60)
+
+
+def test_exec_claude_alone_keeps_its_transcripts_private(world: World) -> None:
+    """A pipeline's first exec-claude, with no `pmtool run` before it to make the folders."""
+    world.task()
+    task = claim(world, "dev_private")
+    proc = subprocess.Popen(
+        [PMTOOL, "exec-claude", "--agent-cmd", fake_agent.command(), "--task-json", "-"],
+        text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**world.env, "PMTOOL_STATE_DIR": str(world.tmp / "fresh-state")},
+        cwd=world.repo)
+    _out, err = proc.communicate(json.dumps(task), timeout=60)
+    assert proc.returncode == 0, err
+    logs = world.tmp / "fresh-state" / "logs"
+    assert stat.S_IMODE(logs.stat().st_mode) == 0o700
+    files = list(logs.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
