@@ -1038,11 +1038,14 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
     else:
         info.update(loss="aged_out", reason=f"the lock on task {record.task_id} ran out "
                                             "(agent unseen for 30 minutes)")
-    if task is not None:
+    if task is not None and info["loss"] in ("moved", "taken"):
+        # The changelog has status changes only (a bare lock leaves no entry): who moved it
+        # last, unless that was us (our own under_work).
         change = moved_by(client, record.task_id)
-        if change and info["loss"] == "moved":
+        if change and change.get("changed_by") != record.agent_id:
             info["moved_by"] = change.get("changed_by")
-            info["reason"] += f" by {change.get('changed_by')}"
+            if info["loss"] == "moved":
+                info["reason"] += f" by {change.get('changed_by')}"
     return info
 
 

@@ -124,6 +124,7 @@ def test_task_given_to_another_agent_mid_work(world: World) -> None:
     assert run.code == 5, run.stderr
     (lost,) = run.of("lost")
     assert lost["loss"] == "taken" and lost["locked_by"] == "thief" and lost["action"] == "noted"
+    assert lost["moved_by"] == "thief"  # its under_work is the task's last status change
     assert lost["rescued"].startswith("refs/pmtool/rescue/")
     assert f"task {task['id']}" in show(world, lost["rescued"], f"notes/task-{task['id']}.md")
     now = world.status(task["id"])
