@@ -166,7 +166,7 @@ def test_pm_runner_single_task_takes_a_major_task_to_dev_done(box: Box) -> None:
     assert box.task(task["id"])["status"] == "dev_done"
     assert f"task {task['id']}: backend_dev notes (fake agent)" in git(
         box.repo, "log", "--format=%s", "feature/ping")
-    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
     assert git(box.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert box.pmtool("lock", "show", "--agent-id", "dev_1")[0] == 3  # record closed...
     closed = [h for h in box.history() if h["task"]["id"] == task["id"]]
@@ -208,7 +208,7 @@ def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Bo
     assert "agent failed: " in after["notes"]
     # the agent's commits stay on the task branch; the worktree is gone
     assert git(box.repo, "log", "--format=%s", "feature/unclear").count("fake agent") == 2
-    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
 def test_pm_runner_single_task_without_a_task_exits_3(box: Box) -> None:
@@ -531,7 +531,7 @@ def test_debug_task_walks_one_task_to_dev_done_on_enter(box: Box, pick: str) -> 
                      "hook run", "worktree remove"]
     assert len(proc.stderr.split("press Enter for the next step")) == len(commands) + 1
     assert len(json_lines(proc.stdout)) == len(commands)
-    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
 # ---- crontab.example and the systemd unit ------------------------------------------------
@@ -597,3 +597,14 @@ def test_systemd_unit_runs_pmtool_run_with_flags_it_has() -> None:
     # every variable the command line uses comes from the unit or the documented env files
     for name in re.findall(r"\$\{(\w+)\}", settings["ExecStart"]):
         assert name in env or re.search(rf"^# .*\b{name}=", unit, re.MULTILINE), name
+
+
+def test_debug_task_lands_a_minor_task_and_says_so(box: Box) -> None:
+    task = box.seeder.create_task(title="Typo", complexity="minor")
+    proc = box.run("debug-task.sh", "--role", ROLE, "--agent-id", "dev_dbg_minor", "--repo",
+                   str(box.repo), "--agent-cmd", fake_agent.command(), input="\n" * 14)
+    assert proc.returncode == 0, proc.stderr
+    assert "$ pmtool worktree land" in proc.stderr
+    assert git(box.repo, "log", "-1", "--format=%s", "main") == \
+        f"task {task['id']}: backend_dev notes (fake agent)"
+    assert "landed on main by fast-forward" in box.task(task["id"])["notes"]
