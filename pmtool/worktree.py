@@ -35,7 +35,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -280,41 +280,48 @@ def _claim_checkout(root: Path, task_id: int, created_at: str | None,
                        dirty=dirty[:50], checkout_in_use=True)
     me = {"task_id": int(task_id), "created_at": created_at}
     path = _claim_path(root)
-    holder = _checkout_holder(root)
-    if holder and {k: holder.get(k) for k in me} != me:
-        raise Conflict(f"the checkout {root} is in use by task {holder.get('task_id')} "
-                       f"(pid {holder.get('pid')})",
-                       hint="the task waits until that one is finished", path=str(root),
-                       held_by_task=holder.get("task_id"), checkout_in_use=True)
-    pid = owner_pid or os.getpid()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({**me, "pid": pid, "pid_started": process_started(pid)}))
-    if holder is None:
-        # Two claimers at once: link() fails for the second, so only one takes it.
-        path.unlink(missing_ok=True)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            tmp.unlink(missing_ok=True)
-            raise Conflict(f"the checkout {root} was just taken by another task",
-                           path=str(root), checkout_in_use=True) from None
-        tmp.unlink(missing_ok=True)
-    else:
+    # Read, decide and write under one lock: two runners taking the checkout at once
+    # must not both see it free.
+    with _locked(path.with_name(path.name + ".lock")):
+        holder = _checkout_holder(root)
+        if holder and {k: holder.get(k) for k in me} != me:
+            raise Conflict(f"the checkout {root} is in use by task {holder.get('task_id')} "
+                           f"(pid {holder.get('pid')})",
+                           hint="the task waits until that one is finished", path=str(root),
+                           held_by_task=holder.get("task_id"), checkout_in_use=True)
+        pid = owner_pid or os.getpid()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**me, "pid": pid, "pid_started": process_started(pid)}))
         os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def release_checkout(repo: str | Path, task_id: int) -> bool:
     """Free the main checkout if task `task_id` holds it; True if it did."""
     root = repo_root(repo)
     path = _claim_path(root)
-    try:
-        claim = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.exists():
         return False
-    if not isinstance(claim, dict) or claim.get("task_id") != int(task_id):
-        return False
-    path.unlink(missing_ok=True)
-    return True
+    with _locked(path.with_name(path.name + ".lock")):
+        try:
+            claim = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(claim, dict) or claim.get("task_id") != int(task_id):
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
 
 # -- landing a minor task --------------------------------------------------------------------
