@@ -514,9 +514,17 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
     added = _git(root, "worktree", "add", *args, check=False)
     if added.returncode != 0:
         # Another pmtool may have made it a moment ago: that is the idempotent case.
-        again = next((w for w in git_worktrees(root) if _same(w.path, path)), None)
+        now = git_worktrees(root)
+        again = next((w for w in now if _same(w.path, path)), None)
         if again:
             return _existing(answer, again, branch, hooks_dir, hook_timeout, context, root)
+        taken = next((w for w in now if w.branch == branch and not w.prunable), None)
+        if taken:
+            # Another task's worktree took the branch between our look and our add: wait.
+            raise Conflict(f"branch {branch} was just checked out in {taken.path}; a task "
+                           "never shares another task's worktree", branch=branch,
+                           checked_out_at=taken.path, held_by_task=_label(taken)[0],
+                           branch_in_use=True)
         raise OperationFailed(f"git worktree add failed: {added.stderr.strip()}",
                               path=str(path), branch=branch)
     answer.update(path=str(path), worktree=str(path), branch=branch, created=True,
