@@ -45,11 +45,19 @@ def test_two_tasks_on_one_branch_never_share_a_worktree(world: World) -> None:
                          env={"PMTOOL_FAKE_AGENT_SLEEP": "3"})
     wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
     second = world.task(title="second", branch="feature/shared")
-    deferred = world.run("--agent-id", "dev_2", "--single-task")
+    deferred = world.run("--agent-id", "dev_2", "--single-task",
+                         env={"PMTOOL_RETRY_COOLDOWN": "600"})
     assert deferred.code == 1, deferred.stderr
     (event,) = deferred.of("deferred")
     assert event["task_id"] == second["id"] and event["held_by_task"] == first["id"]
     assert "never shares" in event["reason"]
+    # Not the task's fault: no attempt counted, but one cooldown so it is not claimed and
+    # given back every few seconds while the first task works.
+    (given,) = deferred.of("finished")
+    assert given["stop"] == "deferred" and given["cooling_until"] and not given["parked"]
+    (line,) = [h for h in history(world) if h.get("kind") == "attempt"
+               and h.get("task_id") == second["id"]]
+    assert line["counts"] is False
     on_server = world.status(second["id"])
     assert on_server["status"] == "created" and on_server["locked_by"] is None
     assert "deferred" in on_server["notes"]
