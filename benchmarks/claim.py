@@ -5,7 +5,7 @@
 Runs against a stand-in started for the purpose (`pmtool sandbox serve`, its own process,
 the default 40 workers), or against a real Headless PM when PMTOOL_TEST_PM_URL and
 PMTOOL_TEST_PM_KEY are set (then the race switch and the long-poll comparison are skipped,
-and every task that could be picked is parked as `pending` first).
+and it stops when the server holds pickable tasks it did not create: a guest parks nothing).
 
 1. latency: `claim` (library and CLI) vs a bare `GET /tasks/next?simulate=true`;
 2. contention: 20 `pmtool claim` processes, each its own agent and state dir, released at
@@ -70,6 +70,7 @@ class Server:
     def __init__(self, quick: bool) -> None:
         self.url, self.key, self.proc = server_under_test(PMTOOL)
         self.standin = self.proc is not None
+        self.foreign: set[tuple[int, str | None]] | None = None
 
     def admin(self, what: str, body: dict | None = None) -> Any:
         return requests.post(f"{self.url}/_sandbox/{what}", json=body or {}, timeout=10).json()
@@ -81,9 +82,13 @@ class Server:
             self.admin("race", {"window": 0.0})
         seed = Seeder(self.url, self.key)
         if not self.standin:
-            for status in ("created", "dev_done", "approved"):
-                for task in seed.list_tasks(status=status):
-                    seed.set_status(task["id"], "pending", notes=task.get("notes") or None)
+            # A guest: the tasks that were there before the benchmark are not ours to park.
+            # Our own leftovers are retired; someone else's pickable task stops the run.
+            if self.foreign is None:
+                self.foreign = {(t["id"], t.get("created_at")) for t in seed.list_tasks()}
+            seed.foreign = self.foreign
+            for role in ("backend_dev", "qa"):
+                seed.drain(role)
         return seed
 
     def env(self, state: str) -> dict[str, str]:

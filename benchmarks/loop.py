@@ -8,8 +8,8 @@ Every runner is a real `pmtool run` process with the stand-in agent
 idle poll 30 s), no hooks. The server is a stand-in started for the purpose (`pmtool
 sandbox serve`, its own process; one per concurrent measurement, so their request counts
 stay apart), or a real Headless PM when PMTOOL_TEST_PM_URL and PMTOOL_TEST_PM_KEY are set
-(its pickable backend_dev tasks are parked first; the load figures and the concurrent
-baselines need the stand-in and are skipped).
+(it stops if the server holds pickable backend_dev tasks it did not create; the load
+figures and the concurrent baselines need the stand-in and are skipped).
 
 1. overhead: ~10 major tasks on a generated 1,000-file repository (nested folders, one
    commit). Per task, the loop's wall time (from the end of the previous task, or the
@@ -106,7 +106,10 @@ class Server:
         self.standin = self.proc is not None
         self.seeder = Seeder(self.url, self.key)
         if not self.standin:
-            self.seeder.drain(ROLE)  # a real server's own tasks must not reach our runners
+            # A guest: someone else's pickable task stops the run rather than being parked.
+            self.seeder.foreign = {(t["id"], t.get("created_at"))
+                                   for t in self.seeder.list_tasks()}
+            self.seeder.drain(ROLE)
 
     def requests(self) -> dict[str, int]:
         """Requests served so far, by endpoint; our own /_sandbox/ calls left out."""

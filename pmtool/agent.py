@@ -707,7 +707,9 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
     log_path, err_path = log_paths(run.log_dir,
                                    run.task_id if run.task_id is not None else "adhoc",
                                    session_id)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    from pmtool.state import make_dir
+
+    make_dir(log_path.parent)  # 0700 also when exec-claude runs before any `pmtool run`
     redact = _redactor([*run.secrets,
                         *((run.env or os.environ).get(k) for k in SECRET_ENV)])
     started = time.monotonic()
@@ -761,8 +763,10 @@ def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
                           session_id=session_id, model=run.model, role=run.role,
                           branch=run.branch, resume=resume, max_budget_usd=run.max_budget_usd)
     parser = StreamParser(run.role)
-    with open(log_path, "a", encoding="utf-8") as log, \
-            open(err_path, "a", encoding="utf-8") as err_log:
+    from pmtool.state import open_private
+
+    # Transcripts hold the task's text and the agent's work: 0600 in a 0700 folder.
+    with open_private(log_path) as log, open_private(err_path) as err_log:
         log.write(json.dumps({"type": "pmtool", "event": "start", "at": now_iso(),
                               "session_id": session_id, "resume": resume, "model": run.model,
                               "cwd": str(run.cwd), "argv0": cmd[0]}) + "\n")

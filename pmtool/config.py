@@ -84,6 +84,11 @@ SPECS: dict[str, Spec] = {
     "leftover": Spec(str, "commit", ("PMTOOL_LEFTOVER",),
                      "uncommitted work left by an agent: commit or rescue"),
     "push": Spec(bool, False, ("PMTOOL_PUSH",), "push task branches"),
+    "minor_in_checkout": Spec(bool, False, ("PMTOOL_MINOR_IN_CHECKOUT",),
+                              "minor tasks work in the repo's checkout (clean, one at a "
+                              "time), not in their own worktree"),
+    "pass_key_to_hooks": Spec(bool, False, ("PMTOOL_PASS_KEY_TO_HOOKS",),
+                              "hooks get HEADLESS_PM_API_KEY in their environment"),
     "grace": Spec(float, 900.0, ("PMTOOL_GRACE",),
                   "seconds a dead runner's task waits before it is given back"),
 }

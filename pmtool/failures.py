@@ -48,6 +48,9 @@ FAILED = "failed"
 HOOK = "hook"
 BLOCKED = "blocked"
 QA_FAIL = "qa_fail"
+# Given back unworked: its branch (or the checkout) is another task's on this machine, and
+# tasks never share a folder. Not the task's fault: not counted, but it waits a cooldown.
+DEFERRED = "deferred"
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ POLICIES: dict[str, Policy] = {
                     what="parked for a person (status pending)"),
     QA_FAIL: Policy(attempt=False, retry=True, breaker=False,
                     what="back to the developers; parked after max_bounces"),
+    DEFERRED: Policy(attempt=False, retry=True, breaker=False,
+                     what="given back unworked: its branch or the checkout is another "
+                          "task's here; taken again after one cooldown, not counted"),
 }
 
 KINDS = tuple(POLICIES)
@@ -411,7 +417,13 @@ def cooling_until(attempts: Iterable[Mapping[str, Any]], base: float,
     Counted attempts that failed in a row (since the last good end) set the wait,
     exponentially from `base`, from the time of the last of them.
     """
-    rows = counted(attempts)
+    every = list(attempts)
+    if every and every[-1].get("stop") == DEFERRED:
+        # Waiting for another task on this machine: one plain cooldown, so the task is
+        # not claimed and given back every few seconds while the other one works.
+        last = parse_time(every[-1].get("at"))
+        return last + timedelta(seconds=min(cap, base)) if last and base > 0 else None
+    rows = counted(every)
     if not rows or rows[-1].get("stop") == OK:
         return None
     n = _failed_in_a_row(rows)

@@ -5,7 +5,9 @@ The contract a hook sees:
 - it is found as `NAME`, `NAME.py` or `NAME.sh` in the hooks folder, and must be executable
   (pmtool never changes file modes: a hook someone forgot to chmod is reported, not run);
 - the task context arrives as one JSON object on stdin, and its main fields as `PMTOOL_*`
-  environment variables (see `ENV_FIELDS`); pmtool never puts the API key in either;
+  environment variables (see `ENV_FIELDS`); pmtool never puts the API key in either, and
+  takes HEADLESS_PM_API_KEY out of the environment it inherits (unless the setting
+  `pass_key_to_hooks` asks for it);
 - it is started and owned by pmtool.procs, as the agent is: its own session, a mark in its
   environment, a parent-death signal (Linux), so that on timeout, on Ctrl-C and when the
   runner is killed the whole tree ends, even grandchildren that detached with `setsid`;
@@ -51,6 +53,10 @@ ENV_FIELDS: dict[str, tuple[str, ...]] = {
 MACHINE_FIELDS = ("PMTOOL_STATE_DIR", "PMTOOL_API_URL")
 # Never handed to a hook by pmtool, whatever the caller put in the context.
 SECRET_KEYS = ("api_key", "key", "x_api_key")
+# The Headless PM key's environment names: removed from a hook's environment unless the
+# caller passes the key on purpose (setting pass_key_to_hooks). A hook is the user's
+# script, but what it starts (a linter, an npm install) is not theirs to trust with it.
+KEY_ENV = ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM")
 
 
 def check_name(name: str) -> str:
@@ -111,18 +117,20 @@ def _lookup(ctx: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def hook_env(name: str, context: dict[str, Any], base: dict[str, str] | None = None
-             ) -> dict[str, str]:
-    """The hook's environment: ours (or `base`), with the PMTOOL_* fields from the context.
+def hook_env(name: str, context: dict[str, Any], base: dict[str, str] | None = None,
+             api_key: str | None = None) -> dict[str, str]:
+    """The hook's environment: ours (or `base`) without the API key, with the PMTOOL_*
+    fields from the context; `api_key` given: it as HEADLESS_PM_API_KEY.
 
     The task's PMTOOL_* names are first removed, so a hook run from inside another task's
     hook never sees that task's values (PMTOOL_STATE_DIR and PMTOOL_API_URL are settings,
     not task facts: inherited values stay unless the context has its own).
     """
     env = dict(os.environ if base is None else base)
-    for var in ENV_FIELDS:
-        if var not in MACHINE_FIELDS:
-            env.pop(var, None)
+    for var in (*KEY_ENV, *(v for v in ENV_FIELDS if v not in MACHINE_FIELDS)):
+        env.pop(var, None)
+    if api_key:
+        env["HEADLESS_PM_API_KEY"] = api_key
     env["PMTOOL_HOOK"] = name
     for var, sources in ENV_FIELDS.items():
         for source in sources:
@@ -143,7 +151,8 @@ def _tail(fh: IO[bytes]) -> tuple[str, bool]:
 
 def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
              timeout: float | None = 30.0, cwd: str | Path | None = None,
-             env: dict[str, str] | None = None) -> dict[str, Any]:
+             env: dict[str, str] | None = None, api_key: str | None = None
+             ) -> dict[str, Any]:
     """Run hook NAME with `context`; answer what happened, never raise for the hook's sake.
 
     Answers `{"ok", "hook", "path", "exit_code", "stdout", "stderr", "duration_s",
@@ -151,7 +160,8 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
     `signal` (e.g. "SIGKILL") when a signal ended it, `left_running` (pids of processes the
     hook left behind after a normal exit) and
     `stdout_truncated` / `stderr_truncated`. A missing hook is skipped and ok. `timeout`
-    None or <= 0 means no limit. `env` replaces os.environ as the base environment.
+    None or <= 0 means no limit. `env` replaces os.environ as the base environment; the
+    API key is never in it unless `api_key` is given (pass_key_to_hooks).
     Raises UsageError only for a bad name or a `cwd` that does not exist.
     """
     from pmtool import procs
@@ -181,7 +191,7 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
             child = procs.start([str(path.resolve())], label=f"hook-{name}",
                                 stdin=json.dumps(ctx, default=str).encode() + b"\n",
                                 stdout=out, stderr=err, cwd=cwd,
-                                env=hook_env(name, ctx, env))
+                                env=hook_env(name, ctx, env, api_key))
         except OSError as exc:
             result.update(ok=False, error=_start_error(path, exc))
             return result

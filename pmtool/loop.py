@@ -23,7 +23,9 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
     agent failure (--on-agent-failure)   retry once with --resume on exit 1/124, then
                                          give_back; no stop/release, --escalate or
                                          --task-budget-usd
-    heartbeat, task given away           none: exec-claude does not re-register
+    heartbeat                            exec-claude re-registers every --heartbeat s
+    task moved or given away mid-work    none (no reconciliation; `recover --orphans`
+                                         from the PM's cron puts an orphan back)
     server away (exit 4)                 `pause 10` (fixed), record kept
     cooldown after a give-back           the same: `lock release --kind` and `claim`
                                          (the library) skip the task while it cools
@@ -75,6 +77,9 @@ HEALTH_CHECKS = ["api", "auth", "claude", "disk", "memory", "git"]
 PAUSE_CAP = 3600.0  # the longest single wait for an overloaded model API or a breaker
 IDLE_POLL = 30.0  # seconds of looking for a task before an `idle` event
 BACKOFF_CAP = 60.0
+# While an agent works, the task is checked this often (and at least every heartbeat): a
+# person or another agent may have moved it.
+RECONCILE_EVERY = float(os.environ.get("PMTOOL_RECONCILE_INTERVAL") or 60.0)
 # Kept for callers that listed the choices; the enums in pmtool.policy are the source.
 AGENT_FAILURE_POLICIES = tuple(p.value for p in AgentFailure)
 HOOK_FAILURE_POLICIES = tuple(p.value for p in HookFailure)
@@ -224,6 +229,7 @@ class Runner:
         self.last_why: list[str] = []
         self._told_missing: set[str] = set()
         self._breaker_tripped = False
+        self._lost_info: dict[str, Any] | None = None
 
     # -- events -------------------------------------------------------------------------
 
@@ -553,7 +559,9 @@ class Runner:
         from pmtool.hooks import run_hook
 
         result = run_hook(name, self.hooks_dir, self._context(record, **extra),
-                          timeout=self.settings.hook_timeout, cwd=cwd)
+                          timeout=self.settings.hook_timeout, cwd=cwd,
+                          api_key=self.settings.api_key
+                          if self.settings.values.get("pass_key_to_hooks") else None)
         if result.get("skipped") and name not in self._told_missing:
             # Said once per hook, not silently skipped: a hook with a typo in its name
             # would otherwise never run, and nobody would know.
@@ -581,6 +589,8 @@ class Runner:
                 return False
             self._check_stop()
             cwd = self._worktree(record, repo)
+            if cwd is None:
+                return False  # deferred: its branch or the checkout is another task's now
             self._check_stop()
             verdict = self._agent(record, cwd)
             if verdict is None:
@@ -611,7 +621,9 @@ class Runner:
             self._give_back(record, f"pre_task hook failed: {why}", kind=fl.HOOK)
             return False
 
-    def _worktree(self, record: TaskRecord, repo: Path) -> str:
+    def _worktree(self, record: TaskRecord, repo: Path) -> str | None:
+        """The task's own worktree (None: deferred, given back, because another task on
+        this machine has its branch or the checkout: tasks never share a folder)."""
         from pmtool.worktree import create_worktree
 
         task = record.task
@@ -621,8 +633,25 @@ class Runner:
                                      worktree_base=self.settings.worktree_base,
                                      hooks_dir=self.hooks_dir,
                                      hook_timeout=self.settings.hook_timeout,
-                                     context=self._context(record))
-        except (Conflict, OperationFailed) as exc:  # pm-runner.sh: give_back "no worktree"
+                                     context=self._context(record),
+                                     created_at=task.get("created_at"),
+                                     minor_in_checkout=bool(self.settings.values.get(
+                                         "minor_in_checkout")),
+                                     owner_pid=os.getpid(),
+                                     live_paths=self._live_worktrees(record))
+        except Conflict as exc:
+            if exc.details.get("branch_in_use") or exc.details.get("checkout_in_use"):
+                # Wait for the other task: give this one back (the queue offers it again
+                # after the give-back pause, or a cooldown) rather than share.
+                self.event("deferred", task_id=record.task_id, reason=exc.message,
+                           held_by_task=exc.details.get("held_by_task"),
+                           path=exc.details.get("checked_out_at") or exc.details.get("path"))
+                self._give_back(record, f"deferred: {exc.message}", kind=fl.DEFERRED)
+                return None
+            self._give_back(record, f"no worktree: {exc.message}",  # pm-runner.sh: give_back
+                            kind=fl.FAILED)
+            raise
+        except OperationFailed as exc:  # pm-runner.sh: give_back "no worktree"
             self._give_back(record, f"no worktree: {exc.message}", kind=fl.FAILED)
             raise
         cwd = answer.get("worktree") or str(repo)
@@ -631,11 +660,17 @@ class Runner:
         record.worktree, record.branch = cwd, answer["branch"]
         self.event("worktree", task_id=record.task_id, path=answer.get("worktree"),
                    branch=answer["branch"], base=answer.get("base"),
-                   created=answer.get("created"))
+                   created=answer.get("created"), lands_on=answer.get("lands_on"))
         if not answer.get("ok", True):
             self._give_back(record, "worktree_setup hook failed", kind=fl.HOOK)
             raise OperationFailed("worktree_setup hook failed", task_id=record.task_id)
         return cwd
+
+    def _live_worktrees(self, record: TaskRecord) -> list[str]:
+        """Worktrees the task records on this machine name (ours included): a pmtool
+        worktree none of them names, and no process works in, is a leftover."""
+        records, _corrupt = self.store.scan(quarantine=False)
+        return [r.worktree for r in [*records, record] if r.worktree]
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""
@@ -793,32 +828,57 @@ class Runner:
 
     def _heartbeat(self, record: TaskRecord, stop_agent: threading.Event,
                    lost: threading.Event) -> None:
-        """Re-register while the agent works (the server drops locks of agents unseen for
-        30 minutes, quirk 3) and check the task is still ours; if not, stop the agent.
-        pm-runner.sh: none (exec-claude does not re-register)."""
-        while not stop_agent.wait(self.opts.heartbeat):
+        """While the agent works: re-register every `heartbeat` seconds (the server drops
+        locks of agents unseen for 30 minutes, quirk 3), and about every minute check that
+        the task is still ours (one filtered list call). If a person or another agent moved
+        it (parked, deleted, finished, re-assigned) or the lock ran out, stop the agent;
+        `_lost` keeps its work and says who moved the task.
+        pm-runner.sh: exec-claude re-registers on the same interval (no reconciliation)."""
+        every = max(0.05, min(RECONCILE_EVERY, self.opts.heartbeat or RECONCILE_EVERY))
+        last_beat = time.monotonic()
+        while not stop_agent.wait(every):
+            beat = time.monotonic() - last_beat >= self.opts.heartbeat
             try:
-                self.client.register(self.opts.agent_id, self.opts.role, self.opts.level)
-                task = work.read_task(self.client, record.task_id, status="under_work")
+                if beat:
+                    self.client.register(self.opts.agent_id, self.opts.role, self.opts.level)
+                    last_beat = time.monotonic()
+                info = work.check_ours(self.client, record)
             except PmtoolError as exc:
                 self.progress(f"heartbeat failed: {exc.message} (agent goes on)")
                 continue
-            if not task or task.get("locked_by") != self.opts.agent_id:
-                holder = (task or {}).get("locked_by")
-                self.progress(f"task {record.task_id} is no longer ours "
-                              f"(locked by {holder}); stopping the agent")
+            if info:
+                self.progress(f"{info['reason']}; stopping the agent")
+                self._lost_info = info
                 lost.set()
                 stop_agent.set()
                 return
-            self.event("heartbeat", task_id=record.task_id)
+            if beat:
+                self.event("heartbeat", task_id=record.task_id)
 
     def _lost(self, record: TaskRecord) -> None:
-        """The server gave our task to someone else: keep the work, close the record."""
+        """The task is no longer ours mid-work (moved by a person or an agent, or its lock
+        ran out): keep the work, record the loss (event, note, history), and put a task
+        nobody holds back in the queue."""
+        info = self._lost_info or {"loss": "taken", "reason": "the task is no longer ours"}
+        self._lost_info = None
         rescued = self._remove_worktree(record)
-        self.store.close(record, "lost", reason="the server gave the task away")
-        raise Conflict(f"task {record.task_id} was given to another agent while ours worked",
-                       task_id=record.task_id, rescued=rescued,
-                       hint="raise the heartbeat frequency (--heartbeat)")
+        work_note = (f"its work is on branch {record.branch}"
+                     + (f", uncommitted changes at {rescued}" if rescued else "")
+                     + f" (machine {record.host})") if record.branch else None
+        try:
+            result = work.record_loss(self.client, self.store, record, info, work_note)
+        except PmtoolError as exc:  # the server away: history still has it
+            self.store.close(record, "lost", **{k: v for k, v in info.items()
+                                                if k != "reason"}, reason=info.get("reason"))
+            result = {"action": "unrecorded on the server", "error": exc.message}
+        self.event("lost", task_id=record.task_id, loss=info.get("loss"),
+                   reason=info.get("reason"), moved_by=info.get("moved_by"),
+                   status=info.get("status"), locked_by=info.get("locked_by"),
+                   action=result.get("action"), branch=record.branch, rescued=rescued)
+        raise Conflict(f"task {record.task_id} is no longer ours: {info.get('reason')}",
+                       task_id=record.task_id, rescued=rescued, loss=info.get("loss"),
+                       moved_by=info.get("moved_by"),
+                       hint="its work is kept (branch, rescue ref); see the `lost` event")
 
     def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED) -> None:
         result = work.release(self.client, self.store, self.opts.agent_id, notes=why,
@@ -836,7 +896,10 @@ class Runner:
 
     def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
         record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
+        landing = self._land_minor(record, verdict, repo)
         notes = self._summary(record, verdict)
+        if landing:
+            notes += "\n" + landing
         result = work.finish(self.client, self.store, self.opts.agent_id, verdict["outcome"],
                              notes=notes, limits=self.limits)
         self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
@@ -849,6 +912,31 @@ class Runner:
         # post_task never blocks: its result is reported, not acted on (pm-runner.sh too).
         self._hook("post_task", record, str(repo), **verdict, status=result.get("status"))
         self._remove_worktree(record)
+
+    def _land_minor(self, record: TaskRecord, verdict: dict[str, Any],
+                    repo: Path) -> str | None:
+        """A minor task's work lands on the base by fast-forward, or stays on its branch
+        for review; the sentence for the notes says which."""
+        from pmtool.worktree import default_branch, land
+
+        # A developer's `done`, or QA's `pass` of work left on its branch for review.
+        if (record.task.get("complexity") != "minor" or not record.worktree
+                or verdict.get("outcome") not in ("done", "pass")
+                or os.path.realpath(record.worktree) == os.path.realpath(repo)):
+            return None
+        base = self.opts.base or default_branch(repo)
+        try:
+            answer = land(repo, record.worktree, base)
+        except PmtoolError as exc:
+            answer = {"landed": False, "branch": record.branch, "base": base,
+                      "reason": exc.message}
+        if answer.get("nothing_to_land"):
+            return None  # e.g. QA of work that had already landed
+        self.event("landed" if answer["landed"] else "not_landed", task_id=record.task_id,
+                   branch=answer.get("branch"), base=answer.get("base"),
+                   head=answer.get("head"), reason=answer.get("reason"))
+        return answer.get("note") or (f"minor task: left on branch {record.branch} for "
+                                      f"review, not on {base}: {answer.get('reason')}")
 
     def _summary(self, record: TaskRecord, verdict: dict[str, Any]) -> str:
         from pmtool import git
@@ -867,14 +955,23 @@ class Runner:
     def _remove_worktree(self, record: TaskRecord) -> str | None:
         """Remove the task's worktree; a dirty one is rescued to a ref first, never lost.
         pm-runner.sh: `worktree remove --rescue`."""
-        from pmtool.worktree import remove_worktree
+        from pmtool.worktree import release_checkout, remove_worktree
 
-        if not record.worktree or record.task.get("complexity") == "minor":
+        if not record.worktree:
             return None
+        repo = self._repo()
+        if os.path.realpath(record.worktree) == os.path.realpath(repo):
+            # minor_in_checkout: nothing to remove; the checkout is free for the next task.
+            release_checkout(repo, record.task_id)
+            return None
+        minor = record.task.get("complexity") == "minor"
         try:
-            # rescue=True saves a dirty tree to a ref first, and does nothing to a clean one.
-            answer = remove_worktree(self._repo(), record.task_id, rescue=True)
-        except NothingToDo:
+            # By path: a reused task id (quirk 9) may have an older task's worktree too.
+            # rescue=True saves a dirty tree to a ref first, and does nothing to a clean one;
+            # a minor task's short-lived branch goes once it has landed (merged), not before.
+            answer = remove_worktree(repo, record.worktree, rescue=True, delete_branch=minor,
+                                     base=self.opts.base if minor else None)
+        except (NothingToDo, UsageError):  # already gone
             return None
         rescued = (answer.get("rescued") or {}).get("ref")
         self.event("worktree", task_id=record.task_id, path=answer.get("path"),

@@ -25,7 +25,7 @@ import random
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -813,8 +813,10 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
     entries: list[dict[str, Any]] = []
     for path, why in bad:
         moved = path if dry_run else store.quarantine(path)
-        entries.append({"agent_id": None, "record": str(path), "action": "corrupt",
-                        "kept_as": str(moved), "reason": why})
+        entry = {"agent_id": None, "record": str(path), "action": "corrupt",
+                 "kept_as": str(moved), "reason": why}
+        _corrupt_task(client, path if dry_run else moved, entry, dry_run)
+        entries.append(entry)
     for path, record in good:
         entry = _entry(record, path)
         if path not in stale:
@@ -839,6 +841,43 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
             entry["dry_run"] = True
         entries.append(entry)
     return entries
+
+
+def _corrupt_task(client: Any, path: Path, entry: dict[str, Any], dry_run: bool) -> None:
+    """The task of a corrupt record: found from what is left of the file (its agent id and
+    task id, else the agent id in its name) and the server, then given back, so it is
+    never left locked or under work with nobody on it. Nothing of the file is deleted."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    agent = re.search(r'"agent_id"\s*:\s*"([^"]+)"', text)
+    agent_id = agent.group(1) if agent else path.name.split(".json")[0]
+    found = re.search(r'"task"\s*:\s*\{[^{}]*?"id"\s*:\s*(\d+)', text)
+    entry["agent_id"] = agent_id
+    try:
+        tasks = [t for t in client.list_tasks(status=UNDER_WORK)
+                 if t.get("locked_by") == agent_id
+                 and (found is None or t["id"] == int(found.group(1)))]
+    except (ApiError, ServerError) as exc:
+        entry["task_error"] = str(exc)
+        return
+    if not tasks:
+        if found:
+            entry["task_id"] = int(found.group(1))
+        entry["task_action"] = "none (the server shows no task under work for this agent)"
+        return
+    task = tasks[0]
+    entry["task_id"] = task["id"]
+    # The role decides the queue it goes back to; a corrupt record cannot say, the
+    # server's agent list can.
+    roles = {a.get("agent_id"): a.get("role") for a in client.agents()}
+    back = QA_PICK[0] if roles.get(agent_id) == QA else DEV_PICK[0]
+    entry["task_action"] = f"given back to {back}"
+    if not dry_run:
+        _release_on_server(client, agent_id, task, back,
+                           f"{agent_id}: given back by pmtool recover: the task record on "
+                           f"this machine was corrupt (kept as {path})")
 
 
 def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:
@@ -956,3 +995,195 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
     record.step("recovered", action="resume", stale_pid=record.pid)
     store.save(record)
     entry["task"] = task
+
+
+# -- lost tasks and orphans -----------------------------------------------------------------
+
+# The server drops the locks of agents unseen for this long (contract, "How the server
+# picks the next task").
+SERVER_LOCK_AGE = 30 * 60
+
+
+def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | None:
+    """The newest status change of the task in the changelog (who moved it, when), if any."""
+    try:
+        entries = client.request("GET", "/api/v1/changelog", params={"limit": limit})
+    except (ApiError, ServerError):
+        return None
+    return next((e for e in entries if e.get("task_id") == task_id), None)
+
+
+def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
+    """None while the task is still the record's (under work, locked by its agent); else
+    what happened to it: `{"reason", "loss", "status", "locked_by", "moved_by"}`.
+
+    `loss` is `deleted`, `moved` (a person or an agent changed its status: parked,
+    finished, given back), `taken` (locked by another agent) or `aged_out` (under work
+    with no lock: the 30-minute rule, quirk 3). One filtered list call while all is well
+    (quirk 1: there is no single-task read).
+    """
+    task = read_task(client, record.task_id, status=UNDER_WORK)
+    if task and task.get("status") == UNDER_WORK and task.get("locked_by") == record.agent_id:
+        return None
+    info: dict[str, Any] = {"status": (task or {}).get("status"),
+                            "locked_by": (task or {}).get("locked_by"), "moved_by": None}
+    if task is None:
+        info.update(loss="deleted", reason=f"task {record.task_id} was deleted")
+    elif task.get("status") != UNDER_WORK:
+        info.update(loss="moved", reason=f"task {record.task_id} was moved to "
+                                         f"{task.get('status')}")
+    elif task.get("locked_by"):
+        info.update(loss="taken", reason=f"task {record.task_id} was locked by "
+                                         f"{task.get('locked_by')}")
+    else:
+        info.update(loss="aged_out", reason=f"the lock on task {record.task_id} ran out "
+                                            "(agent unseen for 30 minutes)")
+    if task is not None and info["loss"] in ("moved", "taken"):
+        # The changelog has status changes only (a bare lock leaves no entry): who moved it
+        # last, unless that was us (our own under_work).
+        change = moved_by(client, record.task_id)
+        if change and change.get("changed_by") != record.agent_id:
+            info["moved_by"] = change.get("changed_by")
+            if info["loss"] == "moved":
+                info["reason"] += f" by {change.get('changed_by')}"
+    return info
+
+
+def record_loss(client: Any, store: RecordStore, record: TaskRecord, info: dict[str, Any],
+                work_note: str | None = None) -> dict[str, Any]:
+    """Record that the agent lost its task mid-work, and leave the task where someone acts.
+
+    The record is closed into the history (outcome `lost`, with `info`). When the task is
+    still under work and nobody holds it now (the lock ran out), it goes back to `created`
+    with a note, so any agent can take it; a task a person or another agent moved or took
+    is left as they set it, with a comment saying where our work is. Returns
+    `{"task_id", "action": "requeued"|"noted"|"gone", "note"}`.
+    """
+    agent_id = record.agent_id
+    note = (f"pmtool: {agent_id} lost this task mid-work: {info.get('reason')}"
+            + (f"; {work_note}" if work_note else ""))
+    action = "gone"
+    task = read_task(client, record.task_id) if info.get("loss") != "deleted" else None
+    if task is not None:
+        if task.get("status") == UNDER_WORK and not task.get("locked_by"):
+            # Nobody has it: leave it unlocked under work and nobody ever will (the server
+            # never offers an under_work task). Back to the queue, with the note.
+            client.set_status(record.task_id, agent_id, "created",
+                              notes=_append_notes(task, note))
+            action = "requeued"
+        else:
+            client.comment(record.task_id, agent_id, note)
+            action = "noted"
+    store.close(record, "lost", **{k: v for k, v in info.items() if k != "reason"},
+                reason=info.get("reason"), action=action, work=work_note)
+    return {"task_id": record.task_id, "action": action, "note": note}
+
+
+def _agents_seen(client: Any) -> dict[str, str | None]:
+    return {a.get("agent_id"): a.get("last_seen") for a in client.agents()}
+
+
+def _still_orphan(client: Any, task: dict[str, Any], max_age: float, now: Any) -> bool:
+    """Read again just before the change: its agent may have re-registered (a heartbeat
+    after a network gap), or someone may have moved the task, since the list was read."""
+    from pmtool.state import parse_time
+
+    fresh = read_task(client, task["id"], status=UNDER_WORK)
+    if not fresh or fresh.get("status") != UNDER_WORK \
+            or fresh.get("locked_by") != task.get("locked_by") \
+            or fresh.get("created_at") != task.get("created_at"):
+        return False
+    holder = fresh.get("locked_by")
+    if not holder:
+        return True
+    when = parse_time(_agents_seen(client).get(holder))
+    return when is None or (now - when).total_seconds() > max_age
+
+
+def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
+                    max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
+                    now: Any = None) -> list[dict[str, Any]]:
+    """Put back to `created`, with a note, every task that is `under_work` with no lock, or
+    locked by an agent unseen for more than `max_age` seconds (GET /agents last_seen).
+
+    For the PM's cron: such a task is never offered again by the server, and the runner
+    that had it is gone. A guest on the server: only tasks in that state are touched (and
+    only `task_ids`, when given). `agent_id` is who makes the change (registered as
+    needed by the caller). Returns one entry per orphan: `{"task_id", "title",
+    "locked_by", "last_seen", "reason", "action": "requeued"|"would_requeue"|"skipped"}`.
+    """
+    from datetime import UTC, datetime
+
+    from pmtool.state import parse_time
+
+    tasks = client.list_tasks(status=UNDER_WORK)
+    if task_ids is not None:
+        tasks = [t for t in tasks if t["id"] in task_ids]
+    seen = _agents_seen(client) if any(t.get("locked_by") for t in tasks) else {}
+    if now is None and seen:
+        # The server's clock, not ours: last_seen is its time, and machines drift.
+        with contextlib.suppress(ApiError, ServerError):
+            now = parse_time(client.health().get("timestamp"))
+    now = now or datetime.now(UTC)
+    entries = []
+    for task in tasks:
+        holder = task.get("locked_by")
+        last_seen = seen.get(holder) if holder else None
+        if holder:
+            when = parse_time(last_seen)
+            age = (now - when).total_seconds() if when else None
+            if age is not None and age <= max_age:
+                continue  # its agent is alive (it re-registers while it works)
+            reason = (f"locked by {holder}, unseen for {age / 60:.0f} minutes" if age is not None
+                      else f"locked by {holder}, an agent the server does not list")
+        else:
+            reason = "under work with no lock"
+        entry = {"task_id": task["id"], "title": task.get("title"), "locked_by": holder,
+                 "last_seen": last_seen, "reason": reason,
+                 "action": "would_requeue" if dry_run else "requeued"}
+        if not dry_run and not _still_orphan(client, task, max_age, now):
+            entry.update(action="skipped", reason=f"{reason}; but it changed meanwhile")
+        elif not dry_run:
+            note = (f"pmtool recover --orphans ({agent_id}): put back to created: {reason}; "
+                    "the work of the agent that had it may be on its branch or a "
+                    "refs/pmtool/rescue ref on its machine")
+            try:
+                # Moving it out of under_work drops the stale lock (no unlock endpoint).
+                client.set_status(task["id"], agent_id, "created",
+                                  notes=_append_notes(task, note))
+            except ApiError as exc:
+                entry.update(action="skipped", reason=f"{reason}; {detail_text(exc.detail)}")
+        entries.append(entry)
+    return entries
+
+
+@contextlib.contextmanager
+def heartbeat(client: Any, agent_id: str, role: str, level: str, every: float,
+              on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
+    """Re-register the agent every `every` seconds while the block runs, so its lock
+    outlives the server's 30-minute rule (quirk 3) however long the agent works. Failures
+    go to `on_error` and the beat goes on; `every` <= 0 does nothing.
+
+    Re-registering keeps the agent's first role and level (quirk 4): any role answers.
+    """
+    import threading
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            try:
+                client.register(agent_id, role, level)
+            except Exception as exc:  # a beat must never end the run
+                if on_error:
+                    on_error(exc)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{agent_id}", daemon=True)
+    if every and every > 0:
+        thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join(timeout=5)

@@ -1,8 +1,16 @@
 """Git worktrees per task: create one for a major task, remove it without losing work.
 
-Layout: a major task works in `<worktree_base>/task-<id>` (default `<repo>/.worktrees`) on
-the task's own branch; a minor task works in the repo itself on the base branch, as the
-Headless PM API defines (`complexity: minor` = commit straight to the main branch).
+Layout: every task works in its own worktree `<worktree_base>/task-<id>-<hash>` (default
+`<repo>/.worktrees`; the hash is of the task's `created_at`, because the server reuses task
+ids, quirk 9), never shared:
+- a major task on the task's own branch; a branch another task's worktree has checked out
+  is a Conflict with `branch_in_use` (the runner defers the task), never a shared folder;
+- a minor task (`complexity: minor` = commit straight to the main branch) on a short-lived
+  branch `pmtool/task-<id>-<hash>` from the base, landed on the base by fast-forward
+  afterwards (`land`), or left on that branch for review when the base moved on or the
+  checkout that has the base is dirty. With `minor_in_checkout` it works in the repo
+  itself as before, but only when that checkout is clean and no other task holds it
+  (`<git-common-dir>/pmtool-checkout.json`).
 
 Never losing work is the point of this module:
 - a worktree with uncommitted or untracked changes is only removed after `rescue` has
@@ -20,13 +28,14 @@ git is driven through its machine-stable forms only (`--porcelain -z`, `for-each
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +53,9 @@ SETUP_MARKER = "pmtool-setup.json"  # in the worktree's private git dir, not in 
 # are node_modules, .venv and build output, which are large and can be rebuilt.
 IGNORED_FILE_MAX = 1024 * 1024
 IGNORED_TOTAL_MAX = 16 * 1024 * 1024
-TASK_DIR_RE = re.compile(r"^task-(\d+)$")
+TASK_DIR_RE = re.compile(r"^task-(\d+)(?:-[0-9a-f]{6})?$")
+MINOR_PREFIX = "pmtool/"  # short-lived branches of minor tasks: pmtool/task-<id>-<hash>
+CHECKOUT_CLAIM = "pmtool-checkout.json"  # in the git common dir: who works in the checkout
 # Branch names a major task must never work on directly (see `task_branch`).
 TRUNK_NAMES = ("main", "master", "trunk", "develop")
 
@@ -195,14 +206,23 @@ def check_branch_name(repo: str | Path, branch: str) -> None:
         raise UsageError(f'"{branch}" is not a valid git branch name')
 
 
-def worktree_path(repo: str | Path, task_id: int, worktree_base: str | Path | None = None
-                  ) -> Path:
-    """`<worktree_base>/task-<id>`; a relative base is taken from the repo root, so the
-    answer does not depend on where pmtool was started."""
+def workspace_name(task_id: int, created_at: str | None = None) -> str:
+    """`task-<id>-<hash>`: the server reuses ids (quirk 9), so a new task with an old id
+    must not find the old task's folder; the hash of `created_at` tells them apart.
+    `task-<id>` when the creation time is unknown."""
+    if not created_at:
+        return f"task-{int(task_id)}"
+    return f"task-{int(task_id)}-{hashlib.sha1(str(created_at).encode()).hexdigest()[:6]}"
+
+
+def worktree_path(repo: str | Path, task_id: int, worktree_base: str | Path | None = None,
+                  created_at: str | None = None) -> Path:
+    """`<worktree_base>/task-<id>-<hash>`; a relative base is taken from the repo root, so
+    the answer does not depend on where pmtool was started."""
     base = Path(worktree_base).expanduser() if worktree_base else Path(DEFAULT_DIR)
     if not base.is_absolute():
         base = Path(repo) / base
-    return Path(os.path.normpath(base / f"task-{int(task_id)}"))
+    return Path(os.path.normpath(base / workspace_name(task_id, created_at)))
 
 
 def _exclude(repo: Path, folder: Path) -> None:
@@ -226,25 +246,182 @@ def _exclude(repo: Path, folder: Path) -> None:
                  + "# task worktrees made by pmtool\n" + line + "\n")
 
 
+# -- the user's checkout, for minor tasks with minor_in_checkout ---------------------------
+
+def _claim_path(root: Path) -> Path:
+    return _abs(root, _out(root, "rev-parse", "--git-common-dir")) / CHECKOUT_CLAIM
+
+
+def _checkout_holder(root: Path) -> dict[str, Any] | None:
+    """Who works in the main checkout now: the claim, if its owner process lives."""
+    from pmtool.records import pid_alive
+
+    try:
+        claim = json.loads(_claim_path(root).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = claim.get("pid") if isinstance(claim, dict) else None
+    return claim if isinstance(pid, int) and pid_alive(pid, claim.get("pid_started")) else None
+
+
+def _claim_checkout(root: Path, task_id: int, created_at: str | None,
+                    owner_pid: int | None) -> None:
+    """Take the main checkout for one task: refused while it is dirty (the agent's
+    `git add -A` would take its owner's work into the task's commit) or held by another
+    live task (two agents in one folder)."""
+    from pmtool.records import process_started
+
+    dirty = dirty_paths(root)
+    if dirty:
+        raise Conflict(f"the checkout {root} has {len(dirty)} uncommitted changes; a minor "
+                       "task never works in a dirty checkout",
+                       hint="commit or stash them, or leave minor_in_checkout off so minor "
+                            "tasks get their own worktree", path=str(root),
+                       dirty=dirty[:50], checkout_in_use=True)
+    me = {"task_id": int(task_id), "created_at": created_at}
+    path = _claim_path(root)
+    # Read, decide and write under one lock: two runners taking the checkout at once
+    # must not both see it free.
+    with _locked(path.with_name(path.name + ".lock")):
+        holder = _checkout_holder(root)
+        if holder and {k: holder.get(k) for k in me} != me:
+            raise Conflict(f"the checkout {root} is in use by task {holder.get('task_id')} "
+                           f"(pid {holder.get('pid')})",
+                           hint="the task waits until that one is finished", path=str(root),
+                           held_by_task=holder.get("task_id"), checkout_in_use=True)
+        pid = owner_pid or os.getpid()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({**me, "pid": pid, "pid_started": process_started(pid)}))
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def release_checkout(repo: str | Path, task_id: int) -> bool:
+    """Free the main checkout if task `task_id` holds it; True if it did."""
+    root = repo_root(repo)
+    path = _claim_path(root)
+    if not path.exists():
+        return False
+    with _locked(path.with_name(path.name + ".lock")):
+        try:
+            claim = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(claim, dict) or claim.get("task_id") != int(task_id):
+            return False
+        path.unlink(missing_ok=True)
+        return True
+
+
+# -- landing a minor task --------------------------------------------------------------------
+
+def land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
+    """Fast-forward the base branch to a minor task's branch, or say why it stays there.
+
+    Answers `{"landed", "branch", "base", "head", "reason", "note"}` (`note`: the sentence
+    for the task's notes, saying which happened). Lands only by fast-forward (never a
+    merge or a rebase nobody reviewed), and never writes to a checkout that has the base
+    checked out while it is dirty or another task holds it: then the work stays on its
+    branch for review, and `reason` says why.
+    """
+    answer = _land(repo, path, base)
+    if answer["landed"]:
+        answer["note"] = (f"minor task: landed on {answer['base']} by fast-forward "
+                          f"({answer['head'][:12]})")
+    else:
+        answer["note"] = (f"minor task: left on branch {answer['branch']} for review, not "
+                          f"on {answer['base']}: {answer['reason']}")
+    return answer
+
+
+def _land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
+    root = repo_root(repo)
+    base = base.removeprefix("origin/")
+    wt = next((w for w in git_worktrees(root) if _same(w.path, path)), None)
+    branch = wt.branch if wt else None
+    answer: dict[str, Any] = {"landed": False, "branch": branch, "base": base, "head": None,
+                              "reason": None}
+    if not branch:
+        answer["reason"] = f"{path} has no branch checked out"
+        return answer
+    head = _out(root, "rev-parse", f"refs/heads/{branch}")
+    answer["head"] = head
+    tip = _git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{base}", check=False)
+    old = tip.stdout.strip()
+    if not old:
+        answer["reason"] = f"there is no local branch {base} to land on"
+        return answer
+    if old == head:
+        answer.update(reason="no commits to land", nothing_to_land=True)
+        return answer
+    if not _ok(root, "merge-base", "--is-ancestor", old, head):
+        answer["reason"] = f"{base} moved on since the task started; left on {branch} for review"
+        return answer
+    holder = next((w for w in git_worktrees(root) if w.branch == base and not w.prunable), None)
+    if holder is None:
+        # Nobody has the base checked out: move the ref, only if it is still where we saw it.
+        if not _ok(root, "update-ref", "-m", f"pmtool: land {branch}", f"refs/heads/{base}",
+                   head, old):
+            answer["reason"] = f"{base} moved while landing; left on {branch} for review"
+            return answer
+    else:
+        if dirty_paths(holder.path):
+            answer["reason"] = (f"{holder.path} has {base} checked out with uncommitted "
+                                f"changes; pmtool never writes to a dirty checkout; left on "
+                                f"{branch} for review")
+            return answer
+        taken = _checkout_holder(root) if holder.main else None
+        if taken:
+            answer["reason"] = (f"task {taken.get('task_id')} works in {holder.path}; left on "
+                                f"{branch} for review")
+            return answer
+        merged = _git(holder.path, "merge", "--ff-only", "--quiet", branch, check=False)
+        if merged.returncode != 0:
+            answer["reason"] = (f"fast-forward of {base} in {holder.path} failed "
+                                f"({merged.stderr.strip()}); left on {branch} for review")
+            return answer
+    answer.update(landed=True, reason=f"fast-forwarded {base} to {head[:12]}")
+    return answer
+
+
 # -- create ------------------------------------------------------------------------------
 
 def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                     complexity: str | None = "major", base: str | None = None,
                     worktree_base: str | Path | None = None,
                     hooks_dir: str | Path | None = None, hook_timeout: float = 30.0,
-                    context: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Give task `task_id` a place to work; answer where.
+                    context: dict[str, Any] | None = None, created_at: str | None = None,
+                    minor_in_checkout: bool = False, owner_pid: int | None = None,
+                    live_paths: Iterable[str] | None = None) -> dict[str, Any]:
+    """Give task `task_id` a place to work, its own; answer where.
 
     Answers `{"ok", "path", "worktree", "branch", "base", "created", "task_id",
     "complexity", "hook"}` and, when something is worth saying, `note`.
-    - minor: `path` is the repo itself, `worktree` null, `branch` the base (nothing is
-      created or checked out: the main checkout belongs to its owner; `on_base` says
-      whether it is on the base branch).
+    - minor: a worktree at `worktree_path(...)` on `pmtool/task-<id>-<hash>` from the base,
+      with `lands_on` the base (see `land`). With `minor_in_checkout`: `path` is the repo
+      itself, `worktree` null, `branch` the base, and only when the checkout is clean and
+      no other live task holds it (claimed for `owner_pid`; `release_checkout` frees it);
+      else a Conflict.
     - major: a worktree at `worktree_path(...)` on the task branch (`task_branch`), made
       from `base` if the branch does not exist locally (from origin's copy if there is one,
       so QA sees the developer's pushed work). A second call answers the existing worktree
-      with `created: false`. A branch already checked out in another task worktree is used
-      there (said in `note`); one checked out in the main checkout is a Conflict.
+      with `created: false`. A branch checked out anywhere else (another task's worktree,
+      the main checkout) is a Conflict with `branch_in_use` and `checked_out_at`: two
+      tasks never share a folder. Given `live_paths` (the worktrees of this machine's task
+      records), a pmtool worktree holding the branch that is not among them and that no
+      process works in is a leftover: it is removed first (its work rescued; said in
+      `leftover_removed`).
     - runs the `worktree_setup` hook in a new worktree (and again on a later call if it
       failed last time); `ok` is false when it failed, and the worktree is kept.
     Raises UsageError (not a repository, bad base or branch), Conflict (path taken,
@@ -261,19 +438,27 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                               "base": base, "created": False, "task_id": task_id,
                               "complexity": complexity, "hook": None}
 
-    if complexity == "minor":
+    if complexity == "minor" and minor_in_checkout:
         current = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
         on = current.stdout.strip() or None
+        _claim_checkout(root, task_id, created_at, owner_pid)
         answer.update(path=str(root), worktree=None, branch=base,
-                      on_base=on == base.removeprefix("origin/"))
+                      on_base=on == base.removeprefix("origin/"), in_checkout=True)
         if not answer["on_base"]:
             answer["note"] = (f"the main checkout is on {on or 'a detached HEAD'}, not {base}; "
                               f"a minor task commits on {base}: switch the checkout first")
         return answer
 
-    branch, note = task_branch(branch, base, task_id)
+    note = None
+    if complexity == "minor":
+        # Its own short-lived branch: the base may be checked out by its owner (git
+        # keeps a branch in one worktree), and the work lands by fast-forward later.
+        branch = MINOR_PREFIX + workspace_name(task_id, created_at)
+        answer["lands_on"] = base.removeprefix("origin/")
+    else:
+        branch, note = task_branch(branch, base, task_id)
     check_branch_name(root, branch)
-    path = worktree_path(root, task_id, worktree_base)
+    path = worktree_path(root, task_id, worktree_base, created_at)
     _exclude(root, path.parent)
     if note:
         answer["note"] = note
@@ -288,11 +473,26 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         raise Conflict(f"branch {branch} is checked out in the main checkout {holder.path}; "
                        "git keeps a branch in one worktree at a time",
                        hint=f"switch {holder.path} to another branch, then run this again",
-                       branch=branch, checked_out_at=holder.path)
+                       branch=branch, checked_out_at=holder.path, branch_in_use=True)
+    if holder and live_paths is not None and _leftover(root, holder, live_paths,
+                                                      worktree_base):
+        # A finished or given-back task's folder that nobody works in: its commits stay on
+        # the branch, anything uncommitted goes to a rescue ref, then the branch is free.
+        gone = remove_worktree(root, holder.path, rescue=True, worktree_base=worktree_base)
+        answer["leftover_removed"] = {"path": holder.path, "rescued": (
+            gone.get("rescued") or {}).get("ref")}
+        holder = None
     if holder:
-        answer["note"] = (f"branch {branch} is already checked out in the worktree "
-                          f"{holder.path}; using that worktree instead of {path}")
-        return _existing(answer, holder, branch, hooks_dir, hook_timeout, context, root)
+        # Another task works on this branch: sharing its folder is how one task's cleanup
+        # removed the other's work. Wait for it (the caller defers the task).
+        held_by, _ = _label(holder)
+        raise Conflict(f"branch {branch} is checked out in {holder.path}"
+                       + (f" (task {held_by})" if held_by is not None else "")
+                       + "; a task never shares another task's worktree",
+                       hint="the task waits until that one is finished and its worktree "
+                            "removed (pmtool worktree list shows it)",
+                       branch=branch, checked_out_at=holder.path, held_by_task=held_by,
+                       branch_in_use=True)
 
     if here and here.prunable:
         # Registered, but its folder is gone (deleted by hand): clear git's note of it.
@@ -314,15 +514,36 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
     added = _git(root, "worktree", "add", *args, check=False)
     if added.returncode != 0:
         # Another pmtool may have made it a moment ago: that is the idempotent case.
-        again = next((w for w in git_worktrees(root) if _same(w.path, path)), None)
+        now = git_worktrees(root)
+        again = next((w for w in now if _same(w.path, path)), None)
         if again:
             return _existing(answer, again, branch, hooks_dir, hook_timeout, context, root)
+        taken = next((w for w in now if w.branch == branch and not w.prunable), None)
+        if taken:
+            # Another task's worktree took the branch between our look and our add: wait.
+            raise Conflict(f"branch {branch} was just checked out in {taken.path}; a task "
+                           "never shares another task's worktree", branch=branch,
+                           checked_out_at=taken.path, held_by_task=_label(taken)[0],
+                           branch_in_use=True)
         raise OperationFailed(f"git worktree add failed: {added.stderr.strip()}",
                               path=str(path), branch=branch)
     answer.update(path=str(path), worktree=str(path), branch=branch, created=True,
                   branch_source=source)
     _setup(answer, hooks_dir, hook_timeout, context, root)
     return answer
+
+
+def _leftover(root: Path, wt: GitWorktree, live_paths: Iterable[str],
+              worktree_base: str | Path | None) -> bool:
+    """A pmtool worktree that no task record on this machine names and no process is in."""
+    task_id, _ = _label(wt)
+    managed = task_id is not None and _same(Path(wt.path).parent,
+                                            worktree_path(root, 0, worktree_base).parent)
+    if not managed or wt.locked is not None:
+        return False
+    if any(_same(wt.path, live) for live in live_paths if live):
+        return False
+    return not _users(wt.path)
 
 
 def _existing(answer: dict[str, Any], wt: GitWorktree, branch: str,
@@ -502,8 +723,15 @@ def _find(root: Path, path_or_task_id: str | int | Path,
     if target.isdigit():
         task_id = int(target)
         expected = worktree_path(root, task_id, worktree_base)
-        found = next((w for w in worktrees if _same(w.path, expected)), None) or next(
-            (w for w in worktrees[1:] if Path(w.path).name == f"task-{task_id}"), None)
+        found = next((w for w in worktrees if _same(w.path, expected)), None)
+        if not found:
+            named = [w for w in worktrees[1:] if (m := TASK_DIR_RE.match(Path(w.path).name))
+                     and int(m.group(1)) == task_id]
+            if len(named) > 1:  # a reused id (quirk 9): the path says which one
+                raise UsageError(f"task {task_id} has {len(named)} worktrees: "
+                                 + ", ".join(w.path for w in named),
+                                 hint="pass the worktree's path instead of the task id")
+            found = named[0] if named else None
         if not found:
             # Already gone is the usual reason: exit 3 lets a cleanup step be re-run.
             raise NothingToDo(f"no worktree for task {task_id} in {root}", task_id=task_id)
@@ -549,7 +777,17 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
     NothingToDo (no worktree for that task id), UsageError (not a worktree; the main checkout).
     """
     root = repo_root(repo)
-    wt = _find(root, path_or_task_id, worktree_base)
+    freed = str(path_or_task_id).isdigit() and release_checkout(root, int(path_or_task_id))
+    try:
+        wt = _find(root, path_or_task_id, worktree_base)
+    except NothingToDo:
+        if not freed:
+            raise
+        # A minor task that worked in the checkout (minor_in_checkout): nothing to
+        # remove, the checkout is free for the next task.
+        return {"path": str(root), "task_id": int(path_or_task_id), "branch": None,
+                "removed": False, "rescued": None, "branch_deleted": False,
+                "branch_kept": None, "checkout_released": True}
     task_id, label = _label(wt)
     answer: dict[str, Any] = {"path": wt.path, "task_id": task_id, "branch": wt.branch,
                               "removed": False, "rescued": None, "branch_deleted": False,

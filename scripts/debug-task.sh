@@ -57,6 +57,12 @@ show exec-claude --agent-id "$agent" --print-prompt
 show exec-claude --agent-id "$agent" "${agent_cmd[@]}"
 agent_out=$out
 outcome=$(jq -r '.outcome // "blocked"' <<<"$agent_out")
+if [ "$(jq -r '.complexity // "major"' "$tmp/task.json")" = minor ]; then
+  # Its own short-lived branch onto the base by fast-forward, or left there for review.
+  show worktree land --agent-id "$agent" --repo "$repo"
+  agent_out=$(jq -c --arg note "$(jq -r '.note // empty' <<<"$out")" \
+    '.summary = ((.summary // "no summary") + "\n" + $note)' <<<"$agent_out")
+fi
 show finish --agent-id "$agent" --outcome "$outcome" --notes "debug-task.sh: $(jq -r '.summary // "no summary"' <<<"$agent_out")"
 jq -c --argjson task "$task" --arg outcome "$outcome" --arg status "$(jq -r '.status // empty' <<<"$out")" \
   '{task_id: $task, agent_id, role, branch, worktree: .cwd, model, session_id, num_turns,

@@ -16,8 +16,9 @@
 # `pmtool run` is the same loop in Python (pmtool/loop.py, Runner); tests/test_scripts.py
 # runs one scenario through both and compares their steps. Where each policy lives there
 # is named next to it below ("pmtool run:"); what only `pmtool run` has: one runner per
-# agent id (a runner lock), health checks before claiming (here: cron-health.sh), a
-# heartbeat that keeps the lock during long agent runs and notices a task given away,
+# agent id (a runner lock), health checks before claiming (here: cron-health.sh), noticing
+# mid-work that a task was moved or given away (here exec-claude only keeps the lock alive,
+# and `recover --orphans` from the PM's cron puts back what is left),
 # --on-hook-failure/--on-agent-failure choices, --escalate and --task-budget-usd.
 set -euo pipefail
 
@@ -89,15 +90,26 @@ stop() {
   exit "$1"
 }
 
+# tidy: remove the task's own worktree; uncommitted work goes to a rescue ref first, a minor
+# task's short-lived branch goes once it has landed. pmtool run: Runner._remove_worktree.
+tidy() {
+  [ -n "$worktree" ] || return 0
+  if [ "$(realpath "$worktree")" = "$(realpath "$repo")" ]; then
+    step worktree remove "$task_id" --repo "$repo"   # minor_in_checkout: frees the checkout
+  elif [ "$complexity" = minor ]; then
+    step worktree remove "$worktree" --repo "$repo" --rescue --delete-branch
+  else
+    step worktree remove "$worktree" --repo "$repo" --rescue
+  fi
+}
+
 # give_back REASON [KIND]: the task goes back to the queue (an attempt of KIND, default
 # failed: this machine lets it cool down, and parks it after PMTOOL_MAX_ATTEMPTS); work in
 # its worktree goes to a rescue ref. pmtool run: Runner._give_back (no pause: the claim
 # skips the task while it cools, and takes others meanwhile).
 give_back() {
   step lock release --agent-id "$agent" --notes "$1" --kind "${2:-failed}"
-  if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
-    step worktree remove "$task_id" --repo "$repo" --rescue
-  fi
+  tidy
   echo "pm-runner: task $task_id given back: $1" >&2
   if [ "$single" = 1 ]; then stop 1; fi
 }
@@ -157,8 +169,12 @@ while [ "$stopping" = 0 ]; do
     [ "$stopping" = 0 ] || break
 
     step worktree create --agent-id "$agent" --repo "$repo"   # pmtool run: Runner._worktree
-    worktree=$(jq -r '.worktree // empty' <<<"$out")
-    if [ "$rc" != 0 ]; then
+    worktree=$(jq -r '.path // empty' <<<"$out")
+    if [ "$rc" = 5 ]; then  # its branch or the checkout is another task's: wait, never share
+      worktree=""
+      give_back "deferred: $(jq -r '.error.message' <<<"$out")" deferred
+      continue
+    elif [ "$rc" != 0 ]; then
       give_back "no worktree: $(jq -r '.error.message // "worktree_setup hook failed"' <<<"$out")"
       continue
     fi
@@ -188,6 +204,15 @@ while [ "$stopping" = 0 ]; do
     summary=$(jq -r '"\(.summary // "") (model \(.model), \(.num_turns) turns, $\(.total_cost_usd))"' <<<"$out")
   fi
 
+  # A minor task lands on the base by fast-forward, or stays on its branch for review; the
+  # notes say which. pmtool run: Runner._land_minor.
+  if [ "$complexity" = minor ] && { [ "$outcome" = "done" ] || [ "$outcome" = pass ]; } \
+      && [ -n "$worktree" ] && [ "$(realpath "$worktree")" != "$(realpath "$repo")" ]; then
+    step worktree land "$worktree" --repo "$repo"
+    if ! jq -e '.nothing_to_land' <<<"$out" >/dev/null; then
+      summary="$summary"$'\n'"$(jq -r '.note // empty' <<<"$out")"
+    fi
+  fi
   # The post_task hook gets the same context as under `pmtool run` (the record is closed by
   # finish, so it is read first).
   step lock show --agent-id "$agent"
@@ -205,11 +230,7 @@ while [ "$stopping" = 0 ]; do
                 model, session_id, attempts, cost_usd, claimed_at, server_url, task,
                 outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
     | step hook run post_task --input - --cwd "$repo"   # post_task never blocks (pmtool run: Runner._finish)
-  if [ -n "$worktree" ] && [ "$complexity" != minor ]; then
-    # --rescue keeps uncommitted work on a rescue ref first; a clean tree is just removed.
-    # pmtool run: Runner._remove_worktree.
-    step worktree remove "$task_id" --repo "$repo" --rescue
-  fi
+  tidy   # --rescue keeps uncommitted work on a rescue ref first; a clean tree is just removed
   done_tasks=$((done_tasks + 1))
   if [ "$single" = 1 ]; then stop 0; fi
   if [ "$max_tasks" -gt 0 ] && [ "$done_tasks" -ge "$max_tasks" ]; then stop 0; fi

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 import helpers
+from pmtool.testing import seed as seed_mod
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import StandInServer
 
@@ -39,26 +41,80 @@ class PMServer:
     api_key: str
     is_standin: bool
     standin: StandInServer | None = None
+    # The tasks that were on the server before the session: not ours to touch.
+    foreign: dict[tuple[int, str | None], dict] = field(default_factory=dict)
+    run_id: str = ""
+    feature: dict | None = None  # the session's own feature, made on first need
+
+
+RUN_ID = f"pmtool-tests-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
 
 
 @pytest.fixture(scope="session")
 def pm_server() -> Iterator[PMServer]:
-    """PMTOOL_TEST_PM_URL + PMTOOL_TEST_PM_KEY select a real server; else a fresh stand-in."""
+    """PMTOOL_TEST_PM_URL + PMTOOL_TEST_PM_KEY select a real server; else a fresh stand-in.
+
+    The suite is a guest: it lists the server's tasks first, and at the end puts its own
+    tasks in a final state and fails if any task it did not create was changed. On the
+    stand-in, tasks of "someone else" are seeded first, so the check means something there.
+    """
+    os.environ[seed_mod.RUN_ID_ENV] = RUN_ID
     url, key = os.environ.get("PMTOOL_TEST_PM_URL"), os.environ.get("PMTOOL_TEST_PM_KEY")
     if url and key:
-        yield PMServer(url.rstrip("/"), key, is_standin=False)
+        yield from _as_guest(PMServer(url.rstrip("/"), key, is_standin=False, run_id=RUN_ID))
         return
     # At the stand-in's defaults, which fail the way a real server does (a lock race
     # window, plain 500s and resets after them, the database pool); production mode:
     # only the random key works, as against a real deployment.
     with StandInServer(api_key=f"test-{secrets.token_hex(8)}", production=True) as server:
-        yield PMServer(server.url, server.api_key, is_standin=True, standin=server)
+        _someone_elses_tasks(server.url, server.api_key)
+        yield from _as_guest(PMServer(server.url, server.api_key, is_standin=True,
+                                      standin=server, run_id=RUN_ID))
+
+
+def _someone_elses_tasks(url: str, key: str) -> None:
+    """Tasks of another team on the shared stand-in, in states no test's agent is offered
+    (a guest must leave them exactly as they are)."""
+    with Seeder(url, key, pm_agent_id="someone_else_pm") as other:
+        for status in ("pending", "under_work", "qa_done", "committed"):
+            task = other.create_task(title=f"not pmtool's: {status}", promote=False)
+            if status == "under_work":
+                other.register("someone_else_dev", "backend_dev", "principal")
+                other.lock(task["id"], "someone_else_dev")
+            if status != "pending":
+                other.set_status(task["id"], status, agent_id="someone_else_dev"
+                                 if status == "under_work" else None)
+        seed_mod.MADE.clear()  # theirs, not the suite's
+
+
+def _as_guest(server: PMServer) -> Iterator[PMServer]:
+    with Seeder(server.url, server.api_key) as look:
+        server.foreign = helpers.task_snapshot(look)
+        yield server
+        # Ours: every task a Seeder of this process made, into a final state.
+        now = {(t["id"], t.get("created_at")): t for t in look.list_tasks()}
+        for key in seed_mod.MADE:
+            task = now.get(key)
+            if task and (task["status"] not in helpers.FINAL or task.get("locked_by")):
+                look.release(task["id"], "committed")
+        changes = helpers.guest_changes(server.foreign, helpers.task_snapshot(look))
+    if changes:
+        pytest.fail("the suite changed tasks it did not create:\n" + "\n".join(changes))
 
 
 @pytest.fixture
 def seeder(pm_server: PMServer) -> Iterator[Seeder]:
-    """A Seeder with its own pm agent; its tasks are retired (committed) after the test."""
+    """A Seeder with its own pm agent, as a guest: the session's own feature (named with
+    the run id), `drain` skips the test rather than touch tasks that were there before;
+    its tasks are retired (committed) after the test."""
     with Seeder(pm_server.url, pm_server.api_key) as seed:
+        seed.foreign = set(pm_server.foreign)
+        seed.on_foreign = pytest.skip
+        if pm_server.feature is None:
+            pm_server.feature = seed.create_feature(
+                seed.create_epic(f"pmtool tests {pm_server.run_id}")["id"],
+                f"pmtool tests {pm_server.run_id}")
+        seed._feature = pm_server.feature
         yield seed
         seed.retire_created()
 

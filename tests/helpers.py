@@ -53,3 +53,33 @@ def pmtool(*args: str, env: dict[str, str] | None = None, input: str | None = No
     out = json.loads(lines[0])
     assert out["ok"] is (proc.returncode == 0), (proc.returncode, out)
     return Result(proc.returncode, out, proc.stdout, proc.stderr)
+
+
+# -- a guest on the server under test -----------------------------------------------------
+
+FINAL = ("committed",)
+# What a guest must not change in a task it did not create.
+WATCHED = ("status", "locked_by", "notes", "title", "description", "target_role",
+           "difficulty", "complexity", "branch", "feature_id")
+
+
+def task_snapshot(client: Any) -> dict[tuple[int, str | None], dict[str, Any]]:
+    """Every task on the server, keyed by (id, created_at): ids alone are reused (quirk 9)."""
+    return {(t["id"], t.get("created_at")): {k: t.get(k) for k in WATCHED}
+            for t in client.list_tasks()}
+
+
+def guest_changes(before: dict[tuple[int, str | None], dict[str, Any]],
+                  after: dict[tuple[int, str | None], dict[str, Any]]) -> list[str]:
+    """What happened to the tasks of `before` (tasks we did not create), one line each."""
+    out = []
+    for key, old in before.items():
+        new = after.get(key)
+        if new is None:
+            out.append(f"task {key[0]} (created {key[1]}) is gone")
+            continue
+        changed = {k: (old[k], new[k]) for k in WATCHED if old[k] != new[k]}
+        if changed:
+            out.append(f"task {key[0]} changed: " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return out

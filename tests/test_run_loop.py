@@ -207,7 +207,7 @@ def test_single_task_with_nothing_to_do_exits_3(world: World) -> None:
 
 def test_minor_task_commits_on_main_without_worktree(world: World) -> None:
     task = world.task(complexity="minor", branch="main")
-    run = world.run("--single-task")
+    run = world.run("--single-task", env={"PMTOOL_MINOR_IN_CHECKOUT": "1"})
     assert run.code == 0, run.stderr
     assert run.of("worktree")[0]["path"] is None
     assert "backend_dev notes" in world.git("log", "-1", "--format=%s", "main")
@@ -445,7 +445,7 @@ def test_heartbeat_notices_the_task_was_given_away(world: World) -> None:
     run = Run(proc.returncode, events(out), err)
     assert run.code == 5, err
     error = run.of("error")[0]["error"]
-    assert error["type"] == "conflict" and "another agent" in error["message"]
+    assert error["type"] == "conflict" and "no longer ours" in error["message"]
     assert world.status(task["id"])["locked_by"] == "thief"
     assert world.store.load("dev_1") is None
 

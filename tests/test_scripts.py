@@ -166,7 +166,7 @@ def test_pm_runner_single_task_takes_a_major_task_to_dev_done(box: Box) -> None:
     assert box.task(task["id"])["status"] == "dev_done"
     assert f"task {task['id']}: backend_dev notes (fake agent)" in git(
         box.repo, "log", "--format=%s", "feature/ping")
-    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
     assert git(box.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert box.pmtool("lock", "show", "--agent-id", "dev_1")[0] == 3  # record closed...
     closed = [h for h in box.history() if h["task"]["id"] == task["id"]]
@@ -185,7 +185,14 @@ def test_pm_runner_minor_task_commits_on_the_base_branch(box: Box) -> None:
     assert box.task(task["id"])["status"] == "dev_done"
     assert git(box.repo, "log", "-1", "--format=%s", "main") == \
         f"task {task['id']}: backend_dev notes (fake agent)"
-    assert not any("removed" in o for o in json_lines(proc.stdout))  # no worktree to remove
+    # Its own worktree and short-lived branch, landed by fast-forward, then both removed.
+    lines = json_lines(proc.stdout)
+    (landed,) = [o for o in lines if "landed" in o]
+    assert landed["landed"] is True and landed["branch"].startswith("pmtool/task-")
+    assert "landed on main by fast-forward" in box.task(task["id"])["notes"]
+    removed = [o for o in lines if o.get("removed")]
+    assert removed and removed[-1]["branch_deleted"] is True
+    assert git(box.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
 
 
 def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Box) -> None:
@@ -201,7 +208,7 @@ def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Bo
     assert "agent failed: " in after["notes"]
     # the agent's commits stay on the task branch; the worktree is gone
     assert git(box.repo, "log", "--format=%s", "feature/unclear").count("fake agent") == 2
-    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
 def test_pm_runner_single_task_without_a_task_exits_3(box: Box) -> None:
@@ -435,6 +442,18 @@ def test_cron_recover_without_records(box: Box) -> None:
     assert proc.stdout.endswith("pmtool recover: no task records\n")
 
 
+def test_cron_recover_orphans_puts_back_what_no_runner_has(box: Box) -> None:
+    orphan = box.seeder.create_task(title="Its runner's machine is gone")
+    box.seeder.set_status(orphan["id"], "under_work")  # under work, nobody's lock
+    queued = box.seeder.create_task(title="In the queue")
+    proc = box.run("cron-recover.sh", "--orphans")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1
+    assert f"requeued=1: ?/{orphan['id']}=requeued" in proc.stdout
+    assert box.task(orphan["id"])["status"] == "created"
+    assert box.task(queued["id"])["status"] == "created" and not box.task(queued["id"])["notes"]
+
+
 def dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
@@ -512,7 +531,7 @@ def test_debug_task_walks_one_task_to_dev_done_on_enter(box: Box, pick: str) -> 
                      "hook run", "worktree remove"]
     assert len(proc.stderr.split("press Enter for the next step")) == len(commands) + 1
     assert len(json_lines(proc.stdout)) == len(commands)
-    assert not (box.repo / ".worktrees" / f"task-{task['id']}").exists()
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
 # ---- crontab.example and the systemd unit ------------------------------------------------
@@ -526,7 +545,7 @@ def pmtool_help(*command: str) -> str:
 def test_crontab_example_runs_scripts_that_exist_with_valid_arguments() -> None:
     jobs = [line for line in (SCRIPTS / "crontab.example").read_text().splitlines()
             if line.strip() and not line.startswith("#") and not re.match(r"^\w+=", line)]
-    assert len(jobs) == 2
+    assert len(jobs) == 3
     checks = re.search(r"--check <str>\s+Run only this check \(repeatable\):([^.]+)\.",
                        pmtool_help("health"))
     assert checks
@@ -542,6 +561,8 @@ def test_crontab_example_runs_scripts_that_exist_with_valid_arguments() -> None:
             values = args[1::2]
             assert args[0::2] == ["--check"] * len(values)
             assert set(values) <= valid_checks, values
+        if script.name == "cron-recover.sh":
+            assert all(a in pmtool_help("recover") for a in args), args
 
 
 def systemd_expand(line: str, env: dict[str, str], instance: str, home: str) -> list[str]:
@@ -576,3 +597,14 @@ def test_systemd_unit_runs_pmtool_run_with_flags_it_has() -> None:
     # every variable the command line uses comes from the unit or the documented env files
     for name in re.findall(r"\$\{(\w+)\}", settings["ExecStart"]):
         assert name in env or re.search(rf"^# .*\b{name}=", unit, re.MULTILINE), name
+
+
+def test_debug_task_lands_a_minor_task_and_says_so(box: Box) -> None:
+    task = box.seeder.create_task(title="Typo", complexity="minor")
+    proc = box.run("debug-task.sh", "--role", ROLE, "--agent-id", "dev_dbg_minor", "--repo",
+                   str(box.repo), "--agent-cmd", fake_agent.command(), input="\n" * 14)
+    assert proc.returncode == 0, proc.stderr
+    assert "$ pmtool worktree land" in proc.stderr
+    assert git(box.repo, "log", "-1", "--format=%s", "main") == \
+        f"task {task['id']}: backend_dev notes (fake agent)"
+    assert "landed on main by fast-forward" in box.task(task["id"])["notes"]

@@ -25,21 +25,19 @@ import pytest
 from helpers import PMTOOL, Result, free_port, pmtool
 from pmtool.testing.seed import Seeder, unique_id
 
-PICKABLE = ("created", "dev_done", "approved")
-
-
 # -- fixtures and helpers -----------------------------------------------------------------
 
 
 def park(seeder: Seeder) -> None:
-    """Set every task an agent could pick to `pending`, so a test sees only its own.
+    """Retire (commit) every task of ours an agent could pick, so a test sees only its own.
 
     The server is shared by the whole session (and may be a real one), and claims take
-    the oldest task: without this, another test's leftovers would be claimed first.
+    the oldest task: without this, another test's leftovers would be claimed first. A
+    guest touches nothing it did not create: when the server holds pickable tasks of
+    someone else, the test is skipped instead (seeder.on_foreign).
     """
-    for status in PICKABLE:
-        for task in seeder.list_tasks(status=status):
-            seeder.set_status(task["id"], "pending", notes=task.get("notes") or None)
+    for role in ("backend_dev", "frontend_dev", "architect", "pm", "qa"):
+        seeder.drain(role)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pmtool.records import RecordStore, TaskRecord
 from pmtool.worktree import (
     create_worktree,
     default_branch,
+    land,
     list_worktrees,
     remove_worktree,
     repo_root,
@@ -138,12 +139,90 @@ def test_default_branch_without_a_remote_is_the_checkout_branch(repo: Path) -> N
     assert default_branch(repo) == "develop"
 
 
-def test_minor_task_works_in_the_repo_itself(repo: Path) -> None:
-    result = create_worktree(repo, 9, "feature/ignored", complexity="minor")
+def test_minor_task_gets_its_own_worktree_and_lands_by_fast_forward(repo: Path) -> None:
+    (repo / "app.py").write_text("the owner's unsaved edit\n")  # the checkout is dirty
+    result = create_worktree(repo, 9, "feature/ignored", complexity="minor",
+                             created_at="2026-11-23T22:43:52.173836")
+    path = Path(result["worktree"])
+    assert path.parent == repo / ".worktrees" and path.name.startswith("task-9-")
+    assert result["branch"] == f"pmtool/{path.name}" and result["lands_on"] == "main"
+    commit_on(path, "fix.txt", "a minor fix\n")
+    # The base is checked out in the dirty main checkout: never written to, left for review.
+    kept = land(repo, path, "main")
+    assert kept["landed"] is False and "dirty checkout" in kept["reason"]
+    assert (repo / "app.py").read_text() == "the owner's unsaved edit\n"
+    assert git(repo, "rev-parse", "main") != kept["head"]
+    # Clean checkout: main is fast-forwarded there, the owner's tree follows.
+    git(repo, "checkout", "--", "app.py")
+    landed = land(repo, path, "main")
+    assert landed["landed"] is True and git(repo, "rev-parse", "main") == landed["head"]
+    assert (repo / "fix.txt").read_text() == "a minor fix\n"
+    assert git(repo, "status", "--porcelain") == ""
+    removed = remove_worktree(repo, path, delete_branch=True, base="main")
+    assert removed["removed"] and removed["branch_deleted"]
+
+
+def test_minor_task_left_on_its_branch_when_the_base_moved_on(repo: Path) -> None:
+    result = create_worktree(repo, 10, None, complexity="minor")
+    path = Path(result["worktree"])
+    commit_on(path, "fix.txt", "a minor fix\n")
+    commit_on(repo, "other.txt", "someone else landed first\n")
+    kept = land(repo, path, "main")
+    assert kept["landed"] is False and "moved on" in kept["reason"]
+    assert kept["branch"] == result["branch"]
+    # Nothing of the task's reached main, nothing of it is lost.
+    assert git(repo, "cat-file", "-t", f"{kept['branch']}:fix.txt") == "blob"
+    assert not (repo / "fix.txt").exists()
+
+
+def test_minor_lands_on_a_base_nobody_has_checked_out(repo: Path) -> None:
+    git(repo, "switch", "-q", "-c", "elsewhere")
+    result = create_worktree(repo, 11, None, complexity="minor", base="main")
+    head = commit_on(Path(result["worktree"]), "fix.txt", "x\n")
+    assert land(repo, result["worktree"], "main")["landed"] is True
+    assert git(repo, "rev-parse", "main") == head
+    assert git(repo, "symbolic-ref", "--short", "HEAD") == "elsewhere"
+
+
+def test_minor_in_checkout_only_when_clean_and_one_task_at_a_time(repo: Path) -> None:
+    result = create_worktree(repo, 9, None, complexity="minor", minor_in_checkout=True)
     assert result["worktree"] is None and result["path"] == str(repo)
-    assert result["branch"] == "main" and result["created"] is False
-    assert result["on_base"] is True
+    assert result["branch"] == "main" and result["in_checkout"] is True
     assert not (repo / ".worktrees").exists()
+    # Another task, while task 9 (this process) holds it: refused.
+    with pytest.raises(Conflict) as err:
+        create_worktree(repo, 12, None, complexity="minor", minor_in_checkout=True)
+    assert err.value.details["checkout_in_use"] and err.value.details["held_by_task"] == 9
+    # The same task again is fine (a resume).
+    create_worktree(repo, 9, None, complexity="minor", minor_in_checkout=True)
+    removed = remove_worktree(repo, 9)
+    assert removed["checkout_released"] is True
+    create_worktree(repo, 12, None, complexity="minor", minor_in_checkout=True)
+    remove_worktree(repo, 12)
+    # A dirty checkout is never worked in.
+    (repo / "app.py").write_text("the owner's unsaved edit\n")
+    with pytest.raises(Conflict, match="dirty checkout"):
+        create_worktree(repo, 13, None, complexity="minor", minor_in_checkout=True)
+
+
+def test_a_dead_owner_frees_the_checkout(repo: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    create_worktree(repo, 9, None, complexity="minor", minor_in_checkout=True,
+                    owner_pid=dead.pid)
+    assert create_worktree(repo, 12, None, complexity="minor",
+                           minor_in_checkout=True)["in_checkout"]
+
+
+def test_a_reused_task_id_gets_a_fresh_worktree(repo: Path) -> None:
+    old = create_worktree(repo, 7, "feature/a", created_at="2026-11-23T10:00:00.000001")
+    (Path(old["path"]) / "old-work.txt").write_text("the deleted task's work\n")
+    new = create_worktree(repo, 7, "feature/b", created_at="2026-11-23T11:00:00.000002")
+    assert new["created"] is True and new["path"] != old["path"]
+    assert not (Path(new["path"]) / "old-work.txt").exists()
+    with pytest.raises(UsageError, match="2 worktrees"):
+        remove_worktree(repo, 7)
+    assert remove_worktree(repo, new["path"])["removed"]
 
 
 def test_trunk_named_branch_becomes_the_task_branch(repo: Path) -> None:
@@ -160,11 +239,17 @@ def test_branch_held_by_the_main_checkout_is_a_conflict(repo: Path) -> None:
     assert "main checkout" in err.value.message
 
 
-def test_branch_checked_out_in_another_worktree_is_used_there(env: Path, repo: Path) -> None:
+def test_branch_checked_out_by_another_task_is_never_shared(env: Path, repo: Path) -> None:
     first = create_worktree(repo, 5, "feature/z")
-    other = create_worktree(repo, 5, "feature/z", worktree_base=env / "elsewhere")
-    assert other["path"] == first["path"] and other["created"] is False
-    assert "already checked out" in other["note"]
+    with pytest.raises(Conflict) as err:
+        create_worktree(repo, 6, "feature/z")
+    assert err.value.details["branch_in_use"] is True
+    assert err.value.details["held_by_task"] == 5
+    assert err.value.details["checked_out_at"] == first["path"]
+    assert not (repo / ".worktrees" / "task-6").exists()
+    # Once the first task's worktree is gone, the second gets the branch.
+    remove_worktree(repo, 5)
+    assert create_worktree(repo, 6, "feature/z")["created"] is True
 
 
 def test_not_a_repository_and_bad_input(env: Path, repo: Path) -> None:
@@ -402,3 +487,25 @@ def test_worktree_folder_deleted_by_hand(repo: Path) -> None:
     result = remove_worktree(repo, 5)
     assert result["removed"] is True and "gone" in result["note"]
     assert os.listdir(repo / ".worktrees") == []
+
+
+def test_a_leftover_worktree_frees_its_branch_only_when_nobody_has_it(repo: Path) -> None:
+    old = create_worktree(repo, 5, "feature/z")
+    (Path(old["path"]) / "wip.txt").write_text("left behind\n")
+    # A task record names it: the next task on the branch waits.
+    with pytest.raises(Conflict):
+        create_worktree(repo, 6, "feature/z", live_paths=[old["path"]])
+    # Nobody names it, nobody works in it: removed with its work rescued, branch free.
+    new = create_worktree(repo, 6, "feature/z", live_paths=[])
+    assert new["created"] is True and not Path(old["path"]).exists()
+    ref = new["leftover_removed"]["rescued"]
+    assert git(repo, "show", f"{ref}:wip.txt") == "left behind"
+    # A process working in it keeps it.
+    busy = create_worktree(repo, 7, "feature/w")
+    sleeper = subprocess.Popen(["sleep", "30"], cwd=busy["path"])
+    try:
+        with pytest.raises(Conflict):
+            create_worktree(repo, 8, "feature/w", live_paths=[])
+    finally:
+        sleeper.kill()
+        sleeper.wait()

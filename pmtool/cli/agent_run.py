@@ -65,6 +65,35 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
             signal.signal(sig, previous)
 
 
+@contextlib.contextmanager
+def _heartbeat(settings: Settings, agent_id: str | None, role: str,
+               level: str) -> Iterator[None]:
+    """Keep the task's lock alive while the agent works: re-register every `heartbeat`
+    seconds (the server drops the locks of agents unseen for 30 minutes, quirk 3), so every
+    pipeline that runs exec-claude gets what `pmtool run` does. A failed beat is said once
+    on stderr; the agent goes on."""
+    if not agent_id:
+        yield
+        return
+    from pmtool.cli.work import server
+    from pmtool.work import heartbeat
+
+    said: list[bool] = []
+
+    def failed(exc: Exception) -> None:
+        if not said:
+            said.append(True)
+            say(f"exec-claude: heartbeat for {agent_id} failed: "
+                f"{getattr(exc, 'message', exc)} (the agent goes on)")
+
+    client = server(settings)
+    try:
+        with heartbeat(client, agent_id, role, level, settings.heartbeat, on_error=failed):
+            yield
+    finally:
+        client.close()
+
+
 def _task_from_json(task_json: str) -> dict[str, Any]:
     data = read_json_arg(task_json, "--task-json")
     task = data.get("task", data) if isinstance(data, dict) else data
@@ -182,7 +211,8 @@ def exec_claude_cmd(
             emit(_preview(text, record.task, record.role, plan, instructions_dir, ctx_path,
                           bool(prompt)))
             return EXIT_OK
-        with _stop_on_signals() as (stop, seen):
+        with _stop_on_signals() as (stop, seen), \
+                _heartbeat(settings, agent_id, record.role, record.level):
             answer = agent.run_for_record(
                 store, agent_id, settings, resume=resume, cwd=cwd, model=model, prompt=prompt,
                 template=template, instructions_dir=instructions_dir,
@@ -200,7 +230,11 @@ def exec_claude_cmd(
         emit(_preview(plan["prompt"], task, plan["role"], plan, instructions_dir,
                       plan["context_instructions_path"], bool(prompt)))
         return EXIT_OK
-    with _stop_on_signals() as (stop, seen):
+    # The task object of a claim names its agent (locked_by): keep that lock alive too.
+    locker = task.get("locked_by")
+    with _stop_on_signals() as (stop, seen), _heartbeat(
+            settings, locker, role or task.get("target_role") or "backend_dev",
+            task.get("difficulty") or "senior"):
         answer = agent.run_for_task(
             task, settings, role=role, cwd=cwd, model=model, prompt=prompt, template=template,
             instructions_dir=instructions_dir, timeout=timeout, idle_timeout=idle_timeout,

@@ -1,4 +1,4 @@
-"""Doing the work: `worktree create|remove|list|prune` and `hook run`.
+"""Doing the work: `worktree create|remove|land|list|prune` and `hook run`.
 
 Each command resolves settings and the task record, calls one function of
 `pmtool.worktree` or `pmtool.hooks`, and emits its answer. The libraries are imported
@@ -27,7 +27,8 @@ from pmtool.errors import NothingToDo, TimeLimit, UsageError, exit_code
 if TYPE_CHECKING:
     from pmtool.records import TaskRecord
 
-worktree_app = typer.Typer(help="One git worktree per major task; removal never loses work.",
+worktree_app = typer.Typer(help="One git worktree per task, never shared; removal never "
+                                "loses work.",
                            no_args_is_help=True)
 app.add_typer(worktree_app, name="worktree")
 hook_app = typer.Typer(help="Run the hooks of the hooks folder with a task's context.",
@@ -51,15 +52,19 @@ def worktree_create(
     branch: Annotated[str | None, typer.Option(
         "--branch", help="The task's branch (the server's `branch` field).")] = None,
     complexity: Annotated[str | None, typer.Option(
-        "--complexity", help="major (own worktree and branch) or minor (the repo itself, "
-                             "on the base branch) [default: the task's, else major].")] = None,
+        "--complexity", help="major (own worktree and branch) or minor (own worktree on a "
+                             "short-lived branch that lands on the base; the checkout "
+                             "itself with PMTOOL_MINOR_IN_CHECKOUT) [default: the task's, "
+                             "else major].")] = None,
     repo: Repo = None,
     base: Base = None,
     hooks_dir: HooksDir = None,
     worktree_base: WorktreeBase = None,
 ) -> int:
-    """Give a task its place to work: a worktree on the task branch for a major task, the
-    repo itself for a minor one. Runs the worktree_setup hook in a new worktree.
+    """Give a task its own place to work: a worktree on the task branch for a major task,
+    on a short-lived pmtool/task-<id>-<hash> branch for a minor one (the repo's clean
+    checkout with PMTOOL_MINOR_IN_CHECKOUT). Runs the worktree_setup hook in a new worktree.
+    A branch another task's worktree has checked out is exit 5: tasks never share one.
 
     A second call answers the existing worktree with "created": false. With --agent-id the
     task record's worktree and branch are updated. A branch named like the base ("main")
@@ -96,7 +101,14 @@ def worktree_create(
     result = create_worktree(root, task_id, branch, complexity, base=base,
                              worktree_base=settings.worktree_base,
                              hooks_dir=settings.hooks_path(root),
-                             hook_timeout=settings.hook_timeout, context=context)
+                             hook_timeout=settings.hook_timeout, context=context,
+                             created_at=record.task.get("created_at") if record else None,
+                             minor_in_checkout=settings.minor_in_checkout,
+                             owner_pid=record.pid if record else None,
+                             # With a record, the records on this machine tell a leftover
+                             # worktree (nobody's task) from one a task works in.
+                             live_paths=[r.worktree for r in store.scan(quarantine=False)[0]
+                                         if r.worktree] if record else None)
     if record is not None:
         # The directory the agent works in: the worktree, or the repo for a minor task.
         record.worktree, record.branch = result["path"], result["branch"]
@@ -154,10 +166,12 @@ def worktree_remove(
     store, record = record_store(settings), None
     if agent_id:
         record = store.need(agent_id)
-        if record.task.get("complexity") == "minor" or not record.worktree:
-            raise NothingToDo(f"task {record.task_id} has no worktree (a minor task works in "
-                              "the repo itself)", task_id=record.task_id)
-        target = target or record.worktree
+        if not record.worktree:
+            raise NothingToDo(f"task {record.task_id} has no worktree",
+                              task_id=record.task_id)
+        in_checkout = Path(record.worktree).resolve() == _repo_of(repo, record).resolve()
+        # minor_in_checkout: the task id frees the checkout; nothing is removed.
+        target = target or (str(record.task_id) if in_checkout else record.worktree)
     if target is None:
         raise UsageError("give the worktree's path or task id, or --agent-id",
                          hint="pmtool worktree list")
@@ -173,6 +187,34 @@ def worktree_remove(
                     rescue_ref=(result["rescued"] or {}).get("ref"))
         store.save(record)
     emit(result)
+
+
+@worktree_app.command("land")
+def worktree_land(
+    target: Annotated[str | None, typer.Argument(
+        help="The minor task's worktree path.")] = None,
+    agent_id: AgentIdOrNone = None,
+    repo: Repo = None,
+    base: Base = None,
+) -> None:
+    """Land a minor task's work on the base branch by fast-forward, or leave it on its
+    branch for review when the base moved on or the checkout that has it is dirty.
+
+    Prints {"landed", "branch", "base", "head", "reason", "note"}; exit 0 either way
+    (`note` is the sentence for the task's notes). pmtool never merges or rebases here,
+    and never writes to a dirty checkout.
+
+    Example: pmtool worktree land --agent-id dev_001
+    """
+    from pmtool.worktree import default_branch, land
+
+    settings = options().settings()
+    record = record_store(settings).need(agent_id) if agent_id else None
+    target = target or (record.worktree if record else None)
+    if not target:
+        raise UsageError("give the worktree's path, or --agent-id")
+    root = _repo_of(repo, record) if repo or record else _repo_near(target)
+    emit(land(root, target, base or default_branch(root)))
 
 
 def _repo_near(path: str) -> Path:
@@ -280,7 +322,8 @@ def hook_run(
 
     repo = git.toplevel(Path(cwd or Path.cwd()))
     result = run_hook(name, settings.hooks_path(repo), context,
-                      timeout=settings.hook_timeout, cwd=cwd)
+                      timeout=settings.hook_timeout, cwd=cwd,
+                      api_key=settings.api_key if settings.pass_key_to_hooks else None)
     ok = result.pop("ok")
     if result["skipped"]:
         say(f"pmtool: hook: {result['reason']} (skipped)")

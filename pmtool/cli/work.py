@@ -227,6 +227,15 @@ def recover_cmd(
     grace: Annotated[float | None, typer.Option(
         help="Seconds a dead runner's task is kept for it to come back; then it is given "
              "back, its uncommitted work rescued [env PMTOOL_GRACE, default 900].")] = None,
+    orphans: Annotated[bool, typer.Option(
+        "--orphans", help="Instead: put back to created every task on the server that is "
+                          "under_work with no lock, or locked by an agent unseen for 30 "
+                          "minutes (for the PM's cron; touches no other task).")] = False,
+    as_agent: Annotated[str, typer.Option(
+        "--as-agent", help="With --orphans: the agent id that makes the change (registered "
+                           "as pm if new).")] = "pmtool_orphans",
+    task: Annotated[list[int] | None, typer.Option(
+        "--task", help="With --orphans: only these task ids (repeat the option).")] = None,
 ) -> None:
     """Reconcile every task record on this machine with the server.
 
@@ -238,14 +247,34 @@ def recover_cmd(
     true when the runner pid was dead. `parked` lists this server's tasks parked for a
     person. Exit 3 when there were no records. Made for cron.
 
+    With --orphans it looks at the server instead of this machine's records: every task
+    under_work with no lock, or locked by an agent the server has not seen for 30 minutes
+    (GET /agents last_seen), goes back to created with a note; {"orphans": [...]}; exit 0
+    also when there were none.
+
     Example: */10 * * * * pmtool recover --all >> ~/.local/state/pmtool/recover.log 2>&1
+
+    Example: */30 * * * * pmtool recover --orphans   # the PM's machine
     """
     from pmtool.bounds import limits_from, parked_tasks
     from pmtool.errors import NothingToDo, PmtoolError
     from pmtool.ops import prune_logs
-    from pmtool.work import recover
+    from pmtool.work import recover, recover_orphans
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
+    if orphans:
+        client = server(settings)
+        if not dry_run:
+            client.register(as_agent, "pm", "principal")
+        found = recover_orphans(client, as_agent, dry_run=dry_run,
+                                task_ids=set(task) if task else None)
+        tally: dict[str, int] = {}
+        for entry in found:
+            tally[entry["action"]] = tally.get(entry["action"], 0) + 1
+            say(f"pmtool: recover --orphans: task {entry['task_id']}: {entry['action']} "
+                f"({entry['reason']})")
+        emit({"orphans": found, "counts": tally, "dry_run": dry_run})
+        return
     pruned = None if dry_run else prune_logs(settings.state_path, settings.keep_logs)
     client = server(settings)
     try:

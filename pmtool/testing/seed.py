@@ -8,6 +8,7 @@ changelog, deletes and raw calls for tests that look at status codes.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -18,6 +19,19 @@ from pmtool.errors import ApiError
 def unique_id(prefix: str = "agent") -> str:
     """A fresh agent id, so runs against a shared real server never collide."""
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+RUN_ID_ENV = "PMTOOL_TEST_RUN_ID"
+# Every task any Seeder of this process made, as (id, created_at): what a test session
+# sweeps into a final state at its end, and nothing else.
+MADE: list[tuple[int, str | None]] = []
+
+
+def _named(name: str) -> str:
+    """Epics and features carry the run id when there is one, so a person looking at a
+    shared server can tell which test run made them."""
+    run_id = os.environ.get(RUN_ID_ENV)
+    return f"{name} [{run_id}]" if run_id and run_id not in name else name
 
 
 class Seeder:
@@ -36,6 +50,11 @@ class Seeder:
         self._pm_ready = False
         self.created: list[int] = []  # task ids this seeder made, for retire_created()
         self._feature: dict[str, Any] | None = None
+        # A guest on a shared server: tasks that were there before us, as (id, created_at)
+        # (ids alone are reused, quirk 9). None: the server is ours alone (a private
+        # stand-in). `drain` never touches these; it calls `on_foreign` (tests: skip).
+        self.foreign: set[tuple[int, str | None]] | None = None
+        self.on_foreign: Any = None
 
     @staticmethod
     def _path(path: str) -> str:
@@ -70,14 +89,15 @@ class Seeder:
     def create_epic(self, name: str = "Seeded epic",
                     description: str = "Created by pmtool's seeder") -> dict[str, Any]:
         return self.call("POST", "epics", params={"agent_id": self.ensure_pm()},
-                         json={"name": name, "description": description})
+                         json={"name": _named(name), "description": description})
 
     def create_feature(self, epic_id: int | None = None, name: str = "Seeded feature",
                        description: str = "Created by pmtool's seeder") -> dict[str, Any]:
         if epic_id is None:
             epic_id = self.create_epic()["id"]
         return self.call("POST", "features", params={"agent_id": self.ensure_pm()},
-                         json={"epic_id": epic_id, "name": name, "description": description})
+                         json={"epic_id": epic_id, "name": _named(name),
+                               "description": description})
 
     def default_feature_id(self) -> int:
         if self._feature is None:
@@ -96,6 +116,7 @@ class Seeder:
                                "target_role": target_role, "difficulty": difficulty,
                                "complexity": complexity, "branch": branch})
         self.created.append(task["id"])
+        MADE.append((task["id"], task.get("created_at")))
         if promote:
             task = self.set_status(task["id"], "created")["task"]
         return task
@@ -120,20 +141,33 @@ class Seeder:
         return self.set_status(task_id, status)["task"]
 
     def drain(self, role: str) -> None:
-        """Park every task the server would offer `role` (lock it with a parking agent), so
-        a shared server's leftovers cannot come before a test's own tasks."""
-        parker = unique_id("parker")
-        self.register(parker, role, "principal")
-        for _ in range(500):
-            task = self.next_task(role, "principal")
-            if task is None:
-                return
-            try:
-                self.lock(task["id"], parker)
-            except ApiError as err:
-                if err.status != 409:
-                    raise
-        raise RuntimeError(f"could not drain the {role} queue")
+        """Retire (to `committed`) every task of ours the server would offer `role`, so
+        our own leftovers cannot come before a test's new tasks.
+
+        A guest parks nothing it did not create: when a task that was on the server before
+        us (`foreign`) could be offered to `role`, it is left alone and `on_foreign` is
+        called with a message (tests skip), else RuntimeError.
+        """
+        tasks = (self.list_tasks(status="dev_done") if role == "qa" else
+                 [t for s in ("created", "approved") for t in self.list_tasks(status=s)
+                  if t.get("target_role") == role])
+        theirs = [t for t in tasks if not self.ours(t)]
+        if theirs:
+            ids = ", ".join(str(t["id"]) for t in theirs[:10])
+            message = (f"the server has {len(theirs)} task(s) {role} agents could be given "
+                       f"that this run did not create ({ids}); a guest does not park them")
+            if self.on_foreign:
+                self.on_foreign(message)
+            raise RuntimeError(message)
+        for task in tasks:
+            if task.get("locked_by"):
+                self.release(task["id"], "committed")
+            else:
+                self.set_status(task["id"], "committed")
+
+    def ours(self, task: dict[str, Any]) -> bool:
+        """True unless the task was on the server before this run (see `foreign`)."""
+        return self.foreign is None or (task["id"], task.get("created_at")) not in self.foreign
 
     def retire_created(self) -> None:
         """Move every task this seeder made to `committed`, unlocked, so that leftovers never
