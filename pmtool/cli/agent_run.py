@@ -66,7 +66,7 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
 
 
 @contextlib.contextmanager
-def _heartbeat(settings: Settings, agent_id: str | None, role: str,
+def _heartbeat(settings: "Settings", agent_id: str | None, role: str,
                level: str) -> Iterator[None]:
     """Keep the task's lock alive while the agent works: re-register every `heartbeat`
     seconds (the server drops the locks of agents unseen for 30 minutes, quirk 3), so every
@@ -75,7 +75,7 @@ def _heartbeat(settings: Settings, agent_id: str | None, role: str,
     if not agent_id:
         yield
         return
-    from pmtool.cli.work import server
+    from pmtool.cli.options import server
     from pmtool.work import heartbeat
 
     said: list[bool] = []
