@@ -624,21 +624,11 @@ class Runner:
     def _worktree(self, record: TaskRecord, repo: Path) -> str | None:
         """The task's own worktree (None: deferred, given back, because another task on
         this machine has its branch or the checkout: tasks never share a folder)."""
-        from pmtool.worktree import create_worktree
-
-        task = record.task
         try:
-            answer = create_worktree(repo, record.task_id, record.branch or task.get("branch"),
-                                     task.get("complexity") or "major", base=self.opts.base,
-                                     worktree_base=self.settings.worktree_base,
-                                     hooks_dir=self.hooks_dir,
-                                     hook_timeout=self.settings.hook_timeout,
-                                     context=self._context(record),
-                                     created_at=task.get("created_at"),
-                                     minor_in_checkout=bool(self.settings.values.get(
-                                         "minor_in_checkout")),
-                                     owner_pid=os.getpid(),
-                                     live_paths=self._live_worktrees(record))
+            answer, saved = work.task_workspace(self.store, self.opts.agent_id, repo,
+                                                self.settings, base=self.opts.base,
+                                                hooks_dir=self.hooks_dir,
+                                                owner_pid=os.getpid())
         except Conflict as exc:
             if exc.details.get("branch_in_use") or exc.details.get("checkout_in_use"):
                 # Wait for the other task: give this one back (the queue offers it again
@@ -654,10 +644,8 @@ class Runner:
         except OperationFailed as exc:  # pm-runner.sh: give_back "no worktree"
             self._give_back(record, f"no worktree: {exc.message}", kind=fl.FAILED)
             raise
-        cwd = answer.get("worktree") or str(repo)
-        work.update_record(self.store, self.opts.agent_id, worktree=cwd,
-                           branch=answer["branch"], step="worktree")
-        record.worktree, record.branch = cwd, answer["branch"]
+        cwd = str(saved.worktree)
+        record.worktree, record.branch = cwd, saved.branch
         self.event("worktree", task_id=record.task_id, path=answer.get("worktree"),
                    branch=answer["branch"], base=answer.get("base"),
                    created=answer.get("created"), lands_on=answer.get("lands_on"))
@@ -665,12 +653,6 @@ class Runner:
             self._give_back(record, "worktree_setup hook failed", kind=fl.HOOK)
             raise OperationFailed("worktree_setup hook failed", task_id=record.task_id)
         return cwd
-
-    def _live_worktrees(self, record: TaskRecord) -> list[str]:
-        """Worktrees the task records on this machine name (ours included): a pmtool
-        worktree none of them names, and no process works in, is a leftover."""
-        records, _corrupt = self.store.scan(quarantine=False)
-        return [r.worktree for r in [*records, record] if r.worktree]
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""

@@ -527,6 +527,47 @@ def update_record(store: RecordStore, agent_id: str, *, worktree: str | None = N
     return record, store.save(record)
 
 
+def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings: Any, *,
+                   branch: str | None = None, complexity: str | None = None,
+                   base: str | None = None, hooks_dir: str | Path | None = None,
+                   owner_pid: int | None = None) -> tuple[dict[str, Any], TaskRecord]:
+    """Give the agent's task its own workspace and write where into its record.
+
+    The one way both `pmtool worktree create --agent-id` and the run loop do it: the
+    record's branch first (what an earlier call chose), then the task's; the task's
+    complexity; the worktrees this machine's records name as live (a pmtool worktree none
+    of them names is a leftover); the task context for worktree_setup. `settings` is a
+    pmtool.config.Settings. Answers `(create_worktree's answer, the saved record)`; raises
+    what `create_worktree` raises (the record is then unchanged).
+    """
+    from pmtool.hooks import task_context
+    from pmtool.worktree import create_worktree, repo_root
+
+    record = store.need(agent_id)
+    task = record.task
+    records, _corrupt = store.scan(quarantine=False)
+    live = [r.worktree for r in [*records, record] if r.worktree]
+    root = repo_root(repo)
+    result = create_worktree(
+        root, record.task_id, branch or record.branch or task.get("branch"),
+        complexity or task.get("complexity") or "major", base=base,
+        worktree_base=settings.worktree_base,
+        hooks_dir=hooks_dir if hooks_dir is not None else settings.hooks_path(root),
+        hook_timeout=settings.hook_timeout,
+        context=task_context(record, state_dir=str(settings.state_path),
+                             api_url=settings.api_url),
+        created_at=task.get("created_at"), minor_in_checkout=bool(settings.minor_in_checkout),
+        owner_pid=owner_pid or record.pid, live_paths=live)
+    # Re-read: a heartbeat may have written the record while worktree_setup ran.
+    record = store.need(agent_id)
+    # The directory the agent works in: the worktree, or the repo for a minor task.
+    record.worktree, record.branch = result["path"], result["branch"]
+    record.step("worktree", path=result["path"], created=result["created"],
+                setup_ok=result["ok"])
+    store.save(record)
+    return result, record
+
+
 # -- giving work back and finishing -------------------------------------------------------
 
 

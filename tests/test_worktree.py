@@ -509,3 +509,25 @@ def test_a_leftover_worktree_frees_its_branch_only_when_nobody_has_it(repo: Path
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_python_caller_gives_a_record_its_workspace_as_the_cli_does(env: Path,
+                                                                      repo: Path) -> None:
+    """`work.task_workspace` is what `worktree create --agent-id` and the run loop call:
+    the library alone makes the worktree and writes it into the record."""
+    from pmtool import work
+    from pmtool.config import load_settings
+
+    save_record(env, {"id": 12, "branch": "feature/lib", "complexity": "major",
+                      "created_at": "2026-11-30T00:00:00"})
+    store = RecordStore(env / "state")
+    answer, record = work.task_workspace(store, "dev_001", repo, load_settings())
+    assert answer["ok"] and answer["created"] and answer["branch"] == "feature/lib"
+    assert Path(answer["path"]).is_dir()
+    assert git(answer["path"], "symbolic-ref", "--short", "HEAD") == "feature/lib"
+    kept = store.load("dev_001")
+    assert kept is not None and kept.worktree == record.worktree == answer["path"]
+    assert kept.branch == "feature/lib" and kept.steps[-1]["step"] == "worktree"
+    # A second call finds the same workspace, and says so.
+    again, _ = work.task_workspace(store, "dev_001", repo, load_settings())
+    assert again["path"] == answer["path"] and again["created"] is False

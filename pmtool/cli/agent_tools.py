@@ -76,45 +76,32 @@ def worktree_create(
     Example: pmtool worktree create 7 --branch feature/login --base main
     """
     from pmtool.hooks import task_context
+    from pmtool.work import task_workspace
     from pmtool.worktree import create_worktree
 
     task_id = resolve_task(task, task_id)
     settings = options().settings(hooks_dir=hooks_dir, worktree_base=worktree_base)
-    store, record = record_store(settings), None
     if agent_id:
+        store = record_store(settings)
         record = store.need(agent_id)
         if task_id is not None and task_id != record.task_id:
             raise UsageError(f"task {task_id} is not the task of {agent_id}'s record "
                              f"({record.task_id})")
-        task_id = record.task_id
-        # The record's branch first: it is what an earlier create chose (e.g. task-<id>).
-        branch = branch or record.branch or record.task.get("branch")
-        complexity = complexity or record.task.get("complexity")
-        context = task_context(record, state_dir=settings.state_path, api_url=settings.api_url)
+        result, _record = task_workspace(store, agent_id, _repo_of(repo, record), settings,
+                                         branch=branch, complexity=complexity, base=base)
+        result["record"] = str(store.path(agent_id))
     elif task_id is None:
         raise UsageError("give --agent-id, or the TASK (with --branch for a major task)",
                          hint="pmtool worktree create 7 --branch feature/login")
     else:
-        context = task_context(state_dir=settings.state_path, api_url=settings.api_url,
-                               task_id=task_id, branch=branch)
-    root = _repo_of(repo, record)
-    result = create_worktree(root, task_id, branch, complexity, base=base,
-                             worktree_base=settings.worktree_base,
-                             hooks_dir=settings.hooks_path(root),
-                             hook_timeout=settings.hook_timeout, context=context,
-                             created_at=record.task.get("created_at") if record else None,
-                             minor_in_checkout=settings.minor_in_checkout,
-                             owner_pid=record.pid if record else None,
-                             # With a record, the records on this machine tell a leftover
-                             # worktree (nobody's task) from one a task works in.
-                             live_paths=[r.worktree for r in store.scan(quarantine=False)[0]
-                                         if r.worktree] if record else None)
-    if record is not None:
-        # The directory the agent works in: the worktree, or the repo for a minor task.
-        record.worktree, record.branch = result["path"], result["branch"]
-        record.step("worktree", path=result["path"], created=result["created"],
-                    setup_ok=result["ok"])
-        result["record"] = str(store.save(record))
+        root = _repo_of(repo, None)
+        result = create_worktree(
+            root, task_id, branch, complexity, base=base,
+            worktree_base=settings.worktree_base, hooks_dir=settings.hooks_path(root),
+            hook_timeout=settings.hook_timeout,
+            context=task_context(state_dir=settings.state_path, api_url=settings.api_url,
+                                 task_id=task_id, branch=branch),
+            minor_in_checkout=settings.minor_in_checkout)
     if result.get("note"):
         say(f"pmtool: worktree: {result['note']}")
     ok = result.pop("ok")
