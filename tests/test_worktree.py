@@ -531,3 +531,30 @@ def test_a_python_caller_gives_a_record_its_workspace_as_the_cli_does(env: Path,
     # A second call finds the same workspace, and says so.
     again, _ = work.task_workspace(store, "dev_001", repo, load_settings())
     assert again["path"] == answer["path"] and again["created"] is False
+
+
+def test_a_branch_taken_between_the_look_and_the_add_is_waited_for(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runners on one branch at the same instant: both look, see it free, and add; the
+    second add fails in git. That is a task to defer, not a broken worktree."""
+    import inspect
+
+    from pmtool import worktree
+
+    real, looks = worktree.git_worktrees, []
+
+    def racing(root: str | Path) -> list:
+        seen = real(root)
+        if inspect.stack()[1].function == "create_worktree":
+            looks.append(1)
+            if len(looks) == 1:  # its look: the other runner adds right after it
+                git(repo, "worktree", "add", "-q", str(repo / ".worktrees" / "task-5"),
+                    "-b", "feature/race")
+        return seen
+
+    monkeypatch.setattr(worktree, "git_worktrees", racing)
+    with pytest.raises(Conflict) as err:
+        create_worktree(repo, 6, "feature/race")
+    assert err.value.details["branch_in_use"] is True
+    assert err.value.details["held_by_task"] == 5
+    assert len(looks) == 2  # it looked again after git refused the add
