@@ -57,6 +57,21 @@ class RecordCorrupt(OperationFailed):
     kind = "corrupt"
 
 
+class TaskFault(OperationFailed):
+    """A fault of one task, not of the machine: a branch git rejects, a worktree git
+    refuses, a worktree_setup that fails for good. The runner parks that task and goes on
+    to the next one; the same task would fail the same way on every machine."""
+
+    kind = "task_fault"
+
+
+class MachineFault(OperationFailed):
+    """A fault of this machine, not of a task: the repository or git missing. Every task
+    would fail the same way here: found before a claim, and never a reason to park."""
+
+    kind = "machine_fault"
+
+
 class UsageError(PmtoolError):
     kind = "usage"
     exit_code = EXIT_USAGE

@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from pmtool.errors import OperationFailed, TimeLimit, UsageError
+from pmtool.errors import MachineFault, OperationFailed, TimeLimit, UsageError
 
 # Long enough for `worktree add` checking out a large tree; queries pass shorter limits.
 TIMEOUT = 300.0
@@ -22,7 +22,7 @@ QUERY_TIMEOUT = 30.0
 QUIET_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GCM_INTERACTIVE": "never"}
 
 
-class GitMissing(OperationFailed):
+class GitMissing(MachineFault):
     """git is not installed (not on PATH): a fault of the machine, not of a task."""
 
 

@@ -2,7 +2,12 @@
 subcommands use, in the same order as `scripts/pm-runner.sh`:
 
     health (when due) -> recover own record -> claim -> pre_task hook -> worktree ->
-    exec-claude (with heartbeat) -> finish -> post_task hook -> remove worktree
+    exec-claude (with heartbeat) -> finish: leftover -> push -> status -> post_task hook
+    -> remove worktree -> close (pmtool.finish, each step noted in the record)
+
+A task the runner cannot work for reasons of its own (TaskFault: a branch git rejects,
+a worktree git refuses, a worktree_setup failing twice) is parked and the runner goes on;
+any other error gives the task back, so no task stays claimed with nobody on it.
 
 Every step is one event (a dict) handed to `emit`, and kept in the runner's event log
 (`StateDir.append_event`); the CLI prints them as JSON lines. The loop never releases a
@@ -20,6 +25,7 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
     verdict kept across a stop           `outcome=$(jq ... agent_finished ...)`
     pre_task failure (--on-hook-failure) always give_back (release); never asks
     worktree failure                     give_back "no worktree: ..."
+    poison task (TaskFault) -> parked    none: `worktree create` fails, give_back
     agent failure (--on-agent-failure)   retry once with --resume on exit 1/124, then
                                          give_back; no stop/release, --escalate or
                                          --task-budget-usd
@@ -29,6 +35,8 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
     server away (exit 4)                 `pause 10` (fixed), record kept
     cooldown after a give-back           the same: `lock release --kind` and `claim`
                                          (the library) skip the task while it cools
+    leftover committed, branch pushed    none: leftovers are rescued at the removal
+    finish completed after a kill        none: the record keeps the verdict only
     post_task never blocks               `hook run post_task` result not acted on
     worktree removal, rescue dirty work  `worktree remove --rescue`
     signals: stop after the step         trap INT TERM -> stopping=1
@@ -55,12 +63,16 @@ from pmtool.errors import (
     AuthError,
     ClaudeMissing,
     Conflict,
+    MachineFault,
     NothingToDo,
     OperationFailed,
     PmtoolError,
     ServerError,
+    TaskFault,
     UsageError,
 )
+from pmtool.faults import fault
+from pmtool.finish import kept_verdict
 from pmtool.policy import (
     POLICY_SETTINGS,
     AgentFailure,
@@ -96,10 +108,11 @@ class RunOptions:
     `pmtool.config.SPECS` give the defaults; `from_settings` takes them from a Settings.
 
     Reserved, not acted on yet (the settings exist so that flags, env and config files
-    can name them now): poll_interval, poll_max, keep_logs, leftover, push. The bounds
+    can name them now): poll_interval, poll_max, keep_logs. The bounds
     (max_attempts, retry_cooldown, max_bounces, max_consecutive_failures,
     daily_budget_usd, task_budget_usd) are pmtool.failures.Limits (`limits`); max_turns
-    goes to claude; grace is recover's.
+    goes to claude; grace is recover's; leftover and push are the finish's
+    (pmtool.finish).
     """
 
     agent_id: str
@@ -168,17 +181,6 @@ class RunOptions:
                          max_consecutive_failures=self.max_consecutive_failures,
                          task_budget_usd=self.task_budget_usd,
                          daily_budget_usd=self.daily_budget_usd)
-
-
-def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
-    """The verdict of an agent run that ended before a stop, if no run started since.
-    pm-runner.sh: `outcome=$(jq ... agent_finished ...)`."""
-    for step in reversed(record.steps):
-        if step.get("step") == "agent-done":
-            return step.get("verdict")
-        if step.get("step") in ("agent_starting", "agent_running"):
-            return None
-    return None
 
 
 def notify_event(event: dict[str, Any]) -> str | None:
@@ -495,7 +497,7 @@ class Runner:
                 raise Conflict(f"agent {self.opts.agent_id} has a task record whose runner "
                                f"(pid {entry['pid']}) is alive", fatal=True,
                                hint="stop that runner, or use another --agent-id")
-            if entry["action"] == "resume":
+            if entry["action"] in ("resume", "finish"):  # finish: the verdict was given
                 record, _ = work.update_record(self.store, self.opts.agent_id,
                                                runner_pid=os.getpid(), step="resumed")
                 self.event("resumed", task_id=record.task_id, session_id=record.session_id,
@@ -578,25 +580,73 @@ class Runner:
     def _repo(self) -> Path:
         from pmtool.worktree import repo_root
 
-        return repo_root(self.opts.repo or os.getcwd())
+        try:
+            return repo_root(self.opts.repo or os.getcwd())
+        except UsageError as exc:  # the machine's checkout, not the task's fault
+            raise MachineFault(exc.message, hint=exc.hint, **exc.details) from None
 
-    def _work(self, record: TaskRecord) -> bool:
-        """One task from claimed (or resumed) to finished (True) or given back (False)."""
-        repo = self._repo()
-        verdict = kept_verdict(record)
-        if verdict is None:
-            if not self._pre_task(record, repo):
-                return False
-            self._check_stop()
-            cwd = self._worktree(record, repo)
-            if cwd is None:
-                return False  # deferred: its branch or the checkout is another task's now
-            self._check_stop()
-            verdict = self._agent(record, cwd)
-            if verdict is None:
-                return False  # given back; a stop or a lost task raises instead
-        self._finish(record, verdict, repo)
-        return True
+    def _work(self, record: TaskRecord) -> bool | None:
+        """One task from claimed (or resumed) to finished (True), given back (False) or
+        parked as poison (None). No error leaves the task claimed with nobody on it: a
+        fault of the task parks it, any other error (but a stop, the server away, or a
+        policy's `stop`, which keep the record to resume) gives it back."""
+        repo = None
+        if kept_verdict(record) is None:
+            try:
+                repo = self._repo()
+                if not self._start(record, repo):
+                    return False
+            except TaskFault as exc:
+                self._poison(record, exc, repo)
+                return None
+            except (ServerError, Stop):
+                raise
+            except PmtoolError as exc:
+                if not exc.details.get("fatal") and self._safe_load() is not None:
+                    self._give_back(record, f"pmtool could not work it here: {exc.message}")
+                if isinstance(exc, MachineFault):
+                    exc.details["fatal"] = True  # every next task would fail the same way
+                raise
+        return self._finish(repo or self._repo())
+
+    def _start(self, record: TaskRecord, repo: Path) -> bool:
+        """pre_task, worktree, agent: True once the agent gave a verdict."""
+        self._check_branch(record, repo)
+        if not self._pre_task(record, repo):
+            return False
+        self._check_stop()
+        cwd = self._worktree(record, repo)
+        if cwd is None:
+            return False  # deferred: its branch or the checkout is another task's now
+        self._check_stop()
+        return self._agent(record, cwd) is not None  # None: given back
+
+    def _check_branch(self, record: TaskRecord, repo: Path) -> None:
+        """A branch git would reject is the task's fault: found before any hook or git
+        command sees it (TaskFault), so the task is parked at once."""
+        from pmtool.worktree import check_branch_name, default_branch, task_branch
+
+        if record.task.get("complexity") == "minor" or record.worktree:
+            return  # a minor task works on the base; a resumed one has its worktree
+        base = self.opts.base or default_branch(repo)
+        branch, _note = task_branch(record.branch or record.task.get("branch"), base,
+                                    record.task_id)
+        check_branch_name(repo, branch)
+
+    def _poison(self, record: TaskRecord, exc: TaskFault, repo: Path | None) -> None:
+        """A task that would fail the same way on any machine: park it for a person, keep
+        whatever its worktree holds, and go on to the next task."""
+        from pmtool.finish import remove_task_worktree
+
+        record = self._safe_load() or record
+        removed = remove_task_worktree(record, repo)
+        if removed:
+            self.event("worktree", task_id=record.task_id, **removed)
+        result = work.park(self.client, self.store, self.opts.agent_id, exc.message,
+                           cause="poison", error=exc.to_json(),
+                           rescued=(removed or {}).get("rescued"))
+        self.event("parked", task_id=record.task_id, cause="poison", reason=exc.message,
+                   action=result["action"], status=result.get("status"), error=exc.to_json())
 
     def _pre_task(self, record: TaskRecord, repo: Path) -> bool:
         # pm-runner.sh: a failing pre_task always gives the task back (release), no ask.
@@ -624,11 +674,14 @@ class Runner:
     def _worktree(self, record: TaskRecord, repo: Path) -> str | None:
         """The task's own worktree (None: deferred, given back, because another task on
         this machine has its branch or the checkout: tasks never share a folder)."""
+        self._plan_worktree(record, repo)
         try:
             answer, saved = work.task_workspace(self.store, self.opts.agent_id, repo,
                                                 self.settings, base=self.opts.base,
                                                 hooks_dir=self.hooks_dir,
                                                 owner_pid=os.getpid())
+        except TaskFault:
+            raise  # the task's own fault (its branch, its path): parked, not given back
         except Conflict as exc:
             if exc.details.get("branch_in_use") or exc.details.get("checkout_in_use"):
                 # Wait for the other task: give this one back (the queue offers it again
@@ -644,15 +697,44 @@ class Runner:
         except OperationFailed as exc:  # pm-runner.sh: give_back "no worktree"
             self._give_back(record, f"no worktree: {exc.message}", kind=fl.FAILED)
             raise
+        fault("worktree")
         cwd = str(saved.worktree)
         record.worktree, record.branch = cwd, saved.branch
         self.event("worktree", task_id=record.task_id, path=answer.get("worktree"),
                    branch=answer["branch"], base=answer.get("base"),
                    created=answer.get("created"), lands_on=answer.get("lands_on"))
         if not answer.get("ok", True):
-            self._give_back(record, "worktree_setup hook failed", kind=fl.HOOK)
-            raise OperationFailed("worktree_setup hook failed", task_id=record.task_id)
+            self._setup_again(record, repo, answer)
         return cwd
+
+    def _plan_worktree(self, record: TaskRecord, repo: Path) -> None:
+        """Name the worktree in the record before it exists: a kill while it is made
+        leaves recover a path to remove (pmtool.finish.remove_task_worktree)."""
+        from pmtool.worktree import worktree_path
+
+        if record.worktree or record.task.get("complexity") == "minor":
+            return
+        planned = str(worktree_path(repo, record.task_id, self.settings.worktree_base,
+                                    created_at=record.task.get("created_at")))
+        work.update_record(self.store, self.opts.agent_id, worktree=planned,
+                           step="worktree-planned")
+        record.worktree = planned
+
+    def _setup_again(self, record: TaskRecord, repo: Path, answer: dict[str, Any]) -> None:
+        """worktree_setup failed: run it once more (setup hooks are idempotent, README);
+        failing twice in a row, it fails for good: the task's fault."""
+        first = answer.get("hook") or {}
+        self.progress(f"worktree_setup failed (exit {first.get('exit_code')}); once more")
+        again, _saved = work.task_workspace(self.store, self.opts.agent_id, repo,
+                                            self.settings, base=self.opts.base,
+                                            hooks_dir=self.hooks_dir, owner_pid=os.getpid())
+        if again.get("ok", True):
+            return
+        hook = again.get("hook") or {}
+        why = ("timed out" if hook.get("timed_out") else f"exit {hook.get('exit_code')}")
+        tail = (hook.get("stderr") or "").strip()[-300:]
+        raise TaskFault(f"worktree_setup failed twice ({why})" + (f": {tail}" if tail else ""),
+                        task_id=record.task_id)
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""
@@ -682,6 +764,7 @@ class Runner:
             finally:
                 stop_agent.set()
                 beat.join(timeout=5)
+            fault("agent-end")
             record = self.store.load(opts.agent_id) or record
             self.event("agent", task_id=record.task_id, ok=result.get("ok"),
                        outcome=result.get("outcome"), summary=result.get("summary"),
@@ -792,6 +875,7 @@ class Runner:
         opts = self.opts
 
         def agent_progress(event: dict[str, Any]) -> None:
+            fault({"init": "agent-start", "tool": "agent-tool"}.get(event.get("event"), ""))
             line = describe_event(event)
             if line:
                 self.progress(line)
@@ -863,7 +947,10 @@ class Runner:
                        hint="its work is kept (branch, rescue ref); see the `lost` event")
 
     def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED) -> None:
-        result = work.release(self.client, self.store, self.opts.agent_id, notes=why,
+        from pmtool.finish import runs_note
+
+        result = work.release(self.client, self.store, self.opts.agent_id,
+                              notes=why + runs_note(self.store, self.opts.agent_id),
                               kind=kind, limits=self.limits)
         # The event when it happened, before the worktree goes (as _finish does; the
         # script's `lock release` then `worktree remove` print in this order too).
@@ -876,63 +963,20 @@ class Runner:
             self.progress(f"task {record.task_id} parked for a person: {result['parked']}")
         self._remove_worktree(record)
 
-    def _finish(self, record: TaskRecord, verdict: dict[str, Any], repo: Path) -> None:
-        record = self.store.load(self.opts.agent_id) or record  # the agent's runs added cost
-        landing = self._land_minor(record, verdict, repo)
-        notes = self._summary(record, verdict)
-        if landing:
-            notes += "\n" + landing
-        result = work.finish(self.client, self.store, self.opts.agent_id, verdict["outcome"],
-                             notes=notes, limits=self.limits)
-        self.event("finished", task_id=record.task_id, outcome=verdict["outcome"],
-                   status=result.get("status"), action=result.get("action"),
-                   summary=verdict.get("summary"), cost_usd=round(record.cost_usd, 6),
-                   parked=result.get("parked"))
-        if result.get("parked"):
-            self.event("parked", task_id=record.task_id, reason=result["parked"])
-            self.progress(f"task {record.task_id} parked for a person: {result['parked']}")
-        # post_task never blocks: its result is reported, not acted on (pm-runner.sh too).
-        self._hook("post_task", record, str(repo), **verdict, status=result.get("status"))
-        self._remove_worktree(record)
+    def _finish(self, repo: Path) -> bool:
+        """leftover -> push -> status -> post_task -> worktree -> closed, each step noted in
+        the record, so a kill anywhere is completed by the next start (pmtool.finish).
+        False when the task was given back (its leftover went to a rescue ref)."""
+        from pmtool.finish import FinishPlan, finish_task
 
-    def _land_minor(self, record: TaskRecord, verdict: dict[str, Any],
-                    repo: Path) -> str | None:
-        """A minor task's work lands on the base by fast-forward, or stays on its branch
-        for review; the sentence for the notes says which."""
-        from pmtool.worktree import default_branch, land
-
-        # A developer's `done`, or QA's `pass` of work left on its branch for review.
-        if (record.task.get("complexity") != "minor" or not record.worktree
-                or verdict.get("outcome") not in ("done", "pass")
-                or os.path.realpath(record.worktree) == os.path.realpath(repo)):
-            return None
-        base = self.opts.base or default_branch(repo)
-        try:
-            answer = land(repo, record.worktree, base)
-        except PmtoolError as exc:
-            answer = {"landed": False, "branch": record.branch, "base": base,
-                      "reason": exc.message}
-        if answer.get("nothing_to_land"):
-            return None  # e.g. QA of work that had already landed
-        self.event("landed" if answer["landed"] else "not_landed", task_id=record.task_id,
-                   branch=answer.get("branch"), base=answer.get("base"),
-                   head=answer.get("head"), reason=answer.get("reason"))
-        return answer.get("note") or (f"minor task: left on branch {record.branch} for "
-                                      f"review, not on {base}: {answer.get('reason')}")
-
-    def _summary(self, record: TaskRecord, verdict: dict[str, Any]) -> str:
-        from pmtool import git
-
-        commit = git.last_commit(record.worktree) if record.worktree else None
-        parts = [f"pmtool: {verdict['outcome']}", f"model {verdict.get('model')}",
-                 f"{verdict.get('num_turns')} turns", f"${record.cost_usd:.4f}",
-                 f"{verdict.get('duration_s')}s", f"branch {record.branch}"]
-        if commit:
-            parts.append(f"last commit {commit}")
-        text = ", ".join(parts)
-        if verdict.get("summary"):
-            text += f"\n{verdict['summary']}"
-        return text
+        plan = FinishPlan(repo=repo, hooks_dir=self.hooks_dir, base=self.opts.base,
+                          hook_timeout=self.settings.hook_timeout,
+                          leftover=str(self.opts.leftover), push=self.opts.push,
+                          state_dir=str(self.settings.state_path),
+                          api_url=self.settings.api_url, limits=self.limits)
+        result = finish_task(self.client, self.store, self.opts.agent_id, plan,
+                             emit=self.event)
+        return result["action"] != "given_back"
 
     def _remove_worktree(self, record: TaskRecord) -> str | None:
         """Remove the task's worktree; a dirty one is rescued to a ref first, never lost.

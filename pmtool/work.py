@@ -23,7 +23,6 @@ import contextlib
 import os
 import random
 import re
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,8 @@ from pmtool.errors import (
     UsageError,
     detail_text,
 )
+from pmtool.faults import FAULT_ENV  # noqa: F401 (re-exported)
+from pmtool.faults import fault as _fault
 from pmtool.models import same_task
 from pmtool.records import RecordStore, TaskRecord, now_iso, process_started
 
@@ -62,24 +63,11 @@ UNDER_WORK = "under_work"
 DEV_PICK = ("created", "approved")
 QA_PICK = ("dev_done",)
 
-# Test-only fault injection. `PMTOOL_FAULT=after-lock` makes the claiming process SIGKILL
-# itself at that point, so tests can check that `recover` copes with a crash anywhere.
-# `PMTOOL_FAULT=pause-before-lock` makes it SIGSTOP itself once, before its first lock
-# call, so a test can SIGCONT many claimers at the same instant.
-FAULT_ENV = "PMTOOL_FAULT"
+# Test-only fault injection (pmtool.faults): PMTOOL_FAULT=after-lock kills the claiming
+# process at that point, so tests can check that `recover` copes with a crash anywhere.
 FAULT_POINTS = ("before-lock", "after-lock", "after-status", "after-record")
-_paused: list[bool] = []
 
 RECOVER_HINT = "the record keeps the claim; run `pmtool recover` when the server is back"
-
-
-def _fault(point: str) -> None:
-    fault = os.environ.get(FAULT_ENV)
-    if fault == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif fault == f"pause-{point}" and not _paused:
-        _paused.append(True)
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass
@@ -817,7 +805,9 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
             settle: float = DEFAULT_SETTLE,
             sleep: Callable[[float], None] = time.sleep,
             grace: float = DEFAULT_GRACE, limits: fl.Limits | None = None,
-            now: float | None = None) -> list[dict[str, Any]]:
+            now: float | None = None,
+            finisher: Callable[[TaskRecord], dict[str, Any]] | None = None
+            ) -> list[dict[str, Any]]:
     """Reconcile the records on this machine with the server; one entry per record.
 
     `action` is `running` (the runner lives: left alone), `resume` (still ours and under
@@ -830,6 +820,11 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
     `rescued`), or `corrupt` (quarantined). Only `agent_id` (the agent's own runner
     starting again) resumes; every record (`--all`, cron) waits or is given back. A
     record of this very process is its own and is reconciled, never `running`.
+    A record whose agent had given its verdict is never released or kept waiting: its
+    finish is completed (`finished`, by `finisher`, e.g. pmtool.finish.finish_task) or
+    left to the agent's runner (`finish`, without a finisher). Before anything is done for
+    a record whose runner died, the processes that runner left (its agent, hooks, anything
+    working in its worktree) are ended (`ended`: their pids; pmtool.orphans).
     `stale_runner` is true when the record's runner pid was dead. With `give_back`, tasks
     are given back at once, grace or not. `dry_run` changes nothing. Raises NothingToDo
     when there were no records, ServerError (records untouched) when the server cannot
@@ -870,14 +865,18 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
             if task is not None and not same_task(record.task, task):
                 # The id now names another task (quirk 9: ids are reused): ours is gone.
                 entry["id_reused"], task = True, None
+            if not dry_run:
+                entry["ended"] = _end_orphans(store, record)
             if not agent_id and not give_back and record.pid != me:
                 dead = _dead_for(store, record, now)
                 entry["dead_for_s"] = round(dead)
                 give_back_now = dead >= grace
             else:
                 give_back_now = give_back
-            _reconcile(client, store, record, task, entry, dry_run, give_back_now, settle,
-                       sleep, wait=not agent_id and not give_back_now, limits=limits)
+            if not _finish_phase(record, entry, dry_run, finisher):
+                _reconcile(client, store, record, task, entry, dry_run, give_back_now,
+                           settle, sleep, wait=not agent_id and not give_back_now,
+                           limits=limits)
         if dry_run:
             entry["dry_run"] = True
         entries.append(entry)
@@ -919,6 +918,42 @@ def _corrupt_task(client: Any, path: Path, entry: dict[str, Any], dry_run: bool)
         _release_on_server(client, agent_id, task, back,
                            f"{agent_id}: given back by pmtool recover: the task record on "
                            f"this machine was corrupt (kept as {path})")
+
+
+def _end_orphans(store: RecordStore, record: TaskRecord) -> list[int]:
+    """End what the record's dead runner left running, before its task moves on. A record
+    of this very process (a runner recovering its own record) has no orphans: its children
+    are its own, watchers a setup hook left on purpose included."""
+    from pmtool import orphans
+    from pmtool.finish import task_tree
+    from pmtool.worktree import forget_setup
+
+    if record.pid == os.getpid():
+        return []
+    tree = task_tree(record)
+    ended = orphans.end(record, tree, store.state_dir)
+    if ended and tree is not None:
+        forget_setup(tree)  # what setup started may be among them: the resume sets up again
+    return ended
+
+
+def _finish_phase(record: TaskRecord, entry: dict[str, Any], dry_run: bool,
+                  finisher: Callable[[TaskRecord], dict[str, Any]] | None) -> bool:
+    """A record whose agent gave its verdict is finished, never released (the server
+    may already show the new status: that is our own doing, not someone else's)."""
+    from pmtool.finish import kept_verdict
+
+    verdict = kept_verdict(record)
+    if verdict is None:
+        return False
+    entry.update(action="finish", outcome=verdict.get("outcome"),
+                 reason="the agent gave its verdict; its finish is to be completed")
+    if dry_run or finisher is None:
+        return True
+    result = finisher(record)
+    entry.update(action="finished", reason=f"finish completed: {result.get('action')} "
+                 f"({result.get('status')})", result=result)
+    return True
 
 
 def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:

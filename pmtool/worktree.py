@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from pmtool import git
-from pmtool.errors import Conflict, NothingToDo, OperationFailed, UsageError
+from pmtool.errors import Conflict, NothingToDo, OperationFailed, TaskFault, UsageError
+from pmtool.faults import fault
 
 RESCUE_PREFIX = "refs/pmtool/rescue"
 DEFAULT_DIR = ".worktrees"
@@ -58,6 +59,10 @@ MINOR_PREFIX = "pmtool/"  # short-lived branches of minor tasks: pmtool/task-<id
 CHECKOUT_CLAIM = "pmtool-checkout.json"  # in the git common dir: who works in the checkout
 # Branch names a major task must never work on directly (see `task_branch`).
 TRUNK_NAMES = ("main", "master", "trunk", "develop")
+# A ref is a file under .git/refs (and refs/remotes/origin/ when pushed): most file systems
+# take 255 bytes per name, so a longer branch fails in the middle of a worktree add.
+BRANCH_MAX_BYTES = 200
+LEFTOVER_MESSAGE = "pmtool: uncommitted work the agent left on task {task_id}"
 
 
 # -- running git ---------------------------------------------------------------------------
@@ -202,8 +207,19 @@ def task_branch(branch: str | None, base: str, task_id: int) -> tuple[str, str |
 
 
 def check_branch_name(repo: str | Path, branch: str) -> None:
-    if not _ok(repo, "check-ref-format", "--branch", branch):
-        raise UsageError(f'"{branch}" is not a valid git branch name')
+    """TaskFault unless `branch` is a name git takes as a branch (`--upload-pack=x`,
+    `../../etc`, `a b`, `a..b`, `-b` are not), and short enough for a ref file.
+
+    Checked before any git command that could read the name as an option or a path;
+    `check-ref-format --branch NAME` itself takes NAME as an operand, whatever it starts with.
+    """
+    if not branch or len(branch.encode()) > BRANCH_MAX_BYTES:
+        raise TaskFault(f"the task's branch name is empty or longer than {BRANCH_MAX_BYTES} "
+                        f"bytes ({len(branch.encode())})", branch=branch[:100],
+                        hint="give the task a shorter branch name")
+    if branch.startswith("-") or not _ok(repo, "check-ref-format", "--branch", branch):
+        raise TaskFault(f'"{branch}" is not a valid git branch name', branch=branch,
+                        hint="give the task a branch git accepts (git check-ref-format)")
 
 
 def workspace_name(task_id: int, created_at: str | None = None) -> str:
@@ -525,8 +541,9 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                            "never shares another task's worktree", branch=branch,
                            checked_out_at=taken.path, held_by_task=_label(taken)[0],
                            branch_in_use=True)
-        raise OperationFailed(f"git worktree add failed: {added.stderr.strip()}",
-                              path=str(path), branch=branch)
+        # The task's branch or path, not the machine: park the task, go on to the next one.
+        raise TaskFault(f"git worktree add failed: {added.stderr.strip()}",
+                        path=str(path), branch=branch)
     answer.update(path=str(path), worktree=str(path), branch=branch, created=True,
                   branch_source=source)
     _setup(answer, hooks_dir, hook_timeout, context, root)
@@ -554,7 +571,9 @@ def _existing(answer: dict[str, Any], wt: GitWorktree, branch: str,
         # Not switched: the worktree may hold work on the branch it has.
         answer["note"] = (f"the worktree has {wt.branch or 'a detached HEAD'} checked out, "
                           f"not {branch}; left as it is")
-    if _setup_state(Path(wt.path)) == "failed":
+    # Not "ok": it failed, or a kill cut it short ("running"), or the worktree was made
+    # before its marker: run it again (setup hooks must be idempotent, README).
+    if _setup_state(Path(wt.path)) != "ok":
         _setup(answer, hooks_dir, hook_timeout, context, root)
     return answer
 
@@ -582,14 +601,29 @@ def _setup(answer: dict[str, Any], hooks_dir: str | Path | None, hook_timeout: f
     ctx = {**(context or {}), "task_id": answer["task_id"], "worktree": answer["path"],
            "branch": answer["branch"], "base": answer["base"], "repo": str(root),
            "complexity": answer["complexity"]}
+    marker = _setup_marker(Path(answer["path"]))
+    _mark_setup(marker, {"state": "running", "at": _stamp()})
+    fault("setup")
     result = run_hook(SETUP_HOOK, hooks_dir, ctx, timeout=hook_timeout, cwd=answer["path"])
     answer["hook"] = result
     answer["ok"] = result["ok"]
-    marker = _setup_marker(Path(answer["path"]))
+    _mark_setup(marker, {"state": "ok" if result["ok"] else "failed", "at": _stamp(),
+                         "exit_code": result["exit_code"]})
+
+
+def forget_setup(path: str | Path) -> None:
+    """Make the next `create_worktree` of this worktree run worktree_setup again: what it
+    started (a watcher, a dev server) was ended with a dead runner's orphans."""
+    if Path(path).is_dir():
+        _mark_setup(_setup_marker(Path(path)), {"state": "ended", "at": _stamp()})
+
+
+def _mark_setup(marker: Path | None, state: dict[str, Any]) -> None:
     if marker:
         with contextlib.suppress(OSError):
-            marker.write_text(json.dumps({"state": "ok" if result["ok"] else "failed",
-                                          "at": _stamp(), "exit_code": result["exit_code"]}))
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, marker)
 
 
 # -- dirty state and rescue ------------------------------------------------------------
@@ -680,6 +714,25 @@ def _rescue_commit(root: Path, path: Path, label: str,
         for i in range(0, len(taken), 200):
             _git(path, "add", "-f", "--", *taken[i:i + 200], env=env)
         tree = _out_env(path, env, "write-tree")
+    found = _same_rescue(root, label, tree, head)
+    if found:
+        # The same content, already saved (a finish that rescued and was then cut short,
+        # or rescued before the worktree went): one ref, not two copies.
+        ref, commit = found
+    else:
+        ref, commit = _new_rescue(root, path, label, tree, head)
+    diff_args = ["diff-tree", "-r", "-z", "--no-renames", "--name-status"]
+    diff = _out(root, *diff_args, head, commit) if head else _out(root, *diff_args, "--root",
+                                                                   commit)
+    fields = diff.split("\0")
+    files = [{"status": fields[i], "path": fields[i + 1]}
+             for i in range(0, len(fields) - 1, 2)]
+    return {"ref": ref, "commit": commit, "head": head or None, "files": files,
+            "ignored_included": taken, "ignored_left": left,
+            "restore": f"git switch -c rescued-{label} {ref}"}
+
+
+def _new_rescue(root: Path, path: Path, label: str, tree: str, head: str) -> tuple[str, str]:
     message = (f"pmtool rescue of {label}\n\nworktree: {path}\nrepo: {root}\n"
                f"head: {head or '(none)'}\n")
     commit_args = ["commit-tree", "--no-gpg-sign", tree, "-m", message]
@@ -690,19 +743,20 @@ def _rescue_commit(root: Path, path: Path, label: str,
     for n in range(2, 50):
         # The empty old value makes update-ref refuse to overwrite an existing rescue.
         if _ok(root, "update-ref", ref, commit, ""):
-            break
+            return ref, commit
         ref = f"{RESCUE_PREFIX}/{label}/{_stamp()}-{n}"
-    else:
-        raise OperationFailed(f"could not create a rescue ref for {label}")
-    diff_args = ["diff-tree", "-r", "-z", "--no-renames", "--name-status"]
-    diff = _out(root, *diff_args, head, commit) if head else _out(root, *diff_args, "--root",
-                                                                   commit)
-    fields = diff.split("\0")
-    files = [{"status": fields[i], "path": fields[i + 1]}
-             for i in range(0, len(fields) - 1, 2)]
-    return {"ref": ref, "commit": commit, "head": head or None, "files": files,
-            "ignored_included": taken, "ignored_left": left,
-            "restore": f"git switch -c rescued-{label} {ref}"}
+    raise OperationFailed(f"could not create a rescue ref for {label}")
+
+
+def _same_rescue(root: Path, label: str, tree: str, head: str) -> tuple[str, str] | None:
+    """The newest rescue ref of `label` holding exactly `tree` on top of `head`, if any."""
+    refs = _out(root, "for-each-ref", "--sort=-refname",
+                "--format=%(refname) %(objectname) %(tree) %(parent)", f"{RESCUE_PREFIX}/{label}")
+    for line in refs.splitlines():
+        ref, commit, its_tree, *parent = line.split(" ")
+        if its_tree == tree and (parent[0] if parent else "") == (head or ""):
+            return ref, commit
+    return None
 
 
 def _out_env(path: Path, env: dict[str, str], *args: str) -> str:
@@ -762,6 +816,59 @@ def rescue(repo: str | Path, path_or_task_id: str | int | Path,
     if not dirty_paths(wt.path) and not _unreachable_head(wt.path):
         raise NothingToDo(f"{wt.path} has nothing uncommitted to rescue")
     return _rescue_commit(root, Path(wt.path), label, include_ignored)
+
+
+# -- after the agent: leftover work, push ------------------------------------------------
+
+def commit_leftover(path: str | Path, task_id: int) -> dict[str, Any] | None:
+    """Commit what the agent left uncommitted in `path` (tracked and untracked files, not
+    ignored ones) on the branch checked out there, as a commit of its own whose message
+    says pmtool made it; None when the tree is clean.
+
+    Answers `{"commit", "files"}`. Commit hooks are skipped (`--no-verify`): a hook that
+    refuses would leave the work where no reviewer looks. Raises OperationFailed when git
+    cannot commit (the caller rescues to a ref instead).
+    """
+    where = Path(path)
+    dirty = dirty_paths(where)
+    if not dirty:
+        return None
+    _git(where, "add", "-A", "--", ".")
+    message = (LEFTOVER_MESSAGE.format(task_id=task_id) + "\n\nThe agent stopped with "
+               "these changes uncommitted; pmtool committed them so that they are on the "
+               "task branch, where the next person looks.\n\nCommitted-by: pmtool\n")
+    _git(where, "commit", "--no-verify", "--no-gpg-sign", "-q", "-m", message,
+         env=_identity_env(where))
+    return {"commit": _out(where, "rev-parse", "HEAD"), "files": [d["path"] for d in dirty]}
+
+
+def remotes(repo: str | Path) -> list[str]:
+    """The repository's remotes (`origin` first when there is one)."""
+    names = _out(repo, "remote").split()
+    return sorted(names, key=lambda name: name != "origin")
+
+
+def push_branch(repo: str | Path, branch: str) -> dict[str, Any]:
+    """Push `branch` to the repository's remote (origin if there is one), never forced.
+
+    Answers `{"pushed", "remote", "branch"}` plus `reason` when not pushed (no remote, a
+    bad name, git refused: its words). Never raises for the push's sake: a branch that did
+    not get out stays on this machine and the task's notes say so.
+    """
+    answer: dict[str, Any] = {"pushed": False, "remote": None, "branch": branch}
+    names = remotes(repo)
+    if not names:
+        return {**answer, "reason": "the repository has no remote"}
+    answer["remote"] = names[0]
+    try:
+        check_branch_name(repo, branch)
+    except TaskFault as exc:
+        return {**answer, "reason": exc.message}
+    ref = f"refs/heads/{branch}"
+    proc = _git(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}", check=False)
+    if proc.returncode != 0:
+        return {**answer, "reason": f"git push failed: {proc.stderr.strip()[-300:]}"}
+    return {**answer, "pushed": True}
 
 
 # -- remove, list, prune -------------------------------------------------------------------

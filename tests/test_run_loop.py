@@ -153,8 +153,11 @@ def test_single_task_major_goes_to_dev_done_on_its_branch(world: World) -> None:
     assert finished["outcome"] == "done" and finished["status"] == "dev_done"
     server_task = world.status(task["id"])
     assert server_task["status"] == "dev_done" and server_task["locked_by"] is None
-    assert "pmtool: done, model sonnet, 3 turns" in server_task["notes"]
-    assert f"branch {task['branch']}" in server_task["notes"]
+    notes = server_task["notes"]
+    assert "pmtool: done; branch " in notes and "model sonnet, 3 turns" in notes
+    head = world.git("rev-parse", task["branch"])
+    assert f"branch {task['branch']} at {head[:12]}" in notes  # where the work is
+    assert "not pushed (push is off)" in notes and "over 1 runs" in notes
     # The agent's commit is on the task branch, not on main; the worktree is gone.
     assert "backend_dev notes" in world.git("log", "-1", "--format=%s", task["branch"])
     assert "fake agent" not in world.git("log", "-1", "--format=%s", "main")
@@ -183,20 +186,44 @@ def test_every_event_is_kept_in_the_runners_event_log(world: World) -> None:
     assert oct(state.logs_dir.stat().st_mode & 0o777) == "0o700"  # transcripts kept private
 
 
-def test_uncommitted_work_is_rescued_to_a_ref_when_the_worktree_goes(world: World) -> None:
+def test_uncommitted_work_is_committed_by_pmtool_on_the_task_branch(world: World) -> None:
     task = world.task()
     run = world.run("--single-task", env={"PMTOOL_FAKE_AGENT_NO_COMMIT": "1"})
     assert run.code == 0, run.stderr
     removed = run.of("worktree")[-1]
-    assert removed["removed"] is True
-    ref = removed["rescued"]
-    assert ref.startswith(f"refs/pmtool/rescue/task-{task['id']}/")
+    assert removed["removed"] is True and removed["rescued"] is None
     assert not Path(removed["path"]).exists()
+    # The agent's file is on the task branch, in a commit of its own that says who made it.
+    subject = world.git("log", "-1", "--format=%s", task["branch"])
+    assert subject == f"pmtool: uncommitted work the agent left on task {task['id']}"
+    assert f"worked on task {task['id']}" in world.git(
+        "show", f"{task['branch']}:notes/task-{task['id']}.md")
+    head = world.git("rev-parse", task["branch"])
+    server_task = world.status(task["id"])
+    assert server_task["status"] == "dev_done"
+    assert f"uncommitted work committed by pmtool as {head[:12]}" in server_task["notes"]
+
+
+def test_leftover_rescue_keeps_the_work_on_a_ref_and_gives_the_task_back(
+        world: World) -> None:
+    task = world.task()
+    run = world.run("--single-task", "--leftover", "rescue",
+                    env={"PMTOOL_FAKE_AGENT_NO_COMMIT": "1"})
+    assert run.code == 1, run.stderr  # not finished: given back
+    finished = run.of("finished")[0]
+    ref = finished["rescued"]
+    assert finished["action"] == "given_back" and ref.startswith(
+        f"refs/pmtool/rescue/task-{task['id']}/")
     # Every byte of the uncommitted file is in the rescue ref; the task branch is untouched.
     rescued = world.git("show", f"{ref}:notes/task-{task['id']}.md")
     assert f"backend_dev worked on task {task['id']}" in rescued
     assert "fake agent" not in world.git("log", "-1", "--format=%s", task["branch"])
-    assert f"uncommitted work kept at {ref}" in run.stderr
+    assert run.of("worktree")[-1]["rescued"] == ref  # one ref, not a second copy
+    assert world.git("for-each-ref", f"refs/pmtool/rescue/task-{task['id']}").count("\n") == 0
+    server_task = world.status(task["id"])
+    assert server_task["status"] == "created" and f"saved at {ref}" in server_task["notes"]
+    closed = StateDir(world.state).history(task_id=task["id"], kind="closed")
+    assert [h["outcome"] for h in closed] == ["released"]
 
 
 def test_single_task_with_nothing_to_do_exits_3(world: World) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import pmtool
-from pmtool.errors import Conflict, NothingToDo, UsageError
+from pmtool.errors import Conflict, NothingToDo, TaskFault, UsageError
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.worktree import (
     create_worktree,
@@ -259,7 +259,7 @@ def test_not_a_repository_and_bad_input(env: Path, repo: Path) -> None:
     assert res.code == 2 and "git repository" in res.out["error"]["message"]
     with pytest.raises(UsageError):
         repo_root(plain)
-    with pytest.raises(UsageError):
+    with pytest.raises(TaskFault):  # the task's fault: its runner parks it
         create_worktree(repo, 1, "bad..name")
     with pytest.raises(UsageError):
         create_worktree(repo, 1, "b", base="no-such-base")

@@ -17,7 +17,8 @@ from pmtool.cli.options import AgentId, Level, Role, Settle
 from pmtool.errors import UsageError
 
 COLOURS = {"claimed": "36", "resumed": "36", "finished": "32", "error": "31", "idle": "2",
-           "stopped": "33", "agent": "35", "hook": "34", "worktree": "34", "health": "2"}
+           "stopped": "33", "parked": "33", "agent": "35", "hook": "34", "worktree": "34",
+           "health": "2"}
 
 
 def _progress_view(event: dict[str, Any]) -> str:
@@ -39,6 +40,7 @@ def _progress_view(event: dict[str, Any]) -> str:
                            f"${e.get('total_cost_usd') or 0:.4f}"
                            + (" (timed out)" if e.get("timed_out") else ""),
         "finished": lambda e: f"{e.get('outcome')} -> {e.get('status') or e.get('reason')}",
+        "parked": lambda e: f"{e.get('cause')}: {e.get('reason')} (status {e.get('status')})",
         "error": lambda e: e["error"]["message"],
         "idle": lambda e: "no task; still looking",
         "stopped": lambda e: f"{plural(e.get('tasks_done') or 0, 'task')} done"
@@ -184,10 +186,12 @@ def run_cmd(
         help="Reserved: days to keep transcripts and event logs "
              "[env PMTOOL_KEEP_LOGS, default 30].")] = None,
     leftover: Annotated[str | None, typer.Option(
-        help="Reserved: uncommitted work an agent leaves: commit or rescue "
+        help="Uncommitted work an agent leaves: commit (on the task branch, a commit of "
+             "pmtool's own) or rescue (to a ref, and the task is given back) "
              "[env PMTOOL_LEFTOVER, default commit].")] = None,
     push: Annotated[bool | None, typer.Option(
-        "--push/--no-push", help="Reserved: push task branches [env PMTOOL_PUSH, default no].")
+        "--push/--no-push", help="Push the task branch to the repository's remote before "
+                                 "the status is set [env PMTOOL_PUSH, default no].")
     ] = None,
     grace: Annotated[float | None, typer.Option(
         help="Seconds a dead runner's task waits before it is given back "

@@ -198,10 +198,15 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
     Example: pmtool finish --agent-id qa_001 --outcome fail --notes "login 500s on empty password"
     """
     from pmtool.bounds import limits_from
-    from pmtool.work import finish
+    from pmtool.finish import notes_for
+    from pmtool.work import finish, outcome_status
 
     settings = options().settings()
-    result = finish(server(settings), record_store(settings), agent_id, outcome, notes=notes,
+    store = record_store(settings)
+    record = store.need(agent_id)
+    outcome_status(record.role, outcome, record.previous_status)  # a bad outcome: exit 2 first
+    result = finish(server(settings), store, agent_id, outcome,
+                    notes=notes_for(store, agent_id, outcome, notes),
                     limits=limits_from(settings))
     if result.get("parked"):
         say(f"pmtool: task {result['task_id']} parked for a person: {result['parked']}")
@@ -258,6 +263,7 @@ def recover_cmd(
     """
     from pmtool.bounds import limits_from, parked_tasks
     from pmtool.errors import NothingToDo, PmtoolError
+    from pmtool.finish import FinishPlan, finisher
     from pmtool.ops import prune_logs
     from pmtool.work import recover, recover_orphans
 
@@ -276,15 +282,17 @@ def recover_cmd(
         emit({"orphans": found, "counts": tally, "dry_run": dry_run})
         return
     pruned = None if dry_run else prune_logs(settings.state_path, settings.keep_logs)
-    client = server(settings)
+    client, store = server(settings), record_store(settings)
+    limits = limits_from(settings)
+    complete = finisher(client, store, FinishPlan.from_settings(settings, limits=limits))
     try:
         parked = parked_tasks(client)
     except PmtoolError:
         parked = None  # recover itself says whether the server can be read
     try:
-        entries = recover(client, record_store(settings), agent_id=agent_id,
-                          all_=all_, dry_run=dry_run, give_back=give_back, settle=settle,
-                          grace=settings.grace, limits=limits_from(settings))
+        entries = recover(client, store, agent_id=agent_id, all_=all_, dry_run=dry_run,
+                          give_back=give_back, settle=settle, grace=settings.grace,
+                          limits=limits, finisher=complete)
     except NothingToDo as exc:
         exc.details["parked"] = parked
         raise
