@@ -58,13 +58,22 @@ class FinishPlan:
     api_url: str | None = None
     base: str | None = None  # where a minor task lands (default: the repo's default branch)
     limits: Any = None  # pmtool.failures.Limits: the bounce cap for QA's fail, attempts
+    settings: Any = None  # when given, the hooks folder is found for the task's repo
+
+    def hooks(self, repo: Path | None) -> str | None:
+        """The hooks folder: as given, or the settings' one found for `repo` (a relative
+        folder is the repo's, not the directory cron runs recover in)."""
+        if self.settings is not None:
+            return str(self.settings.hooks_path(repo))
+        return self.hooks_dir
 
     @classmethod
     def from_settings(cls, settings: Any, **given: Any) -> FinishPlan:
         values = {"hooks_dir": settings.hooks_dir, "hook_timeout": settings.hook_timeout,
                   "leftover": str(settings.values.get("leftover", "commit")),
                   "push": bool(settings.values.get("push", False)),
-                  "state_dir": str(settings.state_path), "api_url": settings.api_url}
+                  "state_dir": str(settings.state_path), "api_url": settings.api_url,
+                  "settings": settings}
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(**values)
 
@@ -375,7 +384,7 @@ def _post_task(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
     ctx = task_context(record, state_dir=plan.state_dir, api_url=plan.api_url, **verdict,
                        status=status.get("status"), action=status.get("action"),
                        head=status.get("head"))
-    result = run_hook("post_task", plan.hooks_dir, ctx, timeout=plan.hook_timeout,
+    result = run_hook("post_task", plan.hooks(repo), ctx, timeout=plan.hook_timeout,
                       cwd=str(repo) if repo else None)
     fault("post-task")
     emit("hook", record.task_id, hook="post_task", ok=result["ok"],

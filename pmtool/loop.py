@@ -599,8 +599,8 @@ class Runner:
             except TaskFault as exc:
                 self._poison(record, exc, repo)
                 return None
-            except (ServerError, Stop):
-                raise
+            except (ServerError, Stop, ClaudeMissing):
+                raise  # the record is kept: the server comes back, a person fixes claude
             except PmtoolError as exc:
                 if not exc.details.get("fatal") and self._safe_load() is not None:
                     self._give_back(record, f"pmtool could not work it here: {exc.message}")

@@ -213,7 +213,8 @@ def test_a_give_back_says_what_the_attempt_cost(world: World) -> None:
                     env={"PMTOOL_FAKE_AGENT_OUTCOME": "none"})
     assert run.code == 1
     notes = world.status(task["id"])["notes"]
-    assert "released: agent failed" in notes and "over 1 runs" in notes and "$0.000" in notes
+    assert "released: attempt 1/3" in notes and "agent failed" in notes
+    assert "model sonnet, 3 turns, $0.0003 over 1 runs" in notes
 
 
 def test_a_worktree_setup_that_fails_for_good_parks_the_task(world: World) -> None:
@@ -287,21 +288,18 @@ def test_real_claude_killed_mid_tool_recover_ends_every_child(world: World) -> N
     _no_worktree_left(world, task["id"])
 
 
-def test_a_repo_that_is_gone_is_the_machines_fault_the_task_goes_back(world: World) -> None:
+def test_a_repo_that_is_gone_is_found_before_any_claim(world: World) -> None:
+    """A fault of the machine, not of the task: nothing is claimed, nothing parked."""
     task = world.task()
     args = [a if a != str(world.repo) else str(world.tmp / "gone")
             for a in world.args("--single-task")]  # the repo folder is not there
     proc = subprocess.run([PMTOOL, "run", *args], capture_output=True, text=True,
                           env=world.env, cwd=world.tmp, timeout=60, check=False)
     run = test_run_loop.Run(proc.returncode, test_run_loop.events(proc.stdout), proc.stderr)
-    assert run.code == 1, run.stderr
-    assert run.of("error")[0]["error"]["type"] == "machine_fault"
-    finished = run.of("finished")[0]
-    assert finished["outcome"] == "given_back" and "gone" in finished["reason"]
+    assert run.code not in (0, 3) and not run.of("claimed"), run.stderr
     server = world.status(task["id"])
-    assert server["status"] == "created" and server["locked_by"] is None  # not parked
+    assert server["status"] == "created" and server["locked_by"] is None
     assert world.store.load("dev_1") is None
-
 
 def test_finish_alone_writes_the_runners_summary(world: World) -> None:
     """The bash pipeline (claim, exec-claude, finish) gets the notes a runner writes."""
