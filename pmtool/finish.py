@@ -489,9 +489,10 @@ def summary(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
                                else "")
     if (done.get("land") or {}).get("note"):
         text += f"\n{done['land']['note']}"
-    if verdict.get("summary"):
-        text += f"\n{verdict['summary']}"
-    return text
+    said = verdict.get("summary")
+    if said and verdict.get("outcome") in ("blocked", "fail"):
+        return f"{said}\n{text}"  # the reason first: it is what a park or a bounce shows
+    return f"{text}\n{said}" if said else text
 
 
 def runs_note(store: RecordStore, agent_id: str) -> str:

@@ -310,7 +310,9 @@ def test_qa_fail_pass_and_blocked(env, queue):
     r = pmtool("finish", "--agent-id", qa, "--outcome", "blocked", "--notes",
                "staging is down", env=env)
     # Blocked parks the task for a person: pending is never offered to anyone.
-    assert r.out["status"] == "pending" and r.out["parked"] == "blocked: staging is down"
+    # The reason first; then the summary every finish writes (branch, head, agent runs).
+    assert r.out["status"] == "pending"
+    assert r.out["parked"].split("\n")[0] == "blocked: staging is down"
     on_server = queue.get_task(task["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
     assert f"{qa}: parked by pmtool (blocked): staging is down" in on_server["notes"]
