@@ -256,9 +256,9 @@ def test_recover_ends_a_hook_its_dead_runner_left_running(world: World) -> None:
 
 @needs_claude
 def test_real_claude_killed_mid_tool_recover_ends_every_child(world: World) -> None:
-    """claude's Bash tool starts a child that leaves every net but its working directory
-    (`env -i setsid`); the runner is killed while the tool step hangs; recover from
-    another process ends them all and gives the task back with the work kept."""
+    """claude's Bash tool starts a child that leaves the marks behind (`env -i setsid`);
+    the runner is killed while the next model request hangs; recover from another process
+    ends whatever is left and gives the task back with the work kept."""
     task = world.task()
     with ScriptedModelServer() as model:
         env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
@@ -276,9 +276,8 @@ def test_real_claude_killed_mid_tool_recover_ends_every_child(world: World) -> N
         finally:
             if proc.poll() is None:
                 proc.kill()
-        # The setsid child works on in the worktree, with no mark and no parent of ours.
-        escaped = [p for p in _left_processes(world) if "sleep" in p.name()]
-        assert escaped, "the env -i setsid child should still be running"
+        # The runner's keeper may be ending the agent's tree by now (Linux), or not (no
+        # parent-death signal): either way recover must leave nothing behind.
         done = subprocess.run([PMTOOL, "recover", "--all", "--give-back"], env=env,
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
