@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ class FinishPlan:
     state_dir: str | None = None
     api_url: str | None = None
     base: str | None = None  # where a minor task lands (default: the repo's default branch)
+    # The API key for post_task, only with pass_key_to_hooks; never shown in a repr.
+    hook_key: str | None = field(default=None, repr=False)
     limits: Any = None  # pmtool.failures.Limits: the bounce cap for QA's fail, attempts
     settings: Any = None  # when given, the hooks folder is found for the task's repo
 
@@ -73,7 +75,9 @@ class FinishPlan:
                   "leftover": str(settings.values.get("leftover", "commit")),
                   "push": bool(settings.values.get("push", False)),
                   "state_dir": str(settings.state_path), "api_url": settings.api_url,
-                  "settings": settings}
+                  "settings": settings,
+                  "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks")
+                  else None}
         values.update({k: v for k, v in given.items() if v is not None})
         return cls(**values)
 
@@ -385,6 +389,7 @@ def _post_task(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
                        status=status.get("status"), action=status.get("action"),
                        head=status.get("head"))
     result = run_hook("post_task", plan.hooks(repo), ctx, timeout=plan.hook_timeout,
+                      api_key=plan.hook_key,
                       cwd=str(repo) if repo else None)
     fault("post-task")
     emit("hook", record.task_id, hook="post_task", ok=result["ok"],

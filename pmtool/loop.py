@@ -973,7 +973,9 @@ class Runner:
                           hook_timeout=self.settings.hook_timeout,
                           leftover=str(self.opts.leftover), push=self.opts.push,
                           state_dir=str(self.settings.state_path),
-                          api_url=self.settings.api_url, limits=self.limits)
+                          api_url=self.settings.api_url, limits=self.limits,
+                          hook_key=self.settings.api_key
+                          if self.settings.values.get("pass_key_to_hooks") else None)
         result = finish_task(self.client, self.store, self.opts.agent_id, plan,
                              emit=self.event)
         return result["action"] != "given_back"
