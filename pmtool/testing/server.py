@@ -34,7 +34,8 @@ Measured against a real server (contract quirks 7-11), and the default here:
   work only with `production=False` (the real server's development mode).
 
 Not part of the real API: the `/_sandbox/*` admin endpoints (clock, per-agent ageing, race
-window, injected 500s, stats, reset). Documents, services and `/changes` are not modelled.
+window, injected 500s, stats, the log of recent requests, reset). Documents, services and
+`/changes` are not modelled.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ AGENT_404 = ("Agent '{}' not found. Please ensure the agent is registered using 
 TASK_404 = "Task with ID {} not found. Please verify the task ID exists."
 TASK_409 = ("Task {} is already locked by another agent. "
             "The task must be unlocked before you can lock it.")
+REQUEST_LOG = 5000  # requests kept for /_sandbox/requests
 _MISSING = object()  # an absent body, or no default (a required parameter)
 
 Payload = Any
@@ -380,7 +382,16 @@ class StandInServer:
         with self._stats_lock:
             self._failures = []
             self._counts: Counter[str] = Counter()
+            self._log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG)
             self._busy = self._peak_busy = self._resets = 0
+
+    def requests(self, route: str | None = None) -> list[dict[str, Any]]:
+        """The last REQUEST_LOG requests, oldest first: `at` (the server's monotonic
+        clock), method, route template, query and User-Agent; only `route`'s if given
+        ("GET /api/v1/tasks", as in stats())."""
+        with self._stats_lock:
+            return [r for r in self._log
+                    if route is None or f"{r['method']} {r['route']}" == route]
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
@@ -478,6 +489,8 @@ class StandInServer:
         template = (full or partial or (None, None, "<unmatched>"))[2]
         with self._stats_lock:
             self._counts[f"{method} {template}"] += 1
+            self._log.append({"at": monotonic(), "method": method, "route": template,
+                              "query": query, "user_agent": headers.get("User-Agent")})
         try:
             if full is None:
                 if partial is not None:
@@ -617,6 +630,8 @@ class StandInServer:
             ("POST", "/_sandbox/fail", lambda a: self.inject_failure(**a), False, {
                 "route": B("str", None, True), "times": B("int", 1), "after": B("bool", False)}),
             ("GET", "/_sandbox/stats", lambda a: self.stats(), False, {}),
+            ("GET", "/_sandbox/requests", lambda a: self.requests(a["route"]), False,
+             {"route": Q("str", None)}),
             ("POST", "/_sandbox/reset", lambda a: self.reset() or {"reset": True}, False, {}),
         ]
 
