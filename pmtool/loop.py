@@ -60,6 +60,7 @@ from pmtool.errors import (
     EXIT_FAILED,
     EXIT_NOTHING,
     EXIT_OK,
+    ApiError,
     AuthError,
     ClaudeMissing,
     Conflict,
@@ -108,11 +109,11 @@ class RunOptions:
     `pmtool.config.SPECS` give the defaults; `from_settings` takes them from a Settings.
 
     Reserved, not acted on yet (the settings exist so that flags, env and config files
-    can name them now): poll_interval, poll_max, keep_logs. The bounds
+    can name them now): keep_logs. The bounds
     (max_attempts, retry_cooldown, max_bounces, max_consecutive_failures,
     daily_budget_usd, task_budget_usd) are pmtool.failures.Limits (`limits`); max_turns
     goes to claude; grace is recover's; leftover and push are the finish's
-    (pmtool.finish).
+    (pmtool.finish); poll_interval and poll_max pace the machine's poller (pmtool.fleet).
     """
 
     agent_id: str
@@ -206,8 +207,14 @@ class Runner:
                  emit: Callable[[dict[str, Any]], None],
                  progress: Callable[[str], None] = lambda _msg: None,
                  ask: Callable[[str, list[str]], str] | None = None,
-                 client: Any = None) -> None:
+                 client: Any = None, poller: Any = None,
+                 health: Callable[[Callable[[], tuple[dict[str, Any], int]]],
+                                  tuple[dict[str, Any], int]] | None = None) -> None:
+        """`poller` and `health` are shared by the runners of a `pmtool.fleet.Fleet`; a
+        runner of its own makes its own poller (which still shares the poll lease with
+        other processes on the same state folder)."""
         from pmtool.client import PMClient
+        from pmtool.fleet import Poller, user_agent
 
         self.settings = settings
         self.opts = opts
@@ -216,7 +223,15 @@ class Runner:
         self.ask = ask  # operator prompt, only when a person is at a terminal
         self.client = client or PMClient(settings.api_url, settings.api_key,
                                          timeout=settings.http_timeout)
+        if client is None:
+            user_agent(self.client)
         self.store = RecordStore(settings.state_path)
+        self._own_poller = poller is None
+        self.poller = poller or Poller(self.client, self.store.state, opts.role, opts.level,
+                                       opts.poll_interval, opts.poll_max)
+        self._health = health
+        self._seen = 0  # the newest poller offer this runner acted on
+        self._registered = -1.0  # monotonic time of the last registration
         self.state = self.store.state
         self._event_log_failed = False
         self.stopping = threading.Event()  # first signal: stop after the current step
@@ -272,6 +287,7 @@ class Runner:
         else:
             self.stopping.set()
             self.progress("stopping after the current step (signal again to end it now)")
+        self.poller.wake()
 
     def _check_stop(self) -> None:
         if self.stopping.is_set():
@@ -305,6 +321,8 @@ class Runner:
             return self._loop()
         finally:
             lock.release()
+            if self._own_poller:
+                self.poller.close()
 
     def _preflight(self) -> int | None:
         """Before the first claim: what would fail every task (key, repo, role and level,
@@ -425,8 +443,12 @@ class Runner:
 
         checks = HEALTH_CHECKS if not self.opts.agent_cmd else \
             [c for c in HEALTH_CHECKS if c != "claude"]
-        result, _code = run_health(self.settings, checks, hook=True,
-                                   hooks_dir=self.hooks_dir)
+
+        def check() -> tuple[dict[str, Any], int]:
+            return run_health(self.settings, checks, hook=True, hooks_dir=self.hooks_dir)
+
+        # A fleet's runners share one check (pmtool.fleet.SharedHealth).
+        result, _code = self._health(check) if self._health else check()
         self.last_health = time.monotonic()
         failed = [c for c in result["checks"] if not c["ok"]]
         self.event("health", ok=result["ok"], failed=[c["name"] for c in failed],
@@ -508,47 +530,82 @@ class Runner:
         return None
 
     def _claim(self) -> TaskRecord | None:
-        """Look for a task for up to `idle_poll` seconds; None (and an `idle` event) if none."""
+        """Look for a task for up to `idle_poll` seconds; None (and an `idle` event) if none.
+
+        The machine's poller does the looking (one request per poll for all runners of
+        the role and level on this state folder); this runner claims what it offers.
+        """
         # pm-runner.sh: `claim --wait "$wait"`.
         opts = self.opts
-        deadline = time.monotonic() + (0 if opts.single_task else opts.idle_poll)
-        delay = work.POLL_FIRST
-        registered = False
+        if opts.single_task:  # look once, now
+            return self._claim_offer(None, look=True)
+        if self._registered < 0:  # once at the start: a refused role shows at once
+            self._register()
+        deadline = time.monotonic() + opts.idle_poll
+        self._cooling: dict[int, str] = {}
         while True:
             self._check_stop()
-            try:
-                # Register once per wait, not per poll: an idle runner costs one request a poll.
-                stats = work.ClaimStats()
-                claimed = work.claim(self.client, self.store, opts.agent_id, opts.role,
-                                     opts.level, wait=0, runner_pid=os.getpid(),
-                                     settle=opts.settle, register_first=not registered,
-                                     limits=self.limits, explain=False, stats=stats)
-            except NothingToDo:
-                registered = True
-                for parked in stats.parked:
-                    self.event("parked", task_id=parked["task_id"], reason=parked["reason"])
-                    self.progress(f"task {parked['task_id']} parked for a person: "
-                                  f"{parked['reason']}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    # Once per idle period, not per poll: why nothing was picked up.
-                    why = work.why_nothing(self.client, opts.role, opts.level, stats.cooling)
-                    self.event("idle", waited_s=opts.idle_poll, why=why or None,
-                               cooling=stats.cooling or None)
-                    if why and why != self.last_why:
-                        self.progress("nothing to pick up: " + "; ".join(why))
-                    self.last_why = why
-                    return None
-                # Our own backoff, so a stop signal interrupts the wait at once.
-                self._sleep(min(left, delay * random.uniform(0.5, 1.0)))
-                delay = min(work.POLL_CAP, delay * 2)
-                continue
-            task = claimed.task
-            self.event("claimed", task_id=task["id"], title=task.get("title"),
-                       status=task.get("status"), previous_status=claimed.record.previous_status,
-                       difficulty=task.get("difficulty"), complexity=task.get("complexity"),
-                       record=str(claimed.path))
-            return claimed.record
+            offer = self.poller.wait(self._seen, deadline - time.monotonic(), self.stopping)
+            self._check_stop()
+            if offer is None:
+                # Once per idle period, not per poll, and once for all runners of the
+                # process: why nothing was picked up (it lists every task on the server).
+                why = self.poller.explain(lambda: work.why_nothing(
+                    self.client, opts.role, opts.level, self._cooling))
+                self.event("idle", waited_s=opts.idle_poll, why=why or None,
+                           cooling=self._cooling or None)
+                if why and why != self.last_why:
+                    self.progress("nothing to pick up: " + "; ".join(why))
+                self.last_why = why
+                return None
+            self._seen = offer.seq
+            if offer.error:
+                raise ServerError(offer.error)
+            record = self._claim_offer(offer.task)
+            if record is not None:
+                return record
+
+    def _register(self) -> None:
+        work.register(self.client, self.opts.agent_id, self.opts.role, self.opts.level)
+        self._registered = time.monotonic()
+
+    def _claim_offer(self, task: dict[str, Any] | None, look: bool = False
+                     ) -> TaskRecord | None:
+        """Claim the offered task, or another free one if it went to someone else."""
+        opts = self.opts
+        # An idle runner holds no lock, so it need not refresh last_seen; a claim does,
+        # or the 30-minute rule could take the lock from under it (quirk 3).
+        if time.monotonic() - self._registered > min(opts.heartbeat, 600.0):
+            self._register()
+        stats = work.ClaimStats()
+        try:
+            claimed = work.claim(self.client, self.store, opts.agent_id, opts.role,
+                                 opts.level, wait=0, runner_pid=os.getpid(),
+                                 settle=opts.settle, register_first=False,
+                                 limits=self.limits, explain=False, stats=stats,
+                                 first=None if look else task)
+        except NothingToDo:
+            self._parked(stats)
+            return None
+        except ApiError as exc:
+            if exc.status == 404:  # the agent was deleted on the server: register again
+                self._registered = -1.0
+            raise
+        self._parked(stats)
+        self.poller.found()
+        task = claimed.task
+        self.event("claimed", task_id=task["id"], title=task.get("title"),
+                   status=task.get("status"), previous_status=claimed.record.previous_status,
+                   difficulty=task.get("difficulty"), complexity=task.get("complexity"),
+                   record=str(claimed.path))
+        return claimed.record
+
+    def _parked(self, stats: work.ClaimStats) -> None:
+        """Say what a claim parked for a person, and keep what was cooling down."""
+        self._cooling.update(stats.cooling)
+        for parked in stats.parked:
+            self.event("parked", task_id=parked["task_id"], reason=parked["reason"])
+            self.progress(f"task {parked['task_id']} parked for a person: {parked['reason']}")
 
     def _context(self, record: TaskRecord, **extra: Any) -> dict[str, Any]:
         from pmtool.hooks import task_context

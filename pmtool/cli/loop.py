@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, emit_line, options, paint, plural, say, scrub
-from pmtool.cli.options import AgentId, Level, Role, Settle
+from pmtool.cli.options import Level, Role, Settle
 from pmtool.errors import UsageError
 
 COLOURS = {"claimed": "36", "resumed": "36", "finished": "32", "error": "31", "idle": "2",
@@ -115,7 +115,9 @@ def _ask_at_terminal(default: str, timeout: float,
 
 @app.command("run")
 def run_cmd(
-    agent_id: AgentId,
+    agent_id: Annotated[list[str], typer.Option(
+        "--agent-id", help="The agent's id on the server; repeat it to run several agents "
+                           "in this process.")],
     role: Role,
     level: Level = "senior",
     repo: Annotated[str | None, typer.Option(help="Git repository to work in "
@@ -159,6 +161,10 @@ def run_cmd(
     idle_poll: Annotated[float, typer.Option(
         help="Seconds of looking for work between `idle` events.")] = 30.0,
     settle: Settle = 0.3,
+    agents: Annotated[int | None, typer.Option(
+        "--agents", min=1, help="Run N agents of the role in this process, ids "
+                                "<agent-id>-1..N, sharing one poller and connection pool.")
+    ] = None,
     max_attempts: Annotated[int | None, typer.Option(
         help="Claims of one task, at most [env PMTOOL_MAX_ATTEMPTS, default 3].")
     ] = None,
@@ -177,11 +183,12 @@ def run_cmd(
     max_turns: Annotated[int | None, typer.Option(
         help="Claude turns per agent run [env PMTOOL_MAX_TURNS].")] = None,
     poll_interval: Annotated[float | None, typer.Option(
-        help="Reserved: seconds between looks for work, at first "
-             "[env PMTOOL_POLL_INTERVAL, default 2].")] = None,
+        help="Seconds between this machine's looks for work for the role and level, at "
+             "first and again after a task is found [env PMTOOL_POLL_INTERVAL, default 2].")
+    ] = None,
     poll_max: Annotated[float | None, typer.Option(
-        help="Reserved: seconds between looks for work, at most "
-             "[env PMTOOL_POLL_MAX, default 60].")] = None,
+        help="Seconds between looks for work, at most: the poll doubles while idle up to "
+             "this [env PMTOOL_POLL_MAX, default 60].")] = None,
     keep_logs: Annotated[float | None, typer.Option(
         help="Reserved: days to keep transcripts and event logs "
              "[env PMTOOL_KEEP_LOGS, default 30].")] = None,
@@ -207,8 +214,13 @@ def run_cmd(
     Example: pmtool run --role backend_dev --agent-id dev_001 --repo ~/src/app
 
     Example: pmtool run --role qa --agent-id qa_001 --single-task | jq 'select(.event=="finished")'
+
+    Example: pmtool run --role backend_dev --agent-id dev --agents 4 --repo ~/src/app
     """
+    from pmtool.fleet import Fleet, agent_ids
     from pmtool.loop import Runner, RunOptions
+
+    ids = agent_ids(agent_id, agents)
 
     settings = options().settings(
         hooks_dir=hooks_dir, on_agent_failure=on_agent_failure,
@@ -218,13 +230,14 @@ def run_cmd(
         max_turns=max_turns, poll_interval=poll_interval, poll_max=poll_max,
         keep_logs=keep_logs, leftover=leftover, push=push, grace=grace)
     # Policies and limits are checked by RunOptions itself (UsageError, exit 2).
-    opts = RunOptions.from_settings(
-        settings, agent_id=agent_id, role=role, level=level, repo=repo, base=base,
+    opts = [RunOptions.from_settings(
+        settings, agent_id=one, role=role, level=level, repo=repo, base=base,
         single_task=single_task, max_tasks=max_tasks, heartbeat=heartbeat,
         task_budget_usd=task_budget_usd, escalate=escalate, agent_cmd=agent_cmd,
         timeout=timeout, idle_timeout=idle_timeout, max_budget_usd=max_budget_usd,
-        idle_poll=idle_poll, settle=settle)
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+        idle_poll=idle_poll, settle=settle) for one in ids]
+    # Prompts only for one agent: several would ask over each other.
+    interactive = len(ids) == 1 and sys.stdin.isatty() and sys.stderr.isatty()
 
     def on_event(event: dict[str, Any]) -> None:
         emit_line(event)
@@ -232,12 +245,18 @@ def run_cmd(
 
     if settings.ask_timeout < 0:
         raise UsageError(f"ask_timeout must be at least 0, got {settings.ask_timeout:g}")
-    ask = _ask_at_terminal(str(opts.on_hook_failure), settings.ask_timeout,
-                           stopping=lambda: runner.stopping.is_set()) if interactive else None
-    runner = Runner(settings, opts, on_event, progress=lambda m: say(f"  {m}"), ask=ask)
+    worker: Runner | Fleet
+    if len(ids) == 1:
+        ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
+                               stopping=lambda: worker.stopping.is_set()) \
+            if interactive else None
+        worker = Runner(settings, opts[0], on_event, progress=lambda m: say(f"  {m}"),
+                        ask=ask)
+    else:
+        worker = Fleet(settings, opts, on_event, progress=lambda m: say(f"  {m}"))
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: runner.request_stop())
-    return runner.run()
+        signal.signal(sig, lambda *_: worker.request_stop())
+    return worker.run()
 
 
 @app.command("demo")

@@ -1,0 +1,366 @@
+"""Many agents on one machine: one poller per role and level, one process for N agents.
+
+What limits a fleet is the load its idle agents put on the server (one FastAPI process on
+SQLite), so the machine looks for work once for all of them:
+
+- `Poller`: at most one process per state folder, role and level polls the server at a
+  time. It holds the poll lease (an flock on `<state>/poll/<role>-<level>.lease`) while
+  it has runners waiting, polls `GET /tasks/next?simulate=true` every `poll_interval`
+  seconds, doubling while nothing comes up to `poll_max`, back to `poll_interval` as soon
+  as a task is seen, and writes what it saw to `<role>-<level>.json`. The other
+  processes read that file (a local read, no request). A runner that claimed a task
+  touches `<role>-<level>.found`, and the leaseholder looks again at once: a queue that
+  had one task may well have more. The kernel drops the lease of a process that dies.
+- `Fleet`: N `Runner`s of one role in one process (`pmtool run --agents N`), each with
+  its own agent id, record, worktrees and agent process, sharing one `PMClient` (its
+  connection pool sized for N), one `Poller` and one health check.
+
+No lock is held across a claim's settle: runners that see the same offer race for it on
+the server, and the claim's read-back settles who won (quirk 2); the losers try the other
+free tasks, as `work.claim` always did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pmtool.errors import EXIT_NOTHING, EXIT_OK, PmtoolError
+from pmtool.state import StateDir, atomic_write_json, make_dir, open_private, safe_name
+
+FOLLOW_TICK = 0.2  # seconds between a follower's looks at the leaseholder's file
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What one poll of the server saw: a task the server would hand out, or an error."""
+
+    seq: int
+    at: float  # wall-clock time of the poll (time.time), comparable across processes
+    task: dict[str, Any] | None = None
+    error: str | None = None
+    interval: float = 0.0  # the poll interval after this poll
+    pid: int = 0  # the process that polled
+
+
+class Poller:
+    """The machine's look for work for one role and level, shared by its waiting runners.
+
+    `wait(after_seq, timeout, stop)` gives the first offer newer than `after_seq` that
+    names a task (or an error), or None. Only offers younger than `poll_interval` are
+    handed out: an older one has been seen by every runner that was waiting then.
+    """
+
+    def __init__(self, client: Any, state: StateDir | str | Path, role: str, level: str,
+                 interval: float = 2.0, maximum: float = 60.0) -> None:
+        self.client, self.role, self.level = client, role, level
+        self.state = state if isinstance(state, StateDir) else StateDir(state)
+        self.base = max(0.01, float(interval))
+        self.maximum = max(self.base, float(maximum))
+        stem = self.state.root / "poll" / safe_name(f"{role}-{level}")
+        self.lease_path = stem.with_suffix(".lease")
+        self.seen_path = stem.with_suffix(".json")
+        self.found_path = stem.with_suffix(".found")
+        self._cond = threading.Condition()
+        self._waiters = 0
+        self._offer = Offer(0, 0.0)
+        self._found = 0.0  # this process's last find, for its own leaseholder thread
+        self._lease: Any = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._seen_mtime = 0.0
+        self.interval = self.base
+        self.polls = 0  # requests this process made (tests, benchmarks)
+        self.history: deque[Offer] = deque(maxlen=100)  # this process's own polls
+
+    # -- for runners -----------------------------------------------------------------------
+
+    def wait(self, after_seq: int, timeout: float,
+             stop: threading.Event | None = None) -> Offer | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            self._waiters += 1
+            self._start()
+            self._cond.notify_all()
+            try:
+                while True:
+                    offer = self._offer
+                    if (offer.seq > after_seq and (offer.task or offer.error)
+                            and time.time() - offer.at <= max(self.base, FOLLOW_TICK * 2)):
+                        return offer
+                    left = deadline - time.monotonic()
+                    if left <= 0 or (stop is not None and stop.is_set()) or self._closed:
+                        return None
+                    self._cond.wait(min(left, 0.5))
+            finally:
+                self._waiters -= 1
+
+    def found(self) -> None:
+        """A runner claimed a task: look again soon, here and in the leaseholder."""
+        now = time.time()
+        with self._cond:
+            self._found = now
+            self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            make_dir(self.found_path.parent)
+            self.found_path.touch()
+            os.utime(self.found_path, (now, now))
+
+    def wake(self) -> None:
+        """Let waiting runners look at their stop flag now."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(5)
+        self._release()
+
+    # -- the poll thread -------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pmtool-poller",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._waiters == 0 and not self._closed:
+                    self._release()  # nobody here waits: another process may poll
+                    self._cond.wait()
+                if self._closed:
+                    return
+            if self._hold_lease():
+                wait = self._lead()
+            else:
+                self._follow()
+                wait = FOLLOW_TICK
+            with self._cond:
+                if not self._closed and wait > 0:
+                    self._cond.wait(wait)
+
+    def _hold_lease(self) -> bool:
+        if self._lease is not None:
+            return True
+        fh = open_private(self.lease_path)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        self._lease = fh
+        return True
+
+    def _release(self) -> None:
+        if self._lease is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lease, fcntl.LOCK_UN)
+            self._lease.close()
+            self._lease = None
+
+    def _lead(self) -> float:
+        """As the leaseholder: poll when due; answer the seconds until the next look."""
+        last = self._read() or self._offer
+        if last.seq > self._offer.seq:
+            self._publish(last)
+        interval = last.interval or self.base
+        found = max(self._found, _mtime(self.found_path))
+        due = last.at + interval
+        if found > last.at:
+            due = min(due, found)  # a task was taken since: the queue may hold more
+        now = time.time()
+        if now < due:
+            return min(due - now, FOLLOW_TICK)
+        self._poll(last)
+        return min(self.interval, FOLLOW_TICK)
+
+    def _poll(self, last: Offer) -> None:
+        task, error = None, None
+        try:
+            self.polls += 1
+            task = self.client.next_task(self.role, self.level, simulate=True)
+        except PmtoolError as exc:
+            error = exc.message
+        if task:
+            self.interval = self.base  # snap back: work is coming in
+        else:
+            self.interval = min(self.maximum, max(self.base, (last.interval or self.base) * 2))
+        offer = Offer(last.seq + 1, time.time(), task or None, error, self.interval,
+                      os.getpid())
+        self.history.append(offer)
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.seen_path, offer.__dict__)
+        self._publish(offer)
+
+    def _follow(self) -> None:
+        offer = self._read()
+        if offer and offer.seq != self._offer.seq:
+            self.interval = offer.interval or self.base
+            self._publish(offer)
+
+    def _read(self) -> Offer | None:
+        try:
+            mtime = self.seen_path.stat().st_mtime
+            if mtime == self._seen_mtime and self._offer.seq:
+                return None
+            data = json.loads(self.seen_path.read_text())
+            offer = Offer(**{k: data.get(k) for k in Offer.__dataclass_fields__
+                             if k in data})
+        except (OSError, ValueError, TypeError):
+            return None
+        self._seen_mtime = mtime
+        return offer
+
+    def _publish(self, offer: Offer) -> None:
+        with self._cond:
+            self._offer = offer
+            self._cond.notify_all()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+class SharedHealth:
+    """One health check for all runners of a process: a passing check is kept for
+    `interval` seconds; a failing one is not kept, so each runner sees it fresh."""
+
+    def __init__(self, check: Callable[[], tuple[dict[str, Any], int]],
+                 interval: float) -> None:
+        self.check, self.interval = check, interval
+        self._lock = threading.Lock()
+        self._last: tuple[float, tuple[dict[str, Any], int]] | None = None
+
+    def __call__(self) -> tuple[dict[str, Any], int]:
+        with self._lock:
+            if self._last and time.monotonic() - self._last[0] < self.interval:
+                return self._last[1]
+            result = self.check()
+            self._last = (time.monotonic(), result) if result[0].get("ok") else None
+            return result
+
+
+def agent_ids(given: list[str], agents: int | None) -> list[str]:
+    """The fleet's agent ids: `--agent-id` repeated, or `<agent-id>-1..N` for `--agents N`."""
+    from pmtool.errors import UsageError
+
+    if not given:
+        raise UsageError("give --agent-id")
+    if agents is None:
+        ids = list(given)
+    elif len(given) > 1:
+        raise UsageError("give one --agent-id with --agents N, or repeat --agent-id",
+                         hint="--agents 3 --agent-id dev makes dev-1, dev-2, dev-3")
+    elif agents < 1:
+        raise UsageError(f"--agents {agents}: give 1 or more")
+    else:
+        ids = [f"{given[0]}-{i}" for i in range(1, agents + 1)]
+    if len(set(ids)) != len(ids):
+        raise UsageError("the agent ids repeat: " + ", ".join(ids))
+    return ids
+
+
+class Fleet:
+    """N runners of one role and level in one process; `run()` answers one exit code."""
+
+    def __init__(self, settings: Any, opts_list: list[Any],
+                 emit: Callable[[dict[str, Any]], None],
+                 progress: Callable[[str], None] = lambda _msg: None,
+                 client: Any = None) -> None:
+        from pmtool.client import PMClient
+        from pmtool.health import run_health
+        from pmtool.loop import HEALTH_CHECKS, Runner
+
+        first = opts_list[0]
+        self.client = client or PMClient(settings.api_url, settings.api_key,
+                                         timeout=settings.http_timeout)
+        size_pool(self.client, len(opts_list))
+        self.poller = Poller(self.client, settings.state_path, first.role, first.level,
+                             first.poll_interval, first.poll_max)
+        health = SharedHealth(lambda: run_health(settings, HEALTH_CHECKS),
+                              first.health_interval)
+        lock = threading.Lock()
+
+        def emit_locked(event: dict[str, Any]) -> None:
+            with lock:  # one whole line per event, whichever thread sends it
+                emit(event)
+
+        self.runners = [Runner(settings, opts, emit_locked, progress=progress,
+                               client=self.client, poller=self.poller, health=health)
+                        for opts in opts_list]
+        self.codes: list[int | None] = [None] * len(self.runners)
+
+    def request_stop(self) -> None:
+        """First call: every runner stops after its current step; second: ends agents now."""
+        for runner in self.runners:
+            runner.request_stop()
+        self.poller.wake()
+
+    def run(self) -> int:
+        def work(i: int) -> None:
+            try:
+                self.codes[i] = self.runners[i].run()
+            except Exception as exc:  # one runner's bug must not take the others down
+                self.runners[i].progress(f"runner crashed: {type(exc).__name__}: {exc}")
+                self.codes[i] = 1
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"pmtool-{r.opts.agent_id}")
+                   for i, r in enumerate(self.runners)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.5)  # a bounded join keeps the main thread free for signals
+        finally:
+            self.poller.close()
+        return fleet_code([c if c is not None else 1 for c in self.codes])
+
+
+def fleet_code(codes: list[int]) -> int:
+    """One exit code for the fleet: the first failure; else 0 if any runner worked (or all
+    ended well); 3 only if every runner found nothing."""
+    failures = [c for c in codes if c not in (EXIT_OK, EXIT_NOTHING)]
+    if failures:
+        return failures[0]
+    return EXIT_NOTHING if codes and all(c == EXIT_NOTHING for c in codes) else EXIT_OK
+
+
+def size_pool(client: Any, agents: int) -> None:
+    """Give the client's session a connection pool for `agents` concurrent callers (plus
+    the poller and a heartbeat or two); requests' default of 10 would make the 11th
+    runner open and drop a connection per call."""
+    session = getattr(client, "session", None)
+    if session is None or agents <= 8:
+        return
+    from requests.adapters import HTTPAdapter
+
+    for prefix in ("http://", "https://"):
+        old = session.get_adapter(prefix)
+        retries = getattr(old, "max_retries", 0)
+        session.mount(prefix, HTTPAdapter(pool_connections=4, pool_maxsize=agents + 4,
+                                          max_retries=retries))
+
+
+def user_agent(client: Any) -> None:
+    """Name this process in the User-Agent, so a server's log tells runners apart."""
+    session = getattr(client, "session", None)
+    if session is not None:
+        session.headers["User-Agent"] = f"pmtool (pid {os.getpid()})"
