@@ -291,6 +291,8 @@ class Fleet:
         first = opts_list[0]
         self.client = client or PMClient(settings.api_url, settings.api_key,
                                          timeout=settings.http_timeout)
+        if client is None:
+            user_agent(self.client)
         size_pool(self.client, len(opts_list))
         self.poller = Poller(self.client, settings.state_path, first.role, first.level,
                              first.poll_interval, first.poll_max)

@@ -1,0 +1,187 @@
+"""A fleet on one machine: `pmtool run --agents N`, one poller per role and level however
+many processes share the state folder, an adaptive poll, claims in parallel, a read-back
+that asks only for what it needs, and the fleet benchmark in its smallest configuration."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_run_loop import World, events, wait_for, world  # noqa: F401 (world: a fixture)
+
+from pmtool import work
+from pmtool.client import PMClient
+from pmtool.errors import UsageError
+from pmtool.fleet import Poller, agent_ids, fleet_code
+from pmtool.records import RecordStore
+from pmtool.testing.seed import Seeder
+
+ROLE, LEVEL = "backend_dev", "senior"
+NEXT = "GET /api/v1/tasks/next"
+
+
+@pytest.fixture
+def private(make_standin: Callable[..., Any]) -> tuple[Any, PMClient, Seeder]:
+    key = f"k-{secrets.token_hex(8)}"
+    server = make_standin(api_key=key, production=True)
+    return server, PMClient(server.url, key), Seeder(server.url, key)
+
+
+def test_agent_ids() -> None:
+    assert agent_ids(["dev"], 3) == ["dev-1", "dev-2", "dev-3"]
+    assert agent_ids(["a", "b"], None) == ["a", "b"]
+    assert agent_ids(["solo"], None) == ["solo"]
+    with pytest.raises(UsageError):
+        agent_ids(["a", "b"], 2)
+    with pytest.raises(UsageError):
+        agent_ids(["a", "a"], None)
+    assert fleet_code([0, 3, 3]) == 0 and fleet_code([3, 3]) == 3 and fleet_code([0, 5]) == 5
+
+
+def test_three_agents_finish_six_tasks_each_once(world: World) -> None:  # noqa: F811
+    tasks = [world.task(title=f"fleet {i}")["id"] for i in range(6)]
+    run = world.run("--agents", "3", "--agent-id", "fl", "--max-tasks", "2",
+                    "--poll-interval", "0.1", "--poll-max", "0.4", timeout=180)
+    assert run.code == 0, run.stderr[-2000:]
+    finished = run.of("finished")
+    assert sorted(e["task_id"] for e in finished) == sorted(tasks)
+    assert {e["agent"] for e in finished} == {"fl-1", "fl-2", "fl-3"}
+    assert all(e["outcome"] == "done" for e in finished)
+    claimed = run.of("claimed")
+    assert sorted(e["task_id"] for e in claimed) == sorted(tasks)  # no task claimed twice
+    for task_id in tasks:
+        assert world.status(task_id)["status"] == "dev_done"
+        moves = [c for c in world.seeder.changelog(500)
+                 if c["task_id"] == task_id and c["new_status"] == "dev_done"]
+        assert len(moves) == 1
+    stopped = run.of("stopped")
+    assert sorted(e["agent"] for e in stopped) == ["fl-1", "fl-2", "fl-3"]
+
+
+def test_processes_sharing_a_state_folder_poll_as_one(world: World) -> None:  # noqa: F811
+    args = ("--agents", "2", "--idle-poll", "60", "--poll-interval", "0.1",
+            "--poll-max", "0.1")
+    first = world.start(*args, "--agent-id", "one")
+    second = world.start(*args, "--agent-id", "two")
+    procs = [first, second]
+    try:
+        # Every agent of both processes is up and waiting once all four registered.
+        wait_for(lambda: len(world.server.requests("POST /api/v1/register")) >= 4,
+                 what="four registrations")
+        start = len(world.server.requests(NEXT))
+        wait_for(lambda: len(world.server.requests(NEXT)) >= start + 10, what="ten polls")
+        task = world.task(title="seen by the one poller")
+        wait_for(lambda: world.status(task["id"])["status"] != "created", what="a claim")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        outs = [proc.communicate(timeout=60)[0] for proc in procs]
+    polls = world.server.requests(NEXT)
+    pollers = {p["user_agent"] for p in polls}
+    assert len(pollers) == 1, pollers  # one process polled for both
+    assert pollers <= {f"pmtool (pid {p.pid})" for p in procs}
+    claims = [e for out in outs for e in events(out) if e["event"] == "claimed"]
+    assert [e["task_id"] for e in claims] == [task["id"]]
+
+
+def _waiter(poller: Poller, stop: threading.Event) -> threading.Thread:
+    def wait() -> None:
+        seen = 0
+        while not stop.is_set():
+            offer = poller.wait(seen, 0.5, stop)
+            if offer:
+                seen = offer.seq
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_poll_backs_off_while_idle_and_snaps_back(private: Any, tmp_path: Path) -> None:
+    server, client, seeder = private
+    poller = Poller(client, tmp_path / "state", ROLE, LEVEL, interval=0.05, maximum=0.4)
+    stop = threading.Event()
+    thread = _waiter(poller, stop)
+    try:
+        wait_for(lambda: sum(o.interval == 0.4 for o in poller.history) >= 2,
+                 what="the poll backed off to its cap")
+        seeder.create_task(title="wakes the poll")
+        wait_for(lambda: any(o.task for o in poller.history), what="the task seen")
+        found = next(i for i, o in enumerate(poller.history) if o.task)
+        wait_for(lambda: len(poller.history) > found + 1, what="a poll after the find")
+    finally:
+        stop.set()
+        poller.close()
+        thread.join(5)
+    history = list(poller.history)
+    idle = [o.interval for o in history[:found]]
+    assert idle[:4] == [0.1, 0.2, 0.4, 0.4]  # doubling from poll_interval to poll_max
+    assert history[found].interval == 0.05  # snapped back once work came in
+    assert [o.seq for o in history] == list(range(1, len(history) + 1))
+    assert len(server.requests(NEXT)) == poller.polls
+
+
+def test_claims_on_one_machine_overlap(private: Any, tmp_path: Path) -> None:
+    _server, client, seeder = private
+    for i in range(2):
+        seeder.create_task(title=f"parallel {i}")
+    store = RecordStore(tmp_path / "state")
+    # Each claim waits in its settle for the other to reach its own settle: under a
+    # machine-wide lock held through the settle, the second could never get there.
+    both_settling = threading.Barrier(2, timeout=20)
+    results: dict[str, Any] = {}
+
+    def claim(agent: str) -> None:
+        try:
+            results[agent] = work.claim(PMClient(client.url, _server.api_key), store, agent,
+                                        ROLE, LEVEL, settle=0.0,
+                                        sleep=lambda _s: both_settling.wait())
+        except Exception as exc:  # reported below
+            results[agent] = exc
+
+    threads = [threading.Thread(target=claim, args=(f"par-{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    got = {agent: r.task["id"] for agent, r in results.items() if isinstance(r, work.Claimed)}
+    assert len(got) == 2, results
+    assert len(set(got.values())) == 2
+
+
+def test_claim_read_back_asks_for_status_and_role(private: Any, tmp_path: Path) -> None:
+    server, client, seeder = private
+    for i in range(3):  # history the read-back must not have to page through
+        done = seeder.create_task(title=f"old {i}")
+        seeder.set_status(done["id"], "committed")
+    task = seeder.create_task(title="to claim")
+    before = len(server.requests("GET /api/v1/tasks"))
+    claimed = work.claim(client, RecordStore(tmp_path / "state"), "rb-1", ROLE, LEVEL,
+                         settle=0.0)
+    assert claimed.task["id"] == task["id"]
+    reads = server.requests("GET /api/v1/tasks")[before:]
+    assert reads, "the claim read the task back"
+    assert all(r["query"] == {"status": "created", "role": ROLE} for r in reads), reads
+
+
+def test_fleet_benchmark_smallest(tmp_path: Path) -> None:
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet.py"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PMTOOL_TEST_PM_URL", "PMTOOL_TEST_PM_KEY")}
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
+                          text=True, env={**env, "TMPDIR": str(tmp_path)}, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "claims run twice" in proc.stdout
+    assert "claims run twice: 0" in proc.stdout.replace("  ", " ") or \
+        "claims run twice                       0" in proc.stdout, proc.stdout
+    assert time.monotonic() - started < 600
