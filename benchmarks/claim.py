@@ -11,9 +11,10 @@ and it stops when the server holds pickable tasks it did not create: a guest par
 2. contention: 20 `pmtool claim` processes, each its own agent and state dir, released at
    the same instant onto 20 tasks with the race window open; a naive claimer (lock, no
    read-back) alongside, to show the double locks the read-back catches;
-3. idle load: 100 claimers waiting (`--wait`, threads) while new tasks appear: the
+3. idle load: 100 claimers waiting (`--wait`, threads, at most MAX_IN_FLIGHT requests in
+   flight at once so that a real server is never wedged) while new tasks appear: the
    server's /health p95 and the pickup latency, vs /health on an idle server and vs 100
-   long polls (what `GET /tasks/next` without simulate does).
+   long polls (what `GET /tasks/next` without simulate does; stand-in only).
 
 Targets (issue 3): /health p95 <= 100 ms with 100 idle claimers; pickup p50 <= 2 s,
 p95 <= 5 s; every task claimed by exactly one agent.
@@ -47,6 +48,20 @@ from pmtool.testing.server import server_under_test
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
+# Requests the idle claimers have in flight at once, at most: 100 unbounded claimer
+# threads held a real server's whole database pool (5 + 10 connections, 30 s wait) and
+# wedged it (286 pool timeouts). Threads beyond the cap wait their turn on our side.
+MAX_IN_FLIGHT = 8
+
+
+class CappedClient(PMClient):
+    """A PMClient whose requests, over every instance, never exceed MAX_IN_FLIGHT."""
+
+    gate = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        with self.gate:
+            return super().request(*args, **kwargs)
 ROWS: list[tuple[str, str, str]] = []
 
 
@@ -259,7 +274,7 @@ def idle_load(server: Server, n: int, new_tasks: int, long_poll: bool) -> None:
     lock = threading.Lock()
 
     def claimer(agent: str) -> None:
-        client = PMClient(server.url, server.key, timeout=30)
+        client = CappedClient(server.url, server.key, timeout=30)
         store = RecordStore(os.path.join(tmp, agent))
         with contextlib.suppress(NothingToDo):
             got = work.claim(client, store, agent, ROLE, LEVEL, wait=wait)

@@ -5,12 +5,12 @@ that asks only for what it needs, and the fleet benchmark in its smallest config
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -176,12 +176,9 @@ def test_fleet_benchmark_smallest(tmp_path: Path) -> None:
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet.py"
     env = {k: v for k, v in os.environ.items()
            if k not in ("PMTOOL_TEST_PM_URL", "PMTOOL_TEST_PM_KEY")}
-    started = time.monotonic()
     proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
                           text=True, env={**env, "TMPDIR": str(tmp_path)}, timeout=600,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "claims run twice" in proc.stdout
-    assert "claims run twice: 0" in proc.stdout.replace("  ", " ") or \
-        "claims run twice                       0" in proc.stdout, proc.stdout
-    assert time.monotonic() - started < 600
+    assert re.search(r"claims run twice\s+0\s", proc.stdout), proc.stdout
+    assert "did not finish" not in proc.stdout, proc.stdout
