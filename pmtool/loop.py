@@ -537,8 +537,11 @@ class Runner:
         """
         # pm-runner.sh: `claim --wait "$wait"`.
         opts = self.opts
-        if opts.single_task:  # look once, now
-            return self._claim_offer(None, look=True)
+        if opts.single_task or opts.idle_poll <= 0:  # look once, now
+            record = self._claim_offer(None, look=True)
+            if record is None and not opts.single_task:
+                self.event("idle", waited_s=0.0)
+            return record
         if self._registered < 0:  # once at the start: a refused role shows at once
             self._register()
         deadline = time.monotonic() + opts.idle_poll

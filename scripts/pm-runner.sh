@@ -20,6 +20,10 @@
 # mid-work that a task was moved or given away (here exec-claude only keeps the lock alive,
 # and `recover --orphans` from the PM's cron puts back what is left),
 # --on-hook-failure/--on-agent-failure choices, --escalate and --task-budget-usd.
+#
+# Each pmtool process costs a few hundred milliseconds, so the script starts none it does
+# not need: the task record is read from its file (the path `claim` and `lock show` print)
+# rather than by `lock show`, and a hook that does not exist is not run.
 set -euo pipefail
 
 PMTOOL=${PMTOOL:-pmtool}
@@ -46,6 +50,25 @@ command -v "$PMTOOL" >/dev/null || { echo "pm-runner: $PMTOOL not found (PATH, o
 if [ -z "$wait" ]; then
   if [ "$single" = 1 ]; then wait=0; else wait=30; fi
 fi
+
+# Where the hooks are, found as pmtool finds them (Settings.hooks_path): an absolute
+# folder as it is, a config file's relative one from that file's folder, the
+# environment's or the default `hooks` in the repository.
+hooks_dir=$("$PMTOOL" config | jq -r '
+  .settings.hooks_dir as $h | ($h.value // "" | sub("^~"; env.HOME)) as $v
+  | if $v == "" or ($v | startswith("/")) then $v
+    elif $h.source == "file" then (.config_file | sub("/[^/]*$"; "")) + "/" + $v
+    else "@repo/" + $v end') || hooks_dir=""
+if [[ $hooks_dir == @repo/* ]]; then
+  hooks_dir="$(git -C "$repo" rev-parse --show-toplevel 2>/dev/null || echo "$repo")/${hooks_dir#@repo/}"
+fi
+# has_hook NAME: the hook exists (as `pmtool hook run` finds it: NAME, NAME.py, NAME.sh).
+has_hook() {
+  [ -n "$hooks_dir" ] || return 1
+  local suffix
+  for suffix in "" .py .sh; do [ -f "$hooks_dir/$1$suffix" ] && return 0; done
+  return 1
+}
 
 # The task record names this script as the process working the task: while it lives,
 # `pmtool recover` (cron-recover.sh) leaves the record alone.
@@ -109,6 +132,7 @@ tidy() {
 # skips the task while it cools, and takes others meanwhile).
 give_back() {
   step lock release --agent-id "$agent" --notes "$1" --kind "${2:-failed}"
+  [ "$rc" != 0 ] || need_show=0   # released: no record; else it is kept, look again
   tidy
   echo "pm-runner: task $task_id given back: $1" >&2
   if [ "$single" = 1 ]; then stop 1; fi
@@ -129,23 +153,29 @@ if [ "$rc" = 0 ] && jq -e 'any(.entries[]; .action == "running")' <<<"$out" >/de
   exit 5
 fi
 
+# need_show: whether the agent may have a record (at the start, after a failed step);
+# after a finished or released task it has none, and the loop goes straight to claim.
+need_show=1 record_path=""
 while [ "$stopping" = 0 ]; do
-  step lock show --agent-id "$agent"
+  rc=3
+  if [ "$need_show" = 1 ]; then
+    step lock show --agent-id "$agent"
+  fi
+  need_show=1
   case $rc in
-    0) ;;
+    0) record=$out record_path=$(jq -r '.path' <<<"$out") ;;
     3) # pmtool run: Runner._claim (looks for --idle-poll seconds, then an `idle` event)
        step claim --agent-id "$agent" --role "$role" --level "$level" --wait "$wait"
        case $rc in
          0) ;;
-         3) if [ "$single" = 1 ]; then stop 3; fi; continue ;;
+         3) if [ "$single" = 1 ]; then stop 3; fi; need_show=0; continue ;;
          4) pause 10; continue ;;           # server away: the record (if any) is kept
          *) exit "$rc" ;;
        esac
-       step lock show --agent-id "$agent"
-       [ "$rc" = 0 ] || exit "$rc" ;;
+       record_path=$(jq -r '.record' <<<"$out")
+       record=$(jq -c '{record: .}' "$record_path") || exit 1 ;;
     *) exit "$rc" ;;
   esac
-  record=$out
   task_id=$(jq -r '.record.task.id' <<<"$record")
   complexity=$(jq -r '.record.task.complexity // "major"' <<<"$record")
   session=$(jq -r '.record.session_id // empty' <<<"$record")
@@ -161,7 +191,8 @@ while [ "$stopping" = 0 ]; do
   [ "$stopping" = 0 ] || break
 
   if [ -z "$outcome" ]; then
-    step hook run pre_task --agent-id "$agent" --cwd "$repo"
+    rc=0
+    if has_hook pre_task; then step hook run pre_task --agent-id "$agent" --cwd "$repo"; fi
     if [ "$rc" != 0 ]; then  # pmtool run: Runner._pre_task, policy --on-hook-failure (default release)
       give_back "pre_task hook failed: $(jq -r '.error.message? // .error // (.stderr // "" | .[-200:] | sub("\\s+$"; "") | select(length > 0)) // "exit \(.exit_code)"' <<<"$out")" hook
       continue
@@ -214,22 +245,24 @@ while [ "$stopping" = 0 ]; do
     fi
   fi
   # The post_task hook gets the same context as under `pmtool run` (the record is closed by
-  # finish, so it is read first).
-  step lock show --agent-id "$agent"
-  record=$out
+  # finish, so it is read first, from its file: the agent's runs added to it).
+  record=$(jq -c '{record: .}' "$record_path") || exit 1
   step finish --agent-id "$agent" --outcome "$outcome" --notes "$summary"   # pmtool run: Runner._finish
   case $rc in
     0) ;;
     4) pause 10; continue ;;                  # server away: the record is kept, finish again
     *) exit "$rc" ;;
   esac
+  need_show=0   # finished: the record is closed
   status=$(jq -r '.status // empty' <<<"$out")
-  jq -c --arg outcome "$outcome" --arg summary "$summary" --arg status "$status" \
-    '.record | {task_id: .task.id, title: .task.title, agent_id, role, level,
-                complexity: .task.complexity, branch: (.branch // .task.branch), worktree,
-                model, session_id, attempts, cost_usd, claimed_at, server_url, task,
-                outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
-    | step hook run post_task --input - --cwd "$repo"   # post_task never blocks (pmtool run: Runner._finish)
+  if has_hook post_task; then
+    jq -c --arg outcome "$outcome" --arg summary "$summary" --arg status "$status" \
+      '.record | {task_id: .task.id, title: .task.title, agent_id, role, level,
+                  complexity: .task.complexity, branch: (.branch // .task.branch), worktree,
+                  model, session_id, attempts, cost_usd, claimed_at, server_url, task,
+                  outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
+      | step hook run post_task --input - --cwd "$repo"   # post_task never blocks (pmtool run: Runner._finish)
+  fi
   tidy   # --rescue keeps uncommitted work on a rescue ref first; a clean tree is just removed
   done_tasks=$((done_tasks + 1))
   if [ "$single" = 1 ]; then stop 0; fi

@@ -583,14 +583,20 @@ def test_systemd_unit_runs_pmtool_run_with_flags_it_has() -> None:
     settings = dict(re.findall(r"^(\w+)=(.*)$", unit, re.MULTILINE))
     assert settings["KillMode"] == "mixed"  # SIGTERM to pmtool only: the step may finish
     assert settings["KillSignal"] == "SIGTERM"
-    env = dict(re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE))
-    env.update(PMTOOL_ROLE="backend_dev", PMTOOL_REPO="/srv/app")  # the env files
-    argv = systemd_expand(settings["ExecStart"], env, "dev_001", "/home/me")
+    specifiers = {"%H": "box1", "%i": "backend_dev", "%h": "/home/me",
+                  "%S": "/home/me/.local/state"}
+    env = {name: re.sub(r"%\w", lambda m: specifiers[m.group(0)], value)
+           for name, value in re.findall(r"^Environment=(\w+)=(.*)$", unit, re.MULTILINE)}
+    env.update(PMTOOL_REPO="/srv/app")  # agent.env
+    argv = systemd_expand(settings["ExecStart"], env, "backend_dev", "/home/me")
 
     assert argv[0] == "/home/me/.local/bin/pmtool" and argv[1] == "run"
     options = dict(zip(argv[2::2], argv[3::2], strict=True))
-    assert options == {"--role": "backend_dev", "--level": "senior", "--agent-id": "dev_001",
-                       "--repo": "/srv/app"}
+    # One process per role, its agents named after the host: ids differ between machines.
+    assert options == {"--role": "backend_dev", "--level": "senior", "--agents": "1",
+                       "--agent-id": "box1-backend_dev", "--repo": "/srv/app"}
+    assert env["PMTOOL_STATE_DIR"] == "/home/me/.local/state/pmtool/backend_dev"
+    assert env["PATH"].startswith("/home/me/.local/bin:")
     run_help = pmtool_help("run")
     for flag in options:
         assert re.search(rf"^\s+{flag} ", run_help, re.MULTILINE), flag
