@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/startup.py [--runs 15]
 
-Target: `pmtool model-for senior` <= 1.3x the baseline. Runs are interleaved so that a
+Target: `pmtool model-for senior` <= 1.3x the baseline; `worktree`, `hook run` and
+`model-for` import no HTTP stack (checked with -X importtime). Runs are interleaved so that a
 noisy neighbour slows the baseline and the commands alike. Besides wall time, each run's
 CPU time (user + system, of the process and its children) is shown: on a loaded machine it
 moves much less than the wall time does, so it is the figure to compare between runs.
@@ -28,10 +29,18 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                   check=False)
+                   input=b"{}", check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def loaded(cmd: list[str], env: dict[str, str]) -> set[str]:
+    """The top-level modules a command imports (python -X importtime)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "pmtool", *cmd[1:]],
+                         capture_output=True, text=True, env=env, input="{}", check=False)
+    return {line.rsplit("|", 1)[-1].strip().split(".")[0]
+            for line in out.stderr.splitlines() if line.startswith("import time:")}
 
 
 def main() -> None:
@@ -46,6 +55,9 @@ def main() -> None:
         "pmtool model-for senior": [PMTOOL, "model-for", "senior"],
         "pmtool --help": [PMTOOL, "--help"],
         "pmtool health --check git": [PMTOOL, "health", "--check", "git"],
+        # Commands pm-runner.sh runs per task that need no server: no HTTP stack.
+        "pmtool worktree list": [PMTOOL, "worktree", "list", "--repo", state],
+        "pmtool hook run pre_task": [PMTOOL, "hook", "run", "pre_task", "--input", "-"],
     }
     walls: dict[str, list[float]] = {name: [] for name in cases}
     cpus: dict[str, list[float]] = {name: [] for name in cases}
@@ -63,6 +75,9 @@ def main() -> None:
         med, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
         print(f"{name:32} {med * 1000:10.1f} {med / base:6.2f}x {cpu * 1000:8.1f} "
               f"{cpu / cpu_base:6.2f}x")
+    for name in ("pmtool model-for senior", "pmtool worktree list", "pmtool hook run pre_task"):
+        heavy = [m for m in ("requests", "urllib3") if m in loaded(cases[name], env)]
+        print(f"{name:32} imports {', '.join(heavy) if heavy else 'no HTTP stack'}")
     ratio = statistics.median(walls["pmtool model-for senior"]) / base
     cpu_ratio = statistics.median(cpus["pmtool model-for senior"]) / cpu_base
     print(f"\nmodel-for target <= 1.30x: {'met' if ratio <= 1.3 else 'MISSED'} ({ratio:.2f}x "

@@ -614,7 +614,7 @@ def test_twenty_agents_twenty_tasks_same_instant(env, queue, race, pm_server, tm
 
 
 @pytest.mark.standin_only
-def test_twenty_agents_sharing_a_state_dir_serialise(env, queue, race):
+def test_twenty_agents_sharing_a_state_dir_each_get_one_task(env, queue, race):
     race(0.03)
     tasks = {queue.create_task(title=f"shared {i}")["id"] for i in range(20)}
     agents = [unique_id("shared") for _ in range(20)]
@@ -622,10 +622,12 @@ def test_twenty_agents_sharing_a_state_dir_serialise(env, queue, race):
                    "--role", "backend_dev", "--wait", "40") for agent in agents]
     results = [answer(p) for p in procs]
     assert [code for code, _, _ in results] == [0] * 20
-    assert {out["task"]["id"] for _, out, _ in results} == tasks
-    # The machine's claim lock serialised them: nobody had to lose a race.
-    assert sum(out["claim"]["losses"] + out["claim"]["conflicts"]
-               for _, out, _ in results) == 0
+    # No machine-wide lock serialises them (claims overlap, tests/test_fleet.py): the
+    # read-back settles each race, so every task went to exactly one agent.
+    assert sorted(out["task"]["id"] for _, out, _ in results) == sorted(tasks)
+    owners = {t["id"]: t["locked_by"] for t in queue.list_tasks(status="under_work")}
+    for agent, (_, out, _) in zip(agents, results, strict=True):
+        assert owners[out["task"]["id"]] == agent
 
 
 # -- the 30-minute rule, on a stand-in with its own clock ----------------------------------
