@@ -23,7 +23,11 @@ BACKOFF_CAP = 5.0  # seconds; the longest pause between two tries of one call
 
 class PMClient:
     def __init__(self, url: str, api_key: str | None, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.3) -> None:
+                 retries: int = 3, backoff: float = 0.3, pool: int | None = None,
+                 agent: str = "pmtool") -> None:
+        """`pool`: connections kept per host, for that many threads calling at once (a
+        `pmtool run --agents N`); requests' default of 10 would make the 11th caller open
+        and drop a connection per call. `agent`: the User-Agent, e.g. naming the process."""
         import requests
 
         self.url = url.rstrip("/")
@@ -31,9 +35,14 @@ class PMClient:
         self.retries = retries
         self.backoff = backoff
         self.session = requests.Session()
+        if pool and pool > 10:
+            from requests.adapters import HTTPAdapter
+
+            for prefix in ("http://", "https://"):
+                self.session.mount(prefix, HTTPAdapter(pool_connections=4, pool_maxsize=pool))
         if api_key:
             self.session.headers["X-API-Key"] = api_key
-        self.session.headers["User-Agent"] = "pmtool"
+        self.session.headers["User-Agent"] = agent
 
     # -- transport ---------------------------------------------------------------------
 

@@ -289,11 +289,10 @@ class Fleet:
         from pmtool.loop import HEALTH_CHECKS, Runner
 
         first = opts_list[0]
+        # One connection pool for all: the runners, the poller and a heartbeat or two.
         self.client = client or PMClient(settings.api_url, settings.api_key,
-                                         timeout=settings.http_timeout)
-        if client is None:
-            user_agent(self.client)
-        size_pool(self.client, len(opts_list))
+                                         timeout=settings.http_timeout,
+                                         pool=len(opts_list) + 4, agent=process_agent())
         self.poller = Poller(self.client, settings.state_path, first.role, first.level,
                              first.poll_interval, first.poll_max)
         health = SharedHealth(lambda: run_health(settings, HEALTH_CHECKS),
@@ -345,24 +344,6 @@ def fleet_code(codes: list[int]) -> int:
     return EXIT_NOTHING if codes and all(c == EXIT_NOTHING for c in codes) else EXIT_OK
 
 
-def size_pool(client: Any, agents: int) -> None:
-    """Give the client's session a connection pool for `agents` concurrent callers (plus
-    the poller and a heartbeat or two); requests' default of 10 would make the 11th
-    runner open and drop a connection per call."""
-    session = getattr(client, "session", None)
-    if session is None or agents <= 8:
-        return
-    from requests.adapters import HTTPAdapter
-
-    for prefix in ("http://", "https://"):
-        old = session.get_adapter(prefix)
-        retries = getattr(old, "max_retries", 0)
-        session.mount(prefix, HTTPAdapter(pool_connections=4, pool_maxsize=agents + 4,
-                                          max_retries=retries))
-
-
-def user_agent(client: Any) -> None:
-    """Name this process in the User-Agent, so a server's log tells runners apart."""
-    session = getattr(client, "session", None)
-    if session is not None:
-        session.headers["User-Agent"] = f"pmtool (pid {os.getpid()})"
+def process_agent() -> str:
+    """A User-Agent naming this process, so a server's log tells the runners apart."""
+    return f"pmtool (pid {os.getpid()})"

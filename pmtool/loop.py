@@ -214,7 +214,7 @@ class Runner:
         runner of its own makes its own poller (which still shares the poll lease with
         other processes on the same state folder)."""
         from pmtool.client import PMClient
-        from pmtool.fleet import Poller, user_agent
+        from pmtool.fleet import Poller, process_agent
 
         self.settings = settings
         self.opts = opts
@@ -222,9 +222,8 @@ class Runner:
         self.progress = progress
         self.ask = ask  # operator prompt, only when a person is at a terminal
         self.client = client or PMClient(settings.api_url, settings.api_key,
-                                         timeout=settings.http_timeout)
-        if client is None:
-            user_agent(self.client)
+                                         timeout=settings.http_timeout,
+                                         agent=process_agent())
         self.store = RecordStore(settings.state_path)
         self._own_poller = poller is None
         self.poller = poller or Poller(self.client, self.store.state, opts.role, opts.level,
