@@ -144,11 +144,17 @@ class Poller:
                     self._cond.wait()
                 if self._closed:
                     return
-            if self._hold_lease():
-                wait = self._lead()
-            else:
-                self._follow()
-                wait = FOLLOW_TICK
+            try:
+                if self._hold_lease():
+                    wait = self._lead()
+                else:
+                    self._follow()
+                    wait = FOLLOW_TICK
+            except Exception as exc:  # e.g. an unwritable state folder: say so, keep going
+                self._publish(Offer(self._offer.seq + 1, time.time(),
+                                    error=f"the poller failed: {type(exc).__name__}: {exc}",
+                                    interval=self.interval, pid=os.getpid()))
+                wait = self.maximum
             with self._cond:
                 if not self._closed and wait > 0:
                     self._cond.wait(wait)
@@ -199,8 +205,8 @@ class Poller:
             self.interval = self.base  # snap back: work is coming in
         else:
             self.interval = min(self.maximum, max(self.base, (last.interval or self.base) * 2))
-        offer = Offer(last.seq + 1, time.time(), task or None, error, self.interval,
-                      os.getpid())
+        offer = Offer(max(last.seq, self._offer.seq) + 1, time.time(), task or None, error,
+                      self.interval, os.getpid())
         self.history.append(offer)
         with contextlib.suppress(OSError):
             atomic_write_json(self.seen_path, offer.__dict__)
