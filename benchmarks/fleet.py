@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,8 +57,9 @@ PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
 IDENTITY = {"GIT_AUTHOR_NAME": "pmtool bench", "GIT_AUTHOR_EMAIL": "bench@pmtool.invalid",
             "GIT_COMMITTER_NAME": "pmtool bench", "GIT_COMMITTER_EMAIL": "bench@pmtool.invalid"}
-CLAIMED: Counter[int] = Counter()  # task id -> claimed events, over every process
-CLAIMED_LOCK = threading.Lock()
+# task id -> its claimed and finished events, in arrival order, over every process
+STORY: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
+STORY_LOCK = threading.Lock()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -138,9 +139,10 @@ class Machine:
                 continue
             with self.lock:
                 self.events.append((time.monotonic(), event))
-            if event.get("event") == "claimed":
-                with CLAIMED_LOCK:
-                    CLAIMED[event["task_id"]] += 1
+            if event.get("event") in ("claimed", "finished"):
+                with STORY_LOCK:
+                    STORY[event["task_id"]].append(
+                        (event["event"], event["agent"], event.get("outcome") or ""))
 
     def seen(self, kind: str) -> dict[int, float]:
         with self.lock:
@@ -264,6 +266,26 @@ def drain(server: Server, work: Path, label: str, machines: int, agents: int, ta
         fleet.stop()
 
 
+def double_claims() -> tuple[list[int], int]:
+    """Tasks an agent claimed while another's claim of it was still open (never finished
+    nor given back), and how many tasks were claimed again after being given back."""
+    twice, again = [], 0
+    with STORY_LOCK:
+        for task_id, story in STORY.items():
+            holder, claims = None, 0
+            for kind, agent, _outcome in story:
+                if kind == "claimed":
+                    claims += 1
+                    if holder is not None and holder != agent:
+                        twice.append(task_id)
+                        break
+                    holder = agent
+                elif agent == holder:
+                    holder = None
+            again += claims > 1
+    return twice, again
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,8 +358,11 @@ def main() -> None:
                 f"target <= 1.2x: {verdict(one / many <= 1.2)}")
         else:
             row("drain", "did not finish", f"one machine {one}, N machines {many}")
-        twice = sum(1 for n in CLAIMED.values() if n > 1)
-        row("claims run twice", str(twice), "must be 0")
+        twice, again = double_claims()
+        row("claims run twice", str(len(twice)), "must be 0")
+        row("tasks claimed again after a give-back", str(again))
+        for task_id in twice:
+            print(f"    task {task_id}: {STORY[task_id]}")
         if twice:
             sys.exit(1)
     finally:

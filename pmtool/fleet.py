@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -50,6 +51,7 @@ class Offer:
     error: str | None = None
     interval: float = 0.0  # the poll interval after this poll
     pid: int = 0  # the process that polled
+    due: float = 0.0  # when the next poll is due (time.time), the interval with jitter
 
 
 class Poller:
@@ -185,7 +187,7 @@ class Poller:
             self._publish(last)
         interval = last.interval or self.base
         found = max(self._found, _mtime(self.found_path))
-        due = last.at + interval
+        due = last.due or last.at + interval
         if found > last.at:
             due = min(due, found)  # a task was taken since: the queue may hold more
         now = time.time()
@@ -205,8 +207,12 @@ class Poller:
             self.interval = self.base  # snap back: work is coming in
         else:
             self.interval = min(self.maximum, max(self.base, (last.interval or self.base) * 2))
-        offer = Offer(max(last.seq, self._offer.seq) + 1, time.time(), task or None, error,
-                      self.interval, os.getpid())
+        now = time.time()
+        # Jitter: machines started together would otherwise back off in step and poll at
+        # the same moments, and a new task would wait for all of them at once.
+        due = now + self.interval * random.uniform(0.75, 1.0)
+        offer = Offer(max(last.seq, self._offer.seq) + 1, now, task or None, error,
+                      self.interval, os.getpid(), due)
         self.history.append(offer)
         with contextlib.suppress(OSError):
             atomic_write_json(self.seen_path, offer.__dict__)
