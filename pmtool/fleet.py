@@ -76,6 +76,7 @@ class Poller:
         self._waiters = 0
         self._offer = Offer(0, 0.0)
         self._found = 0.0  # this process's last find, for its own leaseholder thread
+        self._taken = 0  # the newest offer a runner of this process took
         self._lease: Any = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -96,8 +97,21 @@ class Poller:
             try:
                 while True:
                     offer = self._offer
-                    if (offer.seq > after_seq and (offer.task or offer.error)
-                            and time.time() - offer.at <= max(self.base, FOLLOW_TICK * 2)):
+                    fresh = (offer.seq > after_seq
+                             and time.time() - offer.at <= max(self.base, FOLLOW_TICK * 2))
+                    if fresh and offer.error:
+                        return offer  # every runner hears of trouble
+                    if fresh and offer.task and offer.seq > self._taken:
+                        # One runner of this process per offer: a herd of lockers on one
+                        # task only makes double locks (quirk 2). The poll looks again at
+                        # once for the others (the task is locked by then, or the losers
+                        # of a race try the other free tasks).
+                        self._taken = offer.seq
+                        self._cond.release()
+                        try:
+                            self.found()
+                        finally:
+                            self._cond.acquire()
                         return offer
                     left = deadline - time.monotonic()
                     if left <= 0 or (stop is not None and stop.is_set()) or self._closed:
@@ -107,7 +121,8 @@ class Poller:
                 self._waiters -= 1
 
     def found(self) -> None:
-        """A runner claimed a task: look again soon, here and in the leaseholder."""
+        """A task was taken (offered to a runner, or claimed): look again at once, here
+        and in the leaseholder, since a queue that had one task may have more."""
         now = time.time()
         with self._cond:
             self._found = now
