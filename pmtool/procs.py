@@ -89,7 +89,7 @@ def tree(pid: int, mark: str | None = None, since: float | None = None) -> list[
         pass
     extra = marked(mark) if mark else []
     if since is not None:
-        extra += adopted(since)
+        extra += adopted(since, mark)
     for proc in extra:
         procs[proc.pid] = proc
         with contextlib.suppress(psutil.Error):
@@ -157,7 +157,8 @@ def terminate_tree(pid: int, mark: str | None = None, grace: float = 3.0,
     deadline = time.monotonic() + grace
     while (mark or since is not None) and time.monotonic() < deadline:
         # One /proc scan a round: it reads every process's environment.
-        left = (marked(mark) if mark else []) + (adopted(since) if since is not None else [])
+        left = (marked(mark) if mark else []) + (adopted(since, mark) if since is not None
+                                                 else [])
         if not left:
             break
         for proc in left:
@@ -175,6 +176,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 _subreaper = False
 _owned: set[int] = set()  # pids of children started by `start` and not yet reaped
+_owned_marks: dict[int, str] = {}  # their marks: an orphan carrying one is that child's
 _owned_lock = threading.Lock()
 
 
@@ -223,12 +225,14 @@ def is_subreaper() -> bool:
     return _subreaper
 
 
-def adopted(since: float) -> list[Any]:
+def adopted(since: float, mark: str | None = None) -> list[Any]:
     """Orphans we adopted as a subreaper, born at or after `since` (a psutil create_time).
 
     Ours to end: a direct child we did not start through `start`, in another session than
     ours (a plain `subprocess.run` elsewhere in this process shares our session, so it is
-    never taken for one). Empty unless `become_subreaper()` was called.
+    never taken for one), and not carrying the mark of another child we still own (not
+    `mark`): with several agents in one process (`pmtool run --agents N`), one agent's
+    orphans are not another's leftovers. Empty unless `become_subreaper()` was called.
     """
     import psutil
 
@@ -241,9 +245,23 @@ def adopted(since: float) -> list[Any]:
             with contextlib.suppress(psutil.Error, OSError):
                 if (proc.pid not in _owned and os.getsid(proc.pid) != mysid
                         and proc.create_time() >= since
-                        and proc.status() != psutil.STATUS_ZOMBIE):
+                        and proc.status() != psutil.STATUS_ZOMBIE
+                        and not _marked_by_another(proc.pid, mark)):
                     found.append(proc)
     return found
+
+
+def _marked_by_another(pid: int, mark: str | None) -> bool:
+    """Whether the process carries the mark of a child we own other than `mark`'s."""
+    others = {m for m in _owned_marks.values() if m != mark}
+    if not others:
+        return False
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return any(f"{MARK_ENV}={m}".encode() in env for m in others)
 
 
 def reap_adopted() -> list[int]:
@@ -346,7 +364,7 @@ class Child:
     def leftovers(self) -> list[Any]:
         """Processes of this child still running after it exited (marked or adopted)."""
         left = {p.pid: p for p in marked(self.mark)}
-        left.update((p.pid, p) for p in adopted(self.since))
+        left.update((p.pid, p) for p in adopted(self.since, self.mark))
         left.pop(self.pid, None)
         return list(left.values())
 
@@ -391,6 +409,7 @@ class Child:
     def _release(self) -> None:
         with _owned_lock:
             _owned.discard(self.pid)
+            _owned_marks.pop(self.pid, None)
         reap_adopted()
 
 
@@ -438,6 +457,8 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
                                          preexec_fn=_parent_death(parent_death))
                 _owned.add(popen.pid)
             inner = popen.pid
+        with _owned_lock:
+            _owned_marks[popen.pid] = mark
     # Orphans adopted later count as this child's when born after it. psutil's clock, not
     # time.time(): its create times rest on a boot time rounded to the second.
     try:

@@ -454,3 +454,46 @@ def test_a_watcher_a_hook_leaves_is_reported_and_not_taken_for_the_next_childs(
         assert second["ok"] and "left_running" not in second
     finally:
         _kill(_sleepers(token))
+
+
+TWO_AGENTS_RUNNER = """
+import json, sys, time
+import psutil
+from pmtool import procs
+assert procs.become_subreaper()
+token = sys.argv[1]
+first = procs.start(["sleep", "30"], label="agent-a")
+time.sleep(0.2)  # the orphan below is born after the first agent
+# The second agent leaves an orphan (its subshell exits): we adopt it, with its mark.
+second = procs.start(["sh", "-c", f"(setsid sleep {token} &); sleep 30"], label="agent-b")
+deadline = time.monotonic() + 10
+orphans = []
+while not orphans and time.monotonic() < deadline:
+    orphans = [p.pid for p in procs.adopted(0.0)
+               if token in (p.cmdline() or [])]
+    time.sleep(0.05)
+mine = [p.pid for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] == ["sleep", token]]
+print(json.dumps({"leftovers_a": [p.pid for p in first.leftovers()], "orphan": mine,
+                  "of_b": [p.pid for p in second.leftovers()]}))
+first.end(grace=1.0)
+second.end(grace=1.0)
+"""
+
+
+@linux
+def test_one_agents_orphan_is_not_another_agents_leftover() -> None:
+    # `pmtool run --agents N`: several agents' children under one subreaper. An orphan of
+    # the second agent, born after the first started, carries the second's mark.
+    import json
+
+    token = _token()
+    try:
+        run = _python(TWO_AGENTS_RUNNER, token)
+        assert run.returncode == 0, run.stderr
+        seen = json.loads(run.stdout)
+        assert seen["orphan"], seen
+        assert not set(seen["orphan"]) & set(seen["leftovers_a"]), seen
+        assert set(seen["orphan"]) <= set(seen["of_b"]), seen
+    finally:
+        _kill(_sleepers(token))
