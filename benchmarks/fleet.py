@@ -142,7 +142,8 @@ class Machine:
             if event.get("event") in ("claimed", "finished"):
                 with STORY_LOCK:
                     STORY[event["task_id"]].append(
-                        (event["event"], event["agent"], event.get("outcome") or ""))
+                        (event["event"], event["agent"],
+                         event.get("reason") or event.get("outcome") or ""))
 
     def seen(self, kind: str) -> dict[int, float]:
         with self.lock:
@@ -361,8 +362,9 @@ def main() -> None:
         twice, again = double_claims()
         row("claims run twice", str(len(twice)), "must be 0")
         row("tasks claimed again after a give-back", str(again))
-        for task_id in twice:
-            print(f"    task {task_id}: {STORY[task_id]}")
+        for task_id, story in STORY.items():
+            if task_id in twice or sum(kind == "claimed" for kind, _, _ in story) > 1:
+                print(f"    task {task_id}: {story}")
         if twice:
             sys.exit(1)
     finally:

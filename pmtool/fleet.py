@@ -104,14 +104,15 @@ class Poller:
                     if fresh and offer.task and offer.seq > self._taken:
                         # One runner of this process per offer: a herd of lockers on one
                         # task only makes double locks (quirk 2). The poll looks again at
-                        # once for the others (the task is locked by then, or the losers
-                        # of a race try the other free tasks).
+                        # once for the others (it may see the same task, its lock not yet
+                        # landed: the loser of that race tries the other free tasks).
                         self._taken = offer.seq
-                        self._cond.release()
-                        try:
-                            self.found()
-                        finally:
-                            self._cond.acquire()
+                        if self._waiters > 1:  # others wait here: look again for them
+                            self._cond.release()
+                            try:
+                                self.found()
+                            finally:
+                                self._cond.acquire()
                         return offer
                     left = deadline - time.monotonic()
                     if left <= 0 or (stop is not None and stop.is_set()) or self._closed:

@@ -449,6 +449,16 @@ def _take_steps(client: Any, store: RecordStore, task: dict[str, Any], agent_id:
         stats.losses += 1
         _discard(store, record)
         return None
+    if now.get("status") != task["status"]:
+        # The task moved on before our lock landed (the lock endpoint looks at no status):
+        # finished by then (a candidate seen a moment too early), or under work by the
+        # agent that took it first. Never work it again; a lock of ours on a task nobody
+        # works would keep it from the next role, so it is put down, status as it is.
+        if now.get("status") != UNDER_WORK:
+            _release_on_server(client, agent_id, now, now["status"])
+        stats.losses += 1
+        _discard(store, record)
+        return None
 
     note = f"claimed by {agent_id} on {record.host} (pid {runner_pid}) at {now_iso()}"
     answer = client.set_status(task_id, agent_id, UNDER_WORK, notes=_append_notes(now, note))

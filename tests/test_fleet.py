@@ -20,7 +20,7 @@ from test_run_loop import World, events, wait_for, world  # noqa: F401 (world: a
 
 from pmtool import work
 from pmtool.client import PMClient
-from pmtool.errors import UsageError
+from pmtool.errors import NothingToDo, UsageError
 from pmtool.fleet import Poller, agent_ids, fleet_code
 from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder
@@ -140,10 +140,16 @@ def test_claims_on_one_machine_overlap(private: Any, tmp_path: Path) -> None:
     results: dict[str, Any] = {}
 
     def claim(agent: str) -> None:
+        settles: list[float] = []
+
+        def settle(seconds: float) -> None:
+            settles.append(seconds)
+            if len(settles) == 1:  # the first settle of each; a lost race settles again
+                both_settling.wait()
+
         try:
             results[agent] = work.claim(PMClient(client.url, _server.api_key), store, agent,
-                                        ROLE, LEVEL, settle=0.0,
-                                        sleep=lambda _s: both_settling.wait())
+                                        ROLE, LEVEL, settle=0.0, sleep=settle)
         except Exception as exc:  # reported below
             results[agent] = exc
 
@@ -170,6 +176,20 @@ def test_claim_read_back_asks_for_status_and_role(private: Any, tmp_path: Path) 
     reads = server.requests("GET /api/v1/tasks")[before:]
     assert reads, "the claim read the task back"
     assert all(r["query"] == {"status": "created", "role": ROLE} for r in reads), reads
+
+
+def test_a_task_offered_a_moment_too_early_is_not_worked_again(private: Any,
+                                                               tmp_path: Path) -> None:
+    # A poll saw the task created; it was finished before the claim: the lock endpoint
+    # looks at no status, so only the read-back can tell.
+    _server, client, seeder = private
+    task = seeder.create_task(title="finished meanwhile")
+    seeder.set_status(task["id"], "dev_done")
+    with pytest.raises(NothingToDo):
+        work.claim(client, RecordStore(tmp_path / "state"), "late-1", ROLE, LEVEL,
+                   settle=0.0, first=task)
+    after = seeder.get_task(task["id"])
+    assert (after["status"], after["locked_by"]) == ("dev_done", None)  # lock put down
 
 
 def test_fleet_benchmark_smallest(tmp_path: Path) -> None:
