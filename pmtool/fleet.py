@@ -39,6 +39,10 @@ from pmtool.errors import EXIT_NOTHING, EXIT_OK, PmtoolError
 from pmtool.state import StateDir, atomic_write_json, make_dir, open_private, safe_name
 
 FOLLOW_TICK = 0.2  # seconds between a follower's looks at the leaseholder's file
+# An offer older than this is not handed out: every runner waiting then has seen it, and
+# its task may be finished by now (the lock endpoint looks at no status; the claim's
+# read-back catches that too, but puts the stray lock down with two status changes).
+FRESH = 0.5
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,8 @@ class Poller:
     """The machine's look for work for one role and level, shared by its waiting runners.
 
     `wait(after_seq, timeout, stop)` gives the first offer newer than `after_seq` that
-    names a task (or an error), or None. Only offers younger than `poll_interval` are
-    handed out: an older one has been seen by every runner that was waiting then.
+    names a task (to one runner of the process) or an error (to all), or None. Only offers
+    younger than FRESH seconds are handed out.
     """
 
     def __init__(self, client: Any, state: StateDir | str | Path, role: str, level: str,
@@ -77,6 +81,7 @@ class Poller:
         self._offer = Offer(0, 0.0)
         self._found = 0.0  # this process's last find, for its own leaseholder thread
         self._taken = 0  # the newest offer a runner of this process took
+        self._why: tuple[float, list[str]] | None = None
         self._lease: Any = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -97,8 +102,7 @@ class Poller:
             try:
                 while True:
                     offer = self._offer
-                    fresh = (offer.seq > after_seq
-                             and time.time() - offer.at <= max(self.base, FOLLOW_TICK * 2))
+                    fresh = offer.seq > after_seq and time.time() - offer.at <= FRESH
                     if fresh and offer.error:
                         return offer  # every runner hears of trouble
                     if fresh and offer.task and offer.seq > self._taken:
@@ -132,6 +136,17 @@ class Poller:
             make_dir(self.found_path.parent)
             self.found_path.touch()
             os.utime(self.found_path, (now, now))
+
+    def explain(self, why: Callable[[], list[str]], ttl: float = 300.0) -> list[str]:
+        """Why nothing is picked up, asked at most once per `ttl` seconds for all runners
+        of the process: the answer lists every task on the server."""
+        with self._cond:
+            if self._why is not None and time.monotonic() - self._why[0] < ttl:
+                return self._why[1]
+        answer = why()
+        with self._cond:
+            self._why = (time.monotonic(), answer)
+        return answer
 
     def wake(self) -> None:
         """Let waiting runners look at their stop flag now."""
@@ -267,20 +282,21 @@ def _mtime(path: Path) -> float:
 
 
 class SharedHealth:
-    """One health check for all runners of a process: a passing check is kept for
-    `interval` seconds; a failing one is not kept, so each runner sees it fresh."""
+    """One health check for all runners of a process (they share server, repo, hooks and
+    agent command): a passing check is kept for `interval` seconds; a failing one is not
+    kept, so each runner sees it fresh."""
 
-    def __init__(self, check: Callable[[], tuple[dict[str, Any], int]],
-                 interval: float) -> None:
-        self.check, self.interval = check, interval
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self._lock = threading.Lock()
         self._last: tuple[float, tuple[dict[str, Any], int]] | None = None
 
-    def __call__(self) -> tuple[dict[str, Any], int]:
+    def __call__(self, check: Callable[[], tuple[dict[str, Any], int]]
+                 ) -> tuple[dict[str, Any], int]:
         with self._lock:
             if self._last and time.monotonic() - self._last[0] < self.interval:
                 return self._last[1]
-            result = self.check()
+            result = check()
             self._last = (time.monotonic(), result) if result[0].get("ok") else None
             return result
 
@@ -313,8 +329,7 @@ class Fleet:
                  progress: Callable[[str], None] = lambda _msg: None,
                  client: Any = None) -> None:
         from pmtool.client import PMClient
-        from pmtool.health import run_health
-        from pmtool.loop import HEALTH_CHECKS, Runner
+        from pmtool.loop import Runner
 
         first = opts_list[0]
         # One connection pool for all: the runners, the poller and a heartbeat or two.
@@ -323,8 +338,7 @@ class Fleet:
                                          pool=len(opts_list) + 4, agent=process_agent())
         self.poller = Poller(self.client, settings.state_path, first.role, first.level,
                              first.poll_interval, first.poll_max)
-        health = SharedHealth(lambda: run_health(settings, HEALTH_CHECKS),
-                              first.health_interval)
+        health = SharedHealth(first.health_interval)
         lock = threading.Lock()
 
         def emit_locked(event: dict[str, Any]) -> None:

@@ -230,6 +230,7 @@ class Runner:
                                        opts.poll_interval, opts.poll_max)
         self._health = health
         self._seen = 0  # the newest poller offer this runner acted on
+        self._cooling: dict[int, str] = {}
         self._registered = -1.0  # monotonic time of the last registration
         self.state = self.store.state
         self._event_log_failed = False
@@ -536,6 +537,7 @@ class Runner:
         """
         # pm-runner.sh: `claim --wait "$wait"`.
         opts = self.opts
+        self._cooling = {}  # what this look found cooling down after a give-back
         if opts.single_task or opts.idle_poll <= 0:  # look once, now
             record = self._claim_offer(None, look=True)
             if record is None and not opts.single_task:
@@ -544,7 +546,6 @@ class Runner:
         if self._registered < 0:  # once at the start: a refused role shows at once
             self._register()
         deadline = time.monotonic() + opts.idle_poll
-        self._cooling: dict[int, str] = {}
         while True:
             self._check_stop()
             offer = self.poller.wait(self._seen, deadline - time.monotonic(), self.stopping)
