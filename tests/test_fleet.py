@@ -67,6 +67,26 @@ def test_three_agents_finish_six_tasks_each_once(world: World) -> None:  # noqa:
     assert sorted(e["agent"] for e in stopped) == ["fl-1", "fl-2", "fl-3"]
 
 
+def test_a_signal_stops_every_agent_after_its_step_and_keeps_their_records(
+        world: World) -> None:  # noqa: F811
+    tasks = [world.task(title=f"long {i}")["id"] for i in range(2)]
+    proc = world.start("--agents", "2", "--agent-id", "sig", "--poll-interval", "0.1",
+                       env={"PMTOOL_FAKE_AGENT_SLEEP": "2"})
+    for agent in ("sig-1", "sig-2"):
+        wait_for(lambda a=agent: (r := world.store.load(a)) and r.session_id,
+                 what=f"{agent}'s agent to start")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    got = events(out)
+    assert sorted(e["agent"] for e in got if e["event"] == "agent") == ["sig-1", "sig-2"]
+    assert not [e for e in got if e["event"] == "finished"]  # stopped after the agent step
+    stopped = [e for e in got if e["event"] == "stopped"]
+    assert sorted(e["agent"] for e in stopped) == ["sig-1", "sig-2"]
+    assert all(e["record_kept"] for e in stopped)
+    assert all(world.status(t)["status"] == "under_work" for t in tasks)
+
+
 def test_processes_sharing_a_state_folder_poll_as_one(world: World) -> None:  # noqa: F811
     args = ("--agents", "2", "--idle-poll", "60", "--poll-interval", "0.1",
             "--poll-max", "0.1")
