@@ -1154,7 +1154,8 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
     with no lock: the 30-minute rule, quirk 3). One filtered list call while all is well
     (quirk 1: there is no single-task read).
     """
-    task = read_task(client, record.task_id, status=UNDER_WORK)
+    task = read_task(client, record.task_id, status=UNDER_WORK,
+                     role=record.task.get("target_role"))
     if task and task.get("status") == UNDER_WORK and task.get("locked_by") == record.agent_id:
         return None
     info: dict[str, Any] = {"status": (task or {}).get("status"),
