@@ -318,6 +318,8 @@ def main() -> None:
     while step < poll_max:
         ramp, step = ramp + step, step * 2
     warmup = ramp + 3.0
+    # A window shorter than the idle interval counts 0 or 1 poll per machine: noise.
+    args.window = max(args.window, poll_max)
     began = time.monotonic()
     server = Server()
     work = Path(tempfile.mkdtemp(prefix="pmtool-fleet-"))
