@@ -76,6 +76,7 @@ class Poller:
         self.lease_path = stem.with_suffix(".lease")
         self.seen_path = stem.with_suffix(".json")
         self.found_path = stem.with_suffix(".found")
+        self.taken_path = stem.with_suffix(".taken")
         self._cond = threading.Condition()
         self._waiters = 0
         self._offer = Offer(0, 0.0)
@@ -106,11 +107,15 @@ class Poller:
                     if fresh and offer.error:
                         return offer  # every runner hears of trouble
                     if fresh and offer.task and offer.seq > self._taken:
-                        # One runner of this process per offer: a herd of lockers on one
-                        # task only makes double locks (quirk 2). The poll looks again at
-                        # once for the others (it may see the same task, its lock not yet
-                        # landed: the loser of that race tries the other free tasks).
+                        # One runner of this machine per offer: a herd of lockers on one
+                        # task only makes double locks (quirk 2), and an offer taken once
+                        # may name a task finished by the time another process reads it.
+                        # The poll looks again at once for the others (it may see the
+                        # same task, its lock not yet landed: the loser of that race
+                        # tries the other free tasks).
                         self._taken = offer.seq
+                        if not self._take_shared(offer.at):
+                            continue  # another process of this machine took it
                         if self._waiters > 1:  # others wait here: look again for them
                             self._cond.release()
                             try:
@@ -124,6 +129,27 @@ class Poller:
                     self._cond.wait(min(left, 0.5))
             finally:
                 self._waiters -= 1
+
+    def _take_shared(self, at: float) -> bool:
+        """Take the offer of the poll made at `at` for this machine: True for the first
+        process to ask (polls are told apart by their time, which only grows)."""
+        try:
+            make_dir(self.taken_path.parent)
+            fd = os.open(self.taken_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True  # no shared note: the claim's read-back still settles any race
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            with contextlib.suppress(ValueError):
+                if float(text) >= at:
+                    return False
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, repr(at).encode())
+            return True
+        finally:
+            os.close(fd)  # drops the flock
 
     def found(self) -> None:
         """A task was taken (offered to a runner, or claimed): look again at once, here
