@@ -199,7 +199,8 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
             ending = child.wait(timeout if timeout and timeout > 0 else None)
             # Left alone on purpose (a setup hook may start a watcher), but said, so a hook
             # that leaks processes on every task is noticed.
-            left = [] if ending.timed_out else [p.pid for p in child.leftovers()]
+            left = ([] if ending.timed_out else
+                    [p.pid for p in child.leftovers(leave_running=True)])
         result["duration_s"] = ending.duration_s
         result["exit_code"] = ending.exit_code
         result["timed_out"] = ending.timed_out

@@ -178,6 +178,11 @@ _subreaper = False
 _owned: set[int] = set()  # pids of children started by `start` and not yet reaped
 _owned_marks: dict[int, str] = {}  # their marks: an orphan carrying one is that child's
 _owned_lock = threading.Lock()
+# Adopted orphans a child left running on purpose (a watcher a setup hook started), said
+# in its `left_running`: never counted among a later child's leftovers, whatever their
+# create times say (psutil's clock ticks at 10 ms: a watcher and the next hook can share a
+# tick). Forgotten when reaped, so a reused pid is not skipped.
+_left_alone: set[int] = set()
 
 
 def _find_libc() -> str | None:
@@ -243,7 +248,8 @@ def adopted(since: float, mark: str | None = None) -> list[Any]:
     with _owned_lock, contextlib.suppress(psutil.Error):
         for proc in psutil.Process().children():
             with contextlib.suppress(psutil.Error, OSError):
-                if (proc.pid not in _owned and os.getsid(proc.pid) != mysid
+                if (proc.pid not in _owned and proc.pid not in _left_alone
+                        and os.getsid(proc.pid) != mysid
                         and proc.create_time() >= since
                         and proc.status() != psutil.STATUS_ZOMBIE
                         and not _marked_by_another(proc.pid, mark)):
@@ -282,6 +288,7 @@ def reap_adopted() -> list[int]:
                     continue
                 if os.waitpid(proc.pid, os.WNOHANG)[0] == proc.pid:
                     reaped.append(proc.pid)
+                    _left_alone.discard(proc.pid)
     return reaped
 
 
@@ -361,11 +368,18 @@ class Child:
         self.swept.update(signalled)
         return signalled
 
-    def leftovers(self) -> list[Any]:
-        """Processes of this child still running after it exited (marked or adopted)."""
+    def leftovers(self, *, leave_running: bool = False) -> list[Any]:
+        """Processes of this child still running after it exited (marked or adopted).
+
+        With `leave_running` the caller lets them be (a hook's watcher): they are then
+        never taken for a later child's leftovers."""
         left = {p.pid: p for p in marked(self.mark)}
-        left.update((p.pid, p) for p in adopted(self.since, self.mark))
+        adopted_now = adopted(self.since, self.mark)
+        left.update((p.pid, p) for p in adopted_now)
         left.pop(self.pid, None)
+        if leave_running:
+            with _owned_lock:
+                _left_alone.update(p.pid for p in adopted_now if p.pid != self.pid)
         return list(left.values())
 
     def wait(self, timeout: float | None = None, *, deadline: float | None = None,

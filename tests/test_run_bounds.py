@@ -295,7 +295,12 @@ def test_a_hanging_server_mid_task_ends_dev_done_once_and_exit_0(world: World) -
                                              "PMTOOL_HTTP_TIMEOUT": "1"})
     wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="the agent")
     world.server.db_latency = 2.5
-    time.sleep(6)
+    # Hang until the agent is done and the finish has met the stall for a while: on a
+    # loaded machine the agent alone can outlast any fixed sleep.
+    wait_for(lambda: any(s.get("step") == "agent_finished"
+                         for s in getattr(world.store.load("dev_1"), "steps", [])),
+             timeout=90, what="the agent's end")
+    time.sleep(4)
     world.server.db_latency = 0.0
     out, err = proc.communicate(timeout=120)
     run = Run(proc.returncode, events(out), err)
