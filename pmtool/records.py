@@ -14,8 +14,6 @@ import fcntl
 import json
 import os
 import socket
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -198,25 +196,6 @@ class RecordStore:
         return pid_alive(record.pid, record.pid_started)
 
     # -- locks between processes on this machine -----------------------------------------
-
-    @contextlib.contextmanager
-    def claim_lock(self, timeout: float = 60.0) -> Iterator[None]:
-        """Serialise claims of agents on this machine (fewer lock races on the server)."""
-        with open_private(self.state.claim_lock_path) as fh:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise Conflict("another pmtool on this machine holds the claim lock "
-                                       f"for more than {timeout:g}s") from None
-                    time.sleep(0.02)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def runner_lock(self, agent_id: str) -> RunnerLock:
         return RunnerLock(self.state.runner_lock_path(agent_id), agent_id)

@@ -609,7 +609,10 @@ def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) 
     assert dev_done_count(world, task["id"]) == 1
 
 
-def test_operator_is_asked_at_a_terminal_when_pre_task_fails(world: World) -> None:
+def run_at_a_terminal_with_a_failing_pre_task(world: World
+                                              ) -> tuple[dict, subprocess.Popen, int]:
+    """`pmtool run --single-task` on a pty (stdin and stderr), with a pre_task hook that
+    fails: the task, the process, and the terminal's leader end to read and type on."""
     import pty
 
     task = world.task()
@@ -621,6 +624,11 @@ def test_operator_is_asked_at_a_terminal_when_pre_task_fails(world: World) -> No
                             cwd=world.repo, stdin=follower, stderr=follower,
                             stdout=subprocess.PIPE, text=True)
     os.close(follower)
+    return task, proc, leader
+
+
+def test_operator_is_asked_at_a_terminal_when_pre_task_fails(world: World) -> None:
+    task, proc, leader = run_at_a_terminal_with_a_failing_pre_task(world)
     screen = b""
     try:
         while b"[c]ontinue" not in screen:
@@ -705,17 +713,7 @@ def test_progress_view_follows_no_color_and_force_color_and_says_no_none(
 
 
 def test_ctrl_c_at_the_operator_prompt_stops_and_keeps_the_task(world: World) -> None:
-    import pty
-
-    task = world.task()
-    hook = world.hooks / "pre_task.sh"
-    hook.write_text("#!/bin/sh\necho 'no GPU here' >&2\nexit 1\n")
-    hook.chmod(0o755)
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([PMTOOL, "run", *world.args("--single-task")], env=world.env,
-                            cwd=world.repo, stdin=follower, stderr=follower,
-                            stdout=subprocess.PIPE, text=True)
-    os.close(follower)
+    task, proc, leader = run_at_a_terminal_with_a_failing_pre_task(world)
     screen = b""
     try:
         while b"(Enter: release; release by itself in 300 s)?" not in screen:
