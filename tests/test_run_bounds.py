@@ -300,7 +300,9 @@ def test_a_hanging_server_mid_task_ends_dev_done_once_and_exit_0(world: World) -
     wait_for(lambda: any(s.get("step") == "agent_finished"
                          for s in getattr(world.store.load("dev_1"), "steps", [])),
              timeout=90, what="the agent's end")
-    time.sleep(4)
+    # Longer than the client's own retries of a read (4 tries of 1 s, pauses under 2.5 s),
+    # so the stall reaches the loop and is reported, not absorbed.
+    time.sleep(12)
     world.server.db_latency = 0.0
     out, err = proc.communicate(timeout=120)
     run = Run(proc.returncode, events(out), err)
