@@ -106,11 +106,19 @@ def end_tree(child: int, first: int, grace: float, status: list[int]) -> None:
     deadline = time.monotonic() + grace
     kill_deadline = deadline + KILL_WAIT
     sig = first
+    empty = 0
     while True:
         pids = descendants(me)
         now = time.monotonic()
-        if not pids or now >= kill_deadline:
+        # Done only when two scans a round apart find nothing: an orphan re-parented to us
+        # while we looked, or forked by a dying process, shows up in the second.
+        empty = empty + 1 if not pids else 0
+        if empty >= 2 or now >= kill_deadline:
             return
+        if not pids:
+            signal.sigtimedwait({signal.SIGCHLD}, 0.05)
+            reap(child, status)
+            continue
         if sig != signal.SIGKILL and now >= deadline:
             sig, signalled = signal.SIGKILL, set()
         if sig not in signalled_group and not status:
