@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,3 +85,14 @@ def guest_changes(before: dict[tuple[int, str | None], dict[str, Any]],
             out.append(f"task {key[0]} changed: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return out
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    """Poll `check` until it answers something true (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

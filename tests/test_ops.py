@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude, pmtool
+from helpers import CLAUDE, PMTOOL, needs_claude, pmtool, wait_for
 from pmtool import ops
 from pmtool.hooks import run_hook
 from pmtool.records import RecordStore, TaskRecord
@@ -29,16 +29,6 @@ from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
 from pmtool.testing.seed import Seeder
 
 HOOKS = Path(__file__).resolve().parent.parent / "hooks"
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def state_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -266,7 +256,8 @@ def test_status_and_logs_follow_while_claude_works(world: dict[str, Any]) -> Non
             reader = threading.Thread(
                 target=lambda: lines.extend(json.loads(x) for x in follower.stdout), daemon=True)
             reader.start()
-            wait_for(lambda: any(x.get("type") == "system" for x in lines), what="the init line")
+            wait_for(lambda: any(x.get("type") == "system" for x in lines), timeout=30,
+                     what="the init line")
             assert not any(x.get("type") == "result" for x in lines)  # still running
             go.touch()
             assert runner.wait(timeout=60) == 0, runner.stderr.read()

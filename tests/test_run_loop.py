@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude
+from helpers import CLAUDE, PMTOOL, needs_claude, wait_for
 from pmtool.records import RecordStore
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
@@ -123,16 +123,6 @@ def make_world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
     env.pop("PMTOOL_RUNNER_PID", None)
     seeder = Seeder(server.url, key)
     return World(tmp_path, repo, tmp_path / "state", hooks, env, seeder, server)
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def dev_done_count(world: World, task_id: int) -> int:
