@@ -85,10 +85,11 @@ def check_memory(settings: Settings) -> Check:
 CLAUDE_VERSION_TIMEOUT = 20.0  # seconds; a first start of claude may update itself
 
 
-def check_claude(settings: Settings) -> Check:
+def check_claude(settings: Settings, timeout: float | None = None) -> Check:
     from pmtool import procs
     from pmtool.claude import find_claude
 
+    timeout = CLAUDE_VERSION_TIMEOUT if timeout is None else timeout
     binary = find_claude(settings.claude_bin)
     if not binary:
         where = settings.claude_bin or "claude on PATH"
@@ -97,14 +98,14 @@ def check_claude(settings: Settings) -> Check:
     # Through procs, not subprocess.run: a hung `claude --version` whose helper holds its
     # output open would keep run() waiting after the timeout; procs ends the whole tree.
     try:
-        ending, out, err = procs.run([binary, "--version"], timeout=CLAUDE_VERSION_TIMEOUT,
+        ending, out, err = procs.run([binary, "--version"], timeout=timeout,
                                      env={**os.environ, "DISABLE_AUTOUPDATER": "1"},
                                      label="claude-version")
     except OSError as exc:
         return {"ok": False, "detail": f"{binary} does not run: {exc}", "path": binary}
     if ending.timed_out:
         return {"ok": False, "path": binary, "timed_out": True,
-                "detail": f"{binary} --version did not answer in {CLAUDE_VERSION_TIMEOUT:g}s"}
+                "detail": f"{binary} --version did not answer in {timeout:g}s"}
     if ending.exit_code != 0:
         return {"ok": False, "path": binary, "detail": f"{binary} --version exited "
                                                        f"{ending.exit_code}: {err.strip()[:200]}"}

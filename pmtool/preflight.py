@@ -12,7 +12,6 @@ role and level get no task, in the order a person should look at them.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,24 +132,24 @@ def check_hooks(folder: Path | None, explicit: bool) -> Finding:
 
 
 def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:
-    """`claude --version` runs (skipped when --agent-cmd replaces claude)."""
-    from pmtool.claude import claude_version, find_claude
+    """`claude --version` runs (skipped when --agent-cmd replaces claude). The same check
+    as `health --check claude`: through procs, so a hung claude cannot hang the start."""
+    from pmtool.claude import find_claude
+    from pmtool.health import check_claude as runs
 
     if agent_cmd:
         return Finding("claude", True, f"--agent-cmd {agent_cmd.split()[0]} replaces claude")
-    binary = find_claude(settings.claude_bin)
-    if not binary:
+    if not find_claude(settings.claude_bin):
         where = settings.claude_bin or "claude on PATH"
         return Finding("claude", False, f"claude not found ({where})",
                        "install it (npm install -g @anthropic-ai/claude-code) or set "
                        "PMTOOL_CLAUDE_BIN to its path", ClaudeMissing)
-    try:
-        version = claude_version(binary, timeout=15)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Finding("claude", False, f"{binary} does not run: {str(exc)[:200]}",
-                       "reinstall claude, or set PMTOOL_CLAUDE_BIN to a working one",
-                       ClaudeMissing)
-    return Finding("claude", True, version)
+    check = runs(settings, timeout=15)
+    if check["ok"]:
+        return Finding("claude", True, check["detail"])
+    return Finding("claude", False, str(check["detail"])[:300],
+                   "reinstall claude, or set PMTOOL_CLAUDE_BIN to a working one",
+                   ClaudeMissing)
 
 
 def preflight(settings: Settings, client: Any, *, role: str, level: str,
