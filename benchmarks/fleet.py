@@ -4,12 +4,13 @@
     .venv/bin/python benchmarks/fleet.py --smoke    # the smallest run (CI, tests)
 
 Every agent is a real `pmtool run` (the stand-in agent `pmtool.testing.fake_agent` via
---agent-cmd, default settings unless given: poll 2 s backing off to 60 s, settle 0.3 s).
-Each process is one machine: its own state folder and repository. The server is a
+--agent-cmd, pmtool's default settings unless given: poll 2 s backing off to 15 s, settle
+0.3 s). Each process is one machine: its own state folder and repository. The server is a
 stand-in started for the purpose (`pmtool sandbox serve`, its own process), or a real
-Headless PM when PMTOOL_TEST_PM_URL and PMTOOL_TEST_PM_KEY are set (its pickable
-backend_dev tasks are parked as pending first; request counts need the stand-in's
-/_sandbox/stats and read n/a there).
+Headless PM when PMTOOL_TEST_PM_URL and PMTOOL_TEST_PM_KEY are set (the run stops if that
+server holds backend_dev tasks it did not create that our runners could be given). A real
+server keeps no request count, so there the agents talk to it through a counting proxy on
+loopback (pmtool.testing.countproxy), and /health is probed straight at the server.
 
 1. idle: P processes x A agents (`--agents A`), then S single-agent processes, each left
    idle until their polls have backed off; requests per minute per idle agent (server's
@@ -49,7 +50,9 @@ from urllib.parse import urlsplit
 
 import requests
 
+from pmtool.config import SPECS
 from pmtool.testing import fake_agent
+from pmtool.testing.countproxy import CountingProxy
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import server_under_test
 
@@ -84,20 +87,31 @@ class Server:
             raise SystemExit(f"fleet.py runs against a loopback server only, not {host}")
         self.standin = self.proc is not None
         self.seeder = Seeder(self.url, self.key)
+        self.proxy: CountingProxy | None = None
         if not self.standin:
             self.seeder.drain(ROLE)  # a real server's own tasks must not reach our runners
+            self.proxy = CountingProxy(self.url).start()
+        # Where the agents send their requests: the proxy that counts them, on a real server.
+        self.agent_url = self.proxy.url if self.proxy else self.url
 
-    def count(self) -> int | None:
-        """Requests served so far, our /_sandbox/ calls left out; None on a real server."""
-        if not self.standin:
-            return None
+    def count(self) -> int:
+        """Requests the server has had from the agents and the /health probe so far (our
+        /_sandbox/ calls and the seeder's, which go straight to a real server, left out)."""
+        if self.proxy:
+            return self.proxy.total()
         stats = requests.get(f"{self.url}/_sandbox/stats", timeout=10).json()
         return sum(v for k, v in stats["requests"].items() if "/_sandbox/" not in k)
+
+    def probed(self, probes: int) -> int:
+        """How many of `probes` /health calls `count` saw (none past the proxy)."""
+        return 0 if self.proxy else probes
 
     def stop(self) -> None:
         if getattr(self, "seeder", None):
             self.seeder.retire_created()
             self.seeder.close()
+        if self.proxy:
+            self.proxy.stop()
         if self.proc:
             self.proc.terminate()
             self.proc.wait(10)
@@ -117,7 +131,7 @@ class Machine:
         (self.root / "hooks").mkdir()
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PMTOOL_", "HEADLESS_PM_", "API_KEY_HEADLESS_PM"))}
-        env.update(IDENTITY, HEADLESS_PM_API_URL=server.url, HEADLESS_PM_API_KEY=server.key,
+        env.update(IDENTITY, HEADLESS_PM_API_URL=server.agent_url, HEADLESS_PM_API_KEY=server.key,
                    PMTOOL_STATE_DIR=str(self.root / "state"),
                    PMTOOL_CONFIG=str(self.root / "none.toml"),
                    HEADLESS_PM_HOOKS_DIR=str(self.root / "hooks"))
@@ -219,13 +233,10 @@ def idle_and_pickup(server: Server, fleet: Fleet, warmup: float, window: float,
     lat = probe(server.url, window)
     after = server.count()
     out: dict[str, float] = {}
-    if before is not None and after is not None:
-        rate = (after - before - len(lat)) / window * 60
-        out["rate"] = rate
-        row("requests/min, whole fleet", f"{rate:.1f}")
-        row("requests/min per idle agent", f"{rate / fleet.agents:.2f}")
-    else:
-        row("requests/min per idle agent", "n/a", "real server: no request count")
+    rate = (after - before - server.probed(len(lat))) / window * 60
+    out["rate"] = rate
+    row("requests/min, whole fleet", f"{rate:.1f}")
+    row("requests/min per idle agent", f"{rate / fleet.agents:.2f}")
     p50, p95 = statistics.median(lat), pct(lat, 0.95)
     out["health_p95"] = p95
     row("/health p50 under the idle fleet", f"{p50 * 1000:.1f} ms",
@@ -311,8 +322,8 @@ def main() -> None:
         args.poll_max = args.poll_max or 0.8
     extra = [*(["--poll-interval", str(args.poll_interval)] if args.poll_interval else []),
              *(["--poll-max", str(args.poll_max)] if args.poll_max else [])]
-    poll_max = args.poll_max or 60.0
-    base_interval = args.poll_interval or 2.0
+    poll_max = args.poll_max or SPECS["poll_max"].default
+    base_interval = args.poll_interval or SPECS["poll_interval"].default
     # Idle polls double from poll_interval up to poll_max: wait that ramp out.
     ramp, step = 0.0, base_interval
     while step < poll_max:
@@ -323,7 +334,8 @@ def main() -> None:
     began = time.monotonic()
     server = Server()
     work = Path(tempfile.mkdtemp(prefix="pmtool-fleet-"))
-    print(f"server: {'stand-in' if server.standin else 'real'} at {server.url}; "
+    print(f"server: {'stand-in' if server.standin else 'real, agents through a counting proxy'}"
+          f" at {server.url}; "
           f"poll {base_interval:g} s .. {poll_max:g} s")
     results: dict[str, dict[str, float]] = {}
     try:

@@ -222,3 +222,35 @@ def test_fleet_benchmark_smallest(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"claims run twice\s+0\s", proc.stdout), proc.stdout
     assert "did not finish" not in proc.stdout, proc.stdout
+
+
+def test_counting_proxy_passes_answers_through_and_counts(pm_server: Any) -> None:
+    """fleet.py counts a real server's requests through this proxy: what passes it must be
+    what the server said (answers, 4xx, a dead server as a 5xx), and each request counted."""
+    from pmtool.errors import ApiError, AuthError, ServerError
+    from pmtool.testing.countproxy import CountingProxy
+
+    proxy = CountingProxy(pm_server.url).start()
+    try:
+        direct = PMClient(pm_server.url, pm_server.api_key, retries=0)
+        through = PMClient(proxy.url, pm_server.api_key, retries=0)
+        agent = f"proxy-{secrets.token_hex(3)}"
+        assert through.register(agent, ROLE, LEVEL)["agent"]["agent_id"] == agent
+        assert through.next_task(ROLE, "junior") == direct.next_task(ROLE, "junior")
+        with pytest.raises(ApiError) as err:
+            through.lock(2**31 - 1, agent)  # no such task: the server's 404, as it was
+        assert err.value.status == 404
+        with pytest.raises(AuthError):
+            PMClient(proxy.url, "not-the-key", retries=0).register(agent, ROLE, LEVEL)
+        assert proxy.counts() == {"POST /api/v1/register": 2, "GET /api/v1/tasks/next": 1,
+                                  "POST /api/v1/tasks/2147483647/lock": 1}
+        assert proxy.total() == 4
+    finally:
+        proxy.stop()
+    dead = CountingProxy(proxy.url).start()  # its upstream is gone now
+    try:
+        with pytest.raises(ServerError):
+            PMClient(dead.url, pm_server.api_key, retries=0).next_task(ROLE, LEVEL)
+        assert dead.total() == 1
+    finally:
+        dead.stop()
