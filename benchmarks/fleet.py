@@ -94,16 +94,17 @@ class Server:
         # Where the agents send their requests: the proxy that counts them, on a real server.
         self.agent_url = self.proxy.url if self.proxy else self.url
 
-    def count(self) -> int:
-        """Requests the server has had from the agents and the /health probe so far (our
-        /_sandbox/ calls and the seeder's, which go straight to a real server, left out)."""
+    def counts(self) -> dict[str, int]:
+        """Requests the server has had from the agents and the /health probe so far, by
+        call (our /_sandbox/ calls and the seeder's, which go straight to a real server,
+        left out)."""
         if self.proxy:
-            return self.proxy.total()
+            return self.proxy.counts()
         stats = requests.get(f"{self.url}/_sandbox/stats", timeout=10).json()
-        return sum(v for k, v in stats["requests"].items() if "/_sandbox/" not in k)
+        return {k: v for k, v in stats["requests"].items() if "/_sandbox/" not in k}
 
     def probed(self, probes: int) -> int:
-        """How many of `probes` /health calls `count` saw (none past the proxy)."""
+        """How many of `probes` /health calls `counts` saw (none past the proxy)."""
         return 0 if self.proxy else probes
 
     def stop(self) -> None:
@@ -229,14 +230,19 @@ def idle_and_pickup(server: Server, fleet: Fleet, warmup: float, window: float,
                     health_base: float) -> dict[str, float]:
     print(f"{fleet.label}: {len(fleet.machines)} processes, {fleet.agents} agents, idle")
     time.sleep(warmup)  # the polls back off to their idle pace
-    before = server.count()
+    before = server.counts()
     lat = probe(server.url, window)
-    after = server.count()
+    during = {k: v - before.get(k, 0) for k, v in server.counts().items()}
+    probes = server.probed(len(lat))
+    if probes:
+        during = {k: v - probes if k.endswith(" /health") else v for k, v in during.items()}
     out: dict[str, float] = {}
-    rate = (after - before - server.probed(len(lat))) / window * 60
+    rate = sum(during.values()) / window * 60
     out["rate"] = rate
     row("requests/min, whole fleet", f"{rate:.1f}")
     row("requests/min per idle agent", f"{rate / fleet.agents:.2f}")
+    top = sorted(((n, k) for k, n in during.items() if n), reverse=True)[:4]
+    row("  of which, per minute", "", ", ".join(f"{k} {n / window * 60:.0f}" for n, k in top))
     p50, p95 = statistics.median(lat), pct(lat, 0.95)
     out["health_p95"] = p95
     row("/health p50 under the idle fleet", f"{p50 * 1000:.1f} ms",
