@@ -12,6 +12,7 @@ answers a plain-text 500, and the next request on that connection may be reset. 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from pmtool.errors import ApiError, AuthError, ServerError
 
 KEY_ENV_HINT = "set HEADLESS_PM_API_KEY (or API_KEY_HEADLESS_PM) to the server's key"
 BACKOFF_CAP = 5.0  # seconds; the longest pause between two tries of one call
+MAX_IN_FLIGHT = 8  # requests one client has open at the server at once, at most
 
 
 class PMClient:
@@ -43,6 +45,10 @@ class PMClient:
         if api_key:
             self.session.headers["X-API-Key"] = api_key
         self.session.headers["User-Agent"] = agent
+        # However many threads share this client (`run --agents 200`), at most this many
+        # requests are open at the server at once: its database pool is 5 + 10, and 200
+        # registrations at once wedged a real server (quirk 7) where 60 did not.
+        self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 
     # -- transport ---------------------------------------------------------------------
 
@@ -61,8 +67,9 @@ class PMClient:
         for attempt in range(attempts):
             unsure = False
             try:
-                resp = self.session.request(method, url, params=params, json=json,
-                                            timeout=timeout or self.timeout)
+                with self._in_flight:
+                    resp = self.session.request(method, url, params=params, json=json,
+                                                timeout=timeout or self.timeout)
             except requests.Timeout:
                 error = ServerError(f"{method} {path}: server at {self.url} did not answer "
                                     f"within {timeout or self.timeout:g}s",

@@ -254,3 +254,55 @@ def test_counting_proxy_passes_answers_through_and_counts(pm_server: Any) -> Non
         assert dead.total() == 1
     finally:
         dead.stop()
+
+
+def test_one_client_keeps_few_requests_open_however_many_threads_call() -> None:
+    """`run --agents 200` shares one client: 200 registrations at once wedged a real
+    server (quirk 7), so the client holds at most MAX_IN_FLIGHT open; the rest wait."""
+    import json
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pmtool.client import MAX_IN_FLIGHT
+
+    seen = {"now": 0, "most": 0}
+    guard = threading.Lock()
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with guard:
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+            time.sleep(0.05)  # a server busy enough that the calls overlap
+            with guard:
+                seen["now"] -= 1
+            body = json.dumps({"agent": {"role": ROLE, "level": LEVEL}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = PMClient(f"http://127.0.0.1:{server.server_address[1]}", "k", pool=64)
+        callers = [threading.Thread(target=client.register, args=(f"a-{i}", ROLE, LEVEL))
+                   for i in range(64)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen["now"] == 0
+    # Without the cap, 64 threads had about 40 open at once here; with it, 8 at most.
+    assert 1 < seen["most"] <= min(MAX_IN_FLIGHT, 15), seen
