@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/fleet.py --smoke    # the smallest run (CI, tests)
 
 Every agent is a real `pmtool run` (the stand-in agent `pmtool.testing.fake_agent` via
---agent-cmd, pmtool's default settings unless given: poll 2 s backing off to 15 s, settle
+--agent-cmd, pmtool's default settings unless given: poll 2 s backing off to 10 s, settle
 0.3 s). Each process is one machine: its own state folder and repository. The server is a
 stand-in started for the purpose (`pmtool sandbox serve`, its own process), or a real
 Headless PM when PMTOOL_TEST_PM_URL and PMTOOL_TEST_PM_KEY are set (the run stops if that
@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=100)
     parser.add_argument("--drain-agents", type=int, default=10)
     parser.add_argument("--drain-tasks", type=int, default=50)
-    parser.add_argument("--pickups", type=int, default=10)
+    parser.add_argument("--pickups", type=int, default=20)
     parser.add_argument("--window", type=float, default=60.0, help="seconds of idle counted")
     parser.add_argument("--poll-interval", type=float, default=None)
     parser.add_argument("--poll-max", type=float, default=None)

@@ -77,7 +77,7 @@ SPECS: dict[str, Spec] = {
     "max_turns": Spec(int, None, ("PMTOOL_MAX_TURNS",), "claude turns per agent run"),
     "poll_interval": Spec(float, 2.0, ("PMTOOL_POLL_INTERVAL",),
                           "seconds between looks for work, at first"),
-    "poll_max": Spec(float, 15.0, ("PMTOOL_POLL_MAX",),
+    "poll_max": Spec(float, 10.0, ("PMTOOL_POLL_MAX",),
                      "seconds between looks for work, at most"),
     "keep_logs": Spec(float, 30.0, ("PMTOOL_KEEP_LOGS",),
                       "days to keep transcripts and event logs"),

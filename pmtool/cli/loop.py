@@ -188,7 +188,7 @@ def run_cmd(
     ] = None,
     poll_max: Annotated[float | None, typer.Option(
         help="Seconds between looks for work, at most: the poll doubles while idle up to "
-             "this [env PMTOOL_POLL_MAX, default 60].")] = None,
+             "this [env PMTOOL_POLL_MAX, default 10].")] = None,
     keep_logs: Annotated[float | None, typer.Option(
         help="Reserved: days to keep transcripts and event logs "
              "[env PMTOOL_KEEP_LOGS, default 30].")] = None,
