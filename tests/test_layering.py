@@ -133,7 +133,8 @@ def test_cli_annotations_are_objects_not_strings():
 def test_a_call_builds_only_its_own_command(tmp_path: Path):
     """`pmtool claim` keeps only `claim` on the app (typer builds every command it holds,
     on every call), a later call with no command has every one back for the help; and a
-    default setup (no PMTOOL_CONFIG or state folder given, on Linux) needs no platformdirs."""
+    default setup (no PMTOOL_CONFIG or state folder given, on Linux) needs no platformdirs,
+    and a call to the server does not read ~/.netrc (the key is a header)."""
     code = (
         "import contextlib, io, sys\n"
         "from pmtool.cli import app, main\n"
@@ -142,7 +143,7 @@ def test_a_call_builds_only_its_own_command(tmp_path: Path):
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help'])\n"
         "every = len(app.registered_commands + app.registered_groups)\n"
-        "print(kept, every, 'platformdirs' in sys.modules)\n")
+        "print(kept, every, 'platformdirs' in sys.modules, 'netrc' in sys.modules)\n")
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
            "HEADLESS_PM_API_URL": "http://127.0.0.1:9", "HEADLESS_PM_API_KEY": "k" * 8}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -152,4 +153,4 @@ def test_a_call_builds_only_its_own_command(tmp_path: Path):
     linux = sys.platform.startswith("linux")
     answer, last = out.stdout.strip().splitlines()  # the claim's JSON (exit 4), then ours
     assert '"ok": false' in answer
-    assert last.split() == ["['claim']", str(len(COMMAND_MODULES)), str(not linux)]
+    assert last.split() == ["['claim']", str(len(COMMAND_MODULES)), str(not linux), "False"]
