@@ -44,6 +44,9 @@ class PMClient:
                 self.session.mount(prefix, HTTPAdapter(pool_connections=4, pool_maxsize=pool))
         if api_key:
             self.session.headers["X-API-Key"] = api_key
+        # The key travels as a header; with no auth of its own, requests would look for
+        # ~/.netrc credentials before every call (importing netrc and shlex for the first).
+        self.session.auth = _as_is
         self.session.headers["User-Agent"] = agent
         # However many threads share this client (`run --agents 200`), at most this many
         # requests are open at the server at once: its database pool is 5 + 10, and 200
@@ -226,6 +229,11 @@ class PMClient:
         # The status changes of every task, newest first: how often QA failed a task is
         # counted from here (pmtool.failures.qa_bounces), so it holds across machines.
         return self.request("GET", "/api/v1/changelog", params={"limit": limit})
+
+
+def _as_is(request: Any) -> Any:
+    """An auth that adds nothing (see PMClient.__init__)."""
+    return request
 
 
 def _detail(resp: Any) -> Any:

@@ -152,19 +152,36 @@ def mask(secret: str) -> str:
     return f"<set, {len(secret)} chars>"
 
 
+def _xdg(variable: str, fallback: str) -> str | None:
+    """On Linux, the folder platformdirs would answer, read from the XDG variable without
+    importing it (its import costs every command a few ms); None elsewhere."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    base = os.environ.get(variable, "").strip() or os.path.expanduser(fallback)
+    return os.path.join(base, "pmtool")
+
+
 def default_config_path() -> Path:
     env = os.environ.get("PMTOOL_CONFIG")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_config_dir
+    folder = _xdg("XDG_CONFIG_HOME", "~/.config")
+    if folder is None:
+        from platformdirs import user_config_dir
 
-    return Path(user_config_dir("pmtool")) / "config.toml"
+        folder = user_config_dir("pmtool")
+    return Path(folder) / "config.toml"
 
 
 def default_state_dir() -> str:
-    from platformdirs import user_state_dir
+    folder = _xdg("XDG_STATE_HOME", "~/.local/state")
+    if folder is None:
+        from platformdirs import user_state_dir
 
-    return user_state_dir("pmtool")
+        folder = user_state_dir("pmtool")
+    return folder
 
 
 _KIND = {str: "text", int: "a whole number", float: "a number, 0 or more"}

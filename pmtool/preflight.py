@@ -174,13 +174,18 @@ def first_fatal(findings: Iterable[Finding]) -> Finding | None:
 
 
 def explain_nothing(tasks: Iterable[Mapping[str, Any]], role: str, level: str,
-                    cooling: Mapping[int, str] | None = None) -> list[str]:
-    """Why `role`/`level` gets no task, from `GET /tasks` (all statuses) and the tasks this
-    machine lets cool down (`{task_id: until}`). Empty when a task should be there."""
+                    cooling: Mapping[int, str] | None = None,
+                    pending: Iterable[Mapping[str, Any]] | None = None) -> list[str]:
+    """Why `role`/`level` gets no task, from the tasks the role picks from (`tasks`; others
+    are left out) and the tasks this machine lets cool down (`{task_id: until}`); the
+    pending tasks are taken from `pending` when given, else from `tasks`. Empty when a
+    task should be there."""
     tasks = list(tasks)
     cooling = cooling or {}
     rank = LEVELS.index(level) if level in LEVELS else 0
     mine = [t for t in tasks if role == "qa" or t.get("target_role") == role]
+    waiting = mine if pending is None else [
+        t for t in pending if role == "qa" or t.get("target_role") == role]
     want = "dev_done" if role == "qa" else "created"
     ready = [t for t in mine if t.get("status") == want]
     reasons = []
@@ -201,13 +206,12 @@ def explain_nothing(tasks: Iterable[Mapping[str, Any]], role: str, level: str,
                        "attempts (until " + ", ".join(f"#{t['id']} {cooling[t['id']]}"
                                                       for t in cool[:5]) + ")")
     if not [t for t in ready if t not in locked and t not in cool]:
-        pending = [t for t in mine if t.get("status") == "pending"]
-        if pending:
-            reasons.append(f"{len(pending)} task(s) for {role} are pending: a person must set "
+        parked = [t for t in waiting if t.get("status") == "pending"]
+        if parked:
+            reasons.append(f"{len(parked)} task(s) for {role} are pending: a person must set "
                            "them to created (parked tasks are pending too)")
-        if not ready and not pending:
-            reasons.append(f"nothing is {want} for {role}"
-                           + (f" ({len(tasks)} task(s) in other states or roles)" if tasks
-                              else " (the server has no tasks)"))
+        if not ready and not parked:
+            reasons.append(f"{'no other task' if reasons else 'nothing'} is {want} or "
+                           f"pending for {role}")
         return reasons
     return []

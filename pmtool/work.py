@@ -161,10 +161,8 @@ def register(client: Any, agent_id: str, role: str, level: str) -> dict[str, Any
     except ApiError as exc:
         if exc.status != 422:
             raise
-        valid = _valid_values(exc.detail, "role")
-        hint = ("valid roles: " + ", ".join(valid)) if valid else "see the server's roles"
-        raise UsageError(f"the server refused to register {agent_id} as {role}/{level}: "
-                         f"{detail_text(exc.detail)}", hint=hint, valid=valid) from None
+        raise _refused(exc, f"the server refused to register {agent_id} as {role}/{level}"
+                       ) from None
     agent = (answer or {}).get("agent") or {}
     kept = (agent.get("role"), agent.get("level"))
     if kept != (role, level):
@@ -174,6 +172,13 @@ def register(client: Any, agent_id: str, role: str, level: str) -> dict[str, Any
             hint="use another --agent-id, or the role and level it has",
             registered={"role": kept[0], "level": kept[1]})
     return answer
+
+
+def _refused(exc: ApiError, what: str) -> UsageError:
+    """The server's 422 about a role (or level) as a usage error naming the valid ones."""
+    valid = _valid_values(exc.detail, "role")
+    hint = ("valid roles: " + ", ".join(valid)) if valid else "see the server's roles"
+    return UsageError(f"{what}: {detail_text(exc.detail)}", hint=hint, valid=valid)
 
 
 def _valid_values(detail: Any, field: str) -> list[str]:
@@ -209,15 +214,29 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
     the agent already has a record or a running `pmtool run` of its own. `first` is a
     task the caller saw offered (the machine's poller): the first round tries it instead
     of asking the server's pick again.
+
+    With `register_first`, the agent is registered once a task is offered, right before
+    it is locked (or parked), not before the look: a look needs no agent on the server,
+    a lock does, and a fresh `last_seen` then is what keeps the lock (quirk 3). So a
+    claim that finds nothing costs the server no registration; a role or level the
+    server keeps otherwise for this id (quirk 4) shows when there is a task to take. A
+    caller that registers itself (`pmtool run`, on its heartbeat) passes False.
     """
     stats = stats if stats is not None else ClaimStats()
     limits = limits or fl.Limits()
     start = time.monotonic()
     runner_pid = runner_pid or os.getpid()
+    check_level(level)
     _refuse_if_busy(store, agent_id)
     _refuse_if_runner(store, agent_id, runner_pid)
-    if register_first:  # a never-seen agent id can claim at once
-        register(client, agent_id, role, level)
+    registered = not register_first
+
+    def on_offer() -> None:
+        nonlocal registered
+        if not registered:  # once per claim, however many candidates it tries
+            register(client, agent_id, role, level)
+            registered = True
+
     deadline = start + max(wait, 0.0)
     delay = POLL_FIRST
     try:
@@ -226,7 +245,7 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
                 # Again under the lock: another process may have claimed for this agent.
                 _refuse_if_busy(store, agent_id)
                 claimed = _claim_round(client, store, agent_id, role, level, runner_pid,
-                                       settle, stats, sleep, limits, first)
+                                       settle, stats, sleep, limits, first, on_offer)
                 first = None
             if claimed:
                 return claimed
@@ -247,15 +266,25 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
 
 def why_nothing(client: Any, role: str, level: str,
                 cooling: dict[int, str] | None = None) -> list[str]:
-    """Why no task was found for the role and level (see preflight.explain_nothing)."""
+    """Why no task was found for the role and level (see preflight.explain_nothing).
+
+    Asks only for the tasks that can explain it, filtered by status and role: those the
+    role picks from, then (only when none of them is free) the pending ones. So its cost
+    does not grow with the finished tasks the server keeps (it listed them all before).
+    """
     from pmtool.errors import PmtoolError
     from pmtool.preflight import explain_nothing
 
+    family = None if role == QA else role  # QA picks dev_done tasks of every role
     try:
-        tasks = client.list_tasks()
+        ready = client.list_tasks(status=QA_PICK[0] if role == QA else DEV_PICK[0],
+                                  role=family)
+        if not explain_nothing(ready, role, level, cooling, pending=[]):
+            return []  # a free task is there (it came after the look)
+        pending = client.list_tasks(status="pending", role=family)
     except PmtoolError:
         return []
-    return explain_nothing(tasks, role, level, cooling)
+    return explain_nothing(ready, role, level, cooling, pending=pending)
 
 
 def _refuse_if_runner(store: RecordStore, agent_id: str, runner_pid: int) -> None:
@@ -345,15 +374,24 @@ def _refuse_if_busy(store: RecordStore, agent_id: str) -> None:
 def _claim_round(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
                  runner_pid: int, settle: float, stats: ClaimStats,
                  sleep: Callable[[float], None], limits: fl.Limits,
-                 offered: dict[str, Any] | None = None) -> Claimed | None:
+                 offered: dict[str, Any] | None = None,
+                 on_offer: Callable[[], None] | None = None) -> Claimed | None:
     """One look for work: the server's pick (or the task `offered` by the machine's
     poller), then (after a loss, or when the pick is cooling down or was parked) the
-    other candidates."""
+    other candidates. `on_offer` runs once there is a task, before anything is done as
+    the agent (a lock, or parking an exhausted task): the registration."""
     if offered is None:
         stats.polls += 1
-    first = offered or client.next_task(role, level, simulate=True)
+    try:
+        first = offered or client.next_task(role, level, simulate=True)
+    except ApiError as exc:
+        if exc.status != 422:
+            raise
+        raise _refused(exc, f"the server refused to look for {role}/{level} tasks") from None
     if not first:
         return None
+    if on_offer:
+        on_offer()
     ledger = bounds.Ledger(store.state)
     screen = bounds.new_screen(ledger, limits, role, agent_id)
     tried: set[int] = set()

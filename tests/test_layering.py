@@ -128,3 +128,29 @@ def test_cli_annotations_are_objects_not_strings():
                  if any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
                         for n in ast.parse(p.read_text(encoding="utf-8")).body)]
     assert postponed == []
+
+
+def test_a_call_builds_only_its_own_command(tmp_path: Path):
+    """`pmtool claim` keeps only `claim` on the app (typer builds every command it holds,
+    on every call), a later call with no command has every one back for the help; and a
+    default setup (no PMTOOL_CONFIG or state folder given, on Linux) needs no platformdirs,
+    and a call to the server does not read ~/.netrc (the key is a header)."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from pmtool.cli import app, main\n"
+        "main(['claim', '--agent-id', 'a', '--role', 'qa'])\n"
+        "kept = [c.name for c in app.registered_commands + app.registered_groups]\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "every = len(app.registered_commands + app.registered_groups)\n"
+        "print(kept, every, 'platformdirs' in sys.modules, 'netrc' in sys.modules)\n")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin",
+           "HEADLESS_PM_API_URL": "http://127.0.0.1:9", "HEADLESS_PM_API_KEY": "k" * 8}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, check=True)
+    from pmtool.cli import COMMAND_MODULES
+
+    linux = sys.platform.startswith("linux")
+    answer, last = out.stdout.strip().splitlines()  # the claim's JSON (exit 4), then ours
+    assert '"ok": false' in answer
+    assert last.split() == ["['claim']", str(len(COMMAND_MODULES)), str(not linux), "False"]

@@ -110,7 +110,12 @@ def test_explain_nothing() -> None:
                 "locked_by": locked_by}
 
     assert pf.explain_nothing([], "backend_dev", "senior") == [
-        "nothing is created for backend_dev (the server has no tasks)"]
+        "nothing is created or pending for backend_dev"]
+    assert pf.explain_nothing([t(8, difficulty="principal")], "backend_dev", "senior")[1] \
+        == "no other task is created or pending for backend_dev"
+    # The pending tasks may come as a list of their own (why_nothing asks for them apart).
+    assert pf.explain_nothing([], "backend_dev", "senior", pending=[t(9, status="pending")]
+                              )[0].startswith("1 task(s) for backend_dev are pending")
     why = pf.explain_nothing([t(1, difficulty="principal"), t(2, status="pending"),
                               t(3, role="qa")], "backend_dev", "senior")
     assert why[0].startswith("1 created task(s) for backend_dev are above level senior")

@@ -126,8 +126,10 @@ def test_claim_locks_verifies_and_records(store):
     assert claimed.task["id"] == 1 and claimed.task["status"] == "under_work"
     assert naps == [0.25]  # settled once, before the read-back
     kinds = [c[0] for c in server.calls]
-    # The changelog counts QA fails of the candidate (max_bounces) before it is locked.
-    assert kinds[:4] == ["register", "next", "changelog", "lock"]
+    # The agent is registered once a task is offered (a fresh last_seen keeps the lock,
+    # quirk 3); the changelog counts QA fails of the candidate (max_bounces) before it is
+    # locked.
+    assert kinds[:4] == ["next", "register", "changelog", "lock"]
     assert kinds.index("status") > kinds.index("lock")
     assert server.tasks[1]["notes"].startswith("from the pm\n\nclaimed by dev_1 on ")
     record = store.load("dev_1")
@@ -180,6 +182,38 @@ def test_wait_polls_with_capped_backoff(store, monkeypatch):
     assert naps[0] <= work.POLL_FIRST and max(naps) <= work.POLL_CAP
     assert sum(naps) == pytest.approx(20)
     assert 10 < stats.polls < 30  # not a busy loop, not one long poll
+
+
+def test_claim_registers_once_and_only_when_there_is_a_task_to_lock(store):
+    server = FakeServer()
+    with pytest.raises(NothingToDo) as err:
+        work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    assert "register" not in [c[0] for c in server.calls] and not server.agents
+    assert err.value.details["why"] == ["nothing is created or pending for backend_dev"]
+    server = FakeServer(task(1), task(2))
+    server.tasks[1]["locked_by"] = "other"
+    server.next_task = lambda role, level, simulate=True: dict(task(1))  # stale: a 409
+    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    kinds = [c[0] for c in server.calls]
+    assert kinds.count("register") == 1 and kinds.index("register") < kinds.index("lock")
+
+
+def test_why_nothing_asks_only_for_what_can_explain_it(store):
+    finished = [task(i, status="committed") for i in range(10, 60)]
+    server = FakeServer(*finished, task(1, difficulty="principal"), task(2, status="pending"))
+    assert work.why_nothing(server, "backend_dev", "senior") == [
+        "1 created task(s) for backend_dev are above level senior (ids 1)",
+        "1 task(s) for backend_dev are pending: a person must set them to created (parked "
+        "tasks are pending too)"]
+    assert server.calls == [("list", "created", "backend_dev"),
+                            ("list", "pending", "backend_dev")]
+    server = FakeServer(*finished, task(3, status="dev_done", role="frontend_dev"))
+    server.tasks[3]["locked_by"] = "qa_9"
+    assert work.why_nothing(server, "qa", "junior") == ["1 dev_done task(s) are locked by qa_9"]
+    assert server.calls == [("list", "dev_done", None), ("list", "pending", None)]
+    server = FakeServer(*finished, task(4))  # a free task: nothing to explain, one ask
+    assert work.why_nothing(server, "backend_dev", "senior") == []
+    assert server.calls == [("list", "created", "backend_dev")]
 
 
 def test_claim_refuses_an_agent_with_a_record(store):

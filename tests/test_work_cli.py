@@ -200,6 +200,54 @@ def test_claim_nothing_to_do_and_wait(env, queue):
     assert 1.2 <= time.monotonic() - start < 5
 
 
+def test_claim_with_no_task_registers_nobody_and_lists_no_history(env, queue, pm_server):
+    # A claim that finds nothing asks the server only what it needs: no registration
+    # (nothing to lock), and why nothing came from the role's created and pending tasks,
+    # never the whole history.
+    for i in range(5):
+        done = queue.create_task(title=f"finished {i}")
+        queue.set_status(done["id"], "committed")
+    queue.create_task(title="waits for a person", promote=False)
+    standin = pm_server.standin
+    before = len(standin.requests()) if standin else 0
+    agent = unique_id("dev")
+    r = claim(env, agent)
+    assert r.code == 3 and r.out["error"]["type"] == "nothing"
+    assert any("pending" in why for why in r.out["error"]["why"]), r.out
+    assert agent not in {a["agent_id"] for a in queue.client.agents()}
+    if standin:
+        asked = standin.requests()[before:]
+        assert not [q for q in asked if q["route"] == "/api/v1/register"]
+        lists = [q["query"] for q in asked if q["route"] == "/api/v1/tasks"]
+        assert lists == [{"status": "created", "role": "backend_dev"},
+                         {"status": "pending", "role": "backend_dev"}]
+
+
+def test_claim_registers_right_before_its_lock(env, queue, pm_server):
+    task = queue.create_task(title="for a backend developer")
+    # An id the server keeps as another role (quirk 4) is refused before anything is
+    # locked or written.
+    taken = unique_id("dev")
+    assert pmtool("register", "--agent-id", taken, "--role", "frontend_dev", env=env).code == 0
+    r = claim(env, taken)
+    assert r.code == 5 and r.out["error"]["registered"]["role"] == "frontend_dev"
+    assert not record_path(env, taken).exists()
+    assert queue.get_task(task["id"])["locked_by"] is None
+    # A never-seen id claims at once: registered by the claim, before its lock.
+    standin = pm_server.standin
+    before = len(standin.requests()) if standin else 0
+    agent = unique_id("dev")
+    r = claim(env, agent)
+    assert r.code == 0 and r.out["task"]["id"] == task["id"]
+    assert agent in {a["agent_id"] for a in queue.client.agents()}
+    if standin:
+        routes = [q["route"] for q in standin.requests()[before:]]
+        assert routes.count("/api/v1/register") == 1
+        assert routes.index("/api/v1/tasks/next") < routes.index("/api/v1/register") \
+            < routes.index("/api/v1/tasks/{task_id}/lock"), routes
+    pmtool("lock", "release", "--agent-id", agent, env=env)
+
+
 def test_waiting_claim_picks_up_a_new_task(env, queue):
     proc = spawn(env, "claim", "--agent-id", unique_id("dev"), "--role", "backend_dev",
                  "--wait", "20")

@@ -176,8 +176,9 @@ def read_json_arg(value: str, what: str) -> Any:
         raise UsageError(f"{what} is not valid JSON: {exc}") from None
 
 
-# Which module registers each command. Only that module is imported for a run: typer
-# builds every registered command's parameters at each call, which cost 30 ms for all.
+# Which module registers each command. Only that module is imported for a run, and only
+# that command is kept: typer builds every registered command's parameters at each call,
+# which cost 30 ms for all.
 COMMAND_MODULES = {
     "config": "core", "model-for": "core", "health": "core", "sandbox": "core",
     "register": "work", "claim": "work", "lock": "work", "finish": "work", "recover": "work",
@@ -201,12 +202,23 @@ def command_name(args: list[str]) -> str | None:
     return None
 
 
+# Every command and group registered so far, whichever ones the last call kept on `app`.
+_registered: tuple[list[Any], list[Any]] = ([], [])
+
+
 def _register_commands(args: list[str]) -> None:
     import importlib
 
     name = command_name(args)
     module = COMMAND_MODULES.get(name or "")
     importlib.import_module(f"pmtool.cli.{module}" if module else "pmtool.cli.commands")
+    # Only the called command is built: its module registers its neighbours too (`claim`
+    # brings eight), and typer builds each one's parameters on every call. No command, or
+    # an unknown one, keeps them all: the help lists every command.
+    for known, now in zip(_registered, (app.registered_commands, app.registered_groups),
+                          strict=True):
+        known.extend(info for info in now if all(info is not k for k in known))
+        now[:] = [info for info in known if not module or info.name == name]
     # Completion options only where they are offered: the root, bare or with its options.
     app._add_completion = name is None
 
