@@ -1,4 +1,10 @@
-"""The Headless PM client: one requests session, a timeout on every call, typed errors.
+"""The Headless PM client: a small keep-alive pool, a timeout on every call, typed errors.
+
+It speaks HTTP with the standard library's http.client rather than requests: requests and
+urllib3 cost a pmtool process about 70 ms of start-up, more than everything else an empty
+`pmtool claim` does, and pmtool needs none of what they add over http.client for one
+JSON API (no cookies, redirects, auth schemes or compression). Proxy variables
+(HTTP_PROXY, ...) are not used: the server is reached directly.
 
 The server fails in measured ways (../shared/headless-pm-api.md, quirks 7-8): under load it
 answers a plain-text 500, and the next request on that connection may be reset. So:
@@ -11,10 +17,14 @@ answers a plain-text 500, and the next request on that connection may be reset. 
 
 from __future__ import annotations
 
+import http.client
+import json as jsonlib
 import random
+import select
 import threading
 import time
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from pmtool.errors import ApiError, AuthError, ServerError
 
@@ -23,35 +33,150 @@ BACKOFF_CAP = 5.0  # seconds; the longest pause between two tries of one call
 MAX_IN_FLIGHT = 8  # requests one client has open at the server at once, at most
 
 
+class Response:
+    """One answer as it came: status, headers (case-insensitive `get`), body."""
+
+    __slots__ = ("content", "headers", "status_code")
+
+    def __init__(self, status_code: int, headers: Any, content: bytes) -> None:
+        self.status_code, self.headers, self.content = status_code, headers, content
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        """The body as JSON; ValueError when it is not."""
+        return jsonlib.loads(self.content)
+
+
+class Unreachable(OSError):
+    """No answer: refused, reset or closed before a whole answer came."""
+
+
+class TimedOut(Unreachable):
+    """No answer within the timeout."""
+
+
+class Connections:
+    """Keep-alive connections to one server, shared by threads: a call takes an idle one
+    (or opens one), and gives it back after reading the whole answer."""
+
+    def __init__(self, url: str, keep: int = 8) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url}")
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port
+        self.prefix = parts.path.rstrip("/")
+        self.keep = keep
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def request(self, method: str, target: str, body: bytes | None, headers: dict[str, str],
+                timeout: float) -> Response:
+        """`target`: the path and query below the server's URL. Raises TimedOut or
+        Unreachable; a connection that failed is never used again."""
+        conn = self._take(timeout)
+        try:
+            conn.request(method, self.prefix + target, body=body, headers=headers)
+            answer = conn.getresponse()
+            content = answer.read()
+        except TimeoutError as exc:
+            conn.close()
+            raise TimedOut(str(exc) or "timed out") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+        if answer.will_close:
+            conn.close()
+        else:
+            self._give_back(conn)
+        return Response(answer.status, answer.headers, content)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _take(self, timeout: float) -> http.client.HTTPConnection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if _still_open(conn):
+                    conn.timeout = timeout
+                    assert conn.sock is not None
+                    conn.sock.settimeout(timeout)
+                    return conn
+                conn.close()
+        if self.https:
+            import ssl  # only for https: it costs a plain-http process 10 ms
+
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                               context=ssl.create_default_context())
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle keep-alive connection the server has not closed meanwhile (uvicorn closes
+    them after 5 s): readable while idle means closed, or data nobody asked for."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows)
+        return not select.select([sock], [], [], 0)[0]
+
+
 class PMClient:
     def __init__(self, url: str, api_key: str | None, timeout: float = 10.0,
-                 retries: int = 3, backoff: float = 0.3, pool: int | None = None,
-                 agent: str = "pmtool") -> None:
-        """`pool`: connections kept per host, for that many threads calling at once (a
-        `pmtool run --agents N`); requests' default of 10 would make the 11th caller open
-        and drop a connection per call. `agent`: the User-Agent, e.g. naming the process."""
-        import requests
-
+                 retries: int = 3, backoff: float = 0.3, agent: str = "pmtool") -> None:
+        """`agent`: the User-Agent, e.g. naming the process."""
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.session = requests.Session()
-        if pool and pool > 10:
-            from requests.adapters import HTTPAdapter
+        try:
+            self.connections = Connections(self.url, keep=MAX_IN_FLIGHT)
+        except ValueError:
+            from pmtool.errors import UsageError
 
-            for prefix in ("http://", "https://"):
-                self.session.mount(prefix, HTTPAdapter(pool_connections=4, pool_maxsize=pool))
+            raise UsageError(f"the server URL {url} is not an http:// or https:// URL",
+                             hint="set HEADLESS_PM_API_URL or --api-url, e.g. "
+                                  "http://localhost:6969") from None
+        self.headers = {"User-Agent": agent, "Accept": "application/json"}
         if api_key:
-            self.session.headers["X-API-Key"] = api_key
-        # The key travels as a header; with no auth of its own, requests would look for
-        # ~/.netrc credentials before every call (importing netrc and shlex for the first).
-        self.session.auth = _as_is
-        self.session.headers["User-Agent"] = agent
+            self.headers["X-API-Key"] = api_key
         # However many threads share this client (`run --agents 200`), at most this many
         # requests are open at the server at once: its database pool is 5 + 10, and 200
         # registrations at once wedged a real server (quirk 7) where 60 did not.
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+
+    def raw(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
+            timeout: float | None = None) -> Response:
+        """One call with the key and no retries, its answer as it came (any status).
+        `path` is below the server's URL (`/api/v1/tasks`); raises TimedOut or Unreachable."""
+        query = {k: v for k, v in (params or {}).items() if v is not None}
+        target = path + ("?" + urlencode(query) if query else "")
+        headers = dict(self.headers)
+        body = None
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            headers["Content-Type"] = "application/json"
+        with self._in_flight:
+            return self.connections.request(method, target, body, headers,
+                                            timeout or self.timeout)
 
     # -- transport ---------------------------------------------------------------------
 
@@ -60,24 +185,18 @@ class PMClient:
                 timeout: float | None = None) -> Any:
         """One API call; raises ServerError (with `unsure` True when a change may or may
         not have landed: a 5xx or a reset), AuthError, or ApiError for other 4xx."""
-        import requests
-
         if idempotent is None:
             idempotent = method == "GET"
-        url = self.url + path
-        params = {k: v for k, v in (params or {}).items() if v is not None}
         attempts = self.retries + 1 if idempotent else 1
         for attempt in range(attempts):
             unsure = False
             try:
-                with self._in_flight:
-                    resp = self.session.request(method, url, params=params, json=json,
-                                                timeout=timeout or self.timeout)
-            except requests.Timeout:
+                resp = self.raw(method, path, params=params, json=json, timeout=timeout)
+            except TimedOut:
                 error = ServerError(f"{method} {path}: server at {self.url} did not answer "
                                     f"within {timeout or self.timeout:g}s",
                                     hint="is the server overloaded? see PMTOOL_HTTP_TIMEOUT")
-            except requests.ConnectionError as exc:
+            except Unreachable as exc:
                 # Refused (nothing sent) or reset after a 500 (quirk 8): either way the
                 # server may be fine now; a later read tells what landed.
                 unsure = True
@@ -90,9 +209,9 @@ class PMClient:
                 unsure = True
                 error = ServerError(f"{method} {path}: server error {resp.status_code}: "
                                     f"{_detail_text(resp)}", status=resp.status_code)
-                # After a 500 the server may reset the next request on this connection
-                # (quirk 8): start the next one on a fresh connection.
-                self.session.close()
+                # After a 500 the server may reset the next request on a connection it
+                # kept (quirk 8): the next ones start on fresh connections.
+                self.connections.close()
             error.unsure = unsure  # type: ignore[attr-defined]
             if attempt + 1 < attempts:
                 time.sleep(self.pause(attempt))
@@ -130,7 +249,7 @@ class PMClient:
             raise exc from first
     def _answer(self, resp: Any, method: str, path: str) -> Any:
         if resp.status_code == 401:
-            if "X-API-Key" not in self.session.headers:
+            if "X-API-Key" not in self.headers:
                 raise AuthError("HEADLESS_PM_API_KEY is not set", hint=KEY_ENV_HINT)
             raise AuthError(f"the server at {self.url} rejected the API key", hint=KEY_ENV_HINT)
         if resp.status_code >= 400:
@@ -145,7 +264,7 @@ class PMClient:
                               f"(is {self.url} a Headless PM server?)") from None
 
     def close(self) -> None:
-        self.session.close()
+        self.connections.close()
 
     # -- unauthenticated ---------------------------------------------------------------
 
@@ -229,11 +348,6 @@ class PMClient:
         # The status changes of every task, newest first: how often QA failed a task is
         # counted from here (pmtool.failures.qa_bounces), so it holds across machines.
         return self.request("GET", "/api/v1/changelog", params={"limit": limit})
-
-
-def _as_is(request: Any) -> Any:
-    """An auth that adds nothing (see PMClient.__init__)."""
-    return request
 
 
 def _detail(resp: Any) -> Any:

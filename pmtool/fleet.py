@@ -358,10 +358,10 @@ class Fleet:
         from pmtool.loop import Runner
 
         first = opts_list[0]
-        # One connection pool for all: the runners, the poller and a heartbeat or two.
+        # One connection pool for all: the runners, the poller and the heartbeats, with at
+        # most MAX_IN_FLIGHT requests open at the server at once.
         self.client = client or PMClient(settings.api_url, settings.api_key,
-                                         timeout=settings.http_timeout,
-                                         pool=len(opts_list) + 4, agent=process_agent())
+                                         timeout=settings.http_timeout, agent=process_agent())
         self.poller = Poller(self.client, settings.state_path, first.role, first.level,
                              first.poll_interval, first.poll_max)
         health = SharedHealth(first.health_interval)

@@ -293,7 +293,7 @@ def test_one_client_keeps_few_requests_open_however_many_threads_call() -> None:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client = PMClient(f"http://127.0.0.1:{server.server_address[1]}", "k", pool=64)
+        client = PMClient(f"http://127.0.0.1:{server.server_address[1]}", "k")
         callers = [threading.Thread(target=client.register, args=(f"a-{i}", ROLE, LEVEL))
                    for i in range(64)]
         for caller in callers:

@@ -1,5 +1,6 @@
 """The layering the README promises: only `pmtool/cli/` knows typer, only the client speaks
-HTTP through requests, and the library imports neither behind the CLI's back."""
+HTTP (through the standard library's http.client: no requests anywhere in pmtool), and the
+library imports neither behind the CLI's back."""
 
 from __future__ import annotations
 
@@ -35,9 +36,13 @@ def test_only_the_cli_imports_typer():
     assert outside == set(), f"typer imported outside pmtool/cli/: {sorted(outside)}"
 
 
-def test_only_the_client_imports_requests():
-    """The stand-in's seeder too talks through PMClient: one client."""
-    assert importers("requests") == {"pmtool/client.py"}
+def test_only_the_client_speaks_http():
+    """The stand-in's seeder and the counting proxy talk through pmtool.client too: one
+    client. requests is for tests and benchmarks only (the test extra)."""
+    assert importers("requests") == set()
+    assert importers("urllib3") == set()
+    assert {p for p in importers("http") if not p.startswith("pmtool/testing/")} \
+        == {"pmtool/client.py"}
 
 
 def test_the_library_loads_without_typer_or_requests():

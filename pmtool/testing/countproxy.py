@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
+from pmtool.client import Connections, Unreachable
 
 # Headers that describe the hop, not the message: never passed on (RFC 9110 7.6.1), nor
 # Content-Length, which is set from the body as forwarded.
@@ -35,7 +35,7 @@ class CountingProxy:
         self.timeout = timeout
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._upstream = Connections(self.upstream, keep=64)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +61,7 @@ class CountingProxy:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self._upstream.close()
 
     def total(self) -> int:
         with self._lock:
@@ -70,14 +71,6 @@ class CountingProxy:
         with self._lock:
             return dict(self._counts)
 
-    def _session(self) -> requests.Session:
-        # One keep-alive connection to the server per client connection's thread.
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-            session.trust_env = False  # loopback: no proxy settings from the environment
-        return session
-
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else None
@@ -85,13 +78,11 @@ class CountingProxy:
             self._counts[f"{handler.command} {urlsplit(handler.path).path}"] += 1
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP}
         try:
-            resp = self._session().request(handler.command, self.upstream + handler.path,
-                                           headers=headers, data=body,
-                                           timeout=self.timeout, allow_redirects=False)
+            resp = self._upstream.request(handler.command, handler.path, body, headers,
+                                          self.timeout)
             status, content = resp.status_code, resp.content
             ctype = resp.headers.get("Content-Type", "application/json")
-        except requests.RequestException as exc:
-            self._local.session = None  # a broken connection is not reused
+        except Unreachable as exc:
             status, ctype = 502, "text/plain; charset=utf-8"
             content = f"proxy: {type(exc).__name__}".encode()
         handler.send_response(status)

@@ -60,12 +60,13 @@ class Seeder:
     def _path(path: str) -> str:
         return path if path.startswith("/") else "/api/v1/" + path
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One raw call with the key, no retries, the requests.Response as it came:
-        `tasks` means /api/v1/tasks; `/health` is taken as is."""
-        return self.client.session.request(method, self.url + self._path(path),
-                                           timeout=kwargs.pop("timeout", self.timeout),
-                                           **kwargs)
+    def request(self, method: str, path: str, *, params: dict | None = None,
+                json: Any = None, timeout: float | None = None) -> Any:
+        """One raw call with the key, no retries, the answer as it came (pmtool.client.
+        Response: status_code, headers, text, json()): `tasks` means /api/v1/tasks;
+        `/health` is taken as is."""
+        return self.client.raw(method, self._path(path), params=params, json=json,
+                               timeout=timeout or self.timeout)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """Like `request`, but answers the decoded JSON; ApiError (or ServerError) unless 2xx."""
