@@ -87,7 +87,7 @@ class FinishPlan:
 
 def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
     """The verdict of an agent run that ended before a stop, if no run started since.
-    pm-runner.sh: `outcome=$(jq ... agent_finished ...)`."""
+    pm-runner.sh: the jq that reads a record from before (agent-done, or agent_finished)."""
     for step in reversed(record.steps):
         if step.get("step") == VERDICT_STEP:
             return step.get("verdict")
@@ -157,6 +157,34 @@ def finish_task(client: Any, store: RecordStore, agent_id: str, plan: FinishPlan
             "rescued": done["leftover"].get("rescued"), "pushed": done["push"].get("pushed"),
             "post_task": done["post_task"].get("ran"),
             "worktree": done["worktree"].get("removed"), "notes": status.get("notes")}
+
+
+def finish_given(client: Any, store: RecordStore, agent_id: str, plan: FinishPlan,
+                 outcome: str, summary: str | None,
+                 emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
+    """`finish_task` with a verdict the caller gives (`pmtool finish --full`: a script has
+    it from exec-claude), holding the agent's runner lock meanwhile (Conflict when a
+    `pmtool run` of the agent lives).
+
+    The verdict is noted in the record first, so a kill is completed as under `pmtool
+    run` (the next `finish --full`, or `pmtool recover`). A finish already begun goes on
+    with the verdict it began with: UsageError when `outcome` is another one.
+    """
+    from pmtool.errors import UsageError
+
+    with store.runner_lock(agent_id):
+        record = store.need(agent_id)
+        kept = kept_verdict(record)
+        if kept is not None and parts_done(record):
+            if kept.get("outcome") != outcome:
+                raise UsageError(f"task {record.task_id}'s finish was begun with outcome "
+                                 f"{kept.get('outcome')}, not {outcome}",
+                                 hint=f"finish it with --outcome {kept.get('outcome')}")
+        else:
+            record.step(VERDICT_STEP, verdict={"outcome": outcome, "summary": summary or None,
+                                               "source": "finish"})
+            store.save(record)
+        return finish_task(client, store, agent_id, plan, emit)
 
 
 def _tell(record: TaskRecord, verdict: dict[str, Any], done: dict[str, dict[str, Any]],
@@ -416,7 +444,8 @@ def remove_task_worktree(record: TaskRecord, repo: Path | None,
                          base: str | None = None) -> dict[str, Any] | None:
     """Remove the task's worktree; anything dirty is rescued to a ref first, never lost.
     Answers `{"path", "removed", "rescued"}` (`reason` when it stays), None when the task
-    has no worktree of its own. pm-runner.sh: `worktree remove --rescue`."""
+    has no worktree of its own. pm-runner.sh: `finish --full`, or after a give-back
+    `worktree remove --rescue`."""
     from pmtool.errors import UsageError
     from pmtool.worktree import release_checkout, remove_worktree
 

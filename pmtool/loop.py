@@ -22,7 +22,7 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
     live runner of our record -> exit 5  the first `recover` loop, action "running"
     health before claiming               none (scripts/cron-health.sh, from cron)
     claim wait / idle                    `claim --wait "$wait"`
-    verdict kept across a stop           `outcome=$(jq ... agent_finished ...)`
+    verdict kept across a stop           the record's agent_finished or agent-done step
     pre_task failure (--on-hook-failure) always give_back (release); never asks
     worktree failure                     give_back "no worktree: ..."
     poison task (TaskFault) -> parked    none: `worktree create` fails, give_back
@@ -35,10 +35,11 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
     server away (exit 4)                 `pause 10` (fixed), record kept
     cooldown after a give-back           the same: `lock release --kind` and `claim`
                                          (the library) skip the task while it cools
-    leftover committed, branch pushed    none: leftovers are rescued at the removal
-    finish completed after a kill        none: the record keeps the verdict only
-    post_task never blocks               `hook run post_task` result not acted on
-    worktree removal, rescue dirty work  `worktree remove --rescue`
+    the finish (pmtool.finish)           `finish --full`: the same finish_task, its
+                                         events in the answer's "events"
+    finish completed after a kill        the same: the next start (its `recover`, or
+                                         `finish --full` again) completes it
+    worktree removal after a give-back   `worktree remove --rescue`
     signals: stop after the step         trap INT TERM -> stopping=1
 """
 
@@ -1026,7 +1027,8 @@ class Runner:
     def _finish(self, repo: Path) -> bool:
         """leftover -> push -> status -> post_task -> worktree -> closed, each step noted in
         the record, so a kill anywhere is completed by the next start (pmtool.finish).
-        False when the task was given back (its leftover went to a rescue ref)."""
+        False when the task was given back (its leftover went to a rescue ref).
+        pm-runner.sh: `finish --full` (pmtool.finish.finish_given)."""
         from pmtool.finish import FinishPlan, finish_task
 
         plan = FinishPlan(repo=repo, hooks_dir=self.hooks_dir, base=self.opts.base,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # pm-runner.sh: the continuous runner built only from pmtool subcommands. It does what
 # `pmtool run` does, step by step, so you can copy it and change any step:
-#   recover -> claim -> hook pre_task -> worktree create -> exec-claude -> finish
-#   -> hook post_task -> worktree remove -> next
+#   recover -> claim -> hook pre_task -> worktree create -> exec-claude -> finish --full
+#   -> next
+# (`finish --full` is the finish of `pmtool run`: leftover commit, push, land a minor task,
+# status, post_task hook, worktree removal, record closed; each step noted in the record.)
 #
 # Usage: pm-runner.sh --role ROLE --agent-id ID [--level L] [--repo DIR] [--single-task]
 #                     [--max-tasks N] [--agent-cmd CMD] [--wait SECONDS]
@@ -21,9 +23,10 @@
 # and `recover --orphans` from the PM's cron puts back what is left),
 # --on-hook-failure/--on-agent-failure choices, --escalate and --task-budget-usd.
 #
-# Each pmtool process costs a few hundred milliseconds, so the script starts none it does
-# not need: the task record is read from its file (the path `claim` and `lock show` print)
-# rather than by `lock show`, and a hook that does not exist is not run.
+# Each pmtool process costs a hundred milliseconds or more (a jq one some 15 ms), so the
+# script starts none it does not need: the finish is one process, a hook that does not
+# exist is not run, a record is read (from the answer that printed it) only where it is
+# needed, by one jq: on the way from a claim to its finish, only exec-claude's answer is.
 set -euo pipefail
 
 PMTOOL=${PMTOOL:-pmtool}
@@ -74,6 +77,7 @@ has_hook() {
 # `pmtool recover` (cron-recover.sh) leaves the record alone.
 export PMTOOL_RUNNER_PID=$$
 stopping=0 done_tasks=0
+need_show=1   # whether the agent may have a record (0: it has none, no need to look)
 # pmtool run: Runner.request_stop (there a second signal ends the agent at once).
 trap 'stopping=1; echo "pm-runner: stopping after this step; the task record is kept" >&2' INT TERM
 
@@ -100,7 +104,7 @@ pause() {
 stop() {
   local kept=false task=null record reason="done"
   [ "$stopping" = 0 ] || reason=signal
-  if record=$("$PMTOOL" lock show --agent-id "$agent" 2>/dev/null); then
+  if [ "$need_show" = 1 ] && record=$("$PMTOOL" lock show --agent-id "$agent" 2>/dev/null); then
     kept=true task=$(jq '.record.task.id' <<<"$record")
   fi
   jq -nc --arg agent "$agent" --argjson task "$task" --argjson kept "$kept" \
@@ -113,10 +117,20 @@ stop() {
   exit "$1"
 }
 
-# tidy: remove the task's own worktree; uncommitted work goes to a rescue ref first, a minor
-# task's short-lived branch goes once it has landed. pmtool run: Runner._remove_worktree.
+# fields: the task's id and complexity, read from the claim's answer when first needed
+# (only a give-back needs them: nothing of a new claim is read on the way to its finish).
+fields() {
+  [ -z "$task_id" ] || return 0
+  eval "$(jq -r '@sh "task_id=\(.task.id) complexity=\(.task.complexity // "major")"' <<<"$claimed")"
+}
+
+# tidy: remove the task's own worktree after a give-back; uncommitted work goes to a rescue
+# ref first, a minor task's short-lived branch goes once it has landed. pmtool run:
+# Runner._remove_worktree.
 tidy() {
+  if [ -z "$worktree" ] && [ -n "$created" ]; then worktree=$(jq -r '.path // empty' <<<"$created"); fi
   [ -n "$worktree" ] || return 0
+  fields
   if [ "$(realpath "$worktree")" = "$(realpath "$repo")" ]; then
     step worktree remove "$task_id" --repo "$repo"   # minor_in_checkout: frees the checkout
   elif [ "$complexity" = minor ]; then
@@ -134,6 +148,7 @@ give_back() {
   step lock release --agent-id "$agent" --notes "$1" --kind "${2:-failed}"
   [ "$rc" != 0 ] || need_show=0   # released: no record; else it is kept, look again
   tidy
+  fields
   echo "pm-runner: task $task_id given back: $1" >&2
   if [ "$single" = 1 ]; then stop 1; fi
 }
@@ -143,7 +158,8 @@ give_back() {
 while :; do
   step recover --agent-id "$agent"
   case $rc in
-    0|3) break ;;
+    0) break ;;
+    3) need_show=0; break ;;                   # no record: straight to claim
     4) [ "$stopping" = 0 ] || stop 0; pause 10 ;;  # server away: the record is kept (pmtool run: capped, jittered backoff in Runner._loop)
     *) exit "$rc" ;;
   esac
@@ -155,39 +171,42 @@ fi
 
 # need_show: whether the agent may have a record (at the start, after a failed step);
 # after a finished or released task it has none, and the loop goes straight to claim.
-need_show=1 record_path=""
+# The task's fields, set by one jq (eval of its @sh-quoted answer) per record:
+task_id="" complexity="" session="" worktree="" pid="" outcome="" summary="" created="" claimed=""
 while [ "$stopping" = 0 ]; do
   rc=3
   if [ "$need_show" = 1 ]; then
     step lock show --agent-id "$agent"
   fi
-  need_show=1
+  need_show=1 created=""
   case $rc in
-    0) record=$out record_path=$(jq -r '.path' <<<"$out") ;;
+    0) # A record from before: where it got to, in one jq. An agent run that gave a
+       # verdict before a stop is finished with, not run again (pmtool run:
+       # finish.kept_verdict; `finish --full` notes its verdict as agent-done).
+       eval "$(jq -r '.record | ([.steps[] | select(.step | test("^agent[_-]"))] | last) as $last
+         | @sh "task_id=\(.task.id) complexity=\(.task.complexity // "major")
+                session=\(.session_id // "") worktree=\(.worktree // "") pid=\(.pid)
+                outcome=\(if $last.step == "agent-done" then $last.verdict.outcome
+                          elif $last.step == "agent_finished" and $last.ok then $last.outcome
+                          else null end // "")
+                summary=\(if $last.step == "agent-done" then $last.verdict.summary
+                          else null end // "(verdict of an earlier run, before a stop)")"' <<<"$out")"
+       if [ "$pid" != $$ ]; then  # resumed: we are its runner now
+         step lock update --agent-id "$agent" --runner-pid $$ --step resumed
+       fi ;;
     3) # pmtool run: Runner._claim (looks for --idle-poll seconds, then an `idle` event)
        step claim --agent-id "$agent" --role "$role" --level "$level" --wait "$wait"
        case $rc in
          0) ;;
-         3) if [ "$single" = 1 ]; then stop 3; fi; need_show=0; continue ;;
+         3) need_show=0; if [ "$single" = 1 ]; then stop 3; fi; continue ;;
          4) pause 10; continue ;;           # server away: the record (if any) is kept
          *) exit "$rc" ;;
        esac
-       record_path=$(jq -r '.record' <<<"$out")
-       record=$(jq -c '{record: .}' "$record_path") || exit 1 ;;
+       # A new record: no session, no worktree, no verdict yet, this script its runner;
+       # its id and complexity are read from $claimed only if a give-back needs them.
+       claimed=$out task_id="" complexity="" session="" worktree="" outcome="" summary="" ;;
     *) exit "$rc" ;;
   esac
-  task_id=$(jq -r '.record.task.id' <<<"$record")
-  complexity=$(jq -r '.record.task.complexity // "major"' <<<"$record")
-  session=$(jq -r '.record.session_id // empty' <<<"$record")
-  worktree=$(jq -r '.record.worktree // empty' <<<"$record")
-  if [ "$(jq -r '.record.pid' <<<"$record")" != $$ ]; then  # resumed: we are its runner now
-    step lock update --agent-id "$agent" --runner-pid $$ --step resumed
-  fi
-  # An agent run that gave a verdict before a stop: finish with it, do not run it again.
-  # pmtool run: loop.kept_verdict.
-  outcome=$(jq -r '[.record.steps[] | select(.step | startswith("agent_"))] | last
-                   | select(.step == "agent_finished" and .ok) | .outcome // empty' <<<"$record")
-  summary="(verdict of an earlier run, before a stop)"
   [ "$stopping" = 0 ] || break
 
   if [ -z "$outcome" ]; then
@@ -200,15 +219,16 @@ while [ "$stopping" = 0 ]; do
     [ "$stopping" = 0 ] || break
 
     step worktree create --agent-id "$agent" --repo "$repo"   # pmtool run: Runner._worktree
-    worktree=$(jq -r '.path // empty' <<<"$out")
+    worktree=""   # the path is read from $created only if tidy needs it
     if [ "$rc" = 5 ]; then  # its branch or the checkout is another task's: wait, never share
-      worktree=""
       give_back "deferred: $(jq -r '.error.message' <<<"$out")" deferred
       continue
     elif [ "$rc" != 0 ]; then
+      created=$out  # a worktree whose setup hook failed is still there: tidy removes it
       give_back "no worktree: $(jq -r '.error.message // "worktree_setup hook failed"' <<<"$out")"
       continue
     fi
+    created=$out
     [ "$stopping" = 0 ] || break
 
     resume=()
@@ -226,44 +246,34 @@ while [ "$stopping" = 0 ]; do
            exit "$rc" ;;                      # claude's login refused, or no claude: fatal
     esac
     [ "$stopping" = 0 ] || break
-    outcome=$(jq -r '.outcome // empty' <<<"$out")
+    eval "$(jq -r '@sh "outcome=\(.outcome // "") summary=\(.summary // "")"' <<<"$out")"
     if [ "$rc" != 0 ] || [ -z "$outcome" ]; then
       give_back "agent failed: $(jq -r '.error.message // (if .timed_out then "timed out" else "no verdict" end)' <<<"$out")" \
         "$(jq -r '.stop.kind // "failed"' <<<"$out")"
       continue
     fi
-    summary=$(jq -r '"\(.summary // "") (model \(.model), \(.num_turns) turns, $\(.total_cost_usd))"' <<<"$out")
   fi
 
-  # A minor task lands on the base by fast-forward, or stays on its branch for review; the
-  # notes say which. pmtool run: Runner._land_minor.
-  if [ "$complexity" = minor ] && { [ "$outcome" = "done" ] || [ "$outcome" = pass ]; } \
-      && [ -n "$worktree" ] && [ "$(realpath "$worktree")" != "$(realpath "$repo")" ]; then
-    step worktree land "$worktree" --repo "$repo"
-    if ! jq -e '.nothing_to_land' <<<"$out" >/dev/null; then
-      summary="$summary"$'\n'"$(jq -r '.note // empty' <<<"$out")"
-    fi
-  fi
-  # The post_task hook gets the same context as under `pmtool run` (the record is closed by
-  # finish, so it is read first, from its file: the agent's runs added to it).
-  record=$(jq -c '{record: .}' "$record_path") || exit 1
-  step finish --agent-id "$agent" --outcome "$outcome" --notes "$summary"   # pmtool run: Runner._finish
+  # The finish of `pmtool run`, in one process (pmtool run: Runner._finish, pmtool.finish):
+  # leftover committed -> branch pushed (when push is on) -> a minor task landed on the
+  # base -> status -> post_task hook (it never blocks) -> worktree removed (dirty work to a
+  # rescue ref first) -> record closed. Each step is noted in the record, so after a kill
+  # or with the server away the same command (or `pmtool recover`) completes it.
+  step finish --agent-id "$agent" --outcome "$outcome" --notes "$summary" --full
   case $rc in
     0) ;;
     4) pause 10; continue ;;                  # server away: the record is kept, finish again
     *) exit "$rc" ;;
   esac
   need_show=0   # finished: the record is closed
-  status=$(jq -r '.status // empty' <<<"$out")
-  if has_hook post_task; then
-    jq -c --arg outcome "$outcome" --arg summary "$summary" --arg status "$status" \
-      '.record | {task_id: .task.id, title: .task.title, agent_id, role, level,
-                  complexity: .task.complexity, branch: (.branch // .task.branch), worktree,
-                  model, session_id, attempts, cost_usd, claimed_at, server_url, task,
-                  outcome: $outcome, summary: $summary, status: $status}' <<<"$record" \
-      | step hook run post_task --input - --cwd "$repo"   # post_task never blocks (pmtool run: Runner._finish)
+  # leftover = rescue, and the agent left work uncommitted: the task went back, its work on
+  # a rescue ref. (json.dumps' spacing; a quote inside a string value would be escaped.)
+  if [[ $out == *'"action": "given_back"'* ]]; then
+    fields
+    echo "pm-runner: task $task_id given back: uncommitted work saved to a rescue ref" >&2
+    if [ "$single" = 1 ]; then stop 1; fi
+    continue
   fi
-  tidy   # --rescue keeps uncommitted work on a rescue ref first; a clean tree is just removed
   done_tasks=$((done_tasks + 1))
   if [ "$single" = 1 ]; then stop 0; fi
   if [ "$max_tasks" -gt 0 ] && [ "$done_tasks" -ge "$max_tasks" ]; then stop 0; fi

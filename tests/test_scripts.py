@@ -185,14 +185,38 @@ def test_pm_runner_minor_task_commits_on_the_base_branch(box: Box) -> None:
     assert box.task(task["id"])["status"] == "dev_done"
     assert git(box.repo, "log", "-1", "--format=%s", "main") == \
         f"task {task['id']}: backend_dev notes (fake agent)"
-    # Its own worktree and short-lived branch, landed by fast-forward, then both removed.
-    lines = json_lines(proc.stdout)
-    (landed,) = [o for o in lines if "landed" in o]
-    assert landed["landed"] is True and landed["branch"].startswith("pmtool/task-")
+    # Its own worktree and short-lived branch, landed by fast-forward (by `finish --full`),
+    # then both removed.
+    (events,) = [o["events"] for o in json_lines(proc.stdout) if "events" in o]
+    (landed,) = [e for e in events if e["event"] == "landed"]
+    assert landed["branch"].startswith("pmtool/task-") and landed["base"] == "main"
     assert "landed on main by fast-forward" in box.task(task["id"])["notes"]
-    removed = [o for o in lines if o.get("removed")]
-    assert removed and removed[-1]["branch_deleted"] is True
+    assert [e["removed"] for e in events if e["event"] == "worktree"] == [True]
+    assert git(box.repo, "branch", "--list", landed["branch"]) == ""
     assert git(box.repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+
+
+def test_pm_runner_commits_what_the_agent_left_and_pushes_the_branch(box: Box,
+                                                                      tmp_path: Path) -> None:
+    # As under `pmtool run`: the finish commits leftovers on the task branch and pushes it.
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    git(box.repo, "remote", "add", "origin", str(remote))
+    task = box.seeder.create_task(title="Left uncommitted", branch="feature/left")
+
+    proc = box.run("pm-runner.sh", *runner_args("dev_left", "--repo", str(box.repo),
+                                                "--single-task"),
+                   env={"PMTOOL_FAKE_AGENT_NO_COMMIT": "1", "PMTOOL_PUSH": "1"})
+
+    assert proc.returncode == 0, proc.stderr
+    assert box.task(task["id"])["status"] == "dev_done"
+    subject = f"pmtool: uncommitted work the agent left on task {task['id']}"
+    assert git(remote, "log", "-1", "--format=%s", "feature/left") == subject
+    assert git(remote, "show", f"feature/left:notes/task-{task['id']}.md")  # the agent's file
+    notes = box.task(task["id"])["notes"]
+    assert "uncommitted work committed by pmtool" in notes and "pushed to origin" in notes
+    assert git(box.repo, "for-each-ref", "refs/pmtool/rescue") == ""  # committed, not rescued
+    assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
 def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Box) -> None:
@@ -303,8 +327,10 @@ def test_pm_runner_refuses_an_agent_whose_runner_lives(box: Box) -> None:
 
 
 def script_steps(calls: list[list[str]], stdout: str) -> list[str]:
-    """What pm-runner.sh did, from the pmtool commands it ran, in the loop's event words."""
+    """What pm-runner.sh did, from the pmtool commands it ran, in the loop's event words
+    (`finish --full` reports its own steps as the loop's events)."""
     steps = []
+    finished = [o["events"] for o in json_lines(stdout) if "events" in o]
     for args in calls:
         if args[0] == "claim":
             steps.append("claimed")
@@ -316,6 +342,8 @@ def script_steps(calls: list[list[str]], stdout: str) -> list[str]:
             steps.append("worktree remove")
         elif args[0] == "exec-claude":
             steps.append("agent resumed" if "--resume" in args else "agent")
+        elif args[0] == "finish" and "--full" in args:
+            steps += loop_steps(finished.pop(0))
         elif args[0] == "finish":
             steps.append(f"finished {args[args.index('--outcome') + 1]}")
         elif args[:2] == ["lock", "release"]:

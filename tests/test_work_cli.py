@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from helpers import PMTOOL, Result, free_port, pmtool
+from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
 
 # -- fixtures and helpers -----------------------------------------------------------------
@@ -384,6 +385,43 @@ def test_finish_does_not_overwrite_a_task_that_moved_on(env, queue):
     assert on_server["status"] == "dev_done" and on_server["notes"] == "done by the agent"
     assert not record_path(env, agent).exists()
     assert history(env)[-1]["outcome"] == "moved_on"
+
+
+def test_finish_full_killed_midway_is_completed_once_with_its_verdict(env, queue, tmp_path):
+    # `finish --full` (pm-runner.sh's finish) notes each step: killed after the post_task
+    # hook, the same command completes the finish without a second status or hook run.
+    task = queue.create_task(title="finish in one process")
+    agent = unique_id("dev")
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "post_task").write_text(f"#!/bin/sh\ncat >/dev/null\necho ran >>{tmp_path}/ran\n")
+    (hooks / "post_task").chmod(0o755)
+    env = {**env, "HEADLESS_PM_HOOKS_DIR": str(hooks)}
+    assert claim(env, agent).code == 0
+    args = ("finish", "--agent-id", agent, "--outcome", "done", "--notes", "all good", "--full")
+
+    killed = subprocess.run([PMTOOL, *args], capture_output=True, text=True, check=False,
+                            env={**os.environ, **env, "PMTOOL_FAULT": "post-task"})
+    assert killed.returncode == -signal.SIGKILL and killed.stdout == ""
+    assert queue.get_task(task["id"])["status"] == "dev_done"
+    # Begun with `done`: another outcome is refused, the record kept.
+    assert pmtool(*args[:4], "--outcome", "blocked", "--full", env=env).code == 2
+    with RecordStore(env["PMTOOL_STATE_DIR"]).runner_lock(agent):
+        assert pmtool(*args, env=env).code == 5  # a live `pmtool run` of the agent owns it
+
+    r = pmtool(*args, env=env)
+
+    assert r.code == 0, r.out
+    assert (r.out["action"], r.out["status"], r.out["post_task"]) == \
+        ("finished", "dev_done", "interrupted")
+    assert [e["event"] for e in r.out["events"]] == ["hook"]  # `finished` was told before
+    assert (tmp_path / "ran").read_text() == "ran\n"
+    changes = [c for c in queue.changelog(limit=-1) if c["task_id"] == task["id"]]
+    assert sum(1 for c in changes if c["new_status"] == "dev_done") == 1
+    assert "all good" in queue.get_task(task["id"])["notes"]
+    assert not record_path(env, agent).exists()
+    assert [h["outcome"] for h in history(env) if h.get("kind", "closed") == "closed"] == \
+        ["done"]
 
 
 # -- records on disk ------------------------------------------------------------------------

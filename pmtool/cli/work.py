@@ -187,6 +187,9 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
         "--outcome", help="done (developers, architect, pm); pass or fail (qa); blocked.")],
         notes: Annotated[str | None, typer.Option(
             help="Appended to the task's notes (the reason, for fail and blocked).")] = None,
+        full: Annotated[bool, typer.Option(
+            "--full", help="The whole finish of `pmtool run`: also commit leftovers, push, "
+                           "land a minor task, run post_task, remove the worktree.")] = False,
 ) -> None:
     """Report the outcome of the agent's task and close its record.
 
@@ -195,7 +198,17 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
     in the notes and as a comment ("parked" says why). If the task has already moved on,
     it is not overwritten ("action": "moved_on"). Exit 3 when the agent has no record.
 
+    With --full (pm-runner.sh), the finish `pmtool run` does, in one process: what the
+    agent left uncommitted is committed on the task branch (PMTOOL_LEFTOVER), the branch
+    pushed (PMTOOL_PUSH), a minor task landed on the base, the status set, the post_task
+    hook run, the task's worktree removed (dirty work rescued to a ref first), the record
+    closed. Each step is noted in the record: after a kill, the same command (or `pmtool
+    recover`) completes it. "events" lists what happened, as `pmtool run`'s events; exit 5
+    while a `pmtool run` of the agent lives.
+
     Example: pmtool finish --agent-id qa_001 --outcome fail --notes "login 500s on empty password"
+
+    Example: pmtool finish --agent-id dev_001 --outcome done --notes "$summary" --full
     """
     from pmtool.bounds import limits_from
     from pmtool.finish import notes_for
@@ -205,6 +218,9 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
     store = record_store(settings)
     record = store.need(agent_id)
     outcome_status(record.role, outcome, record.previous_status)  # a bad outcome: exit 2 first
+    if full:
+        _finish_full(settings, store, agent_id, outcome, notes)
+        return
     result = finish(server(settings), store, agent_id, outcome,
                     notes=notes_for(store, agent_id, outcome, notes),
                     limits=limits_from(settings))
@@ -214,6 +230,26 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
         why = f" ({result['reason']})" if result.get("reason") else ""
         say(f"pmtool: task {result['task_id']} had moved on{why}; left as it is")
     emit(result)
+
+
+def _finish_full(settings: Any, store: Any, agent_id: str, outcome: str,
+                 notes: str | None) -> None:
+    from pmtool.bounds import limits_from
+    from pmtool.finish import FinishPlan, finish_given
+
+    events: list[dict[str, Any]] = []
+
+    def noted(kind: str, task_id: int | None = None, **data: Any) -> None:
+        events.append({"event": kind, "task_id": task_id, **data})
+
+    plan = FinishPlan.from_settings(settings, limits=limits_from(settings))
+    result = finish_given(server(settings), store, agent_id, plan, outcome, notes, noted)
+    for event in events:
+        if event["event"] == "parked":
+            say(f"pmtool: task {event['task_id']} parked for a person: {event['reason']}")
+    if result["action"] == "moved_on":
+        say(f"pmtool: task {result['task_id']} had moved on; left as it is")
+    emit({**result, "events": events})
 
 
 @app.command("recover")
