@@ -9,8 +9,8 @@ that the machine's load falls on both), both with the stand-in agent
 (`pmtool.testing.fake_agent` via --agent-cmd), default settings and no hooks, on a
 generated repository (1,000 files by default, as benchmarks/loop.py). The server is a
 stand-in started for the purpose, or a real Headless PM when PMTOOL_TEST_PM_URL and
-PMTOOL_TEST_PM_KEY are set (it stops if the server holds pickable backend_dev tasks it did
-not create).
+PMTOOL_TEST_PM_KEY are set (it stops if the server holds pickable tasks of the role it did
+not create: `--role` picks one nobody else uses).
 
 - overhead per task: wall time from the end of the previous task (or the process start)
   to the task's last line (the script: the last line before the next claim; `pmtool run`:
@@ -24,6 +24,10 @@ not create).
 - processes per task: a separate, untimed run with logging `pmtool` and `jq` wrappers
   (they cost a bash start each, so they stay out of the timed runs).
 
+Every runner has a deadline (60 s, and 30 s a task): past it, its process group is stopped
+and the run ends with an error; a SIGTERM ends the run the same way. Either way our tasks
+are retired (committed) on the server, which is left as it was otherwise.
+
 `--script PATH` (repeatable) measures another version of the script in the same run, e.g.
 main's: `git show main:scripts/pm-runner.sh >/tmp/main-runner.sh; chmod +x /tmp/main-runner.sh`.
 
@@ -33,10 +37,12 @@ Target (issue 11): pm-runner.sh overhead <= 1.5 s per task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,11 +56,13 @@ from pmtool.testing import fake_agent
 from pmtool.testing.seed import unique_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loop import IDENTITY, LEVEL, PMTOOL, ROLE, Server, git, make_repo, pct
+import loop
+from loop import IDENTITY, LEVEL, PMTOOL, Server, git, make_repo, pct
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "pm-runner.sh"
 BIN = str(Path(PMTOOL).parent)
 JQ = shutil.which("jq")
+DEADLINE, TASK_DEADLINE = 60.0, 30.0  # seconds a runner may take: then it is stopped
 
 
 def cpu() -> float:
@@ -63,23 +71,46 @@ def cpu() -> float:
 
 
 class Lines:
-    """A runner's stdout, each JSON line stamped with our clock as it arrives."""
+    """A runner's stdout, each JSON line stamped with our clock as it arrives. A runner
+    still going after `deadline` seconds (a task it never gets) is stopped, its whole
+    process group: SIGTERM, then SIGKILL."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path,
+                 deadline: float) -> None:
         self.cpu_before = cpu()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         self.lines: list[tuple[float, dict[str, Any]]] = []
         self.stderr = ""
+        self.timed_out = False
         errors = threading.Thread(target=self._errors, daemon=True)
         errors.start()
+        timer = threading.Timer(deadline, self._stop)
+        timer.start()
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), json.loads(line)))
-        self.code = self.proc.wait(600)
+        try:
+            for line in self.proc.stdout:
+                self.lines.append((time.monotonic(), json.loads(line)))
+            self.code = self.proc.wait(60)
+        finally:
+            timer.cancel()
+            if self.proc.poll() is None:
+                self._stop()
         errors.join(10)
         self.cpu = cpu() - self.cpu_before  # every child reaped: the whole tree's time
+
+    def _stop(self) -> None:
+        self.timed_out = True
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(10)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
     def _errors(self) -> None:
         assert self.proc.stderr is not None
@@ -116,8 +147,8 @@ def loop_tasks(run: Lines) -> list[tuple[float, float]]:
 
 
 class Bench:
-    def __init__(self, server: Server, work: Path, repo: Path) -> None:
-        self.server, self.work, self.repo = server, work, repo
+    def __init__(self, server: Server, work: Path, repo: Path, role: str) -> None:
+        self.server, self.work, self.repo, self.role = server, work, repo, role
         self.hooks = work / "hooks"
         self.hooks.mkdir(exist_ok=True)
         self.made = 0
@@ -132,11 +163,14 @@ class Bench:
         for _ in range(n):
             self.made += 1
             ids.append(self.server.seeder.create_task(
-                title=f"{label} {self.made}", complexity="major",
+                title=f"{label} {self.made}", complexity="major", target_role=self.role,
                 branch=f"bench/{label}-{self.made}")["id"])
         return ids
 
     def check(self, run: Lines, ids: list[int], what: str) -> None:
+        if run.timed_out:
+            raise SystemExit(f"{what}: stopped at its deadline, {len(ids)} tasks not done "
+                             f"in time:\n{run.stderr[-2000:]}")
         if run.code != 0:
             raise SystemExit(f"{what} exited {run.code}:\n{run.stderr[-2000:]}")
         for task_id in ids:
@@ -147,18 +181,20 @@ class Bench:
     def script(self, path: Path, n: int, **env: str) -> Lines:
         agent = unique_id("benchsh")
         ids = self.tasks(n, "script")
-        run = Lines([str(path), "--role", ROLE, "--level", LEVEL, "--agent-id", agent,
+        run = Lines([str(path), "--role", self.role, "--level", LEVEL, "--agent-id", agent,
                      "--repo", str(self.repo), "--agent-cmd", fake_agent.command(),
-                     "--max-tasks", str(n)], self.env(agent, **env), self.repo)
+                     "--max-tasks", str(n)], self.env(agent, **env), self.repo,
+                    deadline=DEADLINE + TASK_DEADLINE * n)
         self.check(run, ids, str(path))
         return run
 
     def loop(self, n: int) -> Lines:
         agent = unique_id("benchrun")
         ids = self.tasks(n, "run")
-        run = Lines([PMTOOL, "run", "--role", ROLE, "--level", LEVEL, "--agent-id", agent,
+        run = Lines([PMTOOL, "run", "--role", self.role, "--level", LEVEL, "--agent-id", agent,
                      "--repo", str(self.repo), "--agent-cmd", fake_agent.command(),
-                     "--max-tasks", str(n)], self.env(agent), self.repo)
+                     "--max-tasks", str(n)], self.env(agent), self.repo,
+                    deadline=DEADLINE + TASK_DEADLINE * n)
         self.check(run, ids, "pmtool run")
         return run
 
@@ -186,17 +222,17 @@ class Bench:
                 "jq_all": sum(s.startswith("jq ") for s in starts) / n}
 
 
-def agent_alone(repo: Path, runs: int) -> tuple[float, float]:
+def agent_alone(repo: Path, runs: int, role: str) -> tuple[float, float]:
     """The agent command run directly in a worktree: (median wall, mean CPU time)."""
     tree = repo / ".worktrees" / "baseline"
     git(repo, "worktree", "add", "-q", "-b", "bench/baseline", str(tree))
-    env = {**os.environ, **IDENTITY, "PMTOOL_ROLE": ROLE}
+    env = {**os.environ, **IDENTITY, "PMTOOL_ROLE": role}
     walls = []
     before = cpu()
     for i in range(runs):
         start = time.perf_counter()
         subprocess.run(fake_agent.command().split(),
-                       input=f"Role: {ROLE}\n\nTask base{i}: baseline\n\nDo the work.\n",
+                       input=f"Role: {role}\n\nTask base{i}: baseline\n\nDo the work.\n",
                        cwd=tree, capture_output=True, text=True,
                        env={**env, "PMTOOL_TASK_ID": f"base{i}"}, check=True)
         walls.append(time.perf_counter() - start)
@@ -225,6 +261,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5, help="tasks per runner per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (script, then run)")
     parser.add_argument("--files", type=int, default=1000, help="files in the repository")
+    parser.add_argument("--role", default=loop.ROLE,
+                        help="the tasks' role, not qa (a real server: one nobody else uses)")
     parser.add_argument("--script", type=Path, action="append", default=[],
                         help="another pm-runner.sh to measure too (repeatable)")
     args = parser.parse_args()
@@ -234,16 +272,20 @@ def main() -> None:
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="pmtool-bench-script-"))
     server = None
+    loop.ROLE = args.role  # the role whose pickable tasks a real server must not have
+    # A SIGTERM (timeout, CI) still runs the clean-up below: runners stopped, our tasks
+    # retired on the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         server = Server()
         print(f"server: {'stand-in' if server.standin else 'real'} at {server.url}; "
               f"load {os.getloadavg()[0]:.1f} at the start")
         repo = make_repo(work / "repo", args.files)
-        bench = Bench(server, work, repo)
-        wall_alone, cpu_alone = agent_alone(repo, runs=5)
+        bench = Bench(server, work, repo, args.role)
+        wall_alone, cpu_alone = agent_alone(repo, runs=5, role=args.role)
         print(f"agent alone: {wall_alone:.2f} s wall, {cpu_alone:.2f} s CPU per run; "
               f"{args.rounds} rounds x {args.tasks} major tasks per runner, "
-              f"{args.files}-file repository, no hooks")
+              f"{args.files}-file repository, no hooks, role {args.role}")
         over: dict[str, list[float]] = {str(s): [] for s in [*scripts, "run"]}
         cpus: dict[str, list[float]] = {k: [] for k in over}
         firsts: dict[str, list[float]] = {k: [] for k in over}
