@@ -643,3 +643,21 @@ def test_debug_task_lands_a_minor_task_and_says_so(box: Box) -> None:
     assert git(box.repo, "log", "-1", "--format=%s", "main") == \
         f"task {task['id']}: backend_dev notes (fake agent)"
     assert "landed on main by fast-forward" in box.task(task["id"])["notes"]
+
+
+# ---- benchmarks/runner_script.py -----------------------------------------------------------
+
+
+def test_runner_benchmark_smallest_counts_the_processes_of_a_task(tmp_path: Path) -> None:
+    # The benchmark runs (it measures the script against `pmtool run`), and a task costs
+    # the script 4 pmtool processes and 1 jq: a step added to the hot path shows up here.
+    bench = SCRIPTS.parent / "benchmarks" / "runner_script.py"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PMTOOL_TEST_PM_URL", "PMTOOL_TEST_PM_KEY")}
+    proc = subprocess.run([sys.executable, str(bench), "--rounds", "1", "--tasks", "2",
+                           "--files", "20"], capture_output=True, text=True,
+                          env={**env, "TMPDIR": str(tmp_path)}, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^\s+pm-runner\.sh\s+\d+\.\d\d s ", proc.stdout, re.MULTILINE), \
+        proc.stdout
+    assert "processes per task, pm-runner.sh: 4 pmtool, 1 jq " in proc.stdout, proc.stdout
