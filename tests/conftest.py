@@ -120,6 +120,14 @@ def seeder(pm_server: PMServer) -> Iterator[Seeder]:
 
 
 @pytest.fixture
+def queue(seeder: Seeder) -> Iterator[Seeder]:
+    """The seeder, with nothing else pickable on the server before and after the test."""
+    helpers.park(seeder)
+    yield seeder
+    helpers.park(seeder)
+
+
+@pytest.fixture
 def standin_only(pm_server: PMServer) -> StandInServer:
     """The shared stand-in; skips the test when the suite runs against a real server."""
     if pm_server.standin is None:

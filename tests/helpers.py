@@ -96,3 +96,32 @@ def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "conditi
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_pty(fd: int, until: Callable[[bytes], bool], timeout: float = 20) -> bytes:
+    """What a terminal (pty leader `fd`) shows until `until(screen)`, it closes, or
+    `timeout` seconds pass; the caller asserts on what came."""
+    import select
+
+    screen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(screen):
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                screen += os.read(fd, 65536)
+            except OSError:
+                break
+    return screen
+
+
+def park(seeder: Any) -> None:
+    """Retire (commit) every task of ours an agent could pick, so a test sees only its own.
+
+    The server is shared by the whole session (and may be a real one), and claims take
+    the oldest task: without this, another test's leftovers would be claimed first. A
+    guest touches nothing it did not create: when the server holds pickable tasks of
+    someone else, the test is skipped instead (seeder.on_foreign).
+    """
+    for role in ("backend_dev", "frontend_dev", "architect", "pm", "qa"):
+        seeder.drain(role)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_work_cli import park as park_others
 
 from pmtool import failures as fl
 from pmtool import work
@@ -27,13 +26,6 @@ from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
 
 FAST = fl.Limits(max_attempts=3, retry_cooldown=0.3, max_bounces=3, cooldown_cap=1.0)
-
-
-@pytest.fixture
-def queue(seeder: Seeder) -> Iterator[Seeder]:
-    park_others(seeder)
-    yield seeder
-    park_others(seeder)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude, pmtool, wait_for
+from helpers import CLAUDE, PMTOOL, needs_claude, pmtool, read_pty, wait_for
 from pmtool import ops
 from pmtool.hooks import run_hook
 from pmtool.records import RecordStore, TaskRecord
@@ -290,21 +290,6 @@ def live_record(state: Path, agent_id: str = "dev_1", task_id: int = 42) -> None
                         previous_status="created", cost_usd=0.25)
     record.step("agent_running")
     store.save(record)
-
-
-def read_pty(fd: int, until: Callable[[bytes], bool], timeout: float = 20) -> bytes:
-    import select
-
-    screen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not until(screen):
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                screen += os.read(fd, 65536)
-            except OSError:
-                break
-    return screen
 
 
 @pytest.mark.parametrize("no_color", [False, True])

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude, wait_for
+from helpers import CLAUDE, PMTOOL, needs_claude, read_pty, wait_for
 from pmtool.records import RecordStore
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
@@ -54,6 +54,18 @@ class World:
         task = self.seeder.get_task(task_id)
         assert task is not None
         return task
+
+    def outlast_the_stale_rule(self, task_id: int, agent_id: str, beat: float) -> None:
+        """40 minutes pass on the server's clock while `agent_id` works, in two steps with
+        `beat` seconds between for its heartbeat to re-register; then another agent asks
+        for work (the server's stale-lock cleanup runs), and the lock must still be its."""
+        time.sleep(beat)  # a heartbeat has re-registered
+        self.server.advance_clock(20 * 60)
+        time.sleep(beat)
+        self.server.advance_clock(20 * 60)  # 40 minutes since the claim, < 30 since a beat
+        self.seeder.register("other", "backend_dev", "senior")
+        assert self.seeder.next_task("backend_dev", "senior") is None  # the stale cleanup
+        assert self.status(task_id)["locked_by"] == agent_id
 
     def run(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 90) -> Run:
@@ -472,13 +484,7 @@ def test_heartbeat_keeps_the_lock_past_the_30_minute_rule(world: World) -> None:
     proc = world.start("--heartbeat", "0.2", "--single-task",
                        env={"PMTOOL_FAKE_AGENT_SLEEP": "3"})
     wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
-    time.sleep(0.5)  # a heartbeat has re-registered
-    world.server.advance_clock(20 * 60)
-    time.sleep(0.5)
-    world.server.advance_clock(20 * 60)  # 40 minutes since the claim, < 30 since a beat
-    world.seeder.register("other", "backend_dev", "senior")
-    assert world.seeder.next_task("backend_dev", "senior") is None  # runs the stale cleanup
-    assert world.status(task["id"])["locked_by"] == "dev_1"
+    world.outlast_the_stale_rule(task["id"], "dev_1", beat=0.5)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert world.status(task["id"])["status"] == "dev_done"
@@ -619,12 +625,9 @@ def run_at_a_terminal_with_a_failing_pre_task(world: World
 
 def test_operator_is_asked_at_a_terminal_when_pre_task_fails(world: World) -> None:
     task, proc, leader = run_at_a_terminal_with_a_failing_pre_task(world)
-    screen = b""
     try:
-        while b"[c]ontinue" not in screen:
-            chunk = os.read(leader, 4096)
-            assert chunk, "the terminal closed before the question"
-            screen += chunk
+        screen = read_pty(leader, lambda s: b"[c]ontinue" in s, timeout=60)
+        assert b"[c]ontinue" in screen, f"no question on the terminal: {screen!r}"
         assert b"no GPU here" in screen
         os.write(leader, b"c\n")  # continue without the checks
         out, _ = proc.communicate(timeout=60)
@@ -653,12 +656,9 @@ def test_the_operator_prompt_shows_its_default_and_takes_it_when_nobody_answers(
                             env=world.env, cwd=world.repo, stdin=follower, stderr=follower,
                             stdout=subprocess.PIPE, text=True)
     os.close(follower)
-    screen = b""
     try:
-        while b"no answer" not in screen:
-            chunk = os.read(leader, 4096)
-            assert chunk, f"the terminal closed before the timeout: {screen!r}"
-            screen += chunk
+        screen = read_pty(leader, lambda s: b"no answer" in s, timeout=60)
+        assert b"no answer" in screen, f"the prompt did not time out: {screen!r}"
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -704,12 +704,10 @@ def test_progress_view_follows_no_color_and_force_color_and_says_no_none(
 
 def test_ctrl_c_at_the_operator_prompt_stops_and_keeps_the_task(world: World) -> None:
     task, proc, leader = run_at_a_terminal_with_a_failing_pre_task(world)
-    screen = b""
+    question = b"(Enter: release; release by itself in 300 s)?"
     try:
-        while b"(Enter: release; release by itself in 300 s)?" not in screen:
-            chunk = os.read(leader, 4096)
-            assert chunk, f"the terminal closed before the question: {screen!r}"
-            screen += chunk
+        screen = read_pty(leader, lambda s: question in s, timeout=60)
+        assert question in screen, f"no question on the terminal: {screen!r}"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     finally:

@@ -183,13 +183,7 @@ def test_exec_claude_keeps_the_lock_past_the_30_minute_rule(world: World, how: s
         proc.stdin.write(json.dumps(task))
         proc.stdin.close()
         proc.stdin = None  # written and closed: communicate() must not flush it again
-    time.sleep(0.8)  # a beat has re-registered
-    world.server.advance_clock(20 * 60)
-    time.sleep(0.8)
-    world.server.advance_clock(20 * 60)  # 40 minutes since the claim, < 30 since a beat
-    world.seeder.register("other", "backend_dev", "senior")
-    assert world.seeder.next_task("backend_dev", "senior") is None  # runs the stale cleanup
-    assert world.status(task["id"])["locked_by"] == "dev_pipe"
+    world.outlast_the_stale_rule(task["id"], "dev_pipe", beat=0.8)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert json.loads(out)["outcome"] == "done"

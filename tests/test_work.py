@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from helpers import park
 from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, Conflict, NothingToDo, ServerError, UsageError
@@ -452,8 +453,6 @@ def test_other_hosts_records_are_never_stale(store):
 
 
 def test_library_claim_and_finish_over_http(pm_server, seeder, store):
-    from test_work_cli import park
-
     park(seeder)
     made = seeder.create_task(title="library claim")
     client = PMClient(pm_server.url, pm_server.api_key)

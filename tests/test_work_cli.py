@@ -29,26 +29,6 @@ from pmtool.testing.seed import Seeder, unique_id
 # -- fixtures and helpers -----------------------------------------------------------------
 
 
-def park(seeder: Seeder) -> None:
-    """Retire (commit) every task of ours an agent could pick, so a test sees only its own.
-
-    The server is shared by the whole session (and may be a real one), and claims take
-    the oldest task: without this, another test's leftovers would be claimed first. A
-    guest touches nothing it did not create: when the server holds pickable tasks of
-    someone else, the test is skipped instead (seeder.on_foreign).
-    """
-    for role in ("backend_dev", "frontend_dev", "architect", "pm", "qa"):
-        seeder.drain(role)
-
-
-@pytest.fixture
-def queue(seeder: Seeder) -> Iterator[Seeder]:
-    """The seeder, with nothing else pickable on the server before and after the test."""
-    park(seeder)
-    yield seeder
-    park(seeder)
-
-
 @pytest.fixture
 def env(pm_server: Any, tmp_path: Path) -> dict[str, str]:
     """The environment of a pipeline on this machine: server, key, own state dir."""
