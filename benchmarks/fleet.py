@@ -56,6 +56,9 @@ from pmtool.testing.countproxy import CountingProxy
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import server_under_test
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from claim import health_probe, pct  # a sibling script: one probe, one percentile
+
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
 IDENTITY = {"GIT_AUTHOR_NAME": "pmtool bench", "GIT_AUTHOR_EMAIL": "bench@pmtool.invalid",
@@ -63,11 +66,6 @@ IDENTITY = {"GIT_AUTHOR_NAME": "pmtool bench", "GIT_AUTHOR_EMAIL": "bench@pmtool
 # task id -> its claimed and finished events, in arrival order, over every process
 STORY: dict[int, list[tuple[str, str, str]]] = defaultdict(list)
 STORY_LOCK = threading.Lock()
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
 def row(name: str, value: str, note: str = "") -> None:
@@ -202,17 +200,11 @@ class Fleet:
 
 
 def probe(url: str, seconds: float) -> list[float]:
-    """/health latencies, one request at a time, 50 ms apart."""
-    session, out = requests.Session(), []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        start = time.perf_counter()
-        try:
-            session.get(url + "/health", timeout=30)
-            out.append(time.perf_counter() - start)
-        except requests.RequestException:
-            out.append(30.0)
-        time.sleep(0.05)
+    """/health latencies for `seconds`, one request at a time, 50 ms apart."""
+    stop, out = threading.Event(), []
+    timer = threading.Timer(seconds, stop.set)
+    timer.start()
+    health_probe(url, stop, out)
     return out
 
 
