@@ -142,3 +142,31 @@ def test_https_with_the_systems_way_of_naming_certificates(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_thousand_failed_calls_leave_no_connection_open(free_port: int) -> None:
+    """Overnight against a server that is down, or that answers every call by dropping the
+    connection: each failure closes its connection, so nothing piles up."""
+    import psutil
+
+    class Drops(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.close_connection = True  # no answer: the peer just goes away
+
+    server = serve(Drops)
+    me = psutil.Process()
+    try:
+        down = PMClient(f"http://127.0.0.1:{free_port}", "k", retries=0)
+        dropping = PMClient(f"http://127.0.0.1:{server.server_address[1]}", "k", retries=0)
+        before = me.num_fds()
+        for i in range(500):
+            with pytest.raises(ServerError):
+                down.request("GET", "/health")
+            with pytest.raises(ServerError) as err:
+                dropping.request("POST", f"/api/v1/tasks/{i}/lock", idempotent=False)
+            assert getattr(err.value, "unsure", False)  # may have landed: read back
+        assert me.num_fds() <= before + 2  # the server's own threads may hold one or two
+        assert down.connections._idle == [] and dropping.connections._idle == []
+    finally:
+        server.shutdown()
+        server.server_close()
