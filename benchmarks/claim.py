@@ -46,6 +46,9 @@ from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
 from pmtool.testing.server import server_under_test
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loop import pct  # a sibling script: one percentile for every benchmark
+
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
 # Requests the idle claimers have in flight at once, at most: 100 unbounded claimer
@@ -72,11 +75,6 @@ def row(name: str, value: str, note: str = "") -> None:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 class Server:

@@ -57,7 +57,8 @@ from pmtool.testing.seed import Seeder
 from pmtool.testing.server import server_under_test
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from claim import health_probe, pct  # a sibling script: one probe, one percentile
+from claim import health_probe  # sibling scripts: one probe, one percentile
+from loop import pct
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 ROLE, LEVEL = "backend_dev", "senior"
