@@ -232,7 +232,11 @@ class Runner:
         self._health = health
         self._seen = 0  # the newest poller offer this runner acted on
         self._cooling: dict[int, str] = {}
-        self._registered = -1.0  # monotonic time of the last registration
+        # Monotonic time of the last registration; None: not registered (yet, or again).
+        # Not a negative number: monotonic time starts near 0 at boot, so on a machine up
+        # for less than a heartbeat "long ago" would read as "just now" and the first
+        # claim would lock as an agent the server has never seen.
+        self._registered: float | None = None
         self.state = self.store.state
         self._event_log_failed = False
         self.stopping = threading.Event()  # first signal: stop after the current step
@@ -544,7 +548,7 @@ class Runner:
             if record is None and not opts.single_task:
                 self.event("idle", waited_s=0.0)
             return record
-        if self._registered < 0:  # once at the start: a refused role shows at once
+        if self._registered is None:  # once at the start: a refused role shows at once
             self._register()
         deadline = time.monotonic() + opts.idle_poll
         while True:
@@ -579,7 +583,8 @@ class Runner:
         opts = self.opts
         # An idle runner holds no lock, so it need not refresh last_seen; a claim does,
         # or the 30-minute rule could take the lock from under it (quirk 3).
-        if time.monotonic() - self._registered > min(opts.heartbeat, 600.0):
+        if (self._registered is None
+                or time.monotonic() - self._registered > min(opts.heartbeat, 600.0)):
             self._register()
         stats = work.ClaimStats()
         try:
@@ -593,7 +598,7 @@ class Runner:
             return None
         except ApiError as exc:
             if exc.status == 404:  # the agent was deleted on the server: register again
-                self._registered = -1.0
+                self._registered = None
             raise
         self._parked(stats)
         self.poller.found()

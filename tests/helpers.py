@@ -35,6 +35,18 @@ class Result:
     stderr: str
 
 
+def ago(days: float = 0, hours: float = 0, minutes: float = 0, seconds: float = 0,
+        zone: str = "Z") -> str:
+    """A timestamp that long before now, as pmtool writes them (`zone=""`: as the server
+    does, naive UTC). Tests date what they write relative to now, never on a calendar day:
+    retention windows and "since" filters would otherwise age a test into failing."""
+    from datetime import UTC, datetime, timedelta
+
+    when = datetime.now(UTC) - timedelta(days=days, hours=hours, minutes=minutes,
+                                         seconds=seconds)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f") + zone
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (for 'server unreachable' cases)."""
     import socket

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude, pmtool, read_pty, wait_for
+from helpers import CLAUDE, PMTOOL, ago, needs_claude, pmtool, read_pty, wait_for
 from pmtool import ops
 from pmtool.hooks import run_hook
 from pmtool.records import RecordStore, TaskRecord
@@ -330,16 +330,16 @@ def test_status_lists_dead_runners_parked_tasks_and_sizes(tmp_path: Path) -> Non
     data = json.loads((state.records_dir / "dev_9.json").read_text())
     data["pid"] = 999999999  # a runner that died
     (state.records_dir / "dev_9.json").write_text(json.dumps(data))
-    state.append_event("dev_9", {"ok": True, "event": "claimed", "time": "2026-11-30T01:00:00Z",
+    state.append_event("dev_9", {"ok": True, "event": "claimed", "time": ago(hours=1),
                                  "agent": "dev_9", "task_id": 5})
     for task_id in (11, 12):  # the shape pmtool.work.park leaves: a record closed as parked
-        parked = closed(task_id, "parked", 0.1, 3, "2026-11-30T00:00:00Z", "2026-11-30T00:30:00Z")
-        parked["steps"].append({"at": "2026-11-30T00:30:00Z", "step": "closed",
+        parked = closed(task_id, "parked", 0.1, 3, ago(hours=3), ago(hours=2, minutes=30))
+        parked["steps"].append({"at": ago(hours=2, minutes=30), "step": "closed",
                                 "outcome": "parked", "cause": "max_attempts",
                                 "reason": "3 attempts failed"})
         state.append_history(parked)
-    state.append_history(closed(12, "done", 0.2, 1, "2026-11-30T01:00:00Z",
-                                "2026-11-30T01:10:00Z"))  # a person set 12 back; worked
+    state.append_history(closed(12, "done", 0.2, 1, ago(hours=2),
+                                ago(hours=1, minutes=50)))  # a person set 12 back; worked
     (state.logs_dir).mkdir(parents=True)
     (state.logs_dir / "task-5-s.jsonl").write_text("x" * 1000)
     out = pmtool("status", env=state_env(tmp_path)).out

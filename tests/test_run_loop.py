@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,6 +170,22 @@ def test_single_task_major_goes_to_dev_done_on_its_branch(world: World) -> None:
     history = (world.state / "history.jsonl").read_text().splitlines()
     assert json.loads(history[-1])["outcome"] == "done"
     assert "task" in run.stderr and "finished" in run.stderr  # the human view
+
+
+# A machine booted a second ago: monotonic time (which counts from boot) starts near 0.
+_JUST_BOOTED = ("import sys, time; real = time.monotonic; t0 = real(); "
+                "time.monotonic = lambda: real() - t0 + 1.0; "
+                "from pmtool.cli import main; sys.argv[0] = 'pmtool'; main()")
+
+
+def test_a_machine_up_for_seconds_registers_before_its_first_claim(world: World) -> None:
+    task = world.task()
+    proc = subprocess.run([sys.executable, "-c", _JUST_BOOTED, "run",
+                           *world.args("--single-task")], capture_output=True, text=True,
+                          env=world.env, cwd=world.repo, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert [e["task_id"] for e in events(proc.stdout) if e["event"] == "claimed"] == [task["id"]]
+    assert world.status(task["id"])["status"] == "dev_done"
 
 
 def test_every_event_is_kept_in_the_runners_event_log(world: World) -> None:
