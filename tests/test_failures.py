@@ -22,11 +22,16 @@ from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Error, Hang, ScriptedModelServer, Text
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
-TASK = {"id": 7, "created_at": "2026-11-30T10:00:00.000001", "notes": None}
-
-
 def at(minutes: float) -> datetime:
     return T0 + timedelta(minutes=minutes)
+
+
+def naive(when: datetime) -> str:
+    """As the server writes times: naive UTC."""
+    return when.replace(tzinfo=None).isoformat()
+
+
+TASK = {"id": 7, "created_at": naive(at(-120) + timedelta(microseconds=1)), "notes": None}
 
 
 def line(kind: str, minutes: float, cost: float = 0.0, task: dict | None = None,
@@ -174,7 +179,7 @@ def test_cooldown_grows_and_is_capped() -> None:
 
 
 def test_attempts_are_per_task_and_restart_after_a_park() -> None:
-    other = {"id": 7, "created_at": "2026-12-01T00:00:00"}  # same id, a new task (quirk 9)
+    other = {"id": 7, "created_at": naive(at(12 * 60))}  # same id, a new task (quirk 9)
     history = [line("failed", 0), line("failed", 1, task=other),
                f.park_line(TASK, "dev1", "3 attempts", at=at(2)), line("failed", 3),
                {"kind": "closed", "task": TASK}]
@@ -203,7 +208,7 @@ def test_park_reasons() -> None:
 def test_qa_bounces_from_the_changelog_and_the_notes() -> None:
     def change(n: int, old: str, new: str, task_id: int = 7) -> dict:
         return {"id": n, "task_id": task_id, "old_status": old, "new_status": new,
-                "changed_at": f"2026-11-30T11:00:{n:02d}"}
+                "changed_at": naive(at(-60) + timedelta(seconds=n))}
 
     flow = [("created", "under_work"), ("under_work", "dev_done"),  # dev done
             ("dev_done", "under_work"), ("under_work", "created"),  # QA fail 1
@@ -218,7 +223,7 @@ def test_qa_bounces_from_the_changelog_and_the_notes() -> None:
     assert f.qa_bounces(log, TASK) == 0
     # Entries older than the task belong to a deleted task with the same id.
     assert f.qa_bounces([change(n, *p) for n, p in enumerate(flow)],
-                        {"id": 7, "created_at": "2026-11-30T12:00:00"}) == 0
+                        {"id": 7, "created_at": naive(T0)}) == 0
     notes = "qa1: fail: tests red\n\nqa2: fail: still red\ndev: done"
     assert f.qa_bounces([], {**TASK, "notes": notes}) == 2
     assert f.qa_bounces([], {**TASK, "notes": notes + f"\n{f.PARKED_MARK}: x\nqa: fail: y"}) == 1

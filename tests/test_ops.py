@@ -50,12 +50,13 @@ def closed(task_id: int, outcome: str, cost: float, attempts: int, claimed: str,
 
 def test_report_sums_a_known_history(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
-    state.append_history(closed(1, "done", 0.50, 1, "2026-11-01T10:00:00Z",
-                                "2026-11-01T10:10:00Z"))
-    state.append_history(closed(2, "done", 1.25, 2, "2026-11-01T11:00:00Z",
-                                "2026-11-01T11:30:00Z", model="opus", turns=7))
-    state.append_history(closed(3, "given_back", 0.25, 1, "2026-11-02T09:00:00Z",
-                                "2026-11-02T09:05:00Z", agent="dev_2"))
+    day1, day2 = ago(days=6)[:10], ago(days=5)[:10]
+    state.append_history(closed(1, "done", 0.50, 1, f"{day1}T10:00:00Z",
+                                f"{day1}T10:10:00Z"))
+    state.append_history(closed(2, "done", 1.25, 2, f"{day1}T11:00:00Z",
+                                f"{day1}T11:30:00Z", model="opus", turns=7))
+    state.append_history(closed(3, "given_back", 0.25, 1, f"{day2}T09:00:00Z",
+                                f"{day2}T09:05:00Z", agent="dev_2"))
     state.append_history({"kind": "parked", "task_id": 9, "reason": "needs a person"})
     env = state_env(tmp_path)
 
@@ -71,11 +72,11 @@ def test_report_sums_a_known_history(tmp_path: Path) -> None:
     assert groups["done"]["cost_usd"] == pytest.approx(1.75) and groups["done"]["tasks"] == 2
     assert [e["task_id"] for e in res.out["most_expensive"]] == [2, 1, 3]
 
-    by_day = pmtool("report", "--by", "day", "--since", "2026-11-02",
+    by_day = pmtool("report", "--by", "day", "--since", day2,
                     "--html", str(tmp_path / "r.html"), env=env).out
-    assert [(g["key"], g["tasks"]) for g in by_day["groups"]] == [("2026-11-02", 1)]
+    assert [(g["key"], g["tasks"]) for g in by_day["groups"]] == [(day2, 1)]
     page = (tmp_path / "r.html").read_text()
-    assert "<svg" in page and "2026-11-02" in page and "<script" not in page
+    assert "<svg" in page and day2 in page and "<script" not in page
 
     bad = subprocess.run([PMTOOL, "report", "--since", "yesterday-ish"], env={**os.environ, **env},
                          capture_output=True, text=True, check=False)
@@ -372,8 +373,7 @@ def test_recover_prunes_old_logs_and_keeps_the_history(tmp_path: Path, pm_server
     new.write_text("new\n")
     month_ago = time.time() - 31 * 86400
     os.utime(old, (month_ago, month_ago))
-    state.append_history(closed(1, "done", 0.1, 1, "2026-10-01T00:00:00Z",
-                                "2026-10-01T00:01:00Z"))
+    state.append_history(closed(1, "done", 0.1, 1, ago(days=60), ago(days=60, minutes=-1)))
     env = state_env(tmp_path, HEADLESS_PM_API_URL=pm_server.url,
                     HEADLESS_PM_API_KEY=pm_server.api_key)
     res = pmtool("recover", "--dry-run", env=env)  # nothing is deleted on a dry run
@@ -420,8 +420,8 @@ def test_task_log_puts_each_transcript_before_its_agent_event(tmp_path: Path) ->
     log.write_text(json.dumps({"type": "system", "subtype": "init", "session_id": "s1"}) + "\n"
                    + '{"type": "result", "subty')  # the agent is still writing this line
     event = {"ok": True, "agent": "dev_1", "task_id": 7}
-    state.append_event("dev_1", {**event, "event": "claimed", "time": "2026-11-30T01:00:00Z"})
-    state.append_event("dev_1", {**event, "event": "claimed", "time": "2026-11-30T01:00:01Z",
+    state.append_event("dev_1", {**event, "event": "claimed", "time": ago(minutes=10)})
+    state.append_event("dev_1", {**event, "event": "claimed", "time": ago(minutes=10, seconds=-1),
                                  "task_id": 8})
     story = ops.TaskLog(state.root, 7)
     first = story.read()
@@ -429,9 +429,9 @@ def test_task_log_puts_each_transcript_before_its_agent_event(tmp_path: Path) ->
         ("pmtool", "claimed"), ("claude", "system")]
     with open(log, "a") as fh:
         fh.write('pe": "success", "num_turns": 2, "total_cost_usd": 0.5}\n')
-    state.append_event("dev_1", {**event, "event": "agent", "time": "2026-11-30T01:05:00Z",
+    state.append_event("dev_1", {**event, "event": "agent", "time": ago(minutes=5),
                                  "log": str(log)})
-    state.append_event("dev_1", {**event, "event": "finished", "time": "2026-11-30T01:05:01Z"})
+    state.append_event("dev_1", {**event, "event": "finished", "time": ago(minutes=5, seconds=-1)})
     second = story.read()
     assert [e["line"].get("event") or e["line"].get("type") for e in second] == [
         "result", "agent", "finished"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers import pmtool
+from helpers import ago, pmtool
 from pmtool.testing.seed import Seeder
 
 
@@ -129,8 +129,8 @@ class RacingServer:
 
     def __init__(self) -> None:
         self.task = {"id": 7, "status": "under_work", "locked_by": "dev_slow",
-                     "created_at": "2026-11-23T10:00:00", "notes": None}
-        self.seen = ["2026-11-23T10:00:00", "2026-11-23T11:00:00"]  # then it beats
+                     "created_at": ago(hours=1, seconds=30, zone=""), "notes": None}
+        self.seen = [ago(hours=1, seconds=30, zone=""), ago(seconds=30, zone="")]  # then it beats
         self.changes: list[tuple] = []
 
     def list_tasks(self, status: str | None = None, role: str | None = None) -> list[dict]:
@@ -143,7 +143,7 @@ class RacingServer:
         return [{"agent_id": "dev_slow", "last_seen": self.seen.pop(0)}]
 
     def health(self) -> dict:
-        return {"timestamp": "2026-11-23T11:00:30"}
+        return {"timestamp": ago(zone="")}
 
     def set_status(self, *args: Any, **kwargs: Any) -> dict:
         self.changes.append(args)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import PMServer
 
-from helpers import CLAUDE, needs_claude
+from helpers import CLAUDE, ago, needs_claude
 from pmtool import preflight as pf
 from pmtool.client import PMClient
 from pmtool.config import Settings, load_settings
@@ -120,10 +120,11 @@ def test_explain_nothing() -> None:
                               t(3, role="qa")], "backend_dev", "senior")
     assert why[0].startswith("1 created task(s) for backend_dev are above level senior")
     assert why[1].startswith("1 task(s) for backend_dev are pending")
+    until = ago(minutes=-5)
     why = pf.explain_nothing([t(4, locked_by="dev9"), t(5)], "backend_dev", "senior",
-                             cooling={5: "2026-11-30T12:00:00Z"})
+                             cooling={5: until})
     assert why == ["1 created task(s) are locked by dev9",
                    "1 task(s) are cooling down on this machine after failed attempts "
-                   "(until #5 2026-11-30T12:00:00Z)"]
+                   f"(until #5 {until})"]
     assert pf.explain_nothing([t(6)], "backend_dev", "senior") == []
     assert pf.explain_nothing([t(7, status="dev_done")], "qa", "junior") == []

@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from helpers import ago
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.state import StateDir
 
@@ -42,7 +43,7 @@ def test_records_history_and_events_are_written_0600(tmp_path: Path) -> None:
         store = RecordStore(tmp_path / "state")
         store.save(record())
         store.close(record(), "done", status="dev_done")
-        store.state.append_event("dev_1", {"event": "claimed", "time": "2026-01-01T00:00:00Z"})
+        store.state.append_event("dev_1", {"event": "claimed", "time": ago()})
     finally:
         os.umask(old)
     state = store.state
@@ -61,7 +62,7 @@ def test_a_saved_record_is_0600(tmp_path: Path) -> None:
 def test_closed_records_keep_their_shape_and_read_with_old_lines(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
     # A line written before history kinds existed.
-    old = {"closed_at": "2025-01-01T00:00:00.000000Z", "outcome": "released",
+    old = {"closed_at": ago(days=400), "outcome": "released",
            **record("dev_0", 3).to_json()}
     state.root.mkdir(exist_ok=True)
     state.history_path.write_text(json.dumps(old) + "\n{torn line\n[1, 2]\n")
@@ -82,7 +83,7 @@ def test_closed_records_keep_their_shape_and_read_with_old_lines(tmp_path: Path)
     assert [h["task_id"] for h in state.history(agent_id="dev_0")] == [3]
     since = datetime.now(UTC) - timedelta(minutes=1)
     assert [h["task_id"] for h in state.history(since=since, kind="closed")] == [7]
-    naive_since = datetime(2024, 1, 1)  # naive means UTC
+    naive_since = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=800)  # naive: UTC
     assert len(state.history(since=naive_since)) == 3
 
 
@@ -95,12 +96,13 @@ def test_history_of_a_new_state_folder_is_empty(tmp_path: Path) -> None:
 
 def test_events_of_all_runners_merge_by_time(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
+    at = [ago(seconds=3), ago(seconds=2), ago(seconds=1)]
     state.append_event("dev/1", {"event": "claimed", "agent": "dev/1", "task_id": 1,
-                                 "time": "2026-01-01T00:00:01.000000Z"})
+                                 "time": at[0]})
     state.append_event("qa_1", {"event": "claimed", "agent": "qa_1", "task_id": 2,
-                                "time": "2026-01-01T00:00:02.000000Z"})
+                                "time": at[1]})
     state.append_event("dev/1", {"event": "finished", "agent": "dev/1", "task_id": 1,
-                                 "time": "2026-01-01T00:00:03.000000Z"})
+                                 "time": at[2]})
     with open(state.events_path("qa_1"), "a") as fh:
         fh.write('{"event": "half')  # a torn line is skipped
     assert state.events_path("dev/1").name == "dev_1.jsonl"
@@ -109,7 +111,7 @@ def test_events_of_all_runners_merge_by_time(tmp_path: Path) -> None:
         ("dev/1", "claimed"), ("qa_1", "claimed"), ("dev/1", "finished")]
     assert [e["event"] for e in state.events(agent_id="dev/1")] == ["claimed", "finished"]
     assert [e["agent"] for e in state.events(task_id=2)] == ["qa_1"]
-    since = datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC)
+    since = datetime.fromisoformat(at[1])
     assert [e["event"] for e in state.events(since=since)] == ["claimed", "finished"]
 
 
@@ -125,7 +127,7 @@ def test_transcripts_prune_and_usage(tmp_path: Path) -> None:
         path.write_text("x" * 10)
     os.utime(first, (old, old))
     os.utime(stderr_log, (old, old))
-    state.append_event("dev_1", {"event": "idle", "time": "2026-01-01T00:00:00Z"})
+    state.append_event("dev_1", {"event": "idle", "time": ago(days=10)})
     os.utime(state.events_path("dev_1"), (old, old))
     state.append_history({"outcome": "done", "task": {"id": 5}})
 

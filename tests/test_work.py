@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
-from helpers import park
+from helpers import ago, park
 from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, Conflict, NothingToDo, ServerError, UsageError
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.testing.seed import unique_id
+
+DAY = ago(days=1)[:10]  # tasks made yesterday, whatever the date
 
 
 def task(task_id: int, status: str = "created", role: str = "backend_dev",
@@ -28,7 +30,7 @@ def task(task_id: int, status: str = "created", role: str = "backend_dev",
          created_at: str | None = None, notes: str | None = None) -> dict[str, Any]:
     return {"id": task_id, "title": f"t{task_id}", "status": status, "target_role": role,
             "difficulty": difficulty, "locked_by": locked_by, "notes": notes,
-            "branch": "main", "created_at": created_at or f"2026-01-01T00:00:{task_id:02d}"}
+            "branch": "main", "created_at": created_at or f"{DAY}T00:00:{task_id:02d}"}
 
 
 class FakeServer:
@@ -235,7 +237,8 @@ def test_register_role_mismatch_is_conflict():
 
 
 def test_candidates_oldest_first_unlocked_at_or_below_level():
-    server = FakeServer(task(5, created_at="2026-01-02"), task(4, created_at="2026-01-01"),
+    server = FakeServer(task(5, created_at=ago(days=1, zone="")),
+                        task(4, created_at=ago(days=2, zone="")),
                         task(3, locked_by="x"), task(2, difficulty="principal"),
                         task(1, role="frontend_dev"), task(6, status="dev_done"))
     assert [t["id"] for t in work._candidates(server, "backend_dev", "senior")] == [4, 5]

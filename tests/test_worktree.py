@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pmtool
+from helpers import ago, pmtool
 from pmtool.errors import Conflict, NothingToDo, TaskFault, UsageError
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.worktree import (
@@ -142,7 +142,7 @@ def test_default_branch_without_a_remote_is_the_checkout_branch(repo: Path) -> N
 def test_minor_task_gets_its_own_worktree_and_lands_by_fast_forward(repo: Path) -> None:
     (repo / "app.py").write_text("the owner's unsaved edit\n")  # the checkout is dirty
     result = create_worktree(repo, 9, "feature/ignored", complexity="minor",
-                             created_at="2026-11-23T22:43:52.173836")
+                             created_at=ago(zone=""))
     path = Path(result["worktree"])
     assert path.parent == repo / ".worktrees" and path.name.startswith("task-9-")
     assert result["branch"] == f"pmtool/{path.name}" and result["lands_on"] == "main"
@@ -215,9 +215,9 @@ def test_a_dead_owner_frees_the_checkout(repo: Path) -> None:
 
 
 def test_a_reused_task_id_gets_a_fresh_worktree(repo: Path) -> None:
-    old = create_worktree(repo, 7, "feature/a", created_at="2026-11-23T10:00:00.000001")
+    old = create_worktree(repo, 7, "feature/a", created_at=ago(hours=2, zone=""))
     (Path(old["path"]) / "old-work.txt").write_text("the deleted task's work\n")
-    new = create_worktree(repo, 7, "feature/b", created_at="2026-11-23T11:00:00.000002")
+    new = create_worktree(repo, 7, "feature/b", created_at=ago(hours=1, zone=""))
     assert new["created"] is True and new["path"] != old["path"]
     assert not (Path(new["path"]) / "old-work.txt").exists()
     with pytest.raises(UsageError, match="2 worktrees"):
@@ -519,7 +519,7 @@ def test_a_python_caller_gives_a_record_its_workspace_as_the_cli_does(env: Path,
     from pmtool.config import load_settings
 
     save_record(env, {"id": 12, "branch": "feature/lib", "complexity": "major",
-                      "created_at": "2026-11-30T00:00:00"})
+                      "created_at": ago(days=1, zone="")})
     store = RecordStore(env / "state")
     answer, record = work.task_workspace(store, "dev_001", repo, load_settings())
     assert answer["ok"] and answer["created"] and answer["branch"] == "feature/lib"
