@@ -185,7 +185,8 @@ def main(argv: list[str]) -> int:
     if argv == ["--check"]:
         names = stale()
         for name in names:
-            sys.stderr.write(f"stale: docs/reference/{name}\n")
+            sys.stderr.write(f"stale: docs/reference/{name} (regenerate: .venv/bin/python -m "
+                             "pmtool.cli.reference)\n")
         return 1 if names else 0
     DOCS.mkdir(parents=True, exist_ok=True)
     for name, text in pages().items():
