@@ -275,3 +275,46 @@ def test_one_task_pipeline_gives_a_failed_run_back(reader):
     assert after["status"] == "created"
     assert "released: attempt 1/3" in (after["notes"] or "")
     assert_nothing_left(reader, reader["repo"])
+
+
+def documented_keys() -> dict[str, set[str]]:
+    page = (ROOT / "docs/reference/output.md").read_text()
+    table = page.split("## What each command answers", 1)[1]
+    return {m.group(1): set(re.findall(r"`([a-z_]+)`", m.group(2)))
+            for m in re.finditer(r"^\| `pmtool ([^`]+)` \| (.+) \|$", table, re.M)}
+
+
+def test_each_command_answers_the_keys_the_reference_lists(reader):
+    """One task through every command by hand, each answer's keys against the table."""
+    reader["seeder"].create_task(complexity="major", branch="feature/keys")
+    env = {**reader["env"], "PMTOOL_RUNNER_PID": str(os.getpid())}
+    repo, agent = str(reader["repo"]), ["--agent-id", "dev_keys"]
+    calls = {
+        "config": ["config"], "model-for": ["model-for", "senior"], "health": ["health"],
+        "register": ["register", *agent, "--role", "backend_dev"],
+        "claim": ["claim", *agent, "--role", "backend_dev"],
+        "lock show": ["lock", "show", *agent],
+        "lock update": ["lock", "update", *agent, "--model", "sonnet"],
+        "worktree create": ["worktree", "create", *agent, "--repo", repo],
+        "worktree list": ["worktree", "list", "--repo", repo],
+        "hook run": ["hook", "run", "pre_task", *agent],
+        "exec-claude": ["exec-claude", *agent],
+        "recover": ["recover"],
+        "finish --full": ["finish", *agent, "--outcome", "done", "--full"],
+        "worktree prune": ["worktree", "prune", "--repo", repo, "--dry-run"],
+        "recover --orphans": ["recover", "--orphans"],
+        "status": ["status"], "logs TASK": ["logs", "1"], "report": ["report"],
+        "init DIR": ["init", str(reader["home"] / "pmtool-init")],
+    }
+    documented = documented_keys()
+    assert set(documented) == set(calls)
+    for name, args in calls.items():
+        proc = subprocess.run([PMTOOL, *args], capture_output=True, text=True, env=env,
+                              cwd=reader["home"], timeout=120, check=False)
+        answer = json.loads(proc.stdout)
+        assert answer["ok"], (name, answer, proc.stderr[-2000:])
+        keys = set(answer) - {"ok"}
+        assert keys == documented[name], (
+            f"`pmtool {name}` answers {sorted(keys)}; docs/reference/output.md lists "
+            f"{sorted(documented[name])}: add {sorted(keys - documented[name])}, drop "
+            f"{sorted(documented[name] - keys)}")
