@@ -164,7 +164,7 @@ def exit_codes_page() -> str:
             "code, for Python callers too. A failing command prints "
             "`{\"ok\": false, \"error\": {\"type\": ..., \"message\": ..., \"hint\": ...}}`; "
             "`error.type` is the last column. Which command exits with which code: "
-            "[Commands](commands.md) and the [README](../index.md).\n\n"
+            "[Commands](commands.md) and the README.\n\n"
             + "\n".join(rows) + "\n")
 
 
