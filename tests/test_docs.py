@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PMTOOL, wait_for
+from helpers import CLAUDE, PMTOOL, needs_claude, wait_for
 from pmtool.cli import reference
+from pmtool.testing.claude_env import claude_env
+from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write
 from pmtool.testing.seed import Seeder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,23 +211,53 @@ def test_readme_shell_blocks_run(reader):
             assert_nothing_left(reader, reader["repo"])
 
 
-def test_the_tutorial_runs_in_one_terminal(reader):
-    """The tutorial's blocks in order, in one shell, as a reader types them: from an empty
-    server and no repository to a task done and landed."""
+def run_tutorial(reader: dict, env: dict | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                 dict]:
+    """The tutorial's blocks in order, in one shell, as a reader types them; its task."""
     blocks = [(line, code) for line, skip, code in bash_blocks(TUTORIAL) if skip is None]
     assert len(blocks) >= 4
     script = "".join(f"{code}\nrc=$?; [ $rc = 0 ] || {{ echo 'block at line {line} exited '$rc >&2;"
                      f" exit 1; }}\n" for line, code in blocks)
-    proc = run_block(reader, script)
+    proc = run_block(reader, script, env)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    repo = reader["home"] / "src" / "hello"
     tasks = reader["seeder"].client.list_tasks()
     assert [t["status"] for t in tasks] == ["dev_done"], tasks
-    log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s", "main"],
-                         capture_output=True, text=True, check=True).stdout
-    assert f"task {tasks[0]['id']}" in log  # the agent's commit, landed on main
-    assert_nothing_left(reader, repo)
+    assert_nothing_left(reader, reader["home"] / "src" / "hello")
+    return proc, tasks[0]
+
+
+def main_log(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "log", "--format=%s", "main"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_the_tutorial_runs_in_one_terminal(reader):
+    """From an empty server and no repository to a task done and landed on main."""
+    proc, task = run_tutorial(reader)
+    assert f"task {task['id']}" in main_log(reader["home"] / "src" / "hello")
     assert '"outcome":"done"' in proc.stdout.replace(" ", "")
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(240)
+def test_the_tutorial_gets_a_task_done_by_the_real_claude(reader):
+    """The same, with the real claude binary on PATH (talking to a scripted model on
+    loopback): it writes HELLO.md and commits it, and the task lands on main."""
+    bindir = reader["home"].parent / "real-bin"
+    bindir.mkdir()
+    (bindir / "claude").symlink_to(CLAUDE)
+    script = [Write("HELLO.md", "hello\n"),
+              Bash("git add HELLO.md && git commit -qm 'Add HELLO.md'"),
+              Structured({"outcome": "done", "summary": "HELLO.md says hello."})]
+    with ScriptedModelServer(script) as model:
+        env = {**claude_env(model.url, reader["home"], max_retries=0),
+               "PATH": f"{bindir}:{reader['env']['PATH']}"}
+        _proc, task = run_tutorial(reader, env)
+    repo = reader["home"] / "src" / "hello"
+    assert "Add HELLO.md" in main_log(repo)
+    assert (repo / "HELLO.md").read_text() == "hello\n"
+    assert "session" in (task["notes"] or "")
 
 
 def readme_pipeline(title: str) -> str:
