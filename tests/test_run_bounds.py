@@ -489,7 +489,7 @@ def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
 
 def readme_pipeline() -> str:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = text.index("The same steps as a bash pipeline:")
+    start = text.index("**One task.**")  # the first pipeline of "Pipelines that survive a crash"
     block = text[text.index("```bash\n", start) + 8:]
     return block[:block.index("```")]
 

@@ -30,7 +30,15 @@ app = typer.Typer(
     name="pmtool",
     help="Worker-side toolkit for Headless PM: claim tasks safely and run Claude Code on them. "
          "Every command prints one JSON object on stdout (`ok` true or false); progress "
-         "and errors go to stderr.",
+         "and errors go to stderr.\n\n"
+         "\b\nExamples:\n"
+         "  pmtool demo                       # the whole job on the bundled stand-in\n"
+         "  pmtool health                     # is this machine fit to work?\n"
+         "  pmtool run --role backend_dev --agent-id dev_001 --repo ~/src/app --single-task\n"
+         "  pmtool claim --agent-id dev_001 --role backend_dev | jq .task.id\n\n"
+         "Each command's --help has its own examples. The manual (tutorial, how-to "
+         "guides, reference, explanation) is the docs/ folder of pmtool's source, "
+         "docs/index.md first; `mkdocs serve` shows it as a site.",
     no_args_is_help=True,
     # Turned on in `main` only for root-level calls (`--install-completion`,
     # `--show-completion`, help): building the options imports shellingham.
