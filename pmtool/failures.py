@@ -51,6 +51,11 @@ QA_FAIL = "qa_fail"
 # Given back unworked: its branch (or the checkout) is another task's on this machine, and
 # tasks never share a folder. Not the task's fault: not counted, but it waits a cooldown.
 DEFERRED = "deferred"
+# Given back unworked too: a follow-up (QA's review, a task QA sent back) whose branch is
+# neither here nor on the remote (the work stayed on a machine that did not push), and a
+# remote that did not answer the fetch (a fault of this machine's link).
+NO_BRANCH = "no_branch"
+REMOTE = "remote"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Policy:
     keep:     the runner keeps the task and its record and pauses, then resumes it
     stop:     the runner stops (the record is kept for a resume once fixed)
     breaker:  counts as a failure for the circuit breaker
+    cool_once: given back unworked: one plain cooldown before this machine takes it again
     """
 
     attempt: bool
@@ -70,6 +76,7 @@ class Policy:
     stop: bool = False
     breaker: bool = True
     what: str = ""
+    cool_once: bool = False
 
 
 POLICIES: dict[str, Policy] = {
@@ -94,9 +101,16 @@ POLICIES: dict[str, Policy] = {
                     what="parked for a person (status pending)"),
     QA_FAIL: Policy(attempt=False, retry=True, breaker=False,
                     what="back to the developers; parked after max_bounces"),
-    DEFERRED: Policy(attempt=False, retry=True, breaker=False,
+    DEFERRED: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
                      what="given back unworked: its branch or the checkout is another "
                           "task's here; taken again after one cooldown, not counted"),
+    NO_BRANCH: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
+                      what="given back unworked: nothing to review, its branch is neither "
+                           "here nor on the remote; taken again after one cooldown, not "
+                           "counted"),
+    REMOTE: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
+                   what="given back unworked: the remote did not answer the fetch (a "
+                        "machine fault); the runner backs off as for a server outage"),
 }
 
 KINDS = tuple(POLICIES)
@@ -418,9 +432,9 @@ def cooling_until(attempts: Iterable[Mapping[str, Any]], base: float,
     exponentially from `base`, from the time of the last of them.
     """
     every = list(attempts)
-    if every and every[-1].get("stop") == DEFERRED:
-        # Waiting for another task on this machine: one plain cooldown, so the task is
-        # not claimed and given back every few seconds while the other one works.
+    if every and policy(str(every[-1].get("stop"))).cool_once:
+        # Waiting for another task on this machine, a push, or the remote: one plain
+        # cooldown, so the task is not claimed and given back every few seconds.
         last = parse_time(every[-1].get("at"))
         return last + timedelta(seconds=min(cap, base)) if last and base > 0 else None
     rows = counted(every)

@@ -21,6 +21,7 @@ from pmtool.cli.options import (
     WorktreeBase,
     record_store,
     resolve_task,
+    server,
 )
 from pmtool.errors import NothingToDo, TimeLimit, UsageError, exit_code
 
@@ -88,7 +89,8 @@ def worktree_create(
             raise UsageError(f"task {task_id} is not the task of {agent_id}'s record "
                              f"({record.task_id})")
         result, _record = task_workspace(store, agent_id, _repo_of(repo, record), settings,
-                                         branch=branch, complexity=complexity, base=base)
+                                         branch=branch, complexity=complexity, base=base,
+                                         client=server(settings))
         result["record"] = str(store.path(agent_id))
     elif task_id is None:
         raise UsageError("give --agent-id, or the TASK (with --branch for a major task)",
