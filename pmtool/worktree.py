@@ -430,6 +430,14 @@ def sync_branch(root: Path, branch: str, base: str, label: str) -> dict[str, Any
     if not names:
         return {"remote": None}
     name = names[0]
+    try:
+        return _sync_from(root, name, branch, base, label)
+    except git.GitTimeout as exc:  # a dead host, a hung ssh: the same machine fault
+        raise git.RemoteUnreachable(f"remote {name} did not answer: {exc.message}",
+                                    remote=name, branch=branch) from None
+
+
+def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> dict[str, Any]:
     base = base.removeprefix(f"{name}/").removeprefix("origin/")
     wanted = {f"refs/heads/{b}" for b in (base, branch)}
     listed = git.remote(root, "ls-remote", "--heads", "--", name, *sorted(wanted))
@@ -989,7 +997,10 @@ def push_branch(repo: str | Path, branch: str) -> dict[str, Any]:
     except TaskFault as exc:
         return {**answer, "reason": exc.message}
     ref = f"refs/heads/{branch}"
-    proc = _git(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}", check=False)
+    try:  # bounded, never prompting: a dead remote must not hold the finish
+        proc = git.remote(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}")
+    except git.GitTimeout as exc:
+        return {**answer, "reason": exc.message}
     if proc.returncode != 0:
         return {**answer, "reason": f"git push failed: {proc.stderr.strip()[-300:]}"}
     return {**answer, "pushed": True}

@@ -682,3 +682,27 @@ def test_a_remote_that_cannot_be_reached_is_a_machine_fault(machines, repo: Path
     # Without a remote nothing is fetched and nothing changes.
     result = create_worktree(repo, 4, "feature/local")
     assert "sync" not in result and result["branch_source"] == "new from main"
+
+
+def test_a_remote_that_hangs_is_ended_on_time_and_is_a_machine_fault(machines, env) -> None:
+    """A dead host keeps git waiting (ssh to a black hole): the fetch is bounded, the whole
+    tree ended, and nothing prompts. `ext::` runs a command as the remote: here, a sleep."""
+    import time
+
+    _origin, _a, b = machines
+    marker = env / "hung.pid"
+    git(b, "config", "protocol.ext.allow", "always")
+    git(b, "remote", "set-url", "origin", f"ext::sh -c echo% $$% >{marker}% &&% sleep% 60")
+    start = time.monotonic()
+    res = pmtool("worktree", "create", "4", "--branch", "feature/mm", "--repo", str(b),
+                 env={"PMTOOL_GIT_REMOTE_TIMEOUT": "2"}, timeout=60)
+    assert res.code == 1 and time.monotonic() - start < 30
+    error = res.out["error"]
+    assert error["type"] == "machine_fault" and error["remote_unreachable"] is True
+    assert "did not answer" in error["message"] and "ran past 2s" in error["message"]
+    pid = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # ended with its tree, not left to sleep on
+            os.kill(pid, 0)
+            time.sleep(0.05)
+    assert not (b / ".worktrees" / "task-4").exists()
