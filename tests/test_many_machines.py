@@ -233,6 +233,9 @@ def test_pm_runner_fetches_gives_back_nothing_to_review_and_a_dead_remote(world:
     second = script_on(world, a, "backend_dev", "dev_1")
     assert second.returncode == 0, second.stderr
     assert "warning: push is off: the work stays on this machine" in second.stderr
+    # `finish --full` says where the work stayed, as `pmtool run`'s finish does.
+    assert "not pushed (push is off: the work stays on this machine" in \
+        world.status(kept["id"])["notes"]
 
     qa = script_on(world, b, "qa", "qa_1", env={"PMTOOL_PUSH": "1"})
     assert qa.returncode == 0, qa.stderr
