@@ -100,6 +100,10 @@ AGENT_FAILURE_POLICIES = tuple(p.value for p in AgentFailure)
 HOOK_FAILURE_POLICIES = tuple(p.value for p in HookFailure)
 
 
+# Repositories whose "push is off" warning this process has shown on stderr already.
+_TOLD_PUSH_OFF: set[str] = set()
+
+
 def _default(name: str) -> Any:
     return SPECS[name].default
 
@@ -373,7 +377,9 @@ class Runner:
         if names:
             reason = push_off_reason(repo)
             self.event("push_off", remote=names[0], reason=reason)
-            self.progress(f"warning: {reason}")
+            if str(repo) not in _TOLD_PUSH_OFF:  # a fleet's 200 agents: one line, not 200
+                _TOLD_PUSH_OFF.add(str(repo))
+                self.progress(f"warning: {reason}")
 
     def _loop(self) -> int:
         code = EXIT_OK

@@ -353,3 +353,14 @@ def test_real_claude_dev_on_a_qa_on_b_bounce_to_c(world: World, fleet) -> None:
     assert git(origin, "show", f"{final}:login.py").startswith("def login")
     status = world.status(task["id"])
     assert status["status"] == "dev_done" and "pushed to origin" in status["notes"]
+
+
+def test_a_fleet_says_push_is_off_once_per_process(world: World, fleet) -> None:
+    _origin, a, _b, _c = fleet
+    run = run_on(world, a, "backend_dev", "dev", "--agents", "3", "--single-task")
+    assert run.code == 3, run.stderr  # nothing to do
+    assert sorted(e["agent"] for e in run.of("push_off")) == ["dev-1", "dev-2", "dev-3"]
+    assert run.stderr.count("warning: push is off") == 1
+    pushing = run_on(world, a, "backend_dev", "dev", "--agents", "2", "--single-task",
+                     "--push")
+    assert not pushing.of("push_off") and "push is off" not in pushing.stderr
