@@ -706,3 +706,17 @@ def test_a_remote_that_hangs_is_ended_on_time_and_is_a_machine_fault(machines, e
             os.kill(pid, 0)
             time.sleep(0.05)
     assert not (b / ".worktrees" / "task-4").exists()
+
+
+def test_a_minor_task_left_for_review_comes_from_the_remote_too(machines) -> None:
+    """A minor task's short-lived branch has the same name on every machine: QA on B finds
+    the developer's pushed work on it, and B's own main is not touched."""
+    from pmtool.worktree import MINOR_PREFIX, workspace_name
+
+    _origin, a, b = machines
+    born = "2026-01-02T03:04:05"
+    head = push_work(a, MINOR_PREFIX + workspace_name(4, born), "minor.txt")
+    result = create_worktree(b, 4, None, "minor", created_at=born, follow_up=True)
+    assert result["branch_source"] == f"origin/{MINOR_PREFIX}{workspace_name(4, born)}"
+    assert git(result["path"], "rev-parse", "HEAD") == head
+    assert git(b, "rev-parse", "main") == git(b, "rev-parse", "origin/main")
