@@ -72,6 +72,11 @@ def worktree_create(
     becomes task-<id>. Exit 1 when worktree_setup failed (the worktree is kept), 124 when it
     ran out of time.
 
+    A new worktree's branch and base are fetched from the remote first ("sync"): a local
+    branch that diverged is kept on a rescue ref. Exit 1 with "remote_unreachable" when
+    the remote does not answer; with --agent-id, exit 3 with "no_branch" for QA's review
+    (or a bounced task) whose branch is neither here nor on the remote.
+
     Example: pmtool worktree create --agent-id dev_001 --repo ~/src/app
 
     Example: pmtool worktree create 7 --branch feature/login --base main
