@@ -51,6 +51,11 @@ QA_FAIL = "qa_fail"
 # Given back unworked: its branch (or the checkout) is another task's on this machine, and
 # tasks never share a folder. Not the task's fault: not counted, but it waits a cooldown.
 DEFERRED = "deferred"
+# Given back unworked too: a follow-up (QA's review, a task QA sent back) whose branch is
+# neither here nor on the remote (the work stayed on a machine that did not push), and a
+# remote that did not answer the fetch (a fault of this machine's link).
+NO_BRANCH = "no_branch"
+REMOTE = "remote"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Policy:
     keep:     the runner keeps the task and its record and pauses, then resumes it
     stop:     the runner stops (the record is kept for a resume once fixed)
     breaker:  counts as a failure for the circuit breaker
+    cool_once: given back unworked: a plain cooldown before this machine takes it again
+              (not counted; doubling while such give-backs repeat)
     """
 
     attempt: bool
@@ -70,6 +77,7 @@ class Policy:
     stop: bool = False
     breaker: bool = True
     what: str = ""
+    cool_once: bool = False
 
 
 POLICIES: dict[str, Policy] = {
@@ -94,9 +102,16 @@ POLICIES: dict[str, Policy] = {
                     what="parked for a person (status pending)"),
     QA_FAIL: Policy(attempt=False, retry=True, breaker=False,
                     what="back to the developers; parked after max_bounces"),
-    DEFERRED: Policy(attempt=False, retry=True, breaker=False,
+    DEFERRED: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
                      what="given back unworked: its branch or the checkout is another "
-                          "task's here; taken again after one cooldown, not counted"),
+                          "task's here; taken again after a cooldown, not counted"),
+    NO_BRANCH: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
+                      what="given back unworked: nothing to review, its branch is neither "
+                           "here nor on the remote; taken again after a cooldown, not "
+                           "counted"),
+    REMOTE: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
+                   what="given back unworked: the remote did not answer the fetch (a "
+                        "machine fault); the runner backs off as for a server outage"),
 }
 
 KINDS = tuple(POLICIES)
@@ -418,11 +433,15 @@ def cooling_until(attempts: Iterable[Mapping[str, Any]], base: float,
     exponentially from `base`, from the time of the last of them.
     """
     every = list(attempts)
-    if every and every[-1].get("stop") == DEFERRED:
-        # Waiting for another task on this machine: one plain cooldown, so the task is
-        # not claimed and given back every few seconds while the other one works.
-        last = parse_time(every[-1].get("at"))
-        return last + timedelta(seconds=min(cap, base)) if last and base > 0 else None
+    unworked = list(itertools.takewhile(lambda a: policy(str(a.get("stop"))).cool_once,
+                                        reversed(every)))
+    if unworked:
+        # Waiting for another task on this machine, a push, or the remote: a plain
+        # cooldown, so the task is not claimed and given back every few seconds; doubling
+        # while it repeats (a branch nobody pushes would be taken every minute for ever).
+        last = parse_time(unworked[0].get("at"))
+        wait = cooldown_s(len(unworked), base, cap)
+        return last + timedelta(seconds=wait) if last and wait > 0 else None
     rows = counted(every)
     if not rows or rows[-1].get("stop") == OK:
         return None

@@ -302,13 +302,28 @@ def _push(store: RecordStore, record: TaskRecord, repo: Path | None, tree: Path 
     from pmtool.worktree import push_branch
 
     if not plan.push:
-        return _note(store, record, "push", pushed=False, reason="push is off")
+        return _note(store, record, "push", pushed=False, reason=push_off_reason(repo))
     if repo is None or tree is None or not record.branch:
         return _note(store, record, "push", pushed=False, reason="no task branch to push")
     answer = push_branch(repo, record.branch)
     fault("push")
     return _note(store, record, "push", pushed=answer["pushed"], remote=answer["remote"],
                  reason=answer.get("reason"))
+
+
+def push_off_reason(repo: Path | None) -> str:
+    """Why a branch was not pushed, saying where the work stays when others could see it:
+    machines share work only through the remote."""
+    from pmtool.worktree import remotes
+
+    try:
+        names = remotes(repo) if repo is not None else []
+    except PmtoolError:
+        names = []
+    if not names:
+        return "push is off"
+    return (f"push is off: the work stays on this machine, {names[0]} and other machines "
+            "do not see it (push = true, PMTOOL_PUSH=1 or --push shares it)")
 
 
 def _land(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],

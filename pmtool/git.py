@@ -5,6 +5,11 @@ prompt (GIT_TERMINAL_PROMPT=0, stdin /dev/null), no editor (GIT_EDITOR=true), an
 time limit on every call. A failure carries git's own words (its stderr); git missing from
 PATH is `GitMissing`, a call that ran out of time `GitTimeout` (exit 124). A test that
 needs git to misbehave patches this one module (or fakes the `git` process).
+
+Commands that talk to another machine (fetch, ls-remote, push) go through `remote`
+instead: its own session (no terminal, so ssh cannot ask for a password either) and a
+shorter time limit that ends the whole tree, ssh included (a dead host can hold a
+connection for minutes, and an ssh left behind would hold our pipes open).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from pmtool.errors import MachineFault, OperationFailed, TimeLimit, UsageError
 # Long enough for `worktree add` checking out a large tree; queries pass shorter limits.
 TIMEOUT = 300.0
 QUERY_TIMEOUT = 30.0
+# Fetches and pushes of one task's branch: long enough for a slow link, short enough that a
+# dead remote costs a runner two minutes, not the ssh default of "forever".
+REMOTE_TIMEOUT = float(os.environ.get("PMTOOL_GIT_REMOTE_TIMEOUT") or 120.0)
 # stdin is /dev/null as well, so an ssh password prompt gets no answer instead of a wait.
 QUIET_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GCM_INTERACTIVE": "never"}
 
@@ -28,6 +36,17 @@ class GitMissing(MachineFault):
 
 class GitTimeout(TimeLimit):
     """A git command ran past its time limit (it was killed)."""
+
+
+class RemoteUnreachable(MachineFault):
+    """The repository's remote did not answer a fetch (gone, down, refused this machine,
+    or too slow): a fault of this machine's link, not of the task. Its details carry
+    `remote_unreachable: true` and the remote's name, so scripts can tell it apart."""
+
+    def __init__(self, message: str, remote: str, **details: object) -> None:
+        super().__init__(message, hint=f"check `git remote -v` and that this machine can "
+                                       f"reach {remote} (git ls-remote {remote})",
+                         remote=remote, remote_unreachable=True, **details)
 
 
 def git_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -67,6 +86,29 @@ def _checked(proc: subprocess.CompletedProcess, args: tuple[str, ...], check: bo
         raise OperationFailed(f"git {args[0]} failed: {stderr.strip() or proc.returncode}",
                               command=["git", *args], git_exit=proc.returncode)
     return proc
+
+
+def remote(cwd: str | Path, *args: str,
+           timeout: float = REMOTE_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run `git ARGS` that talks to a remote; never raises for git's own failure (the
+    caller judges `returncode` and `stderr`). Raises GitMissing, GitTimeout (the whole
+    tree was ended), UsageError (cwd is not a directory)."""
+    import shutil
+
+    from pmtool import procs
+
+    if not Path(cwd).is_dir():
+        raise UsageError(f"{cwd} is not a directory")
+    if shutil.which("git") is None:  # under a keeper a missing program is only an exit code
+        raise GitMissing("git is not installed (not found on PATH)",
+                         hint="install git (2.20 or newer)")
+    ending, stdout, stderr = procs.run(["git", *args], timeout=timeout, cwd=cwd,
+                                       env=git_env(), label="git-remote")
+    if ending.timed_out:
+        raise GitTimeout(f"git {args[0] if args else ''} ran past {timeout:g}s and was ended",
+                         command=["git", *args])
+    code = ending.exit_code if ending.exit_code is not None else 1
+    return subprocess.CompletedProcess(["git", *args], code, stdout, stderr)
 
 
 def ok(cwd: str | Path, *args: str, timeout: float | None = QUERY_TIMEOUT) -> bool:
@@ -119,5 +161,6 @@ def has_worktree_support(timeout: float = QUERY_TIMEOUT) -> bool:
     return "usage: git worktree" in (probe.stdout + probe.stderr)
 
 
-__all__ = ["GitMissing", "GitTimeout", "current_branch", "git_env", "has_worktree_support",
-           "last_commit", "ok", "out", "run", "toplevel", "version"]
+__all__ = ["GitMissing", "GitTimeout", "RemoteUnreachable", "current_branch", "git_env",
+           "has_worktree_support", "last_commit", "ok", "out", "remote", "run", "toplevel",
+           "version"]

@@ -127,6 +127,66 @@ def check_git(settings: Settings) -> Check:
             "version": version}
 
 
+REMOTE_CHECK_TIMEOUT = 20.0  # seconds per git call: a health check must not hang on a dead host
+PROBE_REF = "refs/pmtool/health-probe"  # named in a dry-run push only: never written
+
+
+def check_remote(settings: Settings, repo: str | Path | None = None) -> Check:
+    """The repository's remote, through which machines share work: can it be read (`git
+    ls-remote`), and does it take pushes (`git push --dry-run` of HEAD to a probe ref:
+    the remote is asked, nothing is sent or changed)? A refused push fails the check only
+    with push on; with it off, the detail says the work stays on this machine.
+    A dry run sees refusals of the connection (auth, permissions, a wrong push URL), not
+    those of the remote's own hooks."""
+    from pmtool import git
+    from pmtool.worktree import remotes
+
+    where = Path(repo or Path.cwd()).expanduser()
+    top = git.toplevel(where) if where.is_dir() else None
+    if top is None:
+        return {"ok": True, "detail": f"{where} is not a git checkout: no remote to check",
+                "remote": None}
+    names = remotes(top)
+    if not names:
+        return {"ok": True, "detail": "no remote: work stays on this machine (fine when it "
+                                      "is the only one)", "remote": None}
+    name, push_on = names[0], bool(settings.values.get("push"))
+    answer: Check = {"remote": name, "push_setting": push_on, "fetch": False, "push": None}
+    fix = f"check `git remote -v` in {top}, the network, and this machine's access"
+    try:
+        listed = git.remote(top, "ls-remote", "--heads", "--", name,
+                            timeout=REMOTE_CHECK_TIMEOUT)
+    except git.GitTimeout as exc:
+        return {**answer, "ok": False, "hint": fix,
+                "detail": f"remote {name} cannot be reached: {exc.message}"}
+    if listed.returncode != 0:
+        return {**answer, "ok": False, "hint": fix, "detail": f"remote {name} cannot be "
+                f"reached: {listed.stderr.strip()[-300:] or listed.returncode}"}
+    answer["fetch"] = True
+    head = git.run(top, "rev-parse", "--verify", "--quiet", "HEAD", check=False,
+                   timeout=git.QUERY_TIMEOUT).stdout.strip()
+    refused = None
+    if head:
+        try:
+            probe = git.remote(top, "push", "--dry-run", "--porcelain", "--", name,
+                               f"{head}:{PROBE_REF}", timeout=REMOTE_CHECK_TIMEOUT)
+            refused = probe.stderr.strip()[-300:] or str(probe.returncode) \
+                if probe.returncode != 0 else None
+        except git.GitTimeout as exc:
+            refused = exc.message
+        answer["push"] = refused is None
+    if refused and push_on:
+        return {**answer, "ok": False, "detail": f"remote {name} refuses pushes: {refused}",
+                "hint": f"{fix}; with push on, task branches must reach it"}
+    if not push_on:
+        detail = (f"remote {name} answers; push is off: this machine's work stays here, "
+                  "other machines do not see it (push = true shares it)")
+        if refused:
+            detail += f"; it also refuses pushes: {refused}"
+        return {**answer, "ok": True, "detail": detail}
+    return {**answer, "ok": True, "detail": f"remote {name} answers and takes pushes"}
+
+
 def check_hooks(settings: Settings) -> Check:
     hooks = settings.hooks_path()
     if not hooks.exists():
@@ -201,15 +261,17 @@ def check_parked(settings: Settings) -> Check:
 CHECKS: dict[str, Callable[[Settings], Check]] = {
     "api": check_api, "auth": check_auth, "disk": check_disk, "memory": check_memory,
     "claude": check_claude, "git": check_git, "hooks": check_hooks, "records": check_records,
-    "parked": check_parked,
+    "parked": check_parked, "remote": check_remote,
 }
 
 
 def run_health(settings: Settings, only: list[str] | None = None, hook: bool | None = None,
-               hooks_dir: str | Path | None = None) -> tuple[dict, int]:
+               hooks_dir: str | Path | None = None,
+               repo: str | Path | None = None) -> tuple[dict, int]:
     """Run the checks (all, or `only`) and the `health_check` hook (by default only with
     all checks; `hook` says otherwise); answer and exit code. `hooks_dir` replaces the
-    setting (the run loop resolves it against the repo)."""
+    setting (the run loop resolves it against the repo); `repo` is the checkout whose
+    remote is checked (default: the current directory's)."""
     names = list(only) if only else list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
@@ -219,7 +281,8 @@ def run_health(settings: Settings, only: list[str] | None = None, hook: bool | N
     def run(name: str) -> Check:
         start = time.monotonic()
         try:
-            result = CHECKS[name](settings)
+            result = check_remote(settings, repo) if name == "remote" else \
+                CHECKS[name](settings)
         except Exception as exc:  # a check that breaks is a failed check, not a crash
             result = {"ok": False, "detail": f"check crashed: {type(exc).__name__}: {exc}"}
         return {"name": name, **result, "duration_ms": round((time.monotonic() - start) * 1000)}

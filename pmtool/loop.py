@@ -75,6 +75,7 @@ from pmtool.errors import (
 )
 from pmtool.faults import fault
 from pmtool.finish import kept_verdict
+from pmtool.git import RemoteUnreachable
 from pmtool.policy import (
     POLICY_SETTINGS,
     AgentFailure,
@@ -97,6 +98,10 @@ RECONCILE_EVERY = float(os.environ.get("PMTOOL_RECONCILE_INTERVAL") or 60.0)
 # Kept for callers that listed the choices; the enums in pmtool.policy are the source.
 AGENT_FAILURE_POLICIES = tuple(p.value for p in AgentFailure)
 HOOK_FAILURE_POLICIES = tuple(p.value for p in HookFailure)
+
+
+# Repositories whose "push is off" warning this process has shown on stderr already.
+_TOLD_PUSH_OFF: set[str] = set()
 
 
 def _default(name: str) -> Any:
@@ -347,6 +352,7 @@ class Runner:
         if fatal is None:
             # Hooks are found in the repo's folder, whatever directory we were started in.
             self.hooks_dir = str(self._hooks_path(self._repo()))
+            self._say_where_work_goes()
             return None
         assert fatal.error is not None
         error = fatal.error(fatal.detail, hint=fatal.fix, check=fatal.name, fatal=True)
@@ -354,6 +360,26 @@ class Runner:
         self.progress(f"fatal: {fatal.detail}" + (f"; fix: {fatal.fix}" if fatal.fix else ""))
         self._notify_fatal(error)
         return error.exit_code
+
+    def _say_where_work_goes(self) -> None:
+        """Once at the start: with a remote and push off, nothing this runner does reaches
+        another machine (QA elsewhere would find no branch). pm-runner.sh: the same line."""
+        from pmtool.finish import push_off_reason
+        from pmtool.worktree import remotes
+
+        if self.opts.push:
+            return
+        try:
+            repo = self._repo()
+            names = remotes(repo)
+        except PmtoolError:
+            return
+        if names:
+            reason = push_off_reason(repo)
+            self.event("push_off", remote=names[0], reason=reason)
+            if str(repo) not in _TOLD_PUSH_OFF:  # a fleet's 200 agents: one line, not 200
+                _TOLD_PUSH_OFF.add(str(repo))
+                self.progress(f"warning: {reason}")
 
     def _loop(self) -> int:
         code = EXIT_OK
@@ -392,13 +418,23 @@ class Runner:
                 self._notify_fatal(exc)
                 code = exc.exit_code
                 break
-            except ServerError as exc:
+            except (ServerError, RemoteUnreachable) as exc:
                 # Server away: keep the record, back off (capped, jittered), try again.
-                # pm-runner.sh: `pause 10` on exit 4 (a fixed wait).
+                # The remote away: the task went back uncounted; the same back-off.
+                # pm-runner.sh: `pause 10` on exit 4 (a fixed wait), and after a give_back
+                # of kind remote.
+                remote = isinstance(exc, RemoteUnreachable)
+                if remote and self.opts.single_task:
+                    self.event("error", error=exc.to_json())
+                    self.progress(f"remote trouble: {exc.message}; fix: {exc.hint}")
+                    code = EXIT_FAILED
+                    break
                 wait = min(BACKOFF_CAP, self.backoff) * random.uniform(0.5, 1.0)
                 self.backoff = min(BACKOFF_CAP, self.backoff * 2)
                 self.event("error", error=exc.to_json(), retry_in_s=round(wait, 1))
-                self.progress(f"server trouble: {exc.message}; retrying in {wait:.0f}s")
+                self.progress(f"{'remote' if remote else 'server'} trouble: {exc.message}; "
+                              + (f"fix: {exc.hint}; " if remote else "")
+                              + f"retrying in {wait:.0f}s")
                 try:
                     self._sleep(wait)
                 except Stop:
@@ -665,8 +701,10 @@ class Runner:
             except TaskFault as exc:
                 self._poison(record, exc, repo)
                 return None
-            except (ServerError, Stop, ClaudeMissing):
-                raise  # the record is kept: the server comes back, a person fixes claude
+            except (ServerError, Stop, ClaudeMissing, RemoteUnreachable):
+                # The record is kept: the server comes back, a person fixes claude; or
+                # the task went back already, and the loop backs off (the remote).
+                raise
             except PmtoolError as exc:
                 if not exc.details.get("fatal") and self._safe_load() is not None:
                     self._give_back(record, f"pmtool could not work it here: {exc.message}")
@@ -745,9 +783,24 @@ class Runner:
             answer, saved = work.task_workspace(self.store, self.opts.agent_id, repo,
                                                 self.settings, base=self.opts.base,
                                                 hooks_dir=self.hooks_dir,
-                                                owner_pid=os.getpid())
+                                                owner_pid=os.getpid(), client=self.client)
         except TaskFault:
             raise  # the task's own fault (its branch, its path): parked, not given back
+        except RemoteUnreachable as exc:
+            # This machine's link, not the task: back it goes, uncounted, and the loop
+            # backs off as for the server away (pm-runner.sh: give_back remote, pause).
+            self._give_back(record, f"remote unreachable: {exc.message}", kind=fl.REMOTE)
+            raise
+        except NothingToDo as exc:
+            if not exc.details.get("no_branch"):
+                raise
+            # Reviewing a branch made from the base would pass work nobody looked at.
+            self.event("no_branch", task_id=record.task_id, reason=exc.message,
+                       branch=exc.details.get("branch"), remote=exc.details.get("remote"),
+                       hint=exc.hint)
+            self.progress(f"task {record.task_id}: {exc.message}; given back ({exc.hint})")
+            self._give_back(record, exc.message, kind=fl.NO_BRANCH)
+            return None
         except Conflict as exc:
             if exc.details.get("branch_in_use") or exc.details.get("checkout_in_use"):
                 # Wait for the other task: give this one back (the queue offers it again
@@ -766,9 +819,14 @@ class Runner:
         fault("worktree")
         cwd = str(saved.worktree)
         record.worktree, record.branch = cwd, saved.branch
+        sync = answer.get("sync") or {}
         self.event("worktree", task_id=record.task_id, path=answer.get("worktree"),
                    branch=answer["branch"], base=answer.get("base"),
-                   created=answer.get("created"), lands_on=answer.get("lands_on"))
+                   created=answer.get("created"), lands_on=answer.get("lands_on"),
+                   source=answer.get("branch_source"), remote=sync.get("remote"),
+                   local=sync.get("local"), rescued=sync.get("rescued"))
+        if sync.get("note"):
+            self.progress(f"task {record.task_id}: {sync['note']}")
         if not answer.get("ok", True):
             self._setup_again(record, repo, answer)
         return cwd

@@ -612,15 +612,18 @@ def update_record(store: RecordStore, agent_id: str, *, worktree: str | None = N
 def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings: Any, *,
                    branch: str | None = None, complexity: str | None = None,
                    base: str | None = None, hooks_dir: str | Path | None = None,
-                   owner_pid: int | None = None) -> tuple[dict[str, Any], TaskRecord]:
+                   owner_pid: int | None = None,
+                   client: Any = None) -> tuple[dict[str, Any], TaskRecord]:
     """Give the agent's task its own workspace and write where into its record.
 
     The one way both `pmtool worktree create --agent-id` and the run loop do it: the
     record's branch first (what an earlier call chose), then the task's; the task's
     complexity; the worktrees this machine's records name as live (a pmtool worktree none
     of them names is a leftover); the task context for worktree_setup. `settings` is a
-    pmtool.config.Settings. Answers `(create_worktree's answer, the saved record)`; raises
-    what `create_worktree` raises (the record is then unchanged).
+    pmtool.config.Settings. A follow-up (`follow_up`) must find its branch. A diverged
+    local branch kept on a rescue ref is said in the task's notes (a comment, with
+    `client`) and in the record. Answers `(create_worktree's answer, the saved record)`;
+    raises what `create_worktree` raises (the record is then unchanged).
     """
     from pmtool.hooks import task_context
     from pmtool.worktree import create_worktree, repo_root
@@ -639,15 +642,29 @@ def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings
         context=task_context(record, state_dir=str(settings.state_path),
                              api_url=settings.api_url),
         created_at=task.get("created_at"), minor_in_checkout=bool(settings.minor_in_checkout),
-        owner_pid=owner_pid or record.pid, live_paths=live)
+        owner_pid=owner_pid or record.pid, live_paths=live, follow_up=follow_up(record))
     # Re-read: a heartbeat may have written the record while worktree_setup ran.
     record = store.need(agent_id)
     # The directory the agent works in: the worktree, or the repo for a minor task.
     record.worktree, record.branch = result["path"], result["branch"]
+    sync = result.get("sync") or {}
     record.step("worktree", path=result["path"], created=result["created"],
-                setup_ok=result["ok"])
+                setup_ok=result["ok"], **({"sync": sync["local"], "rescued": sync["rescued"]}
+                                          if sync.get("rescued") else {}))
     store.save(record)
+    if sync.get("rescued") and client is not None:
+        # Said now, not at the finish: a give-back or a crash must not lose where the
+        # other side of the branch went.
+        with contextlib.suppress(ApiError, ServerError):
+            client.comment(record.task_id, agent_id, f"pmtool: {sync['note']}")
     return result, record
+
+
+def follow_up(record: TaskRecord) -> bool:
+    """Work that must already be on the task's branch: QA's review (the task came from
+    dev_done), or a task QA sent back to the developers (a `fail` line in its notes)."""
+    return (record.role == QA or record.previous_status in QA_PICK
+            or fl.qa_bounces(task=record.task) > 0)
 
 
 # -- giving work back and finishing -------------------------------------------------------

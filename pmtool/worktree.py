@@ -411,6 +411,104 @@ def _land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
     return answer
 
 
+# -- the remote's copy ---------------------------------------------------------------------
+
+def sync_branch(root: Path, branch: str, base: str, label: str) -> dict[str, Any]:
+    """Bring the task's branch and the base from the repository's remote, before a worktree
+    is made: machines hand work over only through the remote, and a machine that never
+    fetched would start QA (or a bounced task) from the base instead of the work.
+
+    Answers `{"remote", "branch_on_remote", "local", "rescued", "note"}`; `local` says what
+    was found and done: "missing" (the worktree starts from the remote's copy), "same",
+    "behind" (fast-forwarded to the remote's copy), "ahead" (kept: it holds the remote's
+    copy and more), "diverged" (the local commits kept on `rescued`, a rescue ref, and the
+    branch set to the remote's copy), "only_local". A repository without a remote answers
+    `{"remote": None}` and nothing is touched. Never pushes, never rewrites the remote.
+    Raises RemoteUnreachable when the remote cannot be read (GitTimeout past the limit).
+    """
+    names = remotes(root)
+    if not names:
+        return {"remote": None}
+    name = names[0]
+    try:
+        return _sync_from(root, name, branch, base, label)
+    except git.GitTimeout as exc:  # a dead host, a hung ssh: the same machine fault
+        raise git.RemoteUnreachable(f"remote {name} did not answer: {exc.message}",
+                                    remote=name, branch=branch) from None
+
+
+def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> dict[str, Any]:
+    base = base.removeprefix(f"{name}/").removeprefix("origin/")
+    wanted = {f"refs/heads/{b}" for b in (base, branch)}
+    listed = git.remote(root, "ls-remote", "--heads", "--", name, *sorted(wanted))
+    if listed.returncode != 0:
+        raise git.RemoteUnreachable(f"cannot reach remote {name} to fetch {branch}: "
+                                    f"{listed.stderr.strip()[-300:] or listed.returncode}",
+                                    remote=name, branch=branch)
+    there = {ref: sha for sha, _, ref in (line.partition("\t") for line in
+                                           listed.stdout.splitlines()) if ref in wanted}
+    specs = [f"+{ref}:refs/remotes/{name}/{ref.removeprefix('refs/heads/')}"
+             for ref, sha in sorted(there.items())
+             if _rev(root, f"refs/remotes/{name}/{ref.removeprefix('refs/heads/')}") != sha]
+    if specs:
+        fetched = git.remote(root, "fetch", "--quiet", "--no-tags", "--", name, *specs)
+        if fetched.returncode != 0:
+            raise git.RemoteUnreachable(f"cannot fetch {branch} from remote {name}: "
+                                        f"{fetched.stderr.strip()[-300:]}", remote=name,
+                                        branch=branch)
+    answer: dict[str, Any] = {"remote": name, "branch_on_remote": f"refs/heads/{branch}"
+                              in there, "local": None, "rescued": None, "note": None}
+    answer.update(_follow_remote(root, branch, f"refs/remotes/{name}/{branch}"
+                                 if answer["branch_on_remote"] else None, label))
+    return answer
+
+
+def _rev(root: Path, ref: str) -> str | None:
+    proc = _git(root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+    return proc.stdout.strip() or None
+
+
+def _follow_remote(root: Path, branch: str, remote_ref: str | None,
+                   label: str) -> dict[str, Any]:
+    """Set the local branch to the remote's copy when that loses nothing (missing, behind),
+    or after keeping the local commits on a rescue ref (diverged)."""
+    local = _rev(root, f"refs/heads/{branch}")
+    theirs = _rev(root, remote_ref) if remote_ref else None
+    if theirs is None:
+        return {"local": "only_local" if local else "missing"}
+    if local is None:
+        return {"local": "missing"}
+    if local == theirs:
+        return {"local": "same"}
+    if _ok(root, "merge-base", "--is-ancestor", theirs, local):
+        return {"local": "ahead"}  # this machine's commits on top of the remote's: keep
+    ref = None
+    if not _ok(root, "merge-base", "--is-ancestor", local, theirs):
+        ref = _keep_commit(root, label, local)
+    # The old value makes update-ref refuse if the branch moved since we looked.
+    _git(root, "update-ref", "-m", f"pmtool: follow {remote_ref}", f"refs/heads/{branch}",
+         theirs, local)
+    if ref is None:
+        return {"local": "behind", "note": f"branch {branch} fast-forwarded to "
+                                           f"{remote_ref.removeprefix('refs/remotes/')} "
+                                           f"({theirs[:12]})"}
+    return {"local": "diverged", "rescued": ref,
+            "note": f"branch {branch} here had diverged from "
+                    f"{remote_ref.removeprefix('refs/remotes/')}: its commits "
+                    f"({local[:12]}) are kept at {ref}, and the work goes on from the "
+                    f"remote's copy ({theirs[:12]}); restore with "
+                    f"`git switch -c rescued-{label} {ref}`"}
+
+
+def _keep_commit(root: Path, label: str, commit: str) -> str:
+    """A new rescue ref pointing at `commit` (never overwriting one)."""
+    for n in range(1, 50):
+        ref = f"{RESCUE_PREFIX}/{label}/{_stamp()}-diverged" + (f"-{n}" if n > 1 else "")
+        if _ok(root, "update-ref", ref, commit, ""):
+            return ref
+    raise OperationFailed(f"could not create a rescue ref for {label}")
+
+
 # -- create ------------------------------------------------------------------------------
 
 def create_worktree(repo: str | Path, task_id: int, branch: str | None,
@@ -419,7 +517,8 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                     hooks_dir: str | Path | None = None, hook_timeout: float = 30.0,
                     context: dict[str, Any] | None = None, created_at: str | None = None,
                     minor_in_checkout: bool = False, owner_pid: int | None = None,
-                    live_paths: Iterable[str] | None = None) -> dict[str, Any]:
+                    live_paths: Iterable[str] | None = None,
+                    follow_up: bool = False) -> dict[str, Any]:
     """Give task `task_id` a place to work, its own; answer where.
 
     Answers `{"ok", "path", "worktree", "branch", "base", "created", "task_id",
@@ -438,10 +537,18 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
       records), a pmtool worktree holding the branch that is not among them and that no
       process works in is a leftover: it is removed first (its work rescued; said in
       `leftover_removed`).
+    - before a new worktree is made, the branch and the base are fetched from the remote
+      (`sync_branch`, answered as `sync`): the branch is made from, or set to, the
+      remote's copy, a diverged local branch kept on a rescue ref first; a new branch
+      starts from the remote's base when the local one is behind it.
+    - `follow_up` (QA's review, a task QA sent back): a major task whose branch exists
+      neither here nor on the remote has nothing to review or continue: NothingToDo with
+      `no_branch`, instead of a branch made from the base.
     - runs the `worktree_setup` hook in a new worktree (and again on a later call if it
       failed last time); `ok` is false when it failed, and the worktree is kept.
     Raises UsageError (not a repository, bad base or branch), Conflict (path taken,
-    branch held by the main checkout), OperationFailed (git failed).
+    branch held by the main checkout), OperationFailed (git failed), RemoteUnreachable
+    (the fetch found no remote to answer), NothingToDo (`follow_up` with no branch).
     """
     root = repo_root(repo)
     task_id = int(task_id)
@@ -518,10 +625,24 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                        hint="move it away (pmtool does not delete what it did not make), "
                             "or set HEADLESS_PM_WORKTREE_BASE elsewhere", path=str(path))
 
+    sync = sync_branch(root, branch, base, f"task-{task_id}")
+    remote = sync["remote"] or "origin"
+    if sync["remote"]:
+        answer["sync"] = sync
+        if sync.get("note"):
+            answer["note"] = "; ".join(filter(None, [answer.get("note"), sync["note"]]))
+        start = _newest_base(root, start, f"refs/remotes/{remote}/{base.removeprefix('origin/')}")
     if _ok(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"):
         args, source = [str(path), branch], "existing"
-    elif _ok(root, "rev-parse", "--verify", "--quiet", f"refs/remotes/origin/{branch}"):
-        args, source = ["--track", "-b", branch, str(path), f"origin/{branch}"], f"origin/{branch}"
+    elif _ok(root, "rev-parse", "--verify", "--quiet", f"refs/remotes/{remote}/{branch}"):
+        args, source = (["--track", "-b", branch, str(path), f"{remote}/{branch}"],
+                        f"{remote}/{branch}")
+    elif follow_up and complexity == "major":
+        where = f"on remote {sync['remote']}" if sync["remote"] else "on any remote (none)"
+        raise NothingToDo(f"nothing to review: branch {branch} exists neither here nor "
+                          f"{where}", branch=branch, no_branch=True, remote=sync["remote"],
+                          hint="the machine that did the work must push it (push = true, "
+                               "PMTOOL_PUSH=1), or it is worked on that machine")
     else:
         # --no-track: a branch started from origin/main must not get origin/main as its
         # upstream, or a plain `git push` from the agent would aim at main.
@@ -548,6 +669,17 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                   branch_source=source)
     _setup(answer, hooks_dir, hook_timeout, context, root)
     return answer
+
+
+def _newest_base(root: Path, start: str, remote_base: str) -> str:
+    """The remote's base when the local base is only behind it (a new branch then starts
+    from the newest work); the local one when it has commits of its own (a landed minor
+    task not pushed yet), or when it is the same."""
+    theirs, ours = _rev(root, remote_base), _rev(root, start)
+    if theirs and ours and theirs != ours and _ok(root, "merge-base", "--is-ancestor", ours,
+                                                   theirs):
+        return remote_base
+    return start
 
 
 def _leftover(root: Path, wt: GitWorktree, live_paths: Iterable[str],
@@ -865,7 +997,10 @@ def push_branch(repo: str | Path, branch: str) -> dict[str, Any]:
     except TaskFault as exc:
         return {**answer, "reason": exc.message}
     ref = f"refs/heads/{branch}"
-    proc = _git(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}", check=False)
+    try:  # bounded, never prompting: a dead remote must not hold the finish
+        proc = git.remote(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}")
+    except git.GitTimeout as exc:
+        return {**answer, "reason": exc.message}
     if proc.returncode != 0:
         return {**answer, "reason": f"git push failed: {proc.stderr.strip()[-300:]}"}
     return {**answer, "pushed": True}

@@ -57,13 +57,20 @@ fi
 # Where the hooks are, found as pmtool finds them (Settings.hooks_path): an absolute
 # folder as it is, a config file's relative one from that file's folder, the
 # environment's or the default `hooks` in the repository.
-hooks_dir=$("$PMTOOL" config | jq -r '
+config=$("$PMTOOL" config) || config='{}'
+hooks_dir=$(jq -r '
   .settings.hooks_dir as $h | ($h.value // "" | sub("^~"; env.HOME)) as $v
   | if $v == "" or ($v | startswith("/")) then $v
     elif $h.source == "file" then (.config_file | sub("/[^/]*$"; "")) + "/" + $v
-    else "@repo/" + $v end') || hooks_dir=""
+    else "@repo/" + $v end' <<<"$config") || hooks_dir=""
 if [[ $hooks_dir == @repo/* ]]; then
   hooks_dir="$(git -C "$repo" rev-parse --show-toplevel 2>/dev/null || echo "$repo")/${hooks_dir#@repo/}"
+fi
+# Machines share work only through the remote: with one and push off, say so once.
+# pmtool run: Runner._say_where_work_goes (an event `push_off` there).
+remote=$(git -C "$repo" remote 2>/dev/null | awk '$1 == "origin" { o = 1 } NR == 1 { f = $1 } END { print (o ? "origin" : f) }') || remote=""
+if [ -n "$remote" ] && [ "$(jq -r '.settings.push.value // false' <<<"$config")" != true ]; then
+  echo "pm-runner: warning: push is off: the work stays on this machine, $remote and other machines do not see it (push = true, PMTOOL_PUSH=1 shares it)" >&2
 fi
 # has_hook NAME: the hook exists (as `pmtool hook run` finds it: NAME, NAME.py, NAME.sh).
 has_hook() {
@@ -218,10 +225,23 @@ while [ "$stopping" = 0 ]; do
     fi
     [ "$stopping" = 0 ] || break
 
-    step worktree create --agent-id "$agent" --repo "$repo"   # pmtool run: Runner._worktree
+    # It fetches the task's branch and the base from the remote first (a diverged local
+    # branch is kept on a rescue ref). pmtool run: Runner._worktree
+    step worktree create --agent-id "$agent" --repo "$repo"
     worktree=""   # the path is read from $created only if tidy needs it
     if [ "$rc" = 5 ]; then  # its branch or the checkout is another task's: wait, never share
       give_back "deferred: $(jq -r '.error.message' <<<"$out")" deferred
+      continue
+    elif [ "$rc" = 3 ] && jq -e '.error.no_branch' <<<"$out" >/dev/null; then
+      # QA's review or a bounced task whose branch is nowhere: nothing to review, not counted
+      give_back "$(jq -r '.error.message' <<<"$out")" no_branch
+      continue
+    elif [ "$rc" != 0 ] && jq -e '.error.remote_unreachable' <<<"$out" >/dev/null; then
+      # The remote did not answer the fetch: this machine's fault, not counted; back off
+      # as for the server away (pmtool run: the same, capped and jittered).
+      echo "pm-runner: $(jq -r '.error.message + "; fix: " + .error.hint' <<<"$out")" >&2
+      give_back "remote unreachable: $(jq -r '.error.message' <<<"$out")" remote
+      pause 10
       continue
     elif [ "$rc" != 0 ]; then
       created=$out  # a worktree whose setup hook failed is still there: tidy removes it

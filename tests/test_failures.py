@@ -178,6 +178,19 @@ def test_cooldown_grows_and_is_capped() -> None:
     assert f.cooling_until([], 60) is None
 
 
+def test_a_task_given_back_unworked_cools_down_longer_while_it_repeats() -> None:
+    # deferred, no_branch (nothing pushed to review), remote (the fetch failed): not
+    # counted, but a branch nobody pushes must not be claimed every minute for ever.
+    rows = [line("failed", 0), line("no_branch", 10)]
+    assert f.cooling_until(rows, 60) == at(10) + timedelta(seconds=60)
+    rows += [line("no_branch", 20), line("remote", 30)]
+    assert f.cooling_until(rows, 60) == at(30) + timedelta(seconds=240)
+    assert f.cooling_until([*rows, line("deferred", 40)], 60, cap=300) == at(40) + timedelta(
+        seconds=300)
+    assert not f.counted(rows[1:]) and f.park_reason(rows, f.Limits()) is None
+    assert f.cooling_until([*rows, line("ok", 50)], 60) is None
+
+
 def test_attempts_are_per_task_and_restart_after_a_park() -> None:
     other = {"id": 7, "created_at": naive(at(12 * 60))}  # same id, a new task (quirk 9)
     history = [line("failed", 0), line("failed", 1, task=other),

@@ -558,3 +558,165 @@ def test_a_branch_taken_between_the_look_and_the_add_is_waited_for(
     assert err.value.details["branch_in_use"] is True
     assert err.value.details["held_by_task"] == 5
     assert len(looks) == 2  # it looked again after git refused the add
+
+
+# -- many machines: the branch comes through the remote --------------------------------------
+
+@pytest.fixture
+def machines(env: Path) -> tuple[Path, Path, Path]:
+    """A bare origin with `main`, and two clones of it made before any task work: machine
+    A (the developer's) and machine B (QA's), which has never fetched since."""
+    origin, a, b = env / "origin.git", env / "a", env / "b"
+    git(env, "init", "-q", "--bare", "-b", "main", str(origin))
+    git(env, "clone", "-q", str(origin), str(a))
+    commit_on(a, "app.py", "print('hello')\n")
+    git(a, "push", "-q", "origin", "main")
+    git(env, "clone", "-q", str(origin), str(b))
+    return origin, a, b
+
+
+def push_work(a: Path, branch: str, name: str = "dev.txt") -> str:
+    """On machine A: a commit on `branch` (from its tip, else main), pushed to origin."""
+    git(a, "switch", "-q", branch) if _has(a, branch) else git(a, "switch", "-q", "-c", branch)
+    head = commit_on(a, name, f"work in {name}\n")
+    git(a, "push", "-q", "origin", branch)
+    git(a, "switch", "-q", "main")
+    return head
+
+
+def _has(repo: Path, branch: str) -> bool:
+    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"],
+                          cwd=repo, capture_output=True).returncode == 0
+
+
+def test_a_machine_that_never_fetched_gets_the_pushed_branch(machines) -> None:
+    _origin, a, b = machines
+    head = push_work(a, "feature/mm")
+    assert not _has(b, "feature/mm")
+    result = create_worktree(b, 4, "feature/mm", follow_up=True)
+    assert result["sync"]["local"] == "missing" and result["sync"]["branch_on_remote"]
+    assert result["branch_source"] == "origin/feature/mm"
+    assert git(result["path"], "rev-parse", "HEAD") == head
+
+
+def test_a_local_branch_behind_the_remote_is_fast_forwarded(machines) -> None:
+    _origin, a, b = machines
+    first = push_work(a, "feature/mm")
+    git(b, "fetch", "-q", "origin")
+    git(b, "branch", "-q", "feature/mm", "origin/feature/mm")  # B worked it once, before
+    second = push_work(a, "feature/mm", "more.txt")
+    result = create_worktree(b, 4, "feature/mm")
+    assert result["sync"]["local"] == "behind" and "fast-forwarded" in result["note"]
+    assert git(result["path"], "rev-parse", "HEAD") == second
+    assert git(b, "merge-base", "--is-ancestor", first, second) == ""
+
+
+def test_diverged_local_commits_go_to_a_rescue_ref_and_work_follows_the_remote(
+        machines) -> None:
+    _origin, a, b = machines
+    push_work(a, "feature/mm")
+    git(b, "fetch", "-q", "origin")
+    git(b, "switch", "-q", "-c", "feature/mm", "origin/feature/mm")
+    mine = commit_on(b, "b-only.txt", "B's unpushed work\n")
+    git(b, "switch", "-q", "main")
+    theirs = push_work(a, "feature/mm", "a-later.txt")
+    result = create_worktree(b, 4, "feature/mm")
+    sync = result["sync"]
+    assert sync["local"] == "diverged" and sync["rescued"].startswith("refs/pmtool/rescue/task-4/")
+    assert sync["rescued"] in result["note"] and "diverged" in result["note"]
+    # Nothing lost: B's commit on the rescue ref, the remote's work on the branch, and
+    # the remote itself untouched (nothing pushed, nothing forced).
+    assert git(b, "rev-parse", sync["rescued"]) == mine
+    assert git(b, "show", f"{sync['rescued']}:b-only.txt") == "B's unpushed work"
+    assert git(result["path"], "rev-parse", "HEAD") == theirs
+    assert git(a, "ls-remote", "origin", "refs/heads/feature/mm").split()[0] == theirs
+
+
+def test_a_local_branch_ahead_of_the_remote_is_kept(machines) -> None:
+    _origin, a, b = machines
+    pushed = push_work(a, "feature/mm")
+    git(b, "fetch", "-q", "origin")
+    git(b, "switch", "-q", "-c", "feature/mm", "origin/feature/mm")
+    mine = commit_on(b, "b-more.txt", "more on top\n")
+    git(b, "switch", "-q", "main")
+    result = create_worktree(b, 4, "feature/mm")
+    assert result["sync"]["local"] == "ahead" and result["sync"]["rescued"] is None
+    assert git(result["path"], "rev-parse", "HEAD") == mine
+    assert git(b, "merge-base", "--is-ancestor", pushed, mine) == ""
+
+
+def test_a_new_branch_starts_from_the_remotes_newer_base(machines) -> None:
+    _origin, a, b = machines
+    newer = commit_on(a, "later.txt", "main moved on\n")
+    git(a, "push", "-q", "origin", "main")
+    result = create_worktree(b, 4, "feature/new")
+    assert result["branch_source"] == "new from main"
+    assert git(result["path"], "rev-parse", "HEAD") == newer
+    assert git(b, "rev-parse", "main") != newer  # B's own main is not touched
+
+
+def test_nothing_to_review_when_the_branch_is_nowhere(machines, repo: Path) -> None:
+    _origin, _a, b = machines
+    for where in (b, repo):  # with a remote, and without one
+        with pytest.raises(NothingToDo) as err:
+            create_worktree(where, 4, "feature/never-pushed", follow_up=True)
+        assert err.value.details["no_branch"] is True
+        assert "nothing to review" in err.value.message
+        assert not _has(where, "feature/never-pushed")
+        assert not (where / ".worktrees" / "task-4").exists()
+    # Not a follow-up (a developer's first claim): the branch is made from the base.
+    assert create_worktree(b, 5, "feature/never-pushed")["branch_source"] == "new from main"
+
+
+def test_a_remote_that_cannot_be_reached_is_a_machine_fault(machines, repo: Path) -> None:
+    from pmtool.git import RemoteUnreachable
+
+    origin, a, b = machines
+    push_work(a, "feature/mm")
+    git(b, "remote", "set-url", "origin", str(origin) + "-gone")
+    with pytest.raises(RemoteUnreachable) as err:
+        create_worktree(b, 4, "feature/mm", follow_up=True)
+    assert err.value.details["remote_unreachable"] is True
+    assert err.value.details["remote"] == "origin" and "git remote -v" in err.value.hint
+    assert not (b / ".worktrees" / "task-4").exists() and not _has(b, "feature/mm")
+    # Without a remote nothing is fetched and nothing changes.
+    result = create_worktree(repo, 4, "feature/local")
+    assert "sync" not in result and result["branch_source"] == "new from main"
+
+
+def test_a_remote_that_hangs_is_ended_on_time_and_is_a_machine_fault(machines, env) -> None:
+    """A dead host keeps git waiting (ssh to a black hole): the fetch is bounded, the whole
+    tree ended, and nothing prompts. `ext::` runs a command as the remote: here, a sleep."""
+    import time
+
+    _origin, _a, b = machines
+    marker = env / "hung.pid"
+    git(b, "config", "protocol.ext.allow", "always")
+    git(b, "remote", "set-url", "origin", f"ext::sh -c echo% $$% >{marker}% &&% sleep% 60")
+    start = time.monotonic()
+    res = pmtool("worktree", "create", "4", "--branch", "feature/mm", "--repo", str(b),
+                 env={"PMTOOL_GIT_REMOTE_TIMEOUT": "2"}, timeout=60)
+    assert res.code == 1 and time.monotonic() - start < 30
+    error = res.out["error"]
+    assert error["type"] == "machine_fault" and error["remote_unreachable"] is True
+    assert "did not answer" in error["message"] and "ran past 2s" in error["message"]
+    pid = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # ended with its tree, not left to sleep on
+            os.kill(pid, 0)
+            time.sleep(0.05)
+    assert not (b / ".worktrees" / "task-4").exists()
+
+
+def test_a_minor_task_left_for_review_comes_from_the_remote_too(machines) -> None:
+    """A minor task's short-lived branch has the same name on every machine: QA on B finds
+    the developer's pushed work on it, and B's own main is not touched."""
+    from pmtool.worktree import MINOR_PREFIX, workspace_name
+
+    _origin, a, b = machines
+    born = "2026-01-02T03:04:05"
+    head = push_work(a, MINOR_PREFIX + workspace_name(4, born), "minor.txt")
+    result = create_worktree(b, 4, None, "minor", created_at=born, follow_up=True)
+    assert result["branch_source"] == f"origin/{MINOR_PREFIX}{workspace_name(4, born)}"
+    assert git(result["path"], "rev-parse", "HEAD") == head
+    assert git(b, "rev-parse", "main") == git(b, "rev-parse", "origin/main")

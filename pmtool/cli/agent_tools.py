@@ -21,6 +21,7 @@ from pmtool.cli.options import (
     WorktreeBase,
     record_store,
     resolve_task,
+    server,
 )
 from pmtool.errors import NothingToDo, TimeLimit, UsageError, exit_code
 
@@ -71,6 +72,11 @@ def worktree_create(
     becomes task-<id>. Exit 1 when worktree_setup failed (the worktree is kept), 124 when it
     ran out of time.
 
+    A new worktree's branch and base are fetched from the remote first ("sync"): a local
+    branch that diverged is kept on a rescue ref. Exit 1 with "remote_unreachable" when
+    the remote does not answer; with --agent-id, exit 3 with "no_branch" for QA's review
+    (or a bounced task) whose branch is neither here nor on the remote.
+
     Example: pmtool worktree create --agent-id dev_001 --repo ~/src/app
 
     Example: pmtool worktree create 7 --branch feature/login --base main
@@ -88,7 +94,8 @@ def worktree_create(
             raise UsageError(f"task {task_id} is not the task of {agent_id}'s record "
                              f"({record.task_id})")
         result, _record = task_workspace(store, agent_id, _repo_of(repo, record), settings,
-                                         branch=branch, complexity=complexity, base=base)
+                                         branch=branch, complexity=complexity, base=base,
+                                         client=server(settings))
         result["record"] = str(store.path(agent_id))
     elif task_id is None:
         raise UsageError("give --agent-id, or the TASK (with --branch for a major task)",

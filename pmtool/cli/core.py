@@ -55,11 +55,15 @@ def model_for_cmd(
 def health_cmd(
     check: Annotated[list[str] | None, typer.Option(
         "--check", help="Run only this check (repeatable): api, auth, disk, memory, claude, "
-                        "git, hooks, records.")] = None,
+                        "git, hooks, records, parked, remote.")] = None,
     hooks_dir: Annotated[str | None, typer.Option(
         "--hooks-dir", help="Hooks folder [env HEADLESS_PM_HOOKS_DIR].")] = None,
+    repo: Annotated[str | None, typer.Option(
+        "--repo", help="The checkout whose remote is checked [default: the current "
+                       "directory's].")] = None,
 ) -> int:
-    """Check the server, the key, disk, memory, claude, git, hooks and task records.
+    """Check the server, the key, disk, memory, claude, git, hooks, task records and the
+    repository's remote (reachable; takes pushes when push is on).
 
     Exit 0 when every check passes, 1 when any fails, 4 when only the server is
     unreachable. Runs the `health_check` hook if there is one. Made for cron.
@@ -69,7 +73,7 @@ def health_cmd(
     from pmtool.health import run_health
 
     settings = options().settings(hooks_dir=hooks_dir)
-    result, code = run_health(settings, check)
+    result, code = run_health(settings, check, repo=repo)
     for item in result["checks"]:
         if not item["ok"]:
             say(f"pmtool: health: {item['name']} failed: {item['detail']}")
