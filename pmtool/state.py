@@ -184,12 +184,7 @@ class StateDir:
         """
         since = _aware(since) if since else None
         out = []
-        for entry in read_lines(self.history_path):
-            entry.setdefault("kind", "closed")
-            entry.setdefault("at", entry.get("closed_at"))
-            if "task_id" not in entry and isinstance(entry.get("task"), dict):
-                entry["task_id"] = entry["task"].get("id")
-            entry.setdefault("agent_id", entry.get("agent"))
+        for entry in map(history_entry, read_lines(self.history_path)):
             if kind is not None and entry["kind"] != kind:
                 continue
             if task_id is not None and not _same_id(entry.get("task_id"), task_id):
@@ -269,6 +264,17 @@ class StateDir:
         events = self.events_dir.glob("*") if self.events_dir.is_dir() else iter(())
         return {"logs_bytes": _files_size(logs), "events_bytes": _files_size(events),
                 "history_bytes": _files_size(iter([self.history_path]))}
+
+
+def history_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history line with `kind`, `at`, `task_id` and `agent_id` filled in from where
+    older lines keep them (`closed_at`, `task.id`, `agent`)."""
+    entry.setdefault("kind", "closed")
+    entry.setdefault("at", entry.get("closed_at"))
+    if "task_id" not in entry and isinstance(entry.get("task"), dict):
+        entry["task_id"] = entry["task"].get("id")
+    entry.setdefault("agent_id", entry.get("agent"))
+    return entry
 
 
 def _same_id(value: Any, task_id: int) -> bool:
