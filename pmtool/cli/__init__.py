@@ -185,7 +185,7 @@ COMMAND_MODULES = {
     "worktree": "agent_tools", "hook": "agent_tools", "exec-claude": "agent_run",
     "run": "loop", "demo": "loop",
     "status": "ops", "logs": "ops", "report": "ops", "init": "ops",
-    "metrics": "watch",
+    "metrics": "watch", "fleet": "watch",
 }
 _VALUE_OPTIONS = ("--api-url", "--state-dir", "--config")
 

@@ -3,6 +3,7 @@ and charts on stderr only when it is a terminal."""
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -94,26 +95,34 @@ def status_cmd(
     from pmtool.ops import status
 
     state = options().settings().state_path
+    watch_or_print(lambda: status(state), status_view, watch, interval, "pmtool status")
+
+
+def watch_or_print(fetch: Callable[[], dict[str, Any]],
+                   view: Callable[[dict[str, Any]], list[str]], watch: bool,
+                   interval: float, what: str) -> None:
+    """The JSON of `fetch()` (and its `view` on a terminal's stderr); with `watch`, the
+    view redrawn in place every `interval` seconds until Ctrl-C, then the last JSON."""
     if not watch:
-        result = status(state)
+        result = fetch()
         if sys.stderr.isatty():
-            say("\n".join(status_view(result)))
+            say("\n".join(view(result)))
         emit(result)
         return
     if not sys.stderr.isatty():
         raise UsageError("--watch draws on a terminal, and stderr is not one",
-                         hint="pmtool status (without --watch) prints the JSON")
+                         hint=f"{what} (without --watch) prints the JSON")
     out = sys.stderr
     out.write("\033[?25l\033[2J")  # hide the cursor, clear once; then redraw in place
-    result = status(state)
+    result = fetch()
     try:
         while True:
-            lines = [*status_view(result), "", "(Ctrl-C to stop)"]
+            lines = [*view(result), "", "(Ctrl-C to stop)"]
             # Home, overwrite each line, clear what is left of it and below: no blank frame.
             out.write("\033[H" + "".join(scrub(ln) + "\033[K\n" for ln in lines) + "\033[J")
             out.flush()
             time.sleep(max(0.2, interval))
-            result = status(state)
+            result = fetch()
     except KeyboardInterrupt:
         pass
     finally:
