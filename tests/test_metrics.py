@@ -239,16 +239,19 @@ def test_a_fold_reads_only_what_was_appended(tmp_path: Path) -> None:
 # ---- pmtool run --metrics-addr -----------------------------------------------------------
 
 
-def test_a_port_in_use_is_a_usage_error_before_any_claim(world: dict[str, Any]
-                                                         ) -> None:
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_a_port_in_use_is_a_usage_error_before_any_claim(world: dict[str, Any],
+                                                         given: str) -> None:
     task = new_task(world)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run(fake_run(world, "--single-task", "--metrics-addr", str(port)),
-                              env=world["env"], cwd=world["repo"], capture_output=True,
-                              text=True, timeout=60, check=False)
+        flag = ["--metrics-addr", str(port)] if given == "flag" else []
+        env = {**world["env"], "PMTOOL_METRICS_ADDR": str(port)} if not flag else world["env"]
+        proc = subprocess.run(fake_run(world, "--single-task", *flag), env=env,
+                              cwd=world["repo"], capture_output=True, text=True, timeout=60,
+                              check=False)
     assert proc.returncode == 2, proc.stderr
     answer = json.loads(proc.stdout)
     assert answer["ok"] is False and f"127.0.0.1:{port}" in answer["error"]["message"]
@@ -387,7 +390,14 @@ def test_prometheus_scrapes_a_runner_of_real_claude(world: dict[str, Any],
                             what="the cost in Prometheus")
             assert cost > 0
             assert query('up{job="pmtool"}') == 1
-            events = []
+            # Every query of the Grafana dashboard runs on this Prometheus.
+            board = json.loads((README.parent / "deploy" / "grafana" /
+                                "pmtool-dashboard.json").read_text())
+            for expr in (t["expr"] for p in board["panels"] for t in p["targets"]):
+                expr = expr.replace("$instance", ".*").replace("$role", ".*")
+                url = (f"http://127.0.0.1:{web}/api/v1/query?query="
+                       + urllib.parse.quote(expr))
+                assert json.loads(get(url)[2])["status"] == "success", expr
             runner.send_signal(2)
             out, _err = runner.communicate(timeout=60)
             events = [json.loads(x) for x in out.splitlines()]

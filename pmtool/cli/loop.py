@@ -206,7 +206,8 @@ def run_cmd(
     metrics_addr: Annotated[str | None, typer.Option(
         "--metrics-addr", help="Serve /metrics (Prometheus) and /status (the `pmtool "
                                "status` JSON) of this process's agents on HOST:PORT; a bare "
-                               "port is 127.0.0.1:PORT [default: off].")] = None,
+                               "port is 127.0.0.1:PORT [env PMTOOL_METRICS_ADDR, default: "
+                               "off].")] = None,
 ) -> int:
     """Work tasks for a role continuously: claim, hooks, worktree, claude, finish, repeat.
 
@@ -234,7 +235,8 @@ def run_cmd(
         retry_cooldown=retry_cooldown, max_bounces=max_bounces,
         max_consecutive_failures=max_consecutive_failures, daily_budget_usd=daily_budget_usd,
         max_turns=max_turns, poll_interval=poll_interval, poll_max=poll_max,
-        keep_logs=keep_logs, leftover=leftover, push=push, grace=grace)
+        keep_logs=keep_logs, leftover=leftover, push=push, grace=grace,
+        metrics_addr=metrics_addr)
     # Policies and limits are checked by RunOptions itself (UsageError, exit 2).
     opts = [RunOptions.from_settings(
         settings, agent_id=one, role=role, level=level, repo=repo, base=base,
@@ -251,7 +253,8 @@ def run_cmd(
 
     if settings.ask_timeout < 0:
         raise UsageError(f"ask_timeout must be at least 0, got {settings.ask_timeout:g}")
-    endpoint = _endpoint(metrics_addr, settings, ids) if metrics_addr else None
+    addr = settings.values.get("metrics_addr")
+    endpoint = _endpoint(addr, settings, ids) if addr else None
     worker: Runner | Fleet
     if len(ids) == 1:
         ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
