@@ -15,9 +15,11 @@ The names and their labels are listed in METRICS; the README lists the same (a t
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,7 +31,8 @@ from typing import Any
 from pmtool import failures as fl
 from pmtool.errors import UsageError
 from pmtool.ops import note_parked, runner_rows
-from pmtool.state import StateDir, history_entry, parse_time
+from pmtool.records import CorruptRecord, RecordStore, TaskRecord
+from pmtool.state import StateDir, atomic_write_json, history_entry, parse_time
 
 TASK_BUCKETS = (60.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
 STEP_BUCKETS = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -51,9 +54,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                         "Claims that ended (attempt lines), by stop kind."),
     "pmtool_give_backs": ("counter", (*AGENT, "kind"), "Tasks given back, by stop kind."),
     "pmtool_parks": ("counter", (*AGENT, "cause"), "Tasks parked for a person, by cause."),
-    "pmtool_task_duration_seconds": ("histogram", (*AGENT, "outcome"),
+    # Histograms per role and level, not per agent: 14 series per bucket set and agent
+    # would be most of a big fleet's scrape.
+    "pmtool_task_duration_seconds": ("histogram", ("role", "level", "outcome"),
                                      "From claim to finish, per task."),
-    "pmtool_step_duration_seconds": ("histogram", (*AGENT, "step"),
+    "pmtool_step_duration_seconds": ("histogram", ("role", "level", "step"),
                                      "Time per step: pre_task, agent, post_task, finish."),
     "pmtool_server_requests": ("counter", ("method", "result"),
                                "Requests to the Headless PM server, by result "
@@ -63,13 +68,15 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                                "live endpoint only."),
     "pmtool_agent_up": ("gauge", AGENT, "1 while the agent's runner process lives."),
     "pmtool_agent_state": ("gauge", (*AGENT, "state"),
-                           "1 for the state the agent is in: " + ", ".join(STATES) + "."),
+                           "1, one series per agent, labelled with the state it is in: "
+                           + ", ".join(STATES) + "."),
     "pmtool_agent_paused_until_timestamp_seconds": (
         "gauge", AGENT, "When a pause (usage limit, daily budget) or an open breaker ends; "
-                        "0 when not paused."),
-    "pmtool_agent_task_id": ("gauge", AGENT, "The id of the task in flight; 0 for none."),
+                        "only while paused."),
+    "pmtool_agent_task_id": ("gauge", AGENT, "The id of the task in flight; only while "
+                                             "there is one."),
     "pmtool_agent_task_running_seconds": ("gauge", AGENT,
-                                          "How long the task in flight has run; 0 for none."),
+                                          "How long the task in flight has run."),
     "pmtool_last_finish_timestamp_seconds": ("gauge", AGENT,
                                              "When the agent last finished a task (not "
                                              "given back)."),
@@ -103,8 +110,7 @@ class Hist:
     def observe(self, value: float) -> None:
         if not self.counts:
             self.counts = [0] * (len(self.bounds) + 1)
-        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: value <= bound
         self.total += value
         self.count += 1
 
@@ -155,18 +161,60 @@ class Fold:
         self.spent: dict[str, float] = {}  # UTC day -> USD (attempt lines)
         self.parked: dict[str, dict[str, Any]] = {}
         self.requests: Requests | None = None
+        self._record_cache: dict[Path, tuple[tuple[int, int, int], TaskRecord | None]] = {}
+        self._own_paths = [self.state.events_path(a) for a in sorted(self.agents or ())]
+
+    # -- kept between runs ----------------------------------------------------------------
+
+    FOLD_VERSION = 1
+    KEPT = ("where", "last", "pause", "fatal", "claimed_at", "agent_at", "finished_at",
+            "spent", "parked")
+
+    def save(self) -> None:
+        """Keep what was counted, and where each file was read up to (atomically)."""
+        with self.lock:
+            today = datetime.now(UTC).strftime("%Y-%m-%d")
+            data: dict[str, Any] = {k: getattr(self, k) for k in self.KEPT}
+            data["spent"] = {d: v for d, v in self.spent.items() if d >= today}
+            data.update(
+                version=self.FOLD_VERSION, names=sorted(METRICS),
+                offsets=[[str(p), ino, off] for p, (ino, off) in self.offsets.items()],
+                counters={n: [[*k, v] for k, v in series.items()]
+                          for n, series in self.counters.items()},
+                hists={n: [[*k, h.counts, h.total, h.count] for k, h in series.items()]
+                       for n, series in self.hists.items()})
+        atomic_write_json(self.state.metrics_fold_path, data)
+
+    def load(self) -> None:
+        """Go on from what a `save` kept; a file that does not parse (or is of another
+        version of the metrics) is moved aside and everything is read again."""
+        path = self.state.metrics_fold_path
+        try:
+            kept = _kept(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+            with contextlib.suppress(OSError):  # derived data, but moved aside all the same
+                os.replace(path, path.with_name(f"{path.name}.corrupt-{stamp}"))
+            return
+        with self.lock:
+            for name, value in kept.items():
+                setattr(self, name, value)
 
     # -- reading -------------------------------------------------------------------------
 
-    def _new_lines(self, path: Path) -> list[dict[str, Any]]:
-        """The complete JSON lines appended to `path` since the last look. A file that was
-        replaced (pruned, made anew) is read from its start; a torn last line waits."""
+    def _new_lines(self, path: Path, wanted: Callable[[str], bool] = lambda _l: True
+                   ) -> list[dict[str, Any]]:
+        """The complete JSON lines appended to `path` since the last look that `wanted`
+        keeps (the last line always: it is the newest state). A file that was replaced
+        (pruned, made anew) is read from its start; a torn last line waits."""
         try:
             fh = open(path, "rb")  # noqa: SIM115 (closed below)
         except OSError:
             return []
         with fh:
-            inode = _inode(fh)
+            inode = os.fstat(fh.fileno()).st_ino
             seen_inode, offset = self.offsets.get(path, (inode, 0))
             if seen_inode != inode:
                 offset = 0
@@ -177,8 +225,12 @@ class Fold:
             data = fh.read()
         end = data.rfind(b"\n") + 1
         self.offsets[path] = (inode, offset + end)
+        # Decoded once, parsed as str: json.loads of bytes guesses the encoding per line.
+        lines = data[:end].decode("utf-8", "replace").split("\n")[:-1]
         out = []
-        for line in data[:end].splitlines():
+        for i, line in enumerate(lines):
+            if not wanted(line) and i < len(lines) - 1:
+                continue  # never parsed: most lines of a long history count for nothing
             try:
                 item = json.loads(line)
             except ValueError:
@@ -189,7 +241,7 @@ class Fold:
 
     def _event_paths(self) -> list[Path]:
         if self.agents is not None:
-            return [self.state.events_path(a) for a in sorted(self.agents)]
+            return self._own_paths
         if not self.state.events_dir.is_dir():
             return []
         return sorted(self.state.events_dir.glob("*.jsonl"))
@@ -197,10 +249,17 @@ class Fold:
     def refresh(self) -> None:
         with self.lock:
             for path in self._event_paths():
-                for event in self._new_lines(path):
+                for event in self._new_lines(path, _folded_event):
                     self._event(event)
-            for entry in self._new_lines(self.state.history_path):
+            for entry in self._new_lines(self.state.history_path, self._folded_history):
                 self._history(history_entry(entry))
+
+    def _folded_history(self, line: str) -> bool:
+        """Attempt and park lines count; a closed record only matters when it ends a park
+        (pmtool.ops.note_parked), so while nothing is parked it is not even parsed."""
+        if line.startswith('{"kind": "cooldown"'):
+            return False
+        return bool(self.parked) or not line.startswith('{"kind": "closed"')
 
     # -- folding -------------------------------------------------------------------------
 
@@ -218,10 +277,12 @@ class Fold:
             return
         if e.get("role"):
             self.where[agent] = (str(e["role"]), str(e.get("level") or ""))
-        when = _ts(e.get("time")) or time.time()
+        where = self.where.get(agent, ("", ""))
         self.last[agent] = e
-        if kind not in ("error", "stopped"):  # a fatal error is followed by `stopped`
-            self.fatal[agent] = False
+        timed = kind in ("claimed", "resumed", "agent", "finished", "paused")
+        when = (_ts(e.get("time")) or time.time()) if timed else 0.0
+        if kind not in ("error", "stopped"):  # a fatal error is followed by `stopped`;
+            self.fatal[agent] = False  # a start begins with `preflight`
         if kind == "claimed":
             self._add("pmtool_tasks_claimed", (agent,))
             self.claimed_at[agent] = (e.get("task_id"), when)
@@ -233,24 +294,24 @@ class Fold:
             self._add("pmtool_claude_runs", (agent, str(run_kind)))
             self._add("pmtool_claude_cost_usd", (agent,), float(e.get("total_cost_usd") or 0))
             if e.get("duration_s") is not None:
-                self._observe("pmtool_step_duration_seconds", (agent, "agent"),
+                self._observe("pmtool_step_duration_seconds", (*where, "agent"),
                               float(e["duration_s"]), STEP_BUCKETS)
             self.agent_at[agent] = when
         elif kind == "hook" and not e.get("skipped") and e.get("duration_s") is not None:
-            self._observe("pmtool_step_duration_seconds", (agent, str(e.get("hook"))),
+            self._observe("pmtool_step_duration_seconds", (*where, str(e.get("hook"))),
                           float(e["duration_s"]), STEP_BUCKETS)
         elif kind == "finished":
             outcome = str(e.get("outcome") or "unknown")
             self._add("pmtool_tasks_finished", (agent, outcome))
             task, started = self.claimed_at.pop(agent, (None, None))
             if started is not None and task == e.get("task_id"):
-                self._observe("pmtool_task_duration_seconds", (agent, outcome),
+                self._observe("pmtool_task_duration_seconds", (*where, outcome),
                               max(0.0, when - started), TASK_BUCKETS)
             ended = self.agent_at.pop(agent, None)
             if outcome != "given_back":
                 self.finished_at[agent] = when
                 if ended is not None:
-                    self._observe("pmtool_step_duration_seconds", (agent, "finish"),
+                    self._observe("pmtool_step_duration_seconds", (*where, "finish"),
                                   max(0.0, when - ended), STEP_BUCKETS)
         elif kind == "paused":
             until = _ts(e.get("until"))
@@ -290,19 +351,23 @@ class Fold:
         with self.lock:
             last = dict(self.last)
         rows, _ = runner_rows(self.state, now, lambda a: [last[a]] if a in last else [],
-                              self.agents)
+                              self.agents, self._records())
         for row in rows:
             agent = row["agent_id"]
             if row.get("role"):
                 self.where[agent] = (row["role"], row.get("level") or "")
             out["pmtool_agent_up"][(agent,)] = 1.0 if row["live"] else 0.0
             state = self._state(agent, row, stamp)
-            for name in STATES:
-                out["pmtool_agent_state"][(agent, name)] = 1.0 if name == state else 0.0
-            until = self.pause.get(agent, 0.0) if state in ("paused", "breaker_open") else 0.0
-            out["pmtool_agent_paused_until_timestamp_seconds"][(agent,)] = until
-            out["pmtool_agent_task_id"][(agent,)] = float(row.get("task_id") or 0)
-            out["pmtool_agent_task_running_seconds"][(agent,)] = float(row.get("task_s") or 0)
+            # Only the series that hold something: a scrape of a big fleet is mostly the
+            # formatting of its samples (benchmarks/metrics.py).
+            out["pmtool_agent_state"][(agent, state)] = 1.0
+            if state in ("paused", "breaker_open"):
+                out["pmtool_agent_paused_until_timestamp_seconds"][(agent,)] = \
+                    self.pause.get(agent, 0.0)
+            if row.get("task_id") is not None:
+                out["pmtool_agent_task_id"][(agent,)] = float(row["task_id"])
+                out["pmtool_agent_task_running_seconds"][(agent,)] = float(row.get("task_s")
+                                                                           or 0)
         for agent, when in self.finished_at.items():
             out["pmtool_last_finish_timestamp_seconds"][(agent,)] = when
         for entry in self.parked.values():
@@ -317,6 +382,31 @@ class Fold:
             out["pmtool_queue_polled_timestamp_seconds"][(role, level)] = float(
                 offer.get("at") or 0)
         return out
+
+    def _records(self) -> tuple[list[TaskRecord], list[Any]]:
+        """The task records, each parsed again only when its file changed (a record is
+        replaced whole on every save: a new inode)."""
+        store = RecordStore(self.state.root)
+        good, corrupt, seen = [], [], {}
+        paths = sorted(store.dir.glob("*.json")) if store.dir.is_dir() else []
+        for path in paths:
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+            cached = self._record_cache.get(path)
+            if cached is None or cached[0] != stamp:
+                try:
+                    cached = (stamp, store._read(path, quarantine=False))
+                except CorruptRecord as exc:
+                    corrupt.append(exc)
+                    continue
+            seen[path] = cached
+            if cached[1] is not None:
+                good.append(cached[1])
+        self._record_cache = seen
+        return good, corrupt
 
     def _state(self, agent: str, row: dict[str, Any], now: float) -> str:
         last = self.last.get(agent) or {}
@@ -392,8 +482,35 @@ class Fold:
         return generate_latest(registry)
 
 
-def _inode(fh: Any) -> int:
-    return os.fstat(fh.fileno()).st_ino
+def _kept(data: Any) -> dict[str, Any]:
+    """The attributes of a Fold from what `Fold.save` wrote; ValueError if it is not that."""
+    if not isinstance(data, dict) or data.get("version") != Fold.FOLD_VERSION \
+            or data.get("names") != sorted(METRICS):
+        raise ValueError("not a fold of these metrics")
+    kept = {key: dict(data[key]) for key in Fold.KEPT}
+    kept["claimed_at"] = {a: tuple(v) for a, v in kept["claimed_at"].items()}
+    kept["where"] = {a: tuple(v) for a, v in kept["where"].items()}
+    kept["offsets"] = {Path(p): (int(ino), int(off)) for p, ino, off in data["offsets"]}
+    kept["counters"] = {n: {tuple(row[:-1]): float(row[-1]) for row in rows}
+                        for n, rows in data["counters"].items()}
+    bounds = {"pmtool_task_duration_seconds": TASK_BUCKETS,
+              "pmtool_step_duration_seconds": STEP_BUCKETS}
+    kept["hists"] = {n: {tuple(row[:-3]): Hist(bounds[n], [int(c) for c in row[-3]],
+                                               float(row[-2]), int(row[-1]))
+                         for row in rows} for n, rows in data["hists"].items()}
+    return kept
+
+
+# The events the fold looks at; the others (idle, health, worktree, heartbeat...) are
+# most of a log, and only the newest line of each log matters of them.
+FOLDED = {"claimed", "resumed", "agent", "hook", "finished", "paused", "breaker", "error",
+          "stopped", "preflight"}
+EVENT_KIND = re.compile(r'"event": "(\w+)"')
+
+
+def _folded_event(line: str) -> bool:
+    match = EVENT_KIND.search(line, 0, 160)  # `ok`, then `event`: pmtool.loop.Runner.event
+    return match is None or match[1] in FOLDED
 
 
 def _polls(state: StateDir) -> list[tuple[str, str, dict[str, Any]]]:
@@ -414,9 +531,18 @@ def _polls(state: StateDir) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def metrics_text(state_root: str | Path, daily_budget_usd: float | None = None,
-                 now: datetime | None = None) -> bytes:
-    """`pmtool metrics`: every agent of the state folder, once."""
-    return Fold(state_root, daily_budget_usd=daily_budget_usd).render(now)
+                 now: datetime | None = None, keep: bool = True) -> bytes:
+    """`pmtool metrics`: every agent of the state folder, once. With `keep`, what was
+    counted is kept in the state folder (`metrics-fold.json`), so the next run (cron's,
+    a minute later) reads only what the runners appended since."""
+    fold = Fold(state_root, daily_budget_usd=daily_budget_usd)
+    if keep:
+        fold.load()
+    text = fold.render(now)
+    if keep:
+        with contextlib.suppress(OSError):  # a read-only state folder: next time from 0
+            fold.save()
+    return text
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

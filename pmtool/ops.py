@@ -76,7 +76,9 @@ def _runner_pid(lock: Path, locked: set[int] | None) -> tuple[int | None, bool]:
     except OSError:
         return None, False
     pid = int(text) if text.isdigit() else None
-    live = bool(pid and pid_alive(pid)) and (locked is None or inode in locked)
+    # This very process (a runner serving its own /metrics) lives: no need to ask.
+    live = bool(pid and (pid == os.getpid() or pid_alive(pid))) and \
+        (locked is None or inode in locked)
     return pid, live
 
 
@@ -162,13 +164,16 @@ def cooling_tasks(state: StateDir, now: datetime) -> list[dict[str, Any]]:
 
 def runner_rows(state: StateDir, now: datetime,
                 events_of: Callable[[str], list[dict[str, Any]]],
-                agents_only: set[str] | None = None
+                agents_only: set[str] | None = None,
+                scanned: tuple[list[TaskRecord], list[Any]] | None = None
                 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """The `runners` rows of `status` (and the corrupt records seen), each runner's events
     from `events_of(agent_id)`: status reads the logs, pmtool.metrics passes the last
-    event it folded. `agents_only`: just these agents (a process's own)."""
+    event it folded. `agents_only`: just these agents (a process's own); `scanned`: the
+    records and corrupt ones, when the caller read them already."""
     store = RecordStore(state.root)
-    records, corrupt = store.scan(quarantine=False)  # a view: moves nothing
+    # A view: moves nothing.
+    records, corrupt = scanned if scanned is not None else store.scan(quarantine=False)
     by_agent = {r.agent_id: r for r in records}
     locked = _locked_inodes()
     agents: dict[str, tuple[int | None, bool]] = {}

@@ -8,6 +8,9 @@
     <state>/history.jsonl           closed records and other task history, one JSON per line
     <state>/events/<agent>.jsonl    every event of each runner, one JSON per line
     <state>/logs/task-<id>-<session>.jsonl (and .stderr.log)   agent transcripts
+    <state>/metrics-fold.json       what `pmtool metrics` counted so far, and up to where
+                                    it read each log (pmtool.metrics; derived, rebuilt
+                                    from the logs when missing)
 
 Folders are made 0700 and files that hold task text, transcripts or context 0600: a
 task's description and an agent's transcript are nobody else's business on a shared
@@ -145,6 +148,7 @@ class StateDir:
         self.events_dir = self.root / "events"
         self.history_path = self.root / "history.jsonl"
         self.claim_lock_path = self.root / "claim.lock"
+        self.metrics_fold_path = self.root / "metrics-fold.json"
 
     def __repr__(self) -> str:
         return f"StateDir({str(self.root)!r})"

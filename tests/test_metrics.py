@@ -129,12 +129,13 @@ def test_metrics_count_a_real_run_and_write_a_file_atomically(world: dict[str, A
     assert total(out, "pmtool_claude_runs_total", kind="ok", **who) == 1
     assert total(out, "pmtool_claude_cost_usd_total", **who) == pytest.approx(cost)
     assert total(out, "pmtool_attempts_total", kind="ok", **who) == 1
-    assert total(out, "pmtool_task_duration_seconds_count", outcome="done", **who) == 1
-    assert total(out, "pmtool_step_duration_seconds_count", step="agent", **who) == 1
-    assert total(out, "pmtool_step_duration_seconds_count", step="finish", **who) == 1
+    role = {"role": "backend_dev", "level": "senior"}  # histograms: per role, not agent
+    assert total(out, "pmtool_task_duration_seconds_count", outcome="done", **role) == 1
+    assert total(out, "pmtool_step_duration_seconds_count", step="agent", **role) == 1
+    assert total(out, "pmtool_step_duration_seconds_count", step="finish", **role) == 1
     assert total(out, "pmtool_agent_state", state="stopped", **who) == 1
     assert total(out, "pmtool_agent_up", **who) == 0
-    assert total(out, "pmtool_agent_task_id", **who) == 0
+    assert "pmtool_agent_task_id{" not in out  # no task in flight: no series
     finished = next(e for e in events if e["event"] == "finished")
     assert total(out, "pmtool_last_finish_timestamp_seconds", **who) == pytest.approx(
         metrics._ts(finished["time"]))
@@ -415,3 +416,44 @@ def test_starting_run_does_not_import_prometheus_client() -> None:
                            "pmtool", "model-for", "--help"], capture_output=True, text=True,
                           check=True)
     assert "prometheus" not in proc.stderr  # -X importtime lists every import on stderr
+
+
+def test_metrics_go_on_from_what_the_last_run_kept(tmp_path: Path) -> None:
+    """cron's `pmtool metrics` reads only what was appended since its last run; a kept
+    fold that does not parse is moved aside and everything is read again."""
+    from pmtool import failures as fl
+
+    state = StateDir(tmp_path / "state")
+    env = {"PMTOOL_STATE_DIR": str(state.root), "PMTOOL_CONFIG": str(tmp_path / "none.toml"),
+           "PATH": "/usr/bin:/bin"}
+
+    def claimed(task_id: int) -> None:
+        state.append_event("a", {"ok": True, "event": "claimed", "time": ago(), "agent": "a",
+                                 "role": "qa", "level": "senior", "task_id": task_id})
+        state.append_history(fl.attempt_line({"id": task_id}, "a", outcome="given_back",
+                                             kind=fl.TIMEOUT, cost_usd=0.5))
+
+    def once() -> str:
+        return subprocess.run([PMTOOL, "metrics"], env=env, capture_output=True,
+                              check=True).stdout.decode()
+
+    claimed(1)
+    first = once()
+    assert total(first, "pmtool_tasks_claimed_total", agent="a") == 1
+    assert state.metrics_fold_path.is_file()
+    assert once() == first  # nothing new: nothing counted twice
+    claimed(2)
+    second = once()
+    assert total(second, "pmtool_tasks_claimed_total", agent="a") == 2
+    assert total(second, "pmtool_give_backs_total", agent="a", kind="timeout") == 2
+    assert total(second, "pmtool_daily_spent_usd") == 1.0
+    state.events_path("a").unlink()  # logs pruned: a counter does not go back
+    assert total(once(), "pmtool_tasks_claimed_total", agent="a") == 2
+
+    state.metrics_fold_path.write_text("{not json")
+    claimed(3)
+    again = once()  # from the start: the pruned log's claims are gone, the new one counts
+    assert total(again, "pmtool_tasks_claimed_total", agent="a") == 1
+    assert total(again, "pmtool_attempts_total", agent="a") == 3
+    assert [p.name.split(".corrupt-")[0] for p in state.root.glob("*.corrupt-*")] == \
+        ["metrics-fold.json"]

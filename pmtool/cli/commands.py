@@ -6,6 +6,5 @@ from pmtool.cli import (
     core,  # noqa: F401
     loop,  # noqa: F401
     ops,  # noqa: F401
-    watch,  # noqa: F401
     work,  # noqa: F401
 )
