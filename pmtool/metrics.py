@@ -606,9 +606,12 @@ class Endpoint:
     def _serve(self) -> None:
         try:
             self.server.serve_forever(poll_interval=0.2)
-        except Exception as exc:  # said once, loudly: a silent endpoint looks like "down"
+        except Exception as exc:  # said once, loudly; and the port closed, so that
+            # scrapes fail at once (Prometheus: up == 0) instead of hanging.
+            with contextlib.suppress(OSError):
+                self.server.server_close()
             self.on_error(f"the metrics endpoint on {self.addr} stopped: "
-                          f"{type(exc).__name__}: {exc}")
+                          f"{type(exc).__name__}: {exc}; the agents go on without it")
 
     def status(self) -> dict[str, Any]:
         from pmtool.ops import status

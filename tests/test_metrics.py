@@ -259,6 +259,23 @@ def test_a_port_in_use_is_a_usage_error_before_any_claim(world: dict[str, Any],
     assert world["seeder"].get_task(task["id"])["status"] == "created"  # nothing claimed
 
 
+def test_an_endpoint_that_dies_says_so_and_closes_its_port(tmp_path: Path) -> None:
+    said: list[str] = []
+    endpoint = metrics.Endpoint("127.0.0.1:0", tmp_path, ["a"], on_error=said.append)
+    url = f"http://{endpoint.addr}/metrics"
+    endpoint.start()
+    assert get(url)[0] == 200
+
+    def broken() -> None:  # what a bug in the serving loop would raise
+        raise RuntimeError("the selector broke")
+
+    endpoint.server.service_actions = broken  # type: ignore[method-assign]
+    wait_for(lambda: said, timeout=10, what="the endpoint's failure said")
+    assert "stopped: RuntimeError: the selector broke" in said[0]
+    with pytest.raises(OSError):
+        get(url)  # refused at once: Prometheus sees the target down
+
+
 @pytest.mark.parametrize("addr", ["nonsense", "host:port", "1:99999"])
 def test_a_bad_metrics_addr_is_a_usage_error(addr: str) -> None:
     with pytest.raises(metrics.UsageError):
