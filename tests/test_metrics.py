@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -293,7 +294,7 @@ def test_live_endpoint_serves_the_agents_of_a_fleet_and_agrees_with_the_command(
     for _ in range(2):
         new_task(world)
     env = {**world["env"], "PMTOOL_FAKE_AGENT_SLEEP": "1"}
-    runner = subprocess.Popen(fake_run(world, "--agents", "2", "--max-tasks", "1",
+    runner = subprocess.Popen(fake_run(world, "--agents", "2",
                                        "--metrics-addr", str(free_port)),
                               env=env, cwd=world["repo"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -313,9 +314,11 @@ def test_live_endpoint_serves_the_agents_of_a_fleet_and_agrees_with_the_command(
         status = json.loads(body)
         assert code == 200 and kind == "application/json" and status["ok"]
         assert {r["agent_id"] for r in status["runners"]} == {"dev_1-1", "dev_1-2"}
+        assert set(status) == set(pmtool("status", env=world["env"]).out)  # the same JSON
         with pytest.raises(urllib.error.HTTPError) as missing:
             get(base + "/nothing")
         assert missing.value.code == 404
+        runner.terminate()  # stops after the current step, as systemd stops it
         assert runner.wait(timeout=60) == 0, runner.stderr.read()
     finally:
         if runner.poll() is None:
@@ -474,3 +477,13 @@ def test_metrics_go_on_from_what_the_last_run_kept(tmp_path: Path) -> None:
     assert total(again, "pmtool_attempts_total", agent="a") == 3
     assert [p.name.split(".corrupt-")[0] for p in state.root.glob("*.corrupt-*")] == \
         ["metrics-fold.json"]
+
+
+def test_metrics_benchmark_smallest(tmp_path: Path) -> None:
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "metrics.py"
+    proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,
+                          text=True, env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"scrape p95\s+[\d.]+ ms", proc.stdout), proc.stdout
+    assert re.search(r"from cron, a minute later \(median\)\s+\d+ ms", proc.stdout)
