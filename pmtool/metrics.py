@@ -147,7 +147,8 @@ class Fold:
         self.state = StateDir(state_root)
         self.agents = set(agents) if agents is not None else None
         self.daily_budget_usd = daily_budget_usd
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the folded state, between refresh and save
+        self._render_lock = threading.Lock()
         self.offsets: dict[Path, tuple[int, int]] = {}  # file -> (inode, bytes read)
         self.counters: dict[str, dict[tuple[str, ...], float]] = {}
         self.hists: dict[str, dict[tuple[str, ...], Hist]] = {}
@@ -468,7 +469,12 @@ class Fold:
         return out
 
     def render(self, now: datetime | None = None) -> bytes:
-        """The metrics in Prometheus's text format."""
+        """The metrics in Prometheus's text format (one scrape at a time: two at once
+        would only race over the same files)."""
+        with self._render_lock:
+            return self._render(now)
+
+    def _render(self, now: datetime | None) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
 
         fold = self
@@ -539,7 +545,7 @@ def metrics_text(state_root: str | Path, daily_budget_usd: float | None = None,
     if keep:
         fold.load()
     text = fold.render(now)
-    if keep:
+    if keep and fold.state.root.is_dir():  # a look at no state folder makes none
         with contextlib.suppress(OSError):  # a read-only state folder: next time from 0
             fold.save()
     return text

@@ -181,6 +181,7 @@ def test_output_into_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
                     env={"PMTOOL_STATE_DIR": str(tmp_path / "state"),
                          "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "PATH": "/usr/bin"})
     assert answer.code == 2 and answer.out["error"]["type"] == "usage"
+    assert not (tmp_path / "state").exists()  # a look at no state folder makes none
 
 
 def test_agent_states_from_the_runner_events(tmp_path: Path) -> None:
