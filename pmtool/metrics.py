@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,9 +206,10 @@ class Fold:
     # -- reading -------------------------------------------------------------------------
 
     def _new_lines(self, path: Path, wanted: Callable[[str], bool] = lambda _l: True
-                   ) -> list[dict[str, Any]]:
+                   ) -> Iterator[dict[str, Any]]:
         """The complete JSON lines appended to `path` since the last look that `wanted`
-        keeps (the last line always: it is the newest state). A file that was replaced
+        keeps (the last line always: it is the newest state), one by one: `wanted` sees
+        a line after the caller folded the ones before it. A file that was replaced
         (pruned, made anew) is read from its start; a torn last line waits."""
         try:
             fh = open(path, "rb")  # noqa: SIM115 (closed below)
@@ -228,7 +229,6 @@ class Fold:
         self.offsets[path] = (inode, offset + end)
         # Decoded once, parsed as str: json.loads of bytes guesses the encoding per line.
         lines = data[:end].decode("utf-8", "replace").split("\n")[:-1]
-        out = []
         for i, line in enumerate(lines):
             if not wanted(line) and i < len(lines) - 1:
                 continue  # never parsed: most lines of a long history count for nothing
@@ -237,8 +237,7 @@ class Fold:
             except ValueError:
                 continue
             if isinstance(item, dict):
-                out.append(item)
-        return out
+                yield item
 
     def _event_paths(self) -> list[Path]:
         if self.agents is not None:

@@ -488,3 +488,22 @@ def test_metrics_benchmark_smallest(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"scrape p95\s+[\d.]+ ms", proc.stdout), proc.stdout
     assert re.search(r"from cron, a minute later \(median\)\s+\d+ ms", proc.stdout)
+
+
+def test_parked_tasks_agree_with_status_when_a_park_ends_in_the_same_read(
+        tmp_path: Path) -> None:
+    """A park and the record that shows the task worked again, read in one go: the fold
+    must not skip the second line because nothing was parked when it began to read."""
+    from pmtool import failures as fl
+    from pmtool.ops import parked_tasks
+
+    state = StateDir(tmp_path)
+    state.append_history(fl.park_line({"id": 5}, "a", "3 attempts", cause="max_attempts"))
+    state.append_history({"kind": "closed", "closed_at": ago(), "outcome": "done",
+                          "agent_id": "a", "task": {"id": 5}})
+    state.append_history(fl.park_line({"id": 6}, "a", "blocked on a key", cause="blocked"))
+    text = metrics.Fold(tmp_path).render().decode()
+    assert [p["task_id"] for p in parked_tasks(state)] == [6]
+    assert total(text, "pmtool_tasks_parked") == 1
+    assert total(text, "pmtool_tasks_parked", cause="blocked") == 1
+    assert total(text, "pmtool_parks_total", agent="a") == 2
