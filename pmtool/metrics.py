@@ -624,7 +624,8 @@ class Endpoint:
         return {"ok": True, **status(self.fold.state.root, agents_only=self.fold.agents)}
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self.thread.is_alive():  # shutdown() waits for a serve_forever that never ran
+            self.server.shutdown()
         self.server.server_close()
 
 

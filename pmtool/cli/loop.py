@@ -255,27 +255,27 @@ def run_cmd(
         raise UsageError(f"ask_timeout must be at least 0, got {settings.ask_timeout:g}")
     addr = settings.values.get("metrics_addr")
     endpoint = _endpoint(addr, settings, ids) if addr else None
-    worker: Runner | Fleet
-    if len(ids) == 1:
-        ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
-                               stopping=lambda: worker.stopping.is_set()) \
-            if interactive else None
-        worker = Runner(settings, opts[0], on_event, progress=lambda m: say(f"  {m}"),
-                        ask=ask)
-    else:
-        worker = Fleet(settings, opts, on_event, progress=lambda m: say(f"  {m}"))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: worker.request_stop())
-    if endpoint is None:
-        return worker.run()
-    assert endpoint.fold.requests is not None
-    worker.client.observe = endpoint.fold.requests.observe
-    endpoint.start()
-    say(f"  serving http://{endpoint.addr}/metrics and /status")
     try:
+        worker: Runner | Fleet
+        if len(ids) == 1:
+            ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
+                                   stopping=lambda: worker.stopping.is_set()) \
+                if interactive else None
+            worker = Runner(settings, opts[0], on_event, progress=lambda m: say(f"  {m}"),
+                            ask=ask)
+        else:
+            worker = Fleet(settings, opts, on_event, progress=lambda m: say(f"  {m}"))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.request_stop())
+        if endpoint is not None:
+            assert endpoint.fold.requests is not None
+            worker.client.observe = endpoint.fold.requests.observe
+            endpoint.start()
+            say(f"  serving http://{endpoint.addr}/metrics and /status")
         return worker.run()
     finally:
-        endpoint.close()
+        if endpoint is not None:
+            endpoint.close()
 
 
 def _endpoint(addr: str, settings: Any, ids: list[str]) -> Any:

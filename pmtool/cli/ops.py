@@ -272,7 +272,7 @@ def metrics_cmd(
 
     Example: pmtool metrics | grep pmtool_tasks_finished_total
 
-    Example: */1 * * * * pmtool metrics -o /var/lib/prometheus/node-exporter/pmtool.prom
+    Example: pmtool metrics --output /var/lib/prometheus/node-exporter/pmtool.prom
     """
     from pmtool.metrics import metrics_text, write_atomic
 
