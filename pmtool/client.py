@@ -23,6 +23,7 @@ import random
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -162,6 +163,9 @@ class PMClient:
         # requests are open at the server at once: its database pool is 5 + 10, and 200
         # registrations at once wedged a real server (quirk 7) where 60 did not.
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        # Told of every request's end (method, "2xx".."5xx"/"timeout"/"unreachable",
+        # seconds): pmtool.metrics counts them for `run --metrics-addr`.
+        self.observe: Callable[[str, str, float], None] | None = None
 
     def raw(self, method: str, path: str, *, params: dict | None = None, json: Any = None,
             timeout: float | None = None) -> Response:
@@ -175,8 +179,20 @@ class PMClient:
             body = jsonlib.dumps(json).encode()
             headers["Content-Type"] = "application/json"
         with self._in_flight:
-            return self.connections.request(method, target, body, headers,
-                                            timeout or self.timeout)
+            if self.observe is None:
+                return self.connections.request(method, target, body, headers,
+                                                timeout or self.timeout)
+            started, result = time.monotonic(), "unreachable"
+            try:
+                resp = self.connections.request(method, target, body, headers,
+                                                timeout or self.timeout)
+                result = f"{resp.status_code // 100}xx"
+                return resp
+            except TimedOut:
+                result = "timeout"
+                raise
+            finally:
+                self.observe(method, result, time.monotonic() - started)
 
     # -- transport ---------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ SPECS: dict[str, Spec] = {
                               "hooks get HEADLESS_PM_API_KEY in their environment"),
     "grace": Spec(float, 900.0, ("PMTOOL_GRACE",),
                   "seconds a dead runner's task waits before it is given back"),
+    "metrics_addr": Spec(str, None, ("PMTOOL_METRICS_ADDR",),
+                         "where `run` serves /metrics and /status: HOST:PORT, or a port "
+                         "on 127.0.0.1"),
 }
 
 

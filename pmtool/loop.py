@@ -261,8 +261,10 @@ class Runner:
     # -- events -------------------------------------------------------------------------
 
     def event(self, kind: str, task_id: int | None = None, **data: Any) -> None:
+        # role and level too: pmtool.metrics labels what it counts from the log with them.
         event = {"ok": kind != "error", "event": kind, "time": now_iso(),
-                 "agent": self.opts.agent_id, "task_id": task_id, **data}
+                 "agent": self.opts.agent_id, "role": self.opts.role,
+                 "level": self.opts.level, "task_id": task_id, **data}
         # Kept in the runner's event log (what status, logs and report read), then shown.
         try:
             self.state.append_event(self.opts.agent_id, event)

@@ -76,7 +76,9 @@ def _runner_pid(lock: Path, locked: set[int] | None) -> tuple[int | None, bool]:
     except OSError:
         return None, False
     pid = int(text) if text.isdigit() else None
-    live = bool(pid and pid_alive(pid)) and (locked is None or inode in locked)
+    # This very process (a runner serving its own /metrics) lives: no need to ask.
+    live = bool(pid and (pid == os.getpid() or pid_alive(pid))) and \
+        (locked is None or inode in locked)
     return pid, live
 
 
@@ -130,18 +132,23 @@ def parked_tasks(state: StateDir) -> list[dict[str, Any]]:
     pmtool.work.park) that no later history line shows worked again."""
     open_: dict[str, dict[str, Any]] = {}
     for entry in state.history():
-        task_id = _task_of(entry)
-        if entry.get("kind") == "parked" or entry.get("outcome") == "parked":
-            closing = (entry.get("steps") or [{}])[-1]
-            task = entry.get("task") or {}
-            open_[task_id] = {
-                "task_id": entry.get("task_id", task.get("id")), "title": task.get("title"),
-                "agent_id": entry.get("agent_id"), "at": entry.get("closed_at") or entry.get("at"),
-                "cause": entry.get("cause") or closing.get("cause"),
-                "reason": entry.get("reason") or closing.get("reason")}
-        elif entry.get("kind") in ("closed", "unparked"):
-            open_.pop(task_id, None)
+        note_parked(open_, entry)
     return list(open_.values())
+
+
+def note_parked(open_: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
+    """One history line's part in `parked_tasks` (pmtool.metrics folds them one by one)."""
+    task_id = _task_of(entry)
+    if entry.get("kind") == "parked" or entry.get("outcome") == "parked":
+        closing = (entry.get("steps") or [{}])[-1]
+        task = entry.get("task") or {}
+        open_[task_id] = {
+            "task_id": entry.get("task_id", task.get("id")), "title": task.get("title"),
+            "agent_id": entry.get("agent_id"), "at": entry.get("closed_at") or entry.get("at"),
+            "cause": entry.get("cause") or closing.get("cause"),
+            "reason": entry.get("reason") or closing.get("reason")}
+    elif entry.get("kind") in ("closed", "unparked"):
+        open_.pop(task_id, None)
 
 
 def cooling_tasks(state: StateDir, now: datetime) -> list[dict[str, Any]]:
@@ -155,12 +162,18 @@ def cooling_tasks(state: StateDir, now: datetime) -> list[dict[str, Any]]:
     return [e for e in latest.values() if (parse_time(e.get("until")) or now) > now]
 
 
-def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any]:
-    """Every runner on this machine (live or dead), parked and cooling tasks, state sizes."""
-    now = now or _now()
-    state = StateDir(state_root)
+def runner_rows(state: StateDir, now: datetime,
+                events_of: Callable[[str], list[dict[str, Any]]],
+                agents_only: set[str] | None = None,
+                scanned: tuple[list[TaskRecord], list[Any]] | None = None
+                ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The `runners` rows of `status` (and the corrupt records seen), each runner's events
+    from `events_of(agent_id)`: status reads the logs, pmtool.metrics passes the last
+    event it folded. `agents_only`: just these agents (a process's own); `scanned`: the
+    records and corrupt ones, when the caller read them already."""
     store = RecordStore(state.root)
-    records, corrupt = store.scan(quarantine=False)  # a view: moves nothing
+    # A view: moves nothing.
+    records, corrupt = scanned if scanned is not None else store.scan(quarantine=False)
     by_agent = {r.agent_id: r for r in records}
     locked = _locked_inodes()
     agents: dict[str, tuple[int | None, bool]] = {}
@@ -169,12 +182,25 @@ def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any
             agents[lock.stem] = _runner_pid(lock, locked)
     rows = []
     for agent_id in sorted(set(agents) - {safe_name(a) for a in by_agent} | set(by_agent)):
+        if agents_only is not None and agent_id not in agents_only:
+            continue
         record = by_agent.get(agent_id)
         pid, live = agents.get(safe_name(agent_id), (None, False))
         if record and not live and record.pid and store.is_live(record):
             pid, live = record.pid, True  # a `claim` without `run`: its record names it
-        events = state.events(agent_id=agent_id, since=now - timedelta(days=2))
-        rows.append(_runner_row(agent_id, record, events, pid, live, now))
+        rows.append(_runner_row(agent_id, record, events_of(agent_id), pid, live, now))
+    return rows, corrupt
+
+
+def status(state_root: str | Path, now: datetime | None = None,
+           agents_only: set[str] | None = None) -> dict[str, Any]:
+    """Every runner on this machine (live or dead), parked and cooling tasks, state sizes."""
+    now = now or _now()
+    state = StateDir(state_root)
+    rows, corrupt = runner_rows(
+        state, now, lambda agent_id: state.events(agent_id=agent_id,
+                                                  since=now - timedelta(days=2)),
+        agents_only)
     return {
         "runners": rows,
         "live": sum(1 for r in rows if r["live"]),

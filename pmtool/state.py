@@ -8,6 +8,9 @@
     <state>/history.jsonl           closed records and other task history, one JSON per line
     <state>/events/<agent>.jsonl    every event of each runner, one JSON per line
     <state>/logs/task-<id>-<session>.jsonl (and .stderr.log)   agent transcripts
+    <state>/metrics-fold.json       what `pmtool metrics` counted so far, and up to where
+                                    it read each log (pmtool.metrics; derived, rebuilt
+                                    from the logs when missing)
 
 Folders are made 0700 and files that hold task text, transcripts or context 0600: a
 task's description and an agent's transcript are nobody else's business on a shared
@@ -145,6 +148,7 @@ class StateDir:
         self.events_dir = self.root / "events"
         self.history_path = self.root / "history.jsonl"
         self.claim_lock_path = self.root / "claim.lock"
+        self.metrics_fold_path = self.root / "metrics-fold.json"
 
     def __repr__(self) -> str:
         return f"StateDir({str(self.root)!r})"
@@ -184,12 +188,7 @@ class StateDir:
         """
         since = _aware(since) if since else None
         out = []
-        for entry in read_lines(self.history_path):
-            entry.setdefault("kind", "closed")
-            entry.setdefault("at", entry.get("closed_at"))
-            if "task_id" not in entry and isinstance(entry.get("task"), dict):
-                entry["task_id"] = entry["task"].get("id")
-            entry.setdefault("agent_id", entry.get("agent"))
+        for entry in map(history_entry, read_lines(self.history_path)):
             if kind is not None and entry["kind"] != kind:
                 continue
             if task_id is not None and not _same_id(entry.get("task_id"), task_id):
@@ -269,6 +268,17 @@ class StateDir:
         events = self.events_dir.glob("*") if self.events_dir.is_dir() else iter(())
         return {"logs_bytes": _files_size(logs), "events_bytes": _files_size(events),
                 "history_bytes": _files_size(iter([self.history_path]))}
+
+
+def history_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history line with `kind`, `at`, `task_id` and `agent_id` filled in from where
+    older lines keep them (`closed_at`, `task.id`, `agent`)."""
+    entry.setdefault("kind", "closed")
+    entry.setdefault("at", entry.get("closed_at"))
+    if "task_id" not in entry and isinstance(entry.get("task"), dict):
+        entry["task_id"] = entry["task"].get("id")
+    entry.setdefault("agent_id", entry.get("agent"))
+    return entry
 
 
 def _same_id(value: Any, task_id: int) -> bool:

@@ -33,4 +33,20 @@ if ! command -v jq >/dev/null 2>&1; then
   fi
 fi
 
+# Prometheus (its promtool checks deploy/'s alert rules; the e2e test scrapes a runner with
+# it): Debian's package, where we may. Without it those tests are skipped, and say why.
+if ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+      || echo "tests/run.sh: could not install prometheus; its tests are skipped" >&2
+  else
+    echo "tests/run.sh: promtool is missing (apt-get install prometheus); the alert-rule" \
+      "and Prometheus tests are skipped" >&2
+  fi
+fi
+if command -v promtool >/dev/null 2>&1; then
+  promtool check rules deploy/prometheus/pmtool-alerts.yml >/dev/null
+  (cd deploy/prometheus && promtool test rules pmtool-alerts.test.yml >/dev/null)
+fi
+
 exec .venv/bin/python -m pytest "$@"

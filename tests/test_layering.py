@@ -41,8 +41,10 @@ def test_only_the_client_speaks_http():
     client. requests is for tests and benchmarks only (the test extra)."""
     assert importers("requests") == set()
     assert importers("urllib3") == set()
+    # pmtool.metrics serves (http.server, for `run --metrics-addr`); it asks nobody.
     assert {p for p in importers("http") if not p.startswith("pmtool/testing/")} \
-        == {"pmtool/client.py"}
+        == {"pmtool/client.py", "pmtool/metrics.py"}
+    assert "http.client" not in (PACKAGE / "metrics.py").read_text()
 
 
 def test_the_library_loads_without_typer_or_requests():

@@ -192,7 +192,8 @@ COMMAND_MODULES = {
     "register": "work", "claim": "work", "lock": "work", "finish": "work", "recover": "work",
     "worktree": "agent_tools", "hook": "agent_tools", "exec-claude": "agent_run",
     "run": "loop", "demo": "loop",
-    "status": "ops", "logs": "ops", "report": "ops", "init": "ops",
+    "status": "ops", "logs": "ops", "report": "ops", "init": "ops", "metrics": "ops",
+    "fleet": "ops",
 }
 _VALUE_OPTIONS = ("--api-url", "--state-dir", "--config")
 

@@ -203,6 +203,11 @@ def run_cmd(
     grace: Annotated[float | None, typer.Option(
         help="Seconds a dead runner's task waits before it is given back "
              "[env PMTOOL_GRACE, default 900].")] = None,
+    metrics_addr: Annotated[str | None, typer.Option(
+        "--metrics-addr", help="Serve /metrics (Prometheus) and /status (the `pmtool "
+                               "status` JSON) of this process's agents on HOST:PORT; a bare "
+                               "port is 127.0.0.1:PORT [env PMTOOL_METRICS_ADDR, default: "
+                               "off].")] = None,
 ) -> int:
     """Work tasks for a role continuously: claim, hooks, worktree, claude, finish, repeat.
 
@@ -216,6 +221,8 @@ def run_cmd(
     Example: pmtool run --role qa --agent-id qa_001 --single-task | jq 'select(.event=="finished")'
 
     Example: pmtool run --role backend_dev --agent-id dev --agents 4 --repo ~/src/app
+
+    Example: pmtool run --role backend_dev --agent-id dev --agents 10 --metrics-addr 9464
     """
     from pmtool.fleet import Fleet, agent_ids
     from pmtool.loop import Runner, RunOptions
@@ -228,7 +235,8 @@ def run_cmd(
         retry_cooldown=retry_cooldown, max_bounces=max_bounces,
         max_consecutive_failures=max_consecutive_failures, daily_budget_usd=daily_budget_usd,
         max_turns=max_turns, poll_interval=poll_interval, poll_max=poll_max,
-        keep_logs=keep_logs, leftover=leftover, push=push, grace=grace)
+        keep_logs=keep_logs, leftover=leftover, push=push, grace=grace,
+        metrics_addr=metrics_addr)
     # Policies and limits are checked by RunOptions itself (UsageError, exit 2).
     opts = [RunOptions.from_settings(
         settings, agent_id=one, role=role, level=level, repo=repo, base=base,
@@ -245,18 +253,45 @@ def run_cmd(
 
     if settings.ask_timeout < 0:
         raise UsageError(f"ask_timeout must be at least 0, got {settings.ask_timeout:g}")
-    worker: Runner | Fleet
-    if len(ids) == 1:
-        ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
-                               stopping=lambda: worker.stopping.is_set()) \
-            if interactive else None
-        worker = Runner(settings, opts[0], on_event, progress=lambda m: say(f"  {m}"),
-                        ask=ask)
-    else:
-        worker = Fleet(settings, opts, on_event, progress=lambda m: say(f"  {m}"))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: worker.request_stop())
-    return worker.run()
+    addr = settings.values.get("metrics_addr")
+    endpoint = _endpoint(addr, settings, ids) if addr else None
+    try:
+        worker: Runner | Fleet
+        if len(ids) == 1:
+            ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
+                                   stopping=lambda: worker.stopping.is_set()) \
+                if interactive else None
+            worker = Runner(settings, opts[0], on_event, progress=lambda m: say(f"  {m}"),
+                            ask=ask)
+        else:
+            worker = Fleet(settings, opts, on_event, progress=lambda m: say(f"  {m}"))
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.request_stop())
+        if endpoint is not None:
+            assert endpoint.fold.requests is not None
+            worker.client.observe = endpoint.fold.requests.observe
+            endpoint.start()
+            say(f"  serving http://{endpoint.addr}/metrics and /status")
+        return worker.run()
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _endpoint(addr: str, settings: Any, ids: list[str]) -> Any:
+    """The /metrics and /status server, bound now: a port in use is a usage error (exit 2)
+    before anything is claimed. Its failures later are an `error` line and said."""
+    from pmtool.metrics import Endpoint
+    from pmtool.records import now_iso
+
+    def on_error(message: str) -> None:
+        emit_line({"ok": False, "event": "error", "time": now_iso(), "agent": None,
+                   "task_id": None, "error": {"type": "failed", "message": message}})
+        say(paint(f"  {message}", "31"))
+
+    return Endpoint(addr, settings.state_path, ids,
+                    daily_budget_usd=settings.values.get("daily_budget_usd"),
+                    on_error=on_error)
 
 
 @app.command("demo")
