@@ -464,7 +464,9 @@ class Runner:
                 raise AuthError(refused[0]["detail"], fatal=True,
                                 hint="set HEADLESS_PM_API_KEY to the server's key")
             if all(c.get("unreachable") for c in failed):
-                raise ServerError("; ".join(c["detail"] for c in failed))
+                # The api and auth checks fail alike when the server is away: say it once.
+                raise ServerError("; ".join(dict.fromkeys(c["detail"] for c in failed)),
+                                  hint=next((c["hint"] for c in failed if c.get("hint")), None))
             self.last_health = 0.0  # check again next turn
             raise OperationFailed("health check failed: " + "; ".join(
                 f"{c['name']}: {c['detail']}" for c in failed))

@@ -78,6 +78,9 @@ def _global(
         "--state-dir", help="Task records and logs [env PMTOOL_STATE_DIR].")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="Config file (TOML) [env PMTOOL_CONFIG].")] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Log each request to the server, its status and time, on "
+                                "stderr [env PMTOOL_DEBUG=1].")] = False,
     version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=_print_version,
         help="Print pmtool's version and exit.")] = False,
@@ -85,6 +88,8 @@ def _global(
     _state.pretty = pretty or _state.pretty
     _state.overrides = {"api_url": api_url, "state_dir": state_dir}
     _state.config = config
+    if verbose:  # the client reads it; commands pmtool starts (hooks) inherit it
+        os.environ["PMTOOL_DEBUG"] = "1"
 
 
 def options() -> Options:
