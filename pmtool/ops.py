@@ -496,7 +496,11 @@ def init(folder: str | Path) -> dict[str, Any]:
                        hint="init into a new folder, or move those files away first")
     for path, (data, executable) in plan.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "xb") as fh:  # x: never replace a file that appeared meanwhile
+        # x: never replace a file that appeared meanwhile; the config has an api_key slot,
+        # so it is the owner's alone from the start (0600), not after a later chmod.
+        mode = 0o600 if path.name == "config.toml" else 0o666
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(fd, "wb") as fh:
             fh.write(data)
         if executable:
             os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

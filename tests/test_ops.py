@@ -33,7 +33,7 @@ HOOKS = Path(__file__).resolve().parent.parent / "hooks"
 
 def state_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {"PMTOOL_STATE_DIR": str(tmp_path / "state"),
-            "PMTOOL_CONFIG": str(tmp_path / "none.toml"), **extra}
+            "PMTOOL_CONFIG": os.devnull, **extra}
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -394,6 +394,8 @@ def test_init_into_an_empty_then_a_non_empty_folder(tmp_path: Path) -> None:
             "scripts/crontab.example"} <= names
     assert os.access(target / "hooks" / "notify.py", os.X_OK)
     assert os.access(target / "scripts" / "pm-runner.sh", os.X_OK)
+    # It has an api_key slot: the owner's alone, from the first byte.
+    assert (target / "config.toml").stat().st_mode & 0o777 == 0o600
     config = pmtool("--config", str(target / "config.toml"), "config").out["settings"]
     assert config["hooks_dir"] == {"value": str(target.resolve() / "hooks"), "source": "file"}
 

@@ -130,7 +130,7 @@ def make_world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
     hooks.mkdir()
     env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_HOOKS_DIR": str(hooks),
+           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_HOOKS_DIR": str(hooks),
            # A given-back task may be taken again at once (tests of the cooldown set it).
            "PMTOOL_RETRY_COOLDOWN": "0"}
     env.pop("PMTOOL_RUNNER_PID", None)

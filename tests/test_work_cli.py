@@ -34,7 +34,7 @@ def env(pm_server: Any, tmp_path: Path) -> dict[str, str]:
     """The environment of a pipeline on this machine: server, key, own state dir."""
     return {"HEADLESS_PM_API_URL": pm_server.url, "HEADLESS_PM_API_KEY": pm_server.api_key,
             "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-            "PMTOOL_CONFIG": str(tmp_path / "no-config.toml")}
+            "PMTOOL_CONFIG": os.devnull}
 
 
 def record_path(env: dict[str, str], agent: str) -> Path:
@@ -703,7 +703,7 @@ def test_stale_lock_rule_and_heartbeat(make_standin, tmp_path):
     server = make_standin(api_key="clock-key-0123", production=True)
     env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": "clock-key-0123",
            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml")}
+           "PMTOOL_CONFIG": os.devnull}
     with Seeder(server.url, "clock-key-0123") as seed:
         first = seed.create_task(title="kept by heartbeat")
         second = seed.create_task(title="lock expires")

@@ -39,6 +39,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.setenv(f"GIT_{who}_EMAIL", "pmtool-tests@example.invalid")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    (tmp_path / "config.toml").touch()  # named, so it must exist
     monkeypatch.setenv("PMTOOL_CONFIG", str(tmp_path / "config.toml"))
     monkeypatch.setenv("PMTOOL_STATE_DIR", str(tmp_path / "state"))
     for name in ("HEADLESS_PM_WORKTREE_BASE", "HEADLESS_PM_HOOKS_DIR",

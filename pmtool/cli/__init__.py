@@ -47,13 +47,18 @@ class Options:
     emitted: bool = False  # the command printed its one JSON object
     overrides: dict[str, Any] = field(default_factory=dict)
     config: Path | None = None
+    warned: set[str] = field(default_factory=set)
 
     def settings(self, **flags: Any):  # -> pmtool.config.Settings
         from pmtool.config import load_settings
 
         merged = {**self.overrides, **{k: v for k, v in flags.items() if v is not None}}
-        settings = load_settings(merged, self.config)
+        settings = load_settings(merged, self.config, explicit=self.config is not None)
         _secrets.add(settings.api_key)
+        for warning in settings.warnings:
+            if warning not in self.warned:  # once, however often a command reads them
+                self.warned.add(warning)
+                say(f"pmtool: {warning}")
         return settings
 
 
