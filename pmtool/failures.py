@@ -51,6 +51,9 @@ QA_FAIL = "qa_fail"
 # Given back unworked: its branch (or the checkout) is another task's on this machine, and
 # tasks never share a folder. Not the task's fault: not counted, but it waits a cooldown.
 DEFERRED = "deferred"
+# Given back by a person (`pmtool lock release` without --kind): trying steps by hand must
+# not use up the task's attempts nor cool it down.
+BY_HAND = "by_hand"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ POLICIES: dict[str, Policy] = {
     DEFERRED: Policy(attempt=False, retry=True, breaker=False,
                      what="given back unworked: its branch or the checkout is another "
                           "task's here; taken again after one cooldown, not counted"),
+    BY_HAND: Policy(attempt=False, retry=True, breaker=False,
+                    what="given back by a person: not counted, no cooldown"),
 }
 
 KINDS = tuple(POLICIES)

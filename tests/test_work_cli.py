@@ -318,6 +318,24 @@ def test_release_of_a_task_still_only_locked(env, queue):
     assert on_server["status"] == "created" and on_server["locked_by"] is None
 
 
+def test_a_release_by_hand_is_not_an_attempt_unless_it_says_what_failed(env, queue):
+    """A person trying steps by hand releases without --kind: the task is not charged an
+    attempt nor cooled down; `--kind failed` (as scripts pass) is."""
+    task = queue.create_task(title="tried by hand")
+    agent = unique_id("dev")
+    assert claim(env, agent).out["task"]["id"] == task["id"]
+    r = pmtool("lock", "release", "--agent-id", agent, env=env)
+    assert r.code == 0 and r.out["action"] == "released"
+    assert r.out["attempt"]["stop"] == "by_hand" and r.out["attempt"]["counts"] is False
+    assert r.out["cooling_until"] is None
+    again = claim(env, agent)  # the same machine takes it again at once
+    assert again.code == 0 and again.out["task"]["id"] == task["id"]
+    r = pmtool("lock", "release", "--agent-id", agent, "--kind", "failed", env=env)
+    assert r.out["attempt"]["counts"] is True and r.out["cooling_until"]
+    r = claim(env, agent)
+    assert r.code == 3 and task["id"] in map(int, r.out["error"]["cooling"])
+
+
 # -- finish ---------------------------------------------------------------------------------
 
 
@@ -475,8 +493,9 @@ def test_kill_9_at_each_step_then_recover(env, queue, point):
             "action"] == "resume"
         # Cron's recover of every record waits for a runner that died just now.
         assert pmtool("recover", env=env).out["entries"][0]["action"] == "waiting"
-        assert pmtool("lock", "release", "--agent-id", agent, env=env).code == 0
-        # A give-back is an attempt: this machine lets the task cool down first.
+        assert pmtool("lock", "release", "--agent-id", agent, "--kind", "killed",
+                      env=env).code == 0
+        # A give-back that says what failed is an attempt: the task cools down first.
         r = claim(env, unique_id("dev"))
         assert r.code == 3 and task["id"] in map(int, r.out["error"]["cooling"])
     # Nothing lost: the task is claimable again (by another machine at once).
