@@ -336,6 +336,29 @@ def test_a_release_by_hand_is_not_an_attempt_unless_it_says_what_failed(env, que
     assert r.code == 3 and task["id"] in map(int, r.out["error"]["cooling"])
 
 
+def test_a_hook_names_no_agent_id_nor_role(env, queue, tmp_path):
+    """Hooks get PMTOOL_AGENT_ID and PMTOOL_ROLE; pmtool reads them where --agent-id or
+    --role is required and absent, so a hook's `pmtool lock show` needs no flag."""
+    task = queue.create_task(title="hook asks")
+    agent = unique_id("dev")
+    assert claim(env, agent).out["task"]["id"] == task["id"]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    seen = tmp_path / "seen.json"
+    (hooks / "pre_task.sh").write_text(f'#!/bin/sh\nexec "{PMTOOL}" lock show > "{seen}"\n')
+    (hooks / "pre_task.sh").chmod(0o755)
+    r = pmtool("hook", "run", "pre_task", "--agent-id", agent, "--hooks-dir", str(hooks),
+               "--cwd", str(tmp_path), env=env)
+    assert r.code == 0, r.out
+    shown = json.loads(seen.read_text())["record"]
+    assert (shown["agent_id"], shown["task"]["id"]) == (agent, task["id"]), shown
+    # The role too; a flag beats the variable.
+    other = {**env, "PMTOOL_AGENT_ID": unique_id("dev"), "PMTOOL_ROLE": "no_such_role"}
+    assert claim(other, agent).code == 5  # --agent-id given: `agent`, who holds a task
+    r = pmtool("register", env=other)
+    assert r.code == 2 and r.out["error"]["valid"], r.out  # the role came from PMTOOL_ROLE
+
+
 # -- finish ---------------------------------------------------------------------------------
 
 
