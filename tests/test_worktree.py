@@ -559,3 +559,34 @@ def test_a_branch_taken_between_the_look_and_the_add_is_waited_for(
     assert err.value.details["branch_in_use"] is True
     assert err.value.details["held_by_task"] == 5
     assert len(looks) == 2  # it looked again after git refused the add
+
+
+def test_a_branch_pmtool_named_goes_with_its_worktree_unless_it_holds_work(
+        env: Path, repo: Path) -> None:
+    """`worktree create 999` (a mistyped task, no branch) makes task-999; removing the
+    worktree takes that branch away too while it holds nothing the base lacks. A commit
+    on it keeps it, and the task's own branch (named by the server) always stays."""
+    made = pmtool("worktree", "create", "999", "--repo", str(repo))
+    assert made.code == 0 and made.out["branch"] == "task-999"
+    gone = pmtool("worktree", "remove", "999", "--repo", str(repo))
+    assert gone.code == 0 and gone.out["branch_deleted"] is True
+    assert not git(repo, "branch", "--list", "task-999")
+
+    worked = pmtool("worktree", "create", "998", "--repo", str(repo)).out["path"]
+    tip = commit_on(Path(worked), "work.txt", "real work\n")
+    kept = pmtool("worktree", "remove", "998", "--repo", str(repo))
+    assert kept.code == 0 and kept.out["branch_deleted"] is False
+    assert "not merged" in kept.out["branch_kept"]
+    assert git(repo, "rev-parse", "refs/heads/task-998") == tip
+
+    pmtool("worktree", "create", "997", "--branch", "feature/x", "--repo", str(repo))
+    assert pmtool("worktree", "remove", "997", "--repo", str(repo)).out["branch_deleted"] is False
+    assert git(repo, "branch", "--list", "feature/x")
+
+
+def test_worktree_create_says_why_it_does_not_ask_the_server(env: Path) -> None:
+    from helpers import PMTOOL
+
+    text = subprocess.run([PMTOOL, "worktree", "create", "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "not looked up on the server" in " ".join(text.split())
