@@ -770,3 +770,42 @@ def test_stale_lock_rule_and_heartbeat(make_standin, tmp_path):
         r = pmtool("finish", "--agent-id", sleeper, "--outcome", "done", env=env)
         assert r.out["action"] == "finished" and r.out["lock_expired"] is True
         assert seed.get_task(second["id"])["status"] == "dev_done"
+
+
+@pytest.mark.parametrize(("extra", "line", "coloured"), [
+    ({"TERM": "xterm"}, True, True),
+    ({"TERM": "xterm", "FORCE_COLOR": "0"}, True, False),
+    ({"TERM": "xterm", "NO_COLOR": "1"}, True, False),
+    ({"TERM": "dumb"}, False, False),
+])
+def test_claim_wait_says_it_waits_on_a_terminal_only(make_standin, tmp_path, extra, line,
+                                                     coloured):
+    """`claim --wait` at a terminal keeps one line saying it is waiting (cleared at the
+    end); into a pipe, or on TERM=dumb, it says nothing. Colour follows TERM, FORCE_COLOR
+    and NO_COLOR."""
+    import pty
+
+    from helpers import read_pty
+
+    server = make_standin(api_key="k-wait", production=True)  # no task for anyone
+    env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": "k-wait",
+           "PMTOOL_STATE_DIR": str(tmp_path / "state"), "PMTOOL_CONFIG": os.devnull, **extra}
+    for name in ("NO_COLOR", "FORCE_COLOR"):
+        if name not in extra:
+            env.pop(name, None)
+    args = [PMTOOL, "claim", "--agent-id", unique_id("w"), "--role", "backend_dev",
+            "--wait", "1.5"]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=follower, env=env)
+    os.close(follower)
+    screen = read_pty(leader, lambda s: b"no task for" in s, timeout=60)
+    out, _ = proc.communicate(timeout=60)
+    os.close(leader)
+    assert proc.returncode == 3 and json.loads(out)["ok"] is False
+    assert (b"waiting for a backend_dev/senior task" in screen) is line, screen
+    assert (b"\x1b[2m" in screen) is coloured, screen
+    if line:
+        waiting_at = screen.rindex(b"waiting for")
+        assert b"\r\x1b[K" in screen[waiting_at:]  # taken away before the last words
+    piped = subprocess.run(args, capture_output=True, env=env, timeout=60, check=False)
+    assert piped.returncode == 3 and b"waiting" not in piped.stderr

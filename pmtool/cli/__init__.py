@@ -129,15 +129,49 @@ _ANSI = re.compile(r"\033\[[0-9;]*m")
 def colour(stream: Any = None) -> bool:
     """Whether to colour what goes to `stream` (default stderr).
 
-    NO_COLOR (any value) turns colour off, FORCE_COLOR (any value but 0) turns it on even
-    into a pipe; otherwise colour only on a terminal. NO_COLOR wins when both are set.
+    NO_COLOR (any value) and FORCE_COLOR=0 (or false) turn colour off; FORCE_COLOR set to
+    anything else turns it on even into a pipe; otherwise colour only on a terminal that
+    is not TERM=dumb. NO_COLOR wins when both are set.
     """
-    if os.environ.get("NO_COLOR"):
+    force = os.environ.get("FORCE_COLOR", "").strip().lower()
+    if os.environ.get("NO_COLOR") or force in ("0", "false"):
         return False
-    if os.environ.get("FORCE_COLOR", "0") not in ("", "0"):
+    if force:
         return True
+    return terminal(stream) and os.environ.get("TERM") != "dumb"
+
+
+def terminal(stream: Any = None) -> bool:
+    """Whether `stream` (default stderr) is a terminal a person watches."""
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+class WaitingLine:
+    """One line on a terminal's stderr that says what pmtool waits for, rewritten in
+    place; `clear()` takes it away before the command's own lines."""
+
+    def __init__(self, what: str, total: float) -> None:
+        self.what, self.total, self.drawn = what, total, False
+
+    def __call__(self, waited: float, left: float) -> None:
+        sys.stderr.write(f"\r\033[K{paint('pmtool:', '2')} {self.what}: {waited:.0f}s of "
+                         f"{self.total:g}s (Ctrl-C stops)")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def waiting_line(what: str, total: float) -> WaitingLine | None:
+    """A WaitingLine when stderr is a terminal and there is a wait; None in a pipe or a
+    log, which must not fill with carriage returns."""
+    if total <= 0 or not terminal() or os.environ.get("TERM") == "dumb":
+        return None
+    return WaitingLine(what, total)
 
 
 def paint(text: str, code: str, stream: Any = None) -> str:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pmtool.cli import app, emit, options, say
+from pmtool.cli import app, emit, options, say, waiting_line
 
 # Re-exported for callers that took them from here before `options` existed.
 from pmtool.cli.options import (
@@ -67,9 +67,14 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
 
     settings = options().settings()
     stats = ClaimStats()
-    claimed = claim(server(settings), record_store(settings), agent_id, role, level,
-                    wait=wait, runner_pid=working_pid(runner_pid), settle=settle, stats=stats,
-                    limits=limits_from(settings))
+    shown = waiting_line(f"waiting for a {role}/{level} task", wait)
+    try:
+        claimed = claim(server(settings), record_store(settings), agent_id, role, level,
+                        wait=wait, runner_pid=working_pid(runner_pid), settle=settle,
+                        stats=stats, limits=limits_from(settings), on_wait=shown)
+    finally:
+        if shown:
+            shown.clear()
     for parked in stats.parked:
         say(f"pmtool: parked task {parked['task_id']}: {parked['reason']}")
     title = f": {claimed.task['title']}" if claimed.task.get("title") else ""
