@@ -300,9 +300,41 @@ def _stop_on_signals() -> None:
             signal.signal(sig, _raise_stop)
 
 
+COMPLETION_FLAGS = ("--install-completion", "--show-completion")
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _completion(args: list[str]) -> int | None:
+    """`--show-completion [SHELL]` and `--install-completion [SHELL]`, answered here:
+    typer takes them as flags that detect the shell (a SHELL after one reads as a command
+    name), and only on an app built with them, which pmtool's lazily built app is not for
+    a call that names anything. None when `args` ask for neither."""
+    flags = [a for a in args if a in COMPLETION_FLAGS]
+    if not flags:
+        return None
+    rest = [a for a in args if a not in COMPLETION_FLAGS and a != "--pretty"]
+    from typer import _completion_shared as shared
+
+    shell = rest[0] if rest else shared._get_shell_name()
+    if len(rest) > 1 or shell not in SHELLS:
+        return fail(UsageError(f"{flags[0]}: shell {shell or '(not detected)'!r} is not one "
+                               "of " + ", ".join(SHELLS),
+                               hint=f"pmtool {flags[0]} bash", valid=list(SHELLS)))
+    names = {"prog_name": "pmtool", "complete_var": "_PMTOOL_COMPLETE"}
+    if flags[0] == "--show-completion":
+        sys.stdout.write(shared.get_completion_script(shell=shell, **names) + "\n")
+        return 0
+    shell, path = shared.install(shell=shell, **names)
+    say(f"pmtool: {shell} completion installed in {path}; it takes effect in a new shell")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and applies the one exit-code table."""
     args = sys.argv[1:] if argv is None else argv
+    answered = _completion(args)
+    if answered is not None:
+        return answered
     _register_commands(args)
     if os.environ.get("PMTOOL_PRETTY") == "1":
         _state.pretty = True

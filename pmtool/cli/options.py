@@ -27,10 +27,25 @@ AgentId = Annotated[str, typer.Option(
 # The same option where a command can also be pointed at a task another way.
 AgentIdOrNone = Annotated[str | None, typer.Option("--agent-id", help=_AGENT_HELP)]
 
+
+
+def _complete_roles(ctx: typer.Context, param: object, incomplete: str) -> list[str]:
+    from pmtool.config import ROLES
+
+    return [role for role in ROLES if role.startswith(incomplete)]
+
+
+def _complete_levels(ctx: typer.Context, param: object, incomplete: str) -> list[str]:
+    from pmtool.config import LEVELS
+
+    return [level for level in LEVELS if level.startswith(incomplete)]
+
+
 Role = Annotated[str, typer.Option(
-    "--role", envvar="PMTOOL_ROLE",
+    "--role", envvar="PMTOOL_ROLE", shell_complete=_complete_roles,
     help="frontend_dev, backend_dev, qa, architect or pm.")]
-Level = Annotated[str, typer.Option("--level", help="junior, senior or principal.")]
+Level = Annotated[str, typer.Option("--level", shell_complete=_complete_levels,
+                                    help="junior, senior or principal.")]
 Settle = Annotated[float, typer.Option(
     "--settle", envvar="PMTOOL_CLAIM_SETTLE", min=0.0,
     help="Seconds to let in-flight lock requests land before reading the lock back; must "
