@@ -82,6 +82,27 @@ def test_report_sums_a_known_history(tmp_path: Path) -> None:
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["type"] == "usage"
 
 
+def test_the_html_report_is_a_page_a_person_reads(tmp_path: Path) -> None:
+    """Labels instead of field names, outcomes in words, small costs to two significant
+    digits, a chart, and the most expensive tasks, as the terminal view has them."""
+    state = StateDir(tmp_path / "state")
+    state.append_history(closed(1, "done", 0.00021, 1, ago(hours=3), ago(hours=2, minutes=50)))
+    state.append_history(closed(2, "given_back", 1.5, 2, ago(hours=2), ago(hours=1)))
+    state.append_history(closed(3, "done", 0.04, 1, ago(minutes=30), ago(minutes=20)))
+    page_path = tmp_path / "r.html"
+    res = pmtool("report", "--by", "outcome", "--html", str(page_path), env=state_env(tmp_path))
+    assert res.code == 0
+    page = page_path.read_text()
+    for field in ("agent_s", "p95_task_s", "mean_task_s", "cost_usd", "{&#x27;", "{'"):
+        assert field not in page, field
+    assert "Agent time" in page and "95th percentile" in page
+    assert "2 done, 1 given back" in page
+    assert "$0.00021" in page and "$1.50" in page and "$0.04" in page and "$0.00<" not in page
+    assert "<svg" in page and "<rect" in page and "<script" not in page
+    costly = page[page.index("most expensive"):]
+    assert costly.index(">t2<") < costly.index(">t3<") < costly.index(">t1<")
+
+
 # ---- notify -------------------------------------------------------------------------------
 
 

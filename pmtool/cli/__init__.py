@@ -317,7 +317,7 @@ def _completion(args: list[str]) -> int | None:
 
     shell = rest[0] if rest else shared._get_shell_name()
     if len(rest) > 1 or shell not in SHELLS:
-        return fail(UsageError(f"{flags[0]}: shell {shell or '(not detected)'!r} is not one "
+        return fail(UsageError(f'{flags[0]}: shell "{shell or "(not detected)"}" is not one '
                                "of " + ", ".join(SHELLS),
                                hint=f"pmtool {flags[0]} bash", valid=list(SHELLS)))
     names = {"prog_name": "pmtool", "complete_var": "_PMTOOL_COMPLETE"}
