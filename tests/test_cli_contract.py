@@ -585,3 +585,23 @@ def test_ctrl_c_ends_sandbox_serve_with_130_and_its_one_json_line(free_port):
     assert proc.returncode == 130, err
     assert rest == ""  # still exactly one JSON object on stdout
     assert "stopped by SIGINT" in err
+
+
+def test_the_supported_systems_are_said(monkeypatch, capsys):
+    """Linux and macOS: in the package's classifiers, the README, and in one line (not a
+    traceback from `import fcntl`) on any other system."""
+    import tomllib
+
+    from pmtool import cli
+
+    root = Path(__file__).resolve().parents[1]
+    classifiers = tomllib.loads((root / "pyproject.toml").read_text())["project"]["classifiers"]
+    assert {"Operating System :: POSIX :: Linux", "Operating System :: MacOS"} <= set(
+        classifiers)
+    assert not any("Windows" in c or c == "Operating System :: OS Independent"
+                   for c in classifiers)
+    readme = (root / "README.md").read_text()
+    assert "runs on Linux and macOS" in readme and "PowerShell" not in readme
+    monkeypatch.setattr(cli.os, "name", "nt")
+    assert cli.main(["model-for", "senior"]) == 2
+    assert "Linux and macOS only" in json.loads(capsys.readouterr().out)["error"]["message"]

@@ -332,6 +332,9 @@ def _completion(args: list[str]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and applies the one exit-code table."""
     args = sys.argv[1:] if argv is None else argv
+    if os.name != "posix":  # fcntl locks, process groups, POSIX signals: a clear word, no trace
+        return fail(UsageError("pmtool runs on Linux and macOS only",
+                               hint="on Windows, run it in WSL"))
     answered = _completion(args)
     if answered is not None:
         return answered
