@@ -69,21 +69,24 @@ class TimedOut(Unreachable):
 URL_FIX = "set HEADLESS_PM_API_URL or --api-url"
 
 
-def explain(exc: BaseException, where: str, https: bool) -> Unreachable:
-    """Why a call to `where` (host:port, the proxy's when there is one) got no answer,
+def explain(exc: BaseException, where: str, https: bool, proxy: bool = False) -> Unreachable:
+    """Why a call to `where` (host:port, or the proxy's URL when `proxy`) got no answer,
     with the fix: every cause otherwise reads as the same "cannot reach"."""
     import socket
 
     text = str(exc)
+    fix_where = ("fix HTTP_PROXY/HTTPS_PROXY, or add the server's host to NO_PROXY"
+                 if proxy else URL_FIX)
     if isinstance(exc, TimeoutError):
         return TimedOut(text or "timed out")
     if isinstance(exc, ConnectionRefusedError):
         return Unreachable(f"connection refused: nothing listens at {where}",
-                           f"start the server, or fix the host and port ({URL_FIX})")
+                           f"start the {'proxy' if proxy else 'server'}, or fix the host "
+                           f"and port ({fix_where})")
     if isinstance(exc, socket.gaierror):
         return Unreachable(f"the host name in {where} does not resolve (DNS: "
                            f"{exc.strerror or text})",
-                           f"check the host name ({URL_FIX}) and the machine's DNS")
+                           f"check the host name ({fix_where}) and the machine's DNS")
     ssl = sys.modules.get("ssl")  # only loaded when https was asked for
     if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
         return Unreachable(f"the TLS certificate of {where} is not trusted "
@@ -172,7 +175,7 @@ class Connections:
             conn.close()
             if _debug():
                 _log(method, path, type(exc).__name__, start)
-            raise explain(exc, self.proxy or self.where, self.https) from exc
+            raise explain(exc, self.proxy or self.where, self.https, bool(self.proxy)) from exc
         if _debug():
             _log(method, path, str(answer.status), start)
         if answer.will_close:

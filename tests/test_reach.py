@@ -70,6 +70,7 @@ def test_a_proxy_that_is_down_is_named_with_the_way_around_it(pm_server) -> None
     detail = out["checks"][0]["detail"]
     assert f"through the proxy http://127.0.0.1:{port}" in detail, detail
     assert "connection refused" in detail and "NO_PROXY" in detail
+    assert out["checks"][0]["hint"].startswith("start the proxy")
     assert "s3cret" not in out.__repr__() + stderr  # the proxy's password is not shown
 
 
