@@ -164,7 +164,8 @@ class Connections:
         conn = self._take(timeout)
         path = self.prefix + target
         if self.proxy and not self.https:  # the proxy is told where to, in the request line
-            path = f"http://{self.host}{f':{self.port}' if self.port else ''}{path}"
+            host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+            path = f"http://{host}{f':{self.port}' if self.port else ''}{path}"
             headers = {**headers, **self._proxy_auth}
         start = time.monotonic()
         try:
@@ -193,7 +194,8 @@ class Connections:
                              "http:// proxy, the only kind pmtool speaks to",
                              hint="set HTTP_PROXY/HTTPS_PROXY to an http:// proxy, or "
                                   "NO_PROXY to the server's host")
-        self.proxy = f"http://{parts.hostname}:{parts.port or 80}"
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6
+        self.proxy = f"http://{host}:{parts.port or 80}"
         if parts.username:
             import base64
             from urllib.parse import unquote
@@ -333,7 +335,8 @@ class PMClient:
                     return self._answer(resp, method, path)
                 unsure = True
                 error = ServerError(f"{method} {path}: server error {resp.status_code}: "
-                                    f"{_detail_text(resp)}", status=resp.status_code)
+                                    f"{_detail_text(resp)}{self._via()}",
+                                    status=resp.status_code)
                 # After a 500 the server may reset the next request on a connection it
                 # kept (quirk 8): the next ones start on fresh connections.
                 self.connections.close()

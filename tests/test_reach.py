@@ -245,3 +245,17 @@ def test_run_says_an_unreachable_server_once(free_port: int, tmp_path: Path) -> 
         proc.wait(timeout=60)
     assert line.count("cannot reach") == 1, line
     assert "connection refused" in line
+
+
+def test_a_proxy_that_cannot_reach_the_server_says_so(forward_proxy, free_port: int,
+                                                      monkeypatch) -> None:
+    """The proxy is up, the server behind it is not: http gets the proxy's 502, https its
+    refused CONNECT; both name the proxy."""
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    plain = reach(f"http://127.0.0.1:{free_port}")
+    assert "502" in plain.message and f"through the proxy {forward_proxy.url}" in plain.message
+    tls = reach(f"https://127.0.0.1:{free_port}")
+    assert "could not open a tunnel (502" in tls.message, tls.message
+    assert "NO_PROXY" in (tls.hint or "")
+    assert forward_proxy.counts() == {"GET /health": 1, f"CONNECT 127.0.0.1:{free_port}": 1}
