@@ -208,15 +208,18 @@ def test_a_wrong_path_prefix_points_at_the_url(pm_server) -> None:
     assert real.value.hint is None
 
 
-def test_unreachable_is_said_once_and_each_request_is_logged(free_port: int) -> None:
-    """`pmtool --verbose` (or PMTOOL_DEBUG=1) logs every request with its status and
-    time; the cause is printed once, not once per failed check."""
+def test_verbose_logs_each_request(free_port: int) -> None:
+    """`pmtool --verbose` (or PMTOOL_DEBUG=1) logs every request with what came of it and
+    its time on stderr."""
     result = pmtool("--verbose", "health", "--check", "api", "--check", "auth",
                     env={"HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port}",
                          "HEADLESS_PM_API_KEY": "k"})
     assert result.code == EXIT_SERVER
     assert "pmtool: http: GET /health -> ConnectionRefusedError in" in result.stderr
     assert "pmtool: http: GET /api/v1/agents -> ConnectionRefusedError" in result.stderr
+    quiet = pmtool("health", "--check", "api",
+                   env={"HEADLESS_PM_API_URL": f"http://127.0.0.1:{free_port}"})
+    assert "pmtool: http:" not in quiet.stderr
 
 
 def test_run_says_an_unreachable_server_once(free_port: int, tmp_path: Path) -> None:
