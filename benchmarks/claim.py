@@ -106,7 +106,7 @@ class Server:
 
     def env(self, state: str) -> dict[str, str]:
         return {**os.environ, "HEADLESS_PM_API_URL": self.url, "HEADLESS_PM_API_KEY": self.key,
-                "PMTOOL_STATE_DIR": state, "PMTOOL_CONFIG": os.path.join(state, "none.toml")}
+                "PMTOOL_STATE_DIR": state, "PMTOOL_CONFIG": os.devnull}
 
     def client(self) -> PMClient:
         return PMClient(self.url, self.key)

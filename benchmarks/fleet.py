@@ -133,7 +133,7 @@ class Machine:
                if not k.startswith(("PMTOOL_", "HEADLESS_PM_", "API_KEY_HEADLESS_PM"))}
         env.update(IDENTITY, HEADLESS_PM_API_URL=server.agent_url, HEADLESS_PM_API_KEY=server.key,
                    PMTOOL_STATE_DIR=str(self.root / "state"),
-                   PMTOOL_CONFIG=str(self.root / "none.toml"),
+                   PMTOOL_CONFIG=os.devnull,
                    HEADLESS_PM_HOOKS_DIR=str(self.root / "hooks"))
         many = ["--agents", str(agents)] if agents > 1 else []
         self.events: list[tuple[float, dict[str, Any]]] = []

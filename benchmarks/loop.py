@@ -121,7 +121,7 @@ class Server:
                if not k.startswith(("PMTOOL_", "HEADLESS_PM_", "API_KEY_HEADLESS_PM"))}
         return {**env, **IDENTITY, "HEADLESS_PM_API_URL": self.url,
                 "HEADLESS_PM_API_KEY": self.key, "PMTOOL_STATE_DIR": str(state),
-                "PMTOOL_CONFIG": str(state / "no-config.toml"),
+                "PMTOOL_CONFIG": os.devnull,
                 "HEADLESS_PM_HOOKS_DIR": str(hooks)}
 
     def stop(self) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -175,7 +176,7 @@ def scrape(root: Path, agents: int, tasks: int, scrapes: int) -> None:
 def once(root: Path, tasks: int, runs: int) -> None:
     agents = 20
     state = write_state(root, agents, tasks // agents)
-    env = {"PMTOOL_STATE_DIR": str(root), "PMTOOL_CONFIG": str(root / "none.toml"),
+    env = {"PMTOOL_STATE_DIR": str(root), "PMTOOL_CONFIG": os.devnull,
            "PATH": "/usr/bin:/bin"}
 
     def timed() -> tuple[float, bytes]:

@@ -80,7 +80,7 @@ def main() -> None:
 def startup(args: argparse.Namespace) -> None:
     state = tempfile.mkdtemp(prefix="pmtool-bench-")
     env = {**os.environ, "PMTOOL_STATE_DIR": state,
-           "PMTOOL_CONFIG": os.path.join(state, "none.toml")}
+           "PMTOOL_CONFIG": os.devnull}
     cases = {
         'python -c "import typer"': [sys.executable, "-c", "import typer"],
         "pmtool model-for senior": [PMTOOL, "model-for", "senior"],

@@ -3,8 +3,9 @@
 It speaks HTTP with the standard library's http.client rather than requests: requests and
 urllib3 cost a pmtool process about 70 ms of start-up, more than everything else an empty
 `pmtool claim` does, and pmtool needs none of what they add over http.client for one
-JSON API (no cookies, redirects, auth schemes or compression). Proxy variables
-(HTTP_PROXY, ...) are not used: the server is reached directly.
+JSON API (no cookies, redirects, auth schemes or compression). The proxy variables are
+honoured as curl and urllib read them (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, and lower case):
+plain http goes to the proxy as absolute-URI requests, https through a CONNECT tunnel.
 
 The server fails in measured ways (../shared/headless-pm-api.md, quirks 7-8): under load it
 answers a plain-text 500, and the next request on that connection may be reset. So:
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import http.client
 import json as jsonlib
+import os
 import random
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,18 +55,94 @@ class Response:
 
 
 class Unreachable(OSError):
-    """No answer: refused, reset or closed before a whole answer came."""
+    """No answer: refused, reset or closed before a whole answer came. `reason` names the
+    cause in a person's words, `fix` what to do about it."""
+
+    def __init__(self, reason: str, fix: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
 
 
 class TimedOut(Unreachable):
     """No answer within the timeout."""
 
 
+URL_FIX = "set HEADLESS_PM_API_URL or --api-url"
+
+
+def explain(exc: BaseException, where: str, https: bool, proxy: bool = False) -> Unreachable:
+    """Why a call to `where` (host:port, or the proxy's URL when `proxy`) got no answer,
+    with the fix: every cause otherwise reads as the same "cannot reach"."""
+    import socket
+
+    text = str(exc)
+    fix_where = ("fix HTTP_PROXY/HTTPS_PROXY, or add the server's host to NO_PROXY"
+                 if proxy else URL_FIX)
+    if isinstance(exc, TimeoutError):
+        return TimedOut(text or "timed out")
+    if isinstance(exc, ConnectionRefusedError):
+        return Unreachable(f"connection refused: nothing listens at {where}",
+                           f"start the {'proxy' if proxy else 'server'}, or fix the host "
+                           f"and port ({fix_where})")
+    if isinstance(exc, socket.gaierror):
+        return Unreachable(f"the host name in {where} does not resolve (DNS: "
+                           f"{exc.strerror or text})",
+                           f"check the host name ({fix_where}) and the machine's DNS")
+    ssl = sys.modules.get("ssl")  # only loaded when https was asked for
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
+        return Unreachable(f"the TLS certificate of {where} is not trusted "
+                           f"({exc.verify_message})",
+                           "point SSL_CERT_FILE at the CA that signed it, or fix the host name")
+    if ssl is not None and isinstance(exc, ssl.SSLError) and any(
+            sign in text for sign in ("WRONG_VERSION_NUMBER", "record layer failure",
+                                      "packet length too long", "HTTP_REQUEST")):
+        return Unreachable(f"{where} does not speak TLS: https:// was asked of a plain http "
+                           "port", f"use http:// ({URL_FIX})")
+    # A TLS server hangs up on plain http (Python's and uvicorn's reset; some close).
+    maybe_tls = "" if https else f"if it serves https, use https:// ({URL_FIX}); else "
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return Unreachable(f"{where} closed the connection without an answer",
+                           f"{maybe_tls}try again; see `pmtool health`")
+    if isinstance(exc, ConnectionResetError):
+        return Unreachable(f"{where} reset the connection",
+                           f"{maybe_tls}try again; see `pmtool health`")
+    if text.startswith("Tunnel connection failed"):  # the proxy's answer to CONNECT
+        return Unreachable(f"the proxy at {where} could not open a tunnel ({text[26:]})",
+                           "check that the proxy can reach the server, or set NO_PROXY")
+    return Unreachable(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy to reach `url` through, from the environment as curl and urllib read it
+    (HTTP_PROXY/HTTPS_PROXY, lower case first; NO_PROXY), or None.
+
+    urllib.request costs 11-16 ms of start-up, so it is imported only when some proxy
+    variable is set; then its own readers keep the semantics exact (the CGI rule for
+    HTTP_PROXY, NO_PROXY's suffixes and `*`)."""
+    if not any(name[-6:].lower() == "_proxy" for name in os.environ):
+        return None
+    import urllib.request
+
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    host = parts.hostname or ""
+    if not proxy or urllib.request.proxy_bypass_environment(
+            f"{host}:{parts.port}" if parts.port else host, proxies):
+        return None
+    return proxy
+
+
+def _debug() -> bool:
+    return os.environ.get("PMTOOL_DEBUG", "") not in ("", "0")
+
+
 class Connections:
     """Keep-alive connections to one server, shared by threads: a call takes an idle one
     (or opens one), and gives it back after reading the whole answer."""
 
-    def __init__(self, url: str, keep: int = 8) -> None:
+    def __init__(self, url: str, keep: int = 8, proxy: str | None = None) -> None:
+        """`proxy`: an http:// proxy to go through (see `proxy_for`), else direct."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
@@ -71,6 +150,11 @@ class Connections:
         self.host, self.port = parts.hostname, parts.port
         self.prefix = parts.path.rstrip("/")
         self.keep = keep
+        self.where = f"{self.host}:{self.port or (443 if self.https else 80)}"
+        self.proxy: str | None = None  # the proxy's URL without its credentials
+        self._proxy_auth: dict[str, str] = {}
+        if proxy:
+            self._use_proxy(proxy)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
@@ -79,21 +163,47 @@ class Connections:
         """`target`: the path and query below the server's URL. Raises TimedOut or
         Unreachable; a connection that failed is never used again."""
         conn = self._take(timeout)
+        path = self.prefix + target
+        if self.proxy and not self.https:  # the proxy is told where to, in the request line
+            host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6
+            path = f"http://{host}{f':{self.port}' if self.port else ''}{path}"
+            headers = {**headers, **self._proxy_auth}
+        start = time.monotonic()
         try:
-            conn.request(method, self.prefix + target, body=body, headers=headers)
+            conn.request(method, path, body=body, headers=headers)
             answer = conn.getresponse()
             content = answer.read()
-        except TimeoutError as exc:
-            conn.close()
-            raise TimedOut(str(exc) or "timed out") from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+            if _debug():
+                _log(method, path, type(exc).__name__, start)
+            raise explain(exc, self.proxy or self.where, self.https, bool(self.proxy)) from exc
+        if _debug():
+            _log(method, path, str(answer.status), start)
         if answer.will_close:
             conn.close()
         else:
             self._give_back(conn)
         return Response(answer.status, answer.headers, content)
+
+    def _use_proxy(self, proxy: str) -> None:
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if parts.scheme != "http" or not parts.hostname:
+            from pmtool.errors import UsageError
+
+            raise UsageError(f"the proxy {parts.scheme}://{parts.hostname or ''} is not an "
+                             "http:// proxy, the only kind pmtool speaks to",
+                             hint="set HTTP_PROXY/HTTPS_PROXY to an http:// proxy, or "
+                                  "NO_PROXY to the server's host")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6
+        self.proxy = f"http://{host}:{parts.port or 80}"
+        if parts.username:
+            import base64
+            from urllib.parse import unquote
+
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._proxy_auth = {"Proxy-Authorization":
+                                "Basic " + base64.b64encode(pair.encode()).decode()}
 
     def close(self) -> None:
         with self._lock:
@@ -111,12 +221,19 @@ class Connections:
                     conn.sock.settimeout(timeout)
                     return conn
                 conn.close()
+        host, port = self.host, self.port
+        if self.proxy:
+            proxy = urlsplit(self.proxy)
+            host, port = proxy.hostname or "", proxy.port
         if self.https:
             import ssl  # only for https: it costs a plain-http process 10 ms
 
-            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                               context=ssl.create_default_context())
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=ssl.create_default_context())
+            if self.proxy:  # TLS end to end with the server, inside the proxy's tunnel
+                conn.set_tunnel(self.host, self.port, headers=self._proxy_auth)
+            return conn
+        return http.client.HTTPConnection(host, port, timeout=timeout)
 
     def _give_back(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -124,6 +241,14 @@ class Connections:
                 self._idle.append(conn)
                 return
         conn.close()
+
+
+def _log(method: str, path: str, status: str, start: float) -> None:
+    """PMTOOL_DEBUG (or --verbose): one line per request on stderr. The key travels in a
+    header, never in the path, so nothing secret is written."""
+    ms = (time.monotonic() - start) * 1000
+    sys.stderr.write(f"pmtool: http: {method} {path} -> {status} in {ms:.1f} ms\n")
+    sys.stderr.flush()
 
 
 def _still_open(conn: http.client.HTTPConnection) -> bool:
@@ -149,7 +274,8 @@ class PMClient:
         self.retries = retries
         self.backoff = backoff
         try:
-            self.connections = Connections(self.url, keep=MAX_IN_FLIGHT)
+            self.connections = Connections(self.url, keep=MAX_IN_FLIGHT,
+                                           proxy=proxy_for(self.url))
         except ValueError:
             from pmtool.errors import UsageError
 
@@ -210,21 +336,23 @@ class PMClient:
                 resp = self.raw(method, path, params=params, json=json, timeout=timeout)
             except TimedOut:
                 error = ServerError(f"{method} {path}: server at {self.url} did not answer "
-                                    f"within {timeout or self.timeout:g}s",
+                                    f"within {timeout or self.timeout:g}s{self._via()}",
                                     hint="is the server overloaded? see PMTOOL_HTTP_TIMEOUT")
             except Unreachable as exc:
                 # Refused (nothing sent) or reset after a 500 (quirk 8): either way the
                 # server may be fine now; a later read tells what landed.
                 unsure = True
-                error = ServerError(f"cannot reach the Headless PM server at {self.url}",
-                                    hint="is it running? set HEADLESS_PM_API_URL or --api-url")
+                error = ServerError(f"cannot reach the Headless PM server at {self.url}"
+                                    f"{self._via()}: {exc.reason}",
+                                    hint=exc.fix or "is it running? " + URL_FIX)
                 error.__cause__ = exc
             else:
                 if resp.status_code < 500:
                     return self._answer(resp, method, path)
                 unsure = True
                 error = ServerError(f"{method} {path}: server error {resp.status_code}: "
-                                    f"{_detail_text(resp)}", status=resp.status_code)
+                                    f"{_detail_text(resp)}{self._via()}",
+                                    status=resp.status_code)
                 # After a 500 the server may reset the next request on a connection it
                 # kept (quirk 8): the next ones start on fresh connections.
                 self.connections.close()
@@ -232,6 +360,11 @@ class PMClient:
             if attempt + 1 < attempts:
                 time.sleep(self.pause(attempt))
         raise error
+
+    def _via(self) -> str:
+        proxy = self.connections.proxy
+        return f" through the proxy {proxy} (HTTP_PROXY/HTTPS_PROXY; NO_PROXY skips it)" \
+            if proxy else ""
 
     def pause(self, attempt: int) -> float:
         """Seconds before try `attempt + 2`: full jitter under a doubling, capped ceiling,
@@ -269,7 +402,15 @@ class PMClient:
                 raise AuthError("HEADLESS_PM_API_KEY is not set", hint=KEY_ENV_HINT)
             raise AuthError(f"the server at {self.url} rejected the API key", hint=KEY_ENV_HINT)
         if resp.status_code >= 400:
-            raise ApiError(resp.status_code, _detail(resp),
+            hint = None
+            if resp.status_code in (404, 405) and _detail(resp) in ("Not Found",
+                                                                   "Method Not Allowed"):
+                # The framework's answer for a path it has no route for (the server's own
+                # 404s name the task or agent): the URL's path prefix is wrong.
+                hint = (f"{self.url} has no {path}: HEADLESS_PM_API_URL (or --api-url) "
+                        "must be the server's root, e.g. http://localhost:6969, without "
+                        "/api/v1")
+            raise ApiError(resp.status_code, _detail(resp), hint=hint,
                            message=f"{method} {path}: {resp.status_code} {_detail_text(resp)}")
         if not resp.content:
             return None
@@ -277,7 +418,9 @@ class PMClient:
             return resp.json()
         except ValueError:
             raise ServerError(f"{method} {path}: the answer is not JSON "
-                              f"(is {self.url} a Headless PM server?)") from None
+                              f"(is {self.url} a Headless PM server?)",
+                              hint=f"check HEADLESS_PM_API_URL (or --api-url){self._via()}"
+                              ) from None
 
     def close(self) -> None:
         self.connections.close()

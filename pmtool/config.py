@@ -102,6 +102,9 @@ class Settings:
     values: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)
     config_path: Path | None = None
+    # Things a person should hear about once (a key in a file others can read); the CLI
+    # prints them on stderr.
+    warnings: list[str] = field(default_factory=list)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -223,14 +226,26 @@ def _boolean(raw: Any) -> bool:
     raise ValueError(word)
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """Read the TOML config file; a missing file is empty, a malformed one is exit 2."""
+def load_file(path: Path, explicit: bool = False) -> dict[str, Any]:
+    """Read the TOML config file. A missing default file is empty; a file named on purpose
+    (`explicit`: --config, PMTOOL_CONFIG) that is missing, and a malformed one, are exit 2:
+    going on with the defaults would claim tasks with settings nobody chose."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
-        return {}
+        if not explicit:
+            return {}
+        raise UsageError(f"config file {path} does not exist",
+                         hint="fix the path given to --config or PMTOOL_CONFIG; "
+                              "`pmtool init FOLDER` writes one") from None
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")  # TOML is UTF-8, whatever the locale says
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {exc.start}, line "
+                         f"{line})", hint="save it as UTF-8; TOML files are UTF-8") from None
     import tomllib  # only when there is a file: start-up matters for every command
 
     try:
@@ -245,11 +260,30 @@ def load_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def key_file_warning(path: Path) -> str | None:
+    """A line for a config file that holds the key and that others may read (as ssh says
+    of a private key); None when it is private."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    return (f"warning: {path} holds the API key and is readable by others "
+            f"(mode {stat.S_IMODE(mode):04o}); chmod 600 {path}")
+
+
 def load_settings(overrides: dict[str, Any] | None = None,
-                  config_path: Path | None = None) -> Settings:
-    """Resolve every setting. `overrides` are command-line flags; None means not given."""
+                  config_path: Path | None = None, explicit: bool = False) -> Settings:
+    """Resolve every setting. `overrides` are command-line flags; None means not given.
+    `explicit`: `config_path` was named by the user, so it must exist (PMTOOL_CONFIG is
+    always taken as named)."""
+    if config_path is None and os.environ.get("PMTOOL_CONFIG"):
+        explicit = True
     path = config_path or default_config_path()
-    file_values = load_file(path)
+    file_values = load_file(path, explicit)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, spec in SPECS.items():
@@ -267,7 +301,10 @@ def load_settings(overrides: dict[str, Any] | None = None,
     if values["state_dir"] is None:
         values["state_dir"] = default_state_dir()
     values["api_url"] = values["api_url"].rstrip("/")
-    return Settings(values=values, sources=sources, config_path=path)
+    warnings = []
+    if file_values.get("api_key"):  # warned even when a flag or variable beats it
+        warnings = [w for w in (key_file_warning(path),) if w]
+    return Settings(values=values, sources=sources, config_path=path, warnings=warnings)
 
 
 def check_level(level: str) -> str:

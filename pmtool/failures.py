@@ -56,6 +56,9 @@ DEFERRED = "deferred"
 # remote that did not answer the fetch (a fault of this machine's link).
 NO_BRANCH = "no_branch"
 REMOTE = "remote"
+# Given back by a person (`pmtool lock release` without --kind): trying steps by hand must
+# not use up the task's attempts nor cool it down.
+BY_HAND = "by_hand"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ POLICIES: dict[str, Policy] = {
     REMOTE: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
                    what="given back unworked: the remote did not answer the fetch (a "
                         "machine fault); the runner backs off as for a server outage"),
+    BY_HAND: Policy(attempt=False, retry=True, breaker=False,
+                    what="given back by a person: not counted, no cooldown"),
 }
 
 KINDS = tuple(POLICIES)

@@ -28,7 +28,7 @@ def check_api(settings: Settings) -> Check:
     try:
         answer = client.health()
     except PmtoolError as exc:
-        return {"ok": False, "detail": exc.message, "unreachable": True}
+        return {"ok": False, "detail": exc.message, "unreachable": True, "hint": exc.hint}
     latency = round((time.monotonic() - start) * 1000, 1)
     status = answer.get("status") if isinstance(answer, dict) else None
     ok = status == "healthy"
@@ -50,7 +50,8 @@ def check_auth(settings: Settings) -> Check:
     except AuthError:
         return {"ok": False, "detail": "the server rejected the API key"}
     except PmtoolError as exc:
-        return {"ok": False, "detail": exc.message, "unreachable": exc.exit_code == EXIT_SERVER}
+        return {"ok": False, "detail": exc.message, "unreachable": exc.exit_code == EXIT_SERVER,
+                "hint": exc.hint}
     return {"ok": True, "detail": "key accepted"}
 
 

@@ -237,6 +237,7 @@ class Runner:
         self._health = health
         self._seen = 0  # the newest poller offer this runner acted on
         self._cooling: dict[int, str] = {}
+        self._empty_looks = 0  # looks in a row that found nothing (idle_poll 0)
         # Monotonic time of the last registration; None: not registered (yet, or again).
         # Not a negative number: monotonic time starts near 0 at boot, so on a machine up
         # for less than a heartbeat "long ago" would read as "just now" and the first
@@ -502,7 +503,9 @@ class Runner:
                 raise AuthError(refused[0]["detail"], fatal=True,
                                 hint="set HEADLESS_PM_API_KEY to the server's key")
             if all(c.get("unreachable") for c in failed):
-                raise ServerError("; ".join(c["detail"] for c in failed))
+                # The api and auth checks fail alike when the server is away: say it once.
+                raise ServerError("; ".join(dict.fromkeys(c["detail"] for c in failed)),
+                                  hint=next((c["hint"] for c in failed if c.get("hint")), None))
             self.last_health = 0.0  # check again next turn
             raise OperationFailed("health check failed: " + "; ".join(
                 f"{c['name']}: {c['detail']}" for c in failed))
@@ -583,9 +586,17 @@ class Runner:
         self._cooling = {}  # what this look found cooling down after a give-back
         if opts.single_task or opts.idle_poll <= 0:  # look once, now
             record = self._claim_offer(None, look=True)
-            if record is None and not opts.single_task:
+            if record is not None or opts.single_task:
+                self._empty_looks = 0
+                return record
+            # idle_poll 0 (the demo): one `idle` event per idle period, not one per look,
+            # and a pause between looks at claim's own pace, not a busy loop (a stalled
+            # demo once printed 11,506 of them in 100 s).
+            if not self._empty_looks:
                 self.event("idle", waited_s=0.0)
-            return record
+            self._sleep(min(work.POLL_CAP, work.POLL_FIRST * 2 ** min(self._empty_looks, 8)))
+            self._empty_looks += 1
+            return None
         if self._registered is None:  # once at the start: a refused role shows at once
             self._register()
         deadline = time.monotonic() + opts.idle_poll

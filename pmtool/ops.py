@@ -413,9 +413,52 @@ def report(state_root: str | Path, since: datetime | None = None, by: str = "day
     }
 
 
+def usd(amount: float) -> str:
+    """Dollars as a person reads them: cents from a cent up, two significant digits below
+    (a cheap task's $0.00021 is not "$0.00")."""
+    if amount == 0:
+        return "$0"
+    places = 2 if abs(amount) >= 0.01 else 1 - math.floor(math.log10(abs(amount)))
+    return f"${amount:.{places}f}"
+
+
+def duration(seconds: float | None) -> str:
+    """`42s`, `3m05s`, `2h10m`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# The report's totals, as a reader names them, each with how its value is shown.
+REPORT_LABELS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "tasks": ("Tasks closed", str),
+    "outcomes": ("Outcomes", lambda o: ", ".join(f"{n} {k.replace('_', ' ')}"
+                                                 for k, n in sorted(o.items())) or "none"),
+    "cost_usd": ("Cost", usd),
+    "attempts": ("Attempts", str),
+    "turns": ("Model turns", str),
+    "agent_s": ("Agent time", duration),
+    "mean_task_s": ("Time per task, mean", duration),
+    "p95_task_s": ("Time per task, 95th percentile", duration),
+}
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
 def report_html(result: dict[str, Any]) -> str:
-    """A self-contained page: the totals, and an inline SVG bar chart of cost per group."""
-    groups = result["groups"]
+    """A self-contained page a manager can read: the totals under plain labels, an inline
+    SVG bar chart of cost per group, the groups and the most expensive tasks."""
+    groups, by = result["groups"], result["by"]
     peak = max((g["cost_usd"] for g in groups), default=0) or 1
     bar_h, width = 22, 420
     bars = []
@@ -423,20 +466,33 @@ def report_html(result: dict[str, Any]) -> str:
         w = max(1, round(width * g["cost_usd"] / peak))
         y = i * bar_h
         bars.append(f'<text x="0" y="{y + 15}">{html.escape(g["key"])}</text>'
-                    f'<rect x="160" y="{y + 3}" width="{w}" height="{bar_h - 6}" fill="#4a7"/>'
-                    f'<text x="{166 + w}" y="{y + 15}">${g["cost_usd"]:.2f}</text>')
+                    f'<rect x="160" y="{y + 3}" width="{w}" height="{bar_h - 6}" fill="#4a7">'
+                    f'<title>{html.escape(usd(g["cost_usd"]))}</title></rect>'
+                    f'<text x="{166 + w}" y="{y + 15}">{html.escape(usd(g["cost_usd"]))}</text>')
     totals = result["totals"]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in totals.items())
+    summary = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(show(totals[k]))}"
+                      "</td></tr>" for k, (label, show) in REPORT_LABELS.items() if k in totals)
+    per_group = _html_table(
+        [by.capitalize(), "Tasks", "Attempts", "Cost", "Mean time per task"],
+        [[g["key"], str(g["tasks"]), str(g["attempts"]), usd(g["cost_usd"]),
+          duration(g["mean_task_s"])] for g in groups])
+    costly = _html_table(
+        ["Task", "Title", "Outcome", "Attempts", "Agent", "Cost"],
+        [[str(e["task_id"]), e.get("title") or "", str(e["outcome"]).replace("_", " "),
+          str(e["attempts"]), str(e.get("agent") or ""), usd(e["cost_usd"])]
+         for e in result["most_expensive"]])
     svg_h = max(bar_h, bar_h * len(groups))
     return (f"<!doctype html><meta charset=utf-8><title>pmtool report</title>"
             f"<style>body{{font:14px sans-serif;margin:2em}}td,th{{text-align:left;"
             f"padding:2px 12px}}svg text{{font:12px sans-serif}}</style>"
-            f"<h1>pmtool report</h1><p>since {html.escape(str(result['since'] or 'the start'))}"
-            f", by {html.escape(result['by'])}</p><table>{rows}</table>"
-            f"<h2>Cost per {html.escape(result['by'])}</h2>"
-            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{svg_h}">'
-            f"{''.join(bars)}</svg>\n")
+            f"<h1>What the closed tasks cost</h1><p>Tasks closed on this machine since "
+            f"{html.escape(str(result['since'] or 'the start'))}, grouped by "
+            f"{html.escape(by)}.</p><table>{summary}</table>"
+            f"<h2>Cost per {html.escape(by)}</h2>"
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{svg_h}" '
+            f'role="img" aria-label="cost per {html.escape(by)}">{"".join(bars)}</svg>'
+            f"{per_group}<h2>The most expensive tasks</h2>"
+            + (costly if result["most_expensive"] else "<p>None.</p>") + "\n")
 
 
 # -- notify ------------------------------------------------------------------------------
@@ -522,7 +578,11 @@ def init(folder: str | Path) -> dict[str, Any]:
                        hint="init into a new folder, or move those files away first")
     for path, (data, executable) in plan.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "xb") as fh:  # x: never replace a file that appeared meanwhile
+        # x: never replace a file that appeared meanwhile; the config has an api_key slot,
+        # so it is the owner's alone from the start (0600), not after a later chmod.
+        mode = 0o600 if path.name == "config.toml" else 0o666
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(fd, "wb") as fh:
             fh.write(data)
         if executable:
             os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

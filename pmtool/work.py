@@ -200,7 +200,8 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
           stats: ClaimStats | None = None,
           sleep: Callable[[float], None] = time.sleep, register_first: bool = True,
           limits: fl.Limits | None = None, explain: bool = True,
-          first: dict[str, Any] | None = None) -> Claimed:
+          first: dict[str, Any] | None = None,
+          on_wait: Callable[[float, float], None] | None = None) -> Claimed:
     """Take the next task for the role and level and make it this agent's.
 
     Looks once when `wait` is 0, else polls until a task is claimed or `wait` seconds have
@@ -213,7 +214,8 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
     NothingToDo when no task came (with `why`, unless `explain` is False), Conflict when
     the agent already has a record or a running `pmtool run` of its own. `first` is a
     task the caller saw offered (the machine's poller): the first round tries it instead
-    of asking the server's pick again.
+    of asking the server's pick again. `on_wait(waited, left)` is told of each pause
+    between two looks (seconds so far and to go), e.g. to show a person it is waiting.
 
     With `register_first`, the agent is registered once a task is offered, right before
     it is locked (or parked), not before the look: a look needs no agent on the server,
@@ -252,6 +254,8 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            if on_wait:
+                on_wait(time.monotonic() - start, left)
             # Full jitter keeps many idle claimers from polling in step.
             sleep(min(left, delay * random.uniform(0.5, 1.0)))
             delay = min(POLL_CAP, delay * 2)

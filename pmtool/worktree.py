@@ -64,6 +64,10 @@ TRUNK_NAMES = ("main", "master", "trunk", "develop")
 BRANCH_MAX_BYTES = 200
 LEFTOVER_MESSAGE = "pmtool: uncommitted work the agent left on task {task_id}"
 
+# A branch's git config entry saying pmtool named and made it for a task; `git branch -D`
+# drops it with the branch.
+MADE_MARK = "pmtoolTask"
+
 
 # -- running git ---------------------------------------------------------------------------
 
@@ -665,6 +669,10 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # The task's branch or path, not the machine: park the task, go on to the next one.
         raise TaskFault(f"git worktree add failed: {added.stderr.strip()}",
                         path=str(path), branch=branch)
+    if source.startswith("new") and (complexity == "minor" or note):
+        # Named and made by pmtool (task-<id>, pmtool/task-...), not the task's own
+        # branch: `remove_worktree` takes it away again while it holds no work.
+        _git(root, "config", f"branch.{branch}.{MADE_MARK}", str(task_id), check=False)
     answer.update(path=str(path), worktree=str(path), branch=branch, created=True,
                   branch_source=source)
     _setup(answer, hooks_dir, hook_timeout, context, root)
@@ -1067,9 +1075,17 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
                            hint="it changed since it was checked; run again, or --rescue",
                            path=wt.path)
         answer["removed"] = True
-    if delete_branch:
+    if delete_branch or (answer["removed"] and _made_here(root, wt.branch)):
+        # A branch pmtool made for the task goes with its worktree when it holds nothing
+        # the base lacks (a mistyped task id, a task given back unworked); with work on it
+        # it stays, whatever was asked.
         _delete_branch(root, answer, base)
     return answer
+
+
+def _made_here(root: Path, branch: str | None) -> bool:
+    """Whether pmtool named and made `branch` (not the task's branch, nor origin's)."""
+    return bool(branch) and _ok(root, "config", "--get", f"branch.{branch}.{MADE_MARK}")
 
 
 def _delete_branch(root: Path, answer: dict[str, Any], base: str | None) -> None:

@@ -27,6 +27,7 @@ def clean_env(tmp_path, monkeypatch):
                  "PMTOOL_MODEL_JUNIOR", "PMTOOL_MODEL_SENIOR", "PMTOOL_MODEL_PRINCIPAL",
                  "PMTOOL_CLAUDE_BIN", "HEADLESS_PM_HOOKS_DIR"):
         monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config.toml").touch()  # named, so it must exist
     monkeypatch.setenv("PMTOOL_CONFIG", str(tmp_path / "config.toml"))
     monkeypatch.setenv("PMTOOL_STATE_DIR", str(tmp_path / "state"))
     return tmp_path
@@ -107,6 +108,47 @@ def test_malformed_config_file_is_usage_error(clean_env, content):
     r = pmtool("model-for", "senior")
     assert r.code == 2
     assert "config" in r.out["error"]["message"] or "hook_timeout" in r.out["error"]["message"]
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(clean_env):
+    (clean_env / "config.toml").write_bytes('model_senior = "caf\u00e9"\n'.encode("latin-1"))
+    r = pmtool("model-for", "senior")
+    assert r.code == 2 and "Traceback" not in r.stderr
+    assert "is not UTF-8" in r.out["error"]["message"] and "line 1" in r.out["error"]["message"]
+
+
+def test_a_named_config_file_that_is_missing_is_a_usage_error(clean_env, monkeypatch):
+    """Named by --config or PMTOOL_CONFIG: a typo must not run on the defaults."""
+    typo = clean_env / "typo.toml"
+    r = pmtool("--config", str(typo), "model-for", "senior")
+    assert r.code == 2 and str(typo) in r.out["error"]["message"]
+    assert "does not exist" in r.out["error"]["message"]
+    monkeypatch.setenv("PMTOOL_CONFIG", str(typo))
+    r = pmtool("model-for", "senior")
+    assert r.code == 2 and "--config or PMTOOL_CONFIG" in r.out["error"]["hint"]
+
+
+def test_a_missing_default_config_file_is_fine(clean_env, monkeypatch):
+    monkeypatch.delenv("PMTOOL_CONFIG")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(clean_env / "xdg"))  # nothing there
+    r = pmtool("config")
+    assert r.code == 0
+    assert r.out["config_file"] == str(clean_env / "xdg" / "pmtool" / "config.toml")
+
+
+def test_a_key_in_a_file_others_can_read_is_warned_of_once(clean_env):
+    config = clean_env / "config.toml"
+    config.write_text('api_key = "s3cret-in-file"\n')
+    config.chmod(0o644)
+    r = pmtool("config")
+    assert r.code == 0
+    assert r.stderr.count("readable by others") == 1, r.stderr
+    assert f"chmod 600 {config}" in r.stderr and "s3cret" not in r.stderr + r.stdout
+    config.chmod(0o600)
+    assert "readable by others" not in pmtool("config").stderr
+    config.write_text('model_senior = "x"\n')  # no key in it: its mode is its owner's business
+    config.chmod(0o644)
+    assert "readable by others" not in pmtool("config").stderr
 
 
 def test_bad_environment_value_is_usage_error(clean_env, monkeypatch):
@@ -548,3 +590,23 @@ def test_ctrl_c_ends_sandbox_serve_with_130_and_its_one_json_line(free_port):
     assert proc.returncode == 130, err
     assert rest == ""  # still exactly one JSON object on stdout
     assert "stopped by SIGINT" in err
+
+
+def test_the_supported_systems_are_said(monkeypatch, capsys):
+    """Linux and macOS: in the package's classifiers, the README, and in one line (not a
+    traceback from `import fcntl`) on any other system."""
+    import tomllib
+
+    from pmtool import cli
+
+    root = Path(__file__).resolve().parents[1]
+    classifiers = tomllib.loads((root / "pyproject.toml").read_text())["project"]["classifiers"]
+    assert {"Operating System :: POSIX :: Linux", "Operating System :: MacOS"} <= set(
+        classifiers)
+    assert not any("Windows" in c or c == "Operating System :: OS Independent"
+                   for c in classifiers)
+    readme = (root / "README.md").read_text()
+    assert "runs on Linux and macOS" in readme and "PowerShell" not in readme
+    monkeypatch.setattr(cli.os, "name", "nt")
+    assert cli.main(["model-for", "senior"]) == 2
+    assert "Linux and macOS only" in json.loads(capsys.readouterr().out)["error"]["message"]

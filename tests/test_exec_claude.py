@@ -106,7 +106,7 @@ def make_scene(tmp: Path, model_url: str) -> Scene:
     env.update({
         "PMTOOL_CLAUDE_BIN": CLAUDE or "claude-not-installed",
         "PMTOOL_STATE_DIR": str(state),
-        "PMTOOL_CONFIG": str(tmp / "no-config.toml"),
+        "PMTOOL_CONFIG": os.devnull,
         # The server's /api/v1/context is asked for instruction files; nothing listens here.
         "HEADLESS_PM_API_URL": "http://127.0.0.1:9",
         "HEADLESS_PM_API_KEY": API_KEY,

@@ -22,7 +22,7 @@ def fleet_world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, A
     key = f"k-{secrets.token_hex(8)}"
     server = make_standin(api_key=key, production=True)
     env = {**os.environ, "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_API_URL": server.url,
+           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_API_URL": server.url,
            "HEADLESS_PM_API_KEY": key}
     env.pop("PMTOOL_RUNNER_PID", None)
     return {"server": server, "env": env, "seeder": Seeder(server.url, key), "tmp": tmp_path}
@@ -105,7 +105,7 @@ def test_fleet_without_a_server_exits_4(tmp_path: Path, free_port: int) -> None:
     answer = pmtool("fleet", env={**os.environ, "HEADLESS_PM_API_URL":
                                   f"http://127.0.0.1:{free_port}",
                                   "HEADLESS_PM_API_KEY": "k",
-                                  "PMTOOL_CONFIG": str(tmp_path / "none.toml")})
+                                  "PMTOOL_CONFIG": os.devnull})
     assert answer.code == 4 and answer.out["error"]["type"] == "server"
 
 

@@ -35,6 +35,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                  "HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM", "PMTOOL_CLAUDE_BIN",
                  "PMTOOL_TASK_ID", "PMTOOL_WORKTREE", "PMTOOL_BRANCH", "PMTOOL_PRE_TASK_SKIP"):
         monkeypatch.delenv(name, raising=False)
+    (tmp_path / "config.toml").touch()  # named, so it must exist
     monkeypatch.setenv("PMTOOL_CONFIG", str(tmp_path / "config.toml"))
     monkeypatch.setenv("PMTOOL_STATE_DIR", str(tmp_path / "state"))
     for who in ("AUTHOR", "COMMITTER"):

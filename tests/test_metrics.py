@@ -88,7 +88,7 @@ def world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
         subprocess.run(["git", "-C", str(repo), *args], check=True)
     (tmp_path / "hooks").mkdir()
     env = {**os.environ, "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_API_URL": server.url,
+           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_API_URL": server.url,
            "HEADLESS_PM_API_KEY": key, "HEADLESS_PM_HOOKS_DIR": str(tmp_path / "hooks")}
     env.pop("PMTOOL_RUNNER_PID", None)
     return {"tmp": tmp_path, "repo": repo, "env": env, "seeder": Seeder(server.url, key)}
@@ -180,7 +180,7 @@ def test_output_file_is_never_seen_half_written(tmp_path: Path) -> None:
 def test_output_into_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     answer = pmtool("metrics", "--output", str(tmp_path / "no" / "such.prom"),
                     env={"PMTOOL_STATE_DIR": str(tmp_path / "state"),
-                         "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "PATH": "/usr/bin"})
+                         "PMTOOL_CONFIG": os.devnull, "PATH": "/usr/bin"})
     assert answer.code == 2 and answer.out["error"]["type"] == "usage"
     assert not (tmp_path / "state").exists()  # a look at no state folder makes none
 
@@ -447,7 +447,7 @@ def test_metrics_go_on_from_what_the_last_run_kept(tmp_path: Path) -> None:
     from pmtool import failures as fl
 
     state = StateDir(tmp_path / "state")
-    env = {"PMTOOL_STATE_DIR": str(state.root), "PMTOOL_CONFIG": str(tmp_path / "none.toml"),
+    env = {"PMTOOL_STATE_DIR": str(state.root), "PMTOOL_CONFIG": os.devnull,
            "PATH": "/usr/bin:/bin"}
 
     def claimed(task_id: int) -> None:

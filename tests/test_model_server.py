@@ -493,3 +493,46 @@ def test_hang_keeps_cli_waiting_until_killed(
 def with_group_signal(proc: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
+
+
+@pytest.mark.e2e
+@needs_claude
+def test_the_command_line_serves_a_script_file_to_the_real_claude(tmp_path: Path) -> None:
+    """`python -m pmtool.testing.model_server --script FILE`: what a person starts to try
+    claude (or `pmtool run`) offline; the env it prints is all the CLI needs."""
+    import sys
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([{"kind": "write", "file_path": "HELLO.txt",
+                                   "content": "hi from the script\n"},
+                                  {"kind": "text", "text": "wrote HELLO.txt"}]))
+    proc = subprocess.Popen([sys.executable, "-m", "pmtool.testing.model_server", "--script",
+                             str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        assert ready["steps"] == 2 and ready["env"]["ANTHROPIC_BASE_URL"] == ready["url"]
+        work = tmp_path / "work"
+        work.mkdir()
+        env = claude_env(ready["url"], tmp_path / "home", extra=ready["env"])
+        done = subprocess.run([CLAUDE, "-p", "write the file", "--output-format", "json",
+                               "--dangerously-skip-permissions"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert json.loads(done.stdout)["result"] == "wrote HELLO.txt", done.stderr
+        assert (work / "HELLO.txt").read_text() == "hi from the script\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert f"export ANTHROPIC_BASE_URL={ready['url']}" in err
+
+
+def test_the_command_line_refuses_a_bad_script(tmp_path: Path) -> None:
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "text"}')
+    done = subprocess.run([sys.executable, "-m", "pmtool.testing.model_server", "--script",
+                           str(bad)], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "JSON list of steps" in done.stderr

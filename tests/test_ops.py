@@ -33,7 +33,7 @@ HOOKS = Path(__file__).resolve().parent.parent / "hooks"
 
 def state_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {"PMTOOL_STATE_DIR": str(tmp_path / "state"),
-            "PMTOOL_CONFIG": str(tmp_path / "none.toml"), **extra}
+            "PMTOOL_CONFIG": os.devnull, **extra}
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -81,6 +81,27 @@ def test_report_sums_a_known_history(tmp_path: Path) -> None:
     bad = subprocess.run([PMTOOL, "report", "--since", "yesterday-ish"], env={**os.environ, **env},
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["type"] == "usage"
+
+
+def test_the_html_report_is_a_page_a_person_reads(tmp_path: Path) -> None:
+    """Labels instead of field names, outcomes in words, small costs to two significant
+    digits, a chart, and the most expensive tasks, as the terminal view has them."""
+    state = StateDir(tmp_path / "state")
+    state.append_history(closed(1, "done", 0.00021, 1, ago(hours=3), ago(hours=2, minutes=50)))
+    state.append_history(closed(2, "given_back", 1.5, 2, ago(hours=2), ago(hours=1)))
+    state.append_history(closed(3, "done", 0.04, 1, ago(minutes=30), ago(minutes=20)))
+    page_path = tmp_path / "r.html"
+    res = pmtool("report", "--by", "outcome", "--html", str(page_path), env=state_env(tmp_path))
+    assert res.code == 0
+    page = page_path.read_text()
+    for field in ("agent_s", "p95_task_s", "mean_task_s", "cost_usd", "{&#x27;", "{'"):
+        assert field not in page, field
+    assert "Agent time" in page and "95th percentile" in page
+    assert "2 done, 1 given back" in page
+    assert "$0.00021" in page and "$1.50" in page and "$0.04" in page and "$0.00<" not in page
+    assert "<svg" in page and "<rect" in page and "<script" not in page
+    costly = page[page.index("most expensive"):]
+    assert costly.index(">t2<") < costly.index(">t3<") < costly.index(">t1<")
 
 
 # ---- notify -------------------------------------------------------------------------------
@@ -394,6 +415,8 @@ def test_init_into_an_empty_then_a_non_empty_folder(tmp_path: Path) -> None:
             "scripts/crontab.example"} <= names
     assert os.access(target / "hooks" / "notify.py", os.X_OK)
     assert os.access(target / "scripts" / "pm-runner.sh", os.X_OK)
+    # It has an api_key slot: the owner's alone, from the first byte.
+    assert (target / "config.toml").stat().st_mode & 0o777 == 0o600
     config = pmtool("--config", str(target / "config.toml"), "config").out["settings"]
     assert config["hooks_dir"] == {"value": str(target.resolve() / "hooks"), "source": "file"}
 

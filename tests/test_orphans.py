@@ -6,6 +6,7 @@ minutes); every test checks what the server shows afterwards.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ def world(tmp_path: Path, make_standin: Any) -> tuple[Any, Seeder, dict[str, str
     server = make_standin(api_key=key, production=True)
     env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml")}
+           "PMTOOL_CONFIG": os.devnull}
     return server, Seeder(server.url, key), env
 
 

@@ -81,7 +81,8 @@ class World:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def args(self, *args: str) -> list[str]:
-        defaults = ["--settle", "0.05", "--idle-poll", "0.5"]
+        defaults = ["--settle", "0.05"] + ([] if "--idle-poll" in args else
+                                           ["--idle-poll", "0.5"])
         if "--repo" not in args:
             defaults += ["--repo", str(self.repo)]
         if "--role" not in args:
@@ -130,7 +131,7 @@ def make_world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
     hooks.mkdir()
     env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_HOOKS_DIR": str(hooks),
+           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_HOOKS_DIR": str(hooks),
            # A given-back task may be taken again at once (tests of the cooldown set it).
            "PMTOOL_RETRY_COOLDOWN": "0"}
     env.pop("PMTOOL_RUNNER_PID", None)
@@ -736,3 +737,27 @@ def test_ctrl_c_at_the_operator_prompt_stops_and_keeps_the_task(world: World) ->
     assert run.of("finished") == []  # not given back: a stop keeps the task for the restart
     assert world.store.load("dev_1").task_id == task["id"]
     assert proc.returncode == 0  # a graceful stop, as a signal between any two steps
+
+
+def test_an_idle_loop_that_does_not_poll_pauses_and_says_so_once(world: World) -> None:
+    """`--idle-poll 0` (the demo's setting) looks once per turn: with nothing to take it
+    pauses between looks (claim's pace: 0.25 s, doubling to 2 s) and says `idle` once per
+    idle period, where it was one event per look in a busy loop."""
+    import signal
+
+    from pmtool.testing.countproxy import CountingProxy
+
+    proxy = CountingProxy(world.server.url).start()  # counts the runner's looks
+    try:
+        start = time.monotonic()
+        proc = world.start("--idle-poll", "0", env={"HEADLESS_PM_API_URL": proxy.url})
+        wait_for(lambda: proxy.counts().get("GET /api/v1/tasks/next", 0) >= 4, timeout=60,
+                 what="four looks")
+        took = time.monotonic() - start
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proxy.stop()
+    assert took >= 0.25 + 0.5 + 1.0, took  # three pauses between four looks
+    idle = [e for e in events(out) if e["event"] == "idle"]
+    assert len(idle) == 1, err

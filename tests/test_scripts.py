@@ -113,7 +113,7 @@ def new_box(make_standin: Callable[..., StandInServer], root: Path) -> Box:
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}",
         "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
         "PMTOOL_STATE_DIR": str(root / "state"),
-        "PMTOOL_CONFIG": str(root / "no-config.toml"),
+        "PMTOOL_CONFIG": os.devnull,
         "HEADLESS_PM_HOOKS_DIR": str(hooks), "PMTOOL_CLAIM_SETTLE": "0.05",
         "PMTOOL_HEALTH_LOG": str(root / "health.log"),
         # A given-back task may be taken again at once (the cooldown has its own tests).

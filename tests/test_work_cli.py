@@ -34,7 +34,7 @@ def env(pm_server: Any, tmp_path: Path) -> dict[str, str]:
     """The environment of a pipeline on this machine: server, key, own state dir."""
     return {"HEADLESS_PM_API_URL": pm_server.url, "HEADLESS_PM_API_KEY": pm_server.api_key,
             "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-            "PMTOOL_CONFIG": str(tmp_path / "no-config.toml")}
+            "PMTOOL_CONFIG": os.devnull}
 
 
 def record_path(env: dict[str, str], agent: str) -> Path:
@@ -318,6 +318,47 @@ def test_release_of_a_task_still_only_locked(env, queue):
     assert on_server["status"] == "created" and on_server["locked_by"] is None
 
 
+def test_a_release_by_hand_is_not_an_attempt_unless_it_says_what_failed(env, queue):
+    """A person trying steps by hand releases without --kind: the task is not charged an
+    attempt nor cooled down; `--kind failed` (as scripts pass) is."""
+    task = queue.create_task(title="tried by hand")
+    agent = unique_id("dev")
+    assert claim(env, agent).out["task"]["id"] == task["id"]
+    r = pmtool("lock", "release", "--agent-id", agent, env=env)
+    assert r.code == 0 and r.out["action"] == "released"
+    assert r.out["attempt"]["stop"] == "by_hand" and r.out["attempt"]["counts"] is False
+    assert r.out["cooling_until"] is None
+    again = claim(env, agent)  # the same machine takes it again at once
+    assert again.code == 0 and again.out["task"]["id"] == task["id"]
+    r = pmtool("lock", "release", "--agent-id", agent, "--kind", "failed", env=env)
+    assert r.out["attempt"]["counts"] is True and r.out["cooling_until"]
+    r = claim(env, agent)
+    assert r.code == 3 and task["id"] in map(int, r.out["error"]["cooling"])
+
+
+def test_a_hook_names_no_agent_id_nor_role(env, queue, tmp_path):
+    """Hooks get PMTOOL_AGENT_ID and PMTOOL_ROLE; pmtool reads them where --agent-id or
+    --role is required and absent, so a hook's `pmtool lock show` needs no flag."""
+    task = queue.create_task(title="hook asks")
+    agent = unique_id("dev")
+    assert claim(env, agent).out["task"]["id"] == task["id"]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    seen = tmp_path / "seen.json"
+    (hooks / "pre_task.sh").write_text(f'#!/bin/sh\nexec "{PMTOOL}" lock show > "{seen}"\n')
+    (hooks / "pre_task.sh").chmod(0o755)
+    r = pmtool("hook", "run", "pre_task", "--agent-id", agent, "--hooks-dir", str(hooks),
+               "--cwd", str(tmp_path), env=env)
+    assert r.code == 0, r.out
+    shown = json.loads(seen.read_text())["record"]
+    assert (shown["agent_id"], shown["task"]["id"]) == (agent, task["id"]), shown
+    # The role too; a flag beats the variable.
+    other = {**env, "PMTOOL_AGENT_ID": unique_id("dev"), "PMTOOL_ROLE": "no_such_role"}
+    assert claim(other, agent).code == 5  # --agent-id given: `agent`, who holds a task
+    r = pmtool("register", env=other)
+    assert r.code == 2 and r.out["error"]["valid"], r.out  # the role came from PMTOOL_ROLE
+
+
 # -- finish ---------------------------------------------------------------------------------
 
 
@@ -475,8 +516,9 @@ def test_kill_9_at_each_step_then_recover(env, queue, point):
             "action"] == "resume"
         # Cron's recover of every record waits for a runner that died just now.
         assert pmtool("recover", env=env).out["entries"][0]["action"] == "waiting"
-        assert pmtool("lock", "release", "--agent-id", agent, env=env).code == 0
-        # A give-back is an attempt: this machine lets the task cool down first.
+        assert pmtool("lock", "release", "--agent-id", agent, "--kind", "killed",
+                      env=env).code == 0
+        # A give-back that says what failed is an attempt: the task cools down first.
         r = claim(env, unique_id("dev"))
         assert r.code == 3 and task["id"] in map(int, r.out["error"]["cooling"])
     # Nothing lost: the task is claimable again (by another machine at once).
@@ -703,7 +745,7 @@ def test_stale_lock_rule_and_heartbeat(make_standin, tmp_path):
     server = make_standin(api_key="clock-key-0123", production=True)
     env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": "clock-key-0123",
            "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml")}
+           "PMTOOL_CONFIG": os.devnull}
     with Seeder(server.url, "clock-key-0123") as seed:
         first = seed.create_task(title="kept by heartbeat")
         second = seed.create_task(title="lock expires")
@@ -728,3 +770,42 @@ def test_stale_lock_rule_and_heartbeat(make_standin, tmp_path):
         r = pmtool("finish", "--agent-id", sleeper, "--outcome", "done", env=env)
         assert r.out["action"] == "finished" and r.out["lock_expired"] is True
         assert seed.get_task(second["id"])["status"] == "dev_done"
+
+
+@pytest.mark.parametrize(("extra", "line", "coloured"), [
+    ({"TERM": "xterm"}, True, True),
+    ({"TERM": "xterm", "FORCE_COLOR": "0"}, True, False),
+    ({"TERM": "xterm", "NO_COLOR": "1"}, True, False),
+    ({"TERM": "dumb"}, False, False),
+])
+def test_claim_wait_says_it_waits_on_a_terminal_only(make_standin, tmp_path, extra, line,
+                                                     coloured):
+    """`claim --wait` at a terminal keeps one line saying it is waiting (cleared at the
+    end); into a pipe, or on TERM=dumb, it says nothing. Colour follows TERM, FORCE_COLOR
+    and NO_COLOR."""
+    import pty
+
+    from helpers import read_pty
+
+    server = make_standin(api_key="k-wait", production=True)  # no task for anyone
+    env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": "k-wait",
+           "PMTOOL_STATE_DIR": str(tmp_path / "state"), "PMTOOL_CONFIG": os.devnull, **extra}
+    for name in ("NO_COLOR", "FORCE_COLOR"):
+        if name not in extra:
+            env.pop(name, None)
+    args = [PMTOOL, "claim", "--agent-id", unique_id("w"), "--role", "backend_dev",
+            "--wait", "1.5"]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=follower, env=env)
+    os.close(follower)
+    screen = read_pty(leader, lambda s: b"no task for" in s, timeout=60)
+    out, _ = proc.communicate(timeout=60)
+    os.close(leader)
+    assert proc.returncode == 3 and json.loads(out)["ok"] is False
+    assert (b"waiting for a backend_dev/senior task" in screen) is line, screen
+    assert (b"\x1b[2m" in screen) is coloured, screen
+    if line:
+        waiting_at = screen.rindex(b"waiting for")
+        assert b"\r\x1b[K" in screen[waiting_at:]  # taken away before the last words
+    piped = subprocess.run(args, capture_output=True, env=env, timeout=60, check=False)
+    assert piped.returncode == 3 and b"waiting" not in piped.stderr

@@ -39,6 +39,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.setenv(f"GIT_{who}_EMAIL", "pmtool-tests@example.invalid")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    (tmp_path / "config.toml").touch()  # named, so it must exist
     monkeypatch.setenv("PMTOOL_CONFIG", str(tmp_path / "config.toml"))
     monkeypatch.setenv("PMTOOL_STATE_DIR", str(tmp_path / "state"))
     for name in ("HEADLESS_PM_WORKTREE_BASE", "HEADLESS_PM_HOOKS_DIR",
@@ -720,3 +721,33 @@ def test_a_minor_task_left_for_review_comes_from_the_remote_too(machines) -> Non
     assert result["branch_source"] == f"origin/{MINOR_PREFIX}{workspace_name(4, born)}"
     assert git(result["path"], "rev-parse", "HEAD") == head
     assert git(b, "rev-parse", "main") == git(b, "rev-parse", "origin/main")
+
+def test_a_branch_pmtool_named_goes_with_its_worktree_unless_it_holds_work(
+        env: Path, repo: Path) -> None:
+    """`worktree create 999` (a mistyped task, no branch) makes task-999; removing the
+    worktree takes that branch away too while it holds nothing the base lacks. A commit
+    on it keeps it, and the task's own branch (named by the server) always stays."""
+    made = pmtool("worktree", "create", "999", "--repo", str(repo))
+    assert made.code == 0 and made.out["branch"] == "task-999"
+    gone = pmtool("worktree", "remove", "999", "--repo", str(repo))
+    assert gone.code == 0 and gone.out["branch_deleted"] is True
+    assert not git(repo, "branch", "--list", "task-999")
+
+    worked = pmtool("worktree", "create", "998", "--repo", str(repo)).out["path"]
+    tip = commit_on(Path(worked), "work.txt", "real work\n")
+    kept = pmtool("worktree", "remove", "998", "--repo", str(repo))
+    assert kept.code == 0 and kept.out["branch_deleted"] is False
+    assert "not merged" in kept.out["branch_kept"]
+    assert git(repo, "rev-parse", "refs/heads/task-998") == tip
+
+    pmtool("worktree", "create", "997", "--branch", "feature/x", "--repo", str(repo))
+    assert pmtool("worktree", "remove", "997", "--repo", str(repo)).out["branch_deleted"] is False
+    assert git(repo, "branch", "--list", "feature/x")
+
+
+def test_worktree_create_says_why_it_does_not_ask_the_server(env: Path) -> None:
+    from helpers import PMTOOL
+
+    text = subprocess.run([PMTOOL, "worktree", "create", "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "not looked up on the server" in " ".join(text.split())

@@ -55,13 +55,18 @@ class Options:
     emitted: bool = False  # the command printed its one JSON object
     overrides: dict[str, Any] = field(default_factory=dict)
     config: Path | None = None
+    warned: set[str] = field(default_factory=set)
 
     def settings(self, **flags: Any):  # -> pmtool.config.Settings
         from pmtool.config import load_settings
 
         merged = {**self.overrides, **{k: v for k, v in flags.items() if v is not None}}
-        settings = load_settings(merged, self.config)
+        settings = load_settings(merged, self.config, explicit=self.config is not None)
         _secrets.add(settings.api_key)
+        for warning in settings.warnings:
+            if warning not in self.warned:  # once, however often a command reads them
+                self.warned.add(warning)
+                say(f"pmtool: {warning}")
         return settings
 
 
@@ -86,6 +91,9 @@ def _global(
         "--state-dir", help="Task records and logs [env PMTOOL_STATE_DIR].")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="Config file (TOML) [env PMTOOL_CONFIG].")] = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Log each request to the server, its status and time, on "
+                                "stderr [env PMTOOL_DEBUG=1].")] = False,
     version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=_print_version,
         help="Print pmtool's version and exit.")] = False,
@@ -93,6 +101,8 @@ def _global(
     _state.pretty = pretty or _state.pretty
     _state.overrides = {"api_url": api_url, "state_dir": state_dir}
     _state.config = config
+    if verbose:  # the client reads it; commands pmtool starts (hooks) inherit it
+        os.environ["PMTOOL_DEBUG"] = "1"
 
 
 def options() -> Options:
@@ -127,15 +137,49 @@ _ANSI = re.compile(r"\033\[[0-9;]*m")
 def colour(stream: Any = None) -> bool:
     """Whether to colour what goes to `stream` (default stderr).
 
-    NO_COLOR (any value) turns colour off, FORCE_COLOR (any value but 0) turns it on even
-    into a pipe; otherwise colour only on a terminal. NO_COLOR wins when both are set.
+    NO_COLOR (any value) and FORCE_COLOR=0 (or false) turn colour off; FORCE_COLOR set to
+    anything else turns it on even into a pipe; otherwise colour only on a terminal that
+    is not TERM=dumb. NO_COLOR wins when both are set.
     """
-    if os.environ.get("NO_COLOR"):
+    force = os.environ.get("FORCE_COLOR", "").strip().lower()
+    if os.environ.get("NO_COLOR") or force in ("0", "false"):
         return False
-    if os.environ.get("FORCE_COLOR", "0") not in ("", "0"):
+    if force:
         return True
+    return terminal(stream) and os.environ.get("TERM") != "dumb"
+
+
+def terminal(stream: Any = None) -> bool:
+    """Whether `stream` (default stderr) is a terminal a person watches."""
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+class WaitingLine:
+    """One line on a terminal's stderr that says what pmtool waits for, rewritten in
+    place; `clear()` takes it away before the command's own lines."""
+
+    def __init__(self, what: str, total: float) -> None:
+        self.what, self.total, self.drawn = what, total, False
+
+    def __call__(self, waited: float, left: float) -> None:
+        sys.stderr.write(f"\r\033[K{paint('pmtool:', '2')} {self.what}: {waited:.0f}s of "
+                         f"{self.total:g}s (Ctrl-C stops)")
+        sys.stderr.flush()
+        self.drawn = True
+
+    def clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def waiting_line(what: str, total: float) -> WaitingLine | None:
+    """A WaitingLine when stderr is a terminal and there is a wait; None in a pipe or a
+    log, which must not fill with carriage returns."""
+    if total <= 0 or not terminal() or os.environ.get("TERM") == "dumb":
+        return None
+    return WaitingLine(what, total)
 
 
 def paint(text: str, code: str, stream: Any = None) -> str:
@@ -265,9 +309,44 @@ def _stop_on_signals() -> None:
             signal.signal(sig, _raise_stop)
 
 
+COMPLETION_FLAGS = ("--install-completion", "--show-completion")
+SHELLS = ("bash", "zsh", "fish")
+
+
+def _completion(args: list[str]) -> int | None:
+    """`--show-completion [SHELL]` and `--install-completion [SHELL]`, answered here:
+    typer takes them as flags that detect the shell (a SHELL after one reads as a command
+    name), and only on an app built with them, which pmtool's lazily built app is not for
+    a call that names anything. None when `args` ask for neither."""
+    flags = [a for a in args if a in COMPLETION_FLAGS]
+    if not flags:
+        return None
+    rest = [a for a in args if a not in COMPLETION_FLAGS and a != "--pretty"]
+    from typer import _completion_shared as shared
+
+    shell = rest[0] if rest else shared._get_shell_name()
+    if len(rest) > 1 or shell not in SHELLS:
+        return fail(UsageError(f'{flags[0]}: shell "{shell or "(not detected)"}" is not one '
+                               "of " + ", ".join(SHELLS),
+                               hint=f"pmtool {flags[0]} bash", valid=list(SHELLS)))
+    names = {"prog_name": "pmtool", "complete_var": "_PMTOOL_COMPLETE"}
+    if flags[0] == "--show-completion":
+        sys.stdout.write(shared.get_completion_script(shell=shell, **names) + "\n")
+        return 0
+    shell, path = shared.install(shell=shell, **names)
+    say(f"pmtool: {shell} completion installed in {path}; it takes effect in a new shell")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the app and applies the one exit-code table."""
     args = sys.argv[1:] if argv is None else argv
+    if os.name != "posix":  # fcntl locks, process groups, POSIX signals: a clear word, no trace
+        return fail(UsageError("pmtool runs on Linux and macOS only",
+                               hint="on Windows, run it in WSL"))
+    answered = _completion(args)
+    if answered is not None:
+        return answered
     _register_commands(args)
     if os.environ.get("PMTOOL_PRETTY") == "1":
         _state.pretty = True

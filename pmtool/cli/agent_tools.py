@@ -76,6 +76,10 @@ def worktree_create(
     branch that diverged is kept on a rescue ref. Exit 1 with "remote_unreachable" when
     the remote does not answer; with --agent-id, exit 3 with "no_branch" for QA's review
     (or a bounced task) whose branch is neither here nor on the remote.
+    TASK is not looked up on the server: this command works offline, from what a claim
+    printed (its id and branch), and a lookup would cost a list of every task (the server
+    has no single-task read). A mistyped TASK gets a worktree and a task-<id> branch that
+    `worktree remove TASK` takes away again, branch included while it holds no work.
 
     Example: pmtool worktree create --agent-id dev_001 --repo ~/src/app
 
@@ -143,7 +147,8 @@ def worktree_remove(
 
     A worktree with uncommitted or untracked changes is refused (exit 5, listing them)
     unless --rescue. Commits on the task branch always stay; the branch itself is deleted
-    only with --delete-branch and when merged. Exit 3 when the task has no worktree.
+    only when merged into the base, and then with --delete-branch, or when pmtool named and
+    made it (task-<id>, pmtool/task-...). Exit 3 when the task has no worktree.
 
     Example: pmtool worktree remove 7 --rescue
 

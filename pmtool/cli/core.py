@@ -76,7 +76,8 @@ def health_cmd(
     result, code = run_health(settings, check, repo=repo)
     for item in result["checks"]:
         if not item["ok"]:
-            say(f"pmtool: health: {item['name']} failed: {item['detail']}")
+            hint = f" ({item['hint']})" if item.get("hint") else ""
+            say(f"pmtool: health: {item['name']} failed: {item['detail']}{hint}")
     emit(result, ok=result["ok"])
     return code
 

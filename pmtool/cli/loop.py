@@ -159,7 +159,8 @@ def run_cmd(
     max_budget_usd: Annotated[float | None, typer.Option(
         help="Spend cap per agent run (claude's --max-budget-usd).")] = None,
     idle_poll: Annotated[float, typer.Option(
-        help="Seconds of looking for work between `idle` events.")] = 30.0,
+        help="Seconds of looking for work between `idle` events; 0: one look per turn, "
+             "pausing between empty looks, `idle` once per idle period.")] = 30.0,
     settle: Settle = 0.3,
     agents: Annotated[int | None, typer.Option(
         "--agents", min=1, help="Run N agents of the role in this process, ids "

@@ -13,17 +13,8 @@ import typer
 from pmtool.cli import app, colour, emit, emit_line, options, paint, plural, say, scrub
 from pmtool.cli.options import TaskArg, TaskIdAlias, resolve_task
 from pmtool.errors import EXIT_OK, EXIT_SIGINT, UsageError
-
-
-def _dur(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+from pmtool.ops import duration as _dur  # every command here imports pmtool.ops anyway
+from pmtool.ops import usd
 
 
 def _size(n: int) -> str:
@@ -217,18 +208,18 @@ def report_view(result: dict[str, Any]) -> list[str]:
     outcomes = ", ".join(f"{n} {k}" for k, n in sorted(t["outcomes"].items())) or "none"
     lines = [f"{plural(t['tasks'], 'task')} since "
              f"{result['since'] or 'the start'}: {outcomes}",
-             f"cost ${t['cost_usd']:.4f}, {plural(t['attempts'], 'attempt')}, "
+             f"cost {usd(t['cost_usd'])}, {plural(t['attempts'], 'attempt')}, "
              f"{plural(t['turns'], 'turn')}, "
              f"agent time {_dur(t['agent_s'])}, per task mean {_dur(t['mean_task_s'])} "
              f"p95 {_dur(t['p95_task_s'])}", ""]
     groups = result["groups"]
     peak = max((g["cost_usd"] for g in groups), default=0) or 1
-    rows = [[g["key"], str(g["tasks"]), str(g["attempts"]), f"${g['cost_usd']:.4f}",
+    rows = [[g["key"], str(g["tasks"]), str(g["attempts"]), usd(g["cost_usd"]),
              paint("█" * max(1, round(30 * g["cost_usd"] / peak)), "32")] for g in groups]
     lines += _table([result["by"].upper(), "TASKS", "ATTEMPTS", "COST", ""], rows)
     if result["most_expensive"]:
         lines += ["", "most expensive:"] + [
-            f"  task {e['task_id']} ${e['cost_usd']:.4f} {e['outcome']} {e.get('title') or ''}"
+            f"  task {e['task_id']} {usd(e['cost_usd'])} {e['outcome']} {e.get('title') or ''}"
             .rstrip() for e in result["most_expensive"]]
     return lines
 

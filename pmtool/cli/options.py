@@ -18,16 +18,34 @@ if TYPE_CHECKING:
     from pmtool.config import Settings
     from pmtool.records import RecordStore
 
-_AGENT_ID = typer.Option(
-    "--agent-id", help="The agent's id on the server; its task record on this machine is "
-                       "named after it.")
-AgentId = Annotated[str, _AGENT_ID]
+_AGENT_HELP = "The agent's id on the server; its task record on this machine is named after it."
+# Hooks get PMTOOL_AGENT_ID and PMTOOL_ROLE (pmtool.hooks.ENV_FIELDS): a `pmtool lock show`
+# inside a hook needs no flag. Read where the flag is required only: an optional
+# --agent-id changes what a command does (one record or all), and must be said.
+AgentId = Annotated[str, typer.Option(
+    "--agent-id", envvar="PMTOOL_AGENT_ID", help=_AGENT_HELP)]
 # The same option where a command can also be pointed at a task another way.
-AgentIdOrNone = Annotated[str | None, _AGENT_ID]
+AgentIdOrNone = Annotated[str | None, typer.Option("--agent-id", help=_AGENT_HELP)]
+
+
+
+def _complete_roles(ctx: typer.Context, param: object, incomplete: str) -> list[str]:
+    from pmtool.config import ROLES
+
+    return [role for role in ROLES if role.startswith(incomplete)]
+
+
+def _complete_levels(ctx: typer.Context, param: object, incomplete: str) -> list[str]:
+    from pmtool.config import LEVELS
+
+    return [level for level in LEVELS if level.startswith(incomplete)]
+
 
 Role = Annotated[str, typer.Option(
-    "--role", help="frontend_dev, backend_dev, qa, architect or pm.")]
-Level = Annotated[str, typer.Option("--level", help="junior, senior or principal.")]
+    "--role", envvar="PMTOOL_ROLE", shell_complete=_complete_roles,
+    help="frontend_dev, backend_dev, qa, architect or pm.")]
+Level = Annotated[str, typer.Option("--level", shell_complete=_complete_levels,
+                                    help="junior, senior or principal.")]
 Settle = Annotated[float, typer.Option(
     "--settle", envvar="PMTOOL_CLAIM_SETTLE", min=0.0,
     help="Seconds to let in-flight lock requests land before reading the lock back; must "

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pmtool.cli import app, emit, options, say
+from pmtool.cli import app, emit, options, say, waiting_line
 
 # Re-exported for callers that took them from here before `options` existed.
 from pmtool.cli.options import (
@@ -67,9 +67,14 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
 
     settings = options().settings()
     stats = ClaimStats()
-    claimed = claim(server(settings), record_store(settings), agent_id, role, level,
-                    wait=wait, runner_pid=working_pid(runner_pid), settle=settle, stats=stats,
-                    limits=limits_from(settings))
+    shown = waiting_line(f"waiting for a {role}/{level} task", wait)
+    try:
+        claimed = claim(server(settings), record_store(settings), agent_id, role, level,
+                        wait=wait, runner_pid=working_pid(runner_pid), settle=settle,
+                        stats=stats, limits=limits_from(settings), on_wait=shown)
+    finally:
+        if shown:
+            shown.clear()
     for parked in stats.parked:
         say(f"pmtool: parked task {parked['task_id']}: {parked['reason']}")
     title = f": {claimed.task['title']}" if claimed.task.get("title") else ""
@@ -153,17 +158,19 @@ def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
         kind: Annotated[str, typer.Option(
             help="Why, as a kind: failed, timeout, idle, killed, max_turns, hook, budget "
                  "(counted as attempts), or rate_limit, overloaded, auth, stopped (not "
-                 "counted); exec-claude's stop.kind fits here.")] = "failed",
+                 "counted); exec-claude's stop.kind fits here. Without it the release is "
+                 "by hand (by_hand): not counted, no cooldown.")] = "by_hand",
         task_budget_usd: Annotated[float | None, typer.Option(
             help="Park the task once its claims have cost this much in all.")] = None,
 ) -> None:
     """Give the agent's task back: status as before the claim, lock released, record closed.
 
-    The give-back is an attempt of the task on this machine (kept with its kind, cost and
-    reason, and written to the task's notes): this machine waits out a cooldown before it
-    takes the task again, and after PMTOOL_MAX_ATTEMPTS (or a budget stop) the task is
-    parked for a person instead ("action": "parked", status pending). A task that someone
-    else moved on is left alone ("action": "moved_on"). Exit 3 when the agent has no record.
+    With a --kind that counts, the give-back is an attempt of the task on this machine
+    (kept with its kind, cost and reason, and written to the task's notes): this machine
+    waits out a cooldown before it takes the task again, and after PMTOOL_MAX_ATTEMPTS (or
+    a budget stop) the task is parked for a person instead ("action": "parked", status
+    pending). A task that someone else moved on is left alone ("action": "moved_on"). Exit
+    3 when the agent has no record.
 
     Example: pmtool lock release --agent-id dev_001 --notes "needs a decision on the schema"
     """

@@ -778,3 +778,63 @@ class ScriptedModelServer:
 
 def _is_messages(path: str) -> bool:
     return path.split("?", 1)[0].rstrip("/").endswith("/v1/messages")
+
+
+# --------------------------------------------------------------------------- command line
+
+# What a shell needs besides the URL for the real CLI to talk to this server only (the
+# rest of pmtool.testing.claude_env is for tests: a private HOME, a git identity).
+OFFLINE_ENV = {"ANTHROPIC_API_KEY": "dummy", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+               "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1",
+               "DISABLE_ERROR_REPORTING": "1"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pmtool.testing.model_server [--port N] [--script FILE]`: serve until
+    Ctrl-C or SIGTERM. Prints one JSON line (url, pid, steps, env) on stdout when ready, and
+    on stderr the `export` line that points the real `claude` (and `pmtool run`) at it."""
+    import argparse
+    import os
+    import signal
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pmtool.testing.model_server",
+        description="A scripted Anthropic Messages API on loopback: the real claude CLI runs "
+                    "whole sessions offline, its tools for real, its answers from a script.")
+    parser.add_argument("--port", type=int, default=0, help="port (default: any free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    parser.add_argument("--script", metavar="FILE", help='a JSON list of steps, e.g. '
+                        '[{"kind": "write", "file_path": "HELLO.txt", "content": "hi\\n"}, '
+                        '{"kind": "text", "text": "done"}]; each session runs it from the '
+                        'start (default: answer "Done." at once)')
+    parser.add_argument("--final-text", default=DEFAULT_FINAL_TEXT,
+                        help="the answer once a session's script has run out")
+    args = parser.parse_args(argv)
+    try:
+        steps = json.loads(Path(args.script).read_text(encoding="utf-8")) if args.script else []
+        if not isinstance(steps, list):
+            raise ValueError("the script must be a JSON list of steps")
+        script = [as_step(step) for step in steps]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        parser.exit(2, f"{parser.prog}: --script {args.script}: {exc}\n")
+    server = ScriptedModelServer(script, host=args.host, port=args.port,
+                                 final_text=args.final_text).start()
+    env = {"ANTHROPIC_BASE_URL": server.url, **OFFLINE_ENV}
+    print(json.dumps({"url": server.url, "pid": os.getpid(), "steps": len(script), "env": env}),
+          flush=True)
+    exports = " ".join(f"{k}={v}" for k, v in env.items())
+    print(f"model server at {server.url}; in another shell:\n  export {exports}\n"
+          "then `claude -p ...` or `pmtool run ...` talk to it only (Ctrl-C stops it)",
+          file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
