@@ -93,10 +93,16 @@ def guest_changes(before: dict[tuple[int, str | None], dict[str, Any]],
             out.append(f"task {key[0]} (created {key[1]}) is gone")
             continue
         changed = {k: (old[k], new[k]) for k in WATCHED if old[k] != new[k]}
-        if changed:
+        if changed and not _server_expired_lock(changed):
             out.append(f"task {key[0]} changed: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return out
+
+
+def _server_expired_lock(changed: dict[str, tuple[Any, Any]]) -> bool:
+    """The server's doing, not ours: Headless PM drops the lock of an agent not seen for
+    30 minutes (locked_by goes to None, the status stays), whoever's task it is."""
+    return set(changed) == {"locked_by"} and changed["locked_by"][1] is None
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
