@@ -149,7 +149,9 @@ def check_records(settings: Settings) -> Check:
     from pmtool.records import RecordStore
 
     store = RecordStore(settings.state_path)
-    records, corrupt = store.scan()
+    records, corrupt = store.scan(quarantine=False)
+    kept = _recover_corrupt(settings, store, corrupt)
+    strays = store.state.stray_temps()
     stale = [r for r in records if not store.is_live(r)]
     problems, hints = [], []
     if stale:
@@ -162,17 +164,37 @@ def check_records(settings: Settings) -> Check:
                      + ") to resume, or `pmtool recover --give-back` to hand the tasks back "
                        "now (`pmtool recover --all` does it by itself once the runner has "
                        f"been gone {settings.grace:g}s)")
-    if corrupt:
-        kept = ", ".join(str(c.moved_to) for c in corrupt)
-        problems.append(f"corrupt records kept aside: {kept}")
-        hints.append("read the kept files, then `pmtool recover --all` releases any lock "
-                     "their agent still holds on the server")
+    if kept:
+        problems.append("corrupt records kept aside: " + ", ".join(
+            f"{e['kept_as']} (task {e.get('task_id', '?')}: "
+            f"{e.get('task_action') or e.get('task_error')})" for e in kept))
+        hints.append("read the kept files (their tasks were given back); "
+                     "`pmtool recover --all` tries again where the server could not be asked")
     detail = "; ".join(problems) or f"{len(records)} live records"
+    if strays:
+        detail += f"; {len(strays)} unfinished temp file(s) of a killed write cleaned"
     out = {"ok": not problems, "detail": detail, "records": len(records),
-           "stale": [r.agent_id for r in stale], "corrupt": [str(c.moved_to) for c in corrupt]}
+           "stale": [r.agent_id for r in stale], "corrupt": [e["kept_as"] for e in kept],
+           "corrupt_tasks": kept, "stray_temps": strays}
     if hints:
         out["hint"] = "; ".join(hints)
     return out
+
+
+def _recover_corrupt(settings: Settings, store: Any, corrupt: list[Any]) -> list[dict]:
+    """Corrupt records kept aside and their tasks given back, as `recover` does: once
+    moved aside, no later `recover` would find the task through its record."""
+    if not corrupt:
+        return []
+    from pmtool.client import PMClient
+    from pmtool.work import recover_corrupt
+
+    client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
+                      retries=0)
+    try:
+        return [recover_corrupt(client, store, c.path, c.reason) for c in corrupt]
+    finally:
+        client.close()
 
 
 def check_parked(settings: Settings) -> Check:
