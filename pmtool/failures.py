@@ -51,6 +51,8 @@ QA_FAIL = "qa_fail"
 # Given back unworked: its branch (or the checkout) is another task's on this machine, and
 # tasks never share a folder. Not the task's fault: not counted, but it waits a cooldown.
 DEFERRED = "deferred"
+# Given back unworked: a folder of this machine cannot be written (pmtool.errors.disk_fault).
+MACHINE = "machine"
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,10 @@ POLICIES: dict[str, Policy] = {
                     what="parked for a person (status pending)"),
     QA_FAIL: Policy(attempt=False, retry=True, breaker=False,
                     what="back to the developers; parked after max_bounces"),
+    MACHINE: Policy(attempt=False, retry=True, stop=True, breaker=False,
+                    what="given back unworked, not counted: this machine's disk is full, "
+                         "read-only or not writable; the runner stops until a person "
+                         "fixes it"),
     DEFERRED: Policy(attempt=False, retry=True, breaker=False,
                      what="given back unworked: its branch or the checkout is another "
                           "task's here; taken again after one cooldown, not counted"),

@@ -60,17 +60,44 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why a file cannot be written in `folder` (read-only, full, no access), or None.
+    One byte, synced: a full filesystem still makes empty files."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".pmtool-health-") as fh:
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def check_disk(settings: Settings) -> Check:
     places = {"state_dir": settings.state_path}
     places["worktree_base"] = Path(settings.worktree_base or ".").expanduser()
     need = settings.disk_min_free_mb
-    free = {}
+    free, unwritable = {}, {}
     for name, path in places.items():
-        free[name] = shutil.disk_usage(_existing_parent(path.absolute())).free // 2**20
+        folder = _existing_parent(path.absolute())  # where pmtool would make it
+        free[name] = shutil.disk_usage(folder).free // 2**20
+        why = _unwritable(folder)
+        if why:
+            unwritable[name] = f"{folder}: {why}"
     low = [f"{name} {mb} MB" for name, mb in free.items() if mb < need]
-    detail = (f"low free space: {', '.join(low)} (need {need} MB)" if low
-              else ", ".join(f"{n} {mb} MB free" for n, mb in free.items()))
-    return {"ok": not low, "detail": detail, "free_mb": free, "min_free_mb": need}
+    problems = ([f"not writable: {', '.join(f'{n} {w}' for n, w in unwritable.items())}"]
+                if unwritable else []) + \
+        ([f"low free space: {', '.join(low)} (need {need} MB)"] if low else [])
+    detail = "; ".join(problems) or ", ".join(f"{n} {mb} MB free" for n, mb in free.items())
+    out = {"ok": not problems, "detail": detail, "free_mb": free, "min_free_mb": need,
+           "unwritable": unwritable}
+    if unwritable:
+        out["hint"] = ("make the folders writable (remount read-write, free space, or fix "
+                       "their owner), or point PMTOOL_STATE_DIR / HEADLESS_PM_WORKTREE_BASE "
+                       "elsewhere")
+    return out
 
 
 def check_memory(settings: Settings) -> Check:

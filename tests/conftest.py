@@ -156,6 +156,18 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[helpers.SmallFs]:
+    """Small real filesystems to fill or make read-only (skips where mount is refused)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root: the fault points cover this case")
+    fs = helpers.SmallFs(tmp_path_factory.mktemp("fs"))
+    try:
+        yield fs
+    finally:
+        fs.unmount_all()
+
+
+@pytest.fixture
 def make_standin() -> Iterator[Callable[..., StandInServer]]:
     """Start private stand-ins (own clock, workers, switches; `race_window=0` for atomic
     locks where a test needs them); stopped after the test."""

@@ -143,3 +143,48 @@ def park(seeder: Any) -> None:
     """
     for role in ("backend_dev", "frontend_dev", "architect", "pm", "qa"):
         seeder.drain(role)
+
+
+# -- real filesystems that fail ------------------------------------------------------------
+
+
+class SmallFs:
+    """Small tmpfs filesystems a test mounts (root only), fills, or turns read-only: the
+    real ENOSPC and EROFS, not a simulation. `unmount_all` runs in the fixture's teardown."""
+
+    def __init__(self, base: Path) -> None:
+        self.base, self.mounted = base, []
+
+    def mount(self, name: str, size_kb: int = 2048) -> Path:
+        folder = self.base / name
+        folder.mkdir(parents=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0700",
+                               "tmpfs", str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'not root'}): "
+                        "the fault points cover this case")
+        self.mounted.append(folder)
+        return folder
+
+    def fill(self, folder: Path) -> Path:
+        """Write until the filesystem says ENOSPC; the filler file, for `free` to remove."""
+        import errno
+
+        filler = folder / "filler"
+        with open(filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+        return filler
+
+    def read_only(self, folder: Path, on: bool = True) -> None:
+        subprocess.run(["mount", "-o", f"remount,{'ro' if on else 'rw'}", str(folder)],
+                       check=True)
+
+    def unmount_all(self) -> None:
+        for folder in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+        self.mounted.clear()
