@@ -166,3 +166,31 @@ def test_a_command_on_a_read_only_state_folder_answers_one_json_error(
     assert res.out["error"]["errno"] == "EROFS" and "Traceback" not in res.stderr
     now = world.status(task["id"])
     assert (now["status"], now["locked_by"]) == ("created", None)  # nothing claimed
+
+
+def test_a_state_folder_filling_up_while_idle_holds_the_claims(
+        world: World, small_fs: SmallFs) -> None:
+    state = small_fs.mount("state", size_kb=1024)
+    proc = world.start(env={**ROOMY, "PMTOOL_STATE_DIR": str(state),
+                            "HEADLESS_PM_HEALTH_CHECK_INTERVAL": "0.5"})
+    seen: list[dict[str, Any]] = []
+
+    def next_event(kind: str, **match: Any) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            seen.extend(test_run_loop.events(proc.stdout.readline()))
+            event = seen[-1] if seen else {}
+            ok = event.get("event") == kind and all(event.get(k) == v for k, v in match.items())
+            return event if ok else None
+        return wait_for(found, timeout=60, what=f"a {kind} event")
+
+    try:
+        next_event("idle")
+        small_fs.fill(state)
+        task = world.task()
+        health = next_event("health", ok=False)
+        assert "not writable" in health["details"]["disk"]
+        assert world.status(task["id"])["status"] == "created"  # held: nothing claimed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
