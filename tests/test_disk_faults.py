@@ -194,3 +194,41 @@ def test_a_state_folder_filling_up_while_idle_holds_the_claims(
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+
+
+def test_a_worktree_base_without_access_gives_the_task_back_uncounted_and_stops(
+        world: World, tmp_path: Path) -> None:
+    # Where no tmpfs can be mounted (not root), a folder the user may not write is the
+    # same machine fault, on a real filesystem (root writes anywhere: the tests above).
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere: the tmpfs tests cover the machine fault")
+    base = tmp_path / "closed"
+    base.mkdir()
+    task = world.task()
+    try:
+        run = _paused_run(world, {**ROOMY, "HEADLESS_PM_WORKTREE_BASE": str(base / "trees")},
+                          "after-record", lambda: base.chmod(0o500))
+    finally:
+        base.chmod(0o700)
+    assert run.code == 1, run.stderr[-3000:]
+    assert _fatal(run)["errno"] == "EACCES"
+    assert world.status(task["id"])["status"] == "created"
+    assert [a["counts"] for a in _attempts(world, task["id"])] == [False]
+
+
+@pytest.mark.parametrize(("code", "fix"), [("ENOSPC", "free space"), ("EDQUOT", "free space"),
+                                           ("EROFS", "read-only"), ("EACCES", "write access")])
+def test_each_disk_error_is_a_machine_fault_with_its_fix(code: str, fix: str) -> None:
+    import errno
+
+    from pmtool.errors import MachineFault, disk_fault
+
+    number = getattr(errno, code)
+    raised = disk_fault(OSError(number, os.strerror(number), "/srv/state/records/x.json"))
+    assert isinstance(raised, MachineFault) and raised.details["errno"] == code
+    assert raised.details["path"] == "/srv/state/records/x.json" and fix in (raised.hint or "")
+    said = disk_fault(f"fatal: could not create work tree dir '/srv/t/task-1': "
+                      f"{os.strerror(number)}\n", "/srv/t")
+    assert said is not None and said.details["errno"] == code
+    assert disk_fault(OSError(errno.ECONNREFUSED, "refused")) is None
+    assert disk_fault("fatal: invalid reference: feature/x") is None
