@@ -171,13 +171,14 @@ class SmallFs:
         import errno
 
         filler = folder / "filler"
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)  # unbuffered: nothing left over
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        finally:
+            os.close(fd)
         return filler
 
     def read_only(self, folder: Path, on: bool = True) -> None:

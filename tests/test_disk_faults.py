@@ -232,3 +232,20 @@ def test_each_disk_error_is_a_machine_fault_with_its_fix(code: str, fix: str) ->
     assert said is not None and said.details["errno"] == code
     assert disk_fault(OSError(errno.ECONNREFUSED, "refused")) is None
     assert disk_fault("fatal: invalid reference: feature/x") is None
+
+
+def test_an_atomic_write_on_a_full_disk_keeps_the_old_file_and_no_temp(
+        small_fs: SmallFs) -> None:
+    import errno
+
+    from pmtool.state import atomic_write_json
+
+    folder = small_fs.mount("records", size_kb=64)
+    record = folder / "dev_1.json"
+    atomic_write_json(record, {"v": 1})
+    small_fs.fill(folder)
+    with pytest.raises(OSError) as raised:
+        atomic_write_json(record, {"v": 2, "pad": "x" * 65536})
+    assert raised.value.errno == errno.ENOSPC
+    assert record.read_text() == '{\n  "v": 1\n}\n'
+    assert sorted(p.name for p in folder.iterdir()) == ["dev_1.json", "filler"]  # no .tmp
