@@ -310,13 +310,13 @@ class Runner:
         try:
             return self._run()
         except OSError as exc:  # a state folder that is read-only or full from the start
-            fault = disk_fault(exc, self.state.root)
-            if fault is None:
+            machine = disk_fault(exc, self.state.root)
+            if machine is None:
                 raise
-            self._fatal(fault)
+            self._fatal(machine)
             self.event("stopped", task_id=None, tasks_done=self.done, reason="fatal",
                        record_kept=self._safe_load() is not None)
-            return fault.exit_code
+            return machine.exit_code
 
     def _run(self) -> int:
         from pmtool import procs
@@ -420,11 +420,11 @@ class Runner:
             except OSError as exc:
                 # A full, read-only or closed state folder: every task would fail alike.
                 # The record on disk stands as last written (atomic), so the task resumes.
-                fault = disk_fault(exc, self.state.root)
-                if fault is None:
+                machine = disk_fault(exc, self.state.root)
+                if machine is None:
                     raise
-                self._fatal(fault)
-                code = fault.exit_code
+                self._fatal(machine)
+                code = machine.exit_code
                 break
             except PmtoolError as exc:
                 if exc.details.get("fatal"):  # a person is needed: the notify hook
