@@ -59,14 +59,14 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pmtool.config import ROLES
-from pmtool.errors import ClaudeMissing, Conflict, NothingToDo, UsageError
+from pmtool.errors import ClaudeMissing, Conflict, NothingToDo, UsageError, disk_fault
 from pmtool.failures import (
     AUTH,
     BUDGET,
@@ -604,14 +604,25 @@ class _Run:
         self.last_output = time.monotonic()
         self.stderr_tail: list[str] = []
         self._lock = threading.Lock()
+        self.log_error: OSError | None = None  # the first write that failed (a full disk)
+
+    def write(self, fh: IO[str], text: str) -> None:
+        """Into a log, unless a write failed: the pumps go on draining the agent's output
+        (or it would block on a full pipe) and feeding the parser, whatever the disk does."""
+        if self.log_error is not None:
+            return
+        try:
+            fh.write(text)
+            fh.flush()
+        except OSError as exc:
+            self.log_error = exc
 
     def pump_stdout(self, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
             self.last_output = time.monotonic()
             line = self.redact(raw.decode("utf-8", errors="replace"))
             with self._lock:
-                self.log.write(line if line.endswith("\n") else line + "\n")
-                self.log.flush()
+                self.write(self.log, line if line.endswith("\n") else line + "\n")
             for event in self.parser.feed(line):
                 if self.progress:
                     with contextlib.suppress(Exception):  # a broken callback must not stop us
@@ -620,9 +631,30 @@ class _Run:
     def pump_stderr(self, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
             line = self.redact(raw.decode("utf-8", errors="replace"))
-            self.err_log.write(line)
-            self.err_log.flush()
+            with self._lock:
+                self.write(self.err_log, line)
             self.stderr_tail = [*self.stderr_tail[-(STDERR_TAIL - 1):], line.rstrip()]
+
+
+@contextlib.contextmanager
+def _closing_logs(log_path: Path, err_path: Path) -> Iterator[tuple[IO[str], IO[str]]]:
+    """The run's transcript and stderr log, closed at the end even when their last bytes
+    cannot be written (a full disk: the pump has noted it, `_run_once` reports it)."""
+    from pmtool.state import open_private
+
+    log = open_private(log_path)
+    try:
+        err_log = open_private(err_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            log.close()
+        raise
+    try:
+        yield log, err_log
+    finally:
+        for fh in (log, err_log):
+            with contextlib.suppress(OSError):
+                fh.close()
 
 
 def _no_conversation(parser: StreamParser) -> bool:
@@ -763,10 +795,8 @@ def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
                           session_id=session_id, model=run.model, role=run.role,
                           branch=run.branch, resume=resume, max_budget_usd=run.max_budget_usd)
     parser = StreamParser(run.role)
-    from pmtool.state import open_private
-
     # Transcripts hold the task's text and the agent's work: 0600 in a 0700 folder.
-    with open_private(log_path) as log, open_private(err_path) as err_log:
+    with _closing_logs(log_path, err_path) as (log, err_log):
         log.write(json.dumps({"type": "pmtool", "event": "start", "at": now_iso(),
                               "session_id": session_id, "resume": resume, "model": run.model,
                               "cwd": str(run.cwd), "argv0": cmd[0]}) + "\n")
@@ -807,11 +837,14 @@ def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
                 for reader in readers:
                     reader.join(READER_GRACE)  # a leftover may have held our pipes open
         swept = sorted(child.swept)
-        log.write(json.dumps({"type": "pmtool", "event": "end", "at": now_iso(),
-                              "exit_code": ending.exit_code, "signal": ending.signal,
-                              "timed_out_by": ending.timed_out_by,
-                              "stopped": ending.stopped, "swept": swept}) + "\n")
-        log.flush()
+        pump.write(log, json.dumps({"type": "pmtool", "event": "end", "at": now_iso(),
+                                    "exit_code": ending.exit_code, "signal": ending.signal,
+                                    "timed_out_by": ending.timed_out_by,
+                                    "stopped": ending.stopped, "swept": swept}) + "\n")
+    if pump.log_error is not None:
+        # The transcript is cut short (the verdict may be in it no more): a machine fault,
+        # never a result (the runner gives the task back uncounted, or stops resumable).
+        raise disk_fault(pump.log_error, log_path.parent) or pump.log_error
 
     info = parser.summary()
     answer: dict[str, Any] = {

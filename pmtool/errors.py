@@ -5,7 +5,10 @@ The library raises these; only the CLI edge turns them into JSON and an exit cod
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 # The table the README documents. Changing a number here changes the contract.
@@ -70,6 +73,44 @@ class MachineFault(OperationFailed):
     would fail the same way here: found before a claim, and never a reason to park."""
 
     kind = "machine_fault"
+
+
+# A folder pmtool writes (the state folder, the worktree base, the logs) on a filesystem
+# that is full, read-only, over its quota or not ours: every task would fail the same way.
+DISK_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT", errno.EROFS: "EROFS",
+               errno.EACCES: "EACCES"}
+
+
+def disk_fault(exc: BaseException | str, where: str | Path | None = None
+               ) -> MachineFault | None:
+    """A MachineFault (with the fix) when `exc` is such a filesystem error, or names one
+    in its text (git's stderr); None for anything else. `where`: the folder, when the
+    error does not name it."""
+    if isinstance(exc, OSError):
+        code: int | None = exc.errno if exc.errno in DISK_ERRNOS else None
+        where = exc.filename or where
+        text = exc.strerror or str(exc)
+    elif isinstance(exc, str):
+        code = next((c for c in DISK_ERRNOS if os.strerror(c) in exc), None)
+        text = exc.strip().splitlines()[-1] if exc.strip() else exc
+    else:
+        return None
+    if code is None:
+        return None
+    place = str(where) if where else "pmtool's folders"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        hint = (f"free space on the filesystem of {place} (df -h; `pmtool recover` prunes "
+                "old logs), then start the runner again: it resumes")
+    elif code == errno.EROFS:
+        hint = (f"{place} is on a read-only filesystem: remount it read-write, or point "
+                "PMTOOL_STATE_DIR / HEADLESS_PM_WORKTREE_BASE elsewhere, then start the runner "
+                "again")
+    else:
+        hint = (f"give the user running pmtool write access to {place} (or point "
+                "PMTOOL_STATE_DIR / HEADLESS_PM_WORKTREE_BASE elsewhere), then start the runner "
+                "again")
+    return MachineFault(f"cannot write {place}: {text}", hint=hint, errno=DISK_ERRNOS[code],
+                        path=str(where) if where else None, fatal=True)
 
 
 class UsageError(PmtoolError):
@@ -167,7 +208,8 @@ def detail_text(detail: Any) -> str:
 
 # The exit code of each `error.type`, for answers that carry an error instead of raising it.
 KIND_EXIT = {cls.kind: cls.exit_code for cls in (
-    OperationFailed, RecordCorrupt, UsageError, NothingToDo, ServerError, AuthError, Conflict,
+    OperationFailed, RecordCorrupt, TaskFault, MachineFault, UsageError, NothingToDo,
+    ServerError, AuthError, Conflict,
     TimeLimit, ApiError, ClaudeMissing)}
 
 

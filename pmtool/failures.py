@@ -59,6 +59,8 @@ REMOTE = "remote"
 # Given back by a person (`pmtool lock release` without --kind): trying steps by hand must
 # not use up the task's attempts nor cool it down.
 BY_HAND = "by_hand"
+# Given back unworked: a folder of this machine cannot be written (pmtool.errors.disk_fault).
+MACHINE = "machine"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ POLICIES: dict[str, Policy] = {
                     what="parked for a person (status pending)"),
     QA_FAIL: Policy(attempt=False, retry=True, breaker=False,
                     what="back to the developers; parked after max_bounces"),
+    MACHINE: Policy(attempt=False, retry=True, stop=True, breaker=False,
+                    what="given back unworked, not counted: this machine's disk is full, "
+                         "read-only or not writable; the runner stops until a person "
+                         "fixes it"),
     DEFERRED: Policy(attempt=False, retry=True, breaker=False, cool_once=True,
                      what="given back unworked: its branch or the checkout is another "
                           "task's here; taken again after a cooldown, not counted"),

@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pmtool.errors import NothingToDo, OperationFailed, PmtoolError
+from pmtool.errors import NothingToDo, OperationFailed, PmtoolError, RecordCorrupt
 from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
 
@@ -380,8 +380,10 @@ def _status(client: Any, store: RecordStore, record: TaskRecord, verdict: dict[s
         result = work.finish(client, held, record.agent_id, verdict["outcome"], notes=notes,
                              limits=plan.limits)
     fault("status")
-    kept = store.need(record.agent_id)  # work.finish noted its own steps: take them along
-    record.steps = kept.steps
+    try:  # work.finish noted its own steps: take them along
+        record.steps = store.need(record.agent_id).steps
+    except RecordCorrupt:  # kept aside by need(); the finish goes on with the record it holds
+        record.step("record_corrupt", part="status")
     action = "given_back" if give_back and result["action"] == "released" else result["action"]
     return _note(store, record, "status", outcome=held.outcome or verdict["outcome"],
                  status=(result.get("task") or {}).get("status") or result.get("status"),

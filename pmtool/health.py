@@ -61,17 +61,44 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def _unwritable(folder: Path) -> str | None:
+    """Why a file cannot be written in `folder` (read-only, full, no access), or None.
+    One byte, synced: a full filesystem still makes empty files."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".pmtool-health-") as fh:
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def check_disk(settings: Settings) -> Check:
     places = {"state_dir": settings.state_path}
     places["worktree_base"] = Path(settings.worktree_base or ".").expanduser()
     need = settings.disk_min_free_mb
-    free = {}
+    free, unwritable = {}, {}
     for name, path in places.items():
-        free[name] = shutil.disk_usage(_existing_parent(path.absolute())).free // 2**20
+        folder = _existing_parent(path.absolute())  # where pmtool would make it
+        free[name] = shutil.disk_usage(folder).free // 2**20
+        why = _unwritable(folder)
+        if why:
+            unwritable[name] = f"{folder}: {why}"
     low = [f"{name} {mb} MB" for name, mb in free.items() if mb < need]
-    detail = (f"low free space: {', '.join(low)} (need {need} MB)" if low
-              else ", ".join(f"{n} {mb} MB free" for n, mb in free.items()))
-    return {"ok": not low, "detail": detail, "free_mb": free, "min_free_mb": need}
+    problems = ([f"not writable: {', '.join(f'{n} {w}' for n, w in unwritable.items())}"]
+                if unwritable else []) + \
+        ([f"low free space: {', '.join(low)} (need {need} MB)"] if low else [])
+    detail = "; ".join(problems) or ", ".join(f"{n} {mb} MB free" for n, mb in free.items())
+    out = {"ok": not problems, "detail": detail, "free_mb": free, "min_free_mb": need,
+           "unwritable": unwritable}
+    if unwritable:
+        out["hint"] = ("make the folders writable (remount read-write, free space, or fix "
+                       "their owner), or point PMTOOL_STATE_DIR / HEADLESS_PM_WORKTREE_BASE "
+                       "elsewhere")
+    return out
 
 
 def check_memory(settings: Settings) -> Check:
@@ -210,7 +237,9 @@ def check_records(settings: Settings) -> Check:
     from pmtool.records import RecordStore
 
     store = RecordStore(settings.state_path)
-    records, corrupt = store.scan()
+    records, corrupt = store.scan(quarantine=False)
+    kept = _recover_corrupt(settings, store, corrupt)
+    strays = store.state.stray_temps()
     stale = [r for r in records if not store.is_live(r)]
     problems, hints = [], []
     if stale:
@@ -223,17 +252,37 @@ def check_records(settings: Settings) -> Check:
                      + ") to resume, or `pmtool recover --give-back` to hand the tasks back "
                        "now (`pmtool recover --all` does it by itself once the runner has "
                        f"been gone {settings.grace:g}s)")
-    if corrupt:
-        kept = ", ".join(str(c.moved_to) for c in corrupt)
-        problems.append(f"corrupt records kept aside: {kept}")
-        hints.append("read the kept files, then `pmtool recover --all` releases any lock "
-                     "their agent still holds on the server")
+    if kept:
+        problems.append("corrupt records kept aside: " + ", ".join(
+            f"{e['kept_as']} (task {e.get('task_id', '?')}: "
+            f"{e.get('task_action') or e.get('task_error')})" for e in kept))
+        hints.append("read the kept files (their tasks were given back); "
+                     "`pmtool recover --all` tries again where the server could not be asked")
     detail = "; ".join(problems) or f"{len(records)} live records"
+    if strays:
+        detail += f"; {len(strays)} unfinished temp file(s) of a killed write cleaned"
     out = {"ok": not problems, "detail": detail, "records": len(records),
-           "stale": [r.agent_id for r in stale], "corrupt": [str(c.moved_to) for c in corrupt]}
+           "stale": [r.agent_id for r in stale], "corrupt": [e["kept_as"] for e in kept],
+           "corrupt_tasks": kept, "stray_temps": strays}
     if hints:
         out["hint"] = "; ".join(hints)
     return out
+
+
+def _recover_corrupt(settings: Settings, store: Any, corrupt: list[Any]) -> list[dict]:
+    """Corrupt records kept aside and their tasks given back, as `recover` does: once
+    moved aside, no later `recover` would find the task through its record."""
+    if not corrupt:
+        return []
+    from pmtool.client import PMClient
+    from pmtool.work import recover_corrupt
+
+    client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
+                      retries=0)
+    try:
+        return [recover_corrupt(client, store, c.path, c.reason) for c in corrupt]
+    finally:
+        client.close()
 
 
 def check_parked(settings: Settings) -> Check:

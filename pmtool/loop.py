@@ -45,6 +45,7 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -72,6 +73,7 @@ from pmtool.errors import (
     ServerError,
     TaskFault,
     UsageError,
+    disk_fault,
 )
 from pmtool.faults import fault
 from pmtool.finish import kept_verdict
@@ -313,6 +315,18 @@ class Runner:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except OSError as exc:  # a state folder that is read-only or full from the start
+            machine = disk_fault(exc, self.state.root)
+            if machine is None:
+                raise
+            self._fatal(machine)
+            self.event("stopped", task_id=None, tasks_done=self.done, reason="fatal",
+                       record_kept=self._safe_load() is not None)
+            return machine.exit_code
+
+    def _run(self) -> int:
         from pmtool import procs
 
         # pm-runner.sh: none (no runner lock; PMTOOL_RUNNER_PID marks the record).
@@ -442,11 +456,22 @@ class Runner:
                     self._sleep(wait)
                 except Stop:
                     break
+            except OSError as exc:
+                # A full, read-only or closed state folder: every task would fail alike.
+                # The record on disk stands as last written (atomic), so the task resumes.
+                machine = disk_fault(exc, self.state.root)
+                if machine is None:
+                    raise
+                self._fatal(machine)
+                code = machine.exit_code
+                break
             except PmtoolError as exc:
+                if exc.details.get("fatal"):  # a person is needed: the notify hook
+                    self._fatal(exc)
+                    code = exc.exit_code
+                    break
                 self.event("error", error=exc.to_json())
-                if exc.details.get("fatal") or self.opts.single_task:
-                    if exc.details.get("fatal"):  # a person is needed: the notify hook
-                        self._notify_fatal(exc)
+                if self.opts.single_task:
                     code = exc.exit_code
                     break
                 try:
@@ -467,6 +492,13 @@ class Runner:
             path = Path(self.opts.hooks_dir).expanduser()
             return path if path.is_absolute() else Path(repo) / path
         return self.settings.hooks_path(repo)
+
+    def _fatal(self, exc: PmtoolError) -> None:
+        """The one `error` event of a fatal stop, its fix on stderr, and the notify hook."""
+        self.event("error", error={**exc.to_json(), "fatal": True})
+        self.progress(f"fatal: {exc.message}" + (f"; fix: {exc.hint}" if exc.hint else ""))
+        with contextlib.suppress(OSError):  # the notify hook, on a disk that may be full
+            self._notify_fatal(exc)
 
     def _notify_fatal(self, exc: PmtoolError) -> None:
         self._notify("fatal", {"error": exc.to_json()})
@@ -719,9 +751,12 @@ class Runner:
                 # the task went back already, and the loop backs off (the remote).
                 raise
             except PmtoolError as exc:
-                if not exc.details.get("fatal") and self._safe_load() is not None:
-                    self._give_back(record, f"pmtool could not work it here: {exc.message}")
-                if isinstance(exc, MachineFault):
+                machine = isinstance(exc, MachineFault)
+                if (machine or not exc.details.get("fatal")) and self._safe_load() is not None:
+                    # The machine's fault is not the task's: back to the queue, not counted.
+                    self._give_back(record, f"pmtool could not work it here: {exc.message}",
+                                    kind=fl.MACHINE if machine else fl.FAILED)
+                if machine:
                     exc.details["fatal"] = True  # every next task would fail the same way
                 raise
         return self._finish(repo or self._repo())
@@ -797,8 +832,6 @@ class Runner:
                                                 self.settings, base=self.opts.base,
                                                 hooks_dir=self.hooks_dir,
                                                 owner_pid=os.getpid(), client=self.client)
-        except TaskFault:
-            raise  # the task's own fault (its branch, its path): parked, not given back
         except RemoteUnreachable as exc:
             # This machine's link, not the task: back it goes, uncounted, and the loop
             # backs off as for the server away (pm-runner.sh: give_back remote, pause).
@@ -814,6 +847,8 @@ class Runner:
             self.progress(f"task {record.task_id}: {exc.message}; given back ({exc.hint})")
             self._give_back(record, exc.message, kind=fl.NO_BRANCH)
             return None
+        except (TaskFault, MachineFault):
+            raise  # parked (the task's own fault), or given back uncounted (_work)
         except Conflict as exc:
             if exc.details.get("branch_in_use") or exc.details.get("checkout_in_use"):
                 # Wait for the other task: give this one back (the queue offers it again

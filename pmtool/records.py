@@ -68,12 +68,30 @@ class TaskRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TaskRecord:
+    def from_json(cls, data: Any) -> TaskRecord:
+        """A record from its JSON; ValueError for anything that is not one (a list, a
+        number, a field of the wrong type): every reader then treats it as corrupt."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
         known = {f for f in cls.__dataclass_fields__}
         missing = {"agent_id", "role", "level", "server_url", "task", "previous_status"} - set(data)
         if missing or not isinstance(data.get("task"), dict) or "id" not in data["task"]:
             raise ValueError(f"missing fields: {sorted(missing) or ['task.id']}")
+        wrong = [k for k, kind in _FIELD_TYPES.items()
+                 if k in data and data[k] is not None and not isinstance(data[k], kind)]
+        if wrong or isinstance(data["task"]["id"], bool) or \
+                not isinstance(data["task"]["id"], (int, str)) or \
+                not str(data["task"]["id"]).isdigit():
+            raise ValueError(f"fields of the wrong type: {wrong or ['task.id']}")
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# What a reader relies on in each field (None is allowed where the field is optional).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "agent_id": str, "role": str, "level": str, "server_url": str, "previous_status": str,
+    "claimed_at": str, "updated_at": str, "worktree": str, "branch": str, "model": str,
+    "session_id": str, "host": str, "pid": int, "pid_started": (int, float),
+    "attempts": int, "cost_usd": (int, float), "steps": list, "version": int}
 
 
 class CorruptRecord(Exception):
@@ -135,12 +153,12 @@ class RecordStore:
 
     def _read(self, path: Path, quarantine: bool = True) -> TaskRecord | None:
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
-        try:
-            return TaskRecord.from_json(json.loads(text))
-        except (ValueError, TypeError) as exc:
+        try:  # bytes that are not UTF-8 are as corrupt as JSON that does not parse
+            return TaskRecord.from_json(json.loads(raw.decode("utf-8")))
+        except (ValueError, TypeError, RecursionError) as exc:
             moved = self.quarantine(path) if quarantine else path
             raise CorruptRecord(path, moved, str(exc)[:200]) from None
 

@@ -98,12 +98,17 @@ def atomic_write_json(path: Path, data: Any) -> None:
     """Write a whole JSON file so that a crash leaves the old file or the new one (0600)."""
     make_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open_private(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open_private(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, or a signal: the old file stands, no temp stays
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -166,6 +171,45 @@ class StateDir:
 
     def events_path(self, agent_id: str) -> Path:
         return self.events_dir / f"{safe_name(agent_id)}.jsonl"
+
+    # -- stray temp files ---------------------------------------------------------------------
+
+    def stray_temps(self, *, quarantine: bool = True,
+                    now: float | None = None) -> list[dict[str, Any]]:
+        """The `records/.<name>.<pid>.tmp` files a kill during `atomic_write_json` left:
+        those whose writer pid is gone, or older than STRAY_TEMP_AGE (the pid was reused),
+        never one a live writer may still rename. An empty one is removed; one with
+        content is kept aside as `<name>.unfinished-<time>` (the record it was to replace
+        is still in place: the rename never happened). Without `quarantine`, only listed."""
+        if not self.records_dir.is_dir():
+            return []
+        now = time.time() if now is None else now
+        out = []
+        for path in sorted(self.records_dir.glob(".*.tmp")):
+            match = _TEMP_NAME.fullmatch(path.name)
+            try:
+                info = path.stat()
+            except OSError:
+                continue  # renamed by its writer meanwhile
+            writer = int(match.group(2)) if match else None
+            maybe_writing = writer is None or _pid_runs(writer)
+            if maybe_writing and now - info.st_mtime < STRAY_TEMP_AGE:
+                continue
+            entry: dict[str, Any] = {"path": str(path), "bytes": info.st_size,
+                                     "writer_pid": writer}
+            if quarantine:
+                with contextlib.suppress(OSError):
+                    if info.st_size == 0:
+                        path.unlink()
+                        entry["action"] = "removed"
+                    else:
+                        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+                        name = match.group(1) if match else path.name.strip(".")
+                        kept = path.with_name(f"{name}.unfinished-{stamp}")
+                        os.replace(path, kept)
+                        entry.update(action="kept_aside", kept_as=str(kept))
+            out.append(entry)
+        return out
 
     # -- history ----------------------------------------------------------------------------
 
@@ -279,6 +323,21 @@ def history_entry(entry: dict[str, Any]) -> dict[str, Any]:
         entry["task_id"] = entry["task"].get("id")
     entry.setdefault("agent_id", entry.get("agent"))
     return entry
+
+
+# `.<record file name>.<writer pid>.tmp`, as atomic_write_json names its temp files.
+_TEMP_NAME = re.compile(r"\.(.+)\.(\d+)\.tmp")
+STRAY_TEMP_AGE = 3600.0  # seconds: a temp file this old is stray even if its pid runs
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: it runs
+    return True
 
 
 def _same_id(value: Any, task_id: int) -> bool:

@@ -961,13 +961,8 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
     # every record as it was.
     tasks = {t["id"]: t for t in client.list_tasks()} if stale else {}
 
-    entries: list[dict[str, Any]] = []
-    for path, why in bad:
-        moved = path if dry_run else store.quarantine(path)
-        entry = {"agent_id": None, "record": str(path), "action": "corrupt",
-                 "kept_as": str(moved), "reason": why}
-        _corrupt_task(client, path if dry_run else moved, entry, dry_run)
-        entries.append(entry)
+    entries: list[dict[str, Any]] = [recover_corrupt(client, store, path, why, dry_run)
+                                     for path, why in bad]
     for path, record in good:
         entry = _entry(record, path)
         if path not in stale:
@@ -996,6 +991,20 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
             entry["dry_run"] = True
         entries.append(entry)
     return entries
+
+
+def recover_corrupt(client: Any, store: RecordStore, path: Path, reason: str,
+                    dry_run: bool = False) -> dict[str, Any]:
+    """A record that cannot be read as one: kept aside (unless `dry_run`), and its task
+    given back (`action` "corrupt"; `task_error` when the server could not be asked)."""
+    moved = path if dry_run else store.quarantine(path)
+    entry = {"agent_id": None, "record": str(path), "action": "corrupt",
+             "kept_as": str(moved), "reason": reason}
+    try:
+        _corrupt_task(client, moved, entry, dry_run)
+    except (ApiError, ServerError) as exc:  # kept aside all the same; told in the entry
+        entry["task_error"] = exc.message
+    return entry
 
 
 def _corrupt_task(client: Any, path: Path, entry: dict[str, Any], dry_run: bool) -> None:

@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from pmtool import git
-from pmtool.errors import Conflict, NothingToDo, OperationFailed, TaskFault, UsageError
+from pmtool.errors import (
+    Conflict,
+    NothingToDo,
+    OperationFailed,
+    TaskFault,
+    UsageError,
+    disk_fault,
+)
 from pmtool.faults import fault
 
 RESCUE_PREFIX = "refs/pmtool/rescue"
@@ -651,9 +658,16 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # --no-track: a branch started from origin/main must not get origin/main as its
         # upstream, or a plain `git push` from the agent would aim at main.
         args, source = ["--no-track", "-b", branch, str(path), start], f"new from {base}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise disk_fault(exc, path.parent) or exc from None
     added = _git(root, "worktree", "add", *args, check=False)
     if added.returncode != 0:
+        # A full, read-only or closed worktree base fails every task alike: the machine's.
+        machine = disk_fault(added.stderr, path.parent)
+        if machine is not None:
+            raise machine
         # Another pmtool may have made it a moment ago: that is the idempotent case.
         now = git_worktrees(root)
         again = next((w for w in now if _same(w.path, path)), None)

@@ -67,23 +67,29 @@ def pm_server() -> Iterator[PMServer]:
     # window, plain 500s and resets after them, the database pool); production mode:
     # only the random key works, as against a real deployment.
     with StandInServer(api_key=f"test-{secrets.token_hex(8)}", production=True) as server:
-        _someone_elses_tasks(server.url, server.api_key)
+        _someone_elses_tasks(server)
         yield from _as_guest(PMServer(server.url, server.api_key, is_standin=True,
                                       standin=server, run_id=RUN_ID))
 
 
-def _someone_elses_tasks(url: str, key: str) -> None:
-    """Tasks of another team on the shared stand-in, in states no test's agent is offered
-    (a guest must leave them exactly as they are)."""
-    with Seeder(url, key, pm_agent_id="someone_else_pm") as other:
-        for status in ("pending", "under_work", "qa_done", "committed"):
+def _someone_elses_tasks(server: StandInServer) -> None:
+    """Tasks of another team on the shared stand-in, in every state no test's agent is
+    offered (a guest must leave them exactly as they are; `created`, `approved` and
+    `dev_done` would make every test step aside, test_guest.py covers those). Two of them
+    hold a stale lock: their agent was last seen 31 minutes ago, so the first pick of the
+    session drops those locks, as a real server does with someone else's dead agents."""
+    with Seeder(server.url, server.api_key, pm_agent_id="someone_else_pm") as other:
+        other.register("someone_else_dev", "backend_dev", "principal")
+        other.register("someone_else_gone", "backend_dev", "principal")
+        for status, locker in (("pending", None), ("under_work", "someone_else_dev"),
+                               ("under_work", "someone_else_gone"), ("qa_done", None),
+                               ("documentation_done", "someone_else_gone"),
+                               ("committed", None), ("evaluation", None)):
             task = other.create_task(title=f"not pmtool's: {status}", promote=False)
-            if status == "under_work":
-                other.register("someone_else_dev", "backend_dev", "principal")
-                other.lock(task["id"], "someone_else_dev")
-            if status != "pending":
-                other.set_status(task["id"], status, agent_id="someone_else_dev"
-                                 if status == "under_work" else None)
+            if locker:
+                other.lock(task["id"], locker)
+            other.set_status(task["id"], status, agent_id=locker)
+        server.age_agent("someone_else_gone", 31 * 60)
         seed_mod.MADE.clear()  # theirs, not the suite's
 
 
@@ -147,6 +153,18 @@ def _standin_only_marker(request: pytest.FixtureRequest) -> None:
 def free_port() -> int:
     """A loopback port nobody listens on (for 'server unreachable' cases)."""
     return helpers.free_port()
+
+
+@pytest.fixture
+def small_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[helpers.SmallFs]:
+    """Small real filesystems to fill or make read-only (skips where mount is refused)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root: the fault points cover this case")
+    fs = helpers.SmallFs(tmp_path_factory.mktemp("fs"))
+    try:
+        yield fs
+    finally:
+        fs.unmount_all()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PMTOOL, pmtool
+from helpers import PMTOOL, pmtool, wait_for
 from pmtool.client import PMClient
 from pmtool.errors import AuthError, ServerError
 
@@ -460,13 +460,13 @@ def test_sigterm_stops_a_command_with_143_one_json_answer_and_no_leftovers(clean
                                "signal": "SIGTERM"}
     import psutil
 
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(sleeper) and time.monotonic() < deadline:
-        if psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE:
-            break
-        time.sleep(0.05)
-    assert not psutil.pid_exists(sleeper) or \
-        psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE
+    def gone() -> bool:
+        try:
+            return psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, timeout=60, what="the sleeper to end")
 
 
 def test_exit_code_is_one_function_of_answer_or_error():

@@ -381,3 +381,46 @@ def test_a_watcher_setup_left_dies_with_its_runner_and_setup_runs_again(
         for pid in watchers[1:]:  # left on purpose by the second setup: not this test's case
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
+
+
+def test_a_record_corrupted_during_the_finish_does_not_stop_it_closing(world: World) -> None:
+    import signal
+
+    from test_work_cli import wait_stopped
+
+    _hooks(world)
+    task = world.task()
+    _kill_at(world, "leftover", task)  # the verdict is given: recover completes the finish
+    recover = subprocess.Popen([PMTOOL, "recover", "--all"],
+                               env={**world.env, "PMTOOL_FAULT": "pause-status"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_stopped([recover.pid])
+        record = world.store.path("dev_1")
+        record.write_bytes(os.urandom(512) + b"\xff\xfe")  # the status is set; its note is not
+        os.kill(recover.pid, signal.SIGCONT)
+        out, err = recover.communicate(timeout=60)
+    finally:
+        if recover.poll() is None:
+            recover.kill()
+    assert recover.returncode == 0, err[-3000:]
+    (entry,) = json.loads(out)["entries"]
+    assert entry["action"] == "finished", entry
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert _closed(world, task["id"]) == ["done"]
+    assert _starts(world, "post_task") == 1
+    _no_worktree_left(world, task["id"])
+    assert not record.exists()
+    (kept,) = record.parent.glob("dev_1.json.corrupt-*")
+    assert kept.read_bytes().endswith(b"\xff\xfe")  # kept aside, never deleted
+
+
+def test_an_unreadable_record_of_another_agent_does_not_stop_a_runner(world: World) -> None:
+    task = world.task()
+    other = world.state / "records" / "dev_other.json"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"\x87\xff\xfe not a record")
+    run = world.run("--single-task")
+    assert run.code == 0, run.stderr[-3000:]
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert other.read_bytes() == b"\x87\xff\xfe not a record"  # another agent's: for recover

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude
+from helpers import CLAUDE, PMTOOL, needs_claude, wait_for
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env
@@ -331,10 +331,9 @@ def test_resume_after_pmtool_was_killed(scene: Scene, server: ScriptedModelServe
     proc = subprocess.Popen([PMTOOL, "exec-claude", "--agent-id", "dev_001"], cwd=scene.repo,
                             env=scene.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while len(server.main_requests()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(server.main_requests()) == 2, "the first run never reached the hang"
+        wait_for(lambda: len(server.main_requests()) >= 2, timeout=90,
+                 what="the first run to reach the hang")
+        assert len(server.main_requests()) == 2
         proc.kill()  # SIGKILL: no cleanup; the parent-death signal ends the agent
         proc.communicate(timeout=10)
     finally:
@@ -345,10 +344,7 @@ def test_resume_after_pmtool_was_killed(scene: Scene, server: ScriptedModelServe
     session = record.session_id
     agent_pid = next(s for s in reversed(record.steps) if s["step"] == "agent_running")["pid"]
     # The agent died with its pmtool (PR_SET_PDEATHSIG); claude's session stayed on disk.
-    deadline = time.monotonic() + 5
-    while not _gone(agent_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _gone(agent_pid), "the agent outlived its killed pmtool"
+    wait_for(lambda: _gone(agent_pid), timeout=60, what="the agent to die with its pmtool")
 
     run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--resume")
     assert run.code == 0, run.stderr
@@ -513,9 +509,7 @@ def test_sigterm_stops_the_agent(scene: Scene) -> None:
                              fake_agent.command()], cwd=scene.repo,
                             env={**scene.env, "PMTOOL_FAKE_AGENT_SLEEP": "30"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while not processes_of_task(scene.task["id"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: processes_of_task(scene.task["id"]), timeout=60, what="the agent")
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=15)

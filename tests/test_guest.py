@@ -70,3 +70,39 @@ def test_drain_retires_only_our_own_tasks(shared):
 def test_epics_and_features_carry_the_run_id(pm_server, seeder):
     assert pm_server.run_id and pm_server.feature["name"].endswith(pm_server.run_id)
     assert seeder.create_task()["feature_id"] == pm_server.feature["id"]
+
+
+def test_a_lock_the_server_expires_is_not_the_guests_doing(shared):
+    theirs, ours = shared
+    theirs.register("their_dev", "backend_dev", "principal")
+    expiring, taken = theirs.created
+    theirs.set_status(taken, "created")
+    theirs.lock(expiring, "their_dev")
+    theirs.set_status(expiring, "under_work", agent_id="their_dev")
+    before = helpers.task_snapshot(ours)
+    ours.call("POST", "/_sandbox/age",
+              params={"agent_id": "their_dev", "seconds": 31 * 60})
+    ours.next_task("frontend_dev", "junior")  # any pick drops stale locks (quirk 3)
+    assert ours.get_task(expiring)["locked_by"] is None
+    assert helpers.guest_changes(before, helpers.task_snapshot(ours)) == []
+    # A lock we take, or a lock dropped along with a status change, is still ours to answer for.
+    ours.register("our_dev", "backend_dev", "principal")
+    ours.lock(taken, "our_dev")
+    (change,) = helpers.guest_changes(before, helpers.task_snapshot(ours))
+    assert f"task {taken} changed: locked_by None -> 'our_dev'" in change
+    ours.set_status(expiring, "created")
+    assert len(helpers.guest_changes(before, helpers.task_snapshot(ours))) == 2
+
+
+@pytest.mark.standin_only
+def test_the_shared_stand_in_holds_someone_elses_stale_locks(pm_server, seeder):
+    theirs = {key: task for key, task in pm_server.foreign.items()
+              if task["title"].startswith("not pmtool's")}
+    assert {t["status"] for t in theirs.values()} >= {
+        "pending", "under_work", "qa_done", "documentation_done", "committed", "evaluation"}
+    seeder.next_task("backend_dev", "junior")  # as every claim of the session does
+    now = helpers.task_snapshot(seeder)
+    expired = [key for key, task in theirs.items()
+               if task["locked_by"] == "someone_else_gone" and now[key]["locked_by"] is None]
+    assert len(expired) == 2
+    assert helpers.guest_changes(pm_server.foreign, now) == []

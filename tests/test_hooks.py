@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import pmtool
+from helpers import pmtool, wait_for
 from pmtool.hooks import OUTPUT_CAP, find_hook, run_hook, task_context
 from pmtool.records import RecordStore, TaskRecord
 
@@ -165,10 +165,7 @@ wait
     assert res.out["exit_code"] == 124  # as timeout(1) says, never the 0 of a killed shell
     assert res.out["stdout"] == "started\n"
     assert time.monotonic() - start < 15
-    deadline = time.monotonic() + 5
-    while survivors(token) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert survivors(token) == []
+    wait_for(lambda: survivors(token) == [], timeout=60, what="the hook's children to end")
 
 
 def test_missing_hook_is_skipped(env: Path) -> None:

@@ -158,3 +158,95 @@ def test_an_orphan_whose_agent_comes_back_is_left_alone():
     (entry,) = recover_orphans(server, "pm_cron")
     assert entry["action"] == "skipped" and "changed meanwhile" in entry["reason"]
     assert server.changes == []
+
+
+# Any file that cannot be read as a record: bytes that are not UTF-8, JSON of another
+# shape, a record whose fields have the wrong types.
+UNREADABLE = {
+    "random-bytes": b"\x87\xff\xfe\x00\x9c" + bytes(range(128, 256)),
+    "json-list": b'["agent_id", "dev_x"]',
+    "json-number": b"42",
+    "wrong-types": b'{"agent_id": "dev_bytes", "role": "backend_dev", "level": "senior", '
+                   b'"server_url": "u", "previous_status": "created", "task": {"id": "x"}, '
+                   b'"steps": "none"}',
+}
+
+
+def _unreadable_record(world: Any, tmp_path: Path, content: bytes) -> tuple[dict, Path]:
+    _server, seed, _env = world
+    seed.register("dev_bytes", "backend_dev", "senior")
+    task = under_work(seed, "its record is bytes", "dev_bytes")
+    records = tmp_path / "state" / "records"
+    records.mkdir(parents=True, exist_ok=True)
+    path = records / "dev_bytes.json"
+    path.write_bytes(content)
+    return task, path
+
+
+def _given_back(seed: Seeder, task: dict, path: Path, content: bytes) -> None:
+    now = seed.get_task(task["id"])
+    assert (now["status"], now["locked_by"]) == ("created", None)
+    assert not path.exists()
+    (kept,) = path.parent.glob("dev_bytes.json.corrupt-*")
+    assert kept.read_bytes() == content
+
+
+@pytest.mark.parametrize("content", list(UNREADABLE.values()), ids=list(UNREADABLE))
+def test_recover_all_keeps_an_unreadable_record_aside_and_gives_its_task_back(
+        world, tmp_path, content):
+    task, path = _unreadable_record(world, tmp_path, content)
+    res = pmtool("recover", "--all", env=world[2])
+    assert res.code == 0, res.out
+    (entry,) = res.out["entries"]
+    assert entry["action"] == "corrupt" and entry["task_id"] == task["id"]
+    _given_back(world[1], task, path, content)
+
+
+@pytest.mark.parametrize("content", list(UNREADABLE.values()), ids=list(UNREADABLE))
+def test_health_keeps_an_unreadable_record_aside_and_gives_its_task_back(
+        world, tmp_path, content):
+    task, path = _unreadable_record(world, tmp_path, content)
+    res = pmtool("health", "--check", "records", env=world[2])
+    (check,) = res.out["checks"]
+    assert check["ok"] is False and "crashed" not in check["detail"], check
+    assert "corrupt records kept aside" in check["detail"]
+    assert check["corrupt_tasks"][0]["task_id"] == task["id"]
+    _given_back(world[1], task, path, content)
+    again = pmtool("health", "--check", "records", env=world[2])
+    assert again.code == 0, again.out  # reported once; the kept file is for a person
+
+
+def test_status_lists_an_unreadable_record_and_moves_nothing(world, tmp_path):
+    task, path = _unreadable_record(world, tmp_path, UNREADABLE["random-bytes"])
+    res = pmtool("status", env=world[2])
+    assert res.code == 0, res.out
+    assert res.out["corrupt_records"] == [str(path)]
+    assert path.exists() and world[1].get_task(task["id"])["status"] == "under_work"
+
+
+def test_stray_temp_files_of_a_killed_write_are_cleaned(world, tmp_path):
+    import subprocess
+    import sys
+
+    records = tmp_path / "state" / "records"
+    records.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    empty, begun = records / f".dev_a.json.{dead}.tmp", records / f".dev_b.json.{dead}.tmp"
+    writing = records / f".dev_c.json.{os.getpid()}.tmp"  # a live writer: not stray
+    empty.write_bytes(b"")
+    begun.write_text('{"agent_id": "dev_b"')
+    writing.write_bytes(b"")
+    dry = pmtool("recover", "--all", "--dry-run", env=world[2])
+    assert sorted(t["path"] for t in dry.out["error"]["stray_temps"]) == [str(empty), str(begun)]
+    assert empty.exists() and begun.exists()
+    res = pmtool("recover", "--all", env=world[2])
+    assert res.code == 3  # no records: nothing to reconcile, the temp files cleaned all the same
+    assert {t["action"] for t in res.out["error"]["stray_temps"]} == {"removed", "kept_aside"}
+    assert not empty.exists() and not begun.exists() and writing.exists()
+    (kept,) = records.glob("dev_b.json.unfinished-*")
+    assert kept.read_text() == '{"agent_id": "dev_b"'
+    os.utime(writing, (0, 0))  # an hour old: its pid was reused, the writer is long gone
+    check = pmtool("health", "--check", "records", env=world[2]).out["checks"][0]
+    assert [t["path"] for t in check["stray_temps"]] == [str(writing)] and check["ok"]
+    assert not writing.exists()

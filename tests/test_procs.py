@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import wait_for
 from pmtool import procs
 
 linux = pytest.mark.skipif(not procs.has_parent_death_signal(),
@@ -294,10 +295,8 @@ def _start_hiding_parent(token: str, keeper: str, sig: int) -> subprocess.Popen:
                               stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     parent.stdout.readline()
-    deadline = time.monotonic() + 10
-    while len(_sleepers(token)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(_sleepers(token)) == 4, "the child never started its sleepers"
+    wait_for(lambda: len(_sleepers(token)) >= 4, timeout=60, what="the child's sleepers")
+    assert len(_sleepers(token)) == 4
     return parent
 
 
@@ -328,10 +327,8 @@ def test_kill_9_of_the_runner_during_a_hook_ends_what_the_hook_started(
     runner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOOK_RUNNER), "keeper",
                                str(hooks), "600"], stdout=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while len(_sleepers(token)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(_sleepers(token)) == 2, "the hook never started its children"
+        wait_for(lambda: len(_sleepers(token)) >= 2, timeout=60, what="the hook's children")
+        assert len(_sleepers(token)) == 2
         runner.kill()
         runner.communicate(timeout=10)
         assert _wait_gone(token) == []

@@ -242,7 +242,7 @@ def test_a_server_outage_mid_task_ends_dev_done_once_and_exit_0(world: World) ->
     proc = world.start("--single-task", env={"PMTOOL_FAKE_AGENT_SLEEP": "2"})
     wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="the agent")
     world.server.stop()  # the server goes away while the agent works ...
-    time.sleep(8)
+    world.server_error_seen()
     world.server._stopping.clear()  # ... and comes back on the same port, data intact
     world.server.start()
     out, err = proc.communicate(timeout=120)
@@ -300,9 +300,9 @@ def test_a_hanging_server_mid_task_ends_dev_done_once_and_exit_0(world: World) -
     wait_for(lambda: any(s.get("step") == "agent_finished"
                          for s in getattr(world.store.load("dev_1"), "steps", [])),
              timeout=90, what="the agent's end")
-    # Longer than the client's own retries of a read (4 tries of 1 s, pauses under 2.5 s),
-    # so the stall reaches the loop and is reported, not absorbed.
-    time.sleep(12)
+    # Until the stall has outlasted the client's own retries of a read (4 tries of 1 s)
+    # and reached the loop, reported, not absorbed.
+    world.server_error_seen()
     world.server.db_latency = 0.0
     out, err = proc.communicate(timeout=120)
     run = Run(proc.returncode, events(out), err)

@@ -68,6 +68,14 @@ class World:
         assert self.seeder.next_task("backend_dev", "senior") is None  # the stale cleanup
         assert self.status(task_id)["locked_by"] == agent_id
 
+    def server_error_seen(self, agent_id: str = "dev_1", timeout: float = 90) -> None:
+        """Wait until the runner has logged a server error event: a loaded machine makes
+        this slower, where a fixed sleep would make the test red."""
+        wait_for(lambda: any(e.get("event") == "error"
+                             and (e.get("error") or {}).get("type") == "server"
+                             for e in StateDir(self.state).events(agent_id=agent_id)),
+                 timeout=timeout, what="the runner to meet the server's trouble")
+
     def run(self, *args: str, env: dict[str, str] | None = None,
             timeout: float = 90) -> Run:
         proc = subprocess.run([PMTOOL, "run", *self.args(*args)], capture_output=True,
@@ -530,7 +538,7 @@ def test_server_going_away_keeps_the_record_and_backs_off(world: World) -> None:
     proc = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "1"})
     wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
     world.server.stop()
-    time.sleep(2.5)
+    world.server_error_seen()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     run = Run(proc.returncode, events(out), err)

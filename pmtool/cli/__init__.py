@@ -361,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         code = fail(exc)
     except KeyboardInterrupt as exc:
         code = _stopped(Stopped(getattr(exc, "signum", signal.SIGINT)))
+    except OSError as exc:  # a folder of pmtool's full, read-only or closed: one JSON answer
+        from pmtool.errors import disk_fault
+
+        fault = disk_fault(exc)
+        if fault is None:
+            raise
+        code = fail(fault)
     except Exception as exc:  # typer/click usage errors carry exit_code and format_message
         if type(exc).__name__ == "NoArgsIsHelpError":
             # A bare `pmtool` (or `pmtool worktree`): the help, once, on stdout; not an error.

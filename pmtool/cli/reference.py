@@ -28,7 +28,8 @@ MEANINGS = {
     0: "ok",
     1: "the operation failed (unhealthy, hook failed, agent failed; a corrupt record, "
        "moved aside; another server error); a task's own fault (a branch git rejects: the "
-       "runner parks it); a fault of the machine (git missing, the repo gone)",
+       "runner parks it); a fault of the machine (git missing, the repo gone, a folder of "
+       "pmtool's full or read-only)",
     2: "bad usage or input (unknown role or level, malformed file, not a git repository)",
     3: "nothing to do (no task to claim, no record to show or recover)",
     4: "server unreachable, timed out or answering 5xx: transient, try again later",

@@ -293,7 +293,8 @@ def recover_cmd(
     notes; or lock lost, task moved on), resume (--agent-id only: the agent's own runner
     continues, with the worktree and session id), corrupt (kept aside). stale_runner is
     true when the runner pid was dead. `parked` lists this server's tasks parked for a
-    person. Exit 3 when there were no records. Made for cron.
+    person. Unfinished temp files a killed write left (records/.*.tmp, their writer gone)
+    are cleaned: `stray_temps`. Exit 3 when there were no records. Made for cron.
 
     With --orphans it looks at the server instead of this machine's records: every task
     under_work with no lock, or locked by an agent the server has not seen for 30 minutes
@@ -326,6 +327,7 @@ def recover_cmd(
         return
     pruned = None if dry_run else prune_logs(settings.state_path, settings.keep_logs)
     client, store = server(settings), record_store(settings)
+    strays = store.state.stray_temps(quarantine=not dry_run)  # a killed write's leftovers
     limits = limits_from(settings)
     complete = finisher(client, store, FinishPlan.from_settings(settings, limits=limits))
     try:
@@ -337,7 +339,7 @@ def recover_cmd(
                           give_back=give_back, settle=settle, grace=settings.grace,
                           limits=limits, finisher=complete)
     except NothingToDo as exc:
-        exc.details["parked"] = parked
+        exc.details.update(parked=parked, stray_temps=strays)
         raise
     for task in parked or []:
         say(f"pmtool: recover: task {task['id']} is parked for a person: {task['reason']}")
@@ -348,4 +350,4 @@ def recover_cmd(
         say(f"pmtool: recover: {entry.get('agent_id') or entry['record']}: "
             f"{entry['action']}{why}")
     emit({"entries": entries, "counts": counts, "dry_run": dry_run, "pruned": pruned,
-          "parked": parked})
+          "parked": parked, "stray_temps": strays})
