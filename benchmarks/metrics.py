@@ -4,8 +4,8 @@ metrics` over a state folder of 10,000 finished tasks.
     .venv/bin/python benchmarks/metrics.py            # 100 agents; 10,000 tasks
     .venv/bin/python benchmarks/metrics.py --smoke    # the smallest run (CI, tests)
 
-The state folders are written with the shapes the runner writes (pmtool.loop's events,
-pmtool.failures' attempt lines, closed task records), through pmtool.state, so the fold
+The state folders are written with the shapes the runner writes (pmtool.run.loop's events,
+pmtool.failure_policy' attempt lines, closed task records), through pmtool.state, so the fold
 reads what it reads in production; no server or claude is needed for what is measured.
 
 1. scrape: an `Endpoint` (what `run --metrics-addr` starts) for A agents, their runner
@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pmtool import failures as fl
+from pmtool import failure_policy as fl
 from pmtool.metrics import Endpoint, Fold
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.state import StateDir
@@ -56,7 +56,7 @@ def iso(when: datetime) -> str:
 
 
 def task_events(agent: str, task_id: int, start: datetime) -> list[dict[str, Any]]:
-    """One task's events, as a runner writes them (pmtool.loop.Runner.event)."""
+    """One task's events, as a runner writes them (pmtool.run.loop.Runner.event)."""
     def at(seconds: float) -> str:
         return iso(start + timedelta(seconds=seconds))
 

@@ -3,7 +3,7 @@ the stale agents whose locks the server will drop, parked tasks and the queue pe
 
 Any machine with the key can ask; nothing here reads a state folder. Which agents are
 pmtool's is read from what pmtool writes into the tasks' notes: a claim appends
-`claimed by <agent> on <host> (pid <n>) at <time>` (pmtool.work), and those notes travel
+`claimed by <agent> on <host> (pid <n>) at <time>` (pmtool.work.claim), and those notes travel
 with the task through every later status change. An agent no listed task names may still
 be pmtool's (idle since its tasks were committed): `pmtool` is then false, i.e. not known.
 
@@ -20,10 +20,10 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from pmtool import failures as fl
+from pmtool import failure_policy as fl
 from pmtool.errors import ApiError, ServerError
 from pmtool.state import parse_time
-from pmtool.work import SERVER_LOCK_AGE
+from pmtool.work.recover import SERVER_LOCK_AGE
 
 ROLES = ("backend_dev", "frontend_dev", "architect", "pm", "qa")
 LEVELS = ("junior", "senior", "principal")

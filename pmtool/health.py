@@ -115,7 +115,7 @@ CLAUDE_VERSION_TIMEOUT = 20.0  # seconds; a first start of claude may update its
 
 def check_claude(settings: Settings, timeout: float | None = None) -> Check:
     from pmtool import procs
-    from pmtool.claude import find_claude
+    from pmtool.agent.binary import find_claude
 
     timeout = CLAUDE_VERSION_TIMEOUT if timeout is None else timeout
     binary = find_claude(settings.claude_bin)
@@ -275,7 +275,7 @@ def _recover_corrupt(settings: Settings, store: Any, corrupt: list[Any]) -> list
     if not corrupt:
         return []
     from pmtool.client import PMClient
-    from pmtool.work import recover_corrupt
+    from pmtool.work.claim import recover_corrupt
 
     client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
                       retries=0)
@@ -288,8 +288,8 @@ def _recover_corrupt(settings: Settings, store: Any, corrupt: list[Any]) -> list
 def check_parked(settings: Settings) -> Check:
     """Tasks parked for a person (status pending with pmtool's park comment): not a fault
     of this machine, but nobody will work them until a person sets them back."""
-    from pmtool.bounds import parked_tasks
     from pmtool.client import PMClient
+    from pmtool.ledger import parked_tasks
 
     client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
                       retries=0)

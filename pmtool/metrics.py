@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pmtool import failures as fl
+from pmtool import failure_policy as fl
 from pmtool.errors import UsageError
 from pmtool.ops import note_parked, runner_rows
 from pmtool.records import CorruptRecord, RecordStore, TaskRecord
@@ -48,7 +48,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "pmtool_tasks_finished": ("counter", (*AGENT, "outcome"),
                               "Tasks finished, by outcome (the verdict, or given_back)."),
     "pmtool_claude_runs": ("counter", (*AGENT, "kind"),
-                           "claude runs, by how they ended (pmtool.failures kinds)."),
+                           "claude runs, by how they ended (pmtool.failure_policy kinds)."),
     "pmtool_claude_cost_usd": ("counter", AGENT, "What the claude runs cost, in USD."),
     "pmtool_attempts": ("counter", (*AGENT, "kind"),
                         "Claims that ended (attempt lines), by stop kind."),
@@ -514,12 +514,12 @@ EVENT_KIND = re.compile(r'"event": "(\w+)"')
 
 
 def _folded_event(line: str) -> bool:
-    match = EVENT_KIND.search(line, 0, 160)  # `ok`, then `event`: pmtool.loop.Runner.event
+    match = EVENT_KIND.search(line, 0, 160)  # `ok`, then `event`: pmtool.run.loop.Runner.event
     return match is None or match[1] in FOLDED
 
 
 def _polls(state: StateDir) -> list[tuple[str, str, dict[str, Any]]]:
-    """What each role and level's poller last saw (pmtool.fleet.Poller's file)."""
+    """What each role and level's poller last saw (pmtool.run.poller.Poller's file)."""
     folder = state.root / "poll"
     if not folder.is_dir():
         return []

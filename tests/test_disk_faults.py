@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 import test_run_loop
-from test_run_loop import World
 
-from helpers import SmallFs, pmtool, wait_for
+from helpers import SmallFs, World, pmtool, wait_for
 from pmtool.state import StateDir
 
 world = test_run_loop.world  # the fixture: a stand-in, a repo, hooks, a state folder
@@ -37,7 +36,7 @@ def _attempts(world: World, task_id: int) -> list[dict[str, Any]]:
 
 
 def _paused_run(world: World, env: dict[str, str], point: str, then: Any,
-                *args: str) -> test_run_loop.Run:
+                *args: str) -> helpers.Run:
     """`pmtool run` stopped at fault point `point`; `then()` breaks the disk; it goes on."""
     from test_work_cli import wait_stopped
 
@@ -50,7 +49,7 @@ def _paused_run(world: World, env: dict[str, str], point: str, then: Any,
     finally:
         if proc.poll() is None:
             proc.kill()
-    return test_run_loop.Run(proc.returncode, test_run_loop.events(out), err)
+    return helpers.Run(proc.returncode, helpers.events(out), err)
 
 
 # Health at the start sees the folders writable; a tmpfs is far below the default minimum.
@@ -90,7 +89,7 @@ def test_a_worktree_base_it_cannot_write_at_the_start_holds_the_claims(
         lines: list[str] = []
         wait_for(lambda: lines.append(proc.stdout.readline()) or '"health"' in lines[-1],
                  timeout=60, what="the health event")
-        health = test_run_loop.events(lines[-1])[0]
+        health = helpers.events(lines[-1])[0]
         assert health["failed"] == ["disk"] and "not writable" in health["details"]["disk"]
         assert world.status(task["id"])["status"] == "created"  # paused: nothing claimed
     finally:
@@ -177,7 +176,7 @@ def test_a_state_folder_filling_up_while_idle_holds_the_claims(
 
     def next_event(kind: str, **match: Any) -> dict[str, Any]:
         def found() -> dict[str, Any] | None:
-            seen.extend(test_run_loop.events(proc.stdout.readline()))
+            seen.extend(helpers.events(proc.stdout.readline()))
             event = seen[-1] if seen else {}
             ok = event.get("event") == kind and all(event.get(k) == v for k, v in match.items())
             return event if ok else None

@@ -444,7 +444,7 @@ def test_starting_run_does_not_import_prometheus_client() -> None:
 def test_metrics_go_on_from_what_the_last_run_kept(tmp_path: Path) -> None:
     """cron's `pmtool metrics` reads only what was appended since its last run; a kept
     fold that does not parse is moved aside and everything is read again."""
-    from pmtool import failures as fl
+    from pmtool import failure_policy as fl
 
     state = StateDir(tmp_path / "state")
     env = {"PMTOOL_STATE_DIR": str(state.root), "PMTOOL_CONFIG": os.devnull,
@@ -496,7 +496,7 @@ def test_parked_tasks_agree_with_status_when_a_park_ends_in_the_same_read(
         tmp_path: Path) -> None:
     """A park and the record that shows the task worked again, read in one go: the fold
     must not skip the second line because nothing was parked when it began to read."""
-    from pmtool import failures as fl
+    from pmtool import failure_policy as fl
     from pmtool.ops import parked_tasks
 
     state = StateDir(tmp_path)
