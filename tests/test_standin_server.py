@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 import requests
 
-from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, ServerError
 from pmtool.models import same_task
 from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
 from pmtool.testing.server import DEFAULT_RACE_WINDOW
+from pmtool.work import claim as work
 
 TASK_KEYS = {"id", "feature_id", "epic_id", "title", "description", "created_by", "target_role",
              "difficulty", "complexity", "branch", "status", "locked_by", "locked_at", "notes",

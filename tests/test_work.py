@@ -1,4 +1,4 @@
-"""pmtool.work as a library: the claim protocol's decisions, against a scripted client.
+"""pmtool.work.claim as a library: the claim protocol's decisions, against a scripted client.
 
 The fake client below stands for the server where a test needs an answer no real server
 gives on demand (a double lock at an exact moment, a lost lock between two calls). The
@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from helpers import park
-from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, Conflict, NothingToDo, ServerError, UsageError
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.testing.seed import unique_id
+from pmtool.work import claim as work
 
 
 def task(task_id: int, status: str = "created", role: str = "backend_dev",
