@@ -21,7 +21,8 @@ from test_run_loop import World, events, wait_for, world  # noqa: F401 (world: a
 from pmtool.client import PMClient
 from pmtool.errors import NothingToDo, UsageError
 from pmtool.records import RecordStore
-from pmtool.run.fleet import Poller, agent_ids, fleet_code
+from pmtool.run.fleet import agent_ids, fleet_code
+from pmtool.run.poller import Poller
 from pmtool.testing.seed import Seeder
 from pmtool.work import claim as work
 

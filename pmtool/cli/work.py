@@ -300,8 +300,8 @@ def recover_cmd(
     from pmtool.errors import NothingToDo, PmtoolError
     from pmtool.ledger import limits_from, parked_tasks
     from pmtool.ops import prune_logs
-    from pmtool.work.claim import recover, recover_orphans
     from pmtool.work.finish import FinishPlan, finisher
+    from pmtool.work.recover import recover, recover_orphans
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
     if orphans:

@@ -77,6 +77,7 @@ from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
 from pmtool.settings import POLICY_SETTINGS, AgentFailure, HookFailure, Leftover, check_run_policy
 from pmtool.work import claim as work
+from pmtool.work import recover as recovery
 from pmtool.work.finish import kept_verdict
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
@@ -210,7 +211,7 @@ class Runner:
         runner of its own makes its own poller (which still shares the poll lease with
         other processes on the same state folder)."""
         from pmtool.client import PMClient
-        from pmtool.run.fleet import Poller, process_agent
+        from pmtool.run.poller import Poller, process_agent
 
         self.settings = settings
         self.opts = opts
@@ -509,7 +510,7 @@ class Runner:
     def _recover(self) -> TaskRecord | None:
         """This agent's record from before (a crash, a stop): resume it when still ours."""
         try:
-            entries = work.recover(self.client, self.store, agent_id=self.opts.agent_id,
+            entries = recovery.recover(self.client, self.store, agent_id=self.opts.agent_id,
                                    settle=self.opts.settle)
         except NothingToDo:
             return None
