@@ -77,7 +77,7 @@ from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
 from pmtool.settings import POLICY_SETTINGS, AgentFailure, HookFailure, Leftover, check_run_policy
 from pmtool.work import claim as work
-from pmtool.work import recover as recovery
+from pmtool.work import recover as work_recover
 from pmtool.work.finish import kept_verdict
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
@@ -110,7 +110,7 @@ class RunOptions:
     (max_attempts, retry_cooldown, max_bounces, max_consecutive_failures,
     daily_budget_usd, task_budget_usd) are pmtool.failure_policy.Limits (`limits`); max_turns
     goes to claude; grace is recover's; leftover and push are the finish's
-    (pmtool.work.finish); poll_interval and poll_max pace the machine's poller (pmtool.run.fleet).
+    (pmtool.work.finish); poll_interval and poll_max pace the machine's poller (pmtool.run.poller).
     """
 
     agent_id: str
@@ -448,7 +448,7 @@ class Runner:
         def check() -> tuple[dict[str, Any], int]:
             return run_health(self.settings, checks, hook=True, hooks_dir=self.hooks_dir)
 
-        # A fleet's runners share one check (pmtool.run.fleet.SharedHealth).
+        # A fleet's runners share one check (pmtool.run.poller.SharedHealth).
         result, _code = self._health(check) if self._health else check()
         self.last_health = time.monotonic()
         failed = [c for c in result["checks"] if not c["ok"]]
@@ -510,7 +510,7 @@ class Runner:
     def _recover(self) -> TaskRecord | None:
         """This agent's record from before (a crash, a stop): resume it when still ours."""
         try:
-            entries = recovery.recover(self.client, self.store, agent_id=self.opts.agent_id,
+            entries = work_recover.recover(self.client, self.store, agent_id=self.opts.agent_id,
                                    settle=self.opts.settle)
         except NothingToDo:
             return None

@@ -202,7 +202,7 @@ def _tell(record: TaskRecord, verdict: dict[str, Any], done: dict[str, dict[str,
 
 def finisher(client: Any, store: RecordStore, plan: FinishPlan
              ) -> Callable[[TaskRecord], dict[str, Any]]:
-    """`finish_task` for `pmtool recover` (pmtool.work.claim.recover's `finisher`): holds the
+    """`finish_task` for `pmtool recover` (pmtool.work.recover.recover's `finisher`): holds the
     agent's runner lock meanwhile, so a runner of that agent starting at the same moment
     does not finish the same task too (it finds the record closed, or waits its turn)."""
     from pmtool.errors import Conflict
