@@ -1,6 +1,10 @@
-"""The layering the README promises: only `pmtool/cli/` knows typer, only the client speaks
-HTTP (through the standard library's http.client: no requests anywhere in pmtool), and the
-library imports neither behind the CLI's back."""
+"""The layering the README promises: the floors of the package (cli > run > work > ledger,
+preflight, health > the rest > the ground), no import circles, only `pmtool/cli/` knows
+typer, only the client speaks HTTP (through the standard library's http.client: no requests
+anywhere in pmtool), and the library imports neither behind the CLI's back.
+
+Every check walks every subfolder and sees imports inside functions too: a lazy import
+is still a dependency, it only moves its cost to the call."""
 
 from __future__ import annotations
 
@@ -31,6 +35,138 @@ def importers(module: str) -> set[str]:
             if module in imported_modules(path)}
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+PACKAGES = {name for name, p in MODULES.items() if p.name == "__init__.py"}
+
+
+def pmtool_imports(path: Path) -> set[str]:
+    """The pmtool modules `path` imports, at any depth: `from pmtool.work import claim`
+    is pmtool.work.claim, `from pmtool.work.claim import x` too; a package's own
+    __init__ (a docstring) is no dependency."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pmtool."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "pmtool":
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names
+                         if f"{node.module}.{a.name}" in MODULES)
+    return {m for m in found if m in MODULES and m not in PACKAGES}
+
+
+GRAPH = {name: pmtool_imports(path) - {name} for name, path in MODULES.items()}
+
+# The floors, top down: a module imports only from its own floor or the floors below it.
+# The ground is what everything may use; the pure failure policy stands there since the
+# agent classifies its own stops with it and the ledger, claim and loop act on it.
+FLOORS = [
+    ("cli", ("pmtool.cli", "pmtool.__main__")),
+    ("run", ("pmtool.run",)),
+    ("work", ("pmtool.work",)),
+    ("before a claim", ("pmtool.ledger", "pmtool.preflight", "pmtool.health")),
+    ("the rest", ("pmtool.agent", "pmtool.testing", "pmtool.config", "pmtool.models",
+                  "pmtool.records", "pmtool.state", "pmtool.hooks", "pmtool.worktree",
+                  "pmtool.client", "pmtool.ops", "pmtool.settings")),
+    ("ground", ("pmtool.procs", "pmtool.keeper", "pmtool.errors", "pmtool.faults",
+                "pmtool.git", "pmtool.failure_policy")),
+]
+
+
+def within(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def floor(module: str) -> int:
+    """0 for the top floor (cli); higher is lower."""
+    for level, (_name, prefixes) in enumerate(FLOORS):
+        if within(module, *prefixes):
+            return level
+    raise AssertionError(f"{module} stands on no floor: add it to FLOORS")
+
+
+def test_every_module_stands_on_a_floor():
+    assert len(MODULES) > 40  # the walk found the subfolders
+    for name in MODULES:
+        if name != "pmtool" and name not in PACKAGES:
+            floor(name)
+
+
+def test_imports_go_down_the_floors_never_up():
+    """cli > run > work > (ledger, preflight, health) > the rest > the ground: a lower
+    floor importing a higher one (at load or inside a function) is a layering bug."""
+    upward = sorted(f"{m} ({FLOORS[floor(m)][0]}) imports {d} ({FLOORS[floor(d)][0]})"
+                    for m, deps in GRAPH.items() if m != "pmtool" and m not in PACKAGES
+                    for d in deps if floor(d) < floor(m))
+    assert upward == []
+
+
+def test_the_agent_knows_nothing_of_work_run_or_cli():
+    """claude in, a verdict out: the agent package is usable without the task protocol."""
+    found = sorted(f"{m} imports {d}" for m, deps in GRAPH.items()
+                   if within(m, "pmtool.agent") for d in deps
+                   if within(d, "pmtool.work", "pmtool.run", "pmtool.cli"))
+    assert found == []
+
+
+def test_the_failure_policy_is_pure():
+    """Decisions over plain data: no pmtool module (so no I/O door) below it."""
+    assert GRAPH["pmtool.failure_policy"] == set()
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    """Not even through imports inside functions, which hide a circle from Python but not
+    from a reader: the lower module would have to know the upper one."""
+    assert cycles(GRAPH) == []
+
+
+def test_the_circle_check_sees_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def library_files() -> list[Path]:
+    """The library: everything outside the CLI and the test kits (and __main__)."""
+    return [p for p in sorted(PACKAGE.rglob("*.py"))
+            if p.relative_to(PACKAGE).parts[0] not in ("cli", "testing", "__main__.py")]
+
+
 def test_only_the_cli_imports_typer():
     outside = {p for p in importers("typer") if not p.startswith("pmtool/cli/")}
     assert outside == set(), f"typer imported outside pmtool/cli/: {sorted(outside)}"
@@ -47,8 +183,8 @@ def test_only_the_client_speaks_http():
 
 def test_the_library_loads_without_typer_or_requests():
     """Importing every library module (outside cli/ and testing/) pulls in neither."""
-    modules = sorted(f"pmtool.{p.stem}" for p in PACKAGE.glob("*.py")
-                     if p.stem not in ("__main__",))
+    modules = sorted(module_name(p) for p in library_files())
+    assert "pmtool.run.loop" in modules and "pmtool.work.claim" in modules
     code = ("import sys\n"
             + "".join(f"import {m}\n" for m in modules)
             + "print(sorted(m for m in ('typer', 'requests', 'click') if m in sys.modules))")
@@ -60,9 +196,7 @@ def test_the_library_loads_without_typer_or_requests():
 def test_the_library_never_prints_or_exits():
     """print() and sys.exit belong to the CLI edge (and the test kits' own mains)."""
     offenders = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        if path.name == "__main__.py":
-            continue
+    for path in library_files():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call):
                 fn = node.func
@@ -70,7 +204,7 @@ def test_the_library_never_prints_or_exits():
                         f"{getattr(fn.value, 'id', '')}.{fn.attr}"
                         if isinstance(fn, ast.Attribute) else "")
                 if name in ("print", "sys.exit", "exit"):
-                    offenders.append(f"{path.name}:{node.lineno} {name}")
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
     assert offenders == []
 
 
