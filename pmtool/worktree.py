@@ -613,7 +613,7 @@ def _setup(answer: dict[str, Any], hooks_dir: str | Path | None, hook_timeout: f
 
 def forget_setup(path: str | Path) -> None:
     """Make the next `create_worktree` of this worktree run worktree_setup again: what it
-    started (a watcher, a dev server) was ended with a dead runner's orphans."""
+    started (a watcher, a dev server) was ended with a dead runner's leftovers."""
     if Path(path).is_dir():
         _mark_setup(_setup_marker(Path(path)), {"state": "ended", "at": _stamp()})
 

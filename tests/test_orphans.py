@@ -151,9 +151,9 @@ class RacingServer:
 
 
 def test_an_orphan_whose_agent_comes_back_is_left_alone():
-    from pmtool.work.recover import recover_orphans
+    from pmtool.work.recover import recover_abandoned
 
     server = RacingServer()
-    (entry,) = recover_orphans(server, "pm_cron")
+    (entry,) = recover_abandoned(server, "pm_cron")
     assert entry["action"] == "skipped" and "changed meanwhile" in entry["reason"]
     assert server.changes == []

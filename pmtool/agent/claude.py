@@ -958,11 +958,11 @@ def _running(pid: int, started: float | None) -> bool:
         return False
 
 
-def end_orphan(record: TaskRecord, grace: float = 3.0) -> dict[str, Any] | None:
+def end_leftover_agent(record: TaskRecord, grace: float = 3.0) -> dict[str, Any] | None:
     """End the agent of an earlier run of this record whose runner died (kill -9, OOM).
 
     Such an agent keeps working, and spending, with nobody reading it; a resume next to it
-    would run two agents on one session. If its runner still lives it is not an orphan:
+    would run two agents on one session. If its runner still lives it is not a leftover:
     Conflict (exit 5). Answers `{"pid", "signalled"}` when one was ended, else None.
     """
     from pmtool import procs
@@ -1015,7 +1015,7 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
 
     record = store.need(agent_id)
     notes: list[str] = []
-    orphan = end_orphan(record)
+    leftover = end_leftover_agent(record)
 
     plan = plan_for_record(record, settings, cwd=cwd, model=model)
     notes += plan.pop("notes")
@@ -1080,9 +1080,9 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
                   branch=branch,
                   task_cost_usd=final.cost_usd if final else round(record.cost_usd + cost, 6),
                   attempts=final.attempts if final else record.attempts + 1)
-    if orphan:
-        answer["ended_orphan"] = orphan["pid"]
-        notes.append(f"ended the agent of an earlier run (pid {orphan['pid']}) whose pmtool "
+    if leftover:
+        answer["ended_orphan"] = leftover["pid"]
+        notes.append(f"ended the agent of an earlier run (pid {leftover['pid']}) whose pmtool "
                      "had died")
     if final is None:
         notes.append("the task record was closed while the agent ran; nothing was recorded")
@@ -1222,7 +1222,7 @@ __all__ = [
     "continuation_prompt",
     "current_branch",
     "describe_event",
-    "end_orphan",
+    "end_leftover_agent",
     "extract_verdict",
     "fetch_instructions_path",
     "log_paths",

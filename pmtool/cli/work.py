@@ -301,15 +301,15 @@ def recover_cmd(
     from pmtool.ledger import limits_from, parked_tasks
     from pmtool.ops import prune_logs
     from pmtool.work.finish import FinishPlan, finisher
-    from pmtool.work.recover import recover, recover_orphans
+    from pmtool.work.recover import recover, recover_abandoned
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
     if orphans:
         client = server(settings)
         if not dry_run:
             client.register(as_agent, "pm", "principal")
-        found = recover_orphans(client, as_agent, dry_run=dry_run,
-                                task_ids=set(task) if task else None)
+        found = recover_abandoned(client, as_agent, dry_run=dry_run,
+                                  task_ids=set(task) if task else None)
         tally: dict[str, int] = {}
         for entry in found:
             tally[entry["action"]] = tally.get(entry["action"], 0) + 1

@@ -31,7 +31,7 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
                                          --task-budget-usd
     heartbeat                            exec-claude re-registers every --heartbeat s
     task moved or given away mid-work    none (no reconciliation; `recover --orphans`
-                                         from the PM's cron puts an orphan back)
+                                         from the PM's cron puts it back)
     server away (exit 4)                 `pause 10` (fixed), record kept
     cooldown after a give-back           the same: `lock release --kind` and `claim`
                                          (the library) skip the task while it cools

@@ -879,7 +879,7 @@ def park(client: Any, store: RecordStore, agent_id: str, reason: str,
             "reason": reason, "task": new}
 
 
-# -- lost tasks and orphans -----------------------------------------------------------------
+# -- lost tasks ----------------------------------------------------------------------------
 
 
 

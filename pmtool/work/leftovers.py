@@ -1,6 +1,6 @@
 """Processes a dead runner left behind: its agent, its hooks, and whatever still works
 in its task's worktree. `pmtool recover` (and so cron) ends them before the task is
-resumed, finished or given back, so no orphan keeps spending, committing or holding
+resumed, finished or given back, so no leftover keeps spending, committing or holding
 the worktree with nobody reading it.
 
 Where the runner had a parent-death signal and a subreaper (Linux), its children died
@@ -71,16 +71,17 @@ def find(record: TaskRecord, worktree: str | Path | None = None,
 
 def end(record: TaskRecord, worktree: str | Path | None = None,
         state_dir: str | Path | None = None, grace: float = 3.0) -> list[int]:
-    """End the dead runner's agent (pmtool.agent.claude.end_orphan: by its recorded pid and mark),
-    then every other process `find` names, each with its tree. Answers the pids signalled.
-    Only for a record whose runner is dead: a live runner's agent is not an orphan."""
+    """End the dead runner's agent (pmtool.agent.claude.end_leftover_agent: by its recorded
+    pid and mark), then every other process `find` names, each with its tree. Answers the
+    pids signalled. Only for a record whose runner is dead: a live runner's agent is not a
+    leftover."""
     from pmtool import procs
-    from pmtool.agent.claude import end_orphan
+    from pmtool.agent.claude import end_leftover_agent
     from pmtool.errors import Conflict
 
     signalled: set[int] = set()
     with contextlib.suppress(Conflict):  # its runner came back meanwhile: not ours to end
-        ended = end_orphan(record, grace=grace)
+        ended = end_leftover_agent(record, grace=grace)
         signalled |= set((ended or {}).get("signalled") or [])
     for proc in find(record, worktree, state_dir):
         signalled |= set(procs.terminate_tree(proc.pid, grace=grace))

@@ -2,8 +2,9 @@
 
 `recover` walks every record (or one agent's): a live runner's claim is left alone, a dead
 one's is resumed, finished (by the `finisher` it is given, pmtool.work.finish.finisher) or
-released, and corrupt records are moved aside. `recover_orphans` gives back the tasks the
-server still shows locked by agents unseen for the server's lock age. Both sit above
+released, and corrupt records are moved aside. `recover_abandoned` (`recover --orphans`)
+gives back the tasks the server still shows locked by agents unseen for the server's lock
+age. Both sit above
 pmtool.work.claim (whose release and read they use) and pmtool.work.finish.
 """
 
@@ -115,7 +116,7 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
                 # The id now names another task (quirk 9: ids are reused): ours is gone.
                 entry["id_reused"], task = True, None
             if not dry_run:
-                entry["ended"] = _end_orphans(store, record)
+                entry["ended"] = _end_leftovers(store, record)
             if not agent_id and not give_back and record.pid != me:
                 dead = _dead_for(store, record, now)
                 entry["dead_for_s"] = round(dead)
@@ -169,18 +170,18 @@ def _corrupt_task(client: Any, path: Path, entry: dict[str, Any], dry_run: bool)
                            f"this machine was corrupt (kept as {path})")
 
 
-def _end_orphans(store: RecordStore, record: TaskRecord) -> list[int]:
+def _end_leftovers(store: RecordStore, record: TaskRecord) -> list[int]:
     """End what the record's dead runner left running, before its task moves on. A record
     of this very process (a runner recovering its own record) has no orphans: its children
     are its own, watchers a setup hook left on purpose included."""
-    from pmtool.work import leftovers as orphans
+    from pmtool.work import leftovers
     from pmtool.work.finish import task_tree
     from pmtool.worktree import forget_setup
 
     if record.pid == os.getpid():
         return []
     tree = task_tree(record)
-    ended = orphans.end(record, tree, store.state_dir)
+    ended = leftovers.end(record, tree, store.state_dir)
     if ended and tree is not None:
         forget_setup(tree)  # what setup started may be among them: the resume sets up again
     return ended
@@ -331,7 +332,7 @@ def _agents_seen(client: Any) -> dict[str, str | None]:
     return {a.get("agent_id"): a.get("last_seen") for a in client.agents()}
 
 
-def _still_orphan(client: Any, task: dict[str, Any], max_age: float, now: Any) -> bool:
+def _still_abandoned(client: Any, task: dict[str, Any], max_age: float, now: Any) -> bool:
     """Read again just before the change: its agent may have re-registered (a heartbeat
     after a network gap), or someone may have moved the task, since the list was read."""
     from pmtool.state import parse_time
@@ -348,7 +349,7 @@ def _still_orphan(client: Any, task: dict[str, Any], max_age: float, now: Any) -
     return when is None or (now - when).total_seconds() > max_age
 
 
-def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
+def recover_abandoned(client: Any, agent_id: str, dry_run: bool = False,
                     max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
                     now: Any = None) -> list[dict[str, Any]]:
     """Put back to `created`, with a note, every task that is `under_work` with no lock, or
@@ -357,7 +358,7 @@ def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
     For the PM's cron: such a task is never offered again by the server, and the runner
     that had it is gone. A guest on the server: only tasks in that state are touched (and
     only `task_ids`, when given). `agent_id` is who makes the change (registered as
-    needed by the caller). Returns one entry per orphan: `{"task_id", "title",
+    needed by the caller). Returns one entry per abandoned task: `{"task_id", "title",
     "locked_by", "last_seen", "reason", "action": "requeued"|"would_requeue"|"skipped"}`.
     """
     from datetime import UTC, datetime
@@ -389,7 +390,7 @@ def recover_orphans(client: Any, agent_id: str, dry_run: bool = False,
         entry = {"task_id": task["id"], "title": task.get("title"), "locked_by": holder,
                  "last_seen": last_seen, "reason": reason,
                  "action": "would_requeue" if dry_run else "requeued"}
-        if not dry_run and not _still_orphan(client, task, max_age, now):
+        if not dry_run and not _still_abandoned(client, task, max_age, now):
             entry.update(action="skipped", reason=f"{reason}; but it changed meanwhile")
         elif not dry_run:
             note = (f"pmtool recover --orphans ({agent_id}): put back to created: {reason}; "
