@@ -1,7 +1,10 @@
 """The operator's views of the state folder: what runs now (`status`), a task's story
 (`logs`), what it cost (`report`); the `notify` hook; `init` of a set-up folder.
 
-Everything here reads; nothing prints. The CLI (pmtool.cli.ops) draws the tables.
+The views (`status`, `logs`, `report`) only read. Three act, each on the operator's
+word: `notify` runs the notify hook, `init` writes a set-up folder (never over a file that
+exists), `prune_logs` deletes logs and transcripts older than the days kept (the history
+stays). Nothing prints: the CLI (pmtool.cli.ops) draws the tables.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What pmtool does when something fails, and the limits that bound it: one place.
+"""The runner's settings for failures, validated: what to do when something fails, and
+the limits that bound it. (The decisions themselves are pmtool.failure_policy's.)
 
 The choices are enums (a `str` subclass, so they print and compare as their values); the
 limits are plain numbers. `check_run_policy` validates both for any caller, so a Python
@@ -6,7 +7,7 @@ caller of `pmtool.run.loop.Runner` gets the same UsageError (exit 2) the CLI giv
 values come from flags, the environment or the config file (`pmtool.config.SPECS`).
 
 Where each policy lives in `scripts/pm-runner.sh` (the same loop in bash) is named next
-to its use in `pmtool/loop.py`.
+to its use in `pmtool/run/loop.py`.
 """
 
 from __future__ import annotations
