@@ -9,6 +9,8 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +165,13 @@ def make_standin() -> Iterator[Callable[..., StandInServer]]:
     yield make
     for server in servers:
         server.stop()
+
+
+# ---- a world for `pmtool run` ------------------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_standin: Callable[..., Any]) -> helpers.World:
+    """A private stand-in, a git repo, a hooks folder and the environment to run in
+    (helpers.make_world; a test that needs another server calls make_world itself)."""
+    return helpers.make_world(tmp_path, make_standin)

@@ -16,16 +16,12 @@ from typing import Any
 
 import psutil
 import pytest
-import test_run_loop
-from test_run_loop import World, dev_done_count, wait_for
 
-from helpers import CLAUDE, PMTOOL, needs_claude
+from helpers import CLAUDE, PMTOOL, Run, World, dev_done_count, events, needs_claude, wait_for
 from pmtool.faults import POINTS
 from pmtool.state import StateDir
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
-
-world = test_run_loop.world  # the fixture: a stand-in, a repo, hooks, a state folder
 
 # Points at which the agent had given its verdict: from there the task is finished, by
 # the next start or by recover, never given back.
@@ -294,7 +290,7 @@ def test_a_repo_that_is_gone_is_found_before_any_claim(world: World) -> None:
             for a in world.args("--single-task")]  # the repo folder is not there
     proc = subprocess.run([PMTOOL, "run", *args], capture_output=True, text=True,
                           env=world.env, cwd=world.tmp, timeout=60, check=False)
-    run = test_run_loop.Run(proc.returncode, test_run_loop.events(proc.stdout), proc.stderr)
+    run = Run(proc.returncode, events(proc.stdout), proc.stderr)
     assert run.code not in (0, 3) and not run.of("claimed"), run.stderr
     server = world.status(task["id"])
     assert server["status"] == "created" and server["locked_by"] is None

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_loop import World, events, wait_for, world  # noqa: F401 (world: a fixture)
 
+from helpers import World, events, wait_for
 from pmtool.client import PMClient
 from pmtool.errors import NothingToDo, UsageError
 from pmtool.records import RecordStore
@@ -48,7 +48,7 @@ def test_agent_ids() -> None:
     assert fleet_code([0, 3, 3]) == 0 and fleet_code([3, 3]) == 3 and fleet_code([0, 5]) == 5
 
 
-def test_three_agents_finish_six_tasks_each_once(world: World) -> None:  # noqa: F811
+def test_three_agents_finish_six_tasks_each_once(world: World) -> None:
     tasks = [world.task(title=f"fleet {i}")["id"] for i in range(6)]
     run = world.run("--agents", "3", "--agent-id", "fl", "--max-tasks", "2",
                     "--poll-interval", "0.1", "--poll-max", "0.4", timeout=180)
@@ -69,7 +69,7 @@ def test_three_agents_finish_six_tasks_each_once(world: World) -> None:  # noqa:
 
 
 def test_a_signal_stops_every_agent_after_its_step_and_keeps_their_records(
-        world: World) -> None:  # noqa: F811
+        world: World) -> None:
     tasks = [world.task(title=f"long {i}")["id"] for i in range(2)]
     proc = world.start("--agents", "2", "--agent-id", "sig", "--poll-interval", "0.1",
                        env={"PMTOOL_FAKE_AGENT_SLEEP": "2"})
@@ -88,7 +88,7 @@ def test_a_signal_stops_every_agent_after_its_step_and_keeps_their_records(
     assert all(world.status(t)["status"] == "under_work" for t in tasks)
 
 
-def test_processes_sharing_a_state_folder_poll_as_one(world: World) -> None:  # noqa: F811
+def test_processes_sharing_a_state_folder_poll_as_one(world: World) -> None:
     args = ("--agents", "2", "--idle-poll", "60", "--poll-interval", "0.1",
             "--poll-max", "0.1")
     first = world.start(*args, "--agent-id", "one")

@@ -293,3 +293,15 @@ def test_a_call_builds_only_its_own_command(tmp_path: Path):
     answer, last = out.stdout.strip().splitlines()  # the claim's JSON (exit 4), then ours
     assert '"ok": false' in answer
     assert last.split() == ["['claim']", str(len(COMMAND_MODULES)), str(not linux), "False"]
+
+
+def test_no_test_imports_another_test_file():
+    """Shared test code lives in tests/helpers.py (World, make_world, pmtool, wait_for)
+    and the fixtures in tests/conftest.py: a test file imported by another drags its
+    fixtures and tests along, and moves break both."""
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.rglob("test_*.py")}
+    found = sorted(f"{p.relative_to(ROOT)} imports {m}" for p in tests.rglob("*.py")
+                   if "node_modules" not in p.parts
+                   for m in imported_modules(p) & names)
+    assert found == []

@@ -6,142 +6,29 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
-from helpers import CLAUDE, PMTOOL, needs_claude, read_pty, wait_for
-from pmtool.records import RecordStore
+from helpers import (
+    CLAUDE,
+    PMTOOL,
+    Run,
+    World,
+    dev_done_count,
+    events,
+    needs_claude,
+    read_pty,
+    wait_for,
+)
 from pmtool.state import StateDir
-from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
-from pmtool.testing.seed import Seeder
-
-
-@dataclass
-class World:
-    tmp: Path
-    repo: Path
-    state: Path
-    hooks: Path
-    env: dict[str, str]
-    seeder: Seeder
-    server: Any
-
-    @property
-    def store(self) -> RecordStore:
-        return RecordStore(self.state)
-
-    def git(self, *args: str) -> str:
-        return subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
-
-    def task(self, title: str = "Add a ping endpoint", **kw: Any) -> dict[str, Any]:
-        spec = {"target_role": "backend_dev", "difficulty": "senior", "complexity": "major",
-                "branch": f"feature/{secrets.token_hex(3)}", **kw}
-        return self.seeder.create_task(title=title, description="Do it well.", **spec)
-
-    def status(self, task_id: int) -> dict[str, Any]:
-        task = self.seeder.get_task(task_id)
-        assert task is not None
-        return task
-
-    def outlast_the_stale_rule(self, task_id: int, agent_id: str, beat: float) -> None:
-        """40 minutes pass on the server's clock while `agent_id` works, in two steps with
-        `beat` seconds between for its heartbeat to re-register; then another agent asks
-        for work (the server's stale-lock cleanup runs), and the lock must still be its."""
-        time.sleep(beat)  # a heartbeat has re-registered
-        self.server.advance_clock(20 * 60)
-        time.sleep(beat)
-        self.server.advance_clock(20 * 60)  # 40 minutes since the claim, < 30 since a beat
-        self.seeder.register("other", "backend_dev", "senior")
-        assert self.seeder.next_task("backend_dev", "senior") is None  # the stale cleanup
-        assert self.status(task_id)["locked_by"] == agent_id
-
-    def run(self, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 90) -> Run:
-        proc = subprocess.run([PMTOOL, "run", *self.args(*args)], capture_output=True,
-                              text=True, env={**self.env, **(env or {})}, cwd=self.repo,
-                              timeout=timeout, check=False)
-        return Run(proc.returncode, events(proc.stdout), proc.stderr)
-
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        return subprocess.Popen([PMTOOL, "run", *self.args(*args)], text=True,
-                                env={**self.env, **(env or {})}, cwd=self.repo,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def args(self, *args: str) -> list[str]:
-        defaults = ["--settle", "0.05", "--idle-poll", "0.5"]
-        if "--repo" not in args:
-            defaults += ["--repo", str(self.repo)]
-        if "--role" not in args:
-            defaults += ["--role", "backend_dev"]
-        if "--agent-id" not in args:
-            defaults += ["--agent-id", "dev_1"]
-        if "--agent-cmd" not in args and "--real-claude" not in args:
-            defaults += ["--agent-cmd", fake_agent.command()]
-        return [a for a in args if a != "--real-claude"] + defaults
-
-
-@dataclass
-class Run:
-    code: int
-    events: list[dict[str, Any]]
-    stderr: str
-
-    def kinds(self) -> list[str]:
-        return [e["event"] for e in self.events]
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == kind]
-
-
-def events(stdout: str) -> list[dict[str, Any]]:
-    out = [json.loads(line) for line in stdout.splitlines() if line.strip()]
-    for event in out:  # the event contract: every line has these
-        assert {"ok", "event", "time", "agent", "task_id"} <= set(event), event
-    return out
-
-
-@pytest.fixture
-def world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
-    return make_world(tmp_path, make_standin)
-
-
-def make_world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
-    """A private stand-in, a git repo, a hooks folder and the environment to run in."""
-    key = f"k-{secrets.token_hex(8)}"
-    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True)
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
-           "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": str(tmp_path / "none.toml"), "HEADLESS_PM_HOOKS_DIR": str(hooks),
-           # A given-back task may be taken again at once (tests of the cooldown set it).
-           "PMTOOL_RETRY_COOLDOWN": "0"}
-    env.pop("PMTOOL_RUNNER_PID", None)
-    seeder = Seeder(server.url, key)
-    return World(tmp_path, repo, tmp_path / "state", hooks, env, seeder, server)
-
-
-def dev_done_count(world: World, task_id: int) -> int:
-    return sum(1 for c in world.seeder.changelog(500)
-               if c["task_id"] == task_id and c["new_status"] == "dev_done")
-
 
 # ---- one task, start to end ---------------------------------------------------------------
 
