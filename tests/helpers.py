@@ -21,6 +21,8 @@ from pmtool.testing.claude_env import find_test_claude
 from pmtool.testing.seed import Seeder
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
+# The repository (README, hooks/, scripts/, benchmarks/), wherever a test file sits below.
+ROOT = Path(__file__).resolve().parent.parent
 
 # The real claude CLI for the end-to-end tests (tests/run.sh installs it), or None.
 CLAUDE = find_test_claude()

@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from helpers import PMTOOL, pmtool
+from helpers import PMTOOL, ROOT, pmtool
 from pmtool.client import PMClient
 from pmtool.errors import AuthError, ServerError
 
@@ -255,7 +254,7 @@ def test_help_lists_every_command(clean_env):
 
 # -- the README keeps up with the CLI (the sqlite-utils way) ----------------------------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 
 def readme_section(heading: str) -> str:

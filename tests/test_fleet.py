@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from helpers import World, events, wait_for
+from helpers import ROOT, World, events, wait_for
 from pmtool.client import PMClient
 from pmtool.errors import NothingToDo, UsageError
 from pmtool.records import RecordStore
@@ -214,7 +214,7 @@ def test_a_task_offered_a_moment_too_early_is_not_worked_again(private: Any,
 
 
 def test_fleet_benchmark_smallest(tmp_path: Path) -> None:
-    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "fleet.py"
+    bench = ROOT / "benchmarks" / "fleet.py"
     env = {k: v for k, v in os.environ.items()
            if k not in ("PMTOOL_TEST_PM_URL", "PMTOOL_TEST_PM_KEY")}
     proc = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True,

@@ -21,11 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import pmtool
+from helpers import ROOT, pmtool
 from pmtool.hooks import OUTPUT_CAP, find_hook, run_hook, task_context
 from pmtool.records import RecordStore, TaskRecord
 
-SHIPPED = Path(__file__).resolve().parent.parent / "hooks"
+SHIPPED = ROOT / "hooks"
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from helpers import CLAUDE, PMTOOL, ago, needs_claude, pmtool, read_pty, wait_for
+from helpers import CLAUDE, PMTOOL, ROOT, ago, needs_claude, pmtool, read_pty, wait_for
 from pmtool import ops
 from pmtool.hooks import run_hook
 from pmtool.records import RecordStore, TaskRecord
@@ -28,7 +28,7 @@ from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
 from pmtool.testing.seed import Seeder
 
-HOOKS = Path(__file__).resolve().parent.parent / "hooks"
+HOOKS = ROOT / "hooks"
 
 
 def state_env(tmp_path: Path, **extra: str) -> dict[str, str]:

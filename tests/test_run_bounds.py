@@ -25,6 +25,7 @@ import pytest
 from helpers import (
     CLAUDE,
     PMTOOL,
+    ROOT,
     Run,
     World,
     dev_done_count,
@@ -497,7 +498,7 @@ def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
 
 
 def readme_pipeline() -> str:
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     start = text.index("The same steps as a bash pipeline:")
     block = text[text.index("```bash\n", start) + 8:]
     return block[:block.index("```")]

@@ -24,11 +24,12 @@ from typing import Any
 
 import pytest
 
+from helpers import ROOT
 from pmtool.testing import fake_agent
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import StandInServer
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = ROOT / "scripts"
 BIN = Path(sys.executable).parent  # the venv's bin: `pmtool` resolves here first
 ROLE = "backend_dev"
 
