@@ -26,11 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The real claude CLI for the end-to-end tests (tests/run.sh installs it), or None.
 CLAUDE = find_test_claude()
-needs_claude = pytest.mark.skipif(
-    CLAUDE is None,
-    reason="real claude CLI not installed: run `npm ci --prefix tests --no-audit --no-fund` "
-    "(or set PMTOOL_TEST_CLAUDE_BIN)",
-)
+NEEDS_CLAUDE = ("real claude CLI not installed: run `npm ci --prefix tests --no-audit "
+                "--no-fund` (or set PMTOOL_TEST_CLAUDE_BIN)")
+# A test with this mark runs the real claude: conftest marks it e2e too.
+needs_claude = pytest.mark.skipif(CLAUDE is None, reason=NEEDS_CLAUDE)
 
 
 @dataclass
