@@ -636,12 +636,12 @@ def decide(task: Mapping[str, Any], history: Iterable[Mapping[str, Any]], limits
     now = now or datetime.now(UTC)
     rows = attempts_of(history, task)
     bounces = qa_bounces(changelog, task) if role != "qa" else 0
-    info = {"attempts": len(counted(rows)), "bounces": bounces, "cost_usd": task_cost(rows)}
+    attempts, cost = len(counted(rows)), task_cost(rows)
     reason = park_reason(rows, limits, bounces)
     if reason:
-        return Decision("park", reason, **info)
+        return Decision("park", reason, attempts=attempts, bounces=bounces, cost_usd=cost)
     until = cooling_until(rows, limits.retry_cooldown, limits.cooldown_cap)
     if until and now < until:
-        return Decision("cool", f"cooling down after {info['attempts']} failed attempt(s)",
-                        until=until, **info)
-    return Decision("claim", **info)
+        return Decision("cool", f"cooling down after {attempts} failed attempt(s)",
+                        until=until, attempts=attempts, bounces=bounces, cost_usd=cost)
+    return Decision("claim", attempts=attempts, bounces=bounces, cost_usd=cost)

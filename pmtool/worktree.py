@@ -791,10 +791,11 @@ def _find(root: Path, path_or_task_id: str | int | Path,
             raise NothingToDo(f"no worktree for task {task_id} in {root}", task_id=task_id)
         wt = found
     else:
-        wt = next((w for w in worktrees if _same(w.path, Path(target).expanduser())), None)
-        if not wt:
+        given = next((w for w in worktrees if _same(w.path, Path(target).expanduser())), None)
+        if not given:
             raise UsageError(f"{target} is not a worktree of {root}",
                              hint="pmtool worktree list shows them")
+        wt = given
     if wt.main:
         raise UsageError(f"{wt.path} is the main checkout, not a task worktree; "
                          "pmtool never removes it")
@@ -884,7 +885,8 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
     NothingToDo (no worktree for that task id), UsageError (not a worktree; the main checkout).
     """
     root = repo_root(repo)
-    freed = str(path_or_task_id).isdigit() and release_checkout(root, int(path_or_task_id))
+    given = str(path_or_task_id)
+    freed = given.isdigit() and release_checkout(root, int(given))
     try:
         wt = _find(root, path_or_task_id, worktree_base)
     except NothingToDo:
@@ -892,7 +894,7 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
             raise
         # A minor task that worked in the checkout (minor_in_checkout): nothing to
         # remove, the checkout is free for the next task.
-        return {"path": str(root), "task_id": int(path_or_task_id), "branch": None,
+        return {"path": str(root), "task_id": int(given), "branch": None,
                 "removed": False, "rescued": None, "branch_deleted": False,
                 "branch_kept": None, "checkout_released": True}
     task_id, label = _label(wt)

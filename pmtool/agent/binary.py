@@ -21,7 +21,7 @@ def find_claude(configured: str | None = None) -> str | None:
     if found:
         return found
     for candidate in FALLBACKS:
-        path = Path(candidate).expanduser()
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
+        fallback = Path(candidate).expanduser()
+        if fallback.is_file() and os.access(fallback, os.X_OK):
+            return str(fallback)
     return None

@@ -247,7 +247,7 @@ class StreamParser:
         return []
 
     def _assistant(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
-        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        message: dict[str, Any] = obj["message"] if isinstance(obj.get("message"), dict) else {}
         events: list[dict[str, Any]] = []
         # The CLI prints one line per content block; blocks of one model answer share the
         # message id, and one answer is one turn.
@@ -255,7 +255,8 @@ class StreamParser:
         if mid not in self._messages:
             self._messages.add(mid)
             self.turns += 1
-            usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+            usage: dict[str, Any] = message["usage"] \
+                if isinstance(message.get("usage"), dict) else {}
             self.tokens += sum(int(usage.get(k) or 0) for k in (
                 "input_tokens", "output_tokens", "cache_creation_input_tokens",
                 "cache_read_input_tokens"))

@@ -332,8 +332,8 @@ def recover_cmd(
     except NothingToDo as exc:
         exc.details["parked"] = parked
         raise
-    for task in parked or []:
-        say(f"pmtool: recover: task {task['id']} is parked for a person: {task['reason']}")
+    for held in parked or []:
+        say(f"pmtool: recover: task {held['id']} is parked for a person: {held['reason']}")
     counts: dict[str, Any] = {}
     for entry in entries:
         counts[entry["action"]] = counts.get(entry["action"], 0) + 1

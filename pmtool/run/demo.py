@@ -13,13 +13,13 @@ import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pmtool.config import load_settings
 from pmtool.run.loop import Runner, RunOptions
 from pmtool.state import StateDir
 
-TASKS = [
+TASKS: list[dict[str, Any]] = [
     {"title": "Add a CHANGELOG entry for the 0.1 release", "target_role": "backend_dev",
      "difficulty": "junior", "complexity": "minor", "branch": "main",
      "description": "Write a short CHANGELOG.md entry. Minor task: commit on main."},
@@ -76,7 +76,7 @@ def run_demo(workdir: Path | None = None, agent: str = "stand-in",
                                   "state_dir": str(state), "hooks_dir": str(root / "hooks")},
                                  config_path=root / "no-config.toml")
         agent_cmd = None if agent == "claude" else fake_agent.command()
-        common = {"repo": str(repo), "level": "principal", "agent_cmd": agent_cmd,
+        common: dict[str, Any] = {"repo": str(repo), "level": "principal", "agent_cmd": agent_cmd,
                   "idle_poll": 0.0, "settle": 0.05, "health_interval": 3600.0,
                   "timeout": 600.0}
         codes = {}
@@ -84,7 +84,7 @@ def run_demo(workdir: Path | None = None, agent: str = "stand-in",
             progress(f"running {agent_id} ({role}) until its queue is empty")
             opts = RunOptions(agent_id=agent_id, role=role, max_tasks=len(TASKS), **common)
             codes[agent_id] = Runner(settings, opts, record, progress).run()
-        tasks = [seeder.get_task(task_id) for task_id in ids]
+        tasks = [cast(dict[str, Any], seeder.get_task(task_id)) for task_id in ids]
     summary = []
     for task in tasks:
         branch = task["branch"] if task["complexity"] == "major" else "main"

@@ -718,7 +718,7 @@ class Runner:
                 return True
             why = (result.get("error") or (result.get("stderr") or "").strip()
                    or f"exit {result.get('exit_code')}")
-            choice = self.opts.on_hook_failure
+            choice: str = self.opts.on_hook_failure
             if self.ask:
                 choice = self.ask(f"pre_task hook failed for task {record.task_id}: {why}",
                                   ["retry", "continue", "release"])
@@ -937,7 +937,7 @@ class Runner:
         opts = self.opts
 
         def agent_progress(event: dict[str, Any]) -> None:
-            fault({"init": "agent-start", "tool": "agent-tool"}.get(event.get("event"), ""))
+            fault({"init": "agent-start", "tool": "agent-tool"}.get(str(event.get("event")), ""))
             line = describe_event(event)
             if line:
                 self.progress(line)

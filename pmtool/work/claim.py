@@ -350,7 +350,8 @@ def claim_abandoned(record: TaskRecord) -> bool:
     last = record.steps[-1] if record.steps else {}
     if last.get("step") not in INCOMPLETE_STEPS:
         return False
-    first = next((s for s in reversed(record.steps) if s.get("step") == "claiming"), {})
+    first: dict[str, Any] = next(
+        (s for s in reversed(record.steps) if s.get("step") == "claiming"), {})
     pid = first.get("claim_pid")
     return isinstance(pid, int) and pid != os.getpid() \
         and not pid_alive(pid, first.get("claim_started"))
@@ -813,7 +814,8 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
                    cost_usd=record.cost_usd, reason=notes, claimed_at=record.claimed_at)
     text = notes or ("qa failed (no notes given)" if outcome == "fail" else None)
     extra = f"{agent_id}: {outcome}: {text}" if text else None
-    parked = cause = None
+    parked: str | None = None
+    cause = "parked"  # each branch that parks says why
     if outcome == "blocked":
         parked, cause = notes or "no reason given", "blocked"
     elif outcome == "fail" and limits.max_bounces:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pmtool.errors import NothingToDo, OperationFailed, PmtoolError
 from pmtool.faults import fault
@@ -358,11 +358,12 @@ def _status(client: Any, store: RecordStore, record: TaskRecord, verdict: dict[s
                      action="given_back" if give_back else "finished", head=head,
                      notes=notes, replayed=True)
     held = _HeldClose(store)
+    as_store = cast(RecordStore, held)  # it stands in for the store: all but close forwarded
     if give_back:  # the agent's verdict stands; the work waits on a ref for a person
-        result = work.release(client, held, record.agent_id, notes=notes, kind="stopped",
+        result = work.release(client, as_store, record.agent_id, notes=notes, kind="stopped",
                               limits=plan.limits)
     else:
-        result = work.finish(client, held, record.agent_id, verdict["outcome"], notes=notes,
+        result = work.finish(client, as_store, record.agent_id, verdict["outcome"], notes=notes,
                              limits=plan.limits)
     fault("status")
     kept = store.need(record.agent_id)  # work.finish noted its own steps: take them along
@@ -454,13 +455,14 @@ def remove_task_worktree(record: TaskRecord, repo: Path | None,
             os.path.realpath(record.worktree) == os.path.realpath(repo):
         release_checkout(repo, record.task_id)  # minor_in_checkout: free for the next task
         return None
-    if repo is None or task_tree(record, repo) is None:
+    tree = task_tree(record, repo) if repo is not None else None
+    if repo is None or tree is None:
         return None
     minor = record.task.get("complexity") == "minor"
     try:
         # By path: a reused task id (quirk 9) may have an older task's worktree too. A
         # minor task's short-lived branch goes once it has landed (merged), not before.
-        answer = remove_worktree(repo, record.worktree, rescue=True, delete_branch=minor,
+        answer = remove_worktree(repo, str(tree), rescue=True, delete_branch=minor,
                                  base=base if minor else None)
     except (NothingToDo, UsageError):
         return {"path": record.worktree, "removed": True, "rescued": None,

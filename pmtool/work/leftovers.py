@@ -44,7 +44,9 @@ def _ours(env: dict[str, str], record: TaskRecord, state_dir: str | None) -> boo
 
 
 def _inside(cwd: str | None, folder: str | None) -> bool:
-    return bool(cwd and folder) and (cwd == folder or cwd.startswith(folder + os.sep))
+    if not cwd or not folder:
+        return False
+    return cwd == folder or cwd.startswith(folder + os.sep)
 
 
 def find(record: TaskRecord, worktree: str | Path | None = None,

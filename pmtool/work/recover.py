@@ -99,7 +99,7 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
     entries: list[dict[str, Any]] = []
     for path, why in bad:
         moved = path if dry_run else store.quarantine(path)
-        entry = {"agent_id": None, "record": str(path), "action": "corrupt",
+        entry: dict[str, Any] = {"agent_id": None, "record": str(path), "action": "corrupt",
                  "kept_as": str(moved), "reason": why}
         _corrupt_task(client, path if dry_run else moved, entry, dry_run)
         entries.append(entry)
