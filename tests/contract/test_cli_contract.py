@@ -141,6 +141,29 @@ def test_help_explains_with_examples(clean_env):
     assert "Example:" in proc.stdout
 
 
+def _subcommands(*group: str) -> list[str]:
+    """The commands `pmtool [GROUP] --help` lists under "Commands:"."""
+    text = subprocess.run([PMTOOL, *group, "--help"], capture_output=True, text=True,
+                          check=True, env={**os.environ, "COLUMNS": "200"}).stdout
+    listed = text.split("Commands:", 1)[1] if "Commands:" in text else ""
+    return [line.split()[0] for line in listed.splitlines()
+            if line.startswith("  ") and line.split() and not line.startswith("   ")]
+
+
+def test_every_command_explains_itself_with_an_example(clean_env):
+    """The help is the manual at hand: every command a user runs shows how (a group's
+    subcommands each, the group itself only lists them)."""
+    leaves = []
+    for name in _subcommands():
+        inner = _subcommands(name)
+        leaves += [[name, sub] for sub in inner] if inner else [[name]]
+    assert len(leaves) >= 25, leaves
+    bare = [" ".join(cmd) for cmd in leaves
+            if "Example:" not in subprocess.run([PMTOOL, *cmd, "--help"], capture_output=True,
+                                                text=True, check=True).stdout]
+    assert bare == []
+
+
 # -- health ---------------------------------------------------------------------------------
 
 def test_health_local_checks_pass(clean_env):
