@@ -39,7 +39,7 @@ def main() -> int:
               file=sys.stderr)
         return 1
     line = {"at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    task = context.get("task") if isinstance(context.get("task"), dict) else {}
+    task = context["task"] if isinstance(context.get("task"), dict) else {}
     for name in FIELDS:
         value = context.get(name, task.get(name) if name in ("title", "complexity") else None)
         if value is not None:

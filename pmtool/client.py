@@ -127,7 +127,8 @@ def proxy_for(url: str) -> str | None:
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(parts.scheme)
     host = parts.hostname or ""
-    if not proxy or urllib.request.proxy_bypass_environment(
+    # proxy_bypass_environment is urllib's own NO_PROXY reading (typeshed omits it).
+    if not proxy or urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
             f"{host}:{parts.port}" if parts.port else host, proxies):
         return None
     return proxy
@@ -228,7 +229,7 @@ class Connections:
         if self.https:
             import ssl  # only for https: it costs a plain-http process 10 ms
 
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            conn = http.client.HTTPSConnection(
                 host, port, timeout=timeout, context=ssl.create_default_context())
             if self.proxy:  # TLS end to end with the server, inside the proxy's tunnel
                 conn.set_tunnel(self.host, self.port, headers=self._proxy_auth)

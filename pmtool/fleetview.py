@@ -83,15 +83,16 @@ def fleet(client: Any, now: datetime | None = None,
     seen_by: dict[str, dict[str, Any]] = {}  # agent -> its newest claim note
     for status in STATUSES:
         for task in tasks[status]:
-            for claim in claims_in(task.get("notes")):
-                if str(claim["at"]) >= str(seen_by.get(claim["agent_id"], {}).get("at", "")):
-                    seen_by[claim["agent_id"]] = claim
+            for note in claims_in(task.get("notes")):
+                if str(note["at"]) >= str(seen_by.get(note["agent_id"], {}).get("at", "")):
+                    seen_by[note["agent_id"]] = note
     holding: dict[str, dict[str, Any]] = {}
     in_flight = []
     for task in tasks["under_work"]:
         holder = task.get("locked_by")
-        claim = next((c for c in reversed(claims_in(task.get("notes")))
-                      if c["agent_id"] == holder), None)
+        claim: dict[str, Any] | None = next(
+            (c for c in reversed(claims_in(task.get("notes"))) if c["agent_id"] == holder),
+            None)
         started = (claim or {}).get("at") or task.get("locked_at") or task.get("updated_at")
         row = {"task_id": task.get("id"), "title": task.get("title"),
                "target_role": task.get("target_role"), "difficulty": task.get("difficulty"),

@@ -110,35 +110,10 @@ def check_memory(settings: Settings) -> Check:
             "available_mb": avail}
 
 
-CLAUDE_VERSION_TIMEOUT = 20.0  # seconds; a first start of claude may update itself
-
-
 def check_claude(settings: Settings, timeout: float | None = None) -> Check:
-    from pmtool import procs
-    from pmtool.agent.binary import find_claude
+    from pmtool.agent.binary import check_version
 
-    timeout = CLAUDE_VERSION_TIMEOUT if timeout is None else timeout
-    binary = find_claude(settings.claude_bin)
-    if not binary:
-        where = settings.claude_bin or "claude on PATH"
-        return {"ok": False, "detail": f"claude CLI not found ({where})",
-                "hint": "npm install -g @anthropic-ai/claude-code, or set PMTOOL_CLAUDE_BIN"}
-    # Through procs, not subprocess.run: a hung `claude --version` whose helper holds its
-    # output open would keep run() waiting after the timeout; procs ends the whole tree.
-    try:
-        ending, out, err = procs.run([binary, "--version"], timeout=timeout,
-                                     env={**os.environ, "DISABLE_AUTOUPDATER": "1"},
-                                     label="claude-version")
-    except OSError as exc:
-        return {"ok": False, "detail": f"{binary} does not run: {exc}", "path": binary}
-    if ending.timed_out:
-        return {"ok": False, "path": binary, "timed_out": True,
-                "detail": f"{binary} --version did not answer in {timeout:g}s"}
-    if ending.exit_code != 0:
-        return {"ok": False, "path": binary, "detail": f"{binary} --version exited "
-                                                       f"{ending.exit_code}: {err.strip()[:200]}"}
-    version = out.strip()
-    return {"ok": True, "detail": version, "path": binary, "version": version}
+    return check_version(settings.claude_bin, timeout)
 
 
 def check_git(settings: Settings) -> Check:
@@ -275,7 +250,7 @@ def _recover_corrupt(settings: Settings, store: Any, corrupt: list[Any]) -> list
     if not corrupt:
         return []
     from pmtool.client import PMClient
-    from pmtool.work.claim import recover_corrupt
+    from pmtool.work.recover import recover_corrupt
 
     client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
                       retries=0)

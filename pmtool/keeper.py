@@ -26,7 +26,7 @@ argv: parent-pid first-signal grace report-fd lc-ctype -- cmd...
 start-up coerces a C locale by setting LC_CTYPE, which must not reach the child.
 """
 
-import _signal as signal  # not `signal`: it imports enum, a third of our start-up
+import _signal as signal  # type: ignore[import-not-found]  # not `signal`: it imports enum, a third of our start-up
 import os
 import sys
 import time

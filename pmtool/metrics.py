@@ -214,7 +214,7 @@ class Fold:
         try:
             fh = open(path, "rb")  # noqa: SIM115 (closed below)
         except OSError:
-            return []
+            return
         with fh:
             inode = os.fstat(fh.fileno()).st_ino
             seen_inode, offset = self.offsets.get(path, (inode, 0))
@@ -289,7 +289,8 @@ class Fold:
         elif kind == "resumed" and self.claimed_at.get(agent, (None,))[0] != e.get("task_id"):
             self.claimed_at[agent] = (e.get("task_id"), when)
         elif kind == "agent":
-            stop = e.get("stop") if isinstance(e.get("stop"), dict) else {}
+            stop = e.get("stop")
+            stop = stop if isinstance(stop, dict) else {}
             run_kind = stop.get("kind") or (fl.OK if e.get("ok") else fl.FAILED)
             self._add("pmtool_claude_runs", (agent, str(run_kind)))
             self._add("pmtool_claude_cost_usd", (agent,), float(e.get("total_cost_usd") or 0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pmtool.config import LEVELS, Settings, check_level
@@ -21,7 +22,7 @@ def level_of(task: dict[str, Any]) -> str:
     return check_level(level)
 
 
-def task_level(task: dict[str, Any], default: str | None = None) -> str:
+def task_level(task: Mapping[str, Any], default: str | None = None) -> str:
     """The level a task's model is chosen for: its `difficulty`, else `default`, else
     senior (a record or task from elsewhere may lack it; a run still needs a model)."""
     level = task.get("difficulty") or default

@@ -1,7 +1,10 @@
 """The operator's views of the state folder: what runs now (`status`), a task's story
 (`logs`), what it cost (`report`); the `notify` hook; `init` of a set-up folder.
 
-Everything here reads; nothing prints. The CLI (pmtool.cli.ops) draws the tables.
+The views (`status`, `logs`, `report`) only read. Three act, each on the operator's
+word: `notify` runs the notify hook, `init` writes a set-up folder (never over a file that
+exists), `prune_logs` deletes logs and transcripts older than the days kept (the history
+stays). Nothing prints: the CLI (pmtool.cli.ops) draws the tables.
 """
 
 from __future__ import annotations
@@ -374,7 +377,7 @@ def _facts(entry: dict[str, Any]) -> dict[str, Any]:
         "attempts": int(entry.get("attempts") or 0), "turns": turns,
         "agent_s": round(agent_s, 1),
         "task_s": (closed - claimed).total_seconds() if closed and claimed else None,
-        "day": (closed or claimed).strftime("%Y-%m-%d") if closed or claimed else None,
+        "day": day.strftime("%Y-%m-%d") if (day := closed or claimed) else None,
     }
 
 
@@ -390,7 +393,7 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "turns": sum(r["turns"] for r in rows),
         "agent_s": round(sum(r["agent_s"] for r in rows), 1),
         "mean_task_s": round(sum(times) / len(times), 1) if times else None,
-        "p95_task_s": round(_p95(times), 1) if times else None,
+        "p95_task_s": round(p95, 1) if (p95 := _p95(times)) is not None else None,
     }
 
 

@@ -134,8 +134,7 @@ def check_hooks(folder: Path | None, explicit: bool) -> Finding:
 def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:
     """`claude --version` runs (skipped when --agent-cmd replaces claude). The same check
     as `health --check claude`: through procs, so a hung claude cannot hang the start."""
-    from pmtool.agent.binary import find_claude
-    from pmtool.health import check_claude as runs
+    from pmtool.agent.binary import check_version, find_claude
 
     if agent_cmd:
         return Finding("claude", True, f"--agent-cmd {agent_cmd.split()[0]} replaces claude")
@@ -144,7 +143,7 @@ def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:
         return Finding("claude", False, f"claude not found ({where})",
                        "install it (npm install -g @anthropic-ai/claude-code) or set "
                        "PMTOOL_CLAUDE_BIN to its path", ClaudeMissing)
-    check = runs(settings, timeout=15)
+    check = check_version(settings.claude_bin, timeout=15)
     if check["ok"]:
         return Finding("claude", True, check["detail"])
     return Finding("claude", False, str(check["detail"])[:300],

@@ -16,7 +16,7 @@ Finding the tree, three nets:
   adopted children whatever their environment (`env -i setsid ...`);
 - every process carrying the mark: processes that left the session inherit the
   environment. This is the only net for orphans where there are no subreapers (macOS,
-  the BSDs) and for processes of a runner that died (`end_orphan`, `recover`).
+  the BSDs) and for processes of a runner that died (`end_leftover_agent`, `recover`).
 
 When the runner dies (`kill -9` included), Linux: each child runs under a keeper
 (`pmtool/keeper.py`, a few-millisecond Python process with stdio passed straight

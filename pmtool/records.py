@@ -17,7 +17,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pmtool.errors import Conflict, NothingToDo, RecordCorrupt
 from pmtool.state import (  # noqa: F401 (safe_name, atomic_write_json: re-exported)
@@ -226,7 +226,8 @@ class RunnerLock:
     """
 
     def __init__(self, path: Path, agent_id: str) -> None:
-        self.path, self.agent_id, self._fh = path, agent_id, None
+        self.path, self.agent_id = path, agent_id
+        self._fh: IO[str] | None = None
 
     def acquire(self) -> RunnerLock:
         make_dir(self.path.parent)

@@ -485,7 +485,7 @@ def _follow_remote(root: Path, branch: str, remote_ref: str | None,
     or after keeping the local commits on a rescue ref (diverged)."""
     local = _rev(root, f"refs/heads/{branch}")
     theirs = _rev(root, remote_ref) if remote_ref else None
-    if theirs is None:
+    if theirs is None or remote_ref is None:
         return {"local": "only_local" if local else "missing"}
     if local is None:
         return {"local": "missing"}
@@ -767,7 +767,7 @@ def _setup(answer: dict[str, Any], hooks_dir: str | Path | None, hook_timeout: f
 
 def forget_setup(path: str | Path) -> None:
     """Make the next `create_worktree` of this worktree run worktree_setup again: what it
-    started (a watcher, a dev server) was ended with a dead runner's orphans."""
+    started (a watcher, a dev server) was ended with a dead runner's leftovers."""
     if Path(path).is_dir():
         _mark_setup(_setup_marker(Path(path)), {"state": "ended", "at": _stamp()})
 
@@ -945,10 +945,11 @@ def _find(root: Path, path_or_task_id: str | int | Path,
             raise NothingToDo(f"no worktree for task {task_id} in {root}", task_id=task_id)
         wt = found
     else:
-        wt = next((w for w in worktrees if _same(w.path, Path(target).expanduser())), None)
-        if not wt:
+        given = next((w for w in worktrees if _same(w.path, Path(target).expanduser())), None)
+        if not given:
             raise UsageError(f"{target} is not a worktree of {root}",
                              hint="pmtool worktree list shows them")
+        wt = given
     if wt.main:
         raise UsageError(f"{wt.path} is the main checkout, not a task worktree; "
                          "pmtool never removes it")
@@ -1041,7 +1042,8 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
     NothingToDo (no worktree for that task id), UsageError (not a worktree; the main checkout).
     """
     root = repo_root(repo)
-    freed = str(path_or_task_id).isdigit() and release_checkout(root, int(path_or_task_id))
+    given = str(path_or_task_id)
+    freed = given.isdigit() and release_checkout(root, int(given))
     try:
         wt = _find(root, path_or_task_id, worktree_base)
     except NothingToDo:
@@ -1049,7 +1051,7 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
             raise
         # A minor task that worked in the checkout (minor_in_checkout): nothing to
         # remove, the checkout is free for the next task.
-        return {"path": str(root), "task_id": int(path_or_task_id), "branch": None,
+        return {"path": str(root), "task_id": int(given), "branch": None,
                 "removed": False, "rescued": None, "branch_deleted": False,
                 "branch_kept": None, "checkout_released": True}
     task_id, label = _label(wt)

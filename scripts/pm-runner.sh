@@ -15,7 +15,7 @@
 # current step and keeps the task record, so the next start resumes the same task.
 # PMTOOL names the pmtool to run (default: pmtool on PATH).
 #
-# `pmtool run` is the same loop in Python (pmtool/loop.py, Runner); tests/test_scripts.py
+# `pmtool run` is the same loop in Python (pmtool/run/loop.py, Runner); tests/test_scripts.py
 # runs one scenario through both and compares their steps. Where each policy lives there
 # is named next to it below ("pmtool run:"); what only `pmtool run` has: one runner per
 # agent id (a runner lock), health checks before claiming (here: cron-health.sh), noticing

@@ -9,6 +9,8 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,22 @@ def _git_identity() -> Iterator[None]:
             mp.setenv(f"GIT_{who}_NAME", "pmtool tests")
             mp.setenv(f"GIT_{who}_EMAIL", "pmtool-tests@example.invalid")
         yield
+
+
+# ---- kinds of test ---------------------------------------------------------------------
+
+E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`e2e` (runs the real claude binary) is set by folder: every test under tests/e2e/,
+    and any test marked `helpers.needs_claude` wherever it sits, so a forgotten marker
+    cannot slip a real-claude test into `-m "not e2e"`."""
+    for item in items:
+        needs = any(m.kwargs.get("reason") == helpers.NEEDS_CLAUDE
+                    for m in item.iter_markers("skipif"))
+        if (E2E in item.path.parents or needs) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
 
 
 # ---- Headless PM server ------------------------------------------------------------------
@@ -181,3 +199,13 @@ def make_standin() -> Iterator[Callable[..., StandInServer]]:
     yield make
     for server in servers:
         server.stop()
+
+
+# ---- a world for `pmtool run` ------------------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_standin: Callable[..., Any]) -> helpers.World:
+    """A private stand-in, a git repo, a hooks folder and the environment to run in
+    (helpers.make_world; a test that needs another server calls make_world itself)."""
+    return helpers.make_world(tmp_path, make_standin)

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
+from pmtool.records import RecordStore
+from pmtool.state import StateDir
+from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import find_test_claude
+from pmtool.testing.seed import Seeder
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
+# The repository (README, hooks/, scripts/, benchmarks/), wherever a test file sits below.
+ROOT = Path(__file__).resolve().parent.parent
 
 # The real claude CLI for the end-to-end tests (tests/run.sh installs it), or None.
 CLAUDE = find_test_claude()
-needs_claude = pytest.mark.skipif(
-    CLAUDE is None,
-    reason="real claude CLI not installed: run `npm ci --prefix tests --no-audit --no-fund` "
-    "(or set PMTOOL_TEST_CLAUDE_BIN)",
-)
+NEEDS_CLAUDE = ("real claude CLI not installed: run `npm ci --prefix tests --no-audit "
+                "--no-fund` (or set PMTOOL_TEST_CLAUDE_BIN)")
+# A test with this mark runs the real claude: conftest marks it e2e too.
+needs_claude = pytest.mark.skipif(CLAUDE is None, reason=NEEDS_CLAUDE)
 
 
 @dataclass
@@ -189,3 +198,176 @@ class SmallFs:
         for folder in reversed(self.mounted):
             subprocess.run(["umount", "-l", str(folder)], check=False)
         self.mounted.clear()
+# -- a world for `pmtool run`: a stand-in, a git repo, hooks, a state folder ------------
+
+
+@dataclass
+class World:
+    tmp: Path
+    repo: Path
+    state: Path
+    hooks: Path
+    env: dict[str, str]
+    seeder: Seeder
+    server: Any
+
+    @property
+    def store(self) -> RecordStore:
+        return RecordStore(self.state)
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    def task(self, title: str = "Add a ping endpoint", **kw: Any) -> dict[str, Any]:
+        spec = {"target_role": "backend_dev", "difficulty": "senior", "complexity": "major",
+                "branch": f"feature/{secrets.token_hex(3)}", **kw}
+        return self.seeder.create_task(title=title, description="Do it well.", **spec)
+
+    def status(self, task_id: int) -> dict[str, Any]:
+        task = self.seeder.get_task(task_id)
+        assert task is not None
+        return task
+
+    def outlast_the_stale_rule(self, task_id: int, agent_id: str, beat: float) -> None:
+        """40 minutes pass on the server's clock while `agent_id` works, in two steps with
+        `beat` seconds between for its heartbeat to re-register; then another agent asks
+        for work (the server's stale-lock cleanup runs), and the lock must still be its."""
+        time.sleep(beat)  # a heartbeat has re-registered
+        self.server.advance_clock(20 * 60)
+        time.sleep(beat)
+        self.server.advance_clock(20 * 60)  # 40 minutes since the claim, < 30 since a beat
+        self.seeder.register("other", "backend_dev", "senior")
+        assert self.seeder.next_task("backend_dev", "senior") is None  # the stale cleanup
+        assert self.status(task_id)["locked_by"] == agent_id
+
+    def server_error_seen(self, agent_id: str = "dev_1", timeout: float = 90) -> None:
+        """Wait until the runner has logged a server error event: a loaded machine makes
+        this slower, where a fixed sleep would make the test red."""
+        wait_for(lambda: any(e.get("event") == "error"
+                             and (e.get("error") or {}).get("type") == "server"
+                             for e in StateDir(self.state).events(agent_id=agent_id)),
+                 timeout=timeout, what="the runner to meet the server's trouble")
+
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 90) -> Run:
+        proc = subprocess.run([PMTOOL, "run", *self.args(*args)], capture_output=True,
+                              text=True, env={**self.env, **(env or {})}, cwd=self.repo,
+                              timeout=timeout, check=False)
+        return Run(proc.returncode, events(proc.stdout), proc.stderr)
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen([PMTOOL, "run", *self.args(*args)], text=True,
+                                env={**self.env, **(env or {})}, cwd=self.repo,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def args(self, *args: str) -> list[str]:
+        defaults = ["--settle", "0.05"] + ([] if "--idle-poll" in args else
+                                           ["--idle-poll", "0.5"])
+        if "--repo" not in args:
+            defaults += ["--repo", str(self.repo)]
+        if "--role" not in args:
+            defaults += ["--role", "backend_dev"]
+        if "--agent-id" not in args:
+            defaults += ["--agent-id", "dev_1"]
+        if "--agent-cmd" not in args and "--real-claude" not in args:
+            defaults += ["--agent-cmd", fake_agent.command()]
+        return [a for a in args if a != "--real-claude"] + defaults
+
+
+@dataclass
+class Run:
+    code: int
+    events: list[dict[str, Any]]
+    stderr: str
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind]
+
+
+def events(stdout: str) -> list[dict[str, Any]]:
+    out = [json.loads(line) for line in stdout.splitlines() if line.strip()]
+    for event in out:  # the event contract: every line has these
+        assert {"ok", "event", "time", "agent", "task_id"} <= set(event), event
+    return out
+
+
+def make_world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
+    """A private stand-in, a git repo, a hooks folder and the environment to run in."""
+    key = f"k-{secrets.token_hex(8)}"
+    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    env = {**os.environ, "HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
+           "PMTOOL_STATE_DIR": str(tmp_path / "state"),
+           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_HOOKS_DIR": str(hooks),
+           # A given-back task may be taken again at once (tests of the cooldown set it).
+           "PMTOOL_RETRY_COOLDOWN": "0"}
+    env.pop("PMTOOL_RUNNER_PID", None)
+    seeder = Seeder(server.url, key)
+    return World(tmp_path, repo, tmp_path / "state", hooks, env, seeder, server)
+
+
+def dev_done_count(world: World, task_id: int) -> int:
+    return sum(1 for c in world.seeder.changelog(500)
+               if c["task_id"] == task_id and c["new_status"] == "dev_done")
+
+
+# -- processes and small HTTP servers shared by several test files -------------------------
+
+
+def wait_stopped(pids: list[int], timeout: float = 30) -> None:
+    """Wait until every process has SIGSTOPped itself (state T in /proc)."""
+    deadline = time.monotonic() + timeout
+    pending = set(pids)
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state == "T":
+                    pending.discard(pid)
+        time.sleep(0.02)
+    assert not pending, f"processes never paused: {pending}"
+
+
+class Answers(BaseHTTPRequestHandler):
+    """Answers every call with JSON naming what it got; `closing` closes the connection
+    after each answer without saying so (as a server whose keep-alive ran out does)."""
+
+    protocol_version = "HTTP/1.1"
+    closing = False
+    seen: ClassVar[list[tuple[str, str, Any, str | None]]] = []
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else None
+        type(self).seen.append((self.command, self.path, body, self.headers.get("X-API-Key")))
+        out = json.dumps({"method": self.command, "path": self.path, "body": body}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+        if type(self).closing:
+            self.close_connection = True
+
+    do_GET = do_POST = do_PUT = _answer
+
+
+def serve(handler: type[BaseHTTPRequestHandler], wrap: Any = None) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    if wrap:
+        server.socket = wrap(server.socket)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

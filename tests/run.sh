@@ -13,8 +13,10 @@ python=${PYTHON:-python3}
 # The real claude CLI, pinned, for the end-to-end tests (tests/package.json).
 npm ci --prefix tests --no-audit --no-fund --loglevel=error
 
-# The checks that keep the code as the README says: lint, then the shell scripts.
+# The checks that keep the code as the README says: lint, types, then the shell scripts.
 .venv/bin/ruff check --quiet pmtool tests benchmarks
+# pmtool ships py.typed: its annotations are part of the contract (files: pyproject.toml).
+.venv/bin/mypy
 .venv/bin/shellcheck scripts/*.sh tests/run.sh .ci/run
 
 # The manual: a broken link, a missing page or a stale reference fails the run. The site

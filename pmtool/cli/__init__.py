@@ -268,8 +268,8 @@ def _register_commands(args: list[str]) -> None:
     # Only the called command is built: its module registers its neighbours too (`claim`
     # brings eight), and typer builds each one's parameters on every call. No command, or
     # an unknown one, keeps them all: the help lists every command.
-    for known, now in zip(_registered, (app.registered_commands, app.registered_groups),
-                          strict=True):
+    on_app: tuple[list[Any], list[Any]] = (app.registered_commands, app.registered_groups)
+    for known, now in zip(_registered, on_app, strict=True):
         known.extend(info for info in now if all(info is not k for k in known))
         now[:] = [info for info in known if not module or info.name == name]
     # Completion options only where they are offered: the root, bare or with its options.
@@ -369,15 +369,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         code = fail(fault)
     except Exception as exc:  # typer/click usage errors carry exit_code and format_message
+        click_exc: Any = exc  # format_message and exit_code, when it is click's
         if type(exc).__name__ == "NoArgsIsHelpError":
             # A bare `pmtool` (or `pmtool worktree`): the help, once, on stdout; not an error.
-            sys.stdout.write(exc.format_message() + "\n")
+            sys.stdout.write(click_exc.format_message() + "\n")
             code = 0
         elif hasattr(exc, "format_message") and getattr(exc, "exit_code", None) is not None:
-            if exc.exit_code == 0:
+            if click_exc.exit_code == 0:
                 code = 0
             else:
-                message = exc.format_message()
+                message = click_exc.format_message()
                 ctx = getattr(exc, "ctx", None)
                 hint = f"see `{ctx.command_path} --help`" if ctx else "see `pmtool --help`"
                 code = fail(UsageError(message, hint=hint))

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -260,7 +260,7 @@ def run_cmd(
         worker: Runner | Fleet
         if len(ids) == 1:
             ask = _ask_at_terminal(str(opts[0].on_hook_failure), settings.ask_timeout,
-                                   stopping=lambda: worker.stopping.is_set()) \
+                                   stopping=lambda: cast(Runner, worker).stopping.is_set()) \
                 if interactive else None
             worker = Runner(settings, opts[0], on_event, progress=lambda m: say(f"  {m}"),
                             ask=ask)

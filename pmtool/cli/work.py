@@ -309,15 +309,15 @@ def recover_cmd(
     from pmtool.ledger import limits_from, parked_tasks
     from pmtool.ops import prune_logs
     from pmtool.work.finish import FinishPlan, finisher
-    from pmtool.work.recover import recover, recover_orphans
+    from pmtool.work.recover import recover, recover_abandoned
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
     if orphans:
         client = server(settings)
         if not dry_run:
             client.register(as_agent, "pm", "principal")
-        found = recover_orphans(client, as_agent, dry_run=dry_run,
-                                task_ids=set(task) if task else None)
+        found = recover_abandoned(client, as_agent, dry_run=dry_run,
+                                  task_ids=set(task) if task else None)
         tally: dict[str, int] = {}
         for entry in found:
             tally[entry["action"]] = tally.get(entry["action"], 0) + 1
@@ -341,8 +341,8 @@ def recover_cmd(
     except NothingToDo as exc:
         exc.details.update(parked=parked, stray_temps=strays)
         raise
-    for task in parked or []:
-        say(f"pmtool: recover: task {task['id']} is parked for a person: {task['reason']}")
+    for held in parked or []:
+        say(f"pmtool: recover: task {held['id']} is parked for a person: {held['reason']}")
     counts: dict[str, Any] = {}
     for entry in entries:
         counts[entry["action"]] = counts.get(entry["action"], 0) + 1

@@ -392,6 +392,7 @@ def _sse_events(
         ("ping", {"type": "ping"}),
     ]
     for i, block in enumerate(blocks):
+        start: dict[str, Any]
         if block["type"] == "text":
             start = {"type": "text", "text": ""}
             delta = {"type": "text_delta", "text": block["text"]}
@@ -738,7 +739,7 @@ class ScriptedModelServer:
         if self._httpd is None:
             raise RuntimeError("server not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> ScriptedModelServer:
         if self._httpd is not None:

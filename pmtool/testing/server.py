@@ -632,7 +632,8 @@ class StandInServer:
             ("GET", "/_sandbox/stats", lambda a: self.stats(), False, {}),
             ("GET", "/_sandbox/requests", lambda a: self.requests(a["route"]), False,
              {"route": Q("str", None)}),
-            ("POST", "/_sandbox/reset", lambda a: self.reset() or {"reset": True}, False, {}),
+            ("POST", "/_sandbox/reset", lambda a: self.reset() or {"reset": True},  # type: ignore[func-returns-value]
+             False, {}),
         ]
 
     # ---- state helpers (call with self._lock held) -----------------------------------

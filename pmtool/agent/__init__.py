@@ -1,0 +1,1 @@
+"""The agent: claude (or another agent CLI) in, a verdict out."""

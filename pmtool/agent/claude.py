@@ -1,0 +1,1277 @@
+"""The agent runner: build the prompt, run Claude Code (or another agent) on one task, and
+read its verdict.
+
+The library never prints: progress goes to a callback, the outcome comes back as a dict.
+
+The run
+-------
+`run_agent` starts ``claude -p --model M --output-format stream-json --verbose --session-id
+UUID <permission flags> --json-schema VERDICT [--max-budget-usd N]`` with the prompt on
+stdin, started and owned by `pmtool.procs` (its own session, a mark in its environment,
+SIGTERM when pmtool dies), so a time limit ends the whole process tree, even what the
+agent's Bash tool started with ``setsid``. Every stdout line goes to the transcript
+``<state>/logs/task-<id>-<session>.jsonl`` (the child's stderr to ``...stderr.log`` next to
+it); ``--resume`` runs append to the same files. The session id is chosen before the start,
+so a caller can record it first and a crash can be resumed (`run_for_record` does exactly
+that for an agent's task record).
+
+The verdict
+-----------
+The outcome of a task never comes from the exit code alone. The agent is asked for a final
+structured answer, ``{"outcome": ..., "summary": ...}`` (`verdict_schema`: ``done|blocked``
+for developer roles, architect and pm; ``pass|fail|blocked`` for qa), which Claude Code
+returns as ``structured_output`` of its result line. The fallback is a line
+``PMTOOL_VERDICT: <outcome> <summary>`` in the final text (or, if the CLI asked once more
+after it, in the latest assistant text that has one). Without either, ``outcome`` is null
+and the run is not ok.
+
+The --agent-cmd contract (any agent CLI in place of claude)
+-----------------------------------------------------------
+``agent_cmd`` is a command line (split like a shell would, no shell involved); nothing is
+appended to it. The command:
+
+- runs in the task's working directory, in its own session, and gets the full task prompt
+  on stdin (also when resuming: an agent that cannot resume simply starts over);
+- finds in its environment ``PMTOOL_TASK_ID``, ``PMTOOL_SESSION_ID`` (the id to report),
+  ``PMTOOL_MODEL``, ``PMTOOL_ROLE``, ``PMTOOL_BRANCH``, ``PMTOOL_RESUME`` (the session id
+  when this run continues an earlier one, else unset), ``PMTOOL_VERDICT_SCHEMA`` (the JSON
+  schema of the verdict) and ``PMTOOL_MAX_BUDGET_USD`` (when a cap was given);
+- prints JSON lines in Claude Code's stream-json shape: optionally ``{"type": "system",
+  "subtype": "init", "session_id": ...}``, ``assistant``/``user`` messages (tool calls are
+  ``tool_use`` blocks in ``message.content``), and at the end one ``{"type": "result",
+  "is_error": false, "session_id": ..., "num_turns": N, "total_cost_usd": X,
+  "result": "<final text>", "structured_output": {"outcome": ..., "summary": ...}}``
+  (or a ``PMTOOL_VERDICT:`` line in ``result``);
+- exits 0 when it ran to the end. Lines that are not JSON are kept in the log and ignored.
+
+`pmtool.testing.fake_agent` is a small agent that follows this contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from pmtool.config import ROLES
+from pmtool.errors import ClaudeMissing, Conflict, NothingToDo, UsageError, disk_fault
+from pmtool.failure_policy import (
+    AUTH,
+    BUDGET,
+    KILLED,
+    MAX_TURNS,
+    OK,
+    OVERLOADED,
+    RATE_LIMIT,
+    classify,
+)
+from pmtool.models import task_level
+
+if TYPE_CHECKING:
+    from pmtool.config import Settings
+    from pmtool.records import RecordStore, TaskRecord
+
+Progress = Callable[[dict[str, Any]], None]
+
+QA_OUTCOMES = ("pass", "fail", "blocked")
+DEV_OUTCOMES = ("done", "blocked")
+VERDICT_PREFIX = "PMTOOL_VERDICT:"
+# Models dress the line in Markdown (`**PMTOOL_VERDICT: done** ...`, backticks, a bullet).
+VERDICT_RE = re.compile(r"^[\s*_`>#-]*PMTOOL_VERDICT:[\s*_`]*([A-Za-z]+)[*_`]*\s*(.*?)[\s*_`]*$")
+
+# Variables the agent never gets: it does not talk to the Headless PM server (pmtool
+# reports for it), so it has no use for the key, and an agent that runs `env` would put it
+# into the transcript. CLAUDECODE=1 (set inside a Claude Code session) makes a nested
+# `claude` refuse to start.
+DROPPED_ENV = ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM", "CLAUDECODE")
+# Values scrubbed from the transcript and stderr logs when the environment has them.
+SECRET_ENV = ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM", "ANTHROPIC_API_KEY",
+              "ANTHROPIC_AUTH_TOKEN")
+STDERR_TAIL = 20  # lines of the agent's stderr kept for the error message
+READER_GRACE = 3.0  # seconds to wait for the last output after the agent exited
+
+
+# -- the verdict ----------------------------------------------------------------------------
+
+
+def outcomes_for(role: str | None) -> tuple[str, ...]:
+    """The outcomes a role can report: qa pass/fail/blocked, everybody else done/blocked."""
+    return QA_OUTCOMES if role == "qa" else DEV_OUTCOMES
+
+
+def verdict_schema(role: str | None = None) -> dict[str, Any]:
+    """The JSON schema of the agent's final answer (given to claude as --json-schema)."""
+    return {
+        "type": "object",
+        "properties": {
+            "outcome": {"type": "string", "enum": list(outcomes_for(role)),
+                        "description": "How the task ended."},
+            "summary": {"type": "string",
+                        "description": "One to three sentences: what was done, or what is "
+                                       "wrong or missing."},
+        },
+        "required": ["outcome", "summary"],
+        "additionalProperties": False,
+    }
+
+
+def verdict_line(text: str | None, role: str | None = None) -> tuple[str, str] | None:
+    """The last `PMTOOL_VERDICT: <outcome> <summary>` line of `text`, if its outcome is valid."""
+    if not text:
+        return None
+    for line in reversed(text.strip().splitlines()):
+        match = VERDICT_RE.match(line)
+        if match:
+            outcome = match.group(1).lower()
+            if outcome in outcomes_for(role):
+                return outcome, match.group(2).strip()
+            return None
+    return None
+
+
+def extract_verdict(result: Mapping[str, Any] | None, role: str | None = None,
+                    texts: Iterable[str] = ()) -> dict[str, Any]:
+    """`{"outcome", "summary", "verdict_source", "verdict_error"}` from a result line.
+
+    Structured output first; then a verdict line in the final text; then (newest first) in
+    `texts`, the assistant's earlier texts: when the model wrote the line but did not call
+    the structured-output tool, the CLI asks once more and the final text is that answer.
+    """
+    found: dict[str, Any] = {"outcome": None, "summary": None, "verdict_source": None,
+                             "verdict_error": None}
+    result = result or {}
+    structured = result.get("structured_output")
+    if isinstance(structured, Mapping):
+        outcome = str(structured.get("outcome", "")).lower()
+        if outcome in outcomes_for(role):
+            summary = structured.get("summary")
+            found.update(outcome=outcome, summary=str(summary) if summary is not None else "",
+                         verdict_source="structured_output")
+            return found
+        found["verdict_error"] = (f'structured output has outcome "{structured.get("outcome")}"'
+                                  f", not one of {', '.join(outcomes_for(role))}")
+    for text in [result.get("result"), *reversed(list(texts))]:
+        line = verdict_line(text if isinstance(text, str) else None, role)
+        if line:
+            found.update(outcome=line[0], summary=line[1], verdict_source="verdict_line",
+                         verdict_error=None)
+            return found
+    if not found["verdict_error"]:
+        found["verdict_error"] = ("the agent gave no verdict (no structured output, no "
+                                  f"{VERDICT_PREFIX} line)")
+    return found
+
+
+# -- reading stream-json ---------------------------------------------------------------------
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _tool_detail(name: str, args: Any) -> str:
+    """One short, human hint of what a tool call does (the progress line shows it)."""
+    if not isinstance(args, Mapping):
+        return ""
+    for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
+        if args.get(key):
+            return _short(args[key])
+    return ""
+
+
+class StreamParser:
+    """Reads stream-json lines one at a time and keeps what the runner needs to know.
+
+    `feed(line)` returns progress events (dicts with an `event` key): `init`, `turn`,
+    `tool`, `text`, `result`. Lines that are not JSON objects are ignored (kept in the log).
+    """
+
+    def __init__(self, role: str | None = None) -> None:
+        self.role = role
+        self.session_id: str | None = None
+        self.model_used: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.turns = 0
+        self.tool_calls: list[str] = []
+        self.texts: list[str] = []
+        self.tokens = 0
+        self.lines = 0
+        self._messages: set[str] = set()
+        # claude's own retries of the model API and usage-limit notices: what
+        # pmtool.failure_policy.classify reads to tell a rate limit or overload from a failure.
+        self.stops: list[dict[str, Any]] = []
+
+    def feed(self, line: str) -> list[dict[str, Any]]:
+        line = line.strip()
+        if not line:
+            return []
+        self.lines += 1
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return []
+        if not isinstance(obj, dict):
+            return []
+        kind = obj.get("type")
+        if isinstance(obj.get("session_id"), str) and kind != "result":
+            self.session_id = self.session_id or obj["session_id"]
+        if kind == "system" and obj.get("subtype") == "init":
+            self.session_id = obj.get("session_id") or self.session_id
+            self.model_used = obj.get("model")
+            return [{"event": "init", "session_id": self.session_id, "model": self.model_used}]
+        if kind == "assistant":
+            return self._assistant(obj)
+        if kind == "rate_limit_event" or (kind == "system" and obj.get("subtype") == "api_retry"):
+            self.stops.append(obj)
+            return [{"event": "api_retry" if kind == "system" else "rate_limit", "raw": obj}]
+        if kind == "result":
+            self.result = obj
+            if isinstance(obj.get("session_id"), str):
+                self.session_id = obj["session_id"]
+            return [{"event": "result", "num_turns": obj.get("num_turns"),
+                     "total_cost_usd": obj.get("total_cost_usd"),
+                     "is_error": obj.get("is_error")}]
+        return []
+
+    def _assistant(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
+        message: dict[str, Any] = obj["message"] if isinstance(obj.get("message"), dict) else {}
+        events: list[dict[str, Any]] = []
+        # The CLI prints one line per content block; blocks of one model answer share the
+        # message id, and one answer is one turn.
+        mid = message.get("id") or obj.get("uuid") or str(self.lines)
+        if mid not in self._messages:
+            self._messages.add(mid)
+            self.turns += 1
+            usage: dict[str, Any] = message["usage"] \
+                if isinstance(message.get("usage"), dict) else {}
+            self.tokens += sum(int(usage.get(k) or 0) for k in (
+                "input_tokens", "output_tokens", "cache_creation_input_tokens",
+                "cache_read_input_tokens"))
+            events.append({"event": "turn", "turn": self.turns, "tokens": self.tokens})
+        for block in message.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                name = str(block.get("name"))
+                self.tool_calls.append(name)
+                events.append({"event": "tool", "tool": name, "turn": self.turns,
+                               "detail": _tool_detail(name, block.get("input")),
+                               "tokens": self.tokens})
+            elif block.get("type") == "text" and block.get("text"):
+                self.texts.append(block["text"])
+                events.append({"event": "text", "turn": self.turns,
+                               "text": _short(block["text"], 120), "tokens": self.tokens})
+        return events
+
+    def summary(self) -> dict[str, Any]:
+        """What the stream said: result fields, counts and the verdict."""
+        result = self.result or {}
+        out = {
+            "session_id": self.session_id,
+            "model_used": self.model_used,
+            "num_turns": result.get("num_turns", self.turns if self.lines else None),
+            "total_cost_usd": result.get("total_cost_usd"),
+            "is_error": bool(result.get("is_error", True)) if self.result else True,
+            "api_error_status": result.get("api_error_status"),
+            "result_text": result.get("result"),
+            "has_result": self.result is not None,
+            "tool_calls": len(self.tool_calls),
+        }
+        out.update(extract_verdict(self.result, self.role, self.texts))
+        return out
+
+
+def describe_event(event: Mapping[str, Any]) -> str | None:
+    """One human line for a progress event (what `exec-claude` prints on stderr), or None.
+
+    For callers whose progress view takes text: `progress=lambda e: show(describe_event(e))`.
+    """
+    kind = event.get("event")
+    # The stream carries token counts per answer; the cost in dollars comes only with the
+    # result line, so the running figure is tokens.
+    tokens = f" [{event['tokens']:,} tokens so far]" if event.get("tokens") else ""
+    if kind == "init":
+        return f"session {event.get('session_id')} started (model {event.get('model') or '?'})"
+    if kind == "tool":
+        detail = f": {event['detail']}" if event.get("detail") else ""
+        return f"turn {event.get('turn')}: {event.get('tool')}{detail}{tokens}"
+    if kind == "text":
+        return f"turn {event.get('turn')}: {event.get('text')}{tokens}"
+    if kind == "result":
+        cost = event.get("total_cost_usd")
+        turns = event.get("num_turns") or 0
+        return (f"finished after {turns} turn{'' if turns == 1 else 's'}, cost "
+                f"${cost if cost is not None else '?'}"
+                + (" (error)" if event.get("is_error") else ""))
+    if kind == "restart":
+        return str(event.get("reason"))
+    if kind in ("api_retry", "rate_limit"):
+        from pmtool.failure_policy import describe_retry
+
+        return describe_retry(event.get("raw") or {})
+    return None
+
+
+def parse_stream(lines: Iterable[str], role: str | None = None,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Read a whole stream-json transcript (e.g. a log file); answer `StreamParser.summary`."""
+    parser = StreamParser(role)
+    for line in lines:
+        for event in parser.feed(line):
+            if progress:
+                progress(event)
+    return parser.summary()
+
+
+# -- the prompt ------------------------------------------------------------------------------
+
+DEFAULT_TEMPLATE = """\
+{instructions}
+
+# Your task
+
+Task {task_id}: {title}
+
+- Role: {role}
+- Complexity: {complexity}
+- Difficulty: {difficulty}
+- Branch: {task_branch}
+
+## Description
+
+{description}
+
+## Notes on the task so far
+
+{notes}
+
+# Rules for this run
+
+These rules come from pmtool, which runs you; they win over anything above.
+
+{rules}
+
+# When you are done
+
+{verdict}
+"""
+
+CONTINUATION_TEMPLATE = """\
+Your earlier run on task {task_id} ({title}) was interrupted before it finished. Continue
+from where you stopped: look at `git status` and `git log` in {cwd} to see what is already
+done, finish the task, commit on branch `{branch}`, and end with your verdict as before.
+
+{verdict}
+"""
+
+
+class _SafeDict(dict):
+    """format_map mapping that leaves unknown `{placeholders}` as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def role_file(role: str, folder: str | Path | None) -> Path | None:
+    """`<folder>/<role>.md` when the folder is given and the file exists."""
+    if not folder:
+        return None
+    path = Path(folder).expanduser() / f"{role}.md"
+    return path if path.is_file() else None
+
+
+def role_instructions(role: str, instructions_dir: str | Path | None = None,
+                      context_instructions_path: str | Path | None = None) -> tuple[str, str]:
+    """The role's instruction text and where it came from (a path, or `builtin:<role>`).
+
+    `instructions_dir` (--instructions-dir / PMTOOL_INSTRUCTIONS_DIR) first; then the
+    server's `instructions_path` from /api/v1/context, which names a folder on the
+    server's machine and so is only used when it exists here too; then pmtool's own file.
+    A file that cannot be read is passed over, never a hard failure.
+    """
+    for folder in (instructions_dir, context_instructions_path):
+        path = role_file(role, folder)
+        if path:
+            try:
+                return path.read_text(encoding="utf-8", errors="replace").strip(), str(path)
+            except OSError:
+                continue
+    name = role if role in ROLES else "backend_dev"
+    text = resources.files("pmtool").joinpath("prompts", f"{name}.md").read_text("utf-8")
+    return text.strip(), f"builtin:{name}"
+
+
+def verdict_instructions(role: str | None) -> str:
+    outcomes = outcomes_for(role)
+    if role == "qa":
+        meaning = ("- `pass`: the work on the branch does what the task asks.\n"
+                   "- `fail`: it does not; the summary says what is wrong so that a developer "
+                   "can fix it.\n"
+                   "- `blocked`: you could not test it (say why).")
+        example = "pass The change does what the task asks; its tests pass."
+    else:
+        meaning = ("- `done`: the task is implemented and committed.\n"
+                   "- `blocked`: you cannot finish it (say why: missing information, a broken "
+                   "environment, a task it depends on).")
+        example = "done Implemented the change and its tests; all tests pass."
+    return (f"End by calling the `StructuredOutput` tool exactly once with `outcome` (one of: "
+            f"{', '.join(outcomes)}) and `summary` (one to three sentences: what you did, or "
+            f"what is wrong or missing).\n\n{meaning}\n\n"
+            f"If that tool is not available to you, make the last line of your final answer "
+            f"`{VERDICT_PREFIX} <outcome> <summary>`, for example "
+            f"`{VERDICT_PREFIX} {example}`")
+
+
+def run_rules(cwd: str | Path, branch: str | None, complexity: str | None,
+              role: str | None = None) -> str:
+    where = branch or "the branch that is checked out"
+    if role == "qa":
+        branch_rule = (f"- Review the work on `{where}`. Tests you add or fix are committed "
+                       "there too, with messages that say why.")
+    elif complexity == "minor":
+        branch_rule = (f"- This is a minor task: commit straight onto `{where}` (the base "
+                       "branch), in small commits with messages that say why.")
+    else:
+        branch_rule = (f"- Commit your work on `{where}`, the task's own branch, in small "
+                       "commits with messages that say why; it is reviewed before it is "
+                       "merged.")
+    return "\n".join([
+        f"- Work only in this directory: `{cwd}` (a git checkout on `{where}`).",
+        branch_rule,
+        "- Do not switch branches, push, or rewrite history that is already committed.",
+        "- Do not change the task on the Headless PM server (status, lock, comments): pmtool "
+        "reports your verdict for you when you finish.",
+        "- Leave the working tree clean (everything that belongs to the task committed) and "
+        "no background processes running.",
+    ])
+
+
+def prompt_fields(task: Mapping[str, Any], role: str, cwd: str | Path, branch: str | None,
+                  instructions: str = "") -> dict[str, Any]:
+    """The values a prompt template can use, by placeholder name."""
+    notes = task.get("notes")
+    return {
+        "instructions": instructions,
+        "role": role,
+        "task_id": task.get("id", "?"),
+        "title": task.get("title") or "(untitled)",
+        "description": (task.get("description") or "(no description)").strip(),
+        "complexity": task.get("complexity") or "major",
+        "difficulty": task.get("difficulty") or "?",
+        "branch": branch or task.get("branch") or "?",
+        "task_branch": task.get("branch") or "?",
+        "notes": notes.strip() if isinstance(notes, str) and notes.strip() else "(none)",
+        "status": task.get("status") or "?",
+        "cwd": str(cwd),
+        "outcomes": ", ".join(outcomes_for(role)),
+        "rules": run_rules(cwd, branch or task.get("branch"), task.get("complexity"), role),
+        "verdict": verdict_instructions(role),
+        "task_json": json.dumps(dict(task), indent=2, default=str),
+    }
+
+
+def render(template: str, fields: Mapping[str, Any], what: str = "the prompt template") -> str:
+    """`template.format_map(fields)`; unknown placeholders stay, bad braces are exit 2."""
+    try:
+        return template.format_map(_SafeDict(fields))
+    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise UsageError(f"{what} is not a valid template: {exc}",
+                         hint="placeholders look like {title}; write a literal brace as {{ or }}",
+                         placeholders=sorted(fields)) from None
+
+
+def build_prompt(task: Mapping[str, Any], role: str, cwd: str | Path, branch: str | None,
+                 instructions_dir: str | Path | None = None,
+                 context_instructions_path: str | Path | None = None,
+                 template: str | None = None) -> str:
+    """The prompt for one run: the role's instructions, the task, the run's rules, and how
+    to give the verdict. `template` (the text of --prompt-template) replaces the built-in
+    DEFAULT_TEMPLATE; its `{placeholders}` are the keys of `prompt_fields`."""
+    instructions, _source = role_instructions(role, instructions_dir, context_instructions_path)
+    fields = prompt_fields(task, role, cwd, branch, instructions)
+    return render(template or DEFAULT_TEMPLATE, fields).strip() + "\n"
+
+
+def continuation_prompt(task: Mapping[str, Any], role: str, cwd: str | Path,
+                        branch: str | None) -> str:
+    """The short prompt a --resume run sends: the session already holds the task."""
+    return render(CONTINUATION_TEMPLATE, prompt_fields(task, role, cwd, branch)).strip() + "\n"
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def permission_flags(permission_mode: str | None, allowed_tools: str | None) -> list[str]:
+    """`--dangerously-skip-permissions`, or `--permission-mode M --allowedTools T...`."""
+    mode = permission_mode or "bypassPermissions"
+    if mode == "bypassPermissions":
+        return ["--dangerously-skip-permissions"]
+    flags = ["--permission-mode", mode]
+    tools = [t.strip() for t in (allowed_tools or "").split(",") if t.strip()]
+    if tools:
+        flags += ["--allowedTools", *tools]
+    return flags
+
+
+def claude_command(claude: str, model: str, session_id: str, *, resume: bool = False,
+                   role: str | None = None, permission_mode: str | None = None,
+                   allowed_tools: str | None = None,
+                   max_budget_usd: float | None = None,
+                   max_turns: int | None = None) -> list[str]:
+    """The argv of one claude run; the prompt goes on stdin."""
+    cmd = [claude, "-p", "--model", model, "--output-format", "stream-json", "--verbose"]
+    cmd += ["--resume", session_id] if resume else ["--session-id", session_id]
+    # --allowedTools takes several values: the next flag (--json-schema) ends the list.
+    cmd += permission_flags(permission_mode, allowed_tools)
+    cmd += ["--json-schema", json.dumps(verdict_schema(role), separators=(",", ":"))]
+    if max_budget_usd is not None:
+        cmd += ["--max-budget-usd", f"{max_budget_usd:g}"]
+    if max_turns is not None:
+        cmd += ["--max-turns", str(max_turns)]
+    return cmd
+
+
+def agent_env(base: Mapping[str, str] | None, *, mark: str, task_id: Any, session_id: str,
+              model: str, role: str | None, branch: str | None, resume: bool,
+              max_budget_usd: float | None) -> dict[str, str]:
+    """The agent's environment: ours minus the Headless PM key, plus the run's PMTOOL_*."""
+    from pmtool import procs
+
+    # The contract's variables are set from this run only: none may leak in from a pmtool
+    # (or hook) that runs us inside another task's environment.
+    contract = ("PMTOOL_RESUME", "PMTOOL_ROLE", "PMTOOL_BRANCH", "PMTOOL_MAX_BUDGET_USD")
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in DROPPED_ENV and k not in contract}
+    env.update({procs.MARK_ENV: mark, "PMTOOL_TASK_ID": str(task_id),
+                "PMTOOL_SESSION_ID": session_id, "PMTOOL_MODEL": model,
+                "PMTOOL_VERDICT_SCHEMA": json.dumps(verdict_schema(role))})
+    if role:
+        env["PMTOOL_ROLE"] = role
+    if branch:
+        env["PMTOOL_BRANCH"] = branch
+    if resume:
+        env["PMTOOL_RESUME"] = session_id
+    if max_budget_usd is not None:
+        env["PMTOOL_MAX_BUDGET_USD"] = f"{max_budget_usd:g}"
+    # claude refuses --dangerously-skip-permissions as root unless IS_SANDBOX=1; a root
+    # runner (containers, CI) is exactly that case. Only "1" counts for claude (measured:
+    # "true"/"yes"/"on" are refused), so a truthy spelling is normalised; an explicit "0",
+    # "false" or "no" is the operator's choice and stays.
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        current = env.get("IS_SANDBOX", "").strip().lower()
+        if current not in ("0", "false", "no", "off"):
+            env["IS_SANDBOX"] = "1"
+    return env
+
+
+def log_paths(log_dir: str | Path, task_id: Any, session_id: str) -> tuple[Path, Path]:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(task_id))
+    folder = Path(log_dir)
+    return (folder / f"task-{safe}-{session_id}.jsonl",
+            folder / f"task-{safe}-{session_id}.stderr.log")
+
+
+def _redactor(secrets: Iterable[str | None]) -> Callable[[str], str]:
+    values = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def redact(text: str) -> str:
+        for value in values:
+            text = text.replace(value, "<redacted>")
+        return text
+
+    return redact
+
+
+class _Run:
+    """One child process: its output pumped into logs and the parser, its end awaited."""
+
+    def __init__(self, parser: StreamParser, log: IO[str], err_log: IO[str],
+                 redact: Callable[[str], str], progress: Progress | None) -> None:
+        self.parser, self.log, self.err_log = parser, log, err_log
+        self.redact, self.progress = redact, progress
+        self.last_output = time.monotonic()
+        self.stderr_tail: list[str] = []
+        self._lock = threading.Lock()
+        self.log_error: OSError | None = None  # the first write that failed (a full disk)
+
+    def write(self, fh: IO[str], text: str) -> None:
+        """Into a log, unless a write failed: the pumps go on draining the agent's output
+        (or it would block on a full pipe) and feeding the parser, whatever the disk does."""
+        if self.log_error is not None:
+            return
+        try:
+            fh.write(text)
+            fh.flush()
+        except OSError as exc:
+            self.log_error = exc
+
+    def pump_stdout(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self.last_output = time.monotonic()
+            line = self.redact(raw.decode("utf-8", errors="replace"))
+            with self._lock:
+                self.write(self.log, line if line.endswith("\n") else line + "\n")
+            for event in self.parser.feed(line):
+                if self.progress:
+                    with contextlib.suppress(Exception):  # a broken callback must not stop us
+                        self.progress(event)
+
+    def pump_stderr(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = self.redact(raw.decode("utf-8", errors="replace"))
+            with self._lock:
+                self.write(self.err_log, line)
+            self.stderr_tail = [*self.stderr_tail[-(STDERR_TAIL - 1):], line.rstrip()]
+
+
+@contextlib.contextmanager
+def _closing_logs(log_path: Path, err_path: Path) -> Iterator[tuple[IO[str], IO[str]]]:
+    """The run's transcript and stderr log, closed at the end even when their last bytes
+    cannot be written (a full disk: the pump has noted it, `_run_once` reports it)."""
+    from pmtool.state import open_private
+
+    log = open_private(log_path)
+    try:
+        err_log = open_private(err_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            log.close()
+        raise
+    try:
+        yield log, err_log
+    finally:
+        for fh in (log, err_log):
+            with contextlib.suppress(OSError):
+                fh.close()
+
+
+def _no_conversation(parser: StreamParser) -> bool:
+    """claude --resume of a session it has no transcript of (it crashed before saving any)."""
+    result = parser.result or {}
+    text = json.dumps([result.get("errors"), result.get("result")], default=str)
+    return bool(result.get("is_error")) and "No conversation found" in text
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    """One run of the agent: everything `run_agent` needs to know, in one value.
+
+    `prompt` is sent on stdin; with `resume`, `session_id` continues with `resume_prompt`
+    (claude: --resume). `claude_bin` runs claude, `agent_cmd` (a command line) any agent
+    that follows the --agent-cmd contract instead. `timeout` / `idle_timeout` (seconds
+    without a line of output) end the whole process tree; `grace` is the SIGTERM-to-SIGKILL
+    wait. `env` replaces os.environ as the base environment; `secrets` are scrubbed from
+    the logs. Build one with `dataclasses.replace` to vary a field.
+    """
+
+    prompt: str
+    cwd: str | Path
+    model: str
+    log_dir: str | Path
+    role: str | None = None
+    task_id: Any = None
+    session_id: str | None = None
+    resume: bool = False
+    resume_prompt: str | None = None
+    claude_bin: str | None = None
+    agent_cmd: str | None = None
+    permission_mode: str | None = "bypassPermissions"
+    allowed_tools: str | None = None
+    max_budget_usd: float | None = None
+    max_turns: int | None = None
+    timeout: float | None = None
+    idle_timeout: float | None = None
+    branch: str | None = None
+    env: Mapping[str, str] | None = None
+    secrets: tuple[str | None, ...] = ()
+    grace: float = 3.0
+
+
+def run_agent(run: AgentRun, *, progress: Progress | None = None,
+              stop_event: threading.Event | None = None,
+              on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Do `run` once; answer what happened (never raises for the agent's sake).
+
+    If claude has no transcript of a resumed session (it died before writing one), the full
+    prompt starts it afresh under the same id. Setting `stop_event` ends the whole process
+    tree, as a time limit does. `on_start` is called with `{"pid", "mark", "session_id",
+    "log"}` once the child runs. Leftover processes of the agent (marked or adopted ones
+    still running after it exited) are ended; `swept` lists every pid pmtool had to signal
+    (on a time limit, a stop, or for such leftovers).
+
+    Answers `{"ok", "exit_code", "signal", "timed_out", "timed_out_by", "stopped",
+    "session_id", "model", "model_used", "num_turns", "total_cost_usd", "duration_s",
+    "outcome", "summary", "verdict_source", "is_error", "api_error_status", "resumed",
+    "log", "stderr_log", "tool_calls", "swept"}` and, when not ok, `error` (`{"type",
+    "message"}`). `exit_code` is 124 when a time limit ended the agent, 128+N when signal N
+    did (`signal` names it). Raises UsageError when the agent cannot be started at all.
+    """
+    if run.session_id is None:
+        run = replace(run, session_id=str(uuid.uuid4()))
+    session_id = run.session_id
+    assert session_id is not None
+    base_cmd: list[str] = []
+    if run.agent_cmd is not None:
+        try:
+            base_cmd = shlex.split(run.agent_cmd)
+        except ValueError as exc:
+            raise UsageError(f"--agent-cmd cannot be split: {exc}") from None
+        if not base_cmd:
+            raise UsageError("--agent-cmd is empty")
+    elif not run.claude_bin:
+        raise UsageError("no claude binary to run",
+                         hint="install Claude Code or set PMTOOL_CLAUDE_BIN")
+    if not Path(run.cwd).is_dir():
+        raise UsageError(f"working directory {run.cwd} does not exist")
+
+    log_path, err_path = log_paths(run.log_dir,
+                                   run.task_id if run.task_id is not None else "adhoc",
+                                   session_id)
+    from pmtool.state import make_dir
+
+    make_dir(log_path.parent)  # 0700 also when exec-claude runs before any `pmtool run`
+    redact = _redactor([*run.secrets,
+                        *((run.env or os.environ).get(k) for k in SECRET_ENV)])
+    started = time.monotonic()
+    deadline = started + run.timeout if run.timeout and run.timeout > 0 else None
+    answer: dict[str, Any] = {}
+    attempts = [run.resume, False] if run.resume and run.agent_cmd is None else [run.resume]
+    restarted = False
+    for resuming in attempts:
+        if run.agent_cmd is not None:
+            cmd, stdin_text = base_cmd, run.prompt
+        else:
+            assert run.claude_bin is not None
+            cmd = claude_command(run.claude_bin, run.model, session_id, resume=resuming,
+                                 role=run.role, permission_mode=run.permission_mode,
+                                 allowed_tools=run.allowed_tools,
+                                 max_budget_usd=run.max_budget_usd,
+                                 max_turns=run.max_turns)
+            stdin_text = (run.resume_prompt or run.prompt) if resuming else run.prompt
+        answer, parser = _run_once(
+            run, cmd, stdin_text, resume=resuming, deadline=deadline, log_path=log_path,
+            err_path=err_path, progress=progress, stop_event=stop_event, on_start=on_start,
+            redact=redact)
+        if not (resuming and run.agent_cmd is None and _no_conversation(parser)):
+            break
+        restarted = True
+        if progress:
+            with contextlib.suppress(Exception):
+                progress({"event": "restart", "reason": "claude has no transcript of session "
+                                                        f"{session_id}; starting it afresh"})
+    answer["duration_s"] = round(time.monotonic() - started, 3)
+    if restarted:
+        # The earlier process died before claude saved anything of the session (e.g. killed
+        # right after the record got the id): nothing to continue, so the task starts over.
+        answer["note"] = (f"claude had no transcript of session {session_id}; the task "
+                          "started afresh under the same session id")
+    return answer
+
+
+def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
+              deadline: float | None, log_path: Path, err_path: Path,
+              progress: Progress | None, stop_event: threading.Event | None,
+              on_start: Callable[[dict[str, Any]], None] | None,
+              redact: Callable[[str], str]) -> tuple[dict[str, Any], StreamParser]:
+    from pmtool import procs
+    from pmtool.records import now_iso
+
+    session_id = str(run.session_id)
+    mark = procs.new_mark(f"agent-{run.task_id}")
+    child_env = agent_env(run.env, mark=mark,
+                          task_id=run.task_id if run.task_id is not None else "",
+                          session_id=session_id, model=run.model, role=run.role,
+                          branch=run.branch, resume=resume, max_budget_usd=run.max_budget_usd)
+    parser = StreamParser(run.role)
+    # Transcripts hold the task's text and the agent's work: 0600 in a 0700 folder.
+    with _closing_logs(log_path, err_path) as (log, err_log):
+        log.write(json.dumps({"type": "pmtool", "event": "start", "at": now_iso(),
+                              "session_id": session_id, "resume": resume, "model": run.model,
+                              "cwd": str(run.cwd), "argv0": cmd[0]}) + "\n")
+        log.flush()
+        pump = _Run(parser, log, err_log, redact, progress)
+        try:
+            # The prompt goes through a file (procs.start): a pipe could fill up while the
+            # agent is not yet reading it, and a file needs no writer thread. SIGTERM, not
+            # SIGKILL, when pmtool dies: claude writes the last of its session transcript on
+            # the way out (measured: after a SIGKILL the resume found no conversation).
+            child = procs.start(cmd, stdin=stdin_text, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=run.cwd, env=child_env, mark=mark,
+                                parent_death=signal.SIGTERM)
+        except OSError as exc:
+            error = UsageError if run.agent_cmd is not None else ClaudeMissing
+            raise error(f"cannot start the agent {cmd[0]}: {exc.strerror or exc}",
+                        hint="check PMTOOL_CLAUDE_BIN or --agent-cmd") from None
+        with child:
+            readers = [threading.Thread(target=pump.pump_stdout, args=(child.popen.stdout,),
+                                        daemon=True),
+                       threading.Thread(target=pump.pump_stderr, args=(child.popen.stderr,),
+                                        daemon=True)]
+            for reader in readers:
+                reader.start()
+            if on_start:
+                on_start({"pid": child.pid, "mark": mark, "session_id": session_id,
+                          "log": str(log_path)})
+            ending = child.wait(deadline=deadline, idle_timeout=run.idle_timeout,
+                                last_activity=lambda: pump.last_output, stop=stop_event,
+                                grace=run.grace)
+            for reader in readers:
+                reader.join(READER_GRACE)
+            # Whatever the agent left running (a dev server its Bash tool started, a
+            # detached watcher) belongs to a run that is over: end it, so tasks do not pile
+            # them up.
+            if child.leftovers():
+                child.end(grace=run.grace)
+                for reader in readers:
+                    reader.join(READER_GRACE)  # a leftover may have held our pipes open
+        swept = sorted(child.swept)
+        pump.write(log, json.dumps({"type": "pmtool", "event": "end", "at": now_iso(),
+                                    "exit_code": ending.exit_code, "signal": ending.signal,
+                                    "timed_out_by": ending.timed_out_by,
+                                    "stopped": ending.stopped, "swept": swept}) + "\n")
+    if pump.log_error is not None:
+        # The transcript is cut short (the verdict may be in it no more): a machine fault,
+        # never a result (the runner gives the task back uncounted, or stops resumable).
+        raise disk_fault(pump.log_error, log_path.parent) or pump.log_error
+
+    info = parser.summary()
+    answer: dict[str, Any] = {
+        "ok": False,
+        "exit_code": ending.exit_code,
+        "signal": ending.signal,
+        "timed_out": ending.timed_out,
+        "timed_out_by": ending.timed_out_by,
+        "stopped": ending.stopped,
+        "session_id": info["session_id"] or session_id,
+        "model": run.model,
+        "model_used": info["model_used"],
+        "num_turns": info["num_turns"],
+        "total_cost_usd": info["total_cost_usd"],
+        "duration_s": None,
+        "outcome": info["outcome"],
+        "summary": info["summary"],
+        "verdict_source": info["verdict_source"],
+        "is_error": info["is_error"],
+        "api_error_status": info["api_error_status"],
+        "resumed": resume,
+        "log": str(log_path),
+        "stderr_log": str(err_path),
+        "tool_calls": info["tool_calls"],
+        "swept": swept,
+    }
+    answer["ok"] = (ending.exit_code == 0 and not info["is_error"]
+                    and info["outcome"] is not None and not ending.timed_out
+                    and not ending.stopped)
+    stop = classify(parser.result, parser.stops, exit_code=ending.exit_code,
+                    timed_out_by=ending.timed_out_by, stopped=ending.stopped,
+                    stderr="\n".join(pump.stderr_tail),
+                    has_verdict=info["outcome"] is not None, timeout_s=run.timeout,
+                    idle_s=run.idle_timeout)
+    if answer["ok"]:
+        stop = replace(stop, kind=OK, message="finished")
+    answer["stop"] = stop.to_json()
+    if not answer["ok"]:
+        answer["error"] = _failure(answer, info, pump.stderr_tail, run.idle_timeout)
+        if stop.kind in (BUDGET, AUTH, RATE_LIMIT, OVERLOADED, MAX_TURNS, KILLED):
+            answer["error"] = {"type": stop.kind, "message": stop.message}
+        answer["error"]["stop"] = stop.kind
+    return answer, parser
+
+
+def _failure(answer: dict[str, Any], info: dict[str, Any], stderr_tail: list[str],
+             idle_timeout: float | None) -> dict[str, Any]:
+    """The error object of a run that was not ok: the first reason that applies."""
+    if answer["timed_out_by"] == "idle_timeout":
+        return {"type": "timeout", "message": f"the agent was silent for {idle_timeout:g}s "
+                                              "(--idle-timeout); its process tree was ended"}
+    if answer["timed_out"]:
+        return {"type": "timeout", "message": "the agent ran past its time limit; its process "
+                                              "tree was ended",
+                "hint": "raise --timeout / HEADLESS_PM_CLAUDE_TIMEOUT, or resume with --resume"}
+    if answer["stopped"]:
+        return {"type": "interrupted", "message": "the agent was stopped; its process tree was "
+                                                  "ended", "hint": "continue with --resume"}
+    stderr = " | ".join(line for line in stderr_tail[-3:] if line)
+    if not info["has_result"]:
+        message = f"the agent exited {answer['exit_code']} without a result line"
+        return {"type": "failed", "message": message + (f": {_short(stderr, 300)}" if stderr
+                                                        else "")}
+    if info["is_error"] or answer["exit_code"] != 0:
+        text = info["result_text"] or stderr or "no details"
+        return {"type": "failed", "message": f"the agent failed (exit {answer['exit_code']}): "
+                                             f"{_short(text, 300)}"}
+    return {"type": "failed", "message": info["verdict_error"] or "the agent gave no verdict",
+            "hint": "the agent must end with the StructuredOutput tool or a "
+                    f"{VERDICT_PREFIX} line"}
+
+
+# -- runs for an agent's task record -----------------------------------------------------------
+
+
+def current_branch(cwd: str | Path) -> str | None:
+    """The branch checked out in `cwd`, None if detached or not a git checkout."""
+    from pmtool import git
+
+    return git.current_branch(cwd)
+
+
+def repo_or_cwd(path: str | Path | None = None) -> Path:
+    """The top of the git checkout that `path` (default: the current directory) is in, else
+    `path` itself."""
+    from pmtool import git
+
+    here = Path(path or os.getcwd()).expanduser().resolve()
+    return git.toplevel(here) or here
+
+
+def fetch_instructions_path(settings: Settings, timeout: float = 3.0) -> str | None:
+    """The server's `instructions_path` (/api/v1/context), None when it cannot be had.
+
+    Only a hint for finding role files: an unreachable server must not stop a run.
+    """
+    from pmtool.client import PMClient
+    from pmtool.errors import PmtoolError
+
+    client = PMClient(settings.api_url, settings.api_key,
+                      timeout=min(timeout, settings.http_timeout), retries=0)
+    try:
+        path = (client.context() or {}).get("instructions_path")
+    except (PmtoolError, AttributeError):
+        return None
+    finally:
+        client.close()
+    return path if isinstance(path, str) and path else None
+
+
+def _update_record(store: RecordStore, agent_id: str,
+                   change: Callable[[TaskRecord], None]) -> TaskRecord | None:
+    """Re-read the record, apply `change`, save. Re-reading keeps what others (a heartbeat,
+    `lock update`) wrote meanwhile; a record closed meanwhile is not brought back."""
+    from pmtool.records import CorruptRecord
+
+    try:
+        record = store.load(agent_id)
+    except CorruptRecord:
+        return None
+    if record is None:
+        return None
+    change(record)
+    store.save(record)
+    return record
+
+
+def _last_agent(record: TaskRecord) -> dict[str, Any] | None:
+    return next((s for s in reversed(record.steps) if s.get("step") == "agent_running"), None)
+
+
+def _running(pid: int, started: float | None) -> bool:
+    """Alive and the same process; a zombie (dead, waiting for a parent that reaps it
+    late, e.g. a container's pid 1) is not running."""
+    import psutil
+
+    from pmtool.records import pid_alive
+
+    if not pid_alive(pid, started):
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def end_leftover_agent(record: TaskRecord, grace: float = 3.0) -> dict[str, Any] | None:
+    """End the agent of an earlier run of this record whose runner died (kill -9, OOM).
+
+    Such an agent keeps working, and spending, with nobody reading it; a resume next to it
+    would run two agents on one session. If its runner still lives it is not a leftover:
+    Conflict (exit 5). Answers `{"pid", "signalled"}` when one was ended, else None.
+    """
+    from pmtool import procs
+
+    step = _last_agent(record)
+    if not step or not step.get("pid") or not step.get("mark"):
+        return None
+    pid, mark = int(step["pid"]), str(step["mark"])
+    if not _running(pid, step.get("pid_started")) and not procs.marked(mark):
+        return None
+    runner = step.get("runner_pid")
+    if runner and runner != os.getpid() and _running(int(runner), step.get("runner_started")):
+        raise Conflict(f"an agent for task {record.task_id} is already running (pid {pid}, "
+                       f"started by pmtool pid {runner})",
+                       hint="wait for it, or stop that pmtool first", pid=pid)
+    signalled = procs.terminate_tree(pid, mark, grace=grace)
+    return {"pid": pid, "signalled": signalled}
+
+
+def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
+                   resume: bool = False, cwd: str | Path | None = None,
+                   model: str | None = None, prompt: str | None = None,
+                   template: str | None = None, instructions_dir: str | Path | None = None,
+                   context_instructions_path: str | Path | None = None,
+                   timeout: float | None = None, idle_timeout: float | None = None,
+                   max_budget_usd: float | None = None, agent_cmd: str | None = None,
+                   progress: Progress | None = None,
+                   stop_event: threading.Event | None = None,
+                   env: Mapping[str, str] | None = None,
+                   max_turns: int | None = None) -> dict[str, Any]:
+    """Run the agent on the task of `agent_id`'s record, and keep the record up to date.
+
+    Working directory: the record's worktree, else `cwd`, else the git checkout of the
+    current directory. Model: `model`, else the record's, else `settings.model_for` the
+    task's difficulty. With `resume`, the recorded session continues (a new one starts,
+    with `note`, when none was recorded). Before the agent starts, the record gets the
+    session id, model and attempts + 1; afterwards the run's cost is added to `cost_usd`
+    and a step notes the outcome. An agent of an earlier run whose runner died is ended
+    first (`ended_orphan`). `prompt` replaces the built prompt (--prompt-file).
+
+    Answers `run_agent`'s dict plus `agent_id`, `task_id`, `role`, `cwd`, `branch`,
+    `task_cost_usd` (the record's total over all runs), `attempts`, and `note` when
+    something is worth saying. Role instructions: `instructions_dir` (default
+    settings.instructions_dir), then `context_instructions_path`, asked from the server's
+    /api/v1/context when not given, then the built-in file. Raises NothingToDo when the
+    agent has no record, Conflict when its agent already runs under a live pmtool.
+    """
+    from pmtool.agent.binary import find_claude
+    from pmtool.records import process_started
+
+    record = store.need(agent_id)
+    notes: list[str] = []
+    leftover = end_leftover_agent(record)
+
+    plan = plan_for_record(record, settings, cwd=cwd, model=model)
+    notes += plan.pop("notes")
+    claude = None if agent_cmd else find_claude(settings.claude_bin)
+    if agent_cmd is None and not claude:
+        raise ClaudeMissing("claude not found",
+                         hint="install it (npm install -g @anthropic-ai/claude-code) or set "
+                              "PMTOOL_CLAUDE_BIN")
+    session = record.session_id if resume and record.session_id else str(uuid.uuid4())
+    if resume and not record.session_id:
+        notes.append("the record has no session to resume; started a new one")
+        resume = False
+    task, role, run_cwd, branch = record.task, record.role, plan["cwd"], plan["branch"]
+    instructions_dir = instructions_dir or settings.instructions_dir
+    if context_instructions_path is None and prompt is None \
+            and not role_file(role, instructions_dir):
+        context_instructions_path = fetch_instructions_path(settings)
+    full_prompt = prompt or build_prompt(task, role, run_cwd, branch, instructions_dir,
+                                         context_instructions_path, template)
+
+    def before(rec: TaskRecord) -> None:
+        rec.session_id, rec.model = session, plan["model"]
+        rec.attempts += 1
+        rec.step("agent_starting", session_id=session, model=plan["model"], resume=resume,
+                 cwd=str(run_cwd))
+
+    # The session id is in the record before the agent exists: whatever happens next, a
+    # later `--resume` knows which session to continue.
+    if _update_record(store, agent_id, before) is None:
+        raise NothingToDo(f"agent {agent_id}'s record was closed meanwhile")
+
+    def started(info: dict[str, Any]) -> None:
+        me = os.getpid()
+        _update_record(store, agent_id, lambda rec: rec.step(
+            "agent_running", pid=info["pid"], pid_started=process_started(info["pid"]),
+            mark=info["mark"], session_id=session, runner_pid=me,
+            runner_started=process_started(me), log=info["log"]))
+
+    run = AgentRun(
+        full_prompt, cwd=run_cwd, model=plan["model"], role=role, task_id=record.task_id,
+        session_id=session, resume=resume,
+        resume_prompt=None if prompt else continuation_prompt(task, role, run_cwd, branch),
+        claude_bin=claude, agent_cmd=agent_cmd, permission_mode=settings.permission_mode,
+        allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
+        max_turns=max_turns if max_turns is not None else settings.max_turns,
+        timeout=settings.claude_timeout if timeout is None else timeout,
+        idle_timeout=idle_timeout, log_dir=store.state_dir / "logs", branch=branch, env=env,
+        secrets=(settings.api_key,))
+    answer = run_agent(run, progress=progress, stop_event=stop_event, on_start=started)
+
+    cost = float(answer.get("total_cost_usd") or 0.0)
+
+    def after(rec: TaskRecord) -> None:
+        rec.cost_usd = round((rec.cost_usd or 0.0) + cost, 6)
+        rec.step("agent_finished", session_id=answer["session_id"], ok=answer["ok"],
+                 outcome=answer["outcome"], exit_code=answer["exit_code"],
+                 timed_out=answer["timed_out"], stopped=answer["stopped"],
+                 num_turns=answer["num_turns"], cost_usd=cost)
+
+    final = _update_record(store, agent_id, after)
+    answer.update(agent_id=agent_id, task_id=record.task_id, role=role, cwd=str(run_cwd),
+                  branch=branch,
+                  task_cost_usd=final.cost_usd if final else round(record.cost_usd + cost, 6),
+                  attempts=final.attempts if final else record.attempts + 1)
+    if leftover:
+        answer["ended_orphan"] = leftover["pid"]
+        notes.append(f"ended the agent of an earlier run (pid {leftover['pid']}) whose pmtool "
+                     "had died")
+    if final is None:
+        notes.append("the task record was closed while the agent ran; nothing was recorded")
+    if answer.get("note"):
+        notes.append(answer["note"])
+    if notes:
+        answer["note"] = "; ".join(notes)
+    return answer
+
+
+def task_role(task: Mapping[str, Any], role: str | None = None) -> str:
+    """The role a task runs as: `role`, else the task's target_role; UsageError if neither
+    is a known role."""
+    chosen = role or task.get("target_role")
+    if chosen not in ROLES:
+        raise UsageError(f'unknown role "{chosen}"' if chosen else "give --role",
+                         hint="valid roles: " + ", ".join(ROLES), valid=list(ROLES))
+    return str(chosen)
+
+
+def plan_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | None = None,
+                  cwd: str | Path | None = None, model: str | None = None,
+                  prompt: str | None = None, template: str | None = None,
+                  instructions_dir: str | Path | None = None) -> dict[str, Any]:
+    """Where, how and with which prompt a bare task object (no record) would run.
+
+    `{"prompt", "role", "cwd", "branch", "model", "notes", "instructions_dir",
+    "context_instructions_path"}`; no side effects beyond asking the server where its
+    instruction files are, and only when the answer could matter.
+    """
+    run_role = task_role(task, role)
+    run_cwd = Path(cwd).expanduser() if cwd else repo_or_cwd()
+    if not run_cwd.is_dir():
+        raise UsageError(f"working directory {run_cwd} does not exist")
+    branch, note = branch_for(run_cwd, task.get("branch"), task.get("complexity"))
+    instructions_dir = instructions_dir or settings.instructions_dir
+    ctx_path = None
+    if prompt is None and not role_file(run_role, instructions_dir):
+        ctx_path = fetch_instructions_path(settings)
+    text = prompt or build_prompt(task, run_role, run_cwd, branch, instructions_dir, ctx_path,
+                                  template)
+    return {"prompt": text, "role": run_role, "cwd": run_cwd, "branch": branch,
+            "model": model or settings.model_for(task_level(task)),
+            "notes": [note] if note else [], "instructions_dir": instructions_dir,
+            "context_instructions_path": ctx_path}
+
+
+def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | None = None,
+                 cwd: str | Path | None = None, model: str | None = None,
+                 prompt: str | None = None, template: str | None = None,
+                 instructions_dir: str | Path | None = None, timeout: float | None = None,
+                 idle_timeout: float | None = None, max_budget_usd: float | None = None,
+                 agent_cmd: str | None = None, progress: Progress | None = None,
+                 stop_event: threading.Event | None = None,
+                 env: Mapping[str, str] | None = None,
+                 max_turns: int | None = None) -> dict[str, Any]:
+    """Run the agent on a bare task object (`exec-claude --task-json`): no record, no
+    resume. Answers `run_agent`'s dict plus `task_id`, `role`, `cwd`, `branch` and `note`.
+    Raises UsageError for a bad role, a missing working directory or no claude."""
+    from pmtool.agent.binary import find_claude
+
+    plan = plan_for_task(task, settings, role=role, cwd=cwd, model=model, prompt=prompt,
+                         template=template, instructions_dir=instructions_dir)
+    claude = None
+    if agent_cmd is None:
+        claude = find_claude(settings.claude_bin)
+        if not claude:
+            raise ClaudeMissing("claude not found",
+                             hint="install it (npm install -g @anthropic-ai/claude-code) or "
+                                  "set PMTOOL_CLAUDE_BIN")
+    run = AgentRun(
+        plan["prompt"], cwd=plan["cwd"], model=plan["model"], role=plan["role"],
+        task_id=task.get("id"), claude_bin=claude, agent_cmd=agent_cmd,
+        permission_mode=settings.permission_mode, allowed_tools=settings.allowed_tools,
+        max_budget_usd=max_budget_usd,
+        max_turns=max_turns if max_turns is not None else settings.max_turns,
+        timeout=settings.claude_timeout if timeout is None else timeout,
+        idle_timeout=idle_timeout, log_dir=settings.state_path / "logs",
+        branch=plan["branch"], env=env, secrets=(settings.api_key,))
+    answer = run_agent(run, progress=progress, stop_event=stop_event)
+    answer.update(task_id=task.get("id"), role=plan["role"], cwd=str(plan["cwd"]),
+                  branch=plan["branch"])
+    notes = [*plan["notes"], *([answer["note"]] if answer.get("note") else [])]
+    if notes:
+        answer["note"] = "; ".join(notes)
+    return answer
+
+
+def branch_for(cwd: str | Path, expected: str | None,
+               complexity: str | None) -> tuple[str | None, str | None]:
+    """The branch the agent commits on: the one checked out in `cwd` (that is where commits
+    land), else `expected`; and a note when a major task's checkout is on another branch."""
+    checked_out = current_branch(cwd)
+    note = None
+    if checked_out and expected and checked_out != expected and complexity != "minor":
+        note = (f"{cwd} is on {checked_out}, not the task's branch {expected}; the agent "
+                f"commits on {checked_out}")
+    return checked_out or expected, note
+
+
+def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | None = None,
+                    model: str | None = None) -> dict[str, Any]:
+    """Where, on which branch and with which model a record's task runs (no side effects).
+
+    `{"cwd", "branch", "model", "notes"}`. The branch is the one checked out in the working
+    directory (that is where commits land); a note says so when it is not the task's.
+    """
+    notes: list[str] = []
+    if record.worktree and Path(record.worktree).is_dir():
+        run_cwd = Path(record.worktree)
+        if cwd is not None and Path(cwd).resolve() != run_cwd.resolve():
+            notes.append(f"--cwd {cwd} ignored: the task's worktree is {run_cwd}")
+    elif cwd is not None:
+        run_cwd = Path(cwd).expanduser()
+    else:
+        run_cwd = repo_or_cwd()
+    if not run_cwd.is_dir():
+        raise UsageError(f"working directory {run_cwd} does not exist")
+    branch, note = branch_for(run_cwd, record.branch or record.task.get("branch"),
+                              record.task.get("complexity"))
+    if note:
+        notes.append(note)
+    level = task_level(record.task, record.level)
+    chosen = model or record.model or settings.model_for(level)
+    return {"cwd": run_cwd, "branch": branch, "model": chosen, "notes": notes}
+
+
+__all__ = [
+    "CONTINUATION_TEMPLATE",
+    "DEFAULT_TEMPLATE",
+    "AgentRun",
+    "StreamParser",
+    "agent_env",
+    "branch_for",
+    "build_prompt",
+    "claude_command",
+    "continuation_prompt",
+    "current_branch",
+    "describe_event",
+    "end_leftover_agent",
+    "extract_verdict",
+    "fetch_instructions_path",
+    "log_paths",
+    "outcomes_for",
+    "parse_stream",
+    "plan_for_record",
+    "plan_for_task",
+    "prompt_fields",
+    "repo_or_cwd",
+    "role_file",
+    "role_instructions",
+    "run_agent",
+    "run_for_record",
+    "run_for_task",
+    "task_role",
+    "verdict_line",
+    "verdict_schema",
+]

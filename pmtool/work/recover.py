@@ -1,0 +1,415 @@
+"""Reconcile this machine's task records with the server; give back the tasks of dead agents.
+
+`recover` walks every record (or one agent's): a live runner's claim is left alone, a dead
+one's is resumed, finished (by the `finisher` it is given, pmtool.work.finish.finisher) or
+released, and corrupt records are moved aside. `recover_abandoned` (`recover --orphans`)
+gives back the tasks the server still shows locked by agents unseen for the server's lock
+age. Both sit above
+pmtool.work.claim (whose release and read they use) and pmtool.work.finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pmtool import failure_policy as fl
+from pmtool import ledger as bounds
+from pmtool.errors import ApiError, NothingToDo, ServerError, UsageError, detail_text
+from pmtool.models import same_task
+from pmtool.records import RecordStore, TaskRecord
+from pmtool.work.claim import (
+    DEFAULT_SETTLE,
+    DEV_PICK,
+    QA,
+    QA_PICK,
+    UNDER_WORK,
+    _append_notes,
+    _drop_stray_lock,
+    _ours,
+    _release_on_server,
+    _why_not_ours,
+    claim_abandoned,
+    read_task,
+)
+
+
+def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
+                                                list[tuple[Path, str]]]:
+    """Every record and every unreadable one, without moving anything (recover moves the
+    corrupt ones itself, unless it is a dry run)."""
+    good, corrupt = store.scan_files(quarantine=False)
+    return good, [(c.path, c.reason) for c in corrupt]
+
+
+DEFAULT_GRACE = 900.0  # seconds a dead runner's task is kept for it to come back
+
+
+def recover(client: Any, store: RecordStore, agent_id: str | None = None,
+            all_: bool = False, dry_run: bool = False, give_back: bool = False,
+            settle: float = DEFAULT_SETTLE,
+            sleep: Callable[[float], None] = time.sleep,
+            grace: float = DEFAULT_GRACE, limits: fl.Limits | None = None,
+            now: float | None = None,
+            finisher: Callable[[TaskRecord], dict[str, Any]] | None = None
+            ) -> list[dict[str, Any]]:
+    """Reconcile the records on this machine with the server; one entry per record.
+
+    `action` is `running` (the runner lives: left alone), `resume` (still ours and under
+    work: re-registered, record kept for the runner to take over, with its worktree and
+    session id), `waiting` (the runner died less than `grace` seconds ago: left for it to
+    come back and resume, and *not* re-registered, so a runner that never comes back does
+    not keep the task locked), `released` (given back: the server gave the lock away or
+    the task moved on, or its runner has been dead longer than `grace`; its worktree's
+    uncommitted work is rescued first and the rescue ref named in the task's notes as
+    `rescued`), or `corrupt` (quarantined). Only `agent_id` (the agent's own runner
+    starting again) resumes; every record (`--all`, cron) waits or is given back. A
+    record of this very process is its own and is reconciled, never `running`.
+    A record whose agent had given its verdict is never released or kept waiting: its
+    finish is completed (`finished`, by `finisher`, e.g. pmtool.work.finish.finish_task) or
+    left to the agent's runner (`finish`, without a finisher). Before anything is done for
+    a record whose runner died, the processes that runner left (its agent, hooks, anything
+    working in its worktree) are ended (`ended`: their pids; pmtool.work.leftovers).
+    `stale_runner` is true when the record's runner pid was dead. With `give_back`, tasks
+    are given back at once, grace or not. `dry_run` changes nothing. Raises NothingToDo
+    when there were no records, ServerError (records untouched) when the server cannot
+    be read.
+    """
+    if agent_id and all_:
+        raise UsageError("give --agent-id or --all, not both")
+    good, bad = _scan_readonly(store)
+    if agent_id:
+        good = [(p, r) for p, r in good if r.agent_id == agent_id]
+        bad = [(p, why) for p, why in bad if p == store.path(agent_id)]
+    if not good and not bad:
+        who = f"agent {agent_id}" if agent_id else "this machine"
+        raise NothingToDo(f"no task records for {who} in {store.dir}")
+
+    me = os.getpid()
+    stale = {p for p, r in good if not store.is_live(r) or claim_abandoned(r) or r.pid == me}
+    # Read the server before changing anything, so that an unreachable server leaves
+    # every record as it was.
+    tasks = {t["id"]: t for t in client.list_tasks()} if stale else {}
+
+    entries: list[dict[str, Any]] = [recover_corrupt(client, store, path, why, dry_run)
+                                     for path, why in bad]
+    for path, record in good:
+        entry = _entry(record, path)
+        if path not in stale:
+            entry.update(action="running", stale_runner=False,
+                         reason=f"runner pid {record.pid} on {record.host} is live")
+        else:
+            entry["stale_runner"] = not store.is_live(record)
+            entry["claim_abandoned"] = claim_abandoned(record)
+            task = tasks.get(record.task_id)
+            if task is not None and not same_task(record.task, task):
+                # The id now names another task (quirk 9: ids are reused): ours is gone.
+                entry["id_reused"], task = True, None
+            if not dry_run:
+                entry["ended"] = _end_leftovers(store, record)
+            if not agent_id and not give_back and record.pid != me:
+                dead = _dead_for(store, record, now)
+                entry["dead_for_s"] = round(dead)
+                give_back_now = dead >= grace
+            else:
+                give_back_now = give_back
+            if not _finish_phase(record, entry, dry_run, finisher):
+                _reconcile(client, store, record, task, entry, dry_run, give_back_now,
+                           settle, sleep, wait=not agent_id and not give_back_now,
+                           limits=limits)
+        if dry_run:
+            entry["dry_run"] = True
+        entries.append(entry)
+    return entries
+
+
+def recover_corrupt(client: Any, store: RecordStore, path: Path, reason: str,
+                    dry_run: bool = False) -> dict[str, Any]:
+    """A record that cannot be read as one: kept aside (unless `dry_run`), and its task
+    given back (`action` "corrupt"; `task_error` when the server could not be asked)."""
+    moved = path if dry_run else store.quarantine(path)
+    entry: dict[str, Any] = {"agent_id": None, "record": str(path), "action": "corrupt",
+                             "kept_as": str(moved), "reason": reason}
+    try:
+        _corrupt_task(client, moved, entry, dry_run)
+    except (ApiError, ServerError) as exc:  # kept aside all the same; told in the entry
+        entry["task_error"] = exc.message
+    return entry
+
+
+def _corrupt_task(client: Any, path: Path, entry: dict[str, Any], dry_run: bool) -> None:
+    """The task of a corrupt record: found from what is left of the file (its agent id and
+    task id, else the agent id in its name) and the server, then given back, so it is
+    never left locked or under work with nobody on it. Nothing of the file is deleted."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    agent = re.search(r'"agent_id"\s*:\s*"([^"]+)"', text)
+    agent_id = agent.group(1) if agent else path.name.split(".json")[0]
+    found = re.search(r'"task"\s*:\s*\{[^{}]*?"id"\s*:\s*(\d+)', text)
+    entry["agent_id"] = agent_id
+    try:
+        tasks = [t for t in client.list_tasks(status=UNDER_WORK)
+                 if t.get("locked_by") == agent_id
+                 and (found is None or t["id"] == int(found.group(1)))]
+    except (ApiError, ServerError) as exc:
+        entry["task_error"] = str(exc)
+        return
+    if not tasks:
+        if found:
+            entry["task_id"] = int(found.group(1))
+        entry["task_action"] = "none (the server shows no task under work for this agent)"
+        return
+    task = tasks[0]
+    entry["task_id"] = task["id"]
+    # The role decides the queue it goes back to; a corrupt record cannot say, the
+    # server's agent list can.
+    roles = {a.get("agent_id"): a.get("role") for a in client.agents()}
+    back = QA_PICK[0] if roles.get(agent_id) == QA else DEV_PICK[0]
+    entry["task_action"] = f"given back to {back}"
+    if not dry_run:
+        _release_on_server(client, agent_id, task, back,
+                           f"{agent_id}: given back by pmtool recover: the task record on "
+                           f"this machine was corrupt (kept as {path})")
+
+
+def _end_leftovers(store: RecordStore, record: TaskRecord) -> list[int]:
+    """End what the record's dead runner left running, before its task moves on. A record
+    of this very process (a runner recovering its own record) has no orphans: its children
+    are its own, watchers a setup hook left on purpose included."""
+    from pmtool.work import leftovers
+    from pmtool.work.finish import task_tree
+    from pmtool.worktree import forget_setup
+
+    if record.pid == os.getpid():
+        return []
+    tree = task_tree(record)
+    ended = leftovers.end(record, tree, store.state_dir)
+    if ended and tree is not None:
+        forget_setup(tree)  # what setup started may be among them: the resume sets up again
+    return ended
+
+
+def _finish_phase(record: TaskRecord, entry: dict[str, Any], dry_run: bool,
+                  finisher: Callable[[TaskRecord], dict[str, Any]] | None) -> bool:
+    """A record whose agent gave its verdict is finished, never released (the server
+    may already show the new status: that is our own doing, not someone else's)."""
+    from pmtool.work.finish import kept_verdict
+
+    verdict = kept_verdict(record)
+    if verdict is None:
+        return False
+    entry.update(action="finish", outcome=verdict.get("outcome"),
+                 reason="the agent gave its verdict; its finish is to be completed")
+    if dry_run or finisher is None:
+        return True
+    result = finisher(record)
+    entry.update(action="finished", reason=f"finish completed: {result.get('action')} "
+                 f"({result.get('status')})", result=result)
+    return True
+
+
+def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:
+    return {"agent_id": record.agent_id, "task_id": record.task_id,
+            "title": record.task.get("title"), "record": str(path), "pid": record.pid,
+            "host": record.host, "step": (record.steps or [{}])[-1].get("step"),
+            "worktree": record.worktree, "branch": record.branch,
+            "session_id": record.session_id, "model": record.model}
+
+
+def _dead_for(store: RecordStore, record: TaskRecord, now: float | None = None) -> float:
+    """Seconds since the record's runner last showed life: the record's last write, its
+    runner's event log, its agent's transcript (whichever is newest)."""
+    from pmtool.failure_policy import parse_time
+
+    stamps = []
+    when = parse_time(record.updated_at)
+    if when:
+        stamps.append(when.timestamp())
+    paths = [store.path(record.agent_id),
+             store.state_dir / "events" / f"{store.path(record.agent_id).stem}.jsonl"]
+    paths += [Path(s["log"]) for s in record.steps if s.get("log")][-1:]
+    for path in paths:
+        with contextlib.suppress(OSError):
+            stamps.append(path.stat().st_mtime)
+    last = max(stamps) if stamps else 0.0
+    return max(0.0, (now if now is not None else time.time()) - last)
+
+
+def _rescue_worktree(record: TaskRecord) -> str | None:
+    """Save the uncommitted work of a dead runner's worktree to a rescue ref, remove the
+    worktree; the ref, or None when there was nothing to save (or no worktree)."""
+    from pmtool.errors import PmtoolError
+    from pmtool.worktree import remove_worktree, repo_root
+
+    if not record.worktree or not Path(record.worktree).is_dir() \
+            or record.task.get("complexity") == "minor":
+        return None
+    try:
+        answer = remove_worktree(repo_root(record.worktree), record.worktree, rescue=True)
+    except PmtoolError:
+        return None
+    return (answer.get("rescued") or {}).get("ref")
+
+
+def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
+               task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
+               give_back: bool, settle: float, sleep: Callable[[float], None],
+               wait: bool = False, limits: fl.Limits | None = None) -> None:
+    """Decide and (unless dry_run) do what a record whose runner died calls for."""
+    agent_id = record.agent_id
+    entry["server"] = ({"status": task.get("status"), "locked_by": task.get("locked_by")}
+                       if task else None)
+
+    def released(reason: str) -> None:
+        entry.update(action="released", reason=reason)
+        if not dry_run:
+            store.close(record, "released", reason=reason, status=(task or {}).get("status"))
+
+    if not _ours(task, record):
+        if task and task.get("locked_by") == agent_id:
+            # The claim died between the lock and under_work: no work was done, so the
+            # task goes back to the queue rather than stay locked with no runner on it.
+            if not dry_run:
+                _drop_stray_lock(client, record, task)
+            released(f"the claim stopped before under_work; lock released "
+                     f"(status {task.get('status')})")
+        else:
+            released(_why_not_ours(task, agent_id))
+        return
+    assert task is not None
+    if give_back:
+        dead = entry.get("dead_for_s")
+        why = "runner gone" + (f" for {dead}s" if dead is not None else "")
+        if not dry_run:
+            rescued = _rescue_worktree(record)
+            entry["rescued"] = rescued
+            note = f"given back by pmtool recover ({why})" + (
+                f"; uncommitted work saved at {rescued}" if rescued else "")
+            ledger = bounds.Ledger(store.state)
+            bounds.account(ledger, record.task, agent_id, outcome="given_back",
+                           kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
+                           claimed_at=record.claimed_at)
+            _release_on_server(client, agent_id, task, record.previous_status,
+                               f"{agent_id}: {note}")
+        released(f"given back to the queue ({record.previous_status}; {why})")
+        return
+    if wait:
+        dead = entry.get("dead_for_s")
+        entry.update(action="waiting",
+                     reason=f"runner gone {dead}s ago; kept for it to resume until the "
+                            "grace has passed, then given back (not re-registered)")
+        return
+
+    entry.update(action="resume", reason="still ours and under work")
+    if dry_run:
+        entry["task"] = task
+        return
+    # Re-register first: a dead runner sent no heartbeat, and its lock goes to the next
+    # agent that asks for work once last_seen is 30 minutes old (quirk 3).
+    client.register(agent_id, record.role, record.level)
+    if task.get("locked_by") is None:
+        # The lock ran out, but nobody can have been handed an under_work task since:
+        # lock it again, with the claim's settle-and-verify, and resume.
+        entry["reason"] = "the lock had expired; locked again"
+        with contextlib.suppress(ApiError):
+            client.lock(task["id"], agent_id)
+        sleep(settle)
+        task = read_task(client, task["id"], status=UNDER_WORK)
+        if not task or task.get("locked_by") != agent_id:
+            released("the lock had expired and went to "
+                     f"{(task or {}).get('locked_by') or 'nobody'}")
+            return
+    record.task = task
+    record.step("recovered", action="resume", stale_pid=record.pid)
+    store.save(record)
+    entry["task"] = task
+
+
+# The server drops the locks of agents unseen for this long (contract, "How the server
+# picks the next task").
+SERVER_LOCK_AGE = 30 * 60
+
+
+def _agents_seen(client: Any) -> dict[str, str | None]:
+    return {a.get("agent_id"): a.get("last_seen") for a in client.agents()}
+
+
+def _still_abandoned(client: Any, task: dict[str, Any], max_age: float, now: Any) -> bool:
+    """Read again just before the change: its agent may have re-registered (a heartbeat
+    after a network gap), or someone may have moved the task, since the list was read."""
+    from pmtool.state import parse_time
+
+    fresh = read_task(client, task["id"], status=UNDER_WORK)
+    if not fresh or fresh.get("status") != UNDER_WORK \
+            or fresh.get("locked_by") != task.get("locked_by") \
+            or fresh.get("created_at") != task.get("created_at"):
+        return False
+    holder = fresh.get("locked_by")
+    if not holder:
+        return True
+    when = parse_time(_agents_seen(client).get(holder))
+    return when is None or (now - when).total_seconds() > max_age
+
+
+def recover_abandoned(client: Any, agent_id: str, dry_run: bool = False,
+                    max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
+                    now: Any = None) -> list[dict[str, Any]]:
+    """Put back to `created`, with a note, every task that is `under_work` with no lock, or
+    locked by an agent unseen for more than `max_age` seconds (GET /agents last_seen).
+
+    For the PM's cron: such a task is never offered again by the server, and the runner
+    that had it is gone. A guest on the server: only tasks in that state are touched (and
+    only `task_ids`, when given). `agent_id` is who makes the change (registered as
+    needed by the caller). Returns one entry per abandoned task: `{"task_id", "title",
+    "locked_by", "last_seen", "reason", "action": "requeued"|"would_requeue"|"skipped"}`.
+    """
+    from datetime import UTC, datetime
+
+    from pmtool.state import parse_time
+
+    tasks = client.list_tasks(status=UNDER_WORK)
+    if task_ids is not None:
+        tasks = [t for t in tasks if t["id"] in task_ids]
+    seen = _agents_seen(client) if any(t.get("locked_by") for t in tasks) else {}
+    if now is None and seen:
+        # The server's clock, not ours: last_seen is its time, and machines drift.
+        with contextlib.suppress(ApiError, ServerError):
+            now = parse_time(client.health().get("timestamp"))
+    now = now or datetime.now(UTC)
+    entries = []
+    for task in tasks:
+        holder = task.get("locked_by")
+        last_seen = seen.get(holder) if holder else None
+        if holder:
+            when = parse_time(last_seen)
+            age = (now - when).total_seconds() if when else None
+            if age is not None and age <= max_age:
+                continue  # its agent is alive (it re-registers while it works)
+            reason = (f"locked by {holder}, unseen for {age / 60:.0f} minutes" if age is not None
+                      else f"locked by {holder}, an agent the server does not list")
+        else:
+            reason = "under work with no lock"
+        entry = {"task_id": task["id"], "title": task.get("title"), "locked_by": holder,
+                 "last_seen": last_seen, "reason": reason,
+                 "action": "would_requeue" if dry_run else "requeued"}
+        if not dry_run and not _still_abandoned(client, task, max_age, now):
+            entry.update(action="skipped", reason=f"{reason}; but it changed meanwhile")
+        elif not dry_run:
+            note = (f"pmtool recover --orphans ({agent_id}): put back to created: {reason}; "
+                    "the work of the agent that had it may be on its branch or a "
+                    "refs/pmtool/rescue ref on its machine")
+            try:
+                # Moving it out of under_work drops the stale lock (no unlock endpoint).
+                client.set_status(task["id"], agent_id, "created",
+                                  notes=_append_notes(task, note))
+            except ApiError as exc:
+                entry.update(action="skipped", reason=f"{reason}; {detail_text(exc.detail)}")
+        entries.append(entry)
+    return entries

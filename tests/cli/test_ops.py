@@ -1,0 +1,462 @@
+"""The operator's views: `status` (and its `--watch` terminal view), `logs`, `report`, `init`,
+the `notify` hook and its bundled examples, and log pruning. Real subprocesses, a stand-in
+server, real git, and the real claude binary on the scripted model server."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from helpers import CLAUDE, PMTOOL, ROOT, ago, needs_claude, pmtool, read_pty, wait_for
+from pmtool import ops
+from pmtool.hooks import run_hook
+from pmtool.records import RecordStore, TaskRecord
+from pmtool.state import StateDir
+from pmtool.testing.claude_env import claude_env
+from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
+from pmtool.testing.seed import Seeder
+
+HOOKS = ROOT / "hooks"
+
+
+def state_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"PMTOOL_STATE_DIR": str(tmp_path / "state"),
+            "PMTOOL_CONFIG": os.devnull, **extra}
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def closed(task_id: int, outcome: str, cost: float, attempts: int, claimed: str, done: str,
+           agent: str = "dev_1", model: str = "sonnet", turns: int = 3) -> dict[str, Any]:
+    return {"closed_at": done, "claimed_at": claimed, "outcome": outcome, "agent_id": agent,
+            "role": "backend_dev", "level": "senior", "model": model, "attempts": attempts,
+            "cost_usd": cost, "session_id": "s", "task": {"id": task_id, "title": f"t{task_id}"},
+            "steps": [{"at": claimed, "step": "agent_starting"},
+                      {"at": done, "step": "agent_finished", "num_turns": turns}]}
+
+
+def test_report_sums_a_known_history(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    day1, day2 = ago(days=6)[:10], ago(days=5)[:10]
+    state.append_history(closed(1, "done", 0.50, 1, f"{day1}T10:00:00Z",
+                                f"{day1}T10:10:00Z"))
+    state.append_history(closed(2, "done", 1.25, 2, f"{day1}T11:00:00Z",
+                                f"{day1}T11:30:00Z", model="opus", turns=7))
+    state.append_history(closed(3, "given_back", 0.25, 1, f"{day2}T09:00:00Z",
+                                f"{day2}T09:05:00Z", agent="dev_2"))
+    state.append_history({"kind": "parked", "task_id": 9, "reason": "needs a person"})
+    env = state_env(tmp_path)
+
+    res = pmtool("report", "--by", "outcome", env=env)
+    totals = res.out["totals"]
+    assert totals["tasks"] == 3 and totals["outcomes"] == {"done": 2, "given_back": 1}
+    assert totals["attempts"] == 4 and totals["turns"] == 13
+    assert totals["cost_usd"] == pytest.approx(2.0)
+    assert totals["agent_s"] == 600 + 1800 + 300
+    assert totals["mean_task_s"] == pytest.approx((600 + 1800 + 300) / 3, abs=0.1)
+    assert totals["p95_task_s"] == 1800
+    groups = {g["key"]: g for g in res.out["groups"]}
+    assert groups["done"]["cost_usd"] == pytest.approx(1.75) and groups["done"]["tasks"] == 2
+    assert [e["task_id"] for e in res.out["most_expensive"]] == [2, 1, 3]
+
+    by_day = pmtool("report", "--by", "day", "--since", day2,
+                    "--html", str(tmp_path / "r.html"), env=env).out
+    assert [(g["key"], g["tasks"]) for g in by_day["groups"]] == [(day2, 1)]
+    page = (tmp_path / "r.html").read_text()
+    assert "<svg" in page and day2 in page and "<script" not in page
+
+    bad = subprocess.run([PMTOOL, "report", "--since", "yesterday-ish"], env={**os.environ, **env},
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["type"] == "usage"
+
+
+def test_the_html_report_is_a_page_a_person_reads(tmp_path: Path) -> None:
+    """Labels instead of field names, outcomes in words, small costs to two significant
+    digits, a chart, and the most expensive tasks, as the terminal view has them."""
+    state = StateDir(tmp_path / "state")
+    state.append_history(closed(1, "done", 0.00021, 1, ago(hours=3), ago(hours=2, minutes=50)))
+    state.append_history(closed(2, "given_back", 1.5, 2, ago(hours=2), ago(hours=1)))
+    state.append_history(closed(3, "done", 0.04, 1, ago(minutes=30), ago(minutes=20)))
+    page_path = tmp_path / "r.html"
+    res = pmtool("report", "--by", "outcome", "--html", str(page_path), env=state_env(tmp_path))
+    assert res.code == 0
+    page = page_path.read_text()
+    for field in ("agent_s", "p95_task_s", "mean_task_s", "cost_usd", "{&#x27;", "{'"):
+        assert field not in page, field
+    assert "Agent time" in page and "95th percentile" in page
+    assert "2 done, 1 given back" in page
+    assert "$0.00021" in page and "$1.50" in page and "$0.04" in page and "$0.00<" not in page
+    assert "<svg" in page and "<rect" in page and "<script" not in page
+    costly = page[page.index("most expensive"):]
+    assert costly.index(">t2<") < costly.index(">t3<") < costly.index(">t1<")
+
+
+# ---- notify -------------------------------------------------------------------------------
+
+
+def recording_hook(folder: Path, log: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    hook = folder / "notify.sh"
+    hook.write_text(f"#!/bin/sh\ncat >> {log}\n")
+    hook.chmod(0o755)
+
+
+def test_notify_runs_the_hook_once_per_event_with_the_documented_json(tmp_path: Path) -> None:
+    log = tmp_path / "calls.jsonl"
+    recording_hook(tmp_path / "hooks", log)
+    record = TaskRecord(agent_id="dev_1", role="backend_dev", level="senior",
+                        server_url="http://x", task={"id": 42, "title": "Add a ping endpoint"},
+                        previous_status="created", cost_usd=1.5)
+    for event in ops.NOTIFY_EVENTS:
+        result = ops.notify(event, tmp_path / "hooks", record=record, reason="because",
+                            outcome="done")
+        assert result["ok"] and not result["skipped"], result
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["event"] for c in calls] == list(ops.NOTIFY_EVENTS)
+    for call in calls:
+        assert {"event", "message", "time", "task_id", "title", "agent_id", "cost_usd",
+                "hook"} <= set(call)
+        assert call["task_id"] == 42 and call["hook"] == "notify"
+    assert calls[0]["message"] == "task 42 (Add a ping endpoint) is parked for a person: because"
+    assert calls[2]["message"] == "runner dev_1 stopped on a fatal error: because"
+    # No hook: skipped, ok.
+    assert ops.notify("fatal", tmp_path / "nohooks")["skipped"]
+
+
+class _Catcher(BaseHTTPRequestHandler):
+    bodies: ClassVar[list[Any]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        type(self).bodies.append((self.headers["Content-Type"],
+                                  json.loads(self.rfile.read(length))))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_bundled_webhook_example_posts_slack_json(tmp_path: Path) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Catcher)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/hooks/T000/B000"
+    try:
+        ctx = {"event": "parked", "message": "task 7 is parked for a person", "task_id": 7}
+        env = {**os.environ, "PMTOOL_NOTIFY_WEBHOOK": url}
+        result = run_hook("notify", HOOKS, ctx, env=env)
+        assert result["ok"], result
+        assert _Catcher.bodies == [("application/json",
+                                    {"text": "pmtool parked: task 7 is parked for a person"})]
+        # `finished` only when asked for; no URL is not a failure.
+        assert run_hook("notify", HOOKS, {**ctx, "event": "finished"}, env=env)["ok"]
+        assert len(_Catcher.bodies) == 1
+        env.pop("PMTOOL_NOTIFY_WEBHOOK")
+        quiet = run_hook("notify", HOOKS, ctx, env=env)
+        assert quiet["ok"] and "not set" in quiet["stderr"]
+    finally:
+        server.shutdown()
+    dead = run_hook("notify", HOOKS, ctx, env={**os.environ, "PMTOOL_NOTIFY_WEBHOOK": url})
+    assert not dead["ok"] and dead["exit_code"] == 1
+
+
+def test_bundled_desktop_example_calls_notify_send(tmp_path: Path) -> None:
+    hooks, bin_ = tmp_path / "hooks", tmp_path / "bin"
+    hooks.mkdir()
+    bin_.mkdir()
+    (hooks / "notify.py").write_bytes((HOOKS / "notify_desktop.py").read_bytes())
+    (hooks / "notify.py").chmod(0o755)
+    argv = tmp_path / "argv.json"
+    fake = bin_ / "notify-send"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"json.dump(sys.argv[1:], open({str(argv)!r}, 'w'))\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
+    result = run_hook("notify", hooks, {"event": "fatal", "message": "runner dev_1 stopped"},
+                      env=env)
+    assert result["ok"], result
+    assert json.loads(argv.read_text()) == ["--app-name=pmtool", "--urgency=critical",
+                                            "pmtool: fatal", "runner dev_1 stopped"]
+    fake.unlink()
+    (bin_ / "python3").symlink_to(sys.executable)  # only python on PATH: no notify-send
+    missing = run_hook("notify", hooks, {"event": "fatal"}, env={**env, "PATH": str(bin_)})
+    assert not missing["ok"] and "notify-send" in missing["stderr"]
+
+
+# ---- the runner, live ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
+    key = f"k-{secrets.token_hex(8)}"
+    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    (tmp_path / "hooks").mkdir()
+    env = {**os.environ, **state_env(tmp_path), "HEADLESS_PM_API_URL": server.url,
+           "HEADLESS_PM_API_KEY": key, "HEADLESS_PM_HOOKS_DIR": str(tmp_path / "hooks")}
+    env.pop("PMTOOL_RUNNER_PID", None)
+    return {"tmp": tmp_path, "repo": repo, "env": env, "seeder": Seeder(server.url, key)}
+
+
+def run_args(world: dict[str, Any], *extra: str) -> list[str]:
+    return [PMTOOL, "run", "--repo", str(world["repo"]), "--settle", "0.05", "--idle-poll",
+            "0.5", "--role", "backend_dev", "--agent-id", "dev_1", *extra]
+
+
+def new_task(world: dict[str, Any]) -> dict[str, Any]:
+    return world["seeder"].create_task(
+        title="Add a ping endpoint", description="Do it well.", target_role="backend_dev",
+        difficulty="senior", complexity="major", branch=f"feature/{secrets.token_hex(3)}")
+
+
+def test_fatal_stop_fires_the_notify_hook_once(world: dict[str, Any]) -> None:
+    task = new_task(world)
+    hooks = world["tmp"] / "hooks"
+    (hooks / "pre_task.sh").write_text("#!/bin/sh\necho 'no GPU here' >&2\nexit 1\n")
+    (hooks / "pre_task.sh").chmod(0o755)
+    log = world["tmp"] / "notify.jsonl"
+    recording_hook(hooks, log)
+    from pmtool.testing.fake_agent import command
+
+    # claude is never reached (pre_task stops the run), but the preflight wants one.
+    proc = subprocess.run(run_args(world, "--on-hook-failure", "stop", "--agent-cmd",
+                                   command()), env=world["env"],
+                          cwd=world["repo"], capture_output=True, text=True, timeout=90,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 1
+    assert calls[0]["event"] == "fatal" and calls[0]["task_id"] == task["id"]
+    assert calls[0]["agent_id"] == "dev_1" and "no GPU here" in calls[0]["message"]
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(150)
+def test_status_and_logs_follow_while_claude_works(world: dict[str, Any]) -> None:
+    task = new_task(world)
+    go = world["tmp"] / "go"
+    env = world["env"]
+    with ScriptedModelServer() as model:
+        env = {**env, **claude_env(model.url, world["tmp"] / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Bash(f"while [ ! -f {go} ]; do sleep 0.1; done; echo waited"),
+                          Structured({"outcome": "done", "summary": "Pinged."})])
+        runner = subprocess.Popen(run_args(world, "--single-task"), env=env, cwd=world["repo"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        follower = None
+        try:
+            def working() -> dict[str, Any] | None:
+                rows = pmtool("status", env=env).out["runners"]
+                return next((r for r in rows if r["step"] == "agent"), None)
+
+            row = wait_for(working, timeout=60, what="the runner in the agent step")
+            assert row["agent_id"] == "dev_1" and row["live"] and row["pid"] == runner.pid
+            assert row["task_id"] == task["id"] and row["title"] == "Add a ping endpoint"
+            assert row["role"] == "backend_dev" and row["task_s"] is not None
+
+            follower = subprocess.Popen([PMTOOL, "logs", str(task["id"]), "--follow", "--raw"],
+                                        env=env, stdout=subprocess.PIPE, text=True)
+            lines: list[dict[str, Any]] = []
+            reader = threading.Thread(
+                target=lambda: lines.extend(json.loads(x) for x in follower.stdout), daemon=True)
+            reader.start()
+            wait_for(lambda: any(x.get("type") == "system" for x in lines), timeout=30,
+                     what="the init line")
+            assert not any(x.get("type") == "result" for x in lines)  # still running
+            go.touch()
+            assert runner.wait(timeout=60) == 0, runner.stderr.read()
+            assert follower.wait(timeout=30) == 0  # ends when the task ends
+            reader.join(timeout=10)
+        finally:
+            for proc in (runner, follower):
+                if proc and proc.poll() is None:
+                    proc.kill()
+    tools = [b for x in lines if x.get("type") == "assistant"
+             for b in x["message"]["content"] if b.get("type") == "tool_use"]
+    assert tools and tools[0]["name"] == "Bash"
+    assert any(x.get("type") == "result" and x.get("total_cost_usd") for x in lines)
+    after = pmtool("status", env=env).out
+    assert after["runners"] == [] or all(not r["live"] for r in after["runners"])
+    assert after["usage"]["logs_bytes"] > 0
+    story = pmtool("logs", str(task["id"]), env=env).out["entries"]
+    assert any(e["source"] == "claude" for e in story)
+    rendered = [ln for e in story for ln in ops.render(e)]
+    assert any("-> Bash" in ln for ln in rendered) and any("result:" in ln for ln in rendered)
+
+
+# ---- status --watch on a terminal ---------------------------------------------------------
+
+
+def live_record(state: Path, agent_id: str = "dev_1", task_id: int = 42) -> None:
+    store = RecordStore(state)
+    record = TaskRecord(agent_id=agent_id, role="backend_dev", level="senior",
+                        server_url="http://x", task={"id": task_id, "title": "Add a ping"},
+                        previous_status="created", cost_usd=0.25)
+    record.step("agent_running")
+    store.save(record)
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_status_watch_redraws_in_place_on_a_terminal(tmp_path: Path, no_color: bool) -> None:
+    import pty
+
+    live_record(tmp_path / "state")
+    env = {**os.environ, **state_env(tmp_path)}
+    env.pop("NO_COLOR", None)
+    env.pop("FORCE_COLOR", None)
+    if no_color:
+        env["NO_COLOR"] = "1"
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([PMTOOL, "status", "--watch", "--interval", "0.2"], env=env,
+                            stderr=follower, stdout=subprocess.PIPE, text=True)
+    os.close(follower)
+    try:
+        screen = read_pty(leader, lambda s: s.count(b"\x1b[H") >= 3)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    assert screen.count(b"\x1b[H") >= 3, screen
+    assert screen.count(b"\x1b[2J") == 1  # cleared once: later frames overwrite in place
+    frame = screen.split(b"\x1b[H")[2].decode()
+    assert "dev_1" in frame and "42" in frame and "agent" in frame and "$0.2500" in frame
+    assert ("\x1b[35m" in frame) is not no_color
+    assert proc.returncode == 0
+    result = json.loads(out)
+    assert result["ok"] and result["runners"][0]["task_id"] == 42
+
+
+def test_status_lists_dead_runners_parked_tasks_and_sizes(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    live_record(state.root, agent_id="dev_9", task_id=5)
+    data = json.loads((state.records_dir / "dev_9.json").read_text())
+    data["pid"] = 999999999  # a runner that died
+    (state.records_dir / "dev_9.json").write_text(json.dumps(data))
+    state.append_event("dev_9", {"ok": True, "event": "claimed", "time": ago(hours=1),
+                                 "agent": "dev_9", "task_id": 5})
+    for task_id in (11, 12):  # the shape pmtool.work.claim.park leaves: a record closed as parked
+        parked = closed(task_id, "parked", 0.1, 3, ago(hours=3), ago(hours=2, minutes=30))
+        parked["steps"].append({"at": ago(hours=2, minutes=30), "step": "closed",
+                                "outcome": "parked", "cause": "max_attempts",
+                                "reason": "3 attempts failed"})
+        state.append_history(parked)
+    state.append_history(closed(12, "done", 0.2, 1, ago(hours=2),
+                                ago(hours=1, minutes=50)))  # a person set 12 back; worked
+    (state.logs_dir).mkdir(parents=True)
+    (state.logs_dir / "task-5-s.jsonl").write_text("x" * 1000)
+    out = pmtool("status", env=state_env(tmp_path)).out
+    [row] = out["runners"]
+    assert row["agent_id"] == "dev_9" and not row["live"] and row["step"] == "dead"
+    assert row["last_event"]["event"] == "claimed"
+    assert [(p["task_id"], p["cause"], p["reason"]) for p in out["parked"]] == [
+        (11, "max_attempts", "3 attempts failed")]
+    assert out["usage"]["logs_bytes"] == 1000
+
+
+def test_step_follows_the_last_event() -> None:
+    cases = {("claimed", None): "claiming", ("idle", None): "polling",
+             ("finished", None): "finishing", ("worktree", None): "agent"}
+    for (kind, _), step in cases.items():
+        assert ops.step_of({"event": kind}) == step
+    assert ops.step_of({"event": "hook", "hook": "pre_task"}) == "pre_task"
+    assert ops.step_of({"event": "error", "retry_in_s": 3}) == "waiting for the server"
+    assert ops.step_of({"event": "idle", "cooling_down": True}) == "cooling down"
+
+
+# ---- pruning and init ---------------------------------------------------------------------
+
+
+def test_recover_prunes_old_logs_and_keeps_the_history(tmp_path: Path, pm_server: Any) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    old, new = state.logs_dir / "task-1-a.jsonl", state.logs_dir / "task-2-b.jsonl"
+    old.write_text("old\n")
+    new.write_text("new\n")
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    state.append_history(closed(1, "done", 0.1, 1, ago(days=60), ago(days=60, minutes=-1)))
+    env = state_env(tmp_path, HEADLESS_PM_API_URL=pm_server.url,
+                    HEADLESS_PM_API_KEY=pm_server.api_key)
+    res = pmtool("recover", "--dry-run", env=env)  # nothing is deleted on a dry run
+    assert old.exists()
+    subprocess.run([PMTOOL, "recover"], env={**os.environ, **env}, capture_output=True,
+                   check=False, timeout=60)
+    assert not old.exists() and new.exists()
+    assert len(state.history()) == 1
+    assert res.code in (0, 3)
+    assert ops.prune_logs(state.root, 0) == {"files": 1, "bytes": 4}
+
+
+def test_init_into_an_empty_then_a_non_empty_folder(tmp_path: Path) -> None:
+    target = tmp_path / "setup"
+    res = pmtool("init", str(target), env=state_env(tmp_path))
+    names = {str(Path(p).relative_to(target)) for p in res.out["written"]}
+    assert {"config.toml", "hooks/notify.py", "hooks/pre_task.py", "scripts/pm-runner.sh",
+            "scripts/crontab.example"} <= names
+    assert os.access(target / "hooks" / "notify.py", os.X_OK)
+    assert os.access(target / "scripts" / "pm-runner.sh", os.X_OK)
+    # It has an api_key slot: the owner's alone, from the first byte.
+    assert (target / "config.toml").stat().st_mode & 0o777 == 0o600
+    config = pmtool("--config", str(target / "config.toml"), "config").out["settings"]
+    assert config["hooks_dir"] == {"value": str(target.resolve() / "hooks"), "source": "file"}
+
+    # A folder with other files is fine; one with a file init would write is refused whole.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert pmtool("init", str(other), env=state_env(tmp_path)).code == 0
+    (target / "hooks" / "notify.py").write_text("my own\n")
+    (target / "config.toml").unlink()
+    again = subprocess.run([PMTOOL, "init", str(target)], capture_output=True, text=True,
+                           env={**os.environ, **state_env(tmp_path)}, check=False)
+    assert again.returncode == 5
+    error = json.loads(again.stdout)["error"]
+    assert str(target / "hooks" / "notify.py") in error["existing"]
+    assert (target / "hooks" / "notify.py").read_text() == "my own\n"
+    assert not (target / "config.toml").exists()  # nothing written, not even the free ones
+
+
+def test_task_log_puts_each_transcript_before_its_agent_event(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    log = state.logs_dir / "task-7-s1.jsonl"
+    log.write_text(json.dumps({"type": "system", "subtype": "init", "session_id": "s1"}) + "\n"
+                   + '{"type": "result", "subty')  # the agent is still writing this line
+    event = {"ok": True, "agent": "dev_1", "task_id": 7}
+    state.append_event("dev_1", {**event, "event": "claimed", "time": ago(minutes=10)})
+    state.append_event("dev_1", {**event, "event": "claimed", "time": ago(minutes=10, seconds=-1),
+                                 "task_id": 8})
+    story = ops.TaskLog(state.root, 7)
+    first = story.read()
+    assert [(e["source"], e["line"].get("event") or e["line"].get("type")) for e in first] == [
+        ("pmtool", "claimed"), ("claude", "system")]
+    with open(log, "a") as fh:
+        fh.write('pe": "success", "num_turns": 2, "total_cost_usd": 0.5}\n')
+    state.append_event("dev_1", {**event, "event": "agent", "time": ago(minutes=5),
+                                 "log": str(log)})
+    state.append_event("dev_1", {**event, "event": "finished", "time": ago(minutes=5, seconds=-1)})
+    second = story.read()
+    assert [e["line"].get("event") or e["line"].get("type") for e in second] == [
+        "result", "agent", "finished"]
+    assert ops.render(second[0]) == ["  result: success, 2 turns, $0.5000, 0.0s"]
+    assert story.read() == [] and not story.running()

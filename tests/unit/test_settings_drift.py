@@ -1,0 +1,46 @@
+"""One source for the defaults of the limits: the config's SPECS. The library's fallback
+`Limits()` (a Python caller that passes none) and the runner's `RunOptions()` must say
+what `pmtool config` says, or a caller of the library is bounded differently from a user
+of the CLI without anyone noticing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pmtool import failure_policy as fl
+from pmtool.config import SPECS, load_settings
+from pmtool.ledger import limits_from
+from pmtool.run.loop import RunOptions
+
+LIMITS = [f.name for f in dataclasses.fields(fl.Limits) if f.name in SPECS]
+
+
+def test_every_configurable_limit_is_compared():
+    """task_budget_usd is a flag of `run` only (no config key): Limits' None is its default."""
+    assert set(LIMITS) >= {"max_attempts", "retry_cooldown", "max_bounces",
+                           "max_consecutive_failures", "daily_budget_usd"}
+    assert fl.Limits().task_budget_usd is None
+
+
+@pytest.mark.parametrize("name", LIMITS)
+def test_the_library_fallback_limits_are_the_config_defaults(name):
+    assert getattr(fl.Limits(), name) == SPECS[name].default
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(RunOptions)
+                                  if f.name in SPECS])
+def test_the_runner_options_default_to_the_config_defaults(name):
+    """None is "the settings decide" (hooks_dir: the settings' folder), never a rival value."""
+    value = getattr(RunOptions(agent_id="a", role="backend_dev"), name)
+    assert value is None or value == SPECS[name].default
+
+
+def test_the_builder_from_settings_gives_the_fallback_on_defaults(tmp_path, monkeypatch):
+    """limits_from(settings with nothing set) is Limits(): one value, two roads."""
+    for spec in SPECS.values():
+        for env in spec.env:
+            monkeypatch.delenv(env, raising=False)
+    settings = load_settings({}, config_path=tmp_path / "none.toml")
+    assert limits_from(settings) == fl.Limits()
