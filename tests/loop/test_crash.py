@@ -321,15 +321,12 @@ def test_a_push_the_remote_refuses_is_said_in_the_notes_and_the_task_still_finis
         world: World) -> None:
     bare = _remote(world)
     task = world.task()
-    # The remote already has the branch, with a commit the task branch lacks: no fast-forward.
-    world.git("branch", task["branch"])
-    world.git("push", "-q", "origin", task["branch"])
-    other = world.tmp / "other"
-    subprocess.run(["git", "clone", "-q", "-b", task["branch"], str(bare), str(other)],
-                   check=True)
-    subprocess.run(["git", "-C", str(other), "commit", "-q", "--allow-empty", "-m", "theirs"],
-                   check=True)
-    subprocess.run(["git", "-C", str(other), "push", "-q"], check=True)
+    # The remote takes fetches but refuses every push (a protected branch, a hook's
+    # policy). A remote that merely moved on is fetched before the work, so its push
+    # is a fast-forward: refusal has to come from the remote itself.
+    hook = bare / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'pushes are closed today' >&2\nexit 1\n")
+    hook.chmod(0o755)
     run = world.run("--single-task", "--push")
     assert run.code == 0, run.stderr
     assert run.of("finished")[0]["pushed"] is False
