@@ -5,7 +5,7 @@
 
 Every command's `--help` (commands.md), every setting from `pmtool.config.SPECS` with the
 flags that set it (settings.md), and the exit codes from `pmtool.errors` (exit-codes.md).
-`tests/test_docs.py` regenerates them in memory and fails when the files differ, so the
+`tests/contract/test_docs.py` regenerates them in memory and fails when the files differ, so the
 manual cannot drift from the CLI (the way llm and sqlite-utils keep theirs).
 
 Lives under cli/ because it reads the typer app; nothing imports it on a command's path.

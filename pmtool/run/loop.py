@@ -15,7 +15,7 @@ lock on exit while work is in progress: a stop leaves the task record, and the n
 resumes it.
 
 The same loop in bash is `scripts/pm-runner.sh`; a test runs one scenario through both
-and compares their steps (tests/test_scripts.py). Where each policy lives in the script
+and compares their steps (tests/cli/test_scripts.py). Where each policy lives in the script
 (`pm-runner.sh:` comments below mark the same places here; "none" is a difference):
 
     one runner per agent (runner lock)   none; PMTOOL_RUNNER_PID marks the record instead

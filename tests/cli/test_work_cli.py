@@ -716,7 +716,7 @@ def test_twenty_agents_sharing_a_state_dir_each_get_one_task(env, queue, race):
                    "--role", "backend_dev", "--wait", "40") for agent in agents]
     results = [answer(p) for p in procs]
     assert [code for code, _, _ in results] == [0] * 20
-    # No machine-wide lock serialises them (claims overlap, tests/test_fleet.py): the
+    # No machine-wide lock serialises them (claims overlap, tests/loop/test_fleet.py): the
     # read-back settles each race, so every task went to exactly one agent.
     assert sorted(out["task"]["id"] for _, out, _ in results) == sorted(tasks)
     owners = {t["id"]: t["locked_by"] for t in queue.list_tasks(status="under_work")}

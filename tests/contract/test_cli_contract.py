@@ -364,7 +364,7 @@ def test_every_command_is_in_the_readme_table():
 
 def test_every_exit_code_is_in_the_exit_code_reference():
     """The one exit-code table is docs/reference/exit-codes.md, generated from errors.py
-    (`python -m pmtool.cli.reference`); tests/test_docs.py checks it is current."""
+    (`python -m pmtool.cli.reference`); tests/contract/test_docs.py checks it is current."""
     from pmtool import errors
 
     codes = {value for name, value in vars(errors).items()
