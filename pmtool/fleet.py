@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from pmtool.errors import EXIT_NOTHING, EXIT_OK, PmtoolError
-from pmtool.state import StateDir, atomic_write_json, make_dir, open_private, safe_name
+from pmtool.state import (
+    StateDir,
+    atomic_write_json,
+    check_agent_id,
+    make_dir,
+    open_private,
+    safe_name,
+)
 
 FOLLOW_TICK = 0.2  # seconds between a follower's looks at the leaseholder's file
 # An offer older than this is not handed out: every runner waiting then has seen it, and
@@ -344,6 +351,8 @@ def agent_ids(given: list[str], agents: int | None) -> list[str]:
         ids = [f"{given[0]}-{i}" for i in range(1, agents + 1)]
     if len(set(ids)) != len(ids):
         raise UsageError("the agent ids repeat: " + ", ".join(ids))
+    for one in ids:  # <agent-id>-N may be longer than any id given
+        check_agent_id(one)
     return ids
 
 

@@ -21,6 +21,7 @@ from pmtool.cli.options import (
     Settle,
     TaskArg,
     TaskIdAlias,
+    agent_id_option,
     record_store,
     resolve_task,
     server,
@@ -273,8 +274,9 @@ def recover_cmd(
                           "under_work with no lock, or locked by an agent unseen for 30 "
                           "minutes (for the PM's cron; touches no other task).")] = False,
     as_agent: Annotated[str, typer.Option(
-        "--as-agent", help="With --orphans: the agent id that makes the change (registered "
-                           "as pm if new).")] = "pmtool_orphans",
+        "--as-agent", callback=agent_id_option,
+        help="With --orphans: the agent id that makes the change (registered as pm if "
+             "new).")] = "pmtool_orphans",
     task: Annotated[list[int] | None, typer.Option(
         "--task", help="With --orphans: only these task ids (repeat the option).")] = None,
 ) -> None:
