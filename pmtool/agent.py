@@ -368,10 +368,25 @@ These rules come from pmtool, which runs you; they win over anything above.
 {verdict}
 """
 
+# The task is said again: a kill can cut claude's own session file short, and the resumed
+# agent then sees this prompt alone (it once redid committed work from the title only).
 CONTINUATION_TEMPLATE = """\
-Your earlier run on task {task_id} ({title}) was interrupted before it finished. Continue
-from where you stopped: look at `git status` and `git log` in {cwd} to see what is already
-done, finish the task, commit on branch `{branch}`, and end with your verdict as before.
+Your earlier run on task {task_id} was interrupted before it finished. Continue from where
+you stopped: look at `git status` and `git log` in {cwd} to see what is already done (do
+not redo committed work), finish the task, commit on branch `{branch}`, and end with your
+verdict as before.
+
+# The task, again
+
+Task {task_id}: {title}
+
+{description}
+
+# Rules for this run
+
+{rules}
+
+# When you are done
 
 {verdict}
 """

@@ -967,7 +967,7 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
                 give_back_now = dead >= grace
             else:
                 give_back_now = give_back
-            if not _finish_phase(record, entry, dry_run, finisher):
+            if not _finish_phase(store, record, entry, dry_run, finisher):
                 _reconcile(client, store, record, task, entry, dry_run, give_back_now,
                            settle, sleep, wait=not agent_id and not give_back_now,
                            limits=limits)
@@ -1031,13 +1031,18 @@ def _end_orphans(store: RecordStore, record: TaskRecord) -> list[int]:
     return ended
 
 
-def _finish_phase(record: TaskRecord, entry: dict[str, Any], dry_run: bool,
-                  finisher: Callable[[TaskRecord], dict[str, Any]] | None) -> bool:
+def _finish_phase(store: RecordStore, record: TaskRecord, entry: dict[str, Any],
+                  dry_run: bool, finisher: Callable[[TaskRecord], dict[str, Any]] | None
+                  ) -> bool:
     """A record whose agent gave its verdict is finished, never released (the server
-    may already show the new status: that is our own doing, not someone else's)."""
-    from pmtool.finish import kept_verdict
+    may already show the new status: that is our own doing, not someone else's). A
+    verdict its runner died before noting, still in the transcript, counts too."""
+    from pmtool.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
 
-    verdict = kept_verdict(record)
+    if dry_run:
+        verdict = kept_verdict(record) or transcript_verdict(store, record)
+    else:
+        verdict = kept_or_transcript_verdict(store, record)
     if verdict is None:
         return False
     entry.update(action="finish", outcome=verdict.get("outcome"),

@@ -28,8 +28,10 @@ from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structu
 world = test_run_loop.world  # the fixture: a stand-in, a repo, hooks, a state folder
 
 # Points at which the agent had given its verdict: from there the task is finished, by
-# the next start or by recover, never given back.
-FINISH_POINTS = ("leftover", "push", "status", "post-task", "worktree-remove", "close")
+# the next start or by recover, never given back. At agent-end the verdict is only in the
+# transcript (pmtool was killed before noting it): that counts too.
+FINISH_POINTS = ("agent-end", "leftover", "push", "status", "post-task", "worktree-remove",
+                 "close")
 
 
 def _hooks(world: World) -> None:
@@ -381,3 +383,38 @@ def test_a_watcher_setup_left_dies_with_its_runner_and_setup_runs_again(
         for pid in watchers[1:]:  # left on purpose by the second setup: not this test's case
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(180)
+def test_a_verdict_in_the_transcript_is_used_after_a_kill_not_asked_again(
+        world: World) -> None:
+    """Killed after claude wrote its result line (the verdict is in pmtool's transcript)
+    but before pmtool noted it: the next start finishes with that verdict. The model is
+    asked nothing more and the branch holds the agent's one commit, not two."""
+    task = world.task()
+    base = world.git("rev-parse", "HEAD")
+    with ScriptedModelServer() as model:
+        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Write("ping.py", "def ping():\n    return 'pong'\n"),
+                          Bash("git add -A && git commit -q -m 'Add ping'"),
+                          Structured({"outcome": "done", "summary": "Ping added."})])
+        killed = world.run("--single-task", "--real-claude",
+                           env={**env, "PMTOOL_FAULT": "agent-end"})
+        assert killed.code == -9, killed.stderr[-2000:]
+        logs = list((world.state / "logs").glob(f"task-{task['id']}-*.jsonl"))
+        assert any('"type": "result"' in p.read_text() or '"type":"result"' in p.read_text()
+                   for p in logs)
+        asked = len(model.requests)
+        again = world.run("--single-task", "--real-claude", env=env)
+        assert again.code == 0, again.stderr[-3000:]
+        assert len(model.requests) == asked  # nothing more asked of the model
+    assert not again.of("agent")  # no agent run on the restart
+    finished = again.of("finished")[0]
+    assert finished["outcome"] == "done" and finished["summary"] == "Ping added."
+    assert world.git("rev-list", "--count", f"{base}..{task['branch']}") == "1"
+    assert dev_done_count(world, task["id"]) == 1
+    assert _closed(world, task["id"]) == ["done"]
+    _no_worktree_left(world, task["id"])
