@@ -961,7 +961,9 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
                 entry["id_reused"], task = True, None
             if not dry_run:
                 entry["ended"] = _end_orphans(store, record)
-            if not agent_id and not give_back and record.pid != me:
+            if give_back_begun(record):
+                give_back_now = True  # a recover killed while it gave the task back
+            elif not agent_id and not give_back and record.pid != me:
                 dead = _dead_for(store, record, now)
                 entry["dead_for_s"] = round(dead)
                 give_back_now = dead >= grace
@@ -1098,6 +1100,38 @@ def _rescue_worktree(record: TaskRecord) -> str | None:
     return (answer.get("rescued") or {}).get("ref")
 
 
+GIVE_BACK_STEP = "recover-give-back"
+
+
+def give_back_begun(record: TaskRecord) -> dict[str, Any] | None:
+    """The step of a give-back by recover that a kill cut short: the worktree is gone (its
+    work on the rescue ref it names), so the next recover completes it, grace or not."""
+    return next((s for s in reversed(record.steps) if s.get("step") == GIVE_BACK_STEP), None)
+
+
+def _begin_give_back(store: RecordStore, record: TaskRecord, why: str
+                     ) -> tuple[str | None, str]:
+    """Rescue the worktree and count the attempt, once per claim, noted in the record
+    before the server is told: a recover killed in between is completed by the next one
+    with the same rescue ref in the notes, and the attempt counted once."""
+    begun = give_back_begun(record)
+    if begun is None:
+        rescued = _rescue_worktree(record)
+        note = f"given back by pmtool recover ({why})" + (
+            f"; uncommitted work saved at {rescued}" if rescued else "")
+        record.step(GIVE_BACK_STEP, rescued=rescued, note=note)
+        store.save(record)
+    else:
+        rescued, note = begun.get("rescued"), str(begun.get("note") or why)
+    ledger = bounds.Ledger(store.state)
+    if not any(line.get("claimed_at") == record.claimed_at and line.get("agent_id")
+               == record.agent_id for line in fl.attempts_of(ledger.lines(), record.task)):
+        bounds.account(ledger, record.task, record.agent_id, outcome="given_back",
+                       kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
+                       claimed_at=record.claimed_at)
+    return rescued, note
+
+
 def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
                task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
                give_back: bool, settle: float, sleep: Callable[[float], None],
@@ -1128,14 +1162,9 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
         dead = entry.get("dead_for_s")
         why = "runner gone" + (f" for {dead}s" if dead is not None else "")
         if not dry_run:
-            rescued = _rescue_worktree(record)
+            rescued, note = _begin_give_back(store, record, why)
             entry["rescued"] = rescued
-            note = f"given back by pmtool recover ({why})" + (
-                f"; uncommitted work saved at {rescued}" if rescued else "")
-            ledger = bounds.Ledger(store.state)
-            bounds.account(ledger, record.task, agent_id, outcome="given_back",
-                           kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
-                           claimed_at=record.claimed_at)
+            _fault("give-back")
             _release_on_server(client, agent_id, task, record.previous_status,
                                f"{agent_id}: {note}")
         released(f"given back to the queue ({record.previous_status}; {why})")

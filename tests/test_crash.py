@@ -33,6 +33,9 @@ world = test_run_loop.world  # the fixture: a stand-in, a repo, hooks, a state f
 FINISH_POINTS = ("agent-end", "leftover", "push", "status", "post-task", "worktree-remove",
                  "close")
 
+# Points only `pmtool recover` reaches (its own give-back of a dead runner's task).
+RECOVER_POINTS = ("give-back",)
+
 
 def _hooks(world: World) -> None:
     """post_task and worktree_setup hooks that count their starts in files."""
@@ -86,7 +89,7 @@ def _kill_at(world: World, point: str, task: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("how", ["restart", "recover"])
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", [p for p in POINTS if p not in RECOVER_POINTS])
 def test_killed_at_any_step_every_task_and_process_is_accounted_for(
         world: World, point: str, how: str) -> None:
     _hooks(world)
@@ -147,6 +150,38 @@ def test_recover_killed_while_it_completes_a_finish_is_completed_by_the_next_rec
     assert _closed(world, task["id"]) == ["done"]
     assert _starts(world, "post_task") == 1
     assert world.store.load("dev_1") is None
+    _no_worktree_left(world, task["id"])
+
+
+def test_recover_killed_while_it_gives_a_task_back_is_completed_by_the_next_recover(
+        world: World) -> None:
+    from pmtool.bounds import Ledger
+    from pmtool.failures import attempts_of
+
+    task = world.task()
+    _kill_at(world, "agent-tool", task)  # the agent's file is left uncommitted
+    killed = subprocess.run([PMTOOL, "recover", "--all", "--give-back"],
+                            env={**world.env, "PMTOOL_FAULT": "give-back"},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert killed.returncode == -9, killed.stderr
+    begun = [s for s in world.store.load("dev_1").steps if s["step"] == "recover-give-back"]
+    assert len(begun) == 1 and world.status(task["id"])["status"] == "under_work"
+    rescued = begun[0]["rescued"]
+    # Plain cron recover, no --give-back and well within the grace: a give-back that was
+    # begun (the worktree is gone) is completed, not kept waiting for its runner.
+    again = subprocess.run([PMTOOL, "recover", "--all"], env=world.env, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["entries"][0]["action"] == "released"
+    server = world.status(task["id"])
+    assert server["status"] == "created" and server["locked_by"] is None, server
+    assert "given back by pmtool recover" in server["notes"]
+    if rescued:
+        assert rescued in server["notes"]
+    assert world.store.load("dev_1") is None
+    assert _closed(world, task["id"]) == ["released"]
+    attempts = attempts_of(Ledger(world.state).lines(), task)
+    assert len(attempts) == 1 and attempts[0]["stop"] == "killed"  # counted once
     _no_worktree_left(world, task["id"])
 
 
