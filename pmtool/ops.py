@@ -174,6 +174,11 @@ def status(state_root: str | Path, now: datetime | None = None) -> dict[str, Any
         if record and not live and record.pid and store.is_live(record):
             pid, live = record.pid, True  # a `claim` without `run`: its record names it
         events = state.events(agent_id=agent_id, since=now - timedelta(days=2))
+        if not live and record is None and not events:
+            # A runner that ran here once: nothing to resume or recover, nothing said for
+            # two days. Its lock file stays: unlinking a file a starting runner may have
+            # just opened would let two runners of one agent lock two different files.
+            continue
         rows.append(_runner_row(agent_id, record, events, pid, live, now))
     return {
         "runners": rows,
