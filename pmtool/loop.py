@@ -983,6 +983,8 @@ class Runner:
             except PmtoolError as exc:
                 self.progress(f"heartbeat failed: {exc.message} (agent goes on)")
                 continue
+            if info and info.get("late_lock") and self._retake(record):
+                continue
             if info:
                 self.progress(f"{info['reason']}; stopping the agent")
                 self._lost_info = info
@@ -991,6 +993,20 @@ class Runner:
                 return
             if beat:
                 self.event("heartbeat", task_id=record.task_id)
+
+    def _retake(self, record: TaskRecord) -> bool:
+        """A lock that landed after our claim had settled took the lock of our task under
+        work (its agent walked away): take it back and go on (pmtool.work.retake_lock)."""
+        try:
+            late = work.retake_lock(self.client, record, settle=self.opts.settle)
+        except PmtoolError as exc:
+            self.progress(f"could not take back the lock: {exc.message}")
+            return False
+        if late:
+            self.event("lock_retaken", task_id=record.task_id, from_agent=late)
+            self.progress(f"task {record.task_id}: {late}'s lock landed after our claim "
+                          "had settled; took it back")
+        return late is not None
 
     def _lost(self, record: TaskRecord) -> None:
         """The task is no longer ours mid-work (moved by a person or an agent, or its lock

@@ -1251,7 +1251,43 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
             info["moved_by"] = change.get("changed_by")
             if info["loss"] == "moved":
                 info["reason"] += f" by {change.get('changed_by')}"
+        elif change and info["loss"] == "taken" and change.get("new_status") == UNDER_WORK \
+                and claim_done(record):
+            # Nobody changed the task since our own under_work; only a lock moved. Nothing
+            # but a lock request racing ours does that (quirk 2: its check passed while the
+            # task was free, its write landed after our claim had settled and read back);
+            # that agent found the task under work and walked away: `retake_lock`.
+            info["late_lock"] = True
     return info
+
+
+def retake_lock(client: Any, record: TaskRecord, settle: float = DEFAULT_SETTLE,
+                sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """Take back the lock of our task under work from an agent whose lock landed late
+    (`check_ours` says `late_lock`); answers that agent's id once the lock is ours again,
+    None when it could not be done (the task is then lost as before).
+
+    There is no unlock and a lock call on a locked task is a 409, even for its holder, so:
+    `pending` (moving out of under_work drops the lock; the server never offers a pending
+    task, so nobody can take it meanwhile), lock, settle and read back as a claim does,
+    then `under_work` again, with a note saying why. Nothing is re-done on our side.
+    """
+    me = record.agent_id
+    task = read_task(client, record.task_id, status=UNDER_WORK)
+    late = (task or {}).get("locked_by")
+    if not task or not late or late == me:
+        return None
+    note = (f"pmtool: {me} took back its lock on this task from {late}, whose lock had "
+            f"landed after {me}'s claim was settled (the server had answered 200 to both)")
+    client.set_status(record.task_id, me, bounds.PENDING, notes=_append_notes(task, note))
+    with contextlib.suppress(ApiError):  # read back below: whoever holds it now
+        client.lock(record.task_id, me)
+    sleep(settle)
+    now = read_task(client, record.task_id, status=bounds.PENDING)
+    if not now or now.get("locked_by") != me:
+        return None
+    client.set_status(record.task_id, me, UNDER_WORK, notes=now.get("notes"))
+    return late
 
 
 def record_loss(client: Any, store: RecordStore, record: TaskRecord, info: dict[str, Any],

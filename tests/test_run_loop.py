@@ -496,6 +496,30 @@ def test_heartbeat_notices_the_task_was_given_away(world: World) -> None:
     assert world.store.load("dev_1") is None
 
 
+def test_a_lock_that_lands_after_the_claim_settled_does_not_take_the_task(
+        world: World) -> None:
+    # Quirk 2: another agent's lock request passed its check while the task was free and
+    # its write lands only now, after our claim settled, read back and set under_work. That
+    # agent read the task back, found it under work and walked away; the lock is its.
+    task = world.task()
+    world.seeder.register("dev_late", "backend_dev", "senior")
+    proc = world.start("--heartbeat", "0.2", "--single-task",
+                       env={"PMTOOL_FAKE_AGENT_SLEEP": "3"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
+    world.server.land_late_lock(task["id"], "dev_late")
+    assert world.status(task["id"])["locked_by"] == "dev_late"
+    out, err = proc.communicate(timeout=60)
+    run = Run(proc.returncode, events(out), err)
+    assert run.code == 0, err
+    (retaken,) = run.of("lock_retaken")
+    assert retaken["from_agent"] == "dev_late" and not run.of("lost")
+    assert run.of("agent")[0]["ok"] and len(run.of("agent")) == 1  # the agent ran once
+    final = world.status(task["id"])
+    assert final["status"] == "dev_done" and final["locked_by"] is None
+    assert "took back its lock on this task from dev_late" in final["notes"]
+    assert dev_done_count(world, task["id"]) == 1
+
+
 def test_heartbeat_keeps_the_lock_past_the_30_minute_rule(world: World) -> None:
     task = world.task()
     proc = world.start("--heartbeat", "0.2", "--single-task",
