@@ -30,6 +30,7 @@ BY_KEYS = ("task", "agent", "model", "day", "outcome")
 EVENT_STEP = {
     "health": "polling", "idle": "polling", "recovered": "polling",
     "claimed": "claiming", "resumed": "claiming", "worktree": "agent", "heartbeat": "agent",
+    "lock_retaken": "agent",
     "agent": "finishing", "finished": "finishing", "stopped": "stopped",
 }
 # ... and from the last step noted in its task record (newer than the last event, or the
