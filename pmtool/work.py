@@ -1146,7 +1146,8 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
         if not dry_run:
             store.close(record, "released", reason=reason, status=(task or {}).get("status"))
 
-    if not _ours(task, record):
+    late = not _ours(task, record) and _late_lock(client, record, task)
+    if not _ours(task, record) and not late:
         if task and task.get("locked_by") == agent_id:
             # The claim died between the lock and under_work: no work was done, so the
             # task goes back to the queue rather than stay locked with no runner on it.
@@ -1183,6 +1184,14 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
     # Re-register first: a dead runner sent no heartbeat, and its lock goes to the next
     # agent that asks for work once last_seen is 30 minutes old (quirk 3).
     client.register(agent_id, record.role, record.level)
+    if late:
+        taken_from = retake_lock(client, record, settle, sleep)
+        if taken_from is None:
+            released(f"the lock went to {task.get('locked_by')} and could not be taken back")
+            return
+        entry.update(reason=f"still ours; took back the lock from {taken_from}, whose lock "
+                            "had landed after the claim settled", lock_retaken=taken_from)
+        task = read_task(client, record.task_id, status=UNDER_WORK) or task
     if task.get("locked_by") is None:
         # The lock ran out, but nobody can have been handed an under_work task since:
         # lock it again, with the claim's settle-and-verify, and resume.
@@ -1211,7 +1220,7 @@ SERVER_LOCK_AGE = 30 * 60
 def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | None:
     """The newest status change of the task in the changelog (who moved it, when), if any."""
     try:
-        entries = client.request("GET", "/api/v1/changelog", params={"limit": limit})
+        entries = client.changelog(limit)
     except (ApiError, ServerError):
         return None
     return next((e for e in entries if e.get("task_id") == task_id), None)
@@ -1251,14 +1260,25 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
             info["moved_by"] = change.get("changed_by")
             if info["loss"] == "moved":
                 info["reason"] += f" by {change.get('changed_by')}"
-        elif change and info["loss"] == "taken" and change.get("new_status") == UNDER_WORK \
-                and claim_done(record):
-            # Nobody changed the task since our own under_work; only a lock moved. Nothing
-            # but a lock request racing ours does that (quirk 2: its check passed while the
-            # task was free, its write landed after our claim had settled and read back);
-            # that agent found the task under work and walked away: `retake_lock`.
+        elif info["loss"] == "taken" and _late_lock(client, record, task, change):
             info["late_lock"] = True
     return info
+
+
+def _late_lock(client: Any, record: TaskRecord, task: dict[str, Any] | None,
+               change: dict[str, Any] | None = None) -> bool:
+    """Whether another agent's lock on our task under work landed late (quirk 2: its
+    check passed while the task was free, its write after our claim had settled and read
+    back). Nobody changed the task since our own under_work (`change`, the changelog's
+    newest entry for it, read when not given): only the lock moved, which only a racing
+    lock request does, and that agent found the task under work and walked away.
+    `retake_lock` mends it."""
+    if not (task and task.get("status") == UNDER_WORK and claim_done(record)
+            and task.get("locked_by") not in (None, record.agent_id)):
+        return False
+    change = change or moved_by(client, record.task_id)
+    return bool(change and change.get("changed_by") == record.agent_id
+                and change.get("new_status") == UNDER_WORK)
 
 
 def retake_lock(client: Any, record: TaskRecord, settle: float = DEFAULT_SETTLE,
