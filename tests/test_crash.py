@@ -453,3 +453,56 @@ def test_a_verdict_in_the_transcript_is_used_after_a_kill_not_asked_again(
     assert dev_done_count(world, task["id"]) == 1
     assert _closed(world, task["id"]) == ["done"]
     _no_worktree_left(world, task["id"])
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(180)
+def test_a_session_file_cut_short_by_a_kill_still_gives_the_agent_its_task(
+        world: World) -> None:
+    """The kill cut claude's own session file short, before the prompt: claude finds no
+    conversation to resume, and refuses to start afresh under that id (its file exists).
+    The task starts afresh under a new session id, with the whole prompt, and is done;
+    before, the run failed twice ("Session ID ... is already in use") and was given back."""
+    task = world.task(title="Add a ping endpoint")
+    with ScriptedModelServer() as model:
+        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Write("half.txt", "half\n"), Hang(),
+                          Bash("git add -A && git commit -q -m 'Finish after resume'"),
+                          Structured({"outcome": "done", "summary": "Done."})])
+        proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
+                                cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: len(model.main_requests()) >= 2, timeout=30, what="the hang")
+            proc.kill()
+            proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        record = world.store.load("dev_1")
+        session = record.session_id
+        agent = next(s for s in reversed(record.steps) if s["step"] == "agent_running")
+        # claude writes its session file on its way out (SIGTERM from the keeper): cut it
+        # only once claude is gone.
+        wait_for(lambda: not psutil.pid_exists(agent["pid"])
+                 or psutil.Process(agent["pid"]).status() == psutil.STATUS_ZOMBIE,
+                 what="the agent to end")
+        (kept,) = (world.tmp / "home").rglob(f"{session}.jsonl")
+        lines = kept.read_text().splitlines(keepends=True)
+        first_user = next(n for n, line in enumerate(lines)
+                          if json.loads(line).get("type") == "user")
+        kept.write_text("".join(lines[:first_user]))  # cut before the prompt
+        model.set_script([Write("half.txt", "half\n"),
+                          Bash("git add -A && git commit -q -m 'Start afresh'"),
+                          Structured({"outcome": "done", "summary": "Done."})])
+        asked = len(model.main_requests())
+        again = world.run("--single-task", "--real-claude", env=env)
+        assert again.code == 0, again.stderr[-3000:]
+        fresh = model.main_requests()[asked]
+    said = json.dumps(fresh["messages"])
+    assert "Do it well." in said and task["title"] in said  # the description, the title
+    (ran,) = again.of("agent")
+    assert ran["ok"] and ran["session_id"] != session, again.stderr
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert _closed(world, task["id"]) == ["done"]
