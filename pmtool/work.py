@@ -1297,8 +1297,8 @@ def retake_lock(client: Any, record: TaskRecord, settle: float = DEFAULT_SETTLE,
     late = (task or {}).get("locked_by")
     if not task or not late or late == me:
         return None
-    note = (f"pmtool: {me} took back its lock on this task from {late}, whose lock had "
-            f"landed after {me}'s claim was settled (the server had answered 200 to both)")
+    note = (f"pmtool: {me} takes back its lock on this task from {late}, whose lock "
+            f"landed after {me}'s claim had settled (the server answered 200 to both)")
     client.set_status(record.task_id, me, bounds.PENDING, notes=_append_notes(task, note))
     with contextlib.suppress(ApiError):  # read back below: whoever holds it now
         client.lock(record.task_id, me)

@@ -516,7 +516,7 @@ def test_a_lock_that_lands_after_the_claim_settled_does_not_take_the_task(
     assert run.of("agent")[0]["ok"] and len(run.of("agent")) == 1  # the agent ran once
     final = world.status(task["id"])
     assert final["status"] == "dev_done" and final["locked_by"] is None
-    assert "took back its lock on this task from dev_late" in final["notes"]
+    assert "takes back its lock on this task from dev_late" in final["notes"]
     assert dev_done_count(world, task["id"]) == 1
 
 
@@ -539,7 +539,7 @@ def test_a_late_lock_on_a_dead_runners_task_is_taken_back_or_dropped(
         assert again.code == 0, again.stderr
         assert again.of("resumed")[0]["task_id"] == task["id"]
         assert world.status(task["id"])["status"] == "dev_done"
-        assert "took back its lock on this task from dev_late" in \
+        assert "takes back its lock on this task from dev_late" in \
             world.status(task["id"])["notes"]
     else:
         done = subprocess.run([PMTOOL, "recover", "--all", "--give-back"], env=world.env,
