@@ -230,6 +230,14 @@ def test_a_bad_agent_id_is_a_usage_error_and_nothing_is_sent(bad, make_standin, 
         not list((tmp_path / "state" / "records").iterdir())
 
 
+@pytest.mark.parametrize("command", [["claim"], ["run"], ["exec-claude"], ["lock", "show"],
+                                     ["recover"]])
+def test_the_agent_id_character_set_is_in_the_help(command):
+    shown = subprocess.run([PMTOOL, *command, "--help"], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    assert "A-Z a-z 0-9 . _ -" in " ".join(shown.split()), shown
+
+
 def test_run_agents_ids_are_checked_after_numbering(make_standin, tmp_path):
     # `--agents 2 --agent-id X` makes: a 63-character X is fine alone, too long
     # numbered.

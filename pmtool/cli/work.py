@@ -13,6 +13,7 @@ from pmtool.cli import app, emit, options, say
 
 # Re-exported for callers that took them from here before `options` existed.
 from pmtool.cli.options import (
+    AGENT_ID_HELP,
     AgentId,
     AgentIdOrNone,
     Level,
@@ -275,8 +276,8 @@ def recover_cmd(
                           "minutes (for the PM's cron; touches no other task).")] = False,
     as_agent: Annotated[str, typer.Option(
         "--as-agent", callback=agent_id_option,
-        help="With --orphans: the agent id that makes the change (registered as pm if "
-             "new).")] = "pmtool_orphans",
+        help=f"With --orphans: the agent id that makes the change (registered as pm if "
+             f"new; {AGENT_ID_HELP}).")] = "pmtool_orphans",
     task: Annotated[list[int] | None, typer.Option(
         "--task", help="With --orphans: only these task ids (repeat the option).")] = None,
 ) -> None:
