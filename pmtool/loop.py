@@ -216,9 +216,11 @@ class Runner:
                  wait: Callable[[float], None] | None = None) -> None:
         """`poller` and `health` are shared by the runners of a `pmtool.fleet.Fleet`; a
         runner of its own makes its own poller (which still shares the poll lease with
-        other processes on the same state folder). `clock` (aware UTC) and `wait` (a
-        sleep a stop signal cuts short) are the calendar and the waits of its gate and
-        back-offs: a test moves through a day without living it."""
+        other processes on the same state folder). `clock` (aware UTC) is the calendar of
+        the gate (daily budget, circuit breaker) and `wait` (a sleep a stop signal cuts
+        short) every wait of the loop: a test moves through a day without living it. A
+        `wait` that lets no real time pass suits the gate's waits and the server
+        back-off, not a usage-limit pause, whose deadline is monotonic time."""
         from pmtool.client import PMClient
         from pmtool.fleet import Poller, process_agent
 
