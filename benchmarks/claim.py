@@ -39,12 +39,12 @@ from typing import Any
 
 import requests
 
-from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import NothingToDo
 from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
 from pmtool.testing.server import server_under_test
+from pmtool.work import claim as work
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop import pct  # a sibling script: one percentile for every benchmark

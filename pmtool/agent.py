@@ -67,7 +67,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from pmtool.config import ROLES
 from pmtool.errors import ClaudeMissing, Conflict, NothingToDo, UsageError
-from pmtool.failures import (
+from pmtool.failure_policy import (
     AUTH,
     BUDGET,
     KILLED,
@@ -211,7 +211,7 @@ class StreamParser:
         self.lines = 0
         self._messages: set[str] = set()
         # claude's own retries of the model API and usage-limit notices: what
-        # pmtool.failures.classify reads to tell a rate limit or overload from a failure.
+        # pmtool.failure_policy.classify reads to tell a rate limit or overload from a failure.
         self.stops: list[dict[str, Any]] = []
 
     def feed(self, line: str) -> list[dict[str, Any]]:
@@ -318,7 +318,7 @@ def describe_event(event: Mapping[str, Any]) -> str | None:
     if kind == "restart":
         return str(event.get("reason"))
     if kind in ("api_retry", "rate_limit"):
-        from pmtool.failures import describe_retry
+        from pmtool.failure_policy import describe_retry
 
         return describe_retry(event.get("raw") or {})
     return None
@@ -1040,7 +1040,7 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
     /api/v1/context when not given, then the built-in file. Raises NothingToDo when the
     agent has no record, Conflict when its agent already runs under a live pmtool.
     """
-    from pmtool.claude import find_claude
+    from pmtool.agent.binary import find_claude
     from pmtool.records import process_started
 
     record = store.need(agent_id)
@@ -1178,7 +1178,7 @@ def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | Non
     """Run the agent on a bare task object (`exec-claude --task-json`): no record, no
     resume. Answers `run_agent`'s dict plus `task_id`, `role`, `cwd`, `branch` and `note`.
     Raises UsageError for a bad role, a missing working directory or no claude."""
-    from pmtool.claude import find_claude
+    from pmtool.agent.binary import find_claude
 
     plan = plan_for_task(task, settings, role=role, cwd=cwd, model=model, prompt=prompt,
                          template=template, instructions_dir=instructions_dir)

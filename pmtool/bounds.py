@@ -1,8 +1,8 @@
 """The bounds of work on one machine, applied where a claim starts and ends.
 
-`pmtool.failures` decides (pure functions); this module reads and writes what those
+`pmtool.failure_policy` decides (pure functions); this module reads and writes what those
 decisions need: the machine's attempt lines in the state folder's history, and the
-server calls that park a task. `pmtool.work`'s claim, release and finish call it, so a
+server calls that park a task. `pmtool.work.claim`'s claim, release and finish call it, so a
 bash pipeline of `pmtool claim` / `pmtool release` / `pmtool finish` is bounded exactly
 like `pmtool run`.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmtool import failures as f
+from pmtool import failure_policy as f
 from pmtool.errors import ApiError, PmtoolError
 from pmtool.state import StateDir
 
@@ -167,7 +167,7 @@ def park(client: Any, ledger: Ledger, agent_id: str, task: Mapping[str, Any], re
     """Park a task nobody holds (a candidate of a claim, found exhausted): status
     `pending`, the attempts in its notes, the reason as a comment, a park line in the
     history. A task another agent has locked is left alone (`parked` False). For the
-    agent's own task, `pmtool.work.park` does the same with its record."""
+    agent's own task, `pmtool.work.claim.park` does the same with its record."""
     holder = task.get("locked_by")
     line = f.park_line(task, agent_id, reason, cause=cause)
     if holder and holder != agent_id:

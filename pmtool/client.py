@@ -346,7 +346,7 @@ class PMClient:
 
     def changelog(self, limit: int = 50) -> list[dict]:
         # The status changes of every task, newest first: how often QA failed a task is
-        # counted from here (pmtool.failures.qa_bounces), so it holds across machines.
+        # counted from here (pmtool.failure_policy.qa_bounces), so it holds across machines.
         return self.request("GET", "/api/v1/changelog", params={"limit": limit})
 
 

@@ -59,7 +59,7 @@ SPECS: dict[str, Spec] = {
                              "health: least free disk space"),
     "memory_min_available_mb": Spec(int, 256, ("PMTOOL_MEMORY_MIN_AVAILABLE_MB",),
                                     "health: least available memory"),
-    # -- run policies (checked by pmtool.policy; `pmtool run` flags of the same names) ----
+    # -- run policies (checked by pmtool.settings; `pmtool run` flags of the same names) ----
     "on_agent_failure": Spec(str, "retry", ("PMTOOL_ON_AGENT_FAILURE",),
                              "agent run without a verdict: retry, release or stop"),
     "on_hook_failure": Spec(str, "release", ("PMTOOL_ON_HOOK_FAILURE",),

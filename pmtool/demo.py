@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pmtool.config import load_settings
-from pmtool.loop import Runner, RunOptions
+from pmtool.run.loop import Runner, RunOptions
 from pmtool.state import StateDir
 
 TASKS = [

@@ -14,13 +14,13 @@ import signal
 
 FAULT_ENV = "PMTOOL_FAULT"
 POINTS = (
-    # claim (pmtool.work)
+    # claim (pmtool.work.claim)
     "before-lock", "after-lock", "after-status", "after-record",
-    # the loop (pmtool.loop, pmtool.worktree)
+    # the loop (pmtool.run.loop, pmtool.worktree)
     "worktree", "setup", "agent-start", "agent-tool", "agent-end",
-    # the finish (pmtool.finish), also when recover completes one
+    # the finish (pmtool.work.finish), also when recover completes one
     "leftover", "push", "status", "post-task", "worktree-remove", "close",
-    # recover giving a dead runner's task back, its worktree rescued (pmtool.work)
+    # recover giving a dead runner's task back, its worktree rescued (pmtool.work.claim)
     "give-back",
 )
 _paused: list[bool] = []

@@ -35,7 +35,7 @@ from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
 
 STEP = "finish"
-# The last step name of a run that produced a verdict (pmtool.loop writes it).
+# The last step name of a run that produced a verdict (pmtool.run.loop writes it).
 VERDICT_STEP = "agent-done"
 AGENT_START_STEPS = ("agent_starting", "agent_running")
 # $ per million tokens (input, output), to estimate the cost of a run that died before
@@ -52,14 +52,14 @@ class FinishPlan:
     repo: Path | None = None  # None: the repository of the record's worktree
     hooks_dir: str | None = None
     hook_timeout: float = 30.0
-    leftover: str = "commit"  # pmtool.policy.Leftover
+    leftover: str = "commit"  # pmtool.settings.Leftover
     push: bool = False
     state_dir: str | None = None
     api_url: str | None = None
     base: str | None = None  # where a minor task lands (default: the repo's default branch)
     # The API key for post_task, only with pass_key_to_hooks; never shown in a repr.
     hook_key: str | None = field(default=None, repr=False)
-    limits: Any = None  # pmtool.failures.Limits: the bounce cap for QA's fail, attempts
+    limits: Any = None  # pmtool.failure_policy.Limits: the bounce cap for QA's fail, attempts
     settings: Any = None  # when given, the hooks folder is found for the task's repo
 
     def hooks(self, repo: Path | None) -> str | None:
@@ -105,7 +105,7 @@ def transcript_verdict(store: RecordStore, record: TaskRecord) -> dict[str, Any]
     older than the step): an earlier run's result in the same transcript (a --resume
     appends) is no verdict for this one.
     """
-    from pmtool.agent import log_paths, parse_stream
+    from pmtool.agent.claude import log_paths, parse_stream
 
     last = next((s for s in reversed(record.steps)
                  if s.get("step") in (VERDICT_STEP, "agent_starting")), None)
@@ -260,7 +260,7 @@ def _tell(record: TaskRecord, verdict: dict[str, Any], done: dict[str, dict[str,
 
 def finisher(client: Any, store: RecordStore, plan: FinishPlan
              ) -> Callable[[TaskRecord], dict[str, Any]]:
-    """`finish_task` for `pmtool recover` (pmtool.work.recover's `finisher`): holds the
+    """`finish_task` for `pmtool recover` (pmtool.work.recover.recover's `finisher`): holds the
     agent's runner lock meanwhile, so a runner of that agent starting at the same moment
     does not finish the same task too (it finds the record closed, or waits its turn)."""
     from pmtool.errors import Conflict
@@ -399,7 +399,7 @@ def _status(client: Any, store: RecordStore, record: TaskRecord, verdict: dict[s
             done: dict[str, dict[str, Any]], plan: FinishPlan) -> dict[str, Any]:
     """Set the verdict's status (or give the task back when its leftover went to a rescue
     ref under `leftover = rescue`), with the summary as notes; the record stays open."""
-    from pmtool import work
+    from pmtool.work import claim as work
 
     give_back = plan.leftover == "rescue" and bool(done["leftover"].get("rescued"))
     head = _head(Path(record.worktree)) if record.worktree and \
@@ -433,7 +433,7 @@ def _status(client: Any, store: RecordStore, record: TaskRecord, verdict: dict[s
 
 
 def _already_set(client: Any, record: TaskRecord, target: str) -> str | None:
-    from pmtool import work
+    from pmtool.work import claim as work
 
     task = work.read_task(client, record.task_id)
     # `pending` too: a finish may park the task (blocked, or QA's last bounce).

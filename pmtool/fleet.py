@@ -364,7 +364,7 @@ class Fleet:
                  progress: Callable[[str], None] = lambda _msg: None,
                  client: Any = None) -> None:
         from pmtool.client import PMClient
-        from pmtool.loop import Runner
+        from pmtool.run.loop import Runner
 
         first = opts_list[0]
         # One connection pool for all: the runners, the poller and the heartbeats, with at

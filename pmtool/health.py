@@ -87,7 +87,7 @@ CLAUDE_VERSION_TIMEOUT = 20.0  # seconds; a first start of claude may update its
 
 def check_claude(settings: Settings, timeout: float | None = None) -> Check:
     from pmtool import procs
-    from pmtool.claude import find_claude
+    from pmtool.agent.binary import find_claude
 
     timeout = CLAUDE_VERSION_TIMEOUT if timeout is None else timeout
     binary = find_claude(settings.claude_bin)
@@ -178,8 +178,8 @@ def check_records(settings: Settings) -> Check:
 def check_parked(settings: Settings) -> Check:
     """Tasks parked for a person (status pending with pmtool's park comment): not a fault
     of this machine, but nobody will work them until a person sets them back."""
-    from pmtool.bounds import parked_tasks
     from pmtool.client import PMClient
+    from pmtool.ledger import parked_tasks
 
     client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
                       retries=0)

@@ -3,7 +3,7 @@ subcommands use, in the same order as `scripts/pm-runner.sh`:
 
     health (when due) -> recover own record -> claim -> pre_task hook -> worktree ->
     exec-claude (with heartbeat) -> finish: leftover -> push -> status -> post_task hook
-    -> remove worktree -> close (pmtool.finish, each step noted in the record)
+    -> remove worktree -> close (pmtool.work.finish, each step noted in the record)
 
 A task the runner cannot work for reasons of its own (TaskFault: a branch git rejects,
 a worktree git refuses, a worktree_setup failing twice) is parked and the runner goes on;
@@ -35,7 +35,7 @@ and compares their steps (tests/test_scripts.py). Where each policy lives in the
     server away (exit 4)                 `pause 10` (fixed), record kept
     cooldown after a give-back           the same: `lock release --kind` and `claim`
                                          (the library) skip the task while it cools
-    the finish (pmtool.finish)           `finish --full`: the same finish_task, its
+    the finish (pmtool.work.finish)           `finish --full`: the same finish_task, its
                                          events in the answer's "events"
     finish completed after a kill        the same: the next start (its `recover`, or
                                          `finish --full` again) completes it
@@ -55,8 +55,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pmtool import bounds, work
-from pmtool import failures as fl
+from pmtool import failure_policy as fl
+from pmtool import ledger as bounds
 from pmtool.config import SPECS, Settings, check_level
 from pmtool.errors import (
     EXIT_FAILED,
@@ -75,15 +75,11 @@ from pmtool.errors import (
     UsageError,
 )
 from pmtool.faults import fault
-from pmtool.finish import kept_verdict
-from pmtool.policy import (
-    POLICY_SETTINGS,
-    AgentFailure,
-    HookFailure,
-    Leftover,
-    check_run_policy,
-)
 from pmtool.records import RecordStore, TaskRecord, now_iso
+from pmtool.settings import POLICY_SETTINGS, AgentFailure, HookFailure, Leftover, check_run_policy
+from pmtool.work import claim as work
+from pmtool.work import recover as work_recover
+from pmtool.work.finish import kept_verdict
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
 # fails the loop does not claim; it waits, reports and goes on by itself (a refused key
@@ -95,7 +91,7 @@ BACKOFF_CAP = 60.0
 # While an agent works, the task is checked this often (and at least every heartbeat): a
 # person or another agent may have moved it.
 RECONCILE_EVERY = float(os.environ.get("PMTOOL_RECONCILE_INTERVAL") or 60.0)
-# Kept for callers that listed the choices; the enums in pmtool.policy are the source.
+# Kept for callers that listed the choices; the enums in pmtool.settings are the source.
 AGENT_FAILURE_POLICIES = tuple(p.value for p in AgentFailure)
 HOOK_FAILURE_POLICIES = tuple(p.value for p in HookFailure)
 
@@ -113,9 +109,9 @@ class RunOptions:
     Reserved, not acted on yet (the settings exist so that flags, env and config files
     can name them now): keep_logs. The bounds
     (max_attempts, retry_cooldown, max_bounces, max_consecutive_failures,
-    daily_budget_usd, task_budget_usd) are pmtool.failures.Limits (`limits`); max_turns
+    daily_budget_usd, task_budget_usd) are pmtool.failure_policy.Limits (`limits`); max_turns
     goes to claude; grace is recover's; leftover and push are the finish's
-    (pmtool.finish); poll_interval and poll_max pace the machine's poller (pmtool.fleet).
+    (pmtool.work.finish); poll_interval and poll_max pace the machine's poller (pmtool.run.poller).
     """
 
     agent_id: str
@@ -214,7 +210,7 @@ class Runner:
                                   tuple[dict[str, Any], int]] | None = None,
                  clock: Callable[[], datetime] | None = None,
                  wait: Callable[[float], None] | None = None) -> None:
-        """`poller` and `health` are shared by the runners of a `pmtool.fleet.Fleet`; a
+        """`poller` and `health` are shared by the runners of a `pmtool.run.fleet.Fleet`; a
         runner of its own makes its own poller (which still shares the poll lease with
         other processes on the same state folder). `clock` (aware UTC) is the calendar of
         the gate (daily budget, circuit breaker) and `wait` (a sleep a stop signal cuts
@@ -222,7 +218,7 @@ class Runner:
         `wait` that lets no real time pass suits the gate's waits and the server
         back-off, not a usage-limit pause, whose deadline is monotonic time."""
         from pmtool.client import PMClient
-        from pmtool.fleet import Poller, process_agent
+        from pmtool.run.poller import Poller, process_agent
 
         self.settings = settings
         self.opts = opts
@@ -461,7 +457,7 @@ class Runner:
         def check() -> tuple[dict[str, Any], int]:
             return run_health(self.settings, checks, hook=True, hooks_dir=self.hooks_dir)
 
-        # A fleet's runners share one check (pmtool.fleet.SharedHealth).
+        # A fleet's runners share one check (pmtool.run.poller.SharedHealth).
         result, _code = self._health(check) if self._health else check()
         self.last_health = time.monotonic()
         failed = [c for c in result["checks"] if not c["ok"]]
@@ -521,7 +517,7 @@ class Runner:
     def _recover(self) -> TaskRecord | None:
         """This agent's record from before (a crash, a stop): resume it when still ours."""
         try:
-            entries = work.recover(self.client, self.store, agent_id=self.opts.agent_id,
+            entries = work_recover.recover(self.client, self.store, agent_id=self.opts.agent_id,
                                    settle=self.opts.settle)
         except NothingToDo:
             return None
@@ -709,7 +705,7 @@ class Runner:
     def _poison(self, record: TaskRecord, exc: TaskFault, repo: Path | None) -> None:
         """A task that would fail the same way on any machine: park it for a person, keep
         whatever its worktree holds, and go on to the next task."""
-        from pmtool.finish import remove_task_worktree
+        from pmtool.work.finish import remove_task_worktree
 
         record = self._safe_load() or record
         removed = remove_task_worktree(record, repo)
@@ -782,7 +778,7 @@ class Runner:
 
     def _plan_worktree(self, record: TaskRecord, repo: Path) -> None:
         """Name the worktree in the record before it exists: a kill while it is made
-        leaves recover a path to remove (pmtool.finish.remove_task_worktree)."""
+        leaves recover a path to remove (pmtool.work.finish.remove_task_worktree)."""
         from pmtool.worktree import worktree_path
 
         if record.worktree or record.task.get("complexity") == "minor":
@@ -943,7 +939,7 @@ class Runner:
     def _run_agent(self, resume: bool, model: str | None,
                    stop_event: threading.Event,
                    max_budget_usd: float | None = None) -> dict[str, Any]:
-        from pmtool.agent import describe_event, run_for_record
+        from pmtool.agent.claude import describe_event, run_for_record
 
         opts = self.opts
 
@@ -998,7 +994,7 @@ class Runner:
 
     def _retake(self, record: TaskRecord) -> bool:
         """A lock that landed after our claim had settled took the lock of our task under
-        work (its agent walked away): take it back and go on (pmtool.work.retake_lock)."""
+        work (its agent walked away): take it back and go on (pmtool.work.claim.retake_lock)."""
         try:
             late = work.retake_lock(self.client, record, settle=self.opts.settle)
         except PmtoolError as exc:
@@ -1036,7 +1032,7 @@ class Runner:
                        hint="its work is kept (branch, rescue ref); see the `lost` event")
 
     def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED) -> None:
-        from pmtool.finish import runs_note
+        from pmtool.work.finish import runs_note
 
         result = work.release(self.client, self.store, self.opts.agent_id,
                               notes=why + runs_note(self.store, self.opts.agent_id),
@@ -1054,10 +1050,10 @@ class Runner:
 
     def _finish(self, repo: Path) -> bool:
         """leftover -> push -> status -> post_task -> worktree -> closed, each step noted in
-        the record, so a kill anywhere is completed by the next start (pmtool.finish).
+        the record, so a kill anywhere is completed by the next start (pmtool.work.finish).
         False when the task was given back (its leftover went to a rescue ref).
-        pm-runner.sh: `finish --full` (pmtool.finish.finish_given)."""
-        from pmtool.finish import FinishPlan, finish_task
+        pm-runner.sh: `finish --full` (pmtool.work.finish.finish_given)."""
+        from pmtool.work.finish import FinishPlan, finish_task
 
         plan = FinishPlan(repo=repo, hooks_dir=self.hooks_dir, base=self.opts.base,
                           hook_timeout=self.settings.hook_timeout,

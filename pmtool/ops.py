@@ -128,7 +128,7 @@ def _task_of(entry: dict[str, Any]) -> str:
 
 def parked_tasks(state: StateDir) -> list[dict[str, Any]]:
     """Tasks this machine parked for a person (a record closed as `parked`, see
-    pmtool.work.park) that no later history line shows worked again."""
+    pmtool.work.claim.park) that no later history line shows worked again."""
     open_: dict[str, dict[str, Any]] = {}
     for entry in state.history():
         task_id = _task_of(entry)

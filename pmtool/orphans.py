@@ -71,11 +71,11 @@ def find(record: TaskRecord, worktree: str | Path | None = None,
 
 def end(record: TaskRecord, worktree: str | Path | None = None,
         state_dir: str | Path | None = None, grace: float = 3.0) -> list[int]:
-    """End the dead runner's agent (pmtool.agent.end_orphan: by its recorded pid and mark),
+    """End the dead runner's agent (pmtool.agent.claude.end_orphan: by its recorded pid and mark),
     then every other process `find` names, each with its tree. Answers the pids signalled.
     Only for a record whose runner is dead: a live runner's agent is not an orphan."""
     from pmtool import procs
-    from pmtool.agent import end_orphan
+    from pmtool.agent.claude import end_orphan
     from pmtool.errors import Conflict
 
     signalled: set[int] = set()

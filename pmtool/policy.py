@@ -2,11 +2,11 @@
 
 The choices are enums (a `str` subclass, so they print and compare as their values); the
 limits are plain numbers. `check_run_policy` validates both for any caller, so a Python
-caller of `pmtool.loop.Runner` gets the same UsageError (exit 2) the CLI gives. The
+caller of `pmtool.run.loop.Runner` gets the same UsageError (exit 2) the CLI gives. The
 values come from flags, the environment or the config file (`pmtool.config.SPECS`).
 
 Where each policy lives in `scripts/pm-runner.sh` (the same loop in bash) is named next
-to its use in `pmtool/loop.py`.
+to its use in `pmtool/run/loop.py`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ CHOICES: dict[str, type[StrEnum]] = {
 
 SWITCHES = ("push",)
 # Every setting that is a run policy: the names shared by pmtool.config.SPECS, the flags
-# of `pmtool run` and the fields of pmtool.loop.RunOptions.
+# of `pmtool run` and the fields of pmtool.run.loop.RunOptions.
 POLICY_SETTINGS = (*CHOICES, *LIMITS, *SWITCHES)
 
 

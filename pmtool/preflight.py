@@ -134,7 +134,7 @@ def check_hooks(folder: Path | None, explicit: bool) -> Finding:
 def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:
     """`claude --version` runs (skipped when --agent-cmd replaces claude). The same check
     as `health --check claude`: through procs, so a hung claude cannot hang the start."""
-    from pmtool.claude import find_claude
+    from pmtool.agent.binary import find_claude
     from pmtool.health import check_claude as runs
 
     if agent_cmd:

@@ -2,8 +2,8 @@
 
     <state>/records/<agent>.json    the live task record of each agent (records.py)
     <state>/runners/<agent>.lock    held by the runner of each agent while it lives
-    <state>/runners/<agent>.claim   held while a claim for that agent runs (pmtool.work)
-    <state>/poll/<role>-<level>.*   the machine's poll lease and what it saw (pmtool.fleet)
+    <state>/runners/<agent>.claim   held while a claim for that agent runs (pmtool.work.claim)
+    <state>/poll/<role>-<level>.*   the machine's poll lease and what it saw (pmtool.run.poller)
     <state>/claim.lock              unused: claims of different agents run in parallel
     <state>/history.jsonl           closed records and other task history, one JSON per line
     <state>/events/<agent>.jsonl    every event of each runner, one JSON per line

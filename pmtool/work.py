@@ -8,7 +8,7 @@ protocol (see ../shared/headless-pm-api.md for the quirks it survives):
    them is what the read-back of step 4 settles);
 2. find a candidate with `GET /tasks/next?simulate=true` (one immediate check: a long poll
    would hold a server thread, quirk 5), or take the one the machine's poller saw
-   (`first`, pmtool.fleet); waiting polls with capped backoff and jitter;
+   (`first`, pmtool.run.poller); waiting polls with capped backoff and jitter;
 3. write a `claiming` record, then `POST /tasks/{id}/lock`; a 409 or a lost race means
    "try another": the other free tasks are listed, and one of the oldest few is drawn;
 4. sleep `settle` seconds so every lock request still in flight has landed, read the task
@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pmtool import bounds
-from pmtool import failures as fl
+from pmtool import failure_policy as fl
+from pmtool import ledger as bounds
 from pmtool.config import LEVELS, check_level
 from pmtool.errors import (
     ApiError,
@@ -207,7 +207,7 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
     passed. Returns `Claimed(task, record, path)`: the task as the server has it after
     `under_work` was set, the record and where it lives. `stats` (filled in place, also
     when nothing was claimed) counts polls, 409s and lost races, and lists the tasks that
-    were cooling down and those parked. `limits` bound the work (pmtool.failures): a
+    were cooling down and those parked. `limits` bound the work (pmtool.failure_policy): a
     task given back is not taken again by this machine before its cooldown, one that has
     had its attempts (or QA fails, or budget) is parked for a person instead. Raises
     NothingToDo when no task came (with `why`, unless `explain` is False), Conflict when
@@ -702,7 +702,7 @@ def release(client: Any, store: RecordStore, agent_id: str, notes: str | None = 
             kind: str = fl.FAILED, limits: fl.Limits | None = None) -> dict[str, Any]:
     """Give the agent's task back: status as before the claim, lock dropped, record closed.
 
-    `kind` says why (a pmtool.failures kind; default `failed`): the claim's end is kept as
+    `kind` says why (a pmtool.failure_policy kind; default `failed`): the claim's end is kept as
     an attempt line on this machine (outcome, kind, cost, reason) and in the task's notes.
     A task that has had its attempts (`limits.max_attempts`), or whose kind is not to be
     retried (budget), or whose task budget is spent over all claims, is parked for a
@@ -915,10 +915,10 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
     starting again) resumes; every record (`--all`, cron) waits or is given back. A
     record of this very process is its own and is reconciled, never `running`.
     A record whose agent had given its verdict is never released or kept waiting: its
-    finish is completed (`finished`, by `finisher`, e.g. pmtool.finish.finish_task) or
+    finish is completed (`finished`, by `finisher`, e.g. pmtool.work.finish.finish_task) or
     left to the agent's runner (`finish`, without a finisher). Before anything is done for
     a record whose runner died, the processes that runner left (its agent, hooks, anything
-    working in its worktree) are ended (`ended`: their pids; pmtool.orphans).
+    working in its worktree) are ended (`ended`: their pids; pmtool.work.leftovers).
     `stale_runner` is true when the record's runner pid was dead. With `give_back`, tasks
     are given back at once, grace or not. `dry_run` changes nothing. Raises NothingToDo
     when there were no records, ServerError (records untouched) when the server cannot
@@ -1020,8 +1020,8 @@ def _end_orphans(store: RecordStore, record: TaskRecord) -> list[int]:
     """End what the record's dead runner left running, before its task moves on. A record
     of this very process (a runner recovering its own record) has no orphans: its children
     are its own, watchers a setup hook left on purpose included."""
-    from pmtool import orphans
-    from pmtool.finish import task_tree
+    from pmtool.work import leftovers as orphans
+    from pmtool.work.finish import task_tree
     from pmtool.worktree import forget_setup
 
     if record.pid == os.getpid():
@@ -1039,7 +1039,7 @@ def _finish_phase(store: RecordStore, record: TaskRecord, entry: dict[str, Any],
     """A record whose agent gave its verdict is finished, never released (the server
     may already show the new status: that is our own doing, not someone else's). A
     verdict its runner died before noting, still in the transcript, counts too."""
-    from pmtool.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
+    from pmtool.work.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
 
     if dry_run:
         verdict = kept_verdict(record) or transcript_verdict(store, record)
@@ -1068,7 +1068,7 @@ def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:
 def _dead_for(store: RecordStore, record: TaskRecord, now: float | None = None) -> float:
     """Seconds since the record's runner last showed life: the record's last write, its
     runner's event log, its agent's transcript (whichever is newest)."""
-    from pmtool.failures import parse_time
+    from pmtool.failure_policy import parse_time
 
     stamps = []
     when = parse_time(record.updated_at)

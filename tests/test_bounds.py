@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from pmtool import failures as fl
-from pmtool import work
+from pmtool import failure_policy as fl
 from pmtool.client import PMClient
 from pmtool.errors import Conflict, NothingToDo
 from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
+from pmtool.work import claim as work
 
 FAST = fl.Limits(max_attempts=3, retry_cooldown=0.3, max_bounces=3, cooldown_cap=1.0)
 

@@ -17,9 +17,8 @@ from typing import Any
 import psutil
 import pytest
 import test_run_loop
-from test_run_loop import World, dev_done_count, wait_for
 
-from helpers import CLAUDE, PMTOOL, needs_claude
+from helpers import CLAUDE, PMTOOL, World, dev_done_count, needs_claude, wait_for
 from pmtool.faults import POINTS
 from pmtool.state import StateDir
 from pmtool.testing.claude_env import claude_env
@@ -155,8 +154,8 @@ def test_recover_killed_while_it_completes_a_finish_is_completed_by_the_next_rec
 
 def test_recover_killed_while_it_gives_a_task_back_is_completed_by_the_next_recover(
         world: World) -> None:
-    from pmtool.bounds import Ledger
-    from pmtool.failures import attempts_of
+    from pmtool.failure_policy import attempts_of
+    from pmtool.ledger import Ledger
 
     task = world.task()
     _kill_at(world, "agent-tool", task)  # the agent's file is left uncommitted
@@ -331,7 +330,7 @@ def test_a_repo_that_is_gone_is_found_before_any_claim(world: World) -> None:
             for a in world.args("--single-task")]  # the repo folder is not there
     proc = subprocess.run([PMTOOL, "run", *args], capture_output=True, text=True,
                           env=world.env, cwd=world.tmp, timeout=60, check=False)
-    run = test_run_loop.Run(proc.returncode, test_run_loop.events(proc.stdout), proc.stderr)
+    run = helpers.Run(proc.returncode, helpers.events(proc.stdout), proc.stderr)
     assert run.code not in (0, 3) and not run.of("claimed"), run.stderr
     server = world.status(task["id"])
     assert server["status"] == "created" and server["locked_by"] is None

@@ -542,7 +542,7 @@ REAL_API = os.environ.get("PMTOOL_TEST_REAL_API") == "1"
 def test_real_model_api_smoke(tmp_path: Path) -> None:
     """One small task against the real API, with a spend cap: does the prompt lead a real
     model to commit and give a verdict? Model: PMTOOL_TEST_REAL_MODEL (default haiku)."""
-    from pmtool.claude import find_claude
+    from pmtool.agent.binary import find_claude
 
     claude = os.environ.get("PMTOOL_CLAUDE_BIN") or CLAUDE or find_claude()
     if not claude:
@@ -572,7 +572,7 @@ def test_real_model_api_smoke(tmp_path: Path) -> None:
 
 
 def test_verdicts() -> None:
-    from pmtool.agent import extract_verdict, verdict_line, verdict_schema
+    from pmtool.agent.claude import extract_verdict, verdict_line, verdict_schema
 
     assert verdict_line("work\nPMTOOL_VERDICT: done Added it.") == ("done", "Added it.")
     assert verdict_line("**PMTOOL_VERDICT: blocked** no access\n") == ("blocked", "no access")
@@ -593,7 +593,7 @@ def test_verdicts() -> None:
 
 
 def test_parse_stream_counts_turns_tools_and_reads_the_result() -> None:
-    from pmtool.agent import describe_event, parse_stream
+    from pmtool.agent.claude import describe_event, parse_stream
 
     def assistant(mid: str, *blocks: dict[str, Any]) -> str:
         return json.dumps({"type": "assistant", "message": {
@@ -626,7 +626,7 @@ def test_parse_stream_counts_turns_tools_and_reads_the_result() -> None:
 
 
 def test_claude_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pmtool.agent import agent_env, claude_command
+    from pmtool.agent.claude import agent_env, claude_command
 
     cmd = claude_command("claude", "opus", "sid", role="qa", max_budget_usd=2.5)
     assert cmd[:8] == ["claude", "-p", "--model", "opus", "--output-format", "stream-json",
@@ -658,7 +658,7 @@ def test_claude_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_role_instructions_are_found_in_order(tmp_path: Path) -> None:
-    from pmtool.agent import build_prompt, role_instructions
+    from pmtool.agent.claude import build_prompt, role_instructions
 
     mine, servers = tmp_path / "mine", tmp_path / "server"
     mine.mkdir()
@@ -679,7 +679,7 @@ def test_role_instructions_are_found_in_order(tmp_path: Path) -> None:
 def test_stop_event_ends_the_run(tmp_path: Path) -> None:
     import threading
 
-    from pmtool.agent import AgentRun, run_agent
+    from pmtool.agent.claude import AgentRun, run_agent
 
     stop = threading.Event()
     started: list[dict[str, Any]] = []

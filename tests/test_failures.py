@@ -1,4 +1,4 @@
-"""pmtool.failures: how claude stops are named, and the attempt accounting built on them.
+"""pmtool.failure_policy: how claude stops are named, and the attempt accounting built on them.
 
 The classification is checked against the real claude binary and the scripted model server
 for every stop the server can produce (budget, max_turns, 429, usage limit with resetsAt,
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import CLAUDE, needs_claude
-from pmtool import failures as f
+from pmtool import failure_policy as f
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Error, Hang, ScriptedModelServer, Text
 
@@ -273,7 +273,7 @@ def test_decide_claim_cool_park() -> None:
 def test_claudes_own_retries_are_shown_while_they_happen() -> None:
     """During claude's retries of an overloaded API nothing else is printed for minutes:
     each retry becomes a progress line, and the stop is classified from them."""
-    from pmtool.agent import StreamParser, describe_event
+    from pmtool.agent.claude import StreamParser, describe_event
 
     parser = StreamParser("backend_dev")
     retry = {"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,

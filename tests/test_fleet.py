@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_loop import World, events, wait_for, world  # noqa: F401 (world: a fixture)
 
-from pmtool import work
+from helpers import World, events, wait_for  # noqa: F401 (world: a fixture)
 from pmtool.client import PMClient
 from pmtool.errors import NothingToDo, UsageError
-from pmtool.fleet import Poller, agent_ids, fleet_code
 from pmtool.records import RecordStore
+from pmtool.run.fleet import agent_ids, fleet_code
+from pmtool.run.poller import Poller
 from pmtool.testing.seed import Seeder
+from pmtool.work import claim as work
 
 ROLE, LEVEL = "backend_dev", "senior"
 NEXT = "GET /api/v1/tasks/next"

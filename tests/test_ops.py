@@ -332,7 +332,7 @@ def test_status_lists_dead_runners_parked_tasks_and_sizes(tmp_path: Path) -> Non
     (state.records_dir / "dev_9.json").write_text(json.dumps(data))
     state.append_event("dev_9", {"ok": True, "event": "claimed", "time": ago(hours=1),
                                  "agent": "dev_9", "task_id": 5})
-    for task_id in (11, 12):  # the shape pmtool.work.park leaves: a record closed as parked
+    for task_id in (11, 12):  # the shape pmtool.work.claim.park leaves: a record closed as parked
         parked = closed(task_id, "parked", 0.1, 3, ago(hours=3), ago(hours=2, minutes=30))
         parked["steps"].append({"at": ago(hours=2, minutes=30), "step": "closed",
                                 "outcome": "parked", "cause": "max_attempts",

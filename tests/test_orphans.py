@@ -151,7 +151,7 @@ class RacingServer:
 
 
 def test_an_orphan_whose_agent_comes_back_is_left_alone():
-    from pmtool.work import recover_orphans
+    from pmtool.work.recover import recover_orphans
 
     server = RacingServer()
     (entry,) = recover_orphans(server, "pm_cron")

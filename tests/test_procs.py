@@ -257,7 +257,7 @@ def test_without_subreaper_and_keeper_the_same_child_escapes(tmp_path: Path) -> 
 AGENT_RUNNER = """
 import json, sys
 from pmtool import procs
-from pmtool.agent import AgentRun, run_agent
+from pmtool.agent.claude import AgentRun, run_agent
 assert procs.become_subreaper()
 run = AgentRun("the prompt", cwd=sys.argv[1], model="m", task_id=7, log_dir=sys.argv[2],
                agent_cmd=sys.argv[3], grace=1)

@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_loop import Run, World, dev_done_count, events, make_world, wait_for
 
-from helpers import CLAUDE, PMTOOL, needs_claude
+from helpers import (
+    CLAUDE,
+    PMTOOL,
+    Run,
+    World,
+    dev_done_count,
+    events,
+    make_world,
+    needs_claude,
+    wait_for,
+)
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.fake_agent import command as fake_agent_command
 from pmtool.testing.model_server import Error, ScriptedModelServer, Structured, Write
@@ -281,7 +290,7 @@ import json, sys
 from datetime import UTC, datetime, timedelta
 from pmtool import bounds, failures
 from pmtool.config import load_settings
-from pmtool.loop import Runner, RunOptions
+from pmtool.run.loop import Runner, RunOptions
 
 start = datetime.fromisoformat(sys.argv[3])
 now = [start]

@@ -339,8 +339,8 @@ def test_a_python_caller_gets_the_policy_checks_the_cli_gives(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pmtool.config import SPECS, load_settings
     from pmtool.errors import UsageError
-    from pmtool.loop import RunOptions
-    from pmtool.policy import AgentFailure, Leftover
+    from pmtool.run.loop import RunOptions
+    from pmtool.settings import AgentFailure, Leftover
 
     for bad in ({"on_agent_failure": "maybe"}, {"on_hook_failure": "retry"},
                 {"leftover": "drop"}, {"max_attempts": 0}, {"max_turns": 2.5},

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_loop import Run, World, events, make_world, wait_for
 
-from helpers import CLAUDE, PMTOOL, needs_claude
+from helpers import CLAUDE, PMTOOL, Run, World, events, make_world, needs_claude, wait_for
 from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write

@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 import requests
 
-from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, ServerError
 from pmtool.models import same_task
 from pmtool.records import RecordStore
 from pmtool.testing.seed import Seeder, unique_id
 from pmtool.testing.server import DEFAULT_RACE_WINDOW
+from pmtool.work import claim as work
+from pmtool.work import recover as work_recover
 
 TASK_KEYS = {"id", "feature_id", "epic_id", "title", "description", "created_by", "target_role",
              "difficulty", "complexity", "branch", "status", "locked_by", "locked_at", "notes",
@@ -640,7 +641,7 @@ def test_recover_does_not_resume_a_task_whose_id_was_reused(make_standin, tmp_pa
     assert impostor["id"] == claimed.task["id"]
     client.lock(impostor["id"], "dev_1")  # looks ours by id, status and lock
     seed.set_status(impostor["id"], "under_work")
-    [entry] = work.recover(client, store)
+    [entry] = work_recover.recover(client, store)
     assert (entry["action"], entry["id_reused"]) == ("released", True)
     assert "gone" in entry["reason"]
     assert seed.get_task(impostor["id"])["locked_by"] == "dev_1"  # not ours to touch

@@ -1,4 +1,4 @@
-"""pmtool.work as a library: the claim protocol's decisions, against a scripted client.
+"""pmtool.work.claim as a library: the claim protocol's decisions, against a scripted client.
 
 The fake client below stands for the server where a test needs an answer no real server
 gives on demand (a double lock at an exact moment, a lost lock between two calls). The
@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from helpers import park
-from pmtool import work
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, Conflict, NothingToDo, ServerError, UsageError
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.testing.seed import unique_id
+from pmtool.work import claim as work
+from pmtool.work import recover as work_recover
 
 
 def task(task_id: int, status: str = "created", role: str = "backend_dev",
@@ -358,7 +359,7 @@ def test_recover_decides_per_server_state(store):
     for n in range(1, 6):
         stale_record(store, server, n, "claimed", agent=f"a{n}")
     stale_record(store, server, 6, "claimed", agent="a6")  # task 6 is gone
-    entries = {e["agent_id"]: e for e in work.recover(server, store, sleep=no_sleep)}
+    entries = {e["agent_id"]: e for e in work_recover.recover(server, store, sleep=no_sleep)}
     # Every record (cron): a runner that died just now is waited for, not re-registered,
     # so one that never comes back does not keep its task locked.
     assert entries["a1"]["action"] == entries["a5"]["action"] == "waiting"
@@ -372,19 +373,19 @@ def test_recover_decides_per_server_state(store):
     assert not [c for c in server.calls if c[0] == "register"]
 
     # The agent's own runner starting again resumes its record.
-    (a1,) = work.recover(server, store, agent_id="a1", sleep=no_sleep)
+    (a1,) = work_recover.recover(server, store, agent_id="a1", sleep=no_sleep)
     assert a1["action"] == "resume"
     assert (a1["worktree"], a1["session_id"]) == ("/wt/1", "sess-1")
     # a1 was re-registered before anything else could take its lock (quirk 3).
     assert ("register", "a1") in server.calls
     record = store.load("a1")
     assert record and record.steps[-1]["step"] == "recovered"
-    (a5,) = work.recover(server, store, agent_id="a5", sleep=no_sleep)
+    (a5,) = work_recover.recover(server, store, agent_id="a5", sleep=no_sleep)
     assert a5["action"] == "resume"  # lock expired: taken back
     assert server.tasks[5]["locked_by"] == "a5"
 
     # Past the grace, cron gives the task back, with an attempt line.
-    late = {e["agent_id"]: e for e in work.recover(server, store, sleep=no_sleep,
+    late = {e["agent_id"]: e for e in work_recover.recover(server, store, sleep=no_sleep,
                                                      now=time.time() + 901)}
     a5 = late["a5"]
     assert a5["action"] == late["a1"]["action"] == "released" and a5["dead_for_s"] >= 900
@@ -396,13 +397,13 @@ def test_recover_dry_run_and_unreachable_change_nothing(store):
     server = FakeServer(task(1, status="created", locked_by="dev_1"))
     stale_record(store, server, 1, "locked")
     before = store.path("dev_1").read_bytes()
-    (entry,) = work.recover(server, store, dry_run=True)
+    (entry,) = work_recover.recover(server, store, dry_run=True)
     assert entry["action"] == "released" and entry["dry_run"] is True
     assert store.path("dev_1").read_bytes() == before
     assert server.tasks[1]["locked_by"] == "dev_1"
     server.down = True
     with pytest.raises(ServerError):
-        work.recover(server, store)
+        work_recover.recover(server, store)
     assert store.path("dev_1").read_bytes() == before
 
 
@@ -412,25 +413,25 @@ def test_recover_moves_a_corrupt_record_aside_except_in_a_dry_run(store):
     bad = store.path("dev_2")
     bad.write_text('{"agent_id": "dev_2", "task": ')  # torn by a crash
 
-    entries = work.recover(server, store, dry_run=True, sleep=no_sleep)
+    entries = work_recover.recover(server, store, dry_run=True, sleep=no_sleep)
     corrupt = [e for e in entries if e["action"] == "corrupt"]
     assert [(e["record"], e["kept_as"]) for e in corrupt] == [(str(bad), str(bad))]
     assert bad.exists()  # a dry run moves nothing
 
-    entries = work.recover(server, store, sleep=no_sleep)
+    entries = work_recover.recover(server, store, sleep=no_sleep)
     (entry,) = [e for e in entries if e["action"] == "corrupt"]
     assert not bad.exists() and Path(entry["kept_as"]).exists()
     assert Path(entry["kept_as"]).name.startswith("dev_2.json.corrupt-")
     assert store.load("dev_1") is not None  # the good record is resumed, not touched
     with pytest.raises(NothingToDo):  # moved aside once: nothing left for that agent
-        work.recover(server, store, agent_id="dev_2", sleep=no_sleep)
+        work_recover.recover(server, store, agent_id="dev_2", sleep=no_sleep)
 
 
 def test_recover_nothing_and_usage(store):
     with pytest.raises(NothingToDo):
-        work.recover(FakeServer(), store)
+        work_recover.recover(FakeServer(), store)
     with pytest.raises(UsageError):
-        work.recover(FakeServer(), store, agent_id="a", all_=True)
+        work_recover.recover(FakeServer(), store, agent_id="a", all_=True)
 
 
 def test_recover_live_runner_left_alone(store):
@@ -438,7 +439,7 @@ def test_recover_live_runner_left_alone(store):
     work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep,
                runner_pid=os.getppid())
     server.calls.clear()
-    (entry,) = work.recover(server, store)
+    (entry,) = work_recover.recover(server, store)
     assert entry["action"] == "running" and server.calls == []  # not even a read
 
 
@@ -447,7 +448,7 @@ def test_other_hosts_records_are_never_stale(store):
     record = stale_record(store, server, 1, "claimed")
     record.host = socket.gethostname() + "-elsewhere"
     store.save(record)
-    assert work.recover(server, store)[0]["action"] == "running"
+    assert work_recover.recover(server, store)[0]["action"] == "running"
 
 
 # -- against the server under test, in-process --------------------------------------------
@@ -471,7 +472,7 @@ def test_unfinished_claim_never_adopts_an_unlocked_task(store):
     task's (other) owner has since lost its lock to the 30-minute rule."""
     server = FakeServer(task(1, status="under_work"))
     stale_record(store, server, 1, "claiming")
-    (entry,) = work.recover(server, store, sleep=no_sleep)
+    (entry,) = work_recover.recover(server, store, sleep=no_sleep)
     assert entry["action"] == "released"
     assert server.tasks[1]["locked_by"] is None
     assert not [c for c in server.calls if c[0] in ("lock", "status")]
@@ -480,7 +481,7 @@ def test_unfinished_claim_never_adopts_an_unlocked_task(store):
 def test_give_back_with_an_expired_lock(store):
     server = FakeServer(task(1, status="under_work"))
     stale_record(store, server, 1, "claimed")
-    (entry,) = work.recover(server, store, give_back=True, sleep=no_sleep)
+    (entry,) = work_recover.recover(server, store, give_back=True, sleep=no_sleep)
     assert entry["action"] == "released"
     assert server.tasks[1]["status"] == "created" and server.tasks[1]["locked_by"] is None
 
@@ -569,9 +570,9 @@ def test_a_late_lock_that_cannot_be_taken_back_is_left_for_a_person(store):
 
 
 def test_only_the_verdict_of_the_last_run_in_the_transcript_counts(store):
-    from pmtool.agent import log_paths
-    from pmtool.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
+    from pmtool.agent.claude import log_paths
     from pmtool.state import now_iso
+    from pmtool.work.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
 
     server = FakeServer(task(1))
     record = _under_work_by_me(store, server)

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_run_loop import Run, World, events, make_world, wait_for
 
-from helpers import PMTOOL
+from helpers import PMTOOL, Run, World, events, make_world, wait_for
 
 RECONCILE = {"PMTOOL_RECONCILE_INTERVAL": "0.2"}
 

@@ -515,8 +515,8 @@ def test_a_python_caller_gives_a_record_its_workspace_as_the_cli_does(env: Path,
                                                                       repo: Path) -> None:
     """`work.task_workspace` is what `worktree create --agent-id` and the run loop call:
     the library alone makes the worktree and writes it into the record."""
-    from pmtool import work
     from pmtool.config import load_settings
+    from pmtool.work import claim as work
 
     save_record(env, {"id": 12, "branch": "feature/lib", "complexity": "major",
                       "created_at": "2026-11-30T00:00:00"})

@@ -1,8 +1,8 @@
 """Running the agent: `exec-claude`.
 
 The command resolves the task (an agent's record, or a task object), settings and the
-prompt, calls `pmtool.agent.run_for_record` or `run_for_task`, shows progress on stderr and
-emits the answer. `pmtool.agent` is imported inside the command so that other commands do
+prompt, calls `pmtool.agent.claude.run_for_record` or `run_for_task`, shows progress on stderr and
+emits the answer. `pmtool.agent.claude` is imported inside the command so that other commands do
 not pay for it.
 """
 
@@ -34,7 +34,7 @@ def _read_text(path: str | None, what: str) -> str | None:
 
 def _progress(event: dict[str, Any]) -> None:
     """The human view of a run, one line per event, on stderr."""
-    from pmtool.agent import describe_event
+    from pmtool.agent.claude import describe_event
 
     line = describe_event(event)
     if line:
@@ -76,7 +76,7 @@ def _heartbeat(settings: "Settings", agent_id: str | None, role: str,
         yield
         return
     from pmtool.cli.options import server
-    from pmtool.work import heartbeat
+    from pmtool.work.claim import heartbeat
 
     said: list[bool] = []
 
@@ -106,7 +106,7 @@ def _task_from_json(task_json: str) -> dict[str, Any]:
 def _instructions_path(settings: "Settings", role: str, instructions_dir: str | None,
                        prompt_given: bool) -> str | None:
     """Ask the server where its instruction files are, only if the answer could matter."""
-    from pmtool.agent import fetch_instructions_path, role_file
+    from pmtool.agent.claude import fetch_instructions_path, role_file
 
     if prompt_given or role_file(role, instructions_dir):
         return None
@@ -180,7 +180,7 @@ def exec_claude_cmd(
 
     Example: pmtool claim ... | jq .task | pmtool exec-claude --task-json - --role qa
     """
-    from pmtool import agent
+    from pmtool.agent import claude as agent
 
     if (agent_id is None) == (task_json is None):
         raise UsageError("give --agent-id or --task-json (one of them)",
@@ -247,7 +247,7 @@ def exec_claude_cmd(
 def _preview(text: str, task: dict[str, Any], role: str, plan: dict[str, Any],
              instructions_dir: str | None, ctx_path: str | None,
              from_file: bool) -> dict[str, Any]:
-    from pmtool.agent import role_instructions, verdict_schema
+    from pmtool.agent.claude import role_instructions, verdict_schema
 
     source = "--prompt-file" if from_file else role_instructions(role, instructions_dir,
                                                                  ctx_path)[1]

@@ -76,7 +76,7 @@ def worktree_create(
     Example: pmtool worktree create 7 --branch feature/login --base main
     """
     from pmtool.hooks import task_context
-    from pmtool.work import task_workspace
+    from pmtool.work.claim import task_workspace
     from pmtool.worktree import create_worktree
 
     task_id = resolve_task(task, task_id)

@@ -74,7 +74,7 @@ def _ask_at_terminal(default: str, timeout: float,
     `timeout` seconds without an answer (0: no limit) the default, which is the policy
     applied when nobody is at a terminal, so an unattended terminal never stalls a runner.
     Ctrl-C while it waits is a stop like any other (task record kept)."""
-    from pmtool.loop import Stop
+    from pmtool.run.loop import Stop
 
     def ask(question: str, choices: list[str]) -> str:
         if default not in choices:
@@ -218,8 +218,8 @@ def run_cmd(
 
     Example: pmtool run --role backend_dev --agent-id dev --agents 4 --repo ~/src/app
     """
-    from pmtool.fleet import Fleet, agent_ids
-    from pmtool.loop import Runner, RunOptions
+    from pmtool.run.fleet import Fleet, agent_ids
+    from pmtool.run.loop import Runner, RunOptions
 
     ids = agent_ids(agent_id, agents)
 
@@ -277,7 +277,7 @@ def demo_cmd(
 
     Example: pmtool demo
     """
-    from pmtool.demo import run_demo
+    from pmtool.run.demo import run_demo
 
     if agent not in ("stand-in", "claude"):
         raise UsageError(f'--agent "{agent}": use stand-in or claude')

@@ -1,7 +1,7 @@
 """Taking work: register, claim, lock show/acquire/update/release, finish, recover.
 
 Each command resolves settings, builds the client and the record store, calls one
-function of `pmtool.work` and emits its result. The library is imported inside the
+function of `pmtool.work.claim` and emits its result. The library is imported inside the
 commands so that `pmtool lock show` does not pay for `requests`.
 """
 
@@ -39,7 +39,7 @@ def register_cmd(agent_id: AgentId, role: Role, level: Level = "senior") -> None
 
     Example: pmtool register --agent-id dev_001 --role backend_dev --level senior
     """
-    from pmtool.work import register
+    from pmtool.work.claim import register
 
     settings = options().settings()
     answer = register(server(settings), agent_id, role, level)
@@ -64,8 +64,8 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
 
     Example: pmtool claim --agent-id dev_001 --role backend_dev --wait 300 | jq .task.id
     """
-    from pmtool.bounds import limits_from
-    from pmtool.work import ClaimStats, claim
+    from pmtool.ledger import limits_from
+    from pmtool.work.claim import ClaimStats, claim
 
     settings = options().settings()
     stats = ClaimStats()
@@ -92,7 +92,7 @@ def lock_show(agent_id: AgentId) -> None:
 
     Example: pmtool lock show --agent-id dev_001 | jq .record.worktree
     """
-    from pmtool.work import show
+    from pmtool.work.claim import show
 
     emit(show(record_store(options().settings()), agent_id))
 
@@ -108,7 +108,7 @@ def lock_acquire(agent_id: AgentId, role: Role, task: TaskArg = None,
     Example: pmtool lock acquire 42 --agent-id dev_001 --role backend_dev
     """
     from pmtool.errors import UsageError
-    from pmtool.work import acquire
+    from pmtool.work.claim import acquire
 
     number = resolve_task(task, task_id)
     if number is None:
@@ -140,7 +140,7 @@ def lock_update(
 
     Example: pmtool lock update --agent-id dev_001 --worktree .worktrees/42 --branch feat/login
     """
-    from pmtool.work import update_record
+    from pmtool.work.claim import update_record
 
     record, path = update_record(record_store(options().settings()), agent_id,
                                  worktree=worktree, branch=branch, session_id=session_id,
@@ -169,10 +169,10 @@ def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
 
     Example: pmtool lock release --agent-id dev_001 --notes "needs a decision on the schema"
     """
-    from pmtool.bounds import limits_from
     from pmtool.errors import UsageError
-    from pmtool.failures import KINDS
-    from pmtool.work import release
+    from pmtool.failure_policy import KINDS
+    from pmtool.ledger import limits_from
+    from pmtool.work.claim import release
 
     if kind not in KINDS:
         raise UsageError(f'--kind "{kind}" is not one of ' + ", ".join(KINDS), valid=list(KINDS))
@@ -212,9 +212,9 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
 
     Example: pmtool finish --agent-id dev_001 --outcome done --notes "$summary" --full
     """
-    from pmtool.bounds import limits_from
-    from pmtool.finish import notes_for
-    from pmtool.work import finish, outcome_status
+    from pmtool.ledger import limits_from
+    from pmtool.work.claim import finish, outcome_status
+    from pmtool.work.finish import notes_for
 
     settings = options().settings()
     store = record_store(settings)
@@ -236,8 +236,8 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
 
 def _finish_full(settings: Any, store: Any, agent_id: str, outcome: str,
                  notes: str | None) -> None:
-    from pmtool.bounds import limits_from
-    from pmtool.finish import FinishPlan, finish_given
+    from pmtool.ledger import limits_from
+    from pmtool.work.finish import FinishPlan, finish_given
 
     events: list[dict[str, Any]] = []
 
@@ -300,11 +300,11 @@ def recover_cmd(
 
     Example: */30 * * * * pmtool recover --orphans   # the PM's machine
     """
-    from pmtool.bounds import limits_from, parked_tasks
     from pmtool.errors import NothingToDo, PmtoolError
-    from pmtool.finish import FinishPlan, finisher
+    from pmtool.ledger import limits_from, parked_tasks
     from pmtool.ops import prune_logs
-    from pmtool.work import recover, recover_orphans
+    from pmtool.work.finish import FinishPlan, finisher
+    from pmtool.work.recover import recover, recover_orphans
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
     if orphans:

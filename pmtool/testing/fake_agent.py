@@ -1,4 +1,4 @@
-"""A stand-in agent that follows pmtool's --agent-cmd contract (see pmtool.agent).
+"""A stand-in agent that follows pmtool's --agent-cmd contract (see pmtool.agent.claude).
 
     pmtool exec-claude --agent-id dev_001 --agent-cmd "python -m pmtool.testing.fake_agent"
 
