@@ -20,6 +20,8 @@ POINTS = (
     "worktree", "setup", "agent-start", "agent-tool", "agent-end",
     # the finish (pmtool.work.finish), also when recover completes one
     "leftover", "push", "status", "post-task", "worktree-remove", "close",
+    # recover giving a dead runner's task back, its worktree rescued (pmtool.work.claim)
+    "give-back",
 )
 _paused: list[bool] = []
 

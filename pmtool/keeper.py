@@ -2,10 +2,13 @@
 a `kill -9` of pmtool ends the child's whole tree, not just the child.
 
 pmtool.procs runs this file as a script (`python -I -S keeper.py ...`: no site, no
-package import, only frozen and built-in modules, so it starts in a few milliseconds)
-with a parent-death signal (SIGTERM) and PR_SET_CHILD_SUBREAPER set between fork and
-exec. The keeper starts the real child in its own session with stdin/stdout/stderr
-inherited as they are (no copying), then waits:
+package import, only the standard library, so it starts in a few milliseconds). The
+keeper asks for its own parent-death signal (SIGTERM) and becomes a subreaper first
+thing, then checks that pmtool still lives: nothing runs between fork and exec in
+pmtool (no `preexec_fn`, which can deadlock a program that forks from several threads,
+as `pmtool run --agents N` does). The parent-death signal still follows the thread that
+started the keeper. The keeper starts the real child in its own session with
+stdin/stdout/stderr inherited as they are (no copying), then waits:
 
 - the child exits: the keeper exits the same way (the same code, or the same signal
   raised on itself), so the caller sees exactly what it would have seen without it.
@@ -133,9 +136,29 @@ def end_tree(child: int, first: int, grace: float, status: list[int]) -> None:
         reap(child, status)
 
 
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def watch_parent(parent: int) -> None:
+    """SIGTERM when pmtool (the thread that started us) dies, and every orphan below us
+    ours; exit at once, nothing started, if pmtool died before that took effect."""
+    import ctypes  # ~5 ms; only here, where it cannot be done without
+
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # another libc: pmtool goes on without a keeper
+        os._exit(127)
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(127)
+
+
 def main(argv: list[str]) -> None:
     parent, first, grace = int(argv[1]), int(argv[2]), float(argv[3])
     report, lc_ctype, cmd = int(argv[4]), argv[5], argv[7:]
+    watch_parent(parent)
     os.set_inheritable(report, False)  # the child must not hold the report open
     os.environ.pop("LC_CTYPE", None)
     if lc_ctype != "-":

@@ -33,6 +33,7 @@ BY_KEYS = ("task", "agent", "model", "day", "outcome")
 EVENT_STEP = {
     "health": "polling", "idle": "polling", "recovered": "polling",
     "claimed": "claiming", "resumed": "claiming", "worktree": "agent", "heartbeat": "agent",
+    "lock_retaken": "agent",
     "agent": "finishing", "finished": "finishing", "stopped": "stopped",
 }
 # ... and from the last step noted in its task record (newer than the last event, or the
@@ -191,7 +192,13 @@ def runner_rows(state: StateDir, now: datetime,
         pid, live = agents.get(safe_name(agent_id), (None, False))
         if record and not live and record.pid and store.is_live(record):
             pid, live = record.pid, True  # a `claim` without `run`: its record names it
-        rows.append(_runner_row(agent_id, record, events_of(agent_id), pid, live, now))
+        events = events_of(agent_id)
+        if not live and record is None and not events:
+            # A runner that ran here once: nothing to resume or recover, nothing said for
+            # two days. Its lock file stays: unlinking a file a starting runner may have
+            # just opened would let two runners of one agent lock two different files.
+            continue
+        rows.append(_runner_row(agent_id, record, events, pid, live, now))
     return rows, corrupt
 
 

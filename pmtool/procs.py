@@ -28,8 +28,11 @@ kernel sends the parent-death signal when the *thread* that forked the keeper en
 the process: `start` and `wait` are one synchronous call in the same thread
 (hooks.run_hook, agent.run_agent), which therefore outlives the child; a caller that
 hands a Child to another thread must keep the starting thread alive until the child is
-done. Without a keeper (`keeper=False`, or no Python executable to run it), the signal
-reaches only the child itself and the mark sweep (`recover`) is the net for the rest.
+done. Nothing runs in the child between fork and exec (no `preexec_fn`: Python documents
+it as unsafe where threads run, and `run --agents N` starts children from several), so the
+keeper sets its parent-death signal itself. Without a keeper (`keeper=False`,
+PMTOOL_KEEPER=0, or no Python executable to run it) there is no parent-death signal: the
+mark sweep (`recover`, `end_leftover_agent`) is the net.
 """
 
 from __future__ import annotations
@@ -292,20 +295,6 @@ def reap_adopted() -> list[int]:
     return reaped
 
 
-def _parent_death(sig: int | None) -> Callable[[], None] | None:
-    """The preexec function that asks for `sig` when our (forking thread's) parent dies."""
-    if sig is None or _prctl is None:
-        return None
-    prctl, parent = _prctl, os.getpid()
-
-    def preexec() -> None:  # runs in the child between fork and exec: nothing that locks
-        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the prctl took effect
-            os.kill(os.getpid(), int(sig))
-
-    return preexec
-
-
 # -- start and own -------------------------------------------------------------------------
 
 TIMEOUT_EXIT = 124  # as timeout(1)
@@ -435,7 +424,8 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
           keeper: bool | None = None) -> Child:
     """Start `cmd` as a child we own: its own session, `MARK_ENV` in its environment (from
     `env`, default os.environ), `stdin` fed from a file (a child that never reads it cannot
-    block us; a pipe could), and `parent_death` sent to it if we die (Linux; None: none).
+    block us; a pipe could), and `parent_death` sent to its tree if we die (Linux, through
+    the keeper; None: none).
 
     With a parent-death signal on Linux the child runs under a keeper (`pmtool.keeper`,
     `keeper=False` to do without): if we die, the keeper sends `parent_death` to the
@@ -467,8 +457,7 @@ def start(cmd: Sequence[str], *, label: str = "run", stdin: bytes | str | None =
                 popen = subprocess.Popen(list(cmd), stdin=feed, stdout=stdout,
                                          stderr=stderr,
                                          cwd=None if cwd is None else str(cwd),
-                                         env=child_env, start_new_session=True,
-                                         preexec_fn=_parent_death(parent_death))
+                                         env=child_env, start_new_session=True)
                 _owned.add(popen.pid)
             inner = popen.pid
         with _owned_lock:
@@ -495,18 +484,6 @@ def has_keeper() -> bool:
             and keeper_trouble is None and os.environ.get("PMTOOL_KEEPER", "1") != "0")
 
 
-def _keeper_preexec(parent: int) -> Callable[[], None]:
-    prctl = _prctl
-
-    def preexec() -> None:  # between fork and exec: nothing that locks
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)  # the keeper's cue
-        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # kept across exec
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)  # nothing started yet: nothing to end
-
-    return preexec
-
-
 def _start_kept(cmd: list[str], parent_death: int, grace: float, *, stdin: Any,
                 stdout: Any, stderr: Any, cwd: str | Path | None,
                 env: dict[str, str]) -> tuple[subprocess.Popen, int] | None:
@@ -521,8 +498,7 @@ def _start_kept(cmd: list[str], parent_death: int, grace: float, *, stdin: Any,
         with _owned_lock:
             popen = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
                                      cwd=None if cwd is None else str(cwd), env=env,
-                                     start_new_session=True, pass_fds=(write_end,),
-                                     preexec_fn=_keeper_preexec(os.getpid()))
+                                     start_new_session=True, pass_fds=(write_end,))
             _owned.add(popen.pid)
         os.close(write_end)
         write_end = -1

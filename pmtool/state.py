@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from pmtool.errors import UsageError
+
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -53,6 +55,24 @@ def parse_time(value: Any) -> datetime | None:
 
 def _aware(when: datetime) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+# The agent ids pmtool accepts: they name files on this machine and agents on the server,
+# so nothing that is empty, blank, a path (`../x`) or a shell surprise gets through.
+AGENT_ID_CHARS = "A-Z a-z 0-9 . _ -"
+AGENT_ID_MAX = 64
+_AGENT_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_agent_id(agent_id: str, what: str = "--agent-id") -> str:
+    """`agent_id` if pmtool accepts it: 1 to AGENT_ID_MAX characters of AGENT_ID_CHARS,
+    not `.` or `..`; else a UsageError, raised before anything is sent to the server."""
+    if (not _AGENT_ID.fullmatch(agent_id) or agent_id in (".", "..")
+            or len(agent_id) > AGENT_ID_MAX):
+        raise UsageError(f"{what} {json.dumps(agent_id)} is not an agent id: use 1 to "
+                         f"{AGENT_ID_MAX} characters of {AGENT_ID_CHARS}, not . or ..",
+                         hint=f"e.g. {what} dev_001")
+    return agent_id
 
 
 def safe_name(agent_id: str) -> str:

@@ -175,6 +175,12 @@ if [ "$rc" = 0 ] && jq -e 'any(.entries[]; .action == "running")' <<<"$out" >/de
   echo "pm-runner: agent $agent's task has a live runner (pid $(jq '.entries[0].pid' <<<"$out")); stop it or use another --agent-id" >&2
   exit 5
 fi
+# A verdict given before a stop or a kill (noted, or in the transcript) was finished by
+# recover itself: that task is done. pmtool run: Runner._recover, then _finish.
+if [ "$rc" = 0 ] && jq -e 'any(.entries[]; .action == "finished")' <<<"$out" >/dev/null; then
+  need_show=0 done_tasks=1
+  if [ "$single" = 1 ]; then stop 0; fi
+fi
 
 # need_show: whether the agent may have a record (at the start, after a failed step);
 # after a finished or released task it has none, and the loop goes straight to claim.

@@ -369,10 +369,25 @@ These rules come from pmtool, which runs you; they win over anything above.
 {verdict}
 """
 
+# The task is said again: a kill can cut claude's own session file short, and the resumed
+# agent then sees this prompt alone (it once redid committed work from the title only).
 CONTINUATION_TEMPLATE = """\
-Your earlier run on task {task_id} ({title}) was interrupted before it finished. Continue
-from where you stopped: look at `git status` and `git log` in {cwd} to see what is already
-done, finish the task, commit on branch `{branch}`, and end with your verdict as before.
+Your earlier run on task {task_id} was interrupted before it finished. Continue from where
+you stopped: look at `git status` and `git log` in {cwd} to see what is already done (do
+not redo committed work), finish the task, commit on branch `{branch}`, and end with your
+verdict as before.
+
+# The task, again
+
+Task {task_id}: {title}
+
+{description}
+
+# Rules for this run
+
+{rules}
+
+# When you are done
 
 {verdict}
 """
@@ -656,6 +671,9 @@ def _closing_logs(log_path: Path, err_path: Path) -> Iterator[tuple[IO[str], IO[
         for fh in (log, err_log):
             with contextlib.suppress(OSError):
                 fh.close()
+def _session_taken(answer: Mapping[str, Any]) -> bool:
+    """claude refused `--session-id` because a session file of that id exists."""
+    return "is already in use" in json.dumps(answer.get("error"), default=str)
 
 
 def _no_conversation(parser: StreamParser) -> bool:
@@ -749,8 +767,8 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
     deadline = started + run.timeout if run.timeout and run.timeout > 0 else None
     answer: dict[str, Any] = {}
     attempts = [run.resume, False] if run.resume and run.agent_cmd is None else [run.resume]
-    restarted = False
-    for resuming in attempts:
+    restarted = renamed = False
+    for resuming in attempts:  # grows by one fresh start under a new id, at most
         if run.agent_cmd is not None:
             cmd, stdin_text = base_cmd, run.prompt
         else:
@@ -765,6 +783,14 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
             run, cmd, stdin_text, resume=resuming, deadline=deadline, log_path=log_path,
             err_path=err_path, progress=progress, stop_event=stop_event, on_start=on_start,
             redact=redact)
+        if restarted and not renamed and _session_taken(answer):
+            # claude keeps a session file with no conversation in it (a kill cut it short
+            # before the prompt): that id cannot start afresh, a new one can.
+            renamed = True
+            run = replace(run, session_id=str(uuid.uuid4()))
+            session_id = str(run.session_id)
+            attempts.append(False)
+            continue
         if not (resuming and run.agent_cmd is None and _no_conversation(parser)):
             break
         restarted = True
@@ -777,7 +803,9 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
         # The earlier process died before claude saved anything of the session (e.g. killed
         # right after the record got the id): nothing to continue, so the task starts over.
         answer["note"] = (f"claude had no transcript of session {session_id}; the task "
-                          "started afresh under the same session id")
+                          "started afresh under the same session id") if not renamed else (
+            "claude had no conversation in the recorded session; the task started afresh "
+            f"under a new session id, {session_id}")
     return answer
 
 
@@ -1083,10 +1111,16 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
 
     def started(info: dict[str, Any]) -> None:
         me = os.getpid()
-        _update_record(store, agent_id, lambda rec: rec.step(
-            "agent_running", pid=info["pid"], pid_started=process_started(info["pid"]),
-            mark=info["mark"], session_id=session, runner_pid=me,
-            runner_started=process_started(me), log=info["log"]))
+
+        def running(rec: TaskRecord) -> None:
+            # A fresh start may run under a new session id (run_agent): the next resume
+            # continues that one.
+            rec.session_id = info["session_id"]
+            rec.step("agent_running", pid=info["pid"], pid_started=process_started(info["pid"]),
+                     mark=info["mark"], session_id=info["session_id"], runner_pid=me,
+                     runner_started=process_started(me), log=info["log"])
+
+        _update_record(store, agent_id, running)
 
     run = AgentRun(
         full_prompt, cwd=run_cwd, model=plan["model"], role=role, task_id=record.task_id,

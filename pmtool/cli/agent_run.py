@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, options, read_json_arg, say
-from pmtool.cli.options import record_store
+from pmtool.cli.options import AGENT_ID_HELP, agent_id_option, record_store
 from pmtool.errors import EXIT_OK, EXIT_SIGNALS, UsageError, exit_code
 
 if TYPE_CHECKING:
@@ -116,8 +116,9 @@ def _instructions_path(settings: "Settings", role: str, instructions_dir: str | 
 @app.command("exec-claude")
 def exec_claude_cmd(
     agent_id: Annotated[str | None, typer.Option(
-        "--agent-id", help="Run the task of this agent's record (its worktree, branch, "
-                           "model and session).")] = None,
+        "--agent-id", callback=agent_id_option,
+        help=f"Run the task of this agent's record (its worktree, branch, model and "
+             f"session); {AGENT_ID_HELP}.")] = None,
     task_json: Annotated[str | None, typer.Option(
         "--task-json", help="Run this task object instead (file or - for stdin).")] = None,
     cwd: Annotated[str | None, typer.Option(

@@ -13,7 +13,7 @@ from typing import Annotated, Any, cast
 import typer
 
 from pmtool.cli import app, emit, emit_line, options, paint, plural, say, scrub
-from pmtool.cli.options import Level, Role, Settle
+from pmtool.cli.options import AGENT_ID_HELP, Level, Role, Settle, agent_id_option
 from pmtool.errors import UsageError
 
 COLOURS = {"claimed": "36", "resumed": "36", "finished": "32", "error": "31", "idle": "2",
@@ -116,8 +116,9 @@ def _ask_at_terminal(default: str, timeout: float,
 @app.command("run")
 def run_cmd(
     agent_id: Annotated[list[str], typer.Option(
-        "--agent-id", help="The agent's id on the server; repeat it to run several agents "
-                           "in this process.")],
+        "--agent-id", callback=agent_id_option,
+        help=f"The agent's id on the server ({AGENT_ID_HELP}); repeat it to run several "
+             f"agents in this process.")],
     role: Role,
     level: Level = "senior",
     repo: Annotated[str | None, typer.Option(help="Git repository to work in "

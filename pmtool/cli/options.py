@@ -18,15 +18,32 @@ if TYPE_CHECKING:
     from pmtool.config import Settings
     from pmtool.records import RecordStore
 
-_AGENT_HELP = "The agent's id on the server; its task record on this machine is named after it."
+AGENT_ID_HELP = "1-64 characters of A-Z a-z 0-9 . _ - (not . or ..)"
+
+
+def agent_id_option(value: str | list[str] | None) -> str | list[str] | None:
+    """Typer callback of every agent id option: a bad id is a usage error (exit 2) while
+    the arguments are parsed, before the command sends anything to the server."""
+    from pmtool.state import check_agent_id
+
+    for one in [value] if isinstance(value, str) else value or []:
+        check_agent_id(one)
+    return value
+
+
 # Hooks get PMTOOL_AGENT_ID and PMTOOL_ROLE (pmtool.hooks.ENV_FIELDS): a `pmtool lock show`
 # inside a hook needs no flag. Read where the flag is required only: an optional
 # --agent-id changes what a command does (one record or all), and must be said.
-AgentId = Annotated[str, typer.Option(
-    "--agent-id", envvar="PMTOOL_AGENT_ID", help=_AGENT_HELP)]
+_AGENT_ID = typer.Option(
+    "--agent-id", envvar="PMTOOL_AGENT_ID", callback=agent_id_option,
+    help=f"The agent's id on the server; its task record on this machine is named after "
+         f"it: {AGENT_ID_HELP}.")
+AgentId = Annotated[str, _AGENT_ID]
 # The same option where a command can also be pointed at a task another way.
-AgentIdOrNone = Annotated[str | None, typer.Option("--agent-id", help=_AGENT_HELP)]
-
+AgentIdOrNone = Annotated[str | None, typer.Option(
+    "--agent-id", callback=agent_id_option,
+    help=f"The agent's id on the server; its task record on this machine is named after "
+         f"it: {AGENT_ID_HELP}.")]
 
 
 def _complete_roles(ctx: typer.Context, param: object, incomplete: str) -> list[str]:

@@ -13,6 +13,7 @@ from pmtool.cli import app, emit, options, say, waiting_line
 
 # Re-exported for callers that took them from here before `options` existed.
 from pmtool.cli.options import (
+    AGENT_ID_HELP,
     AgentId,
     AgentIdOrNone,
     Level,
@@ -21,6 +22,7 @@ from pmtool.cli.options import (
     Settle,
     TaskArg,
     TaskIdAlias,
+    agent_id_option,
     record_store,
     resolve_task,
     server,
@@ -280,8 +282,9 @@ def recover_cmd(
                           "under_work with no lock, or locked by an agent unseen for 30 "
                           "minutes (for the PM's cron; touches no other task).")] = False,
     as_agent: Annotated[str, typer.Option(
-        "--as-agent", help="With --orphans: the agent id that makes the change (registered "
-                           "as pm if new).")] = "pmtool_orphans",
+        "--as-agent", callback=agent_id_option,
+        help=f"With --orphans: the agent id that makes the change (registered as pm if "
+             f"new; {AGENT_ID_HELP}).")] = "pmtool_orphans",
     task: Annotated[list[int] | None, typer.Option(
         "--task", help="With --orphans: only these task ids (repeat the option).")] = None,
 ) -> None:

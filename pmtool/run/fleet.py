@@ -30,6 +30,10 @@ def agent_ids(given: list[str], agents: int | None) -> list[str]:
         ids = [f"{given[0]}-{i}" for i in range(1, agents + 1)]
     if len(set(ids)) != len(ids):
         raise UsageError("the agent ids repeat: " + ", ".join(ids))
+    from pmtool.state import check_agent_id
+
+    for one in ids:  # <agent-id>-N may be longer than any id given
+        check_agent_id(one)
     return ids
 
 

@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +214,16 @@ class Runner:
                  ask: Callable[[str, list[str]], str] | None = None,
                  client: Any = None, poller: Any = None,
                  health: Callable[[Callable[[], tuple[dict[str, Any], int]]],
-                                  tuple[dict[str, Any], int]] | None = None) -> None:
+                                  tuple[dict[str, Any], int]] | None = None,
+                 clock: Callable[[], datetime] | None = None,
+                 wait: Callable[[float], None] | None = None) -> None:
         """`poller` and `health` are shared by the runners of a `pmtool.run.fleet.Fleet`; a
         runner of its own makes its own poller (which still shares the poll lease with
-        other processes on the same state folder)."""
+        other processes on the same state folder). `clock` (aware UTC) is the calendar of
+        the gate (daily budget, circuit breaker) and `wait` (a sleep a stop signal cuts
+        short) every wait of the loop: a test moves through a day without living it. A
+        `wait` that lets no real time pass suits the gate's waits and the server
+        back-off, not a usage-limit pause, whose deadline is monotonic time."""
         from pmtool.client import PMClient
         from pmtool.run.poller import Poller, process_agent
 
@@ -256,6 +263,8 @@ class Runner:
         self._told_missing: set[str] = set()
         self._breaker_tripped = False
         self._lost_info: dict[str, Any] | None = None
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._wait = wait or self.stopping.wait
 
     # -- events -------------------------------------------------------------------------
 
@@ -305,7 +314,7 @@ class Runner:
             raise Stop
 
     def _sleep(self, seconds: float) -> None:
-        self.stopping.wait(seconds)
+        self._wait(seconds)
         self._check_stop()
 
     # -- the loop -------------------------------------------------------------------------
@@ -542,7 +551,7 @@ class Runner:
         """Before a claim: the machine's daily budget, and this runner's circuit breaker.
         Each wait is an event and a line on stderr; a stop signal cuts it short."""
         lines = self.ledger.lines()
-        over, spent, tomorrow = fl.over_daily_budget(lines, self.limits)
+        over, spent, tomorrow = fl.over_daily_budget(lines, self.limits, now=self.clock())
         if over:
             self.event("paused", reason="daily_budget", spent_usd=spent,
                        daily_budget_usd=self.limits.daily_budget_usd,
@@ -556,14 +565,14 @@ class Runner:
             return
         mine = [a for a in lines if a.get("kind") == fl.ATTEMPT
                 and a.get("agent_id") == self.opts.agent_id]
-        state = fl.breaker(mine, self.limits)
+        state = fl.breaker(mine, self.limits, now=self.clock())
         if state.state == "open" and state.until is not None:
             self.event("breaker", state="open", failures=state.failures, trips=state.trips,
                        wait_s=state.wait_s, until=fl.iso(state.until))
             self.progress(f"{state.failures} tasks failed in a row: no claims for "
                           f"{state.wait_s:.0f}s (circuit breaker), then one try")
             self._sleep_until(state.until)
-            state = fl.breaker(mine, self.limits)
+            state = fl.breaker(mine, self.limits, now=self.clock())
         if state.state == "half_open":
             self.event("breaker", state="half_open", failures=state.failures,
                        trips=state.trips)
@@ -574,9 +583,7 @@ class Runner:
         self._breaker_tripped = state.state != "closed"
 
     def _sleep_until(self, until: Any) -> None:
-        from datetime import UTC, datetime
-
-        left = (until - datetime.now(UTC)).total_seconds()
+        left = (until - self.clock()).total_seconds()
         if left > 0:
             self._sleep(left)
 
@@ -1080,6 +1087,8 @@ class Runner:
             except PmtoolError as exc:
                 self.progress(f"heartbeat failed: {exc.message} (agent goes on)")
                 continue
+            if info and info.get("late_lock") and self._retake(record):
+                continue
             if info:
                 self.progress(f"{info['reason']}; stopping the agent")
                 self._lost_info = info
@@ -1088,6 +1097,20 @@ class Runner:
                 return
             if beat:
                 self.event("heartbeat", task_id=record.task_id)
+
+    def _retake(self, record: TaskRecord) -> bool:
+        """A lock that landed after our claim had settled took the lock of our task under
+        work (its agent walked away): take it back and go on (pmtool.work.claim.retake_lock)."""
+        try:
+            late = work.retake_lock(self.client, record, settle=self.opts.settle)
+        except PmtoolError as exc:
+            self.progress(f"could not take back the lock: {exc.message}")
+            return False
+        if late:
+            self.event("lock_retaken", task_id=record.task_id, from_agent=late)
+            self.progress(f"task {record.task_id}: {late}'s lock landed after our claim "
+                          "had settled; took it back")
+        return late is not None
 
     def _lost(self, record: TaskRecord) -> None:
         """The task is no longer ours mid-work (moved by a person or an agent, or its lock

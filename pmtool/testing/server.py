@@ -350,6 +350,13 @@ class StandInServer:
         before, self.race_window = self.race_window, max(0.0, float(seconds))
         return before
 
+    def land_late_lock(self, task_id: int, agent_id: str) -> dict:
+        """The second half of a lock request whose check passed while the task was still
+        free, landing now (quirk 2): `agent_id` overwrites whatever lock the task has, as
+        a lock that lands after the winner's settle time does. Answers the task."""
+        with self._lock:
+            return self._set_lock(self._find_task(task_id), self._find_agent(agent_id))
+
     def age_agent(self, agent_id: str, seconds: float) -> dict:
         """Move one agent's `last_seen` `seconds` into the past (the others keep theirs)."""
         with self._lock:

@@ -909,7 +909,7 @@ def park(client: Any, store: RecordStore, agent_id: str, reason: str,
 def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | None:
     """The newest status change of the task in the changelog (who moved it, when), if any."""
     try:
-        entries = client.request("GET", "/api/v1/changelog", params={"limit": limit})
+        entries = client.changelog(limit)
     except (ApiError, ServerError):
         return None
     return next((e for e in entries if e.get("task_id") == task_id), None)
@@ -949,7 +949,54 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
             info["moved_by"] = change.get("changed_by")
             if info["loss"] == "moved":
                 info["reason"] += f" by {change.get('changed_by')}"
+        elif info["loss"] == "taken" and _late_lock(client, record, task, change):
+            info["late_lock"] = True
     return info
+
+
+def _late_lock(client: Any, record: TaskRecord, task: dict[str, Any] | None,
+               change: dict[str, Any] | None = None) -> bool:
+    """Whether another agent's lock on our task under work landed late (quirk 2: its
+    check passed while the task was free, its write after our claim had settled and read
+    back). Nobody changed the task since our own under_work (`change`, the changelog's
+    newest entry for it, read when not given): only the lock moved, which only a racing
+    lock request does, and that agent found the task under work and walked away.
+    `retake_lock` mends it."""
+    if not (task and task.get("status") == UNDER_WORK and claim_done(record)
+            and task.get("locked_by") not in (None, record.agent_id)):
+        return False
+    change = change or moved_by(client, record.task_id)
+    return bool(change and change.get("changed_by") == record.agent_id
+                and change.get("new_status") == UNDER_WORK)
+
+
+def retake_lock(client: Any, record: TaskRecord, settle: float = DEFAULT_SETTLE,
+                sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """Take back the lock of our task under work from an agent whose lock landed late
+    (`check_ours` says `late_lock`); answers that agent's id once the lock is ours again,
+    None when it could not be done (the task is then lost as before).
+
+    There is no unlock and a lock call on a locked task is a 409, even for its holder, so:
+    `pending` (moving out of under_work drops the lock; the server never offers a pending
+    task, so nobody can take it meanwhile), lock, settle and read back as a claim does,
+    then `under_work` again, with a note saying why. Nothing is re-done on our side.
+    """
+    me = record.agent_id
+    task = read_task(client, record.task_id, status=UNDER_WORK)
+    late = (task or {}).get("locked_by")
+    if not task or not late or late == me:
+        return None
+    note = (f"pmtool: {me} takes back its lock on this task from {late}, whose lock "
+            f"landed after {me}'s claim had settled (the server answered 200 to both)")
+    client.set_status(record.task_id, me, bounds.PENDING, notes=_append_notes(task, note))
+    with contextlib.suppress(ApiError):  # read back below: whoever holds it now
+        client.lock(record.task_id, me)
+    sleep(settle)
+    now = read_task(client, record.task_id, status=bounds.PENDING)
+    if not now or now.get("locked_by") != me:
+        return None
+    client.set_status(record.task_id, me, UNDER_WORK, notes=now.get("notes"))
+    return late
 
 
 def record_loss(client: Any, store: RecordStore, record: TaskRecord, info: dict[str, Any],

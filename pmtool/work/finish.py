@@ -96,6 +96,64 @@ def kept_verdict(record: TaskRecord) -> dict[str, Any] | None:
     return None
 
 
+def transcript_verdict(store: RecordStore, record: TaskRecord) -> dict[str, Any] | None:
+    """The verdict of the record's last agent run as pmtool's transcript holds it, for a
+    runner killed after claude's result line reached the transcript but before the
+    verdict was noted (`VERDICT_STEP`); None when that run gave none.
+
+    Only the run the last `agent_starting` step began counts (its `start` line is not
+    older than the step): an earlier run's result in the same transcript (a --resume
+    appends) is no verdict for this one.
+    """
+    from pmtool.agent.claude import log_paths, parse_stream
+
+    last = next((s for s in reversed(record.steps)
+                 if s.get("step") in (VERDICT_STEP, "agent_starting")), None)
+    if last is None or last["step"] == VERDICT_STEP or not last.get("session_id"):
+        return None
+    path, _err = log_paths(store.state_dir / "logs", record.task_id, last["session_id"])
+    run: list[str] | None = None  # the lines of that run, once its start line is read
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            mark = _pmtool_line(line)
+            if mark.get("event") == "start":
+                run = [] if str(mark.get("at") or "") >= str(last.get("at") or "") else None
+            elif run is not None:
+                run.append(line)
+    if not run:
+        return None
+    said = parse_stream(run, record.role)
+    if not said["has_result"] or said["is_error"] or said["outcome"] is None:
+        return None
+    return {"outcome": said["outcome"], "summary": said["summary"],
+            "model": last.get("model") or record.model,
+            "num_turns": said["num_turns"], "source": "transcript"}
+
+
+def _pmtool_line(line: str) -> dict[str, Any]:
+    """A line pmtool wrote into a transcript (`{"type": "pmtool", ...}`), else {}."""
+    if '"pmtool"' not in line:
+        return {}
+    with contextlib.suppress(ValueError):
+        obj = json.loads(line)
+        if isinstance(obj, dict) and obj.get("type") == "pmtool":
+            return obj
+    return {}
+
+
+def kept_or_transcript_verdict(store: RecordStore, record: TaskRecord) -> dict[str, Any] | None:
+    """The record's verdict: the one noted, else the one its transcript holds
+    (`transcript_verdict`), which is noted now, so that the finish goes on from it and
+    the agent is not run again to give the same verdict twice."""
+    verdict = kept_verdict(record)
+    if verdict is None:
+        verdict = transcript_verdict(store, record)
+        if verdict is not None:
+            record.step(VERDICT_STEP, verdict=verdict)
+            store.save(record)
+    return verdict
+
+
 def parts_done(record: TaskRecord) -> dict[str, dict[str, Any]]:
     """The finish steps noted since the last verdict, by part."""
     done: dict[str, dict[str, Any]] = {}

@@ -21,6 +21,7 @@ from typing import Any
 from pmtool import failure_policy as fl
 from pmtool import ledger as bounds
 from pmtool.errors import ApiError, NothingToDo, ServerError, UsageError, detail_text
+from pmtool.faults import fault as _fault
 from pmtool.models import same_task
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.work.claim import (
@@ -31,11 +32,13 @@ from pmtool.work.claim import (
     UNDER_WORK,
     _append_notes,
     _drop_stray_lock,
+    _late_lock,
     _ours,
     _release_on_server,
     _why_not_ours,
     claim_abandoned,
     read_task,
+    retake_lock,
 )
 
 
@@ -112,13 +115,15 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
                 entry["id_reused"], task = True, None
             if not dry_run:
                 entry["ended"] = _end_leftovers(store, record)
-            if not agent_id and not give_back and record.pid != me:
+            if give_back_begun(record):
+                give_back_now = True  # a recover killed while it gave the task back
+            elif not agent_id and not give_back and record.pid != me:
                 dead = _dead_for(store, record, now)
                 entry["dead_for_s"] = round(dead)
                 give_back_now = dead >= grace
             else:
                 give_back_now = give_back
-            if not _finish_phase(record, entry, dry_run, finisher):
+            if not _finish_phase(store, record, entry, dry_run, finisher):
                 _reconcile(client, store, record, task, entry, dry_run, give_back_now,
                            settle, sleep, wait=not agent_id and not give_back_now,
                            limits=limits)
@@ -196,13 +201,18 @@ def _end_leftovers(store: RecordStore, record: TaskRecord) -> list[int]:
     return ended
 
 
-def _finish_phase(record: TaskRecord, entry: dict[str, Any], dry_run: bool,
-                  finisher: Callable[[TaskRecord], dict[str, Any]] | None) -> bool:
+def _finish_phase(store: RecordStore, record: TaskRecord, entry: dict[str, Any],
+                  dry_run: bool, finisher: Callable[[TaskRecord], dict[str, Any]] | None
+                  ) -> bool:
     """A record whose agent gave its verdict is finished, never released (the server
-    may already show the new status: that is our own doing, not someone else's)."""
-    from pmtool.work.finish import kept_verdict
+    may already show the new status: that is our own doing, not someone else's). A
+    verdict its runner died before noting, still in the transcript, counts too."""
+    from pmtool.work.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
 
-    verdict = kept_verdict(record)
+    if dry_run:
+        verdict = kept_verdict(record) or transcript_verdict(store, record)
+    else:
+        verdict = kept_or_transcript_verdict(store, record)
     if verdict is None:
         return False
     entry.update(action="finish", outcome=verdict.get("outcome"),
@@ -258,6 +268,38 @@ def _rescue_worktree(record: TaskRecord) -> str | None:
     return (answer.get("rescued") or {}).get("ref")
 
 
+GIVE_BACK_STEP = "recover-give-back"
+
+
+def give_back_begun(record: TaskRecord) -> dict[str, Any] | None:
+    """The step of a give-back by recover that a kill cut short: the worktree is gone (its
+    work on the rescue ref it names), so the next recover completes it, grace or not."""
+    return next((s for s in reversed(record.steps) if s.get("step") == GIVE_BACK_STEP), None)
+
+
+def _begin_give_back(store: RecordStore, record: TaskRecord, why: str
+                     ) -> tuple[str | None, str]:
+    """Rescue the worktree and count the attempt, once per claim, noted in the record
+    before the server is told: a recover killed in between is completed by the next one
+    with the same rescue ref in the notes, and the attempt counted once."""
+    begun = give_back_begun(record)
+    if begun is None:
+        rescued = _rescue_worktree(record)
+        note = f"given back by pmtool recover ({why})" + (
+            f"; uncommitted work saved at {rescued}" if rescued else "")
+        record.step(GIVE_BACK_STEP, rescued=rescued, note=note)
+        store.save(record)
+    else:
+        rescued, note = begun.get("rescued"), str(begun.get("note") or why)
+    ledger = bounds.Ledger(store.state)
+    if not any(line.get("claimed_at") == record.claimed_at and line.get("agent_id")
+               == record.agent_id for line in fl.attempts_of(ledger.lines(), record.task)):
+        bounds.account(ledger, record.task, record.agent_id, outcome="given_back",
+                       kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
+                       claimed_at=record.claimed_at)
+    return rescued, note
+
+
 def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
                task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
                give_back: bool, settle: float, sleep: Callable[[float], None],
@@ -272,7 +314,8 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
         if not dry_run:
             store.close(record, "released", reason=reason, status=(task or {}).get("status"))
 
-    if not _ours(task, record):
+    late = not _ours(task, record) and _late_lock(client, record, task)
+    if not _ours(task, record) and not late:
         if task and task.get("locked_by") == agent_id:
             # The claim died between the lock and under_work: no work was done, so the
             # task goes back to the queue rather than stay locked with no runner on it.
@@ -288,14 +331,9 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
         dead = entry.get("dead_for_s")
         why = "runner gone" + (f" for {dead}s" if dead is not None else "")
         if not dry_run:
-            rescued = _rescue_worktree(record)
+            rescued, note = _begin_give_back(store, record, why)
             entry["rescued"] = rescued
-            note = f"given back by pmtool recover ({why})" + (
-                f"; uncommitted work saved at {rescued}" if rescued else "")
-            ledger = bounds.Ledger(store.state)
-            bounds.account(ledger, record.task, agent_id, outcome="given_back",
-                           kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
-                           claimed_at=record.claimed_at)
+            _fault("give-back")
             _release_on_server(client, agent_id, task, record.previous_status,
                                f"{agent_id}: {note}")
         released(f"given back to the queue ({record.previous_status}; {why})")
@@ -314,6 +352,14 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
     # Re-register first: a dead runner sent no heartbeat, and its lock goes to the next
     # agent that asks for work once last_seen is 30 minutes old (quirk 3).
     client.register(agent_id, record.role, record.level)
+    if late:
+        taken_from = retake_lock(client, record, settle, sleep)
+        if taken_from is None:
+            released(f"the lock went to {task.get('locked_by')} and could not be taken back")
+            return
+        entry.update(reason=f"still ours; took back the lock from {taken_from}, whose lock "
+                            "had landed after the claim settled", lock_retaken=taken_from)
+        task = read_task(client, record.task_id, status=UNDER_WORK) or task
     if task.get("locked_by") is None:
         # The lock ran out, but nobody can have been handed an under_work task since:
         # lock it again, with the claim's settle-and-verify, and resume.

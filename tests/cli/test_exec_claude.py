@@ -355,7 +355,12 @@ def test_resume_after_pmtool_was_killed(scene: Scene, server: ScriptedModelServe
     # The resumed run sent the earlier conversation: the Write call and its result.
     opening = json.dumps(server.main_requests(session)[2]["messages"])
     assert "progress.txt" in opening and "tool_result" in opening
-    assert "interrupted" in opening  # the continuation prompt
+    # The continuation prompt says the task again: when a kill cut claude's session file
+    # short, it is all the resumed agent sees of the task.
+    last = server.main_requests(session)[2]["messages"][-1]
+    continuation = json.dumps(last["content"])
+    assert last["role"] == "user" and "interrupted" in continuation
+    assert scene.task["description"] in continuation and scene.task["title"] in continuation
     assert scene.git("log", "-1", "--format=%s", "feature/login").strip() == \
         "Finish the login page"
     record = scene.store.load("dev_001")

@@ -373,6 +373,31 @@ def test_status_lists_dead_runners_parked_tasks_and_sizes(tmp_path: Path) -> Non
     assert out["usage"]["logs_bytes"] == 1000
 
 
+def test_status_drops_a_dead_runner_with_no_record_once_it_has_been_quiet(
+        tmp_path: Path) -> None:
+    # Runner lock files are never removed (see ops.status): a runner that ran here once
+    # and holds no task is listed while it has something recent to say, then no more.
+    state = StateDir(tmp_path / "state")
+    state.runners_dir.mkdir(parents=True)
+    for agent in ("dev_old", "dev_recent"):
+        (state.runners_dir / f"{agent}.lock").write_text("999999999")  # a dead pid
+    state.append_event("dev_old", {"ok": True, "event": "stopped", "time": ago(days=3),
+                                   "agent": "dev_old"})
+    state.append_event("dev_recent", {"ok": True, "event": "stopped", "time": ago(hours=1),
+                                      "agent": "dev_recent"})
+    out = pmtool("status", env=state_env(tmp_path)).out
+    assert [(r["agent_id"], r["step"]) for r in out["runners"]] == [("dev_recent", "stopped")]
+    assert (state.runners_dir / "dev_old.lock").exists()
+    # A dead runner with a record is listed however quiet: its task waits for someone.
+    live_record(state.root, agent_id="dev_old", task_id=7)
+    data = json.loads((state.records_dir / "dev_old.json").read_text())
+    data["pid"] = 999999999
+    (state.records_dir / "dev_old.json").write_text(json.dumps(data))
+    out = pmtool("status", env=state_env(tmp_path)).out
+    assert {r["agent_id"]: r["step"] for r in out["runners"]} == {"dev_old": "dead",
+                                                                   "dev_recent": "stopped"}
+
+
 def test_step_follows_the_last_event() -> None:
     cases = {("claimed", None): "claiming", ("idle", None): "polling",
              ("finished", None): "finishing", ("worktree", None): "agent"}

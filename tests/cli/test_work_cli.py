@@ -190,6 +190,52 @@ def test_claim_with_no_task_registers_nobody_and_lists_no_history(env, queue, pm
                          {"status": "pending", "role": "backend_dev"}]
 
 
+@pytest.mark.parametrize("bad", ["", " ", "../x", "..", "dev 1", "a/b", "x" * 65])
+def test_a_bad_agent_id_is_a_usage_error_and_nothing_is_sent(bad, make_standin, tmp_path):
+    # An empty id once registered an agent named "" and locked a task with no owner; "../x"
+    # named the record `records/_.json`. Every command that takes an agent id refuses it
+    # while parsing its arguments: exit 2, no request, no state written.
+    server = make_standin()
+    env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": server.api_key,
+           "PMTOOL_STATE_DIR": str(tmp_path / "state"),
+           "PMTOOL_CONFIG": str(tmp_path / "no-config.toml")}
+    for args in (["claim", "--agent-id", bad, "--role", "backend_dev"],
+                 ["register", "--agent-id", bad, "--role", "backend_dev"],
+                 ["lock", "acquire", "1", "--agent-id", bad, "--role", "backend_dev"],
+                 ["lock", "release", "--agent-id", bad],
+                 ["recover", "--agent-id", bad],
+                 ["recover", "--orphans", "--as-agent", bad],
+                 ["exec-claude", "--agent-id", bad],
+                 ["run", "--agent-id", "dev_1", "--agent-id", bad, "--role", "backend_dev",
+                  "--single-task"]):
+        r = pmtool(*args, env=env)
+        assert r.code == 2 and r.out["error"]["type"] == "usage", (args, r.out)
+        assert "A-Z a-z 0-9 . _ -" in r.out["error"]["message"]
+    assert server.requests() == []
+    assert not (tmp_path / "state" / "records").exists() or \
+        not list((tmp_path / "state" / "records").iterdir())
+
+
+@pytest.mark.parametrize("command", [["claim"], ["run"], ["exec-claude"], ["lock", "show"],
+                                     ["recover"]])
+def test_the_agent_id_character_set_is_in_the_help(command):
+    shown = subprocess.run([PMTOOL, *command, "--help"], capture_output=True, text=True,
+                           timeout=60, check=True).stdout
+    assert "A-Z a-z 0-9 . _ -" in " ".join(shown.split()), shown
+
+
+def test_run_agents_ids_are_checked_after_numbering(make_standin, tmp_path):
+    # `--agents 2 --agent-id X` makes: a 63-character X is fine alone, too long
+    # numbered.
+    server = make_standin()
+    env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": server.api_key,
+           "PMTOOL_STATE_DIR": str(tmp_path / "state")}
+    r = pmtool("run", "--agent-id", "d" * 63, "--agents", "2", "--role", "backend_dev",
+               env=env)
+    assert r.code == 2 and "d" * 63 + "-1" in r.out["error"]["message"]
+    assert server.requests() == []
+
+
 def test_claim_registers_right_before_its_lock(env, queue, pm_server):
     task = queue.create_task(title="for a backend developer")
     # An id the server keeps as another role (quirk 4) is refused before anything is

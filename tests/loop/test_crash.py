@@ -24,8 +24,13 @@ from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
 
 # Points at which the agent had given its verdict: from there the task is finished, by
-# the next start or by recover, never given back.
-FINISH_POINTS = ("leftover", "push", "status", "post-task", "worktree-remove", "close")
+# the next start or by recover, never given back. At agent-end the verdict is only in the
+# transcript (pmtool was killed before noting it): that counts too.
+FINISH_POINTS = ("agent-end", "leftover", "push", "status", "post-task", "worktree-remove",
+                 "close")
+
+# Points only `pmtool recover` reaches (its own give-back of a dead runner's task).
+RECOVER_POINTS = ("give-back",)
 
 
 def _hooks(world: World) -> None:
@@ -80,7 +85,7 @@ def _kill_at(world: World, point: str, task: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("how", ["restart", "recover"])
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", [p for p in POINTS if p not in RECOVER_POINTS])
 def test_killed_at_any_step_every_task_and_process_is_accounted_for(
         world: World, point: str, how: str) -> None:
     _hooks(world)
@@ -141,6 +146,38 @@ def test_recover_killed_while_it_completes_a_finish_is_completed_by_the_next_rec
     assert _closed(world, task["id"]) == ["done"]
     assert _starts(world, "post_task") == 1
     assert world.store.load("dev_1") is None
+    _no_worktree_left(world, task["id"])
+
+
+def test_recover_killed_while_it_gives_a_task_back_is_completed_by_the_next_recover(
+        world: World) -> None:
+    from pmtool.failure_policy import attempts_of
+    from pmtool.ledger import Ledger
+
+    task = world.task()
+    _kill_at(world, "agent-tool", task)  # the agent's file is left uncommitted
+    killed = subprocess.run([PMTOOL, "recover", "--all", "--give-back"],
+                            env={**world.env, "PMTOOL_FAULT": "give-back"},
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert killed.returncode == -9, killed.stderr
+    begun = [s for s in world.store.load("dev_1").steps if s["step"] == "recover-give-back"]
+    assert len(begun) == 1 and world.status(task["id"])["status"] == "under_work"
+    rescued = begun[0]["rescued"]
+    # Plain cron recover, no --give-back and well within the grace: a give-back that was
+    # begun (the worktree is gone) is completed, not kept waiting for its runner.
+    again = subprocess.run([PMTOOL, "recover", "--all"], env=world.env, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["entries"][0]["action"] == "released"
+    server = world.status(task["id"])
+    assert server["status"] == "created" and server["locked_by"] is None, server
+    assert "given back by pmtool recover" in server["notes"]
+    if rescued:
+        assert rescued in server["notes"]
+    assert world.store.load("dev_1") is None
+    assert _closed(world, task["id"]) == ["released"]
+    attempts = attempts_of(Ledger(world.state).lines(), task)
+    assert len(attempts) == 1 and attempts[0]["stop"] == "killed"  # counted once
     _no_worktree_left(world, task["id"])
 
 
@@ -417,3 +454,89 @@ def test_an_unreadable_record_of_another_agent_does_not_stop_a_runner(world: Wor
     assert run.code == 0, run.stderr[-3000:]
     assert world.status(task["id"])["status"] == "dev_done"
     assert other.read_bytes() == b"\x87\xff\xfe not a record"  # another agent's: for recover
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(180)
+def test_a_verdict_in_the_transcript_is_used_after_a_kill_not_asked_again(
+        world: World) -> None:
+    """Killed after claude wrote its result line (the verdict is in pmtool's transcript)
+    but before pmtool noted it: the next start finishes with that verdict. The model is
+    asked nothing more and the branch holds the agent's one commit, not two."""
+    task = world.task()
+    base = world.git("rev-parse", "HEAD")
+    with ScriptedModelServer() as model:
+        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Write("ping.py", "def ping():\n    return 'pong'\n"),
+                          Bash("git add -A && git commit -q -m 'Add ping'"),
+                          Structured({"outcome": "done", "summary": "Ping added."})])
+        killed = world.run("--single-task", "--real-claude",
+                           env={**env, "PMTOOL_FAULT": "agent-end"})
+        assert killed.code == -9, killed.stderr[-2000:]
+        logs = list((world.state / "logs").glob(f"task-{task['id']}-*.jsonl"))
+        assert any('"type": "result"' in p.read_text() or '"type":"result"' in p.read_text()
+                   for p in logs)
+        asked = len(model.requests)
+        again = world.run("--single-task", "--real-claude", env=env)
+        assert again.code == 0, again.stderr[-3000:]
+        assert len(model.requests) == asked  # nothing more asked of the model
+    assert not again.of("agent")  # no agent run on the restart
+    finished = again.of("finished")[0]
+    assert finished["outcome"] == "done" and finished["summary"] == "Ping added."
+    assert world.git("rev-list", "--count", f"{base}..{task['branch']}") == "1"
+    assert dev_done_count(world, task["id"]) == 1
+    assert _closed(world, task["id"]) == ["done"]
+    _no_worktree_left(world, task["id"])
+
+
+@pytest.mark.e2e
+@needs_claude
+@pytest.mark.timeout(180)
+def test_a_session_file_cut_short_by_a_kill_still_gives_the_agent_its_task(
+        world: World) -> None:
+    """The kill cut claude's own session file short, before the prompt: claude finds no
+    conversation to resume, and refuses to start afresh under that id (its file exists).
+    The task starts afresh under a new session id, with the whole prompt, and is done;
+    before, the run failed twice ("Session ID ... is already in use") and was given back."""
+    task = world.task(title="Add a ping endpoint")
+    with ScriptedModelServer() as model:
+        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
+               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        model.set_script([Write("half.txt", "half\n"), Hang(),
+                          Bash("git add -A && git commit -q -m 'Finish after resume'"),
+                          Structured({"outcome": "done", "summary": "Done."})])
+        proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
+                                cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: len(model.main_requests()) >= 2, timeout=30, what="the hang")
+            proc.kill()
+            proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        record = world.store.load("dev_1")
+        session = record.session_id
+        agent = next(s for s in reversed(record.steps) if s["step"] == "agent_running")
+        # claude writes its session file on its way out (SIGTERM from the keeper): cut it
+        # only once claude is gone.
+        wait_for(lambda: not psutil.pid_exists(agent["pid"])
+                 or psutil.Process(agent["pid"]).status() == psutil.STATUS_ZOMBIE,
+                 what="the agent to end")
+        (kept,) = (world.tmp / "home").rglob(f"{session}.jsonl")
+        lines = kept.read_text().splitlines(keepends=True)
+        first_user = next(n for n, line in enumerate(lines)
+                          if json.loads(line).get("type") == "user")
+        kept.write_text("".join(lines[:first_user]))  # cut before the prompt
+        model.set_script([Write("half.txt", "half\n"),
+                          Bash("git add -A && git commit -q -m 'Start afresh'"),
+                          Structured({"outcome": "done", "summary": "Done."})])
+        asked = len(model.main_requests())
+        again = world.run("--single-task", "--real-claude", env=env)
+        assert again.code == 0, again.stderr[-3000:]
+        fresh = model.main_requests()[asked]
+    said = json.dumps(fresh["messages"])
+    assert "Do it well." in said and task["title"] in said  # the description, the title
+    (ran,) = again.of("agent")
+    assert ran["ok"] and ran["session_id"] != session, again.stderr
+    assert world.status(task["id"])["status"] == "dev_done"
+    assert _closed(world, task["id"]) == ["done"]

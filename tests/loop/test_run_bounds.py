@@ -282,6 +282,71 @@ def test_daily_budget_stops_claims_for_the_day(world: World) -> None:
     assert world.status(left["id"])["status"] == "created"
 
 
+# A continuous runner (no --single-task) on a clock the test moves: the day's budget is
+# spent at START, the runner waits until the next midnight of *that* clock (its waits move
+# the clock instead of passing), then claims. Run in a process of its own: a runner makes
+# itself a subreaper, which pytest must not become.
+BUDGET_RUNNER = """
+import json, sys
+from datetime import UTC, datetime, timedelta
+from pmtool import bounds, failures
+from pmtool.config import load_settings
+from pmtool.run.loop import Runner, RunOptions
+
+start = datetime.fromisoformat(sys.argv[3])
+now = [start]
+waits = []
+
+def wait(seconds):
+    waits.append(seconds)
+    now[0] += timedelta(seconds=seconds)
+
+settings = load_settings({})
+task = {"id": 999, "created_at": "x", "title": "an earlier task"}
+bounds.Ledger(settings.state_path).add(failures.attempt_line(
+    task, "dev_1", outcome="done", kind="ok", cost_usd=2.0, at=start))
+opts = RunOptions.from_settings(settings, agent_id="dev_1", role="backend_dev",
+                                level="senior", repo=sys.argv[1], max_tasks=1,
+                                agent_cmd=sys.argv[2], settle=0.05, idle_poll=0.5)
+runner = Runner(settings, opts, lambda e: print(json.dumps(e), flush=True),
+                clock=lambda: now[0], wait=wait)
+code = runner.run()
+print(json.dumps({"code": code, "waits": waits, "now": now[0].isoformat()}),
+      file=sys.stderr, flush=True)
+"""
+
+
+def test_daily_budget_waits_until_midnight_in_the_continuous_loop(world: World) -> None:
+    import sys
+    import textwrap
+    from datetime import UTC, datetime, timedelta
+
+    task = world.task()
+    # Late in the day of a clock the test sets (relative to now, never a calendar date),
+    # so that a real wait until midnight would take the test's whole time limit and more.
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = day + timedelta(hours=23, minutes=50)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(BUDGET_RUNNER), str(world.repo),
+         fake_agent_command(), start.isoformat()],
+        env={**world.env, "PMTOOL_DAILY_BUDGET_USD": "1.0"}, cwd=world.repo,
+        capture_output=True, text=True, timeout=120, check=False)
+    run = Run(proc.returncode, events(proc.stdout), proc.stderr)
+    assert run.code == 0, run.stderr[-3000:]
+    (paused,) = [e for e in run.of("paused") if e.get("reason") == "daily_budget"]
+    assert paused["spent_usd"] == 2.0 and paused["until"].startswith(
+        (day + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00"))
+    done = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert done["code"] == 0
+    # The wait went to midnight of the runner's clock (10 minutes), and no further.
+    assert sum(done["waits"]) == pytest.approx(600, abs=1)
+    assert datetime.fromisoformat(done["now"]) >= day + timedelta(days=1)
+    kinds = [e["event"] for e in run.events]
+    assert kinds.index("paused") < kinds.index("claimed")
+    assert run.of("finished")[0]["task_id"] == task["id"]
+    assert world.status(task["id"])["status"] == "dev_done"
+
+
 def test_random_500s_and_resets_never_end_the_run_nor_finish_twice(world: World) -> None:
     """A server that answers 500 (plain text, and resets the next request on that
     connection, as the real one does) to one call in ten: every task ends dev_done once."""

@@ -383,6 +383,61 @@ def test_heartbeat_notices_the_task_was_given_away(world: World) -> None:
     assert world.store.load("dev_1") is None
 
 
+def test_a_lock_that_lands_after_the_claim_settled_does_not_take_the_task(
+        world: World) -> None:
+    # Quirk 2: another agent's lock request passed its check while the task was free and
+    # its write lands only now, after our claim settled, read back and set under_work. That
+    # agent read the task back, found it under work and walked away; the lock is its.
+    task = world.task()
+    world.seeder.register("dev_late", "backend_dev", "senior")
+    proc = world.start("--heartbeat", "0.2", "--single-task",
+                       env={"PMTOOL_FAKE_AGENT_SLEEP": "3"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
+    world.server.land_late_lock(task["id"], "dev_late")
+    assert world.status(task["id"])["locked_by"] == "dev_late"
+    out, err = proc.communicate(timeout=60)
+    run = Run(proc.returncode, events(out), err)
+    assert run.code == 0, err
+    (retaken,) = run.of("lock_retaken")
+    assert retaken["from_agent"] == "dev_late" and not run.of("lost")
+    assert run.of("agent")[0]["ok"] and len(run.of("agent")) == 1  # the agent ran once
+    final = world.status(task["id"])
+    assert final["status"] == "dev_done" and final["locked_by"] is None
+    assert "takes back its lock on this task from dev_late" in final["notes"]
+    assert dev_done_count(world, task["id"]) == 1
+
+
+@pytest.mark.parametrize("how", ["restart", "recover"])
+def test_a_late_lock_on_a_dead_runners_task_is_taken_back_or_dropped(
+        world: World, how: str) -> None:
+    # The runner died mid-agent, and a racing lock landed meanwhile: its next start takes
+    # the lock back and resumes; cron's give-back puts the task back in the queue unlocked
+    # (before, the record was closed as "not ours" and the task stayed under work, locked
+    # by an agent that never worked it).
+    task = world.task()
+    world.seeder.register("dev_late", "backend_dev", "senior")
+    proc = world.start(env={"PMTOOL_FAKE_AGENT_SLEEP": "30"})
+    wait_for(lambda: (r := world.store.load("dev_1")) and r.session_id, what="agent start")
+    proc.kill()
+    proc.communicate()
+    world.server.land_late_lock(task["id"], "dev_late")
+    if how == "restart":
+        again = world.run("--single-task")
+        assert again.code == 0, again.stderr
+        assert again.of("resumed")[0]["task_id"] == task["id"]
+        assert world.status(task["id"])["status"] == "dev_done"
+        assert "takes back its lock on this task from dev_late" in \
+            world.status(task["id"])["notes"]
+    else:
+        done = subprocess.run([PMTOOL, "recover", "--all", "--give-back"], env=world.env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["entries"][0]["action"] == "released"
+        back = world.status(task["id"])
+        assert back["status"] == "created" and back["locked_by"] is None, back
+    assert world.store.load("dev_1") is None
+
+
 def test_heartbeat_keeps_the_lock_past_the_30_minute_rule(world: World) -> None:
     task = world.task()
     proc = world.start("--heartbeat", "0.2", "--single-task",

@@ -72,6 +72,46 @@ def test_exit_status_is_the_childs(script: str, code: int, name: str | None,
     assert (child.inner_pid != child.pid) is keeper
 
 
+@pytest.mark.parametrize("keeper", [True, False], ids=["kept", "bare"])
+def test_no_python_runs_between_fork_and_exec(keeper: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # `run --agents N` starts children from several threads: a preexec_fn there can
+    # deadlock the child on a lock another thread held at the fork. The keeper asks for its
+    # parent-death signal itself (test_a_child_dies_with_its_killed_parent holds it to it).
+    if keeper and not procs.has_keeper():
+        pytest.skip("no keeper here (Linux only)")
+    seen: list[dict] = []
+    real = subprocess.Popen
+
+    def popen(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with procs.start(["true"], keeper=keeper, parent_death=signal.SIGTERM) as child:
+        assert child.wait(10).exit_code == 0
+    assert seen and all(kw.get("preexec_fn") is None for kw in seen), seen
+    assert all(kw.get("start_new_session") for kw in seen)  # its own process group still
+
+
+@pytest.mark.skipif(not procs.has_keeper(), reason="the keeper is Linux only")
+def test_children_started_from_many_threads_at_once_all_run() -> None:
+    import threading
+
+    codes: list[int | None] = []
+
+    def one(n: int) -> None:
+        with procs.start(["sh", "-c", f"exit {n}"], parent_death=signal.SIGTERM) as child:
+            codes.append(child.wait(30).exit_code)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(8) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(codes) == sorted(n for n in range(8) for _ in range(3))
+
+
 def test_pmtool_keeper_0_turns_the_keeper_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PMTOOL_KEEPER", "0")
     assert not procs.has_keeper()

@@ -7,6 +7,7 @@ same functions are exercised against the real HTTP server in test_work_cli.py.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -525,3 +526,83 @@ def test_park_leaves_a_task_that_moved_on(store):
     assert result["action"] == "moved_on" and server.tasks[1]["status"] == "dev_done"
     assert not [c for c in server.calls[writes:] if c[0] in ("status", "comment")]
     assert store.load("dev_1") is None
+
+
+# -- a lock that landed late; a verdict left in the transcript ------------------------------
+
+
+def _under_work_by_me(store: RecordStore, server: FakeServer) -> TaskRecord:
+    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior", settle=0,
+                         runner_pid=os.getpid(), sleep=no_sleep)
+    return claimed.record
+
+
+def test_a_late_lock_is_taken_back_only_when_nobody_moved_the_task(store):
+    server = FakeServer(task(1))
+    record = _under_work_by_me(store, server)
+    server.changelog = lambda limit=50: [{"task_id": 1, "new_status": "under_work",
+                                          "changed_by": "dev_1"}]
+    server.tasks[1]["locked_by"] = "dev_late"  # its write lands now (quirk 2)
+    info = work.check_ours(server, record)
+    assert info and info["loss"] == "taken" and info["late_lock"] is True
+    assert work.retake_lock(server, record, settle=0, sleep=no_sleep) == "dev_late"
+    assert server.tasks[1]["status"] == "under_work" and server.tasks[1]["locked_by"] == "dev_1"
+    assert [c[2] for c in server.calls[-6:] if c[0] == "status"] == ["pending", "under_work"]
+    assert work.check_ours(server, record) is None
+    # Someone who moved the task (the changelog's newest change is theirs) has taken it.
+    server.changelog = lambda limit=50: [{"task_id": 1, "new_status": "under_work",
+                                          "changed_by": "pm"}]
+    server.tasks[1]["locked_by"] = "dev_2"
+    info = work.check_ours(server, record)
+    assert info["loss"] == "taken" and info["moved_by"] == "pm" and "late_lock" not in info
+
+
+def test_a_late_lock_that_cannot_be_taken_back_is_left_for_a_person(store):
+    server = FakeServer(task(1))
+    record = _under_work_by_me(store, server)
+    server.tasks[1]["locked_by"] = "dev_late"
+
+    def rival(t: dict) -> None:  # another lock lands on top of ours while we settle
+        t["locked_by"] = "dev_other"
+
+    server.after_lock = rival
+    assert work.retake_lock(server, record, settle=0, sleep=no_sleep) is None
+    # Pending (never offered by the server), with the note saying what was tried.
+    assert server.tasks[1]["status"] == "pending"
+    assert "takes back its lock on this task from dev_late" in server.tasks[1]["notes"]
+
+
+def test_only_the_verdict_of_the_last_run_in_the_transcript_counts(store):
+    from pmtool.agent.claude import log_paths
+    from pmtool.state import now_iso
+    from pmtool.work.finish import kept_or_transcript_verdict, kept_verdict, transcript_verdict
+
+    server = FakeServer(task(1))
+    record = _under_work_by_me(store, server)
+    log, _err = log_paths(store.state_dir / "logs", 1, "s-1")
+    log.parent.mkdir(parents=True)
+    verdict = {"type": "result", "subtype": "success", "is_error": False, "num_turns": 3,
+               "structured_output": {"outcome": "done", "summary": "An earlier run."},
+               "result": "{}", "total_cost_usd": 0.01}
+
+    def start() -> str:
+        return json.dumps({"type": "pmtool", "event": "start", "at": now_iso(),
+                           "session_id": "s-1"}) + "\n"
+
+    log.write_text(start() + json.dumps(verdict) + "\n")  # an earlier run's verdict
+    record.session_id = "s-1"
+    record.step("agent_starting", session_id="s-1", model="sonnet")
+    store.save(record)
+    assert transcript_verdict(store, record) is None  # this run has not started yet
+    with log.open("a") as fh:  # this run started, was killed mid-work: no result
+        fh.write(start() + json.dumps({"type": "assistant", "message": {"id": "m"}}) + "\n")
+    assert transcript_verdict(store, record) is None
+    with log.open("a") as fh:  # ... or after its result line reached the transcript
+        fh.write(json.dumps({**verdict, "structured_output": {"outcome": "blocked",
+                                                               "summary": "No access."}}))
+    said = transcript_verdict(store, record)
+    assert said is not None and (said["outcome"], said["summary"], said["source"]) == \
+        ("blocked", "No access.", "transcript")
+    assert kept_verdict(store.load("dev_1")) is None
+    assert kept_or_transcript_verdict(store, store.load("dev_1"))["outcome"] == "blocked"
+    assert kept_verdict(store.load("dev_1"))["outcome"] == "blocked"  # noted now
