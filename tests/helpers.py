@@ -320,6 +320,22 @@ def dev_done_count(world: World, task_id: int) -> int:
                if c["task_id"] == task_id and c["new_status"] == "dev_done")
 
 
+
+def kill_the_runner_mid_agent(world: World, env: dict[str, str], model: Any,
+                              requests: int, timeout: float = 30) -> None:
+    """`pmtool run --real-claude`, killed (SIGKILL) once the scripted model has had
+    `requests` main requests (its script hangs there): a runner dying mid-agent."""
+    proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
+                            cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(model.main_requests()) >= requests, timeout=timeout,
+                 what="the hang")
+        proc.kill()
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
 # -- processes and small HTTP servers shared by several test files -------------------------
 
 

@@ -17,7 +17,17 @@ from typing import Any
 import psutil
 import pytest
 
-from helpers import CLAUDE, PMTOOL, Run, World, dev_done_count, events, needs_claude, wait_for
+from helpers import (
+    CLAUDE,
+    PMTOOL,
+    Run,
+    World,
+    dev_done_count,
+    events,
+    kill_the_runner_mid_agent,
+    needs_claude,
+    wait_for,
+)
 from pmtool.faults import POINTS
 from pmtool.state import StateDir
 from pmtool.testing.claude_env import claude_env
@@ -300,15 +310,7 @@ def test_real_claude_killed_mid_tool_recover_ends_every_child(world: World) -> N
                           Bash("env -i setsid sleep 300 > /dev/null 2>&1 < /dev/null &"),
                           Hang(),
                           Structured({"outcome": "done", "summary": "never reached"})])
-        proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
-                                cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            wait_for(lambda: len(model.main_requests()) >= 3, timeout=60, what="the hang")
-            proc.kill()
-            proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        kill_the_runner_mid_agent(world, env, model, requests=3, timeout=60)
         # The runner's keeper may be ending the agent's tree by now (Linux), or not (no
         # parent-death signal): either way recover must leave nothing behind.
         done = subprocess.run([PMTOOL, "recover", "--all", "--give-back"], env=env,
@@ -505,15 +507,7 @@ def test_a_session_file_cut_short_by_a_kill_still_gives_the_agent_its_task(
         model.set_script([Write("half.txt", "half\n"), Hang(),
                           Bash("git add -A && git commit -q -m 'Finish after resume'"),
                           Structured({"outcome": "done", "summary": "Done."})])
-        proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
-                                cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            wait_for(lambda: len(model.main_requests()) >= 2, timeout=30, what="the hang")
-            proc.kill()
-            proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        kill_the_runner_mid_agent(world, env, model, requests=2)
         record = world.store.load("dev_1")
         session = record.session_id
         agent = next(s for s in reversed(record.steps) if s["step"] == "agent_running")

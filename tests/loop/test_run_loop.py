@@ -22,6 +22,7 @@ from helpers import (
     World,
     dev_done_count,
     events,
+    kill_the_runner_mid_agent,
     needs_claude,
     read_pty,
     wait_for,
@@ -544,15 +545,7 @@ def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) 
         model.set_script([Write("half.txt", "half\n"), Hang(),
                           Bash("git add -A && git commit -q -m 'Finish after resume'"),
                           Structured({"outcome": "done", "summary": "Resumed and done."})])
-        proc = subprocess.Popen([PMTOOL, "run", *world.args("--real-claude")], env=env,
-                                cwd=world.repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            wait_for(lambda: len(model.main_requests()) >= 2, timeout=30, what="the hang")
-            proc.kill()
-            proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        kill_the_runner_mid_agent(world, env, model, requests=2)
         session = world.store.load("dev_1").session_id
         again = world.run("--single-task", "--real-claude", env=env)
         assert again.code == 0, again.stderr
