@@ -138,7 +138,7 @@ def test_health_fails_a_state_folder_it_cannot_write(tmp_path: Path, small_fs: S
                                                      how: str) -> None:
     state = small_fs.mount("state", size_kb=256)
     StateDir(state).ensure()
-    env = {"PMTOOL_STATE_DIR": str(state), "PMTOOL_CONFIG": str(tmp_path / "none.toml"),
+    env = {"PMTOOL_STATE_DIR": str(state), "PMTOOL_CONFIG": os.devnull,
            "HEADLESS_PM_WORKTREE_BASE": str(tmp_path), "PMTOOL_DISK_MIN_FREE_MB": "0"}
     assert pmtool("health", "--check", "disk", env=env).code == 0
     if how == "full":

@@ -289,7 +289,7 @@ def test_daily_budget_stops_claims_for_the_day(world: World) -> None:
 BUDGET_RUNNER = """
 import json, sys
 from datetime import UTC, datetime, timedelta
-from pmtool import bounds, failures
+from pmtool import failure_policy as failures, ledger as bounds
 from pmtool.config import load_settings
 from pmtool.run.loop import Runner, RunOptions
 
