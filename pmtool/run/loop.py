@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool import ledger as bounds
@@ -79,6 +79,9 @@ from pmtool.settings import POLICY_SETTINGS, AgentFailure, HookFailure, Leftover
 from pmtool.work import claim as work
 from pmtool.work import recover as work_recover
 from pmtool.work.finish import kept_verdict
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
 # fails the loop does not claim; it waits, reports and goes on by itself (a refused key
@@ -204,7 +207,7 @@ class Runner:
                  emit: Callable[[dict[str, Any]], None],
                  progress: Callable[[str], None] = lambda _msg: None,
                  ask: Callable[[str, list[str]], str] | None = None,
-                 client: Any = None, poller: Any = None,
+                 client: PMApi | None = None, poller: Any = None,
                  health: Callable[[Callable[[], tuple[dict[str, Any], int]]],
                                   tuple[dict[str, Any], int]] | None = None) -> None:
         """`poller` and `health` are shared by the runners of a `pmtool.run.fleet.Fleet`; a
