@@ -933,7 +933,8 @@ class Runner:
     def _run_agent(self, resume: bool, model: str | None,
                    stop_event: threading.Event,
                    max_budget_usd: float | None = None) -> dict[str, Any]:
-        from pmtool.agent.claude import describe_event, run_for_record
+        from pmtool.agent.claude import describe_event
+        from pmtool.work.exec import run_for_record
 
         opts = self.opts
 
