@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 from pmtool.errors import ApiError, AuthError, ServerError
@@ -508,6 +508,38 @@ class PMClient:
         # The status changes of every task, newest first: how often QA failed a task is
         # counted from here (pmtool.failure_policy.qa_bounces), so it holds across machines.
         return self.request("GET", "/api/v1/changelog", params={"limit": limit})
+
+
+class PMApi(Protocol):
+    """What the library asks of a Headless PM client: PMClient is one, a test's scripted
+    server is another. Parameters typed with it take either."""
+
+    url: str
+
+    def health(self, timeout: float | None = None) -> dict: ...
+
+    def request(self, method: str, path: str, *, params: dict | None = None,
+                json: Any = None, idempotent: bool | None = None,
+                timeout: float | None = None) -> Any: ...
+
+    def register(self, agent_id: str, role: str, level: str,
+                 connection_type: str = "client") -> dict: ...
+
+    def agents(self) -> list[dict]: ...
+
+    def list_tasks(self, status: str | None = None, role: str | None = None) -> list[dict]: ...
+
+    def next_task(self, role: str, level: str, simulate: bool = True,
+                  timeout: int | None = None) -> dict | None: ...
+
+    def lock(self, task_id: int, agent_id: str) -> dict: ...
+
+    def set_status(self, task_id: int, agent_id: str, status: str,
+                   notes: str | None = None) -> dict: ...
+
+    def comment(self, task_id: int, agent_id: str, comment: str) -> dict: ...
+
+    def changelog(self, limit: int = 50) -> list[dict]: ...
 
 
 def _detail(resp: Any) -> Any:

@@ -675,3 +675,96 @@ def decide(task: Mapping[str, Any], history: Iterable[Mapping[str, Any]], limits
         return Decision("cool", f"cooling down after {attempts} failed attempt(s)",
                         until=until, attempts=attempts, bounces=bounces, cost_usd=cost)
     return Decision("claim", attempts=attempts, bounces=bounces, cost_usd=cost)
+
+
+# -- the next step after a run without a verdict ---------------------------------------------
+# One pure decision for every caller that runs an agent on a claimed task: the runner's
+# loop carries it out (pmtool.run.loop.Runner._agent). The values say what, the caller
+# does it: wait, resume, retry on another model, give the task back, or stop.
+
+
+@dataclass(frozen=True)
+class Tried:
+    """What this claim has done so far."""
+
+    retried: bool = False  # resumed once after a failure
+    escalated: bool = False  # moved to a stronger model once
+    spent_usd: float = 0.0  # the task's spend over every claim, this run's included
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """The runner's choices that bound the next step (RunOptions carries them)."""
+
+    on_failure: str = "retry"  # pmtool.settings.AgentFailure: retry | release | stop
+    escalate: bool = False
+    task_budget_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Not the task's fault and no attempt: keep the task, wait, go on with the session."""
+
+    kind: str  # rate_limit | overloaded
+    until: str | None = None  # claude's resetsAt, when it said
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Once more with --resume, the same session and model."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A fresh session on a stronger model."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class GiveBack:
+    """The task goes back to the queue (its attempt line says `kind`)."""
+
+    kind: str
+    reason: str
+
+    @property
+    def spent(self) -> bool:
+        """A budget ran out: given back before the runner looks at a stop request."""
+        return self.kind == BUDGET
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """Stop the runner with the task record kept (a login refused, or `stop` chosen)."""
+
+    kind: str
+    reason: str
+
+
+Step = Pause | Resume | Retry | GiveBack | Fatal
+
+
+def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, *,
+              why: str = "no verdict", stronger: str | None = None) -> Step:
+    """What follows a run that ended without a verdict. `stop` is its classified stop
+    (`classify`: kind, resets_at), `why` the run's own words for it, `stronger` the model
+    an escalation would move to (None: none is stronger)."""
+    kind = (stop or {}).get("kind") or FAILED
+    if kind in (RATE_LIMIT, OVERLOADED):
+        return Pause(kind, (stop or {}).get("resets_at"))
+    if kind == AUTH:
+        return Fatal(AUTH, why)
+    spent = tried.spent_usd
+    if kind == BUDGET:  # a retry would spend it again
+        return GiveBack(BUDGET, f"{why} (${spent:.4f} over all claims)")
+    if limits.task_budget_usd is not None and spent >= limits.task_budget_usd:
+        return GiveBack(BUDGET, f"task budget ${limits.task_budget_usd:g} spent "
+                                f"(${spent:.4f} over all claims); last run: {why}")
+    if limits.on_failure == "stop":
+        return Fatal(kind, why)
+    if limits.on_failure == "retry" and not tried.retried:
+        return Resume()
+    if limits.escalate and not tried.escalated and stronger:
+        return Retry(stronger)
+    return GiveBack(kind, f"agent failed: {why}")

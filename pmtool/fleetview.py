@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import re
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool.errors import ApiError, ServerError
 from pmtool.state import parse_time
 from pmtool.work.recover import SERVER_LOCK_AGE
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 ROLES = ("backend_dev", "frontend_dev", "architect", "pm", "qa")
 LEVELS = ("junior", "senior", "principal")
@@ -71,7 +74,7 @@ def _queue(created: list[dict[str, Any]], dev_done: list[dict[str, Any]]
     return out
 
 
-def fleet(client: Any, now: datetime | None = None,
+def fleet(client: PMApi, now: datetime | None = None,
           stale_after: float = SERVER_LOCK_AGE) -> dict[str, Any]:
     """One picture of the fleet from the server (see the module's docstring)."""
     if now is None:
@@ -103,23 +106,23 @@ def fleet(client: Any, now: datetime | None = None,
             holding[holder] = row
     rows, stale = [], []
     for agent in sorted(agents, key=lambda a: str(a.get("agent_id"))):
-        agent_id = agent.get("agent_id")
+        agent_id = str(agent.get("agent_id"))
         unseen = _age(agent.get("last_seen"), now)
-        task = holding.get(agent_id)
+        held = holding.get(agent_id)
         claim = seen_by.get(agent_id)
         row = {"agent_id": agent_id, "role": agent.get("role"), "level": agent.get("level"),
                "pmtool": claim is not None, "host": (claim or {}).get("host"),
                "pid": (claim or {}).get("pid"), "last_seen": agent.get("last_seen"),
-               "unseen_s": unseen, "task_id": (task or {}).get("task_id"),
-               "title": (task or {}).get("title"), "task_s": (task or {}).get("running_s"),
+               "unseen_s": unseen, "task_id": (held or {}).get("task_id"),
+               "title": (held or {}).get("title"), "task_s": (held or {}).get("running_s"),
                "stale": unseen is not None and unseen > stale_after,
                # The server drops the agent's locks at the next pick once it is unseen for
                # 30 minutes (quirk 3); negative: already due.
                "lock_expires_in_s": round(stale_after - unseen, 1)
-               if task and unseen is not None else None}
+               if held and unseen is not None else None}
         rows.append(row)
-        if row["stale"] and task:
-            stale.append({"agent_id": agent_id, "task_id": task["task_id"],
+        if row["stale"] and held:
+            stale.append({"agent_id": agent_id, "task_id": held["task_id"],
                           "unseen_s": unseen, "host": row["host"]})
     orphans = [t for t in in_flight if not t["locked_by"]]
     parked = [p for p in map(_parked, tasks["pending"]) if p]

@@ -19,17 +19,20 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as f
 from pmtool.errors import ApiError, PmtoolError
 from pmtool.state import StateDir
 
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
+
 PENDING = "pending"
 CHANGELOG_LIMIT = 500
 
 
-def parked_tasks(client: Any) -> list[dict[str, Any]]:
+def parked_tasks(client: PMApi) -> list[dict[str, Any]]:
     """The server's tasks parked by pmtool (pending, with a park comment): id, title, why."""
     out = []
     for task in client.list_tasks(status=PENDING):
@@ -106,7 +109,7 @@ def new_screen(ledger: Ledger, limits: f.Limits, role: str, agent_id: str) -> Sc
     return Screen(limits, role, agent_id, ledger.lines())
 
 
-def changelog(client: Any) -> list[dict[str, Any]]:
+def changelog(client: PMApi) -> list[dict[str, Any]]:
     """The server's recent status changes; [] when it cannot be had (the notes still count
     QA fails: never fail a claim or a finish on this)."""
     try:
@@ -116,14 +119,14 @@ def changelog(client: Any) -> list[dict[str, Any]]:
     return answer if isinstance(answer, list) else []
 
 
-def _changelog(client: Any, screen: Screen) -> list[dict[str, Any]]:
+def _changelog(client: PMApi, screen: Screen) -> list[dict[str, Any]]:
     """The changelog, once per claim round, only when a candidate needs it."""
     if screen.changelog is None:
         screen.changelog = changelog(client)
     return screen.changelog
 
 
-def screen_task(client: Any, ledger: Ledger, screen: Screen,
+def screen_task(client: PMApi, ledger: Ledger, screen: Screen,
                 task: Mapping[str, Any]) -> str:
     """"claim", "cool" or "park" for this candidate; an exhausted one is parked here."""
     changelog: list[dict[str, Any]] = []
@@ -161,7 +164,7 @@ def attempts_note(attempts: list[Mapping[str, Any]]) -> str:
             if attempts else "")
 
 
-def park(client: Any, ledger: Ledger, agent_id: str, task: Mapping[str, Any], reason: str,
+def park(client: PMApi, ledger: Ledger, agent_id: str, task: Mapping[str, Any], reason: str,
          attempts: list[Mapping[str, Any]] | None = None,
          cause: str = "parked") -> dict[str, Any]:
     """Park a task nobody holds (a candidate of a claim, found exhausted): status

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool.config import LEVELS, ROLES, Settings
 from pmtool.errors import (
@@ -25,6 +25,9 @@ from pmtool.errors import (
     PmtoolError,
     UsageError,
 )
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def hooks_folder(configured: str | Path | None, repo: str | Path | None) -> Path
     return (Path(repo).expanduser().resolve() if repo else Path.cwd()) / path
 
 
-def check_key(settings: Settings, client: Any) -> Finding:
+def check_key(settings: Settings, client: PMApi) -> Finding:
     if not settings.api_key:
         return Finding("key", False, "HEADLESS_PM_API_KEY is not set",
                        "export HEADLESS_PM_API_KEY=<the server's key> (or api_key in the "
@@ -151,7 +154,7 @@ def check_claude(settings: Settings, agent_cmd: str | None = None) -> Finding:
                    ClaudeMissing)
 
 
-def preflight(settings: Settings, client: Any, *, role: str, level: str,
+def preflight(settings: Settings, client: PMApi, *, role: str, level: str,
               repo: str | Path | None, hooks_dir: str | Path | None = None,
               hooks_explicit: bool = False, agent_cmd: str | None = None,
               need_repo: bool = True) -> list[Finding]:

@@ -1,7 +1,7 @@
 """Running the agent: `exec-claude`.
 
 The command resolves the task (an agent's record, or a task object), settings and the
-prompt, calls `pmtool.agent.claude.run_for_record` or `run_for_task`, shows progress on stderr and
+prompt, calls `pmtool.work.exec.run_for_record` or `run_for_task`, shows progress on stderr and
 emits the answer. `pmtool.agent.claude` is imported inside the command so that other commands do
 not pay for it.
 """
@@ -181,6 +181,7 @@ def exec_claude_cmd(
     Example: pmtool claim ... | jq .task | pmtool exec-claude --task-json - --role qa
     """
     from pmtool.agent import claude as agent
+    from pmtool.work import exec as agent_exec
 
     if (agent_id is None) == (task_json is None):
         raise UsageError("give --agent-id or --task-json (one of them)",
@@ -200,7 +201,7 @@ def exec_claude_cmd(
         if print_prompt:
             ctx_path = _instructions_path(settings, record.role, instructions_dir,
                                           bool(prompt))
-            plan = agent.plan_for_record(record, settings, cwd=cwd, model=model)
+            plan = agent_exec.plan_for_record(record, settings, cwd=cwd, model=model)
             if resume and record.session_id and not prompt:
                 # What a --resume run would send: the session already holds the task.
                 text = agent.continuation_prompt(record.task, record.role, plan["cwd"],
@@ -214,7 +215,7 @@ def exec_claude_cmd(
             return EXIT_OK
         with _stop_on_signals() as (stop, seen), \
                 _heartbeat(settings, agent_id, record.role, record.level):
-            answer = agent.run_for_record(
+            answer = agent_exec.run_for_record(
                 store, agent_id, settings, resume=resume, cwd=cwd, model=model, prompt=prompt,
                 template=template, instructions_dir=instructions_dir,
                 timeout=timeout, idle_timeout=idle_timeout,

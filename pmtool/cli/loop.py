@@ -270,8 +270,11 @@ def run_cmd(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.request_stop())
         if endpoint is not None:
+            from pmtool.client import PMClient
+
             assert endpoint.fold.requests is not None
-            worker.client.observe = endpoint.fold.requests.observe
+            if isinstance(worker.client, PMClient):  # the server requests, counted live
+                worker.client.observe = endpoint.fold.requests.observe
             endpoint.start()
             say(f"  serving http://{endpoint.addr}/metrics and /status")
         return worker.run()

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool.errors import EXIT_NOTHING, EXIT_OK
 from pmtool.run.poller import Poller, SharedHealth, process_agent
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 
 def agent_ids(given: list[str], agents: int | None) -> list[str]:
@@ -43,7 +46,7 @@ class Fleet:
     def __init__(self, settings: Any, opts_list: list[Any],
                  emit: Callable[[dict[str, Any]], None],
                  progress: Callable[[str], None] = lambda _msg: None,
-                 client: Any = None) -> None:
+                 client: PMApi | None = None) -> None:
         from pmtool.client import PMClient
         from pmtool.run.loop import Runner
 

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool import ledger as bounds
@@ -83,6 +83,9 @@ from pmtool.settings import POLICY_SETTINGS, AgentFailure, HookFailure, Leftover
 from pmtool.work import claim as work
 from pmtool.work import recover as work_recover
 from pmtool.work.finish import kept_verdict
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
 # fails the loop does not claim; it waits, reports and goes on by itself (a refused key
@@ -212,7 +215,7 @@ class Runner:
                  emit: Callable[[dict[str, Any]], None],
                  progress: Callable[[str], None] = lambda _msg: None,
                  ask: Callable[[str, list[str]], str] | None = None,
-                 client: Any = None, poller: Any = None,
+                 client: PMApi | None = None, poller: Any = None,
                  health: Callable[[Callable[[], tuple[dict[str, Any], int]]],
                                   tuple[dict[str, Any], int]] | None = None,
                  clock: Callable[[], datetime] | None = None,
@@ -965,44 +968,42 @@ class Runner:
                 return record.steps[-1]["verdict"]
             why = ("timed out" if result.get("timed_out") else
                    (result.get("error") or {}).get("message") or "no verdict")
-            stop = result.get("stop") or {}
-            kind = stop.get("kind") or fl.FAILED
-            if kind in (fl.RATE_LIMIT, fl.OVERLOADED):
+            # What to do is failure_policy.next_step's; carrying it out is the loop's.
+            stronger = (stronger_model(result.get("model") or model or "", self.settings)
+                        if opts.escalate and not escalated else None)
+            step = fl.next_step(result.get("stop"),
+                                fl.Tried(retried, escalated, before + record.cost_usd),
+                                fl.StepLimits(opts.on_agent_failure, opts.escalate,
+                                              opts.task_budget_usd),
+                                why=why, stronger=stronger)
+            if isinstance(step, fl.Pause):
                 # Not the task's fault and not an attempt: keep the task, wait, go on with
                 # the same session.
                 pauses += 1
-                self._pause(record, kind, why, stop.get("resets_at"), pauses)
+                self._pause(record, step.kind, why, step.until, pauses)
                 resume = bool(record.session_id)
                 continue
-            if kind == fl.AUTH:
+            if isinstance(step, fl.Fatal) and step.kind == fl.AUTH:
                 raise AuthError(f"claude's login or key was refused: {why}", fatal=True,
                                 task_id=record.task_id,
                                 hint="log claude in again (or fix ANTHROPIC_API_KEY), then "
                                      "start the runner again: it resumes the kept task")
-            spent = before + record.cost_usd
-            if kind == fl.BUDGET:  # a retry would spend it again
-                self._give_back(record, f"{why} (${spent:.4f} over all claims)", kind=kind)
-                return None
-            if opts.task_budget_usd is not None and spent >= opts.task_budget_usd:
-                self._give_back(record, f"task budget ${opts.task_budget_usd:g} spent "
-                                        f"(${spent:.4f} over all claims); last run: {why}",
-                                kind=fl.BUDGET)
+            if isinstance(step, fl.GiveBack) and step.spent:
+                self._give_back(record, step.reason, kind=step.kind)
                 return None
             self._check_stop()
-            if opts.on_agent_failure == "stop":
+            if isinstance(step, fl.Fatal):
                 raise OperationFailed(f"agent failed on task {record.task_id}: {why}",
                                       fatal=True, task_id=record.task_id)
-            if opts.on_agent_failure == "retry" and not retried:
+            if isinstance(step, fl.Resume):
                 retried, resume = True, bool(record.session_id)
                 self.progress(f"agent failed ({why}); retrying once with --resume")
                 continue
-            if opts.escalate and not escalated:
-                stronger = stronger_model(result.get("model") or model or "", self.settings)
-                if stronger:
-                    escalated, resume, model = True, False, stronger
-                    self.progress(f"agent failed ({why}); escalating to {stronger}")
-                    continue
-            self._give_back(record, f"agent failed: {why}", kind=kind)
+            if isinstance(step, fl.Retry):
+                escalated, resume, model = True, False, step.model
+                self.progress(f"agent failed ({why}); escalating to {step.model}")
+                continue
+            self._give_back(record, step.reason, kind=step.kind)
             return None
 
     def _run_budget(self, record: TaskRecord, before: float) -> float | None:
@@ -1045,7 +1046,8 @@ class Runner:
     def _run_agent(self, resume: bool, model: str | None,
                    stop_event: threading.Event,
                    max_budget_usd: float | None = None) -> dict[str, Any]:
-        from pmtool.agent.claude import describe_event, run_for_record
+        from pmtool.agent.claude import describe_event
+        from pmtool.work.exec import run_for_record
 
         opts = self.opts
 

@@ -31,10 +31,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool.errors import PmtoolError
 from pmtool.state import StateDir, atomic_write_json, make_dir, open_private, safe_name
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 FOLLOW_TICK = 0.2  # seconds between a follower's looks at the leaseholder's file
 # An offer older than this is not handed out: every runner waiting then has seen it, and
@@ -64,7 +67,7 @@ class Poller:
     younger than FRESH seconds are handed out.
     """
 
-    def __init__(self, client: Any, state: StateDir | str | Path, role: str, level: str,
+    def __init__(self, client: PMApi, state: StateDir | str | Path, role: str, level: str,
                  interval: float = 2.0, maximum: float = 60.0) -> None:
         self.client, self.role, self.level = client, role, level
         self.state = state if isinstance(state, StateDir) else StateDir(state)

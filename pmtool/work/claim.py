@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pmtool import failure_policy as fl
 from pmtool import ledger as bounds
@@ -50,6 +50,9 @@ from pmtool.faults import FAULT_ENV  # noqa: F401 (re-exported)
 from pmtool.faults import fault as _fault
 from pmtool.records import RecordStore, TaskRecord, now_iso, process_started
 from pmtool.state import make_dir, open_private, safe_name
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 # Longer than the server's in-flight lock window: a lock request that passed the server's
 # check before ours was written lands within that window (quirk 2). The stand-in's race
@@ -125,7 +128,7 @@ def _discard(store: RecordStore, record: TaskRecord) -> None:
     store.path(record.agent_id).unlink(missing_ok=True)
 
 
-def read_task(client: Any, task_id: int, status: str | None = None,
+def read_task(client: PMApi, task_id: int, status: str | None = None,
               role: str | None = None) -> dict[str, Any] | None:
     """One task as the server has it now, or None if it is gone.
 
@@ -147,7 +150,7 @@ def _pick_task(tasks: list[dict[str, Any]] | None, task_id: int) -> dict[str, An
 # -- register -----------------------------------------------------------------------------
 
 
-def register(client: Any, agent_id: str, role: str, level: str) -> dict[str, Any]:
+def register(client: PMApi, agent_id: str, role: str, level: str) -> dict[str, Any]:
     """Register the agent, or refresh its `last_seen` (this is also the heartbeat).
 
     Returns the server's answer (`agent`, `next_task`, `mentions`). Raises Conflict when the
@@ -194,7 +197,7 @@ def _valid_values(detail: Any, field: str) -> list[str]:
 # -- claim --------------------------------------------------------------------------------
 
 
-def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
+def claim(client: PMApi, store: RecordStore, agent_id: str, role: str, level: str,
           wait: float = 0.0, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
           stats: ClaimStats | None = None,
           sleep: Callable[[float], None] = time.sleep, register_first: bool = True,
@@ -267,7 +270,7 @@ def claim(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
                       hint="--wait SECONDS keeps looking", why=why, **stats.to_json())
 
 
-def why_nothing(client: Any, role: str, level: str,
+def why_nothing(client: PMApi, role: str, level: str,
                 cooling: dict[int, str] | None = None) -> list[str]:
     """Why no task was found for the role and level (see preflight.explain_nothing).
 
@@ -375,7 +378,7 @@ def _refuse_if_busy(store: RecordStore, agent_id: str) -> None:
                    record=str(store.path(agent_id)))
 
 
-def _claim_round(client: Any, store: RecordStore, agent_id: str, role: str, level: str,
+def _claim_round(client: PMApi, store: RecordStore, agent_id: str, role: str, level: str,
                  runner_pid: int, settle: float, stats: ClaimStats,
                  sleep: Callable[[float], None], limits: fl.Limits,
                  offered: dict[str, Any] | None = None,
@@ -428,7 +431,7 @@ def _claim_round(client: Any, store: RecordStore, agent_id: str, role: str, leve
         stats.parked.extend(screen.parked)
 
 
-def _candidates(client: Any, role: str, level: str) -> list[dict[str, Any]]:
+def _candidates(client: PMApi, role: str, level: str) -> list[dict[str, Any]]:
     """Unlocked tasks the server could hand this role and level, oldest first."""
     if role == QA:
         tasks = client.list_tasks(status=QA_PICK[0])
@@ -443,7 +446,7 @@ def _candidates(client: Any, role: str, level: str) -> list[dict[str, Any]]:
     return sorted(fit, key=lambda t: (t.get("created_at") or "", t["id"]))
 
 
-def _take(client: Any, store: RecordStore, task: dict[str, Any], agent_id: str, role: str,
+def _take(client: PMApi, store: RecordStore, task: dict[str, Any], agent_id: str, role: str,
           level: str, runner_pid: int, settle: float, stats: ClaimStats,
           sleep: Callable[[float], None]) -> Claimed | None:
     """Lock one task, verify the lock after it settled, set under_work; None if lost."""
@@ -457,7 +460,7 @@ def _take(client: Any, store: RecordStore, task: dict[str, Any], agent_id: str, 
         raise
 
 
-def _take_steps(client: Any, store: RecordStore, task: dict[str, Any], agent_id: str,
+def _take_steps(client: PMApi, store: RecordStore, task: dict[str, Any], agent_id: str,
                 role: str, level: str, runner_pid: int, settle: float, stats: ClaimStats,
                 sleep: Callable[[float], None]) -> Claimed | None:
     stats.tried += 1
@@ -518,7 +521,7 @@ def _take_steps(client: Any, store: RecordStore, task: dict[str, Any], agent_id:
 # -- lock a named task --------------------------------------------------------------------
 
 
-def acquire(client: Any, store: RecordStore, task_id: int, agent_id: str, role: str,
+def acquire(client: PMApi, store: RecordStore, task_id: int, agent_id: str, role: str,
             level: str, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
             sleep: Callable[[float], None] = time.sleep) -> Claimed:
     """Lock the named task for the agent, with the same verification as `claim`.
@@ -617,7 +620,7 @@ def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings
                    branch: str | None = None, complexity: str | None = None,
                    base: str | None = None, hooks_dir: str | Path | None = None,
                    owner_pid: int | None = None,
-                   client: Any = None) -> tuple[dict[str, Any], TaskRecord]:
+                   client: PMApi | None = None) -> tuple[dict[str, Any], TaskRecord]:
     """Give the agent's task its own workspace and write where into its record.
 
     The one way both `pmtool worktree create --agent-id` and the run loop do it: the
@@ -674,7 +677,7 @@ def follow_up(record: TaskRecord) -> bool:
 # -- giving work back and finishing -------------------------------------------------------
 
 
-def _release_on_server(client: Any, agent_id: str, task: dict[str, Any], to_status: str,
+def _release_on_server(client: PMApi, agent_id: str, task: dict[str, Any], to_status: str,
                        notes: str | None = None) -> dict[str, Any]:
     """Put the task in `to_status` and drop our lock (there is no unlock endpoint).
 
@@ -707,7 +710,7 @@ def _ours(task: dict[str, Any] | None, record: TaskRecord) -> bool:
     return holder == record.agent_id or (holder is None and claim_done(record))
 
 
-def _drop_stray_lock(client: Any, record: TaskRecord, task: dict[str, Any] | None) -> bool:
+def _drop_stray_lock(client: PMApi, record: TaskRecord, task: dict[str, Any] | None) -> bool:
     """Release a lock of ours on a task that is not under work (a claim cut short).
 
     Left alone, such a lock keeps the task from every agent for as long as we heartbeat.
@@ -719,7 +722,7 @@ def _drop_stray_lock(client: Any, record: TaskRecord, task: dict[str, Any] | Non
     return True
 
 
-def release(client: Any, store: RecordStore, agent_id: str, notes: str | None = None,
+def release(client: PMApi, store: RecordStore, agent_id: str, notes: str | None = None,
             kind: str = fl.FAILED, limits: fl.Limits | None = None) -> dict[str, Any]:
     """Give the agent's task back: status as before the claim, lock dropped, record closed.
 
@@ -798,7 +801,7 @@ def outcome_status(role: str, outcome: str, previous_status: str | None = None) 
     return table[outcome]
 
 
-def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
+def finish(client: PMApi, store: RecordStore, agent_id: str, outcome: str,
            notes: str | None = None, limits: fl.Limits | None = None) -> dict[str, Any]:
     """Report the outcome of the agent's task with the status its role's flow calls for.
 
@@ -865,7 +868,7 @@ def finish(client: Any, store: RecordStore, agent_id: str, outcome: str,
 PARKED = "pending"  # the server never offers a pending task: it waits for a person
 
 
-def park(client: Any, store: RecordStore, agent_id: str, reason: str,
+def park(client: PMApi, store: RecordStore, agent_id: str, reason: str,
          cause: str = "parked", notes: str | None = None, **info: Any) -> dict[str, Any]:
     """Park the agent's task for a person: status `pending`, the reason as a comment.
 
@@ -906,7 +909,7 @@ def park(client: Any, store: RecordStore, agent_id: str, reason: str,
 
 
 
-def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | None:
+def moved_by(client: PMApi, task_id: int, limit: int = 100) -> dict[str, Any] | None:
     """The newest status change of the task in the changelog (who moved it, when), if any."""
     try:
         entries = client.changelog(limit)
@@ -915,7 +918,7 @@ def moved_by(client: Any, task_id: int, limit: int = 100) -> dict[str, Any] | No
     return next((e for e in entries if e.get("task_id") == task_id), None)
 
 
-def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
+def check_ours(client: PMApi, record: TaskRecord) -> dict[str, Any] | None:
     """None while the task is still the record's (under work, locked by its agent); else
     what happened to it: `{"reason", "loss", "status", "locked_by", "moved_by"}`.
 
@@ -954,7 +957,7 @@ def check_ours(client: Any, record: TaskRecord) -> dict[str, Any] | None:
     return info
 
 
-def _late_lock(client: Any, record: TaskRecord, task: dict[str, Any] | None,
+def _late_lock(client: PMApi, record: TaskRecord, task: dict[str, Any] | None,
                change: dict[str, Any] | None = None) -> bool:
     """Whether another agent's lock on our task under work landed late (quirk 2: its
     check passed while the task was free, its write after our claim had settled and read
@@ -970,7 +973,7 @@ def _late_lock(client: Any, record: TaskRecord, task: dict[str, Any] | None,
                 and change.get("new_status") == UNDER_WORK)
 
 
-def retake_lock(client: Any, record: TaskRecord, settle: float = DEFAULT_SETTLE,
+def retake_lock(client: PMApi, record: TaskRecord, settle: float = DEFAULT_SETTLE,
                 sleep: Callable[[float], None] = time.sleep) -> str | None:
     """Take back the lock of our task under work from an agent whose lock landed late
     (`check_ours` says `late_lock`); answers that agent's id once the lock is ours again,
@@ -999,7 +1002,7 @@ def retake_lock(client: Any, record: TaskRecord, settle: float = DEFAULT_SETTLE,
     return late
 
 
-def record_loss(client: Any, store: RecordStore, record: TaskRecord, info: dict[str, Any],
+def record_loss(client: PMApi, store: RecordStore, record: TaskRecord, info: dict[str, Any],
                 work_note: str | None = None) -> dict[str, Any]:
     """Record that the agent lost its task mid-work, and leave the task where someone acts.
 
@@ -1030,7 +1033,7 @@ def record_loss(client: Any, store: RecordStore, record: TaskRecord, info: dict[
 
 
 @contextlib.contextmanager
-def heartbeat(client: Any, agent_id: str, role: str, level: str, every: float,
+def heartbeat(client: PMApi, agent_id: str, role: str, level: str, every: float,
               on_error: Callable[[Exception], None] | None = None) -> Iterator[None]:
     """Re-register the agent every `every` seconds while the block runs, so its lock
     outlives the server's 30-minute rule (quirk 3) however long the agent works. Failures

@@ -28,11 +28,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pmtool.errors import NothingToDo, OperationFailed, PmtoolError, RecordCorrupt
 from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
+
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
 
 STEP = "finish"
 # The last step name of a run that produced a verdict (pmtool.run.loop writes it).
@@ -174,7 +177,7 @@ def _note(store: RecordStore, record: TaskRecord, part: str, **info: Any) -> dic
 # -- the finish ----------------------------------------------------------------------------
 
 
-def finish_task(client: Any, store: RecordStore, agent_id: str, plan: FinishPlan,
+def finish_task(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPlan,
                 emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
     """Complete the finish of the agent's task from the first step not yet noted.
 
@@ -217,7 +220,7 @@ def finish_task(client: Any, store: RecordStore, agent_id: str, plan: FinishPlan
             "worktree": done["worktree"].get("removed"), "notes": status.get("notes")}
 
 
-def finish_given(client: Any, store: RecordStore, agent_id: str, plan: FinishPlan,
+def finish_given(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPlan,
                  outcome: str, summary: str | None,
                  emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
     """`finish_task` with a verdict the caller gives (`pmtool finish --full`: a script has
@@ -258,7 +261,7 @@ def _tell(record: TaskRecord, verdict: dict[str, Any], done: dict[str, dict[str,
         emit("parked", record.task_id, reason=status["parked"], status=status.get("status"))
 
 
-def finisher(client: Any, store: RecordStore, plan: FinishPlan
+def finisher(client: PMApi, store: RecordStore, plan: FinishPlan
              ) -> Callable[[TaskRecord], dict[str, Any]]:
     """`finish_task` for `pmtool recover` (pmtool.work.recover.recover's `finisher`): holds the
     agent's runner lock meanwhile, so a runner of that agent starting at the same moment
@@ -410,7 +413,7 @@ def _land(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
     return _note(store, record, "land", landed=answer["landed"], note=note)
 
 
-def _status(client: Any, store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
+def _status(client: PMApi, store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
             done: dict[str, dict[str, Any]], plan: FinishPlan) -> dict[str, Any]:
     """Set the verdict's status (or give the task back when its leftover went to a rescue
     ref under `leftover = rescue`), with the summary as notes; the record stays open."""
@@ -450,7 +453,7 @@ def _status(client: Any, store: RecordStore, record: TaskRecord, verdict: dict[s
                  **{k: v for k, v in held.info.items() if k not in ("status", "parked")})
 
 
-def _already_set(client: Any, record: TaskRecord, target: str) -> str | None:
+def _already_set(client: PMApi, record: TaskRecord, target: str) -> str | None:
     from pmtool.work import claim as work
 
     task = work.read_task(client, record.task_id)

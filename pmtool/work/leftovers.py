@@ -73,13 +73,13 @@ def find(record: TaskRecord, worktree: str | Path | None = None,
 
 def end(record: TaskRecord, worktree: str | Path | None = None,
         state_dir: str | Path | None = None, grace: float = 3.0) -> list[int]:
-    """End the dead runner's agent (pmtool.agent.claude.end_leftover_agent: by its recorded
+    """End the dead runner's agent (pmtool.work.exec.end_leftover_agent: by its recorded
     pid and mark), then every other process `find` names, each with its tree. Answers the
     pids signalled. Only for a record whose runner is dead: a live runner's agent is not a
     leftover."""
     from pmtool import procs
-    from pmtool.agent.claude import end_leftover_agent
     from pmtool.errors import Conflict
+    from pmtool.work.exec import end_leftover_agent
 
     signalled: set[int] = set()
     with contextlib.suppress(Conflict):  # its runner came back meanwhile: not ours to end

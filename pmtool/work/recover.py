@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool import ledger as bounds
@@ -41,6 +41,9 @@ from pmtool.work.claim import (
     retake_lock,
 )
 
+if TYPE_CHECKING:
+    from pmtool.client import PMApi
+
 
 def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
                                                 list[tuple[Path, str]]]:
@@ -53,7 +56,7 @@ def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
 DEFAULT_GRACE = 900.0  # seconds a dead runner's task is kept for it to come back
 
 
-def recover(client: Any, store: RecordStore, agent_id: str | None = None,
+def recover(client: PMApi, store: RecordStore, agent_id: str | None = None,
             all_: bool = False, dry_run: bool = False, give_back: bool = False,
             settle: float = DEFAULT_SETTLE,
             sleep: Callable[[float], None] = time.sleep,
@@ -133,7 +136,7 @@ def recover(client: Any, store: RecordStore, agent_id: str | None = None,
     return entries
 
 
-def recover_corrupt(client: Any, store: RecordStore, path: Path, reason: str,
+def recover_corrupt(client: PMApi, store: RecordStore, path: Path, reason: str,
                     dry_run: bool = False) -> dict[str, Any]:
     """A record that cannot be read as one: kept aside (unless `dry_run`), and its task
     given back (`action` "corrupt"; `task_error` when the server could not be asked)."""
@@ -147,7 +150,7 @@ def recover_corrupt(client: Any, store: RecordStore, path: Path, reason: str,
     return entry
 
 
-def _corrupt_task(client: Any, path: Path, entry: dict[str, Any], dry_run: bool) -> None:
+def _corrupt_task(client: PMApi, path: Path, entry: dict[str, Any], dry_run: bool) -> None:
     """The task of a corrupt record: found from what is left of the file (its agent id and
     task id, else the agent id in its name) and the server, then given back, so it is
     never left locked or under work with nobody on it. Nothing of the file is deleted."""
@@ -300,7 +303,7 @@ def _begin_give_back(store: RecordStore, record: TaskRecord, why: str
     return rescued, note
 
 
-def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
+def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
                task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
                give_back: bool, settle: float, sleep: Callable[[float], None],
                wait: bool = False, limits: fl.Limits | None = None) -> None:
@@ -383,11 +386,11 @@ def _reconcile(client: Any, store: RecordStore, record: TaskRecord,
 SERVER_LOCK_AGE = 30 * 60
 
 
-def _agents_seen(client: Any) -> dict[str, str | None]:
+def _agents_seen(client: PMApi) -> dict[str | None, str | None]:
     return {a.get("agent_id"): a.get("last_seen") for a in client.agents()}
 
 
-def _still_abandoned(client: Any, task: dict[str, Any], max_age: float, now: Any) -> bool:
+def _still_abandoned(client: PMApi, task: dict[str, Any], max_age: float, now: Any) -> bool:
     """Read again just before the change: its agent may have re-registered (a heartbeat
     after a network gap), or someone may have moved the task, since the list was read."""
     from pmtool.state import parse_time
@@ -404,7 +407,7 @@ def _still_abandoned(client: Any, task: dict[str, Any], max_age: float, now: Any
     return when is None or (now - when).total_seconds() > max_age
 
 
-def recover_abandoned(client: Any, agent_id: str, dry_run: bool = False,
+def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
                     max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
                     now: Any = None) -> list[dict[str, Any]]:
     """Put back to `created`, with a note, every task that is `under_work` with no lock, or

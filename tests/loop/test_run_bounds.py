@@ -16,7 +16,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,12 @@ from helpers import (
     World,
     dev_done_count,
     events,
-    make_world,
     needs_claude,
     wait_for,
 )
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.fake_agent import command as fake_agent_command
 from pmtool.testing.model_server import Error, ScriptedModelServer, Structured, Write
-
-
-@pytest.fixture
-def world(tmp_path: Path, make_standin: Callable[..., Any]) -> World:
-    return make_world(tmp_path, make_standin)
 
 
 class Watched:

@@ -21,15 +21,10 @@ from typing import Any
 
 import pytest
 
-from helpers import CLAUDE, PMTOOL, Run, World, events, make_world, needs_claude, wait_for
+from helpers import CLAUDE, PMTOOL, Run, World, events, needs_claude, wait_for
 from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write
-
-
-@pytest.fixture
-def world(tmp_path: Path, make_standin: Any) -> World:
-    return make_world(tmp_path, make_standin)
 
 
 def dumping_hooks(world: World) -> Path:

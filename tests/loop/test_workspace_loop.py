@@ -10,18 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-from helpers import PMTOOL, Run, World, events, make_world, wait_for
+from helpers import PMTOOL, Run, World, events, wait_for
 
 RECONCILE = {"PMTOOL_RECONCILE_INTERVAL": "0.2"}
-
-
-@pytest.fixture
-def world(tmp_path: Path, make_standin: Any) -> World:
-    return make_world(tmp_path, make_standin)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> Run:
