@@ -142,6 +142,53 @@ def read_pty(fd: int, until: Callable[[bytes], bool], timeout: float = 20) -> by
     return screen
 
 
+def plain_world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
+    """A stand-in server with a key, a git repo, a hooks folder and a state folder, as a
+    dict (`tmp`, `repo`, `env`, `seeder`): what the operator-view tests run a runner in."""
+    key = f"k-{secrets.token_hex(8)}"
+    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True)
+    (tmp_path / "hooks").mkdir()
+    env = {**os.environ, "PMTOOL_STATE_DIR": str(tmp_path / "state"),
+           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_API_URL": server.url,
+           "HEADLESS_PM_API_KEY": key, "HEADLESS_PM_HOOKS_DIR": str(tmp_path / "hooks")}
+    env.pop("PMTOOL_RUNNER_PID", None)
+    return {"tmp": tmp_path, "repo": repo, "env": env, "seeder": Seeder(server.url, key)}
+
+
+def run_args(world: dict[str, Any], *extra: str) -> list[str]:
+    """`pmtool run` for dev_1 (backend_dev) in a plain_world."""
+    return [PMTOOL, "run", "--repo", str(world["repo"]), "--settle", "0.05", "--idle-poll",
+            "0.5", "--role", "backend_dev", "--agent-id", "dev_1", *extra]
+
+
+def new_task(world: dict[str, Any]) -> dict[str, Any]:
+    """A major backend_dev task of senior difficulty on a branch of its own."""
+    return world["seeder"].create_task(
+        title="Add a ping endpoint", description="Do it well.", target_role="backend_dev",
+        difficulty="senior", complexity="major", branch=f"feature/{secrets.token_hex(3)}")
+
+
+def interrupt_at_terminal(proc: subprocess.Popen, leader: int, until: Callable[[bytes], bool],
+                          timeout: float = 30) -> tuple[bytes, Any]:
+    """What the terminal (pty `leader`) shows until `until(screen)`, then SIGINT to
+    `proc`: the screen and its stdout. The process and the pty are closed however it ends."""
+    import signal
+
+    try:
+        screen = read_pty(leader, until, timeout=timeout)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+    return screen, out
+
+
 def park(seeder: Any) -> None:
     """Retire (commit) every task of ours an agent could pick, so a test sees only its own.
 

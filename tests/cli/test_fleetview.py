@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import PMTOOL, pmtool, read_pty
+from helpers import PMTOOL, interrupt_at_terminal, pmtool
 from pmtool.testing.seed import Seeder
 
 
@@ -111,7 +111,6 @@ def test_fleet_without_a_server_exits_4(tmp_path: Path, free_port: int) -> None:
 
 def test_fleet_watch_draws_the_tables_on_a_terminal(fleet_world: dict[str, Any]) -> None:
     import pty
-    import signal
 
     seeder = fleet_world["seeder"]
     seeder.create_task(title="Ping", target_role="backend_dev", difficulty="senior")
@@ -121,15 +120,8 @@ def test_fleet_watch_draws_the_tables_on_a_terminal(fleet_world: dict[str, Any])
     proc = subprocess.Popen([PMTOOL, "fleet", "--watch", "--interval", "0.2"], env=env,
                             stdout=subprocess.PIPE, stderr=follower, stdin=follower)
     os.close(follower)
-    try:
-        screen = read_pty(leader, lambda s: s.count(b"pmtool fleet") >= 2, timeout=30)
-        assert b"dev_a" in screen and b"backend_dev" in screen and b"yes" in screen
-        assert b"AGENT" in screen and b"(Ctrl-C to stop)" in screen
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(leader)
+    screen, out = interrupt_at_terminal(proc, leader, lambda s: s.count(b"pmtool fleet") >= 2)
+    assert b"dev_a" in screen and b"backend_dev" in screen and b"yes" in screen
+    assert b"AGENT" in screen and b"(Ctrl-C to stop)" in screen
     assert proc.returncode == 0
     assert b'"ok": true' in out and b'"agents"' in out

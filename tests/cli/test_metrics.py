@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import subprocess
@@ -24,14 +23,23 @@ from typing import Any
 import pytest
 
 import helpers
-from helpers import CLAUDE, PMTOOL, ago, needs_claude, pmtool, wait_for
+from helpers import (
+    CLAUDE,
+    PMTOOL,
+    ago,
+    needs_claude,
+    new_task,
+    plain_world,
+    pmtool,
+    run_args,
+    wait_for,
+)
 from pmtool import metrics
 from pmtool.records import RecordStore
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
-from pmtool.testing.seed import Seeder
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -80,30 +88,7 @@ def promtool_check(text: str) -> None:
 
 @pytest.fixture
 def world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
-    """A stand-in server with a key, a git repo, a state folder: what a runner needs."""
-    key = f"k-{secrets.token_hex(8)}"
-    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True)
-    (tmp_path / "hooks").mkdir()
-    env = {**os.environ, "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_API_URL": server.url,
-           "HEADLESS_PM_API_KEY": key, "HEADLESS_PM_HOOKS_DIR": str(tmp_path / "hooks")}
-    env.pop("PMTOOL_RUNNER_PID", None)
-    return {"tmp": tmp_path, "repo": repo, "env": env, "seeder": Seeder(server.url, key)}
-
-
-def run_args(world: dict[str, Any], *extra: str) -> list[str]:
-    return [PMTOOL, "run", "--repo", str(world["repo"]), "--settle", "0.05", "--idle-poll",
-            "0.5", "--role", "backend_dev", "--agent-id", "dev_1", *extra]
-
-
-def new_task(world: dict[str, Any]) -> dict[str, Any]:
-    return world["seeder"].create_task(
-        title="Add a ping endpoint", description="Do it well.", target_role="backend_dev",
-        difficulty="senior", complexity="major", branch=f"feature/{secrets.token_hex(3)}")
+    return plain_world(tmp_path, make_standin)
 
 
 def fake_run(world: dict[str, Any], *extra: str) -> list[str]:

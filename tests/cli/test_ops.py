@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -19,14 +17,25 @@ from typing import Any, ClassVar
 
 import pytest
 
-from helpers import CLAUDE, PMTOOL, ROOT, ago, needs_claude, pmtool, read_pty, wait_for
+from helpers import (
+    CLAUDE,
+    PMTOOL,
+    ROOT,
+    ago,
+    interrupt_at_terminal,
+    needs_claude,
+    new_task,
+    plain_world,
+    pmtool,
+    run_args,
+    wait_for,
+)
 from pmtool import ops
 from pmtool.hooks import run_hook
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.state import StateDir
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
-from pmtool.testing.seed import Seeder
 
 HOOKS = ROOT / "hooks"
 
@@ -202,28 +211,7 @@ def test_bundled_desktop_example_calls_notify_send(tmp_path: Path) -> None:
 
 @pytest.fixture
 def world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
-    key = f"k-{secrets.token_hex(8)}"
-    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True)
-    (tmp_path / "hooks").mkdir()
-    env = {**os.environ, **state_env(tmp_path), "HEADLESS_PM_API_URL": server.url,
-           "HEADLESS_PM_API_KEY": key, "HEADLESS_PM_HOOKS_DIR": str(tmp_path / "hooks")}
-    env.pop("PMTOOL_RUNNER_PID", None)
-    return {"tmp": tmp_path, "repo": repo, "env": env, "seeder": Seeder(server.url, key)}
-
-
-def run_args(world: dict[str, Any], *extra: str) -> list[str]:
-    return [PMTOOL, "run", "--repo", str(world["repo"]), "--settle", "0.05", "--idle-poll",
-            "0.5", "--role", "backend_dev", "--agent-id", "dev_1", *extra]
-
-
-def new_task(world: dict[str, Any]) -> dict[str, Any]:
-    return world["seeder"].create_task(
-        title="Add a ping endpoint", description="Do it well.", target_role="backend_dev",
-        difficulty="senior", complexity="major", branch=f"feature/{secrets.token_hex(3)}")
+    return plain_world(tmp_path, make_standin)
 
 
 def test_fatal_stop_fires_the_notify_hook_once(world: dict[str, Any]) -> None:
@@ -328,14 +316,8 @@ def test_status_watch_redraws_in_place_on_a_terminal(tmp_path: Path, no_color: b
     proc = subprocess.Popen([PMTOOL, "status", "--watch", "--interval", "0.2"], env=env,
                             stderr=follower, stdout=subprocess.PIPE, text=True)
     os.close(follower)
-    try:
-        screen = read_pty(leader, lambda s: s.count(b"\x1b[H") >= 3)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(leader)
+    screen, out = interrupt_at_terminal(proc, leader, lambda s: s.count(b"\x1b[H") >= 3,
+                                        timeout=20)
     assert screen.count(b"\x1b[H") >= 3, screen
     assert screen.count(b"\x1b[2J") == 1  # cleared once: later frames overwrite in place
     frame = screen.split(b"\x1b[H")[2].decode()

@@ -22,6 +22,7 @@ from helpers import (
     World,
     dev_done_count,
     events,
+    interrupt_at_terminal,
     kill_the_runner_mid_agent,
     needs_claude,
     read_pty,
@@ -657,15 +658,8 @@ def test_progress_view_follows_no_color_and_force_color_and_says_no_none(
 def test_ctrl_c_at_the_operator_prompt_stops_and_keeps_the_task(world: World) -> None:
     task, proc, leader = run_at_a_terminal_with_a_failing_pre_task(world)
     question = b"(Enter: release; release by itself in 300 s)?"
-    try:
-        screen = read_pty(leader, lambda s: question in s, timeout=60)
-        assert question in screen, f"no question on the terminal: {screen!r}"
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(leader)
+    screen, out = interrupt_at_terminal(proc, leader, lambda s: question in s, timeout=60)
+    assert question in screen, f"no question on the terminal: {screen!r}"
     run = Run(proc.returncode, events(out), "")
     assert run.of("stopped")[0]["record_kept"] is True, run.events
     assert run.of("finished") == []  # not given back: a stop keeps the task for the restart
