@@ -143,20 +143,11 @@ def read_pty(fd: int, until: Callable[[bytes], bool], timeout: float = 20) -> by
 
 
 def plain_world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
-    """A stand-in server with a key, a git repo, a hooks folder and a state folder, as a
-    dict (`tmp`, `repo`, `env`, `seeder`): what the operator-view tests run a runner in."""
-    key = f"k-{secrets.token_hex(8)}"
-    server = make_standin(api_key=key, production=True, poll_check_interval=0.2)
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
-        subprocess.run(["git", "-C", str(repo), *args], check=True)
-    (tmp_path / "hooks").mkdir()
-    env = {**os.environ, "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": os.devnull, "HEADLESS_PM_API_URL": server.url,
-           "HEADLESS_PM_API_KEY": key, "HEADLESS_PM_HOOKS_DIR": str(tmp_path / "hooks")}
-    env.pop("PMTOOL_RUNNER_PID", None)
-    return {"tmp": tmp_path, "repo": repo, "env": env, "seeder": Seeder(server.url, key)}
+    """make_world's stand-in, repo, hooks and state folder as a dict (`tmp`, `repo`, `env`,
+    `seeder`), with the default retry cooldown: what the operator-view tests run in."""
+    world = make_world(tmp_path, make_standin)
+    env = {k: v for k, v in world.env.items() if k != "PMTOOL_RETRY_COOLDOWN"}
+    return {"tmp": world.tmp, "repo": world.repo, "env": env, "seeder": world.seeder}
 
 
 def run_args(world: dict[str, Any], *extra: str) -> list[str]:
