@@ -5,7 +5,7 @@ metrics` over a state folder of 10,000 finished tasks.
     .venv/bin/python benchmarks/metrics.py --smoke    # the smallest run (CI, tests)
 
 The state folders are written with the shapes the runner writes (pmtool.run.loop's events,
-pmtool.failure_policy' attempt lines, closed task records), through pmtool.state, so the fold
+pmtool.failure_policy's attempt lines, closed task records), through pmtool.state, so the fold
 reads what it reads in production; no server or claude is needed for what is measured.
 
 1. scrape: an `Endpoint` (what `run --metrics-addr` starts) for A agents, their runner
