@@ -124,13 +124,14 @@ def fleet(client: PMApi, now: datetime | None = None,
         if row["stale"] and held:
             stale.append({"agent_id": agent_id, "task_id": held["task_id"],
                           "unseen_s": unseen, "host": row["host"]})
-    orphans = [t for t in in_flight if not t["locked_by"]]
+    # Under work with nobody's lock: the server dropped it, or a claim died between.
+    unlocked = [t for t in in_flight if not t["locked_by"]]
     parked = [p for p in map(_parked, tasks["pending"]) if p]
     queue = _queue(tasks["created"], tasks["dev_done"])
     return {
         "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "agents": rows, "in_flight": in_flight,
-        "stale": stale, "orphans": orphans, "parked": parked,
+        "stale": stale, "unlocked": unlocked, "parked": parked,
         "queue": queue,
         "counts": {"agents": len(rows), "pmtool_agents": sum(1 for r in rows if r["pmtool"]),
                    "working": len(in_flight), "stale": len(stale), "parked": len(parked),

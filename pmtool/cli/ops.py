@@ -296,7 +296,7 @@ def fleet_view(result: dict[str, Any]) -> list[str]:
     table = _table(["AGENT", "ROLE", "LEVEL", "PMTOOL", "HOST", "TASK", "TITLE", "ON TASK",
                     "UNSEEN", ""], rows)
     lines += table if rows else ["no agents registered"]
-    for t in result["orphans"]:
+    for t in result["unlocked"]:
         lines.append(paint(f"under work with no lock: task {t['task_id']} ({t['title']})",
                            "31"))
     for p in result["parked"]:

@@ -97,7 +97,7 @@ def test_fleet_shows_agents_tasks_stale_locks_parked_tasks_and_the_queue(
     # Those status changes were picks too (each answers a next_task): as foretold, the
     # server dropped dev_a's lock, and its task is now under work with nobody on it.
     assert again.out["counts"] == {**view["counts"], "stale": 0}
-    assert [t["task_id"] for t in again.out["orphans"]] == [first["id"]]
+    assert [t["task_id"] for t in again.out["unlocked"]] == [first["id"]]
     assert {a["agent_id"]: a["task_id"] for a in again.out["agents"]}["dev_a"] is None
 
 

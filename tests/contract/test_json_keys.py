@@ -56,8 +56,8 @@ PINNED: dict[str, list[str]] = {
         "agent", "event", "level", "ok", "reason", "record_kept", "role", "task_id",
         "tasks_done", "time"],
     "demo": ["events", "ok", "runners", "tasks", "where"],
-    "fleet": ["agents", "counts", "in_flight", "ok", "orphans", "parked", "queue", "stale",
-              "time"],
+    "fleet": ["agents", "counts", "in_flight", "ok", "parked", "queue", "stale", "time",
+              "unlocked"],
     "metrics --output": ["bytes", "ok", "output", "series"],
 }
 
