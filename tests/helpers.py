@@ -180,6 +180,16 @@ def interrupt_at_terminal(proc: subprocess.Popen, leader: int, until: Callable[[
     return screen, out
 
 
+def documented_keys() -> dict[str, set[str]]:
+    """The manual's table of what each command answers (docs/reference/output.md):
+    `pmtool NAME` -> its keys besides `ok`."""
+    import re
+
+    page = (ROOT / "docs" / "reference" / "output.md").read_text()
+    table = page.split("## What each command answers", 1)[1]
+    return {m.group(1): set(re.findall(r"`([a-z_]+)`", m.group(2)))
+            for m in re.finditer(r"^\| `pmtool ([^`]+)` \| (.+) \|$", table, re.M)}
+
 def park(seeder: Any) -> None:
     """Retire (commit) every task of ours an agent could pick, so a test sees only its own.
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import helpers
-from helpers import CLAUDE, PMTOOL, needs_claude, wait_for
+from helpers import CLAUDE, PMTOOL, documented_keys, needs_claude, wait_for
 from pmtool.cli import reference
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write
@@ -308,13 +308,6 @@ def test_one_task_pipeline_gives_a_failed_run_back(reader):
     assert after["status"] == "created"
     assert "released: attempt 1/3" in (after["notes"] or "")
     assert_nothing_left(reader, reader["repo"])
-
-
-def documented_keys() -> dict[str, set[str]]:
-    page = (ROOT / "docs/reference/output.md").read_text()
-    table = page.split("## What each command answers", 1)[1]
-    return {m.group(1): set(re.findall(r"`([a-z_]+)`", m.group(2)))
-            for m in re.finditer(r"^\| `pmtool ([^`]+)` \| (.+) \|$", table, re.M)}
 
 
 def test_each_command_answers_the_keys_the_reference_lists(reader):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from helpers import PMTOOL, World
+from helpers import PMTOOL, World, documented_keys
 from pmtool.cli import COMMAND_MODULES
 from pmtool.testing import fake_agent
 
@@ -162,3 +162,14 @@ def test_a_dropped_key_fails(answers: dict[str, Any]) -> None:
     assert set(keys) - set(answer) == {keys[-1]}
 
 
+def test_the_manual_lists_the_pinned_keys() -> None:
+    """docs/reference/output.md tells a reader what each command answers: for every
+    command both name, it lists exactly the keys pinned here, so the two cannot drift."""
+    documented = documented_keys()
+    names = {"init": "init DIR", "logs": "logs TASK"}
+    differ = {case: {"pinned": sorted(set(keys) - {"ok"}),
+                     "manual": sorted(documented[names.get(case, case)])}
+              for case, keys in PINNED.items()
+              if names.get(case, case) in documented and "error" not in keys  # a success
+              and set(keys) - {"ok"} != documented[names.get(case, case)]}
+    assert differ == {}, json.dumps(differ)
