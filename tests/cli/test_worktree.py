@@ -715,7 +715,7 @@ def test_a_minor_task_left_for_review_comes_from_the_remote_too(machines) -> Non
     from pmtool.worktree import MINOR_PREFIX, workspace_name
 
     _origin, a, b = machines
-    born = "2026-01-02T03:04:05"
+    born = ago(days=1, zone="")
     head = push_work(a, MINOR_PREFIX + workspace_name(4, born), "minor.txt")
     result = create_worktree(b, 4, None, "minor", created_at=born, follow_up=True)
     assert result["branch_source"] == f"origin/{MINOR_PREFIX}{workspace_name(4, born)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import ago
 from pmtool import failure_policy as fl
 
 RETRY = fl.StepLimits()  # the default: once more with --resume, then give back
@@ -12,13 +13,14 @@ RELEASE = fl.StepLimits(on_failure="release")
 STOP = fl.StepLimits(on_failure="stop")
 ESCALATE = fl.StepLimits(on_failure="release", escalate=True)
 BUDGET_1 = fl.StepLimits(task_budget_usd=1.0)
+RESETS = ago(days=-30)  # a usage limit that resets a month from now, whatever today is
 FRESH = fl.Tried()
 RETRIED = fl.Tried(retried=True)
 SPENT = fl.Tried(spent_usd=1.25)
 
 TABLE = [
     # stop kind, tried, limits, stronger -> step
-    ("rate_limit", FRESH, STOP, None, fl.Pause("rate_limit", "2030-01-01T00:00:00Z")),
+    ("rate_limit", FRESH, STOP, None, fl.Pause("rate_limit", RESETS)),
     ("overloaded", RETRIED, RELEASE, None, fl.Pause("overloaded", None)),
     ("auth", FRESH, RETRY, None, fl.Fatal("auth", "why")),
     ("budget", FRESH, RETRY, None, fl.GiveBack("budget", "why ($0.0000 over all claims)")),
@@ -40,7 +42,7 @@ TABLE = [
 
 @pytest.mark.parametrize(("kind", "tried", "limits", "stronger", "step"), TABLE)
 def test_next_step(kind, tried, limits, stronger, step):
-    stop = {"kind": kind, "resets_at": "2030-01-01T00:00:00Z" if kind == "rate_limit"
+    stop = {"kind": kind, "resets_at": RESETS if kind == "rate_limit"
             else None} if kind else None
     assert fl.next_step(stop, tried, limits, why="why", stronger=stronger) == step
 
