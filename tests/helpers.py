@@ -21,7 +21,7 @@ import pytest
 from pmtool.records import RecordStore
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
-from pmtool.testing.claude_env import find_test_claude
+from pmtool.testing.claude_env import claude_env, find_test_claude
 from pmtool.testing.seed import Seeder
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
@@ -288,6 +288,11 @@ class World:
         self.seeder.register("other", "backend_dev", "senior")
         assert self.seeder.next_task("backend_dev", "senior") is None  # the stale cleanup
         assert self.status(task_id)["locked_by"] == agent_id
+
+    def real_claude_env(self, model: Any, **extra: str) -> dict[str, str]:
+        """The world's environment with the real claude talking to the scripted `model`."""
+        return {**self.env, **claude_env(model.url, self.tmp / "home", max_retries=0),
+                "PMTOOL_CLAUDE_BIN": str(CLAUDE), **extra}
 
     def server_error_seen(self, agent_id: str = "dev_1", timeout: float = 90) -> None:
         """Wait until the runner has logged a server error event: a loaded machine makes

@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from helpers import (
-    CLAUDE,
     PMTOOL,
     Run,
     World,
@@ -30,7 +29,6 @@ from helpers import (
 )
 from pmtool.faults import POINTS
 from pmtool.state import StateDir
-from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
 
 # Points at which the agent had given its verdict: from there the task is finished, by
@@ -304,8 +302,7 @@ def test_real_claude_killed_mid_tool_recover_ends_every_child(world: World) -> N
     ends whatever is left and gives the task back with the work kept."""
     task = world.task()
     with ScriptedModelServer() as model:
-        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        env = world.real_claude_env(model)
         model.set_script([Write("half.txt", "half\n"),
                           Bash("env -i setsid sleep 300 > /dev/null 2>&1 < /dev/null &"),
                           Hang(),
@@ -467,8 +464,7 @@ def test_a_verdict_in_the_transcript_is_used_after_a_kill_not_asked_again(
     task = world.task()
     base = world.git("rev-parse", "HEAD")
     with ScriptedModelServer() as model:
-        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        env = world.real_claude_env(model)
         model.set_script([Write("ping.py", "def ping():\n    return 'pong'\n"),
                           Bash("git add -A && git commit -q -m 'Add ping'"),
                           Structured({"outcome": "done", "summary": "Ping added."})])
@@ -502,8 +498,7 @@ def test_a_session_file_cut_short_by_a_kill_still_gives_the_agent_its_task(
     before, the run failed twice ("Session ID ... is already in use") and was given back."""
     task = world.task(title="Add a ping endpoint")
     with ScriptedModelServer() as model:
-        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        env = world.real_claude_env(model)
         model.set_script([Write("half.txt", "half\n"), Hang(),
                           Bash("git add -A && git commit -q -m 'Finish after resume'"),
                           Structured({"outcome": "done", "summary": "Done."})])

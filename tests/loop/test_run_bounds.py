@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from helpers import (
-    CLAUDE,
     PMTOOL,
     ROOT,
     Run,
@@ -32,7 +31,6 @@ from helpers import (
     needs_claude,
     wait_for,
 )
-from pmtool.testing.claude_env import claude_env
 from pmtool.testing.fake_agent import command as fake_agent_command
 from pmtool.testing.model_server import Error, ScriptedModelServer, Structured, Write
 
@@ -458,11 +456,6 @@ def test_a_relative_hooks_folder_is_the_repos_not_the_current_directory(world: W
 # ---- 4 and 6, with the real claude -----------------------------------------------------------
 
 
-def real(world: World, model: ScriptedModelServer, **extra: str) -> dict[str, str]:
-    return {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
-            "PMTOOL_CLAUDE_BIN": str(CLAUDE), **extra}
-
-
 @pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
@@ -475,7 +468,7 @@ def test_real_claude_usage_limit_pauses_until_reset_with_the_task_kept(world: Wo
         "anthropic-ratelimit-unified-representative-claim": "five_hour"})
     with ScriptedModelServer([limit, Write("a.txt", "a\n"),
                               Structured({"outcome": "done", "summary": "ok"})]) as model:
-        env = real(world, model)
+        env = world.real_claude_env(model)
         env.pop("ANTHROPIC_API_KEY")
         env["CLAUDE_CODE_OAUTH_TOKEN"] = "scripted-oauth"  # usage limits come with a login
         run = world.run("--single-task", "--real-claude", env=env)
@@ -498,7 +491,7 @@ def test_real_claude_overload_backs_off_and_goes_on(world: World) -> None:
     with ScriptedModelServer([Error(529, "overloaded_error", "Overloaded"),
                               Structured({"outcome": "done", "summary": "ok"})]) as model:
         run = world.run("--single-task", "--real-claude", "--retry-cooldown", "1",
-                        env=real(world, model))
+                        env=world.real_claude_env(model))
     assert run.code == 0, run.stderr
     assert [e["reason"] for e in run.of("paused")] == ["overloaded"]
     assert run.of("agent")[0]["stop"]["kind"] == "overloaded"
@@ -512,7 +505,7 @@ def test_real_claude_refused_login_stops_the_runner_with_the_record_kept(world: 
     task = world.task()
     with ScriptedModelServer([Error(401, "authentication_error", "invalid x-api-key")] * 3
                              ) as model:
-        run = world.run("--real-claude", env=real(world, model), timeout=60)
+        run = world.run("--real-claude", env=world.real_claude_env(model), timeout=60)
     assert run.code == 6, run.stderr
     assert run.of("agent")[0]["stop"]["kind"] == "auth"
     assert run.of("stopped")[0]["record_kept"] is True
@@ -528,7 +521,7 @@ def test_real_claude_budget_stop_is_not_retried(world: World) -> None:
     with ScriptedModelServer([Write("a.txt", "a\n"), Write("b.txt", "b\n"),
                               Structured({"outcome": "done", "summary": "ok"})]) as model:
         run = world.run("--single-task", "--real-claude", "--max-budget-usd", "0.0000001",
-                        env=real(world, model))
+                        env=world.real_claude_env(model))
     assert run.code == 1, run.stderr
     (agent,) = run.of("agent")  # no retry, no resume
     assert agent["stop"]["kind"] == "budget"
@@ -544,7 +537,7 @@ def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
     with ScriptedModelServer([Write("a.txt", "a\n"), Write("b.txt", "b\n"),
                               Structured({"outcome": "done", "summary": "ok"})]) as model:
         run = world.run("--single-task", "--real-claude", "--max-turns", "1",
-                        "--on-agent-failure", "release", env=real(world, model))
+                        "--on-agent-failure", "release", env=world.real_claude_env(model))
     assert run.code == 1, run.stderr
     assert run.of("agent")[0]["stop"]["kind"] == "max_turns"
     assert run.of("finished")[0]["stop"] == "max_turns"

@@ -16,7 +16,6 @@ import psutil
 import pytest
 
 from helpers import (
-    CLAUDE,
     PMTOOL,
     Run,
     World,
@@ -29,7 +28,6 @@ from helpers import (
     wait_for,
 )
 from pmtool.state import StateDir
-from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
 
 # ---- one task, start to end ---------------------------------------------------------------
@@ -510,8 +508,7 @@ def test_demo_runs_everything_on_a_fresh_setup(tmp_path: Path) -> None:
 def test_real_claude_developer_then_qa_on_a_major_task(world: World) -> None:
     task = world.task(title="Add a login page")
     with ScriptedModelServer() as model:
-        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        env = world.real_claude_env(model)
         model.set_script([Write("login.py", "def login():\n    return True\n"),
                           Bash("git add login.py && git commit -q -m 'Add the login page'"),
                           Structured({"outcome": "done", "summary": "Login page added."})])
@@ -541,8 +538,7 @@ def test_real_claude_developer_then_qa_on_a_major_task(world: World) -> None:
 def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) -> None:
     task = world.task()
     with ScriptedModelServer() as model:
-        env = {**world.env, **claude_env(model.url, world.tmp / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": CLAUDE}
+        env = world.real_claude_env(model)
         model.set_script([Write("half.txt", "half\n"), Hang(),
                           Bash("git add -A && git commit -q -m 'Finish after resume'"),
                           Structured({"outcome": "done", "summary": "Resumed and done."})])
