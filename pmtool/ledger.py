@@ -46,20 +46,6 @@ def parked_tasks(client: PMApi) -> list[dict[str, Any]]:
     return out
 
 
-def limits_from(settings: Any, **given: Any) -> f.Limits:
-    """The limits named by the settings (flags, env, config), `given` values first."""
-    names = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
-             "task_budget_usd", "daily_budget_usd")
-    values = {}
-    for name in names:
-        value = given.get(name)
-        if value is None:
-            value = getattr(settings, "values", {}).get(name)
-        if value is not None:
-            values[name] = value
-    return f.Limits(**values)
-
-
 _CACHE: dict[str, tuple[tuple[int, int], list[dict[str, Any]]]] = {}
 
 

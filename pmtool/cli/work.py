@@ -64,8 +64,8 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
 
     Example: pmtool claim --agent-id dev_001 --role backend_dev --wait 300 | jq .task.id
     """
-    from pmtool.ledger import limits_from
     from pmtool.work.claim import ClaimStats, claim
+    from pmtool.work.options import limits as limits_from
 
     settings = options().settings()
     stats = ClaimStats()
@@ -178,8 +178,8 @@ def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
     """
     from pmtool.errors import UsageError
     from pmtool.failure_policy import KINDS
-    from pmtool.ledger import limits_from
     from pmtool.work.claim import release
+    from pmtool.work.options import limits as limits_from
 
     if kind not in KINDS:
         raise UsageError(f'--kind "{kind}" is not one of ' + ", ".join(KINDS), valid=list(KINDS))
@@ -219,9 +219,9 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
 
     Example: pmtool finish --agent-id dev_001 --outcome done --notes "$summary" --full
     """
-    from pmtool.ledger import limits_from
     from pmtool.work.claim import finish, outcome_status
     from pmtool.work.finish import notes_for
+    from pmtool.work.options import limits as limits_from
 
     settings = options().settings()
     store = record_store(settings)
@@ -243,15 +243,15 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
 
 def _finish_full(settings: Any, store: Any, agent_id: str, outcome: str,
                  notes: str | None) -> None:
-    from pmtool.ledger import limits_from
-    from pmtool.work.finish import FinishPlan, finish_given
+    from pmtool.work.finish import finish_given
+    from pmtool.work.options import finish_plan
 
     events: list[dict[str, Any]] = []
 
     def noted(kind: str, task_id: int | None = None, **data: Any) -> None:
         events.append({"event": kind, "task_id": task_id, **data})
 
-    plan = FinishPlan.from_settings(settings, limits=limits_from(settings))
+    plan = finish_plan(settings)
     result = finish_given(server(settings), store, agent_id, plan, outcome, notes, noted)
     for event in events:
         if event["event"] == "parked":
@@ -309,9 +309,11 @@ def recover_cmd(
     Example: */30 * * * * pmtool recover --orphans   # the PM's machine
     """
     from pmtool.errors import NothingToDo, PmtoolError
-    from pmtool.ledger import limits_from, parked_tasks
+    from pmtool.ledger import parked_tasks
     from pmtool.ops import prune_logs
-    from pmtool.work.finish import FinishPlan, finisher
+    from pmtool.work.finish import finisher
+    from pmtool.work.options import finish_plan
+    from pmtool.work.options import limits as limits_from
     from pmtool.work.recover import recover, recover_abandoned
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
@@ -332,7 +334,7 @@ def recover_cmd(
     client, store = server(settings), record_store(settings)
     strays = store.state.stray_temps(quarantine=not dry_run)  # a killed write's leftovers
     limits = limits_from(settings)
-    complete = finisher(client, store, FinishPlan.from_settings(settings, limits=limits))
+    complete = finisher(client, store, finish_plan(settings, limits=limits))
     try:
         parked = parked_tasks(client)
     except PmtoolError:

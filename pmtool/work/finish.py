@@ -72,18 +72,6 @@ class FinishPlan:
             return str(self.settings.hooks_path(repo))
         return self.hooks_dir
 
-    @classmethod
-    def from_settings(cls, settings: Any, **given: Any) -> FinishPlan:
-        values = {"hooks_dir": settings.hooks_dir, "hook_timeout": settings.hook_timeout,
-                  "leftover": str(settings.values.get("leftover", "commit")),
-                  "push": bool(settings.values.get("push", False)),
-                  "state_dir": str(settings.state_path), "api_url": settings.api_url,
-                  "settings": settings,
-                  "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks")
-                  else None}
-        values.update({k: v for k, v in given.items() if v is not None})
-        return cls(**values)
-
 
 # -- reading the record --------------------------------------------------------------------
 

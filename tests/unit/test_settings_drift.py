@@ -11,8 +11,8 @@ import pytest
 
 from pmtool import failure_policy as fl
 from pmtool.config import SPECS, load_settings
-from pmtool.ledger import limits_from
 from pmtool.run.loop import RunOptions
+from pmtool.work.options import limits as limits_from
 
 LIMITS = [f.name for f in dataclasses.fields(fl.Limits) if f.name in SPECS]
 

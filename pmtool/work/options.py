@@ -1,0 +1,47 @@
+"""From the settings to the library's values: the one builder.
+
+Flags, the environment and the config file become a `pmtool.config.Settings`; everything
+the library takes from it (the limits that bound attempts, the finish's plan, the options
+of a claim, an agent run, a recover) is built here and nowhere else, so the CLI, a cron
+job, a bash pipeline and the runner bound a task the same way. A Python caller that builds
+its own values gets the same defaults: pmtool.failure_policy.Limits() is what
+`limits(settings)` gives when nothing is set (tests/unit/test_settings_drift.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pmtool import failure_policy as fl
+from pmtool.work.finish import FinishPlan
+
+# The limits a Settings can name (the rest of fl.Limits are fixed caps).
+LIMIT_NAMES = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
+               "task_budget_usd", "daily_budget_usd")
+
+
+def limits(settings: Any, **given: Any) -> fl.Limits:
+    """The limits named by the settings (flags, env, config), `given` values first."""
+    values = {}
+    for name in LIMIT_NAMES:
+        value = given.get(name)
+        if value is None:
+            value = getattr(settings, "values", {}).get(name)
+        if value is not None:
+            values[name] = value
+    return fl.Limits(**values)
+
+
+def finish_plan(settings: Any, **given: Any) -> FinishPlan:
+    """The finish's plan: hooks, leftover and push policies, the limits; `given` first
+    (None values are not given)."""
+    values: dict[str, Any] = {
+        "hooks_dir": settings.hooks_dir, "hook_timeout": settings.hook_timeout,
+        "leftover": str(settings.values.get("leftover", "commit")),
+        "push": bool(settings.values.get("push", False)),
+        "state_dir": str(settings.state_path), "api_url": settings.api_url,
+        "settings": settings, "limits": limits(settings),
+        # The key reaches a hook only when a setting passes it on.
+        "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks") else None}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return FinishPlan(**values)
