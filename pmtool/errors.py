@@ -9,7 +9,10 @@ import errno
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pmtool.results import Result
 
 # The table the README documents. Changing a number here changes the contract.
 EXIT_OK = 0
@@ -213,7 +216,7 @@ KIND_EXIT = {cls.kind: cls.exit_code for cls in (
     TimeLimit, ApiError, ClaudeMissing)}
 
 
-def exit_code(outcome: BaseException | Mapping[str, Any] | None = None) -> int:
+def exit_code(outcome: BaseException | Mapping[str, Any] | Result | None = None) -> int:
     """The one path from a command's result or error to its exit code.
 
     An error gives its own code (a KeyboardInterrupt is a Ctrl-C: 130). An answer (a
@@ -228,6 +231,8 @@ def exit_code(outcome: BaseException | Mapping[str, Any] | None = None) -> int:
         return EXIT_SIGINT
     if isinstance(outcome, BaseException):
         return EXIT_FAILED
+    if not isinstance(outcome, Mapping):  # a result dataclass (pmtool.results.Result)
+        outcome = outcome.to_json()
     if outcome.get("ok", True):
         return EXIT_OK
     if isinstance(outcome.get("signal"), int):

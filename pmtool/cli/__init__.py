@@ -25,6 +25,7 @@ import typer
 
 from pmtool import __version__
 from pmtool.errors import PmtoolError, Stopped, UsageError, exit_code
+from pmtool.results import Result, as_json
 
 app = typer.Typer(
     name="pmtool",
@@ -116,10 +117,10 @@ def scrub(text: str) -> str:
     return text
 
 
-def emit(result: dict[str, Any], ok: bool = True) -> None:
-    """Print the one JSON object of a command."""
+def emit(result: dict[str, Any] | Result, ok: bool = True) -> None:
+    """Print the one JSON object of a command (a result dataclass by its `to_json`)."""
     _state.emitted = True
-    payload = {"ok": ok, **result}
+    payload = {"ok": ok, **as_json(result)}
     text = json.dumps(payload, indent=2 if _state.pretty else None, default=str)
     sys.stdout.write(scrub(text) + "\n")
     sys.stdout.flush()

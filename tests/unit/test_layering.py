@@ -76,7 +76,7 @@ FLOORS = [
                   "pmtool.records", "pmtool.state", "pmtool.hooks", "pmtool.worktree",
                   "pmtool.client", "pmtool.ops", "pmtool.metrics", "pmtool.settings")),
     ("ground", ("pmtool.procs", "pmtool.keeper", "pmtool.errors", "pmtool.faults",
-                "pmtool.git", "pmtool.failure_policy")),
+                "pmtool.git", "pmtool.failure_policy", "pmtool.results")),
 ]
 
 
