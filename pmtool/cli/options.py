@@ -46,22 +46,22 @@ AgentIdOrNone = Annotated[str | None, typer.Option(
          f"it: {AGENT_ID_HELP}.")]
 
 
-def _complete_roles(ctx: typer.Context, param: object, incomplete: str) -> list[str]:
+def _complete_roles(incomplete: str) -> list[str]:
     from pmtool.config import ROLES
 
     return [role for role in ROLES if role.startswith(incomplete)]
 
 
-def _complete_levels(ctx: typer.Context, param: object, incomplete: str) -> list[str]:
+def _complete_levels(incomplete: str) -> list[str]:
     from pmtool.config import LEVELS
 
     return [level for level in LEVELS if level.startswith(incomplete)]
 
 
 Role = Annotated[str, typer.Option(
-    "--role", envvar="PMTOOL_ROLE", shell_complete=_complete_roles,
+    "--role", envvar="PMTOOL_ROLE", autocompletion=_complete_roles,
     help="frontend_dev, backend_dev, qa, architect or pm.")]
-Level = Annotated[str, typer.Option("--level", shell_complete=_complete_levels,
+Level = Annotated[str, typer.Option("--level", autocompletion=_complete_levels,
                                     help="junior, senior or principal.")]
 Settle = Annotated[float, typer.Option(
     "--settle", envvar="PMTOOL_CLAIM_SETTLE", min=0.0,
