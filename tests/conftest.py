@@ -43,12 +43,10 @@ E2E = Path(__file__).parent / "e2e"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`e2e` (runs the real claude binary) is set by folder: every test under tests/e2e/,
-    and any test marked `helpers.needs_claude` wherever it sits, so a forgotten marker
-    cannot slip a real-claude test into `-m "not e2e"`."""
+    and only those (tests/unit/test_layering.py checks that no test elsewhere starts the
+    real claude), so `-m "not e2e"` is claude-free."""
     for item in items:
-        needs = any(m.kwargs.get("reason") == helpers.NEEDS_CLAUDE
-                    for m in item.iter_markers("skipif"))
-        if (E2E in item.path.parents or needs) and not item.get_closest_marker("e2e"):
+        if E2E in item.path.parents:
             item.add_marker(pytest.mark.e2e)
 
 

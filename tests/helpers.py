@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLAUDE = find_test_claude()
 NEEDS_CLAUDE = ("real claude CLI not installed: run `npm ci --prefix tests --no-audit "
                 "--no-fund` (or set PMTOOL_TEST_CLAUDE_BIN)")
-# A test with this mark runs the real claude: conftest marks it e2e too.
+# A test with this mark runs the real claude: it belongs in tests/e2e/ (marked e2e there).
 needs_claude = pytest.mark.skipif(CLAUDE is None, reason=NEEDS_CLAUDE)
 
 

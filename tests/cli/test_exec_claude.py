@@ -1,11 +1,6 @@
-"""`pmtool exec-claude`: the REAL claude binary against the scripted model server, in real
-git repositories, through the installed console script.
-
-A user's session: write a task record (as `claim` would), run `pmtool exec-claude`, read
-its JSON, then look at the commits, the record, the transcript, the model server's view of
-the conversation, and the process table. The end-to-end cases need the pinned CLI
-(`npm ci --prefix tests --no-audit --no-fund`, or PMTOOL_TEST_CLAUDE_BIN) and are skipped
-without it; the --agent-cmd cases use the built-in fake agent and always run.
+"""`pmtool exec-claude` without the real claude: the prompt, bad input, the built-in fake
+agent (--agent-cmd), signals, and the pieces (verdicts, the stream parser, the command line)
+on their own. With the REAL claude binary: tests/e2e/test_claude_exec.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Watching runners with Prometheus: `pmtool metrics` (once, from the state folder, or
 atomically into a file) and `pmtool run --metrics-addr` (live /metrics and /status). Real
-runs against the stand-in server; the e2e test scrapes with a real Prometheus and the real
-claude binary on the scripted model server."""
+runs against the stand-in server (a real Prometheus scraping a runner of the real claude:
+tests/e2e/test_claude_views.py)."""
 
 from __future__ import annotations
 
@@ -331,9 +331,6 @@ def test_the_manual_lists_every_metric_with_its_labels() -> None:
     for name, (kind, labels, _help) in metrics.METRICS.items():
         served[name + ("_total" if kind == "counter" else "")] = labels
     assert documented == served
-
-
-# ---- end to end: a real Prometheus scrapes a runner of the real claude --------------------
 
 
 def test_starting_run_does_not_import_prometheus_client() -> None:

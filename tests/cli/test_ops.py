@@ -1,6 +1,6 @@
 """The operator's views: `status` (and its `--watch` terminal view), `logs`, `report`, `init`,
 the `notify` hook and its bundled examples, and log pruning. Real subprocesses, a stand-in
-server, real git, and the real claude binary on the scripted model server."""
+server, real git, the fake agent (the real claude binary: tests/e2e/test_claude_views.py)."""
 
 from __future__ import annotations
 

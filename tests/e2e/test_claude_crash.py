@@ -47,7 +47,6 @@ def test_real_claude_killed_mid_tool_recover_ends_every_child(world: World) -> N
     _no_worktree_left(world, task["id"])
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(180)
 def test_a_verdict_in_the_transcript_is_used_after_a_kill_not_asked_again(
@@ -81,7 +80,6 @@ def test_a_verdict_in_the_transcript_is_used_after_a_kill_not_asked_again(
     _no_worktree_left(world, task["id"])
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(180)
 def test_a_session_file_cut_short_by_a_kill_still_gives_the_agent_its_task(

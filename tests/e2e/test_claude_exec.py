@@ -40,8 +40,8 @@ from pmtool.testing.model_server import (
 
 
 def e2e(test: Callable[..., None]) -> Callable[..., None]:
-    """Runs the real CLI: `e2e` marker, skipped without it, a 60 s limit."""
-    return pytest.mark.e2e(needs_claude(pytest.mark.timeout(60)(test)))
+    """Runs the real CLI: skipped without it, a 60 s limit (the folder marks it `e2e`)."""
+    return needs_claude(pytest.mark.timeout(60)(test))
 
 
 def transcript(path: str) -> list[dict[str, Any]]:

@@ -34,8 +34,8 @@ from pmtool.testing.model_server import (
 
 
 def e2e(test: Callable[..., None]) -> Callable[..., None]:
-    """Marks a test that runs the real CLI: `e2e` marker, skip without it, 60 s limit."""
-    return pytest.mark.e2e(needs_claude(pytest.mark.timeout(60)(test)))
+    """Marks a test that runs the real CLI: skip without it, 60 s limit (`e2e`: the folder)."""
+    return needs_claude(pytest.mark.timeout(60)(test))
 
 
 SCHEMA = {
@@ -327,7 +327,6 @@ def with_group_signal(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-@pytest.mark.e2e
 @needs_claude
 def test_the_command_line_serves_a_script_file_to_the_real_claude(tmp_path: Path) -> None:
     """`python -m pmtool.testing.model_server --script FILE`: what a person starts to try

@@ -27,7 +27,6 @@ from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, Error, Hang, ScriptedModelServer, Structured, Write
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_developer_then_qa_on_a_major_task(world: World) -> None:
@@ -57,7 +56,6 @@ def test_real_claude_developer_then_qa_on_a_major_task(world: World) -> None:
     assert "Login page added." in final["notes"] and "Looks right." in final["notes"]
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) -> None:
@@ -79,7 +77,6 @@ def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) 
     assert dev_done_count(world, task["id"]) == 1
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_usage_limit_pauses_until_reset_with_the_task_kept(world: World) -> None:
@@ -106,7 +103,6 @@ def test_real_claude_usage_limit_pauses_until_reset_with_the_task_kept(world: Wo
     assert [a["stop"] for a in attempts] == ["ok"]  # the pause was no attempt
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_overload_backs_off_and_goes_on(world: World) -> None:
@@ -121,7 +117,6 @@ def test_real_claude_overload_backs_off_and_goes_on(world: World) -> None:
     assert world.status(task["id"])["status"] == "dev_done"
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_refused_login_stops_the_runner_with_the_record_kept(world: World) -> None:
@@ -136,7 +131,6 @@ def test_real_claude_refused_login_stops_the_runner_with_the_record_kept(world: 
     assert "fatal: claude's login or key was refused" in run.stderr
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_budget_stop_is_not_retried(world: World) -> None:
@@ -152,7 +146,6 @@ def test_real_claude_budget_stop_is_not_retried(world: World) -> None:
     assert world.status(task["id"])["status"] == "pending"
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
@@ -168,7 +161,6 @@ def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
     assert "max_turns" in world.status(task["id"])["notes"]
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_the_key_never_reaches_the_real_claude_or_its_tools(world: World) -> None:
@@ -197,7 +189,6 @@ def test_the_key_never_reaches_the_real_claude_or_its_tools(world: World) -> Non
     assert [where for where, text in places.items() if key in text] == []
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(300)
 def test_real_claude_dev_on_a_qa_on_b_bounce_to_c(world: World, fleet) -> None:

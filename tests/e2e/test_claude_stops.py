@@ -51,7 +51,6 @@ def run_claude(tmp_path: Path, script: list, *extra: str, max_retries: int | Non
                       timed_out_by=timed_out, has_verdict=False)
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(120)
 def test_real_claude_stops_are_named(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(240)
 def test_the_tutorial_gets_a_task_done_by_the_real_claude(reader):

@@ -37,7 +37,6 @@ def world(tmp_path: Path, make_standin: Callable[..., Any]) -> dict[str, Any]:
     return plain_world(tmp_path, make_standin)
 
 
-@pytest.mark.e2e
 @needs_claude
 @pytest.mark.timeout(150)
 def test_status_and_logs_follow_while_claude_works(world: dict[str, Any]) -> None:
@@ -100,7 +99,6 @@ needs_prometheus = pytest.mark.skipif(
                                "prometheus package where it runs as root with apt-get)")
 
 
-@pytest.mark.e2e
 @needs_claude
 @needs_prometheus
 @pytest.mark.timeout(240)

@@ -1,7 +1,5 @@
-"""The scripted model server, alone and driving the REAL `claude` binary end to end.
-
-The end-to-end tests need the pinned CLI (`npm ci --prefix tests --no-audit --no-fund`, or
-`PMTOOL_TEST_CLAUDE_BIN`); they are skipped without it. Everything runs on loopback.
+"""The scripted model server on its own, over plain HTTP on loopback (driving the REAL
+`claude` binary: tests/e2e/test_claude_kit.py).
 """
 
 from __future__ import annotations
@@ -175,9 +173,6 @@ def test_hang_and_slow_do_not_block_stop() -> None:
         events = sse(post(slow.url, MAIN)[2])
         assert events[3]["delta"]["text"] == "slowly"
         assert time.monotonic() - started >= 0.2 * len(events)
-
-
-# ---- the real claude CLI -----------------------------------------------------------------
 
 
 def test_the_command_line_refuses_a_bad_script(tmp_path: Path) -> None:

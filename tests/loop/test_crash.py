@@ -3,7 +3,7 @@ started again (or `pmtool recover` run from another process), ends with every ta
 finished once or back in the queue, no worktree and no process left, a history that
 tells the truth and post_task started at most once; a task git cannot work with is
 parked and its agent goes on to the next one. Real subprocesses, real git, the stand-in
-server, the fake agent (the real claude where its processes matter)."""
+server, the fake agent (the real claude where its processes matter: tests/e2e/)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Each "machine" is a clone of one local bare origin (no network) with its own state folder;
 real runners (`pmtool run`, scripts/pm-runner.sh) in subprocesses against a private
-stand-in server, the fake agent for speed, and the real claude against the scripted model
-server end to end. What is checked is in git itself (origin's branch, its parents, rescue
-refs) and on the server (status, notes, locks).
+stand-in server, the fake agent for speed (the real claude against the scripted model
+server end to end: tests/e2e/test_claude_loop.py). What is checked is in git itself
+(origin's branch, its parents, rescue refs) and on the server (status, notes, locks).
 """
 
 from __future__ import annotations
@@ -252,9 +252,6 @@ def test_health_reports_a_remote_that_cannot_be_reached_or_refuses_pushes(world:
 
     alone = pmtool("health", "--check", "remote", "--repo", str(world.tmp / "none"), env=env)
     assert alone.code == 0  # not a checkout: nothing to say about remotes
-
-
-# ---- end to end: the real claude on three machines ------------------------------------------
 
 
 def test_a_fleet_says_push_is_off_once_per_process(world: World, fleet) -> None:

@@ -1,7 +1,7 @@
 """`pmtool run` left alone overnight: every failure ends bounded and visible (issue 9).
 
 Real `pmtool run` processes against a private stand-in server, in real git repositories,
-with the fake agent or the real claude binary against the scripted model server. The
+with the fake agent (the real claude binary: tests/e2e/test_claude_loop.py). The
 counts the issue asks for are asserted here: a `blocked` task runs once, an always-failing
 task at most max_attempts times, a ping-pong task is parked after max_bounces QA fails,
 a missing claude or a wrong key ends the run before any claim, and an outage of the

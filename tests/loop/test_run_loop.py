@@ -1,6 +1,6 @@
 """`pmtool run` and `pmtool demo`: the loop as a user runs it, in real subprocesses, against a
-stand-in server, in real git repositories; with the built-in fake agent, and end to end
-with the real claude binary against the scripted model server."""
+stand-in server, in real git repositories, with the built-in fake agent (end to end with
+the real claude binary against the scripted model server: tests/e2e/test_claude_loop.py)."""
 
 from __future__ import annotations
 
@@ -494,9 +494,6 @@ def test_demo_runs_everything_on_a_fresh_setup(tmp_path: Path) -> None:
                                                                str(layout.logs_dir))
     assert Path(out["where"]["history"]).exists() and any(layout.logs_dir.iterdir())
     assert "look in:" in proc.stderr
-
-
-# ---- end to end with the real claude binary -------------------------------------------------
 
 
 def run_at_a_terminal_with_a_failing_pre_task(world: World

@@ -1,8 +1,9 @@
 """pmtool.failure_policy: how claude stops are named, and the attempt accounting built on them.
 
-The classification is checked against the real claude binary and the scripted model server
-for every stop the server can produce (budget, max_turns, 429, usage limit with resetsAt,
-529, 401, a hang ended by pmtool), and against recorded stream lines for the rest.
+The classification is checked here against recorded stream lines; against the real claude
+binary and the scripted model server, for every stop the server can produce (budget,
+max_turns, 429, usage limit with resetsAt, 529, 401, a hang ended by pmtool), in
+tests/e2e/test_claude_stops.py.
 """
 
 from __future__ import annotations

@@ -311,6 +311,32 @@ def test_no_test_imports_another_test_file():
     assert found == []
 
 
+
+# What starts the real claude binary in a test: its path, the skip mark that needs it, the
+# environment that points it at the scripted model server.
+REAL_CLAUDE = {"CLAUDE", "needs_claude", "real_claude_env", "claude_env", "find_test_claude",
+               "find_claude"}
+
+
+def test_only_tests_under_e2e_run_the_real_claude():
+    """The `e2e` marker is set by folder (tests/conftest.py), so `-m "not e2e"` is
+    claude-free only while every test that starts the real claude sits in tests/e2e/."""
+    tests = ROOT / "tests"
+    found = sorted(f"{p.relative_to(ROOT)} uses {name}"
+                   for p in tests.rglob("test_*.py")
+                   if "node_modules" not in p.parts and "e2e" not in p.relative_to(tests).parts
+                   for name in used_names(p) & REAL_CLAUDE)
+    assert found == []
+
+
+def used_names(path: Path) -> set[str]:
+    """Every name and attribute `path` mentions (`helpers.CLAUDE`, `world.real_claude_env`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return ({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+            | {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names})
+
 # Library functions over the parameter limit, each until its change lands (a dataclass of
 # options, as RunOptions is for the Runner); the list only shrinks.
 TOO_MANY_PARAMETERS_PENDING = {

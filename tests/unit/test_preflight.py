@@ -1,5 +1,5 @@
 """pmtool.preflight: the problems that would make every task fail, found before a claim,
-against the real server, real git repos and the real claude binary."""
+against the real server and real git repos (with the real claude binary: in tests/e2e/)."""
 
 from __future__ import annotations
 
