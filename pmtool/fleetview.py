@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool.errors import ApiError, ServerError
+from pmtool.results import Result
 from pmtool.state import parse_time
 from pmtool.work.recover import SERVER_LOCK_AGE
 
@@ -74,8 +76,23 @@ def _queue(created: list[dict[str, Any]], dev_done: list[dict[str, Any]]
     return out
 
 
+@dataclass
+class FleetPicture(Result):
+    """`pmtool fleet`: the server's agents and the tasks in flight, stale and unlocked,
+    parked for a person, and waiting per role; `counts` sums them up."""
+
+    time: str
+    agents: list[dict[str, Any]]
+    in_flight: list[dict[str, Any]]
+    stale: list[dict[str, Any]]
+    unlocked: list[dict[str, Any]]
+    parked: list[dict[str, Any]]
+    queue: dict[str, dict[str, Any]]
+    counts: dict[str, int]
+
+
 def fleet(client: PMApi, now: datetime | None = None,
-          stale_after: float = SERVER_LOCK_AGE) -> dict[str, Any]:
+          stale_after: float = SERVER_LOCK_AGE) -> FleetPicture:
     """One picture of the fleet from the server (see the module's docstring)."""
     if now is None:
         with contextlib.suppress(ApiError, ServerError):
@@ -128,12 +145,12 @@ def fleet(client: PMApi, now: datetime | None = None,
     unlocked = [t for t in in_flight if not t["locked_by"]]
     parked = [p for p in map(_parked, tasks["pending"]) if p]
     queue = _queue(tasks["created"], tasks["dev_done"])
-    return {
-        "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "agents": rows, "in_flight": in_flight,
-        "stale": stale, "unlocked": unlocked, "parked": parked,
-        "queue": queue,
-        "counts": {"agents": len(rows), "pmtool_agents": sum(1 for r in rows if r["pmtool"]),
-                   "working": len(in_flight), "stale": len(stale), "parked": len(parked),
-                   "waiting": sum(q["waiting"] for q in queue.values())},
-    }
+    return FleetPicture(
+        time=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        agents=rows, in_flight=in_flight,
+        stale=stale, unlocked=unlocked, parked=parked,
+        queue=queue,
+        counts={"agents": len(rows), "pmtool_agents": sum(1 for r in rows if r["pmtool"]),
+                "working": len(in_flight), "stale": len(stale), "parked": len(parked),
+                "waiting": sum(q["waiting"] for q in queue.values())},
+    )

@@ -11,13 +11,35 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pmtool.config import Settings
 from pmtool.errors import EXIT_SERVER, PmtoolError, UsageError, exit_code
+from pmtool.results import Result
 
 Check = dict[str, Any]
+
+
+@dataclass
+class HealthReport(Result):
+    """`pmtool health`: every check run; `error` names the failed ones (exit 1, or 4 when
+    only the server is out of reach)."""
+
+    checks: list[Check]
+    error: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c["ok"]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "checks": self.checks,
+                **({"error": self.error} if self.error else {})}
 
 
 def check_api(settings: Settings) -> Check:
@@ -292,7 +314,7 @@ CHECKS: dict[str, Callable[[Settings], Check]] = {
 
 def run_health(settings: Settings, only: list[str] | None = None, hook: bool | None = None,
                hooks_dir: str | Path | None = None,
-               repo: str | Path | None = None) -> tuple[dict, int]:
+               repo: str | Path | None = None) -> tuple[HealthReport, int]:
     """Run the checks (all, or `only`) and the `health_check` hook (by default only with
     all checks; `hook` says otherwise); answer and exit code. `hooks_dir` replaces the
     setting (the run loop resolves it against the repo); `repo` is the checkout whose
@@ -318,13 +340,12 @@ def run_health(settings: Settings, only: list[str] | None = None, hook: bool | N
         found = _health_hook(settings, hooks_dir)
         if found:
             checks.append(found)
-    failed = [c for c in checks if not c["ok"]]
-    answer: dict[str, Any] = {"ok": not failed, "checks": checks}
-    if failed:
+    answer = HealthReport(checks)
+    if failed := answer.failed():
         # Only the server out of reach is a server error (exit 4): this machine may be fine.
         kind = "server" if all(c.get("unreachable") for c in failed) else "failed"
-        answer["error"] = {"type": kind,
-                           "message": "unhealthy: " + ", ".join(c["name"] for c in failed)}
+        answer.error = {"type": kind,
+                        "message": "unhealthy: " + ", ".join(c["name"] for c in failed)}
     return answer, exit_code(answer)
 
 

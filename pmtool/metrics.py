@@ -32,6 +32,7 @@ from pmtool import failure_policy as fl
 from pmtool.errors import UsageError
 from pmtool.ops import note_parked, runner_rows
 from pmtool.records import CorruptRecord, RecordStore, TaskRecord
+from pmtool.results import Result
 from pmtool.state import StateDir, atomic_write_json, history_entry, parse_time
 
 TASK_BUCKETS = (60.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
@@ -551,6 +552,22 @@ def metrics_text(state_root: str | Path, daily_budget_usd: float | None = None,
     return text
 
 
+@dataclass
+class MetricsFile(Result):
+    """`pmtool metrics --output`: the file written, its size, and how many series it holds."""
+
+    output: str
+    bytes: int
+    series: int
+
+
+def write_metrics(path: str | Path, text: bytes) -> MetricsFile:
+    """Write the metrics `text` (metrics_text's) to `path` atomically; what was written."""
+    write_atomic(path, text)
+    series = sum(1 for line in text.decode().splitlines() if line and line[0] != "#")
+    return MetricsFile(output=str(path), bytes=len(text), series=series)
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same folder and a rename, so a
     reader (node_exporter's textfile collector) sees the old file or the new, never half."""
@@ -622,7 +639,8 @@ class Endpoint:
     def status(self) -> dict[str, Any]:
         from pmtool.ops import status
 
-        return {"ok": True, **status(self.fold.state.root, agents_only=self.fold.agents)}
+        return {"ok": True,
+                **status(self.fold.state.root, agents_only=self.fold.agents).to_json()}
 
     def close(self) -> None:
         if self.thread.is_alive():  # shutdown() waits for a serve_forever that never ran

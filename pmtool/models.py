@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pmtool.config import LEVELS, Settings, check_level
 from pmtool.errors import UsageError
+from pmtool.results import Result
 
 
-def model_for(level: str, settings: Settings) -> dict[str, Any]:
+@dataclass
+class ModelChoice(Result):
+    """`pmtool model-for`: the model that works a task of `level`."""
+
+    level: str
+    model: str
+
+
+def model_for(level: str, settings: Settings) -> ModelChoice:
     check_level(level)
-    return {"level": level, "model": settings.model_for(level)}
+    return ModelChoice(level, settings.model_for(level))
 
 
 def level_of(task: dict[str, Any]) -> str:

@@ -17,12 +17,14 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pmtool.errors import Conflict, UsageError
 from pmtool.records import RecordStore, TaskRecord, pid_alive, safe_name
+from pmtool.results import Result
 from pmtool.state import StateDir, parse_time
 
 DEFAULT_KEEP_LOGS_DAYS = 30.0
@@ -202,8 +204,23 @@ def runner_rows(state: StateDir, now: datetime,
     return rows, corrupt
 
 
+@dataclass
+class MachineStatus(Result):
+    """`pmtool status`: the runners of this machine (one row each, as `runner_rows` makes
+    them), the parked and cooling tasks, the corrupt records set aside, the state's size."""
+
+    runners: list[dict[str, Any]]
+    live: int
+    parked: list[dict[str, Any]]
+    cooling_down: list[dict[str, Any]]
+    corrupt_records: list[str]
+    usage: dict[str, int]
+    state_dir: str
+    time: str
+
+
 def status(state_root: str | Path, now: datetime | None = None,
-           agents_only: set[str] | None = None) -> dict[str, Any]:
+           agents_only: set[str] | None = None) -> MachineStatus:
     """Every runner on this machine (live or dead), parked and cooling tasks, state sizes."""
     now = now or _now()
     state = StateDir(state_root)
@@ -211,16 +228,16 @@ def status(state_root: str | Path, now: datetime | None = None,
         state, now, lambda agent_id: state.events(agent_id=agent_id,
                                                   since=now - timedelta(days=2)),
         agents_only)
-    return {
-        "runners": rows,
-        "live": sum(1 for r in rows if r["live"]),
-        "parked": parked_tasks(state),
-        "cooling_down": cooling_tasks(state, now),
-        "corrupt_records": [str(c.moved_to) for c in corrupt],
-        "usage": state.usage(),
-        "state_dir": str(state.root),
-        "time": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    return MachineStatus(
+        runners=rows,
+        live=sum(1 for r in rows if r["live"]),
+        parked=parked_tasks(state),
+        cooling_down=cooling_tasks(state, now),
+        corrupt_records=[str(c.moved_to) for c in corrupt],
+        usage=state.usage(),
+        state_dir=str(state.root),
+        time=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
 
 
 # -- logs --------------------------------------------------------------------------------
@@ -404,8 +421,27 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class CostReport(Result):
+    """`pmtool report`: totals of the tasks closed since `since`, per `by` group, and the
+    most expensive ones; `html` is the page written, when one was."""
+
+    since: str | None
+    by: str
+    totals: dict[str, Any]
+    groups: list[dict[str, Any]]
+    most_expensive: list[dict[str, Any]]
+    html: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        answer = super().to_json()
+        if self.html is None:
+            del answer["html"]
+        return answer
+
+
 def report(state_root: str | Path, since: datetime | None = None, by: str = "day",
-           top: int = 5) -> dict[str, Any]:
+           top: int = 5) -> CostReport:
     """Totals of the tasks closed on this machine since `since`, and per `by` group."""
     if by not in BY_KEYS:
         raise UsageError(f'--by "{by}" is not one of ' + ", ".join(BY_KEYS), valid=list(BY_KEYS))
@@ -414,13 +450,13 @@ def report(state_root: str | Path, since: datetime | None = None, by: str = "day
     for r in rows:
         groups.setdefault(str(r["task_id" if by == "task" else by]), []).append(r)
     expensive = sorted(rows, key=lambda r: r["cost_usd"], reverse=True)[:top]
-    return {
-        "since": since.strftime("%Y-%m-%dT%H:%M:%SZ") if since else None, "by": by,
-        "totals": _totals(rows),
-        "groups": [{"key": key, **_totals(items)} for key, items in sorted(groups.items())],
-        "most_expensive": [{k: r[k] for k in ("task_id", "title", "outcome", "cost_usd",
-                                               "attempts", "agent")} for r in expensive],
-    }
+    return CostReport(
+        since=since.strftime("%Y-%m-%dT%H:%M:%SZ") if since else None, by=by,
+        totals=_totals(rows),
+        groups=[{"key": key, **_totals(items)} for key, items in sorted(groups.items())],
+        most_expensive=[{k: r[k] for k in ("task_id", "title", "outcome", "cost_usd",
+                                            "attempts", "agent")} for r in expensive],
+    )
 
 
 def usd(amount: float) -> str:
@@ -465,10 +501,10 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
-def report_html(result: dict[str, Any]) -> str:
+def report_html(result: CostReport) -> str:
     """A self-contained page a manager can read: the totals under plain labels, an inline
     SVG bar chart of cost per group, the groups and the most expensive tasks."""
-    groups, by = result["groups"], result["by"]
+    groups, by = result.groups, result.by
     peak = max((g["cost_usd"] for g in groups), default=0) or 1
     bar_h, width = 22, 420
     bars = []
@@ -479,7 +515,7 @@ def report_html(result: dict[str, Any]) -> str:
                     f'<rect x="160" y="{y + 3}" width="{w}" height="{bar_h - 6}" fill="#4a7">'
                     f'<title>{html.escape(usd(g["cost_usd"]))}</title></rect>'
                     f'<text x="{166 + w}" y="{y + 15}">{html.escape(usd(g["cost_usd"]))}</text>')
-    totals = result["totals"]
+    totals = result.totals
     summary = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(show(totals[k]))}"
                       "</td></tr>" for k, (label, show) in REPORT_LABELS.items() if k in totals)
     per_group = _html_table(
@@ -490,19 +526,19 @@ def report_html(result: dict[str, Any]) -> str:
         ["Task", "Title", "Outcome", "Attempts", "Agent", "Cost"],
         [[str(e["task_id"]), e.get("title") or "", str(e["outcome"]).replace("_", " "),
           str(e["attempts"]), str(e.get("agent") or ""), usd(e["cost_usd"])]
-         for e in result["most_expensive"]])
+         for e in result.most_expensive])
     svg_h = max(bar_h, bar_h * len(groups))
     return (f"<!doctype html><meta charset=utf-8><title>pmtool report</title>"
             f"<style>body{{font:14px sans-serif;margin:2em}}td,th{{text-align:left;"
             f"padding:2px 12px}}svg text{{font:12px sans-serif}}</style>"
             f"<h1>What the closed tasks cost</h1><p>Tasks closed on this machine since "
-            f"{html.escape(str(result['since'] or 'the start'))}, grouped by "
+            f"{html.escape(str(result.since or 'the start'))}, grouped by "
             f"{html.escape(by)}.</p><table>{summary}</table>"
             f"<h2>Cost per {html.escape(by)}</h2>"
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{svg_h}" '
             f'role="img" aria-label="cost per {html.escape(by)}">{"".join(bars)}</svg>'
             f"{per_group}<h2>The most expensive tasks</h2>"
-            + (costly if result["most_expensive"] else "<p>None.</p>") + "\n")
+            + (costly if result.most_expensive else "<p>None.</p>") + "\n")
 
 
 # -- notify ------------------------------------------------------------------------------
@@ -570,7 +606,17 @@ def config_text(hooks_dir: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def init(folder: str | Path) -> dict[str, Any]:
+@dataclass
+class Initialised(Result):
+    """`pmtool init`: the folder written, every file in it, the config and the hooks."""
+
+    folder: str
+    written: list[str]
+    config: str
+    hooks_dir: str
+
+
+def init(folder: str | Path) -> Initialised:
     """Write config.toml, hooks/ and scripts/ into `folder`; never overwrite a file."""
     root = Path(folder).expanduser()
     source = examples_dir()
@@ -596,8 +642,8 @@ def init(folder: str | Path) -> dict[str, Any]:
             fh.write(data)
         if executable:
             os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return {"folder": str(root), "written": [str(p) for p in plan],
-            "config": str(root / "config.toml"), "hooks_dir": str(root / "hooks")}
+    return Initialised(folder=str(root), written=[str(p) for p in plan],
+                       config=str(root / "config.toml"), hooks_dir=str(root / "hooks"))
 
 
 # -- pruning -----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +17,9 @@ from typing import Any
 import pytest
 
 import helpers
+from helpers import KEY, PMTOOL, Machine, World, git
 from pmtool.testing import seed as seed_mod
+from pmtool.testing.model_server import ScriptedModelServer
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import StandInServer
 
@@ -39,12 +43,10 @@ E2E = Path(__file__).parent / "e2e"
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`e2e` (runs the real claude binary) is set by folder: every test under tests/e2e/,
-    and any test marked `helpers.needs_claude` wherever it sits, so a forgotten marker
-    cannot slip a real-claude test into `-m "not e2e"`."""
+    and only those (tests/unit/test_layering.py checks that no test elsewhere starts the
+    real claude), so `-m "not e2e"` is claude-free."""
     for item in items:
-        needs = any(m.kwargs.get("reason") == helpers.NEEDS_CLAUDE
-                    for m in item.iter_markers("skipif"))
-        if (E2E in item.path.parents or needs) and not item.get_closest_marker("e2e"):
+        if E2E in item.path.parents:
             item.add_marker(pytest.mark.e2e)
 
 
@@ -209,3 +211,72 @@ def world(tmp_path: Path, make_standin: Callable[..., Any]) -> helpers.World:
     """A private stand-in, a git repo, a hooks folder and the environment to run in
     (helpers.make_world; a test that needs another server calls make_world itself)."""
     return helpers.make_world(tmp_path, make_standin)
+
+
+# ---- the scripted model server, and a scene for `pmtool exec-claude` ---------------------
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedModelServer]:
+    with ScriptedModelServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def scene(tmp_path: Path, server: ScriptedModelServer) -> helpers.Scene:
+    return helpers.make_scene(tmp_path, server.url)
+
+
+# ---- several machines on one origin --------------------------------------------------------
+
+
+@pytest.fixture
+def fleet(world: World) -> tuple[Path, Machine, Machine, Machine]:
+    """origin.git, and machines A (the world's repo), B and C: clones made before any work."""
+    origin = world.tmp / "origin.git"
+    git(world.tmp, "clone", "-q", "--bare", str(world.repo), str(origin))
+    git(world.repo, "remote", "add", "origin", str(origin))
+    git(world.repo, "fetch", "-q", "origin")
+    machines = [Machine("a", world.repo, world.state)]
+    for name in ("b", "c"):
+        git(world.tmp, "clone", "-q", str(origin), str(world.tmp / name))
+        machines.append(Machine(name, world.tmp / name, world.tmp / f"state-{name}"))
+    return origin, *machines  # type: ignore[return-value]
+
+
+# ---- a reader of the docs ------------------------------------------------------------------
+
+
+@pytest.fixture
+def reader(tmp_path: Path, make_standin) -> Iterator[dict]:
+    """A fresh machine as the docs see it: a HOME of its own, a stand-in Headless PM that
+    takes the key the examples export, and `claude` on PATH (pmtool's stand-in agent,
+    which commits a file and gives a verdict as claude does)."""
+    home = tmp_path / "home"
+    (home / "src" / "app").mkdir(parents=True)
+    git = ["git", "-C", str(home / "src" / "app")]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    claude = bindir / "claude"
+    claude.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "2.1.197 (Claude Code)"; '
+                      f'exit 0; }}\nexec {sys.executable} -m pmtool.testing.fake_agent\n')
+    claude.chmod(0o755)
+    server = make_standin(api_key=KEY, race_window=0)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMTOOL_", "HEADLESS_PM_", "XDG_", "API_KEY_"))}
+    env.update(HOME=str(home), PATH=f"{bindir}:{Path(PMTOOL).parent}:{os.environ['PATH']}",
+               HEADLESS_PM_API_URL=server.url, HEADLESS_PM_API_KEY=KEY)
+    yield {"home": home, "env": env, "url": server.url, "repo": home / "src" / "app",
+           "seeder": Seeder(server.url, KEY)}
+
+
+# ---- a bare git repo (preflight) -----------------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    return path

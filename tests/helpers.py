@@ -5,24 +5,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import psutil
 import pytest
 
-from pmtool.records import RecordStore
+from pmtool import preflight as pf
+from pmtool.client import PMClient
+from pmtool.config import Settings, load_settings
+from pmtool.records import RecordStore, TaskRecord
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
 from pmtool.testing.claude_env import claude_env, find_test_claude
 from pmtool.testing.seed import Seeder
+
+if TYPE_CHECKING:
+    from conftest import PMServer
 
 PMTOOL = str(Path(sys.executable).with_name("pmtool"))
 # The repository (README, hooks/, scripts/, benchmarks/), wherever a test file sits below.
@@ -32,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLAUDE = find_test_claude()
 NEEDS_CLAUDE = ("real claude CLI not installed: run `npm ci --prefix tests --no-audit "
                 "--no-fund` (or set PMTOOL_TEST_CLAUDE_BIN)")
-# A test with this mark runs the real claude: conftest marks it e2e too.
+# A test with this mark runs the real claude: it belongs in tests/e2e/ (marked e2e there).
 needs_claude = pytest.mark.skipif(CLAUDE is None, reason=NEEDS_CLAUDE)
 
 
@@ -373,7 +383,6 @@ def dev_done_count(world: World, task_id: int) -> int:
                if c["task_id"] == task_id and c["new_status"] == "dev_done")
 
 
-
 def kill_the_runner_mid_agent(world: World, env: dict[str, str], model: Any,
                               requests: int, timeout: float = 30) -> None:
     """`pmtool run --real-claude`, killed (SIGKILL) once the scripted model has had
@@ -440,3 +449,318 @@ def serve(handler: type[BaseHTTPRequestHandler], wrap: Any = None) -> ThreadingH
         server.socket = wrap(server.socket)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+# -- a scene for `pmtool exec-claude`: a repo with a task worktree, a record, an environment
+
+
+API_KEY = "pm-secret-key-for-tests-0123456789"
+
+
+@dataclass
+class Scene:
+    tmp: Path
+    repo: Path
+    worktree: Path
+    state: Path
+    env: dict[str, str]
+    task: dict[str, Any]
+
+    @property
+    def store(self) -> RecordStore:
+        return RecordStore(self.state)
+
+    def record(self, agent_id: str = "dev_001", role: str = "backend_dev",
+               **fields: Any) -> TaskRecord:
+        """The task record `claim` + `worktree create` would leave."""
+        record = TaskRecord(agent_id=agent_id, role=role, level="senior",
+                            server_url="http://127.0.0.1:9", task=dict(self.task),
+                            previous_status="created", worktree=str(self.worktree),
+                            branch=self.task["branch"], **fields)
+        record.step("claimed")
+        self.store.save(record)
+        return record
+
+    def git(self, *args: str, cwd: Path | None = None) -> str:
+        return subprocess.run(["git", *args], cwd=cwd or self.repo, env=self.env, check=True,
+                              capture_output=True, text=True).stdout
+
+
+@dataclass
+class SceneRun:
+    code: int
+    out: dict[str, Any]
+    stderr: str
+
+
+def scene_pmtool(scene: Scene, *args: str, env: dict[str, str] | None = None,
+                 input: str | None = None, cwd: Path | None = None,
+                 timeout: float = 45) -> SceneRun:
+    """`pmtool ARGS` with exactly the scene's environment; stdout is one JSON object."""
+    proc = subprocess.run([PMTOOL, *args], capture_output=True, text=True, input=input,
+                          env={**scene.env, **(env or {})}, cwd=cwd or scene.repo,
+                          timeout=timeout, check=False)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line: {proc.stdout!r} / {proc.stderr!r}"
+    out = json.loads(lines[0])
+    assert out["ok"] is (proc.returncode == 0), (proc.returncode, out, proc.stderr)
+    return SceneRun(proc.returncode, out, proc.stderr)
+
+
+def make_scene(tmp: Path, model_url: str) -> Scene:
+    home, state = tmp / "home", tmp / "state"
+    env = claude_env(model_url, home, max_retries=0)
+    env.update({
+        "PMTOOL_CLAUDE_BIN": CLAUDE or "claude-not-installed",
+        "PMTOOL_STATE_DIR": str(state),
+        "PMTOOL_CONFIG": os.devnull,
+        # The server's /api/v1/context is asked for instruction files; nothing listens here.
+        "HEADLESS_PM_API_URL": "http://127.0.0.1:9",
+        "HEADLESS_PM_API_KEY": API_KEY,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": str(tmp / "gitconfig"),
+    })
+    repo = tmp / "repo"
+    repo.mkdir()
+    task_id = 4000 + uuid.uuid4().int % 5000  # unique per test: process sweeps look for it
+    task = {"id": task_id, "title": "Add a login page",
+            "description": "A form with user and password that posts to /login.",
+            "target_role": "backend_dev", "difficulty": "senior", "complexity": "major",
+            "branch": "feature/login", "status": "under_work", "notes": "pm: keep it small"}
+    scene = Scene(tmp, repo, tmp / "wt", state, env, task)
+    scene.git("init", "-q", "-b", "main")
+    (repo / "README.md").write_text("# app\n")
+    scene.git("add", "-A")
+    scene.git("commit", "-q", "-m", "initial")
+    scene.git("worktree", "add", "-q", "-b", "feature/login", str(scene.worktree))
+    return scene
+
+
+def processes_of_task(task_id: int) -> list[psutil.Process]:
+    """Live (not zombie) processes whose environment says they work on `task_id`."""
+    needle = f"PMTOOL_TASK_ID={task_id}\0".encode()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            with open(f"/proc/{proc.pid}/environ", "rb") as fh:
+                if needle in fh.read():
+                    found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+# -- what a crash leaves (the crash tests) -------------------------------------------------
+
+
+def _left_processes(world: World) -> list[psutil.Process]:
+    """Processes working in the repo or its worktrees, or started by this test's pmtool."""
+    inside = os.path.realpath(world.repo)
+    left = []
+    for proc in psutil.process_iter(["cwd", "environ"]):
+        cwd, env = proc.info.get("cwd") or "", proc.info.get("environ") or {}
+        if cwd == inside or cwd.startswith(inside + os.sep) \
+                or env.get("PMTOOL_STATE_DIR") == str(world.state):
+            left.append(proc)
+    return left
+
+
+def _no_worktree_left(world: World, task_id: int) -> None:
+    listed = world.git("worktree", "list", "--porcelain")
+    assert listed.count("worktree ") == 1, listed
+    assert not (world.repo / ".worktrees" / f"task-{task_id}").exists()
+
+
+def _closed(world: World, task_id: int) -> list[str]:
+    return [h["outcome"] for h in StateDir(world.state).history(task_id=task_id,
+                                                                 kind="closed")]
+
+
+# -- the attempt ledger of a world ---------------------------------------------------------
+
+
+def attempt_lines(world: World) -> list[dict[str, Any]]:
+    return [h for h in world.store.state.history() if h.get("kind") in ("attempt", "parked")]
+
+
+# -- watching where the secrets go ---------------------------------------------------------
+
+
+def dumping_hooks(world: World) -> Path:
+    dumps = world.tmp / "dumps"
+    dumps.mkdir()
+    for name in ("pre_task", "post_task", "worktree_setup"):
+        hook = world.hooks / name
+        hook.write_text(f'#!/bin/sh\nenv > "{dumps}/{name}.env"\ncat > "{dumps}/{name}.json"\n')
+        hook.chmod(0o755)
+    agent = world.tmp / "agent.sh"
+    agent.write_text(f'#!/bin/sh\nenv > "{dumps}/agent.env"\nexec {fake_agent.command()}\n')
+    agent.chmod(0o755)
+    return dumps
+
+
+def watch_argv(stop: threading.Event, seen: set[str]) -> None:
+    while not stop.is_set():
+        out = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
+        seen.update(out.splitlines())
+        time.sleep(0.02)
+
+
+def run_watched(world: World, env: dict[str, str],
+                agent: tuple[str, ...] = ()) -> tuple[Run, set[str]]:
+    seen: set[str] = set()
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_argv, args=(stop, seen))
+    watcher.start()
+    agent = agent or ("--agent-cmd", str(world.tmp / "agent.sh"))
+    try:
+        proc = subprocess.run(
+            [PMTOOL, "run", *world.args("--single-task", *agent)],
+            capture_output=True, text=True, env={**world.env, **env}, cwd=world.repo,
+            timeout=90, check=False)
+    finally:
+        stop.set()
+        watcher.join()
+    return Run(proc.returncode, events(proc.stdout), proc.stderr), seen
+
+
+def everything_written(world: World, run: Run, argv: set[str], dumps: Path) -> dict[str, str]:
+    """Where pmtool's words and its children's environments went, by name."""
+    places = {"stdout": json.dumps(run.events), "stderr": run.stderr,
+              "argv": "\n".join(argv)}
+    for path in [*world.state.rglob("*"), *dumps.rglob("*")]:
+        if path.is_file():
+            places[str(path)] = path.read_bytes().decode("utf-8", "replace")
+    places["server notes"] = "\n".join(t.get("notes") or "" for t in world.seeder.list_tasks())
+    places["changelog"] = json.dumps(world.seeder.changelog(500))
+    places["git"] = world.git("log", "--all", "-p", "--format=%H %B")
+    return places
+
+
+# -- several machines on one origin --------------------------------------------------------
+
+
+@dataclass
+class Machine:
+    name: str
+    repo: Path
+    state: Path
+
+    def args(self, role: str, agent: str, *extra: str) -> list[str]:
+        return ["--repo", str(self.repo), "--role", role, "--agent-id", agent, *extra]
+
+    def env(self, world: World, **extra: str) -> dict[str, str]:
+        return {**world.env, "PMTOOL_STATE_DIR": str(self.state), **extra}
+
+    def attempts(self, task_id: int) -> list[dict[str, Any]]:
+        path = self.state / "history.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [h for h in lines if h.get("kind") == "attempt" and h.get("task_id") == task_id]
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def run_on(world: World, machine: Machine, role: str, agent: str, *extra: str,
+           env: dict[str, str] | None = None) -> Run:
+    args = [*machine.args(role, agent, "--settle", "0.05", "--idle-poll", "0.5"), *extra]
+    if "--real-claude" in args:
+        args.remove("--real-claude")
+    else:
+        args += ["--agent-cmd", fake_agent.command()]
+    proc = subprocess.run([PMTOOL, "run", *args], capture_output=True, text=True,
+                          env={**machine.env(world), **(env or {})}, cwd=machine.repo,
+                          timeout=120, check=False)
+    return Run(proc.returncode, events(proc.stdout), proc.stderr)
+
+
+# -- a plain HTTP GET (metrics) ------------------------------------------------------------
+
+
+def get(url: str) -> tuple[int, str, str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, resp.headers.get("Content-Type"), resp.read().decode()
+
+
+# -- the docs run as a reader would (bash blocks, the tutorial) ----------------------------
+
+
+TUTORIAL = ROOT / "docs" / "tutorial.md"
+
+
+KEY = "your-server-key"  # the key the examples export
+
+
+SKIP = re.compile(r"<!-- not run by the tests: .+ -->")
+
+
+def bash_blocks(path: Path) -> list[tuple[int, str | None, str]]:
+    """(line, why it is skipped or None, code) of every ```bash block of a page."""
+    lines = path.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```bash":
+            start, skip = i + 1, SKIP.search(lines[i - 1]) if i else None
+            end = lines.index("```", start)
+            blocks.append((start + 1, skip.group(0) if skip else None,
+                           "\n".join(lines[start:end])))
+            i = end
+        i += 1
+    return blocks
+
+
+def run_block(reader: dict, code: str, extra: dict | None = None,
+              **kwargs) -> subprocess.CompletedProcess:
+    code = code.replace("http://localhost:6969", reader["url"])
+    return subprocess.run(["bash", "-c", code], cwd=reader["home"], text=True,
+                          capture_output=True, env={**reader["env"], **(extra or {})},
+                          timeout=180, check=False, **kwargs)
+
+
+def assert_nothing_left(reader: dict, repo: Path) -> None:
+    worktrees = subprocess.run(["git", "-C", str(repo), "worktree", "list", "--porcelain"],
+                               capture_output=True, text=True, check=True).stdout
+    assert worktrees.count("worktree ") == 1, worktrees
+    records = reader["home"] / ".local/state/pmtool/records"
+    assert not any(records.glob("*.json")) if records.is_dir() else True
+
+
+def run_tutorial(reader: dict, env: dict | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                 dict]:
+    """The tutorial's blocks in order, in one shell, as a reader types them; its task."""
+    blocks = [(line, code) for line, skip, code in bash_blocks(TUTORIAL) if skip is None]
+    assert len(blocks) >= 4
+    script = "".join(f"{code}\nrc=$?; [ $rc = 0 ] || {{ echo 'block at line {line} exited '$rc >&2;"
+                     f" exit 1; }}\n" for line, code in blocks)
+    proc = run_block(reader, script, env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    tasks = reader["seeder"].client.list_tasks()
+    assert [t["status"] for t in tasks] == ["dev_done"], tasks
+    assert_nothing_left(reader, reader["home"] / "src" / "hello")
+    return proc, tasks[0]
+
+
+def main_log(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "log", "--format=%s", "main"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+# -- preflight against the server under test -----------------------------------------------
+
+
+def settings_for(server: PMServer, tmp_path: Path, **over: object) -> Settings:
+    values = {"api_url": server.url, "api_key": server.api_key, "state_dir": str(tmp_path),
+              "claude_bin": CLAUDE, **over}
+    return load_settings({k: v for k, v in values.items() if v is not None},
+                         config_path=tmp_path / "none.toml")
+
+
+def checks(settings: Settings, repo: Path | None, **kw: object) -> dict[str, pf.Finding]:
+    client = PMClient(settings.api_url, settings.api_key, retries=0)
+    found = pf.preflight(settings, client, role=kw.pop("role", "backend_dev"),
+                         level=kw.pop("level", "senior"), repo=repo, **kw)
+    return {f.name: f for f in found}

@@ -74,11 +74,10 @@ def health_cmd(
 
     settings = options().settings(hooks_dir=hooks_dir)
     result, code = run_health(settings, check, repo=repo)
-    for item in result["checks"]:
-        if not item["ok"]:
-            hint = f" ({item['hint']})" if item.get("hint") else ""
-            say(f"pmtool: health: {item['name']} failed: {item['detail']}{hint}")
-    emit(result, ok=result["ok"])
+    for item in result.failed():
+        hint = f" ({item['hint']})" if item.get("hint") else ""
+        say(f"pmtool: health: {item['name']} failed: {item['detail']}{hint}")
+    emit(result, ok=result.ok)
     return code
 
 

@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -15,6 +15,13 @@ from pmtool.cli.options import TaskArg, TaskIdAlias, resolve_task
 from pmtool.errors import EXIT_OK, EXIT_SIGINT, UsageError
 from pmtool.ops import duration as _dur  # every command here imports pmtool.ops anyway
 from pmtool.ops import usd
+from pmtool.results import Result
+
+if TYPE_CHECKING:
+    from pmtool.fleetview import FleetPicture
+    from pmtool.ops import CostReport, MachineStatus
+
+R = TypeVar("R", bound=Result)  # what a view's fetch answers
 
 
 def _size(n: int) -> str:
@@ -37,9 +44,9 @@ STEP_COLOURS = {"agent": "35", "claiming": "36", "pre_task": "34", "finishing": 
                 "stopped": "2", "polling": "2"}
 
 
-def status_view(result: dict[str, Any]) -> list[str]:
+def status_view(result: "MachineStatus") -> list[str]:
     rows = []
-    for r in result["runners"]:
+    for r in result.runners:
         last = r.get("last_event") or {}
         title = (r.get("title") or "")[:28]
         rows.append([r["agent_id"], r.get("role") or "-", r.get("level") or "-",
@@ -48,24 +55,24 @@ def status_view(result: dict[str, Any]) -> list[str]:
                      r.get("step") or "-", _dur(r.get("task_s")), _dur(r.get("step_s")),
                      f"${r.get('cost_usd') or 0:.4f}",
                      f"{last.get('event', '-')} {str(last.get('time') or '')[11:19]}".strip()])
-    lines = [f"pmtool status  {result['time']}  {result['live']} live of "
-             f"{plural(len(result['runners']), 'runner')}  ({result['state_dir']})", ""]
+    lines = [f"pmtool status  {result.time}  {result.live} live of "
+             f"{plural(len(result.runners), 'runner')}  ({result.state_dir})", ""]
     table = _table(["AGENT", "ROLE", "LEVEL", "PID", "TASK", "TITLE", "STEP", "ON TASK",
                     "IN STEP", "COST", "LAST EVENT"], rows)
     if colour():  # colour the step cell only, after padding (escapes have no width)
-        for i, r in enumerate(result["runners"], start=1):
+        for i, r in enumerate(result.runners, start=1):
             step = r.get("step") or "-"
             table[i] = table[i].replace(f"  {step}  ",
                                         f"  {paint(step, STEP_COLOURS.get(step, '0'))}  ", 1)
     lines += table if rows else ["no runners on this machine"]
     for kind, label in (("parked", "parked for a person"), ("cooling_down", "cooling down")):
-        for e in result[kind]:
+        for e in getattr(result, kind):
             task = e.get("task_id") or (e.get("task") or {}).get("id")
             title = f" ({e['title']})" if e.get("title") else ""
             why = e.get("reason") or (f"until {e['until']}" if e.get("until") else "")
             cause = f" [{e['cause']}]" if e.get("cause") else ""
             lines.append(paint(f"{label}: task {task}{title}: {why}{cause}".rstrip(": "), "33"))
-    u = result["usage"]
+    u = result.usage
     lines += ["", f"logs {_size(u['logs_bytes'])}, events {_size(u['events_bytes'])}, "
                   f"history {_size(u['history_bytes'])}"]
     return lines
@@ -90,8 +97,7 @@ def status_cmd(
     watch_or_print(lambda: status(state), status_view, watch, interval, "pmtool status")
 
 
-def watch_or_print(fetch: Callable[[], dict[str, Any]],
-                   view: Callable[[dict[str, Any]], list[str]], watch: bool,
+def watch_or_print(fetch: Callable[[], R], view: Callable[[R], list[str]], watch: bool,
                    interval: float, what: str) -> None:
     """The JSON of `fetch()` (and its `view` on a terminal's stderr); with `watch`, the
     view redrawn in place every `interval` seconds until Ctrl-C, then the last JSON."""
@@ -197,30 +203,30 @@ def report_cmd(
             html.write_text(report_html(result))
         except OSError as exc:
             raise UsageError(f"cannot write --html {html}: {exc.strerror}") from None
-        result["html"] = str(html)
+        result.html = str(html)
     if sys.stderr.isatty():
         say("\n".join(report_view(result)))
     emit(result)
 
 
-def report_view(result: dict[str, Any]) -> list[str]:
-    t = result["totals"]
+def report_view(result: "CostReport") -> list[str]:
+    t = result.totals
     outcomes = ", ".join(f"{n} {k}" for k, n in sorted(t["outcomes"].items())) or "none"
     lines = [f"{plural(t['tasks'], 'task')} since "
-             f"{result['since'] or 'the start'}: {outcomes}",
+             f"{result.since or 'the start'}: {outcomes}",
              f"cost {usd(t['cost_usd'])}, {plural(t['attempts'], 'attempt')}, "
              f"{plural(t['turns'], 'turn')}, "
              f"agent time {_dur(t['agent_s'])}, per task mean {_dur(t['mean_task_s'])} "
              f"p95 {_dur(t['p95_task_s'])}", ""]
-    groups = result["groups"]
+    groups = result.groups
     peak = max((g["cost_usd"] for g in groups), default=0) or 1
     rows = [[g["key"], str(g["tasks"]), str(g["attempts"]), usd(g["cost_usd"]),
              paint("█" * max(1, round(30 * g["cost_usd"] / peak)), "32")] for g in groups]
-    lines += _table([result["by"].upper(), "TASKS", "ATTEMPTS", "COST", ""], rows)
-    if result["most_expensive"]:
+    lines += _table([result.by.upper(), "TASKS", "ATTEMPTS", "COST", ""], rows)
+    if result.most_expensive:
         lines += ["", "most expensive:"] + [
             f"  task {e['task_id']} {usd(e['cost_usd'])} {e['outcome']} {e.get('title') or ''}"
-            .rstrip() for e in result["most_expensive"]]
+            .rstrip() for e in result.most_expensive]
     return lines
 
 
@@ -239,8 +245,8 @@ def init_cmd(
     from pmtool.ops import init
 
     result = init(folder or default_config_path().parent)
-    say(f"wrote {plural(len(result['written']), 'file')} into {result['folder']}; edit "
-        f"{result['config']} (hooks_dir points at {result['hooks_dir']})")
+    say(f"wrote {plural(len(result.written), 'file')} into {result.folder}; edit "
+        f"{result.config} (hooks_dir points at {result.hooks_dir})")
     emit(result)
 
 
@@ -265,7 +271,7 @@ def metrics_cmd(
 
     Example: pmtool metrics --output /var/lib/prometheus/node-exporter/pmtool.prom
     """
-    from pmtool.metrics import metrics_text, write_atomic
+    from pmtool.metrics import metrics_text, write_metrics
 
     settings = options().settings()
     text = metrics_text(settings.state_path, settings.values.get("daily_budget_usd"))
@@ -273,15 +279,13 @@ def metrics_cmd(
         sys.stdout.buffer.write(text)
         sys.stdout.flush()
         return
-    write_atomic(output, text)
-    series = sum(1 for line in text.decode().splitlines() if line and line[0] != "#")
-    emit({"output": str(output), "bytes": len(text), "series": series})
+    emit(write_metrics(output, text))
 
 
-def fleet_view(result: dict[str, Any]) -> list[str]:
+def fleet_view(result: "FleetPicture") -> list[str]:
     """The fleet as tables: agents (stale ones marked), parked tasks, the queue."""
-    c = result["counts"]
-    lines = [f"pmtool fleet  {result['time']}  {plural(c['agents'], 'agent')} "
+    c = result.counts
+    lines = [f"pmtool fleet  {result.time}  {plural(c['agents'], 'agent')} "
              f"({c['pmtool_agents']} pmtool's), {c['working']} working, "
              f"{c['stale']} stale, {c['parked']} parked, {c['waiting']} waiting", ""]
     rows = [[a["agent_id"], a.get("role") or "-", a.get("level") or "-",
@@ -292,17 +296,17 @@ def fleet_view(result: dict[str, Any]) -> list[str]:
               else "stale" if a["stale"] else
               f"lock ok {_dur(a['lock_expires_in_s'])}" if a.get("lock_expires_in_s")
               is not None else "")]
-            for a in result["agents"]]
+            for a in result.agents]
     table = _table(["AGENT", "ROLE", "LEVEL", "PMTOOL", "HOST", "TASK", "TITLE", "ON TASK",
                     "UNSEEN", ""], rows)
     lines += table if rows else ["no agents registered"]
-    for t in result["unlocked"]:
+    for t in result.unlocked:
         lines.append(paint(f"under work with no lock: task {t['task_id']} ({t['title']})",
                            "31"))
-    for p in result["parked"]:
+    for p in result.parked:
         lines.append(paint(f"parked: task {p['task_id']} ({p['title']}) "
                            f"[{p.get('cause') or '?'}]: {p['reason']}", "33"))
-    queue = [f"{role} {q['waiting']}" for role, q in result["queue"].items() if q["waiting"]]
+    queue = [f"{role} {q['waiting']}" for role, q in result.queue.items() if q["waiting"]]
     lines += ["", "waiting: " + (", ".join(queue) if queue else "nothing")]
     return lines
 

@@ -86,6 +86,7 @@ from pmtool.work.finish import kept_verdict
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
+    from pmtool.health import HealthReport
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
 # fails the loop does not claim; it waits, reports and goes on by itself (a refused key
@@ -216,8 +217,8 @@ class Runner:
                  progress: Callable[[str], None] = lambda _msg: None,
                  ask: Callable[[str, list[str]], str] | None = None,
                  client: PMApi | None = None, poller: Any = None,
-                 health: Callable[[Callable[[], tuple[dict[str, Any], int]]],
-                                  tuple[dict[str, Any], int]] | None = None,
+                 health: Callable[[Callable[[], tuple[HealthReport, int]]],
+                                  tuple[HealthReport, int]] | None = None,
                  clock: Callable[[], datetime] | None = None,
                  wait: Callable[[float], None] | None = None) -> None:
         """`poller` and `health` are shared by the runners of a `pmtool.run.fleet.Fleet`; a
@@ -528,14 +529,14 @@ class Runner:
         checks = HEALTH_CHECKS if not self.opts.agent_cmd else \
             [c for c in HEALTH_CHECKS if c != "claude"]
 
-        def check() -> tuple[dict[str, Any], int]:
+        def check() -> tuple[HealthReport, int]:
             return run_health(self.settings, checks, hook=True, hooks_dir=self.hooks_dir)
 
         # A fleet's runners share one check (pmtool.run.poller.SharedHealth).
         result, _code = self._health(check) if self._health else check()
         self.last_health = time.monotonic()
-        failed = [c for c in result["checks"] if not c["ok"]]
-        self.event("health", ok=result["ok"], failed=[c["name"] for c in failed],
+        failed = result.failed()
+        self.event("health", ok=result.ok, failed=[c["name"] for c in failed],
                    details={c["name"]: c["detail"] for c in failed} or None)
         if failed:
             refused = [c for c in failed if c["name"] == "auth" and not c.get("unreachable")]

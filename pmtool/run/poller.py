@@ -38,6 +38,7 @@ from pmtool.state import StateDir, atomic_write_json, make_dir, open_private, sa
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
+    from pmtool.health import HealthReport
 
 FOLLOW_TICK = 0.2  # seconds between a follower's looks at the leaseholder's file
 # An offer older than this is not handed out: every runner waiting then has seen it, and
@@ -316,15 +317,15 @@ class SharedHealth:
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self._lock = threading.Lock()
-        self._last: tuple[float, tuple[dict[str, Any], int]] | None = None
+        self._last: tuple[float, tuple[HealthReport, int]] | None = None
 
-    def __call__(self, check: Callable[[], tuple[dict[str, Any], int]]
-                 ) -> tuple[dict[str, Any], int]:
+    def __call__(self, check: Callable[[], tuple[HealthReport, int]]
+                 ) -> tuple[HealthReport, int]:
         with self._lock:
             if self._last and time.monotonic() - self._last[0] < self.interval:
                 return self._last[1]
             result = check()
-            self._last = (time.monotonic(), result) if result[0].get("ok") else None
+            self._last = (time.monotonic(), result) if result[0].ok else None
             return result
 
 

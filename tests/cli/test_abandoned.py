@@ -1,30 +1,19 @@
 """No orphans: `recover --orphans` (the PM's cron) and a corrupt record's task.
 
-Against private stand-ins (their clocks are moved to age agents past the server's 30
-minutes); every test checks what the server shows afterwards.
+In the shared world (tests/helpers.py: a private stand-in, whose clock is moved to age
+agents past the server's 30 minutes); every test checks what the server shows afterwards.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import ago, pmtool
+from helpers import World, ago, pmtool
 from pmtool.testing.seed import Seeder
-
-
-@pytest.fixture
-def world(tmp_path: Path, make_standin: Any) -> tuple[Any, Seeder, dict[str, str]]:
-    key = f"k-{secrets.token_hex(8)}"
-    server = make_standin(api_key=key, production=True)
-    env = {"HEADLESS_PM_API_URL": server.url, "HEADLESS_PM_API_KEY": key,
-           "PMTOOL_STATE_DIR": str(tmp_path / "state"),
-           "PMTOOL_CONFIG": os.devnull}
-    return server, Seeder(server.url, key), env
 
 
 def under_work(seed: Seeder, title: str, agent: str | None) -> dict[str, Any]:
@@ -35,7 +24,7 @@ def under_work(seed: Seeder, title: str, agent: str | None) -> dict[str, Any]:
 
 
 def test_orphans_go_back_to_created_and_nothing_else_is_touched(world):
-    server, seed, env = world
+    server, seed, env = world.server, world.seeder, world.env
     seed.register("dev_gone", "backend_dev", "senior")
     server.advance_clock(31 * 60)
     # Locks do not refresh last_seen (quirk 3): dev_gone stays unseen for 31 minutes.
@@ -77,7 +66,7 @@ def test_orphans_go_back_to_created_and_nothing_else_is_touched(world):
 
 
 def test_orphans_limited_to_named_tasks(world):
-    _server, seed, env = world
+    seed, env = world.seeder, world.env
     first = under_work(seed, "one", None)
     second = under_work(seed, "two", None)
     res = pmtool("recover", "--orphans", "--task", str(second["id"]), env=env)
@@ -87,7 +76,7 @@ def test_orphans_limited_to_named_tasks(world):
 
 
 def test_a_corrupt_records_task_is_found_and_given_back(world, tmp_path):
-    _server, seed, env = world
+    seed, env = world.seeder, world.env
     seed.register("dev_torn", "backend_dev", "senior")
     task = under_work(seed, "its record broke", "dev_torn")
     records = tmp_path / "state" / "records"
@@ -109,7 +98,7 @@ def test_a_corrupt_records_task_is_found_and_given_back(world, tmp_path):
 
 
 def test_a_corrupt_record_named_only_by_its_file(world, tmp_path):
-    _server, seed, env = world
+    seed, env = world.seeder, world.env
     seed.register("dev_junk", "backend_dev", "senior")
     task = under_work(seed, "record is garbage", "dev_junk")
     records = tmp_path / "state" / "records"
@@ -172,8 +161,8 @@ UNREADABLE = {
 }
 
 
-def _unreadable_record(world: Any, tmp_path: Path, content: bytes) -> tuple[dict, Path]:
-    _server, seed, _env = world
+def _unreadable_record(world: World, tmp_path: Path, content: bytes) -> tuple[dict, Path]:
+    seed = world.seeder
     seed.register("dev_bytes", "backend_dev", "senior")
     task = under_work(seed, "its record is bytes", "dev_bytes")
     records = tmp_path / "state" / "records"
@@ -195,33 +184,33 @@ def _given_back(seed: Seeder, task: dict, path: Path, content: bytes) -> None:
 def test_recover_all_keeps_an_unreadable_record_aside_and_gives_its_task_back(
         world, tmp_path, content):
     task, path = _unreadable_record(world, tmp_path, content)
-    res = pmtool("recover", "--all", env=world[2])
+    res = pmtool("recover", "--all", env=world.env)
     assert res.code == 0, res.out
     (entry,) = res.out["entries"]
     assert entry["action"] == "corrupt" and entry["task_id"] == task["id"]
-    _given_back(world[1], task, path, content)
+    _given_back(world.seeder, task, path, content)
 
 
 @pytest.mark.parametrize("content", list(UNREADABLE.values()), ids=list(UNREADABLE))
 def test_health_keeps_an_unreadable_record_aside_and_gives_its_task_back(
         world, tmp_path, content):
     task, path = _unreadable_record(world, tmp_path, content)
-    res = pmtool("health", "--check", "records", env=world[2])
+    res = pmtool("health", "--check", "records", env=world.env)
     (check,) = res.out["checks"]
     assert check["ok"] is False and "crashed" not in check["detail"], check
     assert "corrupt records kept aside" in check["detail"]
     assert check["corrupt_tasks"][0]["task_id"] == task["id"]
-    _given_back(world[1], task, path, content)
-    again = pmtool("health", "--check", "records", env=world[2])
+    _given_back(world.seeder, task, path, content)
+    again = pmtool("health", "--check", "records", env=world.env)
     assert again.code == 0, again.out  # reported once; the kept file is for a person
 
 
 def test_status_lists_an_unreadable_record_and_moves_nothing(world, tmp_path):
     task, path = _unreadable_record(world, tmp_path, UNREADABLE["random-bytes"])
-    res = pmtool("status", env=world[2])
+    res = pmtool("status", env=world.env)
     assert res.code == 0, res.out
     assert res.out["corrupt_records"] == [str(path)]
-    assert path.exists() and world[1].get_task(task["id"])["status"] == "under_work"
+    assert path.exists() and world.seeder.get_task(task["id"])["status"] == "under_work"
 
 
 def test_stray_temp_files_of_a_killed_write_are_cleaned(world, tmp_path):
@@ -237,16 +226,16 @@ def test_stray_temp_files_of_a_killed_write_are_cleaned(world, tmp_path):
     empty.write_bytes(b"")
     begun.write_text('{"agent_id": "dev_b"')
     writing.write_bytes(b"")
-    dry = pmtool("recover", "--all", "--dry-run", env=world[2])
+    dry = pmtool("recover", "--all", "--dry-run", env=world.env)
     assert sorted(t["path"] for t in dry.out["error"]["stray_temps"]) == [str(empty), str(begun)]
     assert empty.exists() and begun.exists()
-    res = pmtool("recover", "--all", env=world[2])
+    res = pmtool("recover", "--all", env=world.env)
     assert res.code == 3  # no records: nothing to reconcile, the temp files cleaned all the same
     assert {t["action"] for t in res.out["error"]["stray_temps"]} == {"removed", "kept_aside"}
     assert not empty.exists() and not begun.exists() and writing.exists()
     (kept,) = records.glob("dev_b.json.unfinished-*")
     assert kept.read_text() == '{"agent_id": "dev_b"'
     os.utime(writing, (0, 0))  # an hour old: its pid was reused, the writer is long gone
-    check = pmtool("health", "--check", "records", env=world[2]).out["checks"][0]
+    check = pmtool("health", "--check", "records", env=world.env).out["checks"][0]
     assert [t["path"] for t in check["stray_temps"]] == [str(writing)] and check["ok"]
     assert not writing.exists()

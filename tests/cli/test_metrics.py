@@ -1,7 +1,7 @@
 """Watching runners with Prometheus: `pmtool metrics` (once, from the state folder, or
 atomically into a file) and `pmtool run --metrics-addr` (live /metrics and /status). Real
-runs against the stand-in server; the e2e test scrapes with a real Prometheus and the real
-claude binary on the scripted model server."""
+runs against the stand-in server (a real Prometheus scraping a runner of the real claude:
+tests/e2e/test_claude_views.py)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,9 @@ import pytest
 
 import helpers
 from helpers import (
-    CLAUDE,
     PMTOOL,
     ago,
-    needs_claude,
+    get,
     new_task,
     plain_world,
     pmtool,
@@ -38,17 +37,11 @@ from pmtool import metrics
 from pmtool.records import RecordStore
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
-from pmtool.testing.claude_env import claude_env
-from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
 
 PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (tests/run.sh installs Debian's "
                              "prometheus package where it runs as root with apt-get)")
-needs_prometheus = pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus not installed (tests/run.sh installs Debian's "
-                               "prometheus package where it runs as root with apt-get)")
 ROOT = helpers.ROOT
 MANUAL = ROOT / "docs" / "how-to" / "watch.md"  # the metrics table is documented there
 
@@ -73,11 +66,6 @@ def total(text: str, name: str, **labels: str) -> float:
         if all(have.get(k) == v for k, v in labels.items()):
             found += value
     return found
-
-
-def get(url: str) -> tuple[int, str, str]:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return resp.status, resp.headers.get("Content-Type"), resp.read().decode()
 
 
 def promtool_check(text: str) -> None:
@@ -343,81 +331,6 @@ def test_the_manual_lists_every_metric_with_its_labels() -> None:
     for name, (kind, labels, _help) in metrics.METRICS.items():
         served[name + ("_total" if kind == "counter" else "")] = labels
     assert documented == served
-
-
-# ---- end to end: a real Prometheus scrapes a runner of the real claude --------------------
-
-
-@pytest.mark.e2e
-@needs_claude
-@needs_prometheus
-@pytest.mark.timeout(240)
-def test_prometheus_scrapes_a_runner_of_real_claude(world: dict[str, Any],
-                                                    tmp_path: Path) -> None:
-    from helpers import free_port as port_of
-
-    new_task(world)
-    target, web = port_of(), port_of()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-                      f"scrape_configs:\n  - job_name: pmtool\n    static_configs:\n"
-                      f"      - targets: ['127.0.0.1:{target}']\n")
-    go = tmp_path / "go"
-    prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}",
-                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{web}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    runner = None
-    try:
-        with ScriptedModelServer() as model:
-            env = {**world["env"], **claude_env(model.url, tmp_path / "home", max_retries=0),
-                   "PMTOOL_CLAUDE_BIN": CLAUDE}
-            model.set_script([Bash(f"while [ ! -f {go} ]; do sleep 0.1; done; echo waited"),
-                              Structured({"outcome": "done", "summary": "Pinged."})])
-            runner = subprocess.Popen(run_args(world, "--metrics-addr", str(target)), env=env,
-                                      cwd=world["repo"], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-
-            def query(expr: str) -> float | None:
-                url = (f"http://127.0.0.1:{web}/api/v1/query?query="
-                       + urllib.parse.quote(expr))
-                try:
-                    answer = json.loads(get(url)[2])
-                except OSError:
-                    return None
-                result = answer["data"]["result"]
-                return float(result[0]["value"][1]) if result else None
-
-            working = 'pmtool_agent_state{agent="dev_1",state="working"}'
-            wait_for(lambda: query(working) == 1, timeout=90,
-                     what="Prometheus sees the agent working")
-            assert query('pmtool_agent_task_running_seconds{agent="dev_1"}') >= 0
-            go.touch()
-            done = 'sum(pmtool_tasks_finished_total{agent="dev_1",outcome="done"})'
-            wait_for(lambda: query(done) == 1, timeout=90,
-                     what="Prometheus sees the finished task")
-            cost = wait_for(lambda: query("sum(pmtool_claude_cost_usd_total)"), timeout=30,
-                            what="the cost in Prometheus")
-            assert cost > 0
-            assert query('up{job="pmtool"}') == 1
-            # Every query of the Grafana dashboard runs on this Prometheus.
-            board = json.loads((ROOT / "deploy" / "grafana" /
-                                "pmtool-dashboard.json").read_text())
-            for expr in (t["expr"] for p in board["panels"] for t in p["targets"]):
-                expr = expr.replace("$instance", ".*").replace("$role", ".*")
-                url = (f"http://127.0.0.1:{web}/api/v1/query?query="
-                       + urllib.parse.quote(expr))
-                assert json.loads(get(url)[2])["status"] == "success", expr
-            runner.send_signal(2)
-            out, _err = runner.communicate(timeout=60)
-            events = [json.loads(x) for x in out.splitlines()]
-            spent = sum(e.get("total_cost_usd") or 0 for e in events if e["event"] == "agent")
-            assert cost == pytest.approx(spent)
-    finally:
-        for proc in (runner, prom):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 def test_starting_run_does_not_import_prometheus_client() -> None:

@@ -1,6 +1,6 @@
 """The operator's views: `status` (and its `--watch` terminal view), `logs`, `report`, `init`,
 the `notify` hook and its bundled examples, and log pruning. Real subprocesses, a stand-in
-server, real git, and the real claude binary on the scripted model server."""
+server, real git, the fake agent (the real claude binary: tests/e2e/test_claude_views.py)."""
 
 from __future__ import annotations
 
@@ -18,24 +18,19 @@ from typing import Any, ClassVar
 import pytest
 
 from helpers import (
-    CLAUDE,
     PMTOOL,
     ROOT,
     ago,
     interrupt_at_terminal,
-    needs_claude,
     new_task,
     plain_world,
     pmtool,
     run_args,
-    wait_for,
 )
 from pmtool import ops
 from pmtool.hooks import run_hook
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.state import StateDir
-from pmtool.testing.claude_env import claude_env
-from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
 
 HOOKS = ROOT / "hooks"
 
@@ -233,61 +228,6 @@ def test_fatal_stop_fires_the_notify_hook_once(world: dict[str, Any]) -> None:
     assert len(calls) == 1
     assert calls[0]["event"] == "fatal" and calls[0]["task_id"] == task["id"]
     assert calls[0]["agent_id"] == "dev_1" and "no GPU here" in calls[0]["message"]
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(150)
-def test_status_and_logs_follow_while_claude_works(world: dict[str, Any]) -> None:
-    task = new_task(world)
-    go = world["tmp"] / "go"
-    env = world["env"]
-    with ScriptedModelServer() as model:
-        env = {**env, **claude_env(model.url, world["tmp"] / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": CLAUDE}
-        model.set_script([Bash(f"while [ ! -f {go} ]; do sleep 0.1; done; echo waited"),
-                          Structured({"outcome": "done", "summary": "Pinged."})])
-        runner = subprocess.Popen(run_args(world, "--single-task"), env=env, cwd=world["repo"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        follower = None
-        try:
-            def working() -> dict[str, Any] | None:
-                rows = pmtool("status", env=env).out["runners"]
-                return next((r for r in rows if r["step"] == "agent"), None)
-
-            row = wait_for(working, timeout=60, what="the runner in the agent step")
-            assert row["agent_id"] == "dev_1" and row["live"] and row["pid"] == runner.pid
-            assert row["task_id"] == task["id"] and row["title"] == "Add a ping endpoint"
-            assert row["role"] == "backend_dev" and row["task_s"] is not None
-
-            follower = subprocess.Popen([PMTOOL, "logs", str(task["id"]), "--follow", "--raw"],
-                                        env=env, stdout=subprocess.PIPE, text=True)
-            lines: list[dict[str, Any]] = []
-            reader = threading.Thread(
-                target=lambda: lines.extend(json.loads(x) for x in follower.stdout), daemon=True)
-            reader.start()
-            wait_for(lambda: any(x.get("type") == "system" for x in lines), timeout=30,
-                     what="the init line")
-            assert not any(x.get("type") == "result" for x in lines)  # still running
-            go.touch()
-            assert runner.wait(timeout=60) == 0, runner.stderr.read()
-            assert follower.wait(timeout=30) == 0  # ends when the task ends
-            reader.join(timeout=10)
-        finally:
-            for proc in (runner, follower):
-                if proc and proc.poll() is None:
-                    proc.kill()
-    tools = [b for x in lines if x.get("type") == "assistant"
-             for b in x["message"]["content"] if b.get("type") == "tool_use"]
-    assert tools and tools[0]["name"] == "Bash"
-    assert any(x.get("type") == "result" and x.get("total_cost_usd") for x in lines)
-    after = pmtool("status", env=env).out
-    assert after["runners"] == [] or all(not r["live"] for r in after["runners"])
-    assert after["usage"]["logs_bytes"] > 0
-    story = pmtool("logs", str(task["id"]), env=env).out["entries"]
-    assert any(e["source"] == "claude" for e in story)
-    rendered = [ln for e in story for ln in ops.render(e)]
-    assert any("-> Bash" in ln for ln in rendered) and any("result:" in ln for ln in rendered)
 
 
 # ---- status --watch on a terminal ---------------------------------------------------------

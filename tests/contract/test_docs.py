@@ -13,24 +13,25 @@ import os
 import re
 import signal
 import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import helpers
-from helpers import CLAUDE, PMTOOL, documented_keys, needs_claude, wait_for
+from helpers import (
+    PMTOOL,
+    TUTORIAL,
+    assert_nothing_left,
+    bash_blocks,
+    documented_keys,
+    main_log,
+    run_block,
+    run_tutorial,
+    wait_for,
+)
 from pmtool.cli import reference
-from pmtool.testing.claude_env import claude_env
-from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write
-from pmtool.testing.seed import Seeder
 
 ROOT = helpers.ROOT
 README = ROOT / "README.md"
-TUTORIAL = ROOT / "docs" / "tutorial.md"
-KEY = "your-server-key"  # the key the examples export
-SKIP = re.compile(r"<!-- not run by the tests: .+ -->")
 REGENERATE = ("the reference is stale: run `.venv/bin/python -m pmtool.cli.reference` "
               "and commit docs/reference/")
 
@@ -121,20 +122,6 @@ def test_docs_links_of_the_readme_exist():
 
 # -- the shell examples run --------------------------------------------------------------------
 
-def bash_blocks(path: Path) -> list[tuple[int, str | None, str]]:
-    """(line, why it is skipped or None, code) of every ```bash block of a page."""
-    lines = path.read_text().splitlines()
-    blocks, i = [], 0
-    while i < len(lines):
-        if lines[i].strip() == "```bash":
-            start, skip = i + 1, SKIP.search(lines[i - 1]) if i else None
-            end = lines.index("```", start)
-            blocks.append((start + 1, skip.group(0) if skip else None,
-                           "\n".join(lines[start:end])))
-            i = end
-        i += 1
-    return blocks
-
 
 def test_only_bash_blocks_hold_commands():
     """A ```sh or ```shell block would escape the run: the pages use ```bash only."""
@@ -142,49 +129,8 @@ def test_only_bash_blocks_hold_commands():
         assert not re.search(r"^```(sh|shell|console)$", path.read_text(), re.M), path
 
 
-@pytest.fixture
-def reader(tmp_path: Path, make_standin) -> Iterator[dict]:
-    """A fresh machine as the docs see it: a HOME of its own, a stand-in Headless PM that
-    takes the key the examples export, and `claude` on PATH (pmtool's stand-in agent,
-    which commits a file and gives a verdict as claude does)."""
-    home = tmp_path / "home"
-    (home / "src" / "app").mkdir(parents=True)
-    git = ["git", "-C", str(home / "src" / "app")]
-    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], check=True)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    claude = bindir / "claude"
-    claude.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "2.1.197 (Claude Code)"; '
-                      f'exit 0; }}\nexec {sys.executable} -m pmtool.testing.fake_agent\n')
-    claude.chmod(0o755)
-    server = make_standin(api_key=KEY, race_window=0)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMTOOL_", "HEADLESS_PM_", "XDG_", "API_KEY_"))}
-    env.update(HOME=str(home), PATH=f"{bindir}:{Path(PMTOOL).parent}:{os.environ['PATH']}",
-               HEADLESS_PM_API_URL=server.url, HEADLESS_PM_API_KEY=KEY)
-    yield {"home": home, "env": env, "url": server.url, "repo": home / "src" / "app",
-           "seeder": Seeder(server.url, KEY)}
-
-
-def run_block(reader: dict, code: str, extra: dict | None = None,
-              **kwargs) -> subprocess.CompletedProcess:
-    code = code.replace("http://localhost:6969", reader["url"])
-    return subprocess.run(["bash", "-c", code], cwd=reader["home"], text=True,
-                          capture_output=True, env={**reader["env"], **(extra or {})},
-                          timeout=180, check=False, **kwargs)
-
-
 def task_status(reader: dict, task_id: int) -> dict:
     return next(t for t in reader["seeder"].client.list_tasks() if t["id"] == task_id)
-
-
-def assert_nothing_left(reader: dict, repo: Path) -> None:
-    worktrees = subprocess.run(["git", "-C", str(repo), "worktree", "list", "--porcelain"],
-                               capture_output=True, text=True, check=True).stdout
-    assert worktrees.count("worktree ") == 1, worktrees
-    records = reader["home"] / ".local/state/pmtool/records"
-    assert not any(records.glob("*.json")) if records.is_dir() else True
 
 
 def test_readme_shell_blocks_run(reader):
@@ -212,53 +158,11 @@ def test_readme_shell_blocks_run(reader):
             assert_nothing_left(reader, reader["repo"])
 
 
-def run_tutorial(reader: dict, env: dict | None = None) -> tuple[subprocess.CompletedProcess,
-                                                                 dict]:
-    """The tutorial's blocks in order, in one shell, as a reader types them; its task."""
-    blocks = [(line, code) for line, skip, code in bash_blocks(TUTORIAL) if skip is None]
-    assert len(blocks) >= 4
-    script = "".join(f"{code}\nrc=$?; [ $rc = 0 ] || {{ echo 'block at line {line} exited '$rc >&2;"
-                     f" exit 1; }}\n" for line, code in blocks)
-    proc = run_block(reader, script, env)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    tasks = reader["seeder"].client.list_tasks()
-    assert [t["status"] for t in tasks] == ["dev_done"], tasks
-    assert_nothing_left(reader, reader["home"] / "src" / "hello")
-    return proc, tasks[0]
-
-
-def main_log(repo: Path) -> str:
-    return subprocess.run(["git", "-C", str(repo), "log", "--format=%s", "main"],
-                          capture_output=True, text=True, check=True).stdout
-
-
 def test_the_tutorial_runs_in_one_terminal(reader):
     """From an empty server and no repository to a task done and landed on main."""
     proc, task = run_tutorial(reader)
     assert f"task {task['id']}" in main_log(reader["home"] / "src" / "hello")
     assert '"outcome":"done"' in proc.stdout.replace(" ", "")
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(240)
-def test_the_tutorial_gets_a_task_done_by_the_real_claude(reader):
-    """The same, with the real claude binary on PATH (talking to a scripted model on
-    loopback): it writes HELLO.md and commits it, and the task lands on main."""
-    bindir = reader["home"].parent / "real-bin"
-    bindir.mkdir()
-    (bindir / "claude").symlink_to(CLAUDE)
-    script = [Write("HELLO.md", "hello\n"),
-              Bash("git add HELLO.md && git commit -qm 'Add HELLO.md'"),
-              Structured({"outcome": "done", "summary": "HELLO.md says hello."})]
-    with ScriptedModelServer(script) as model:
-        env = {**claude_env(model.url, reader["home"], max_retries=0),
-               "PATH": f"{bindir}:{reader['env']['PATH']}"}
-        _proc, task = run_tutorial(reader, env)
-    repo = reader["home"] / "src" / "hello"
-    assert "Add HELLO.md" in main_log(repo)
-    assert (repo / "HELLO.md").read_text() == "hello\n"
-    assert "session" in (task["notes"] or "")
 
 
 def readme_pipeline(title: str) -> str:

@@ -2,84 +2,41 @@
 
 Each "machine" is a clone of one local bare origin (no network) with its own state folder;
 real runners (`pmtool run`, scripts/pm-runner.sh) in subprocesses against a private
-stand-in server, the fake agent for speed, and the real claude against the scripted model
-server end to end. What is checked is in git itself (origin's branch, its parents, rescue
-refs) and on the server (status, notes, locks).
+stand-in server, the fake agent for speed (the real claude against the scripted model
+server end to end: tests/e2e/test_claude_loop.py). What is checked is in git itself
+(origin's branch, its parents, rescue refs) and on the server (status, notes, locks).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import helpers
-from helpers import CLAUDE, PMTOOL, Run, World, events, make_world, needs_claude, pmtool, wait_for
+from helpers import (
+    PMTOOL,
+    Machine,
+    Run,
+    World,
+    events,
+    git,
+    make_world,
+    pmtool,
+    run_on,
+    wait_for,
+)
 from pmtool.testing import fake_agent
-from pmtool.testing.claude_env import claude_env
-from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured, Write
 
 SCRIPTS = helpers.ROOT / "scripts"
-
-
-@dataclass
-class Machine:
-    name: str
-    repo: Path
-    state: Path
-
-    def args(self, role: str, agent: str, *extra: str) -> list[str]:
-        return ["--repo", str(self.repo), "--role", role, "--agent-id", agent, *extra]
-
-    def env(self, world: World, **extra: str) -> dict[str, str]:
-        return {**world.env, "PMTOOL_STATE_DIR": str(self.state), **extra}
-
-    def attempts(self, task_id: int) -> list[dict[str, Any]]:
-        path = self.state / "history.jsonl"
-        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-        return [h for h in lines if h.get("kind") == "attempt" and h.get("task_id") == task_id]
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          check=True).stdout.strip()
 
 
 @pytest.fixture
 def world(tmp_path: Path, make_standin: Any) -> World:
     return make_world(tmp_path, make_standin)
-
-
-@pytest.fixture
-def fleet(world: World) -> tuple[Path, Machine, Machine, Machine]:
-    """origin.git, and machines A (the world's repo), B and C: clones made before any work."""
-    origin = world.tmp / "origin.git"
-    git(world.tmp, "clone", "-q", "--bare", str(world.repo), str(origin))
-    git(world.repo, "remote", "add", "origin", str(origin))
-    git(world.repo, "fetch", "-q", "origin")
-    machines = [Machine("a", world.repo, world.state)]
-    for name in ("b", "c"):
-        git(world.tmp, "clone", "-q", str(origin), str(world.tmp / name))
-        machines.append(Machine(name, world.tmp / name, world.tmp / f"state-{name}"))
-    return origin, *machines  # type: ignore[return-value]
-
-
-def run_on(world: World, machine: Machine, role: str, agent: str, *extra: str,
-           env: dict[str, str] | None = None) -> Run:
-    args = [*machine.args(role, agent, "--settle", "0.05", "--idle-poll", "0.5"), *extra]
-    if "--real-claude" in args:
-        args.remove("--real-claude")
-    else:
-        args += ["--agent-cmd", fake_agent.command()]
-    proc = subprocess.run([PMTOOL, "run", *args], capture_output=True, text=True,
-                          env={**machine.env(world), **(env or {})}, cwd=machine.repo,
-                          timeout=120, check=False)
-    return Run(proc.returncode, events(proc.stdout), proc.stderr)
 
 
 def test_qa_on_another_machine_reviews_the_developers_pushed_commit(world: World,
@@ -295,64 +252,6 @@ def test_health_reports_a_remote_that_cannot_be_reached_or_refuses_pushes(world:
 
     alone = pmtool("health", "--check", "remote", "--repo", str(world.tmp / "none"), env=env)
     assert alone.code == 0  # not a checkout: nothing to say about remotes
-
-
-# ---- end to end: the real claude on three machines ------------------------------------------
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(300)
-def test_real_claude_dev_on_a_qa_on_b_bounce_to_c(world: World, fleet) -> None:
-    origin, a, b, c = fleet
-    task = world.task(title="Add a login page")
-    # C holds an old, unpushed commit on the branch: it must survive on a rescue ref.
-    git(c.repo, "switch", "-q", "-c", task["branch"])
-    (c.repo / "old.py").write_text("OLD = 1\n")
-    git(c.repo, "add", "old.py")
-    git(c.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "old")
-    stale = git(c.repo, "rev-parse", "HEAD")
-    git(c.repo, "switch", "-q", "main")
-    with ScriptedModelServer() as model:
-        env = {**claude_env(model.url, world.tmp / "home", max_retries=0),
-               "PMTOOL_CLAUDE_BIN": str(CLAUDE)}
-        model.set_script([Write("login.py", "def login():\n    return True\n"),
-                          Bash("git add login.py && git commit -q -m 'Add the login page'"),
-                          Structured({"outcome": "done", "summary": "Login page added."})])
-        dev = run_on(world, a, "backend_dev", "dev_1", "--single-task", "--push",
-                     "--real-claude", env=env)
-        assert dev.code == 0, dev.stderr
-        dev_head = git(origin, "rev-parse", task["branch"])
-        assert git(origin, "log", "-1", "--format=%s", dev_head) == "Add the login page"
-
-        model.set_script([Bash("git log --format=%H -1 > reviewed.txt && "
-                               "git add reviewed.txt && git commit -q -m 'QA: reviewed'"),
-                          Structured({"outcome": "fail", "summary": "No logout."})])
-        qa = run_on(world, b, "qa", "qa_1", "--single-task", "--push", "--real-claude",
-                    env=env)
-        assert qa.code == 0, qa.stderr
-        qa_head = git(origin, "rev-parse", task["branch"])
-        # What QA reviewed on B was the developer's commit from A.
-        assert git(origin, "show", f"{qa_head}:reviewed.txt") == dev_head
-        assert git(origin, "rev-parse", f"{qa_head}^") == dev_head
-        assert world.status(task["id"])["status"] == "created"
-
-        model.set_script([Write("logout.py", "def logout():\n    return True\n"),
-                          Bash("git add logout.py && git commit -q -m 'Add logout'"),
-                          Structured({"outcome": "done", "summary": "Logout added."})])
-        again = run_on(world, c, "backend_dev", "dev_3", "--single-task", "--push",
-                       "--real-claude", env=env)
-        assert again.code == 0, again.stderr
-        assert len(model.sessions()) == 3
-    (made,) = [e for e in again.of("worktree") if e.get("created")]
-    assert made["local"] == "diverged"
-    assert git(c.repo, "rev-parse", made["rescued"]) == stale  # C's old commit kept
-    final = git(origin, "rev-parse", task["branch"])
-    assert git(origin, "log", "-1", "--format=%s", final) == "Add logout"
-    assert git(origin, "rev-parse", f"{final}^") == qa_head  # the same branch, continued
-    assert git(origin, "show", f"{final}:login.py").startswith("def login")
-    status = world.status(task["id"])
-    assert status["status"] == "dev_done" and "pushed to origin" in status["notes"]
 
 
 def test_a_fleet_says_push_is_off_once_per_process(world: World, fleet) -> None:

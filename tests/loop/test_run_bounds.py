@@ -1,7 +1,7 @@
 """`pmtool run` left alone overnight: every failure ends bounded and visible (issue 9).
 
 Real `pmtool run` processes against a private stand-in server, in real git repositories,
-with the fake agent or the real claude binary against the scripted model server. The
+with the fake agent (the real claude binary: tests/e2e/test_claude_loop.py). The
 counts the issue asks for are asserted here: a `blocked` task runs once, an always-failing
 task at most max_attempts times, a ping-pong task is parked after max_bounces QA fails,
 a missing claude or a wrong key ends the run before any claim, and an outage of the
@@ -26,13 +26,12 @@ from helpers import (
     ROOT,
     Run,
     World,
+    attempt_lines,
     dev_done_count,
     events,
-    needs_claude,
     wait_for,
 )
 from pmtool.testing.fake_agent import command as fake_agent_command
-from pmtool.testing.model_server import Error, ScriptedModelServer, Structured, Write
 
 
 class Watched:
@@ -71,10 +70,6 @@ class Watched:
         for reader in self.readers:
             reader.join(10)
         return Run(self.proc.returncode, list(self.events), "".join(self.err))
-
-
-def attempt_lines(world: World) -> list[dict[str, Any]]:
-    return [h for h in world.store.state.history() if h.get("kind") in ("attempt", "parked")]
 
 
 # ---- 2. blocked parks the task: it runs exactly once ----------------------------------------
@@ -451,98 +446,6 @@ def test_a_relative_hooks_folder_is_the_repos_not_the_current_directory(world: W
                           capture_output=True, text=True, timeout=60)
     assert hook.returncode == 0, hook.stderr
     assert ran.exists()
-
-
-# ---- 4 and 6, with the real claude -----------------------------------------------------------
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_usage_limit_pauses_until_reset_with_the_task_kept(world: World) -> None:
-    task = world.task()
-    reset = int(time.time()) + 3
-    limit = Error(429, "rate_limit_error", "limit", headers={
-        "anthropic-ratelimit-unified-status": "rejected",
-        "anthropic-ratelimit-unified-reset": str(reset),
-        "anthropic-ratelimit-unified-representative-claim": "five_hour"})
-    with ScriptedModelServer([limit, Write("a.txt", "a\n"),
-                              Structured({"outcome": "done", "summary": "ok"})]) as model:
-        env = world.real_claude_env(model)
-        env.pop("ANTHROPIC_API_KEY")
-        env["CLAUDE_CODE_OAUTH_TOKEN"] = "scripted-oauth"  # usage limits come with a login
-        run = world.run("--single-task", "--real-claude", env=env)
-    assert run.code == 0, run.stderr
-    (paused,) = run.of("paused")
-    assert paused["reason"] == "rate_limit" and paused["task_kept"] is True
-    assert paused["until"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(reset)))
-    assert "rate limit" in run.stderr and "resets at" in run.stderr
-    assert not [e for e in run.of("finished") if e["outcome"] == "given_back"]
-    assert world.status(task["id"])["status"] == "dev_done"
-    attempts = [h for h in attempt_lines(world) if h["kind"] == "attempt"]
-    assert [a["stop"] for a in attempts] == ["ok"]  # the pause was no attempt
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_overload_backs_off_and_goes_on(world: World) -> None:
-    task = world.task()
-    with ScriptedModelServer([Error(529, "overloaded_error", "Overloaded"),
-                              Structured({"outcome": "done", "summary": "ok"})]) as model:
-        run = world.run("--single-task", "--real-claude", "--retry-cooldown", "1",
-                        env=world.real_claude_env(model))
-    assert run.code == 0, run.stderr
-    assert [e["reason"] for e in run.of("paused")] == ["overloaded"]
-    assert run.of("agent")[0]["stop"]["kind"] == "overloaded"
-    assert world.status(task["id"])["status"] == "dev_done"
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_refused_login_stops_the_runner_with_the_record_kept(world: World) -> None:
-    task = world.task()
-    with ScriptedModelServer([Error(401, "authentication_error", "invalid x-api-key")] * 3
-                             ) as model:
-        run = world.run("--real-claude", env=world.real_claude_env(model), timeout=60)
-    assert run.code == 6, run.stderr
-    assert run.of("agent")[0]["stop"]["kind"] == "auth"
-    assert run.of("stopped")[0]["record_kept"] is True
-    assert world.status(task["id"])["status"] == "under_work"  # kept for the resume
-    assert "fatal: claude's login or key was refused" in run.stderr
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_budget_stop_is_not_retried(world: World) -> None:
-    task = world.task()
-    with ScriptedModelServer([Write("a.txt", "a\n"), Write("b.txt", "b\n"),
-                              Structured({"outcome": "done", "summary": "ok"})]) as model:
-        run = world.run("--single-task", "--real-claude", "--max-budget-usd", "0.0000001",
-                        env=world.real_claude_env(model))
-    assert run.code == 1, run.stderr
-    (agent,) = run.of("agent")  # no retry, no resume
-    assert agent["stop"]["kind"] == "budget"
-    assert run.of("finished")[0]["parked"].startswith("budget:")
-    assert world.status(task["id"])["status"] == "pending"
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_max_turns_is_passed_and_classified(world: World) -> None:
-    task = world.task()
-    with ScriptedModelServer([Write("a.txt", "a\n"), Write("b.txt", "b\n"),
-                              Structured({"outcome": "done", "summary": "ok"})]) as model:
-        run = world.run("--single-task", "--real-claude", "--max-turns", "1",
-                        "--on-agent-failure", "release", env=world.real_claude_env(model))
-    assert run.code == 1, run.stderr
-    assert run.of("agent")[0]["stop"]["kind"] == "max_turns"
-    assert run.of("finished")[0]["stop"] == "max_turns"
-    assert world.status(task["id"])["status"] == "created"
-    assert "max_turns" in world.status(task["id"])["notes"]
 
 
 # ---- 8. the README's bash pipeline -------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`pmtool run` and `pmtool demo`: the loop as a user runs it, in real subprocesses, against a
-stand-in server, in real git repositories; with the built-in fake agent, and end to end
-with the real claude binary against the scripted model server."""
+stand-in server, in real git repositories, with the built-in fake agent (end to end with
+the real claude binary against the scripted model server: tests/e2e/test_claude_loop.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,10 @@ from helpers import (
     dev_done_count,
     events,
     interrupt_at_terminal,
-    kill_the_runner_mid_agent,
-    needs_claude,
     read_pty,
     wait_for,
 )
 from pmtool.state import StateDir
-from pmtool.testing.model_server import Bash, Hang, ScriptedModelServer, Structured, Write
 
 # ---- one task, start to end ---------------------------------------------------------------
 
@@ -497,61 +494,6 @@ def test_demo_runs_everything_on_a_fresh_setup(tmp_path: Path) -> None:
                                                                str(layout.logs_dir))
     assert Path(out["where"]["history"]).exists() and any(layout.logs_dir.iterdir())
     assert "look in:" in proc.stderr
-
-
-# ---- end to end with the real claude binary -------------------------------------------------
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_developer_then_qa_on_a_major_task(world: World) -> None:
-    task = world.task(title="Add a login page")
-    with ScriptedModelServer() as model:
-        env = world.real_claude_env(model)
-        model.set_script([Write("login.py", "def login():\n    return True\n"),
-                          Bash("git add login.py && git commit -q -m 'Add the login page'"),
-                          Structured({"outcome": "done", "summary": "Login page added."})])
-        dev = world.run("--single-task", "--real-claude", env=env)
-        assert dev.code == 0, dev.stderr
-        agent = dev.of("agent")[0]
-        assert agent["outcome"] == "done" and agent["num_turns"] >= 3
-        assert agent["total_cost_usd"] > 0
-        assert world.git("log", "-1", "--format=%s", task["branch"]) == "Add the login page"
-        assert world.status(task["id"])["status"] == "dev_done"
-
-        model.set_script([Bash("git log --oneline -3"),
-                          Structured({"outcome": "pass", "summary": "Looks right."})])
-        qa = world.run("--single-task", "--real-claude", "--role", "qa", "--agent-id", "qa_1",
-                       env=env)
-        assert qa.code == 0, qa.stderr
-        assert qa.of("finished")[0]["status"] == "qa_done"
-        assert len(model.sessions()) == 2
-    final = world.status(task["id"])
-    assert final["status"] == "qa_done"
-    assert "Login page added." in final["notes"] and "Looks right." in final["notes"]
-
-
-@pytest.mark.e2e
-@needs_claude
-@pytest.mark.timeout(120)
-def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) -> None:
-    task = world.task()
-    with ScriptedModelServer() as model:
-        env = world.real_claude_env(model)
-        model.set_script([Write("half.txt", "half\n"), Hang(),
-                          Bash("git add -A && git commit -q -m 'Finish after resume'"),
-                          Structured({"outcome": "done", "summary": "Resumed and done."})])
-        kill_the_runner_mid_agent(world, env, model, requests=2)
-        session = world.store.load("dev_1").session_id
-        again = world.run("--single-task", "--real-claude", env=env)
-        assert again.code == 0, again.stderr
-        assert again.of("resumed")[0]["session_id"] == session
-        assert again.of("agent")[0]["session_id"] == session
-        assert model.sessions() == [session]
-        assert "half.txt" in json.dumps(model.main_requests(session)[2]["messages"])
-    assert world.git("log", "-1", "--format=%s", task["branch"]) == "Finish after resume"
-    assert dev_done_count(world, task["id"]) == 1
 
 
 def run_at_a_terminal_with_a_failing_pre_task(world: World

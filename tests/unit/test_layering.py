@@ -311,6 +311,74 @@ def test_no_test_imports_another_test_file():
     assert found == []
 
 
+
+# What starts the real claude binary in a test: its path, the skip mark that needs it, the
+# environment that points it at the scripted model server.
+REAL_CLAUDE = {"CLAUDE", "needs_claude", "real_claude_env", "claude_env", "find_test_claude",
+               "find_claude"}
+
+
+def test_only_tests_under_e2e_run_the_real_claude():
+    """The `e2e` marker is set by folder (tests/conftest.py), so `-m "not e2e"` is
+    claude-free only while every test that starts the real claude sits in tests/e2e/."""
+    tests = ROOT / "tests"
+    found = sorted(f"{p.relative_to(ROOT)} uses {name}"
+                   for p in tests.rglob("test_*.py")
+                   if "node_modules" not in p.parts and "e2e" not in p.relative_to(tests).parts
+                   for name in used_names(p) & REAL_CLAUDE)
+    assert found == []
+
+
+def used_names(path: Path) -> set[str]:
+    """Every name and attribute `path` mentions (`helpers.CLAUDE`, `world.real_claude_env`)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return ({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+            | {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names})
+
+
+# Library functions that answer `-> dict[str, Any]` (a result's own to_json aside), per
+# module: the count may only shrink. A command's answer becomes a dataclass of
+# pmtool.results (its to_json gives the same keys); what stays a dict is wire data, such as
+# a task row of the server, passed on as the server sent it. Fixed one? Lower its count.
+DICT_ANSWERS = {
+    "pmtool/agent/binary.py": 1,
+    "pmtool/agent/claude.py": 9,
+    "pmtool/config.py": 2,
+    "pmtool/failure_policy.py": 2,
+    "pmtool/hooks.py": 2,
+    "pmtool/ledger.py": 2,
+    "pmtool/metrics.py": 2,
+    "pmtool/ops.py": 4,
+    "pmtool/run/demo.py": 1,
+    "pmtool/run/loop.py": 3,
+    "pmtool/settings.py": 1,
+    "pmtool/state.py": 1,
+    "pmtool/work/claim.py": 7,
+    "pmtool/work/exec.py": 2,
+    "pmtool/work/finish.py": 12,
+    "pmtool/work/recover.py": 2,
+    "pmtool/worktree.py": 12,
+}
+
+
+def test_dict_answers_only_shrink():
+    """Results are typed (mypy checks attribute reads, not dict keys): no new library
+    function answers a bare `dict[str, Any]`."""
+    found: dict[str, int] = {}
+    for path in library_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) \
+                    and node.name != "to_json" and node.returns is not None \
+                    and ast.unparse(node.returns).replace(" ", "") == "dict[str,Any]":
+                name = str(path.relative_to(ROOT))
+                found[name] = found.get(name, 0) + 1
+    grown = {k: v for k, v in found.items() if v > DICT_ANSWERS.get(k, 0)}
+    assert grown == {}, "a new dict answer: make it a pmtool.results.Result dataclass"
+    shrunk = {k: v for k, v in DICT_ANSWERS.items() if found.get(k, 0) < v}
+    assert shrunk == {}, "fewer dict answers: lower the pinned counts to what is found"
+
 # Library functions over the parameter limit, each until its change lands (a dataclass of
 # options, as RunOptions is for the Runner); the list only shrinks.
 TOO_MANY_PARAMETERS_PENDING = {

@@ -1,48 +1,20 @@
 """pmtool.preflight: the problems that would make every task fail, found before a claim,
-against the real server, real git repos and the real claude binary."""
+against the real server and real git repos (with the real claude binary: in tests/e2e/)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import PMServer
 
-from helpers import CLAUDE, ago, needs_claude
+from helpers import (
+    ago,
+    checks,
+    settings_for,
+)
 from pmtool import preflight as pf
-from pmtool.client import PMClient
-from pmtool.config import Settings, load_settings
 from pmtool.errors import AuthError, ClaudeMissing
-
-
-def settings_for(server: PMServer, tmp_path: Path, **over: object) -> Settings:
-    values = {"api_url": server.url, "api_key": server.api_key, "state_dir": str(tmp_path),
-              "claude_bin": CLAUDE, **over}
-    return load_settings({k: v for k, v in values.items() if v is not None},
-                         config_path=tmp_path / "none.toml")
-
-
-def checks(settings: Settings, repo: Path | None, **kw: object) -> dict[str, pf.Finding]:
-    client = PMClient(settings.api_url, settings.api_key, retries=0)
-    found = pf.preflight(settings, client, role=kw.pop("role", "backend_dev"),
-                         level=kw.pop("level", "senior"), repo=repo, **kw)
-    return {f.name: f for f in found}
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    subprocess.run(["git", "init", "-q", str(path)], check=True)
-    return path
-
-
-@needs_claude
-def test_a_good_setup_passes(pm_server: PMServer, tmp_path: Path, repo: Path) -> None:
-    found = checks(settings_for(pm_server, tmp_path), repo)
-    assert all(f.ok for f in found.values()), [f.to_json() for f in found.values()]
-    assert "Claude Code" in found["claude"].detail
-    assert pf.first_fatal(found.values()) is None
 
 
 def test_key_missing_or_rejected(pm_server: PMServer, tmp_path: Path, repo: Path,
