@@ -687,9 +687,9 @@ def test_stop_event_ends_the_run(tmp_path: Path) -> None:
         answer = run_agent(run, stop_event=stop, on_start=started.append)
     finally:
         timer.cancel()
-    assert answer["stopped"] is True and answer["ok"] is False and answer["timed_out"] is False
-    assert answer["error"]["type"] == "interrupted"
-    assert answer["duration_s"] < 5 and started[0]["pid"] in answer["swept"]
+    assert answer.stopped is True and answer.ok is False and answer.timed_out is False
+    assert (answer.error or {})["type"] == "interrupted"
+    assert (answer.duration_s or 0) < 5 and started[0]["pid"] in answer.swept
     assert not psutil.pid_exists(started[0]["pid"]) or \
         psutil.Process(started[0]["pid"]).status() == psutil.STATUS_ZOMBIE
 
