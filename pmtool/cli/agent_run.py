@@ -134,6 +134,11 @@ def exec_claude_cmd(
     transcript to <state-dir>/logs/. With --agent-id the session id is written to the
     record before the agent starts, so `--resume` can continue it after a crash.
 
+    Without a verdict, the answer's `next` says what follows (with --agent-id), as `pmtool
+    run` decides it: {"step": "resume"} (once per claim), "pause" (a rate limit; `until`),
+    "retry" (`model`), "give_back" (`kind`, `reason`: `lock release --kind`) or "fatal";
+    the on_agent_failure setting bounds it.
+
     Exit 0 ok (a verdict was given), 1 the agent failed or gave no verdict, 124 a time
     limit ran out (the whole process tree was ended), 2 bad input, 3 no record for the
     agent, 5 an agent for the record is already running, 130/143 stopped by a signal.
