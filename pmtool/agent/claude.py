@@ -1011,16 +1011,25 @@ def plan_for_task(task: Mapping[str, Any], settings: Settings,
         raise UsageError(f"working directory {run_cwd} does not exist")
     branch, note = branch_for(run_cwd, task.get("branch"), task.get("complexity"))
     instructions_dir = options.instructions_dir or settings.instructions_dir
-    ctx_path = options.context_instructions_path
-    if ctx_path is None and options.prompt is None and not role_file(run_role,
-                                                                      instructions_dir):
-        ctx_path = fetch_instructions_path(settings)
+    ctx_path = context_path(settings, options, run_role)
     text = options.prompt or build_prompt(task, run_role, run_cwd, branch, instructions_dir,
                                           ctx_path, options.template)
     return {"prompt": text, "role": run_role, "cwd": run_cwd, "branch": branch,
             "model": options.model or settings.model_for(task_level(task)),
             "notes": [note] if note else [], "instructions_dir": instructions_dir,
             "context_instructions_path": ctx_path}
+
+
+def context_path(settings: Settings, options: AgentOptions,
+                 role: str) -> str | Path | None:
+    """Where the server keeps its instruction files (`options.context_instructions_path`,
+    else asked from /api/v1/context), only when the answer could matter: no --prompt-file,
+    no <role>.md in the instructions folder."""
+    given = options.context_instructions_path
+    if given is not None or options.prompt is not None \
+            or role_file(role, options.instructions_dir or settings.instructions_dir):
+        return given
+    return fetch_instructions_path(settings)
 
 
 def need_claude(settings: Settings, options: AgentOptions) -> str | None:
@@ -1094,6 +1103,7 @@ __all__ = [
     "branch_for",
     "build_prompt",
     "claude_command",
+    "context_path",
     "continuation_prompt",
     "current_branch",
     "describe_event",

@@ -5,6 +5,12 @@ the task's life on this machine.
 record and keeps the record up to date around it: the session id before the agent starts
 (so a crash can be resumed), the agent's pid and mark while it runs, its cost and outcome
 after. `end_leftover_agent` ends the agent of an earlier run whose runner died.
+
+`exec_agent` is `exec-claude` as one call (the CLI adds only signals and printing): the
+heartbeat around the run, and after a run without a verdict `next`, the step the failure
+policy calls for (`next_after`, which the runner uses too), noted in the record so the
+claim's next run knows it was resumed (`tried_from_record`). `prompt_preview` is
+--print-prompt.
 """
 
 from __future__ import annotations
@@ -23,11 +29,10 @@ from pmtool.agent.claude import (
     agent_run,
     branch_for,
     build_prompt,
+    context_path,
     continuation_prompt,
-    fetch_instructions_path,
     need_claude,
     repo_or_cwd,
-    role_file,
     run_agent,
 )
 from pmtool.agent.options import AgentOptions
@@ -198,12 +203,9 @@ def prompt_for_record(record: TaskRecord, settings: Settings, options: AgentOpti
                       plan: dict[str, Any]) -> str:
     """The full prompt of the record's task, built where `plan` (plan_for_record) runs it;
     the server is asked where its instruction files are only if the answer could matter."""
-    instructions_dir = options.instructions_dir or settings.instructions_dir
-    ctx_path = options.context_instructions_path
-    if ctx_path is None and not role_file(record.role, instructions_dir):
-        ctx_path = fetch_instructions_path(settings)
     return build_prompt(record.task, record.role, plan["cwd"], plan["branch"],
-                        instructions_dir, ctx_path, options.template)
+                        options.instructions_dir or settings.instructions_dir,
+                        context_path(settings, options, record.role), options.template)
 
 
 def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | None = None,
@@ -357,10 +359,7 @@ def prompt_preview(settings: Settings, options: AgentOptions = AgentOptions(), *
         record = RecordStore(settings.state_path).need(agent_id)
         task, role = record.task, record.role
         plan = plan_for_record(record, settings, cwd=options.cwd, model=options.model)
-        ctx_path = options.context_instructions_path
-        if ctx_path is None and options.prompt is None and not role_file(role,
-                                                                          instructions_dir):
-            ctx_path = fetch_instructions_path(settings)
+        ctx_path = context_path(settings, options, role)
         if resume and record.session_id and not options.prompt:
             text = continuation_prompt(task, role, plan["cwd"], plan["branch"])
         else:
