@@ -26,8 +26,8 @@ and compares their steps (tests/cli/test_scripts.py). Where each policy lives in
     pre_task failure (--on-hook-failure) always give_back (release); never asks
     worktree failure                     give_back "no worktree: ..."
     poison task (TaskFault) -> parked    none: `worktree create` fails, give_back
-    agent failure (--on-agent-failure)   retry once with --resume on exit 1/124, then
-                                         give_back; no stop/release, --escalate or
+    agent failure (--on-agent-failure)   exec-claude's `next`: the same next_step, under
+                                         the on_agent_failure setting; no --escalate or
                                          --task-budget-usd
     heartbeat                            exec-claude re-registers every --heartbeat s
     task moved or given away mid-work    none (no reconciliation; `recover --orphans`
@@ -917,8 +917,8 @@ class Runner:
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""
-        # pm-runner.sh: one retry with --resume on exit 1/124, then give_back; it has no
-        # stop/release choice, no escalation and no task budget.
+        # pm-runner.sh: does exec-claude's `next`, the same step (next_after); it has no
+        # escalation and no task budget.
         from pmtool.models import stronger_model
         from pmtool.work.exec import next_after, note_next, why_failed
 
