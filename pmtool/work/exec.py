@@ -277,7 +277,8 @@ def exec_agent(settings: Settings, options: AgentOptions = AgentOptions(), *,
             stronger = stronger_model(answer.model or "", settings)
         step = next_after(answer, tried, limits, stronger)
         answer.next = step.to_json()
-        note_next(store, agent_id, answer, step)
+        if not answer.stopped:  # a stop by signal is the caller's, not a retry of the claim
+            note_next(store, agent_id, answer, step)
     return answer
 
 

@@ -578,6 +578,10 @@ def test_sigterm_stops_the_agent(scene: Scene) -> None:
     assert out["ok"] is False and out["stopped"] is True
     assert out["error"]["type"] == "interrupted"
     assert processes_of_task(scene.task["id"]) == []
+    # Go on with --resume; the stop was no retry of the claim, so it is not noted as one.
+    assert out["next"] == {"step": "resume"}
+    record = scene.store.load("dev_001")
+    assert record is not None and "next" not in record.steps[-1]
 
 
 # ---- opt-in: the real model API (costs money; never in CI) ------------------------------
