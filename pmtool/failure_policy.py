@@ -679,8 +679,9 @@ def decide(task: Mapping[str, Any], history: Iterable[Mapping[str, Any]], limits
 
 # -- the next step after a run without a verdict ---------------------------------------------
 # One pure decision for every caller that runs an agent on a claimed task: the runner's
-# loop carries it out (pmtool.run.loop.Runner._agent). The values say what, the caller
-# does it: wait, resume, retry on another model, give the task back, or stop.
+# loop carries it out (pmtool.run.loop.Runner._agent), exec-claude answers it as `next`
+# (its `to_json`) for a script to carry out (scripts/pm-runner.sh). The values say what,
+# the caller does it: wait, resume, retry on another model, give the task back, or stop.
 
 
 @dataclass(frozen=True)
@@ -701,8 +702,23 @@ class StepLimits:
     task_budget_usd: float | None = None
 
 
+def step_json(step: Any) -> dict[str, Any]:
+    """A step as JSON (exec-claude's `next`): `{"step": <its name>, **its fields}`, the
+    name being its class's in snake_case (GiveBack: give_back), so a new kind of step has
+    its JSON without more code."""
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(step).__name__).lower()
+    return {"step": name, **asdict(step)}
+
+
+class _Step:
+    """What every step can do: say itself as JSON."""
+
+    def to_json(self) -> dict[str, Any]:
+        return step_json(self)
+
+
 @dataclass(frozen=True)
-class Pause:
+class Pause(_Step):
     """Not the task's fault and no attempt: keep the task, wait, go on with the session."""
 
     kind: str  # rate_limit | overloaded
@@ -710,19 +726,19 @@ class Pause:
 
 
 @dataclass(frozen=True)
-class Resume:
+class Resume(_Step):
     """Once more with --resume, the same session and model."""
 
 
 @dataclass(frozen=True)
-class Retry:
+class Retry(_Step):
     """A fresh session on a stronger model."""
 
     model: str
 
 
 @dataclass(frozen=True)
-class GiveBack:
+class GiveBack(_Step):
     """The task goes back to the queue (its attempt line says `kind`)."""
 
     kind: str
@@ -735,7 +751,7 @@ class GiveBack:
 
 
 @dataclass(frozen=True)
-class Fatal:
+class Fatal(_Step):
     """Stop the runner with the task record kept (a login refused, or `stop` chosen)."""
 
     kind: str

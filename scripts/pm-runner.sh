@@ -20,8 +20,9 @@
 # is named next to it below ("pmtool run:"); what only `pmtool run` has: one runner per
 # agent id (a runner lock), health checks before claiming (here: cron-health.sh), noticing
 # mid-work that a task was moved or given away (here exec-claude only keeps the lock alive,
-# and `recover --orphans` from the PM's cron puts back what is left),
-# --on-hook-failure/--on-agent-failure choices, --escalate and --task-budget-usd.
+# and `recover --orphans` from the PM's cron puts back what is left), the
+# --on-hook-failure choice, --escalate and --task-budget-usd. After a run without a
+# verdict both do the step the failure policy names (here: exec-claude's `next`).
 #
 # Each pmtool process costs a hundred milliseconds or more (a jq one some 15 ms), so the
 # script starts none it does not need: the finish is one process, a hook that does not
@@ -257,23 +258,47 @@ while [ "$stopping" = 0 ]; do
     created=$out
     [ "$stopping" = 0 ] || break
 
-    resume=()
+    resume=() model=() next="" stronger="" left=0
     [ -n "$session" ] && resume=(--resume)
-    # pmtool run: Runner._agent, policy --on-agent-failure (default retry: once with
-    # --resume, as here), plus --escalate and --task-budget-usd; Runner._heartbeat too.
-    step exec-claude --agent-id "$agent" "${resume[@]}" "${agent_cmd[@]}"
-    if { [ "$rc" = 1 ] || [ "$rc" = 124 ]; } && [ "$stopping" = 0 ]; then  # retry once, same session
-      step exec-claude --agent-id "$agent" --resume "${agent_cmd[@]}"
-    fi
-    case $rc in
-      130|143) stopping=1 ;;                  # the agent was stopped by a signal: record kept
-      5) exit 5 ;;                            # an agent of this record runs elsewhere
-      6|7) echo "pm-runner: $(jq -r '.error.message // "claude cannot run"' <<<"$out"); the task record is kept" >&2
-           exit "$rc" ;;                      # claude's login refused, or no claude: fatal
-    esac
+    # What follows a run without a verdict is exec-claude's `next`: the failure policy's
+    # step (pmtool run: Runner._agent, the same next_step), under the on_agent_failure
+    # setting (default retry: once with --resume); Runner._heartbeat too. Here without
+    # --escalate and --task-budget-usd, which are `pmtool run`'s flags.
+    while :; do
+      step exec-claude --agent-id "$agent" "${resume[@]}" "${model[@]}" "${agent_cmd[@]}"
+      case $rc in
+        130|143) stopping=1 ;;                # the agent was stopped by a signal: record kept
+        5) exit 5 ;;                          # an agent of this record runs elsewhere
+        6|7) echo "pm-runner: $(jq -r '.error.message // "claude cannot run"' <<<"$out"); the task record is kept" >&2
+             exit "$rc" ;;                    # claude's login refused, or no claude: fatal
+      esac
+      [ "$stopping" = 0 ] || break
+      # The verdict, or the next step; left: seconds until a rate limit resets (claude
+      # said when), else a minute's back-off.
+      eval "$(jq -r '@sh "outcome=\(.outcome // "") summary=\(.summary // "")
+        next=\(.next.step // "") stronger=\(.next.model // "")
+        left=\(if .next.until then (.next.until | fromdateiso8601) - now + 1 | floor else 60 end)"' <<<"$out")"
+      case $next in
+        resume) resume=(--resume) ;;          # once more, the same session
+        retry) resume=() model=(--model "$stronger") ;;  # a fresh session, a stronger model
+        pause)  # a rate limit or an overloaded API: keep the task, wait, go on with the session
+          echo "pm-runner: $(jq -r '.next.kind' <<<"$out"); task kept, going on in ${left}s" >&2
+          pause "$(( left > 0 ? left : 1 ))"
+          resume=(--resume) ;;
+        *) break ;;
+      esac
+      [ "$stopping" = 0 ] || break
+    done
     [ "$stopping" = 0 ] || break
-    eval "$(jq -r '@sh "outcome=\(.outcome // "") summary=\(.summary // "")"' <<<"$out")"
-    if [ "$rc" != 0 ] || [ -z "$outcome" ]; then
+    case $next in
+      give_back)
+        give_back "$(jq -r '.next.reason' <<<"$out")" "$(jq -r '.next.kind' <<<"$out")"
+        continue ;;
+      fatal)  # on_agent_failure = stop: the record is kept for a resume
+        echo "pm-runner: $(jq -r '.next.reason' <<<"$out"); stopping, the task record is kept" >&2
+        exit 1 ;;
+    esac
+    if [ "$rc" != 0 ] || [ -z "$outcome" ]; then  # no run, so no `next` (exit 2, 3, 4)
       give_back "agent failed: $(jq -r '.error.message // (if .timed_out then "timed out" else "no verdict" end)' <<<"$out")" \
         "$(jq -r '.stop.kind // "failed"' <<<"$out")"
       continue

@@ -65,6 +65,8 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from pmtool.agent.options import AgentOptions
+from pmtool.agent.result import AgentResult
 from pmtool.config import ROLES
 from pmtool.errors import ClaudeMissing, UsageError, disk_fault
 from pmtool.failure_policy import (
@@ -719,7 +721,7 @@ class AgentRun:
 
 def run_agent(run: AgentRun, *, progress: Progress | None = None,
               stop_event: threading.Event | None = None,
-              on_start: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_start: Callable[[dict[str, Any]], None] | None = None) -> AgentResult:
     """Do `run` once; answer what happened (never raises for the agent's sake).
 
     If claude has no transcript of a resumed session (it died before writing one), the full
@@ -729,12 +731,13 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
     still running after it exited) are ended; `swept` lists every pid pmtool had to signal
     (on a time limit, a stop, or for such leftovers).
 
-    Answers `{"ok", "exit_code", "signal", "timed_out", "timed_out_by", "stopped",
-    "session_id", "model", "model_used", "num_turns", "total_cost_usd", "duration_s",
-    "outcome", "summary", "verdict_source", "is_error", "api_error_status", "resumed",
-    "log", "stderr_log", "tool_calls", "swept"}` and, when not ok, `error` (`{"type",
-    "message"}`). `exit_code` is 124 when a time limit ended the agent, 128+N when signal N
-    did (`signal` names it). Raises UsageError when the agent cannot be started at all.
+    Answers an AgentResult (`ok`, `exit_code`, `signal`, `timed_out`, `timed_out_by`,
+    `stopped`, `session_id`, `model`, `model_used`, `num_turns`, `total_cost_usd`,
+    `duration_s`, `outcome`, `summary`, `verdict_source`, `is_error`, `api_error_status`,
+    `resumed`, `log`, `stderr_log`, `tool_calls`, `swept`, `stop`) and, when not ok, `error`
+    (`{"type", "message", "stop"}`). `exit_code` is 124 when a time limit ended the agent,
+    128+N when signal N did (`signal` names it). Raises UsageError when the agent cannot
+    be started at all.
     """
     if run.session_id is None:
         run = replace(run, session_id=str(uuid.uuid4()))
@@ -805,7 +808,7 @@ def run_agent(run: AgentRun, *, progress: Progress | None = None,
                           "started afresh under the same session id") if not renamed else (
             "claude had no conversation in the recorded session; the task started afresh "
             f"under a new session id, {session_id}")
-    return answer
+    return AgentResult.from_json(answer)
 
 
 def _run_once(run: AgentRun, cmd: list[str], stdin_text: str, *, resume: bool,
@@ -993,10 +996,9 @@ def task_role(task: Mapping[str, Any], role: str | None = None) -> str:
     return str(chosen)
 
 
-def plan_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | None = None,
-                  cwd: str | Path | None = None, model: str | None = None,
-                  prompt: str | None = None, template: str | None = None,
-                  instructions_dir: str | Path | None = None) -> dict[str, Any]:
+def plan_for_task(task: Mapping[str, Any], settings: Settings,
+                  options: AgentOptions = AgentOptions(), *,
+                  role: str | None = None) -> dict[str, Any]:
     """Where, how and with which prompt a bare task object (no record) would run.
 
     `{"prompt", "role", "cwd", "branch", "model", "notes", "instructions_dir",
@@ -1004,60 +1006,77 @@ def plan_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | No
     instruction files are, and only when the answer could matter.
     """
     run_role = task_role(task, role)
-    run_cwd = Path(cwd).expanduser() if cwd else repo_or_cwd()
+    run_cwd = Path(options.cwd).expanduser() if options.cwd else repo_or_cwd()
     if not run_cwd.is_dir():
         raise UsageError(f"working directory {run_cwd} does not exist")
     branch, note = branch_for(run_cwd, task.get("branch"), task.get("complexity"))
-    instructions_dir = instructions_dir or settings.instructions_dir
-    ctx_path = None
-    if prompt is None and not role_file(run_role, instructions_dir):
-        ctx_path = fetch_instructions_path(settings)
-    text = prompt or build_prompt(task, run_role, run_cwd, branch, instructions_dir, ctx_path,
-                                  template)
+    instructions_dir = options.instructions_dir or settings.instructions_dir
+    ctx_path = context_path(settings, options, run_role)
+    text = options.prompt or build_prompt(task, run_role, run_cwd, branch, instructions_dir,
+                                          ctx_path, options.template)
     return {"prompt": text, "role": run_role, "cwd": run_cwd, "branch": branch,
-            "model": model or settings.model_for(task_level(task)),
+            "model": options.model or settings.model_for(task_level(task)),
             "notes": [note] if note else [], "instructions_dir": instructions_dir,
             "context_instructions_path": ctx_path}
 
 
-def run_for_task(task: Mapping[str, Any], settings: Settings, *, role: str | None = None,
-                 cwd: str | Path | None = None, model: str | None = None,
-                 prompt: str | None = None, template: str | None = None,
-                 instructions_dir: str | Path | None = None, timeout: float | None = None,
-                 idle_timeout: float | None = None, max_budget_usd: float | None = None,
-                 agent_cmd: str | None = None, progress: Progress | None = None,
-                 stop_event: threading.Event | None = None,
-                 env: Mapping[str, str] | None = None,
-                 max_turns: int | None = None) -> dict[str, Any]:
-    """Run the agent on a bare task object (`exec-claude --task-json`): no record, no
-    resume. Answers `run_agent`'s dict plus `task_id`, `role`, `cwd`, `branch` and `note`.
-    Raises UsageError for a bad role, a missing working directory or no claude."""
+def context_path(settings: Settings, options: AgentOptions,
+                 role: str) -> str | Path | None:
+    """Where the server keeps its instruction files (`options.context_instructions_path`,
+    else asked from /api/v1/context), only when the answer could matter: no --prompt-file,
+    no <role>.md in the instructions folder."""
+    given = options.context_instructions_path
+    if given is not None or options.prompt is not None \
+            or role_file(role, options.instructions_dir or settings.instructions_dir):
+        return given
+    return fetch_instructions_path(settings)
+
+
+def need_claude(settings: Settings, options: AgentOptions) -> str | None:
+    """The claude binary to run, None when `options.agent_cmd` runs instead; ClaudeMissing
+    when claude is to run and cannot be found."""
     from pmtool.agent.binary import find_claude
 
-    plan = plan_for_task(task, settings, role=role, cwd=cwd, model=model, prompt=prompt,
-                         template=template, instructions_dir=instructions_dir)
-    claude = None
-    if agent_cmd is None:
-        claude = find_claude(settings.claude_bin)
-        if not claude:
-            raise ClaudeMissing("claude not found",
-                             hint="install it (npm install -g @anthropic-ai/claude-code) or "
-                                  "set PMTOOL_CLAUDE_BIN")
-    run = AgentRun(
-        plan["prompt"], cwd=plan["cwd"], model=plan["model"], role=plan["role"],
-        task_id=task.get("id"), claude_bin=claude, agent_cmd=agent_cmd,
+    if options.agent_cmd is not None:
+        return None
+    claude = find_claude(settings.claude_bin)
+    if not claude:
+        raise ClaudeMissing("claude not found",
+                            hint="install it (npm install -g @anthropic-ai/claude-code) or "
+                                 "set PMTOOL_CLAUDE_BIN")
+    return claude
+
+
+def agent_run(prompt: str, settings: Settings, options: AgentOptions, **run: Any) -> AgentRun:
+    """The AgentRun of `prompt` with `options`' caps and the settings' permissions; `run`
+    names the rest (cwd, model, role, task_id, branch, log_dir, session, claude_bin...)."""
+    if "claude_bin" not in run:
+        run["claude_bin"] = need_claude(settings, options)
+    return AgentRun(
+        prompt, agent_cmd=options.agent_cmd,
         permission_mode=settings.permission_mode, allowed_tools=settings.allowed_tools,
-        max_budget_usd=max_budget_usd,
-        max_turns=max_turns if max_turns is not None else settings.max_turns,
-        timeout=settings.claude_timeout if timeout is None else timeout,
-        idle_timeout=idle_timeout, log_dir=settings.state_path / "logs",
-        branch=plan["branch"], env=env, secrets=(settings.api_key,))
+        max_budget_usd=options.max_budget_usd,
+        max_turns=options.max_turns if options.max_turns is not None else settings.max_turns,
+        timeout=settings.claude_timeout if options.timeout is None else options.timeout,
+        idle_timeout=options.idle_timeout, env=options.env, secrets=(settings.api_key,),
+        **run)
+
+
+def run_for_task(task: Mapping[str, Any], settings: Settings,
+                 options: AgentOptions = AgentOptions(), *, role: str | None = None,
+                 progress: Progress | None = None,
+                 stop_event: threading.Event | None = None) -> AgentResult:
+    """Run the agent on a bare task object (`exec-claude --task-json`): no record, no
+    resume. Answers `run_agent`'s result plus `task_id`, `role`, `cwd`, `branch` and
+    `note`. Raises UsageError for a bad role, a missing working directory or no claude."""
+    plan = plan_for_task(task, settings, options, role=role)
+    run = agent_run(plan["prompt"], settings, options, cwd=plan["cwd"], model=plan["model"],
+                    role=plan["role"], task_id=task.get("id"),
+                    log_dir=settings.state_path / "logs", branch=plan["branch"])
     answer = run_agent(run, progress=progress, stop_event=stop_event)
-    answer.update(task_id=task.get("id"), role=plan["role"], cwd=str(plan["cwd"]),
-                  branch=plan["branch"])
-    notes = [*plan["notes"], *([answer["note"]] if answer.get("note") else [])]
-    if notes:
-        answer["note"] = "; ".join(notes)
+    answer.task_id, answer.role, answer.cwd = task.get("id"), plan["role"], str(plan["cwd"])
+    answer.branch = plan["branch"]
+    answer.add_note(*plan["notes"])
     return answer
 
 
@@ -1076,12 +1095,15 @@ def branch_for(cwd: str | Path, expected: str | None,
 __all__ = [
     "CONTINUATION_TEMPLATE",
     "DEFAULT_TEMPLATE",
+    "AgentOptions",
+    "AgentResult",
     "AgentRun",
     "StreamParser",
     "agent_env",
     "branch_for",
     "build_prompt",
     "claude_command",
+    "context_path",
     "continuation_prompt",
     "current_branch",
     "describe_event",

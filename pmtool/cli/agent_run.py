@@ -1,9 +1,10 @@
 """Running the agent: `exec-claude`.
 
-The command resolves the task (an agent's record, or a task object), settings and the
-prompt, calls `pmtool.work.exec.run_for_record` or `run_for_task`, shows progress on stderr and
-emits the answer. `pmtool.agent.claude` is imported inside the command so that other commands do
-not pay for it.
+The command reads its flags into `pmtool.agent.options.AgentOptions` (through
+`pmtool.work.options.agent_options`, as the runner does), calls the one library entry point
+`pmtool.work.exec.exec_agent` (or `prompt_preview`), turns signals into a stop request, shows
+progress on stderr and emits the answer. The agent's modules are imported inside the command
+so that other commands do not pay for them.
 """
 
 import contextlib
@@ -16,11 +17,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from pmtool.cli import app, emit, options, read_json_arg, say
-from pmtool.cli.options import AGENT_ID_HELP, agent_id_option, record_store
+from pmtool.cli.options import AGENT_ID_HELP, agent_id_option
 from pmtool.errors import EXIT_OK, EXIT_SIGNALS, UsageError, exit_code
 
 if TYPE_CHECKING:
-    from pmtool.config import Settings
+    from collections.abc import Callable
+
+    from pmtool.agent.result import AgentResult
 
 
 def _read_text(path: str | None, what: str) -> str | None:
@@ -65,35 +68,6 @@ def _stop_on_signals() -> Iterator[tuple[threading.Event, list[int]]]:
             signal.signal(sig, previous)
 
 
-@contextlib.contextmanager
-def _heartbeat(settings: "Settings", agent_id: str | None, role: str,
-               level: str) -> Iterator[None]:
-    """Keep the task's lock alive while the agent works: re-register every `heartbeat`
-    seconds (the server drops the locks of agents unseen for 30 minutes, quirk 3), so every
-    pipeline that runs exec-claude gets what `pmtool run` does. A failed beat is said once
-    on stderr; the agent goes on."""
-    if not agent_id:
-        yield
-        return
-    from pmtool.cli.options import server
-    from pmtool.work.claim import heartbeat
-
-    said: list[bool] = []
-
-    def failed(exc: Exception) -> None:
-        if not said:
-            said.append(True)
-            say(f"exec-claude: heartbeat for {agent_id} failed: "
-                f"{getattr(exc, 'message', exc)} (the agent goes on)")
-
-    client = server(settings)
-    try:
-        with heartbeat(client, agent_id, role, level, settings.heartbeat, on_error=failed):
-            yield
-    finally:
-        client.close()
-
-
 def _task_from_json(task_json: str) -> dict[str, Any]:
     data = read_json_arg(task_json, "--task-json")
     task = data.get("task", data) if isinstance(data, dict) else data
@@ -101,16 +75,6 @@ def _task_from_json(task_json: str) -> dict[str, Any]:
         raise UsageError("--task-json must be a Headless PM task object (with a title)",
                          hint="e.g. the `task` of `pmtool claim`'s answer")
     return task
-
-
-def _instructions_path(settings: "Settings", role: str, instructions_dir: str | None,
-                       prompt_given: bool) -> str | None:
-    """Ask the server where its instruction files are, only if the answer could matter."""
-    from pmtool.agent.claude import fetch_instructions_path, role_file
-
-    if prompt_given or role_file(role, instructions_dir):
-        return None
-    return fetch_instructions_path(settings)
 
 
 @app.command("exec-claude")
@@ -170,6 +134,11 @@ def exec_claude_cmd(
     transcript to <state-dir>/logs/. With --agent-id the session id is written to the
     record before the agent starts, so `--resume` can continue it after a crash.
 
+    Without a verdict, the answer's `next` says what follows (with --agent-id), as `pmtool
+    run` decides it: {"step": "resume"} (once per claim), "pause" (a rate limit; `until`),
+    "retry" (`model`), "give_back" (`kind`, `reason`: `lock release --kind`) or "fatal";
+    the on_agent_failure setting bounds it.
+
     Exit 0 ok (a verdict was given), 1 the agent failed or gave no verdict, 124 a time
     limit ran out (the whole process tree was ended), 2 bad input, 3 no record for the
     agent, 5 an agent for the record is already running, 130/143 stopped by a signal.
@@ -180,8 +149,8 @@ def exec_claude_cmd(
 
     Example: pmtool claim ... | jq .task | pmtool exec-claude --task-json - --role qa
     """
-    from pmtool.agent import claude as agent
     from pmtool.work import exec as agent_exec
+    from pmtool.work.options import agent_options, step_limits
 
     if (agent_id is None) == (task_json is None):
         raise UsageError("give --agent-id or --task-json (one of them)",
@@ -191,84 +160,49 @@ def exec_claude_cmd(
     if prompt_file and prompt_template:
         raise UsageError("give --prompt-file or --prompt-template, not both")
     settings = options().settings(instructions_dir=instructions_dir)
-    instructions_dir = settings.instructions_dir
-    prompt = _read_text(prompt_file, "--prompt-file")
-    template = _read_text(prompt_template, "--prompt-template")
-
-    if agent_id is not None:
-        store = record_store(settings)
-        record = store.need(agent_id)
-        if print_prompt:
-            ctx_path = _instructions_path(settings, record.role, instructions_dir,
-                                          bool(prompt))
-            plan = agent_exec.plan_for_record(record, settings, cwd=cwd, model=model)
-            if resume and record.session_id and not prompt:
-                # What a --resume run would send: the session already holds the task.
-                text = agent.continuation_prompt(record.task, record.role, plan["cwd"],
-                                                 plan["branch"])
-            else:
-                text = prompt or agent.build_prompt(record.task, record.role, plan["cwd"],
-                                                    plan["branch"], instructions_dir,
-                                                    ctx_path, template)
-            emit(_preview(text, record.task, record.role, plan, instructions_dir, ctx_path,
-                          bool(prompt)))
-            return EXIT_OK
-        with _stop_on_signals() as (stop, seen), \
-                _heartbeat(settings, agent_id, record.role, record.level):
-            answer = agent_exec.run_for_record(
-                store, agent_id, settings, resume=resume, cwd=cwd, model=model, prompt=prompt,
-                template=template, instructions_dir=instructions_dir,
-                timeout=timeout, idle_timeout=idle_timeout,
-                max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
-                stop_event=stop, max_turns=max_turns)
-        return _finish(answer, seen)
-
-    assert task_json is not None
-    task = _task_from_json(task_json)
+    run = agent_options(settings, cwd=cwd, model=model,
+                        prompt=_read_text(prompt_file, "--prompt-file"),
+                        template=_read_text(prompt_template, "--prompt-template"),
+                        timeout=timeout, idle_timeout=idle_timeout,
+                        max_budget_usd=max_budget_usd, max_turns=max_turns,
+                        agent_cmd=agent_cmd)
+    task = _task_from_json(task_json) if task_json is not None else None
     if print_prompt:
-        plan = agent.plan_for_task(task, settings, role=role, cwd=cwd, model=model,
-                                   prompt=prompt, template=template,
-                                   instructions_dir=instructions_dir)
-        emit(_preview(plan["prompt"], task, plan["role"], plan, instructions_dir,
-                      plan["context_instructions_path"], bool(prompt)))
+        emit(agent_exec.prompt_preview(settings, run, agent_id=agent_id, task=task, role=role,
+                                       resume=resume))
         return EXIT_OK
-    # The task object of a claim names its agent (locked_by): keep that lock alive too.
-    locker = task.get("locked_by")
-    with _stop_on_signals() as (stop, seen), _heartbeat(
-            settings, locker, role or task.get("target_role") or "backend_dev",
-            task.get("difficulty") or "senior"):
-        answer = agent.run_for_task(
-            task, settings, role=role, cwd=cwd, model=model, prompt=prompt, template=template,
-            instructions_dir=instructions_dir, timeout=timeout, idle_timeout=idle_timeout,
-            max_budget_usd=max_budget_usd, agent_cmd=agent_cmd, progress=_progress,
-            stop_event=stop, max_turns=max_turns)
+    with _stop_on_signals() as (stop, seen):
+        answer = agent_exec.exec_agent(settings, run, agent_id=agent_id, task=task, role=role,
+                                       resume=resume, limits=step_limits(settings),
+                                       progress=_progress, stop_event=stop,
+                                       on_beat_error=_beat_failed(agent_id or (task or {})
+                                                                  .get("locked_by")))
     return _finish(answer, seen)
 
 
-def _preview(text: str, task: dict[str, Any], role: str, plan: dict[str, Any],
-             instructions_dir: str | None, ctx_path: str | None,
-             from_file: bool) -> dict[str, Any]:
-    from pmtool.agent.claude import role_instructions, verdict_schema
+def _beat_failed(agent_id: str | None) -> "Callable[[Exception], None]":
+    """Say a failed heartbeat once on stderr; the agent goes on."""
+    said: list[bool] = []
 
-    source = "--prompt-file" if from_file else role_instructions(role, instructions_dir,
-                                                                 ctx_path)[1]
-    return {"prompt": text, "task_id": task.get("id"), "role": role, "cwd": str(plan["cwd"]),
-            "branch": plan["branch"], "model": plan["model"], "instructions": source,
-            "verdict_schema": verdict_schema(role), "notes": plan.get("notes") or []}
+    def failed(exc: Exception) -> None:
+        if not said:
+            said.append(True)
+            say(f"exec-claude: heartbeat for {agent_id} failed: "
+                f"{getattr(exc, 'message', exc)} (the agent goes on)")
+
+    return failed
 
 
-def _finish(answer: dict[str, Any], signals: list[int]) -> int:
+def _finish(answer: "AgentResult", signals: list[int]) -> int:
     """Emit the answer; the exit code says how the run ended."""
-    ok = bool(answer.pop("ok"))
-    outcome = answer.get("outcome")
-    if ok:
-        say(f"exec-claude: verdict {outcome}: {answer.get('summary') or ''}".rstrip())
+    if answer.ok:
+        say(f"exec-claude: verdict {answer.outcome}: {answer.summary or ''}".rstrip())
     else:
-        error = answer.get("error") or {}
+        error = answer.error or {}
         say(f"pmtool: {error.get('type', 'failed')}: {error.get('message', 'the agent failed')}"
-            + (f" (log: {answer.get('log')})" if answer.get("log") else ""))
-    emit(answer, ok=ok)
+            + (f" (log: {answer.log})" if answer.log else ""))
+    emit(answer, ok=answer.ok)
     # The signal that stopped the run is known here, not to the library: it joins the answer
     # only for the exit code (errors.exit_code: 128 + its number), as the run's JSON is out.
-    stopped_by = {"signal": signals[0]} if answer.get("stopped") and signals else {}
-    return exit_code({**answer, "ok": ok, **stopped_by})
+    stopped_by = {"signal": signals[0]} if answer.stopped and signals else {}
+    return exit_code({**answer.to_json(), **stopped_by})

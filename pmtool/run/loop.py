@@ -26,8 +26,8 @@ and compares their steps (tests/cli/test_scripts.py). Where each policy lives in
     pre_task failure (--on-hook-failure) always give_back (release); never asks
     worktree failure                     give_back "no worktree: ..."
     poison task (TaskFault) -> parked    none: `worktree create` fails, give_back
-    agent failure (--on-agent-failure)   retry once with --resume on exit 1/124, then
-                                         give_back; no stop/release, --escalate or
+    agent failure (--on-agent-failure)   exec-claude's `next`: the same next_step, under
+                                         the on_agent_failure setting; no --escalate or
                                          --task-budget-usd
     heartbeat                            exec-claude re-registers every --heartbeat s
     task moved or given away mid-work    none (no reconciliation; `recover --orphans`
@@ -85,6 +85,7 @@ from pmtool.work import recover as work_recover
 from pmtool.work.finish import kept_verdict
 
 if TYPE_CHECKING:
+    from pmtool.agent.result import AgentResult
     from pmtool.client import PMApi
     from pmtool.health import HealthReport
 
@@ -917,9 +918,10 @@ class Runner:
 
     def _agent(self, record: TaskRecord, cwd: str) -> dict[str, Any] | None:
         """Run the agent until it gives a verdict; retries, escalation and budget here."""
-        # pm-runner.sh: one retry with --resume on exit 1/124, then give_back; it has no
-        # stop/release choice, no escalation and no task budget.
+        # pm-runner.sh: does exec-claude's `next`, the same step (next_after); it has no
+        # escalation and no task budget.
         from pmtool.models import stronger_model
+        from pmtool.work.exec import next_after, note_next, why_failed
 
         opts = self.opts
         resume = bool(record.session_id)  # a recorded session: continue it
@@ -945,38 +947,35 @@ class Runner:
                 beat.join(timeout=5)
             fault("agent-end")
             record = self.store.load(opts.agent_id) or record
-            self.event("agent", task_id=record.task_id, ok=result.get("ok"),
-                       outcome=result.get("outcome"), summary=result.get("summary"),
-                       session_id=result.get("session_id"), model=result.get("model"),
-                       num_turns=result.get("num_turns"),
-                       total_cost_usd=result.get("total_cost_usd"),
-                       task_cost_usd=record.cost_usd, duration_s=result.get("duration_s"),
-                       timed_out=result.get("timed_out"), stopped=result.get("stopped"),
-                       resumed=result.get("resumed"), log=result.get("log"),
-                       stop=result.get("stop"))
+            self.event("agent", task_id=record.task_id, ok=result.ok,
+                       outcome=result.outcome, summary=result.summary,
+                       session_id=result.session_id, model=result.model,
+                       num_turns=result.num_turns, total_cost_usd=result.total_cost_usd,
+                       task_cost_usd=record.cost_usd, duration_s=result.duration_s,
+                       timed_out=result.timed_out, stopped=result.stopped,
+                       resumed=result.resumed, log=result.log, stop=result.stop)
             if lost.is_set():
                 self._lost(record)
                 return None
-            if self.kill_now.is_set() or (result.get("stopped") and self.stopping.is_set()):
+            if self.kill_now.is_set() or (result.stopped and self.stopping.is_set()):
                 raise Stop
-            if result.get("ok") and result.get("outcome"):
+            if result.ok and result.outcome:
                 record.step("agent-done", verdict={
-                    "outcome": result["outcome"], "summary": result.get("summary"),
-                    "model": result.get("model"), "num_turns": result.get("num_turns"),
-                    "duration_s": result.get("duration_s")})
+                    "outcome": result.outcome, "summary": result.summary,
+                    "model": result.model, "num_turns": result.num_turns,
+                    "duration_s": result.duration_s})
                 self.store.save(record)
                 self._check_stop()
                 return record.steps[-1]["verdict"]
-            why = ("timed out" if result.get("timed_out") else
-                   (result.get("error") or {}).get("message") or "no verdict")
-            # What to do is failure_policy.next_step's; carrying it out is the loop's.
-            stronger = (stronger_model(result.get("model") or model or "", self.settings)
+            # What to do is failure_policy.next_step's (as exec-claude's `next`); carrying
+            # it out is the loop's.
+            stronger = (stronger_model(result.model or model or "", self.settings)
                         if opts.escalate and not escalated else None)
-            step = fl.next_step(result.get("stop"),
-                                fl.Tried(retried, escalated, before + record.cost_usd),
-                                fl.StepLimits(opts.on_agent_failure, opts.escalate,
-                                              opts.task_budget_usd),
-                                why=why, stronger=stronger)
+            step = next_after(result, fl.Tried(retried, escalated, before + record.cost_usd),
+                              fl.StepLimits(opts.on_agent_failure, opts.escalate,
+                                            opts.task_budget_usd), stronger)
+            note_next(self.store, opts.agent_id, result, step)
+            why = why_failed(result)
             if isinstance(step, fl.Pause):
                 # Not the task's fault and not an attempt: keep the task, wait, go on with
                 # the same session.
@@ -1046,9 +1045,11 @@ class Runner:
 
     def _run_agent(self, resume: bool, model: str | None,
                    stop_event: threading.Event,
-                   max_budget_usd: float | None = None) -> dict[str, Any]:
+                   max_budget_usd: float | None = None) -> AgentResult:
         from pmtool.agent.claude import describe_event
+        from pmtool.agent.result import AgentResult
         from pmtool.work.exec import run_for_record
+        from pmtool.work.options import agent_options
 
         opts = self.opts
 
@@ -1058,17 +1059,17 @@ class Runner:
             if line:
                 self.progress(line)
 
+        run = agent_options(self.settings, model=model,
+                            timeout=opts.timeout or self.settings.claude_timeout,
+                            idle_timeout=opts.idle_timeout, max_budget_usd=max_budget_usd,
+                            agent_cmd=opts.agent_cmd, max_turns=opts.max_turns)
         try:
-            return run_for_record(
-                self.store, opts.agent_id, self.settings, resume=resume, model=model,
-                timeout=opts.timeout or self.settings.claude_timeout,
-                idle_timeout=opts.idle_timeout, max_budget_usd=max_budget_usd,
-                agent_cmd=opts.agent_cmd, stop_event=stop_event, progress=agent_progress,
-                max_turns=opts.max_turns)
+            return run_for_record(self.store, opts.agent_id, self.settings, run, resume=resume,
+                                  stop_event=stop_event, progress=agent_progress)
         except (ClaudeMissing, AuthError):
             raise  # fatal: the loop stops, the record is kept
         except PmtoolError as exc:
-            return {"ok": False, "error": exc.to_json()}
+            return AgentResult.failed(exc.to_json())
 
     def _heartbeat(self, record: TaskRecord, stop_agent: threading.Event,
                    lost: threading.Event) -> None:

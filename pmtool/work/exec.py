@@ -5,29 +5,39 @@ the task's life on this machine.
 record and keeps the record up to date around it: the session id before the agent starts
 (so a crash can be resumed), the agent's pid and mark while it runs, its cost and outcome
 after. `end_leftover_agent` ends the agent of an earlier run whose runner died.
+
+`exec_agent` is `exec-claude` as one call (the CLI adds only signals and printing): the
+heartbeat around the run, and after a run without a verdict `next`, the step the failure
+policy calls for (`next_after`, which the runner uses too), noted in the record so the
+claim's next run knows it was resumed (`tried_from_record`). `prompt_preview` is
+--print-prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pmtool import failure_policy as fl
 from pmtool.agent.claude import (
-    AgentRun,
     Progress,
+    agent_run,
     branch_for,
     build_prompt,
+    context_path,
     continuation_prompt,
-    fetch_instructions_path,
+    need_claude,
     repo_or_cwd,
-    role_file,
     run_agent,
 )
-from pmtool.errors import ClaudeMissing, Conflict, NothingToDo, UsageError
+from pmtool.agent.options import AgentOptions
+from pmtool.agent.result import AgentResult
+from pmtool.errors import Conflict, NothingToDo, UsageError
 from pmtool.models import task_level
 
 if TYPE_CHECKING:
@@ -95,59 +105,43 @@ def end_leftover_agent(record: TaskRecord, grace: float = 3.0) -> dict[str, Any]
     return {"pid": pid, "signalled": signalled}
 
 
-def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
-                   resume: bool = False, cwd: str | Path | None = None,
-                   model: str | None = None, prompt: str | None = None,
-                   template: str | None = None, instructions_dir: str | Path | None = None,
-                   context_instructions_path: str | Path | None = None,
-                   timeout: float | None = None, idle_timeout: float | None = None,
-                   max_budget_usd: float | None = None, agent_cmd: str | None = None,
+def run_for_record(store: RecordStore, agent_id: str, settings: Settings,
+                   options: AgentOptions = AgentOptions(), *, resume: bool = False,
                    progress: Progress | None = None,
-                   stop_event: threading.Event | None = None,
-                   env: Mapping[str, str] | None = None,
-                   max_turns: int | None = None) -> dict[str, Any]:
+                   stop_event: threading.Event | None = None) -> AgentResult:
     """Run the agent on the task of `agent_id`'s record, and keep the record up to date.
 
-    Working directory: the record's worktree, else `cwd`, else the git checkout of the
-    current directory. Model: `model`, else the record's, else `settings.model_for` the
-    task's difficulty. With `resume`, the recorded session continues (a new one starts,
-    with `note`, when none was recorded). Before the agent starts, the record gets the
-    session id, model and attempts + 1; afterwards the run's cost is added to `cost_usd`
-    and a step notes the outcome. An agent of an earlier run whose runner died is ended
-    first (`ended_orphan`). `prompt` replaces the built prompt (--prompt-file).
+    Working directory: the record's worktree, else `options.cwd`, else the git checkout of
+    the current directory. Model: `options.model`, else the record's, else
+    `settings.model_for` the task's difficulty. With `resume`, the recorded session
+    continues (a new one starts, with `note`, when none was recorded). Before the agent
+    starts, the record gets the session id, model and attempts + 1; afterwards the run's
+    cost is added to `cost_usd` and a step notes the outcome. An agent of an earlier run
+    whose runner died is ended first (`ended_orphan`). `options.prompt` replaces the built
+    prompt (--prompt-file).
 
-    Answers `run_agent`'s dict plus `agent_id`, `task_id`, `role`, `cwd`, `branch`,
+    Answers `run_agent`'s result plus `agent_id`, `task_id`, `role`, `cwd`, `branch`,
     `task_cost_usd` (the record's total over all runs), `attempts`, and `note` when
-    something is worth saying. Role instructions: `instructions_dir` (default
-    settings.instructions_dir), then `context_instructions_path`, asked from the server's
-    /api/v1/context when not given, then the built-in file. Raises NothingToDo when the
-    agent has no record, Conflict when its agent already runs under a live pmtool.
+    something is worth saying. Role instructions: `options.instructions_dir` (default
+    settings.instructions_dir), then `options.context_instructions_path`, asked from the
+    server's /api/v1/context when not given, then the built-in file. Raises NothingToDo
+    when the agent has no record, Conflict when its agent already runs under a live pmtool.
     """
-    from pmtool.agent.binary import find_claude
     from pmtool.records import process_started
 
     record = store.need(agent_id)
     notes: list[str] = []
     leftover = end_leftover_agent(record)
 
-    plan = plan_for_record(record, settings, cwd=cwd, model=model)
+    plan = plan_for_record(record, settings, cwd=options.cwd, model=options.model)
     notes += plan.pop("notes")
-    claude = None if agent_cmd else find_claude(settings.claude_bin)
-    if agent_cmd is None and not claude:
-        raise ClaudeMissing("claude not found",
-                         hint="install it (npm install -g @anthropic-ai/claude-code) or set "
-                              "PMTOOL_CLAUDE_BIN")
+    claude = need_claude(settings, options)  # said before the record is touched
     session = record.session_id if resume and record.session_id else str(uuid.uuid4())
     if resume and not record.session_id:
         notes.append("the record has no session to resume; started a new one")
         resume = False
     task, role, run_cwd, branch = record.task, record.role, plan["cwd"], plan["branch"]
-    instructions_dir = instructions_dir or settings.instructions_dir
-    if context_instructions_path is None and prompt is None \
-            and not role_file(role, instructions_dir):
-        context_instructions_path = fetch_instructions_path(settings)
-    full_prompt = prompt or build_prompt(task, role, run_cwd, branch, instructions_dir,
-                                         context_instructions_path, template)
+    full_prompt = options.prompt or prompt_for_record(record, settings, options, plan)
 
     def before(rec: TaskRecord) -> None:
         rec.session_id, rec.model = session, plan["model"]
@@ -173,43 +167,45 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings, *,
 
         _update_record(store, agent_id, running)
 
-    run = AgentRun(
-        full_prompt, cwd=run_cwd, model=plan["model"], role=role, task_id=record.task_id,
-        session_id=session, resume=resume,
-        resume_prompt=None if prompt else continuation_prompt(task, role, run_cwd, branch),
-        claude_bin=claude, agent_cmd=agent_cmd, permission_mode=settings.permission_mode,
-        allowed_tools=settings.allowed_tools, max_budget_usd=max_budget_usd,
-        max_turns=max_turns if max_turns is not None else settings.max_turns,
-        timeout=settings.claude_timeout if timeout is None else timeout,
-        idle_timeout=idle_timeout, log_dir=store.state_dir / "logs", branch=branch, env=env,
-        secrets=(settings.api_key,))
+    run = agent_run(
+        full_prompt, settings, options, cwd=run_cwd, model=plan["model"], role=role,
+        task_id=record.task_id, session_id=session, resume=resume,
+        resume_prompt=None if options.prompt else continuation_prompt(task, role, run_cwd,
+                                                                      branch),
+        log_dir=store.state_dir / "logs", branch=branch, claude_bin=claude)
     answer = run_agent(run, progress=progress, stop_event=stop_event, on_start=started)
 
-    cost = float(answer.get("total_cost_usd") or 0.0)
+    cost = float(answer.total_cost_usd or 0.0)
 
     def after(rec: TaskRecord) -> None:
         rec.cost_usd = round((rec.cost_usd or 0.0) + cost, 6)
-        rec.step("agent_finished", session_id=answer["session_id"], ok=answer["ok"],
-                 outcome=answer["outcome"], exit_code=answer["exit_code"],
-                 timed_out=answer["timed_out"], stopped=answer["stopped"],
-                 num_turns=answer["num_turns"], cost_usd=cost)
+        rec.step("agent_finished", session_id=answer.session_id, ok=answer.ok,
+                 outcome=answer.outcome, exit_code=answer.exit_code,
+                 timed_out=answer.timed_out, stopped=answer.stopped,
+                 num_turns=answer.num_turns, cost_usd=cost)
 
     final = _update_record(store, agent_id, after)
-    answer.update(agent_id=agent_id, task_id=record.task_id, role=role, cwd=str(run_cwd),
-                  branch=branch,
-                  task_cost_usd=final.cost_usd if final else round(record.cost_usd + cost, 6),
-                  attempts=final.attempts if final else record.attempts + 1)
+    answer.agent_id, answer.task_id, answer.role = agent_id, record.task_id, role
+    answer.cwd, answer.branch = str(run_cwd), branch
+    answer.task_cost_usd = final.cost_usd if final else round(record.cost_usd + cost, 6)
+    answer.attempts = final.attempts if final else record.attempts + 1
     if leftover:
-        answer["ended_orphan"] = leftover["pid"]
+        answer.ended_orphan = leftover["pid"]
         notes.append(f"ended the agent of an earlier run (pid {leftover['pid']}) whose pmtool "
                      "had died")
     if final is None:
         notes.append("the task record was closed while the agent ran; nothing was recorded")
-    if answer.get("note"):
-        notes.append(answer["note"])
-    if notes:
-        answer["note"] = "; ".join(notes)
+    answer.add_note(*notes)
     return answer
+
+
+def prompt_for_record(record: TaskRecord, settings: Settings, options: AgentOptions,
+                      plan: dict[str, Any]) -> str:
+    """The full prompt of the record's task, built where `plan` (plan_for_record) runs it;
+    the server is asked where its instruction files are only if the answer could matter."""
+    return build_prompt(record.task, record.role, plan["cwd"], plan["branch"],
+                        options.instructions_dir or settings.instructions_dir,
+                        context_path(settings, options, record.role), options.template)
 
 
 def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | None = None,
@@ -237,3 +233,146 @@ def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | No
     level = task_level(record.task, record.level)
     chosen = model or record.model or settings.model_for(level)
     return {"cwd": run_cwd, "branch": branch, "model": chosen, "notes": notes}
+
+
+def exec_agent(settings: Settings, options: AgentOptions = AgentOptions(), *,
+               agent_id: str | None = None, task: Mapping[str, Any] | None = None,
+               role: str | None = None, resume: bool = False,
+               limits: fl.StepLimits | None = None, progress: Progress | None = None,
+               stop_event: threading.Event | None = None,
+               on_beat_error: Callable[[Exception], None] | None = None) -> AgentResult:
+    """`exec-claude` as one library call: run the agent on `agent_id`'s record (or on the
+    bare `task`, as `role`), keeping the task's lock alive meanwhile, and say what follows.
+
+    The heartbeat re-registers every `settings.heartbeat` seconds (the server drops the
+    locks of agents unseen for 30 minutes, quirk 3): the record's agent, or the agent a
+    claimed task object names (`locked_by`); a failed beat goes to `on_beat_error`, the
+    agent goes on. For a record's run that ends without a verdict, `next` is the step the
+    failure policy calls for (`next_after`, with what this claim tried from the record and
+    the task's spend from the ledger), noted in the record too.
+    """
+    from pmtool.agent.claude import run_for_task
+    from pmtool.records import RecordStore
+
+    if agent_id is None:
+        assert task is not None
+        beat_role = role or task.get("target_role") or "backend_dev"
+        with _heartbeat(settings, task.get("locked_by"), beat_role,
+                        task.get("difficulty") or "senior", on_beat_error):
+            return run_for_task(task, settings, options, role=role, progress=progress,
+                                stop_event=stop_event)
+    store = RecordStore(settings.state_path)
+    record = store.need(agent_id)
+    with _heartbeat(settings, agent_id, record.role, record.level, on_beat_error):
+        answer = run_for_record(store, agent_id, settings, options, resume=resume,
+                                progress=progress, stop_event=stop_event)
+    if not (answer.ok and answer.outcome):
+        record = store.load(agent_id) or record
+        tried = tried_from_record(record, store)
+        limits = limits or fl.StepLimits()
+        stronger = None
+        if limits.escalate and not tried.escalated:
+            from pmtool.models import stronger_model
+
+            stronger = stronger_model(answer.model or "", settings)
+        step = next_after(answer, tried, limits, stronger)
+        answer.next = step.to_json()
+        if not answer.stopped:  # a stop by signal is the caller's, not a retry of the claim
+            note_next(store, agent_id, answer, step)
+    return answer
+
+
+@contextlib.contextmanager
+def _heartbeat(settings: Settings, agent_id: str | None, role: str, level: str,
+               on_error: Callable[[Exception], None] | None) -> Iterator[None]:
+    """Keep `agent_id`'s lock alive while the block runs (nothing without an agent)."""
+    if not agent_id:
+        yield
+        return
+    from pmtool.client import PMClient
+    from pmtool.work.claim import heartbeat
+
+    client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout)
+    try:
+        with heartbeat(client, agent_id, role, level, settings.heartbeat, on_error=on_error):
+            yield
+    finally:
+        client.close()
+
+
+def next_after(answer: AgentResult, tried: fl.Tried, limits: fl.StepLimits,
+               stronger: str | None = None) -> fl.Step:
+    """What follows a run without a verdict (pmtool.failure_policy.next_step), the run's
+    own words for why it failed going with it."""
+    return fl.next_step(answer.stop, tried, limits, why=why_failed(answer),
+                        stronger=stronger)
+
+
+def why_failed(answer: AgentResult) -> str:
+    """A run without a verdict in its own words: timed out, its error, or no verdict."""
+    return ("timed out" if answer.timed_out else
+            (answer.error or {}).get("message") or "no verdict")
+
+
+def tried_from_record(record: TaskRecord, store: RecordStore) -> fl.Tried:
+    """What this claim has tried, from its record: a resume or an escalation is a step the
+    policy said after an earlier run (`note_next`); the spend is the task's over every claim
+    on this machine (the ledger's attempt lines) and this one's (the record)."""
+    from pmtool.ledger import Ledger
+
+    said = [str((s.get("next") or {}).get("step")) for s in record.steps
+            if s.get("step") == "agent_finished"]
+    before = fl.task_cost(fl.attempts_of(Ledger(store.state).lines(), record.task))
+    return fl.Tried(retried="resume" in said, escalated="retry" in said,
+                    spent_usd=before + (record.cost_usd or 0.0))
+
+
+def note_next(store: RecordStore, agent_id: str, answer: AgentResult,
+              step: fl.Step) -> None:
+    """Note in the `agent_finished` step of `answer`'s run what the policy said follows
+    it: a later run's `tried_from_record` reads it. A run that never started (no session)
+    has no such step: nothing is noted."""
+
+    def change(rec: TaskRecord) -> None:
+        last = next((s for s in reversed(rec.steps) if s.get("step") == "agent_finished"),
+                    None)
+        if last is not None and last.get("session_id") == answer.session_id:
+            last["next"] = step.to_json()
+
+    if answer.session_id is None:
+        return
+
+    _update_record(store, agent_id, change)
+
+
+def prompt_preview(settings: Settings, options: AgentOptions = AgentOptions(), *,
+                   agent_id: str | None = None, task: Mapping[str, Any] | None = None,
+                   role: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """What `exec-claude` would send, and where it would run, without running anything
+    (--print-prompt): `{"prompt", "task_id", "role", "cwd", "branch", "model",
+    "instructions", "verdict_schema", "notes"}`. A --resume of a recorded session sends
+    the short continuation (the session already holds the task)."""
+    from pmtool.agent.claude import plan_for_task, role_instructions, verdict_schema
+    from pmtool.records import RecordStore
+
+    instructions_dir = options.instructions_dir or settings.instructions_dir
+    if agent_id is not None:
+        record = RecordStore(settings.state_path).need(agent_id)
+        task, role = record.task, record.role
+        plan = plan_for_record(record, settings, cwd=options.cwd, model=options.model)
+        ctx_path = context_path(settings, options, role)
+        if resume and record.session_id and not options.prompt:
+            text = continuation_prompt(task, role, plan["cwd"], plan["branch"])
+        else:
+            text = options.prompt or build_prompt(task, role, plan["cwd"], plan["branch"],
+                                                  instructions_dir, ctx_path,
+                                                  options.template)
+    else:
+        assert task is not None
+        plan = plan_for_task(task, settings, options, role=role)
+        text, role, ctx_path = plan["prompt"], plan["role"], plan["context_instructions_path"]
+    source = "--prompt-file" if options.prompt else role_instructions(
+        role, instructions_dir, ctx_path)[1]
+    return {"prompt": text, "task_id": task.get("id"), "role": role, "cwd": str(plan["cwd"]),
+            "branch": plan["branch"], "model": plan["model"], "instructions": source,
+            "verdict_schema": verdict_schema(role), "notes": plan.get("notes") or []}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pmtool import failure_policy as fl
+from pmtool.agent.options import AgentOptions
 from pmtool.work.finish import FinishPlan
 
 # The limits a Settings can name (the rest of fl.Limits are fixed caps).
@@ -45,3 +46,23 @@ def finish_plan(settings: Any, **given: Any) -> FinishPlan:
         "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks") else None}
     values.update({k: v for k, v in given.items() if v is not None})
     return FinishPlan(**values)
+
+
+def agent_options(settings: Any, **given: Any) -> AgentOptions:
+    """The options of an agent run: `given` (None values are not given), then the
+    settings' time limit, turn cap and instructions folder."""
+    values: dict[str, Any] = {"timeout": settings.claude_timeout,
+                              "max_turns": settings.max_turns,
+                              "instructions_dir": settings.instructions_dir}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return AgentOptions(**values)
+
+
+def step_limits(settings: Any, **given: Any) -> fl.StepLimits:
+    """What bounds the step after a run without a verdict: --on-agent-failure (the
+    on_agent_failure setting), --escalate and the task budget; `given` first."""
+    values = getattr(settings, "values", {})
+    chosen: dict[str, Any] = {"on_failure": str(values.get("on_agent_failure") or "retry"),
+              "task_budget_usd": values.get("task_budget_usd")}
+    chosen.update({k: v for k, v in given.items() if v is not None})
+    return fl.StepLimits(**chosen)

@@ -145,6 +145,61 @@ def test_agent_cmd_failures(scene: Scene) -> None:
     assert record is not None and record.attempts == 5
 
 
+def test_a_run_without_a_verdict_says_what_follows(scene: Scene) -> None:
+    """`next` is the failure policy's step (the runner's): resume the first time, give the
+    task back once this claim was resumed; a run with a verdict has none."""
+    scene.record()
+    cmd, none = fake_agent.command(), {"PMTOOL_FAKE_AGENT_VERDICT": "none"}
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--agent-cmd", cmd, env=none)
+    assert run.code == 1 and run.out["next"] == {"step": "resume"}
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--resume", "--agent-cmd", cmd,
+                 env=none)
+    assert run.code == 1 and run.out["resumed"] is True
+    assert run.out["next"] == {"step": "give_back", "kind": "failed",
+                               "reason": "agent failed: " + run.out["error"]["message"]}
+    record = scene.store.load("dev_001")
+    assert record is not None
+    said = [s.get("next") for s in record.steps if s["step"] == "agent_finished"]
+    assert said == [{"step": "resume"}, run.out["next"]]
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--resume", "--agent-cmd", cmd)
+    assert run.code == 0 and "next" not in run.out
+
+
+def test_the_agent_failure_setting_names_the_step(scene: Scene) -> None:
+    scene.record()
+    cmd, none = fake_agent.command(), {"PMTOOL_FAKE_AGENT_VERDICT": "none"}
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--agent-cmd", cmd,
+                 env={**none, "PMTOOL_ON_AGENT_FAILURE": "release"})
+    assert run.out["next"]["step"] == "give_back"
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--agent-cmd", cmd,
+                 env={**none, "PMTOOL_ON_AGENT_FAILURE": "stop"})
+    assert run.out["next"] == {"step": "fatal", "kind": "failed",
+                               "reason": run.out["error"]["message"]}
+
+
+def test_a_rate_limit_says_pause_until_it_resets(scene: Scene) -> None:
+    """claude's usage limit is no failure of the task: pause until it resets, then go on
+    with the session, and the pause does not use up the claim's one resume."""
+    resets = int(time.time()) + 3600
+    agent = scene.tmp / "limited-agent"
+    limit = {"type": "rate_limit_event", "rate_limit_info": {
+        "status": "rejected", "resetsAt": resets, "rateLimitType": "five_hour"}}
+    result = {"type": "result", "subtype": "success", "is_error": True, "num_turns": 1,
+              "result": "Claude AI usage limit reached", "total_cost_usd": 0}
+    agent.write_text("#!/bin/sh\ncat >/dev/null\n"
+                     f"echo '{json.dumps(limit)}'\necho '{json.dumps(result)}'\n")
+    agent.chmod(0o755)
+    scene.record()
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets))
+    for _ in range(2):
+        run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--agent-cmd", str(agent))
+        assert run.code != 0 and run.out["stop"]["kind"] == "rate_limit"
+        assert run.out["next"] == {"step": "pause", "kind": "rate_limit", "until": until}
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--resume", "--agent-cmd",
+                 fake_agent.command(), env={"PMTOOL_FAKE_AGENT_VERDICT": "none"})
+    assert run.out["next"] == {"step": "resume"}
+
+
 def test_sigterm_stops_the_agent(scene: Scene) -> None:
     scene.record()
     proc = subprocess.Popen([PMTOOL, "exec-claude", "--agent-id", "dev_001", "--agent-cmd",
@@ -160,6 +215,10 @@ def test_sigterm_stops_the_agent(scene: Scene) -> None:
     assert out["ok"] is False and out["stopped"] is True
     assert out["error"]["type"] == "interrupted"
     assert processes_of_task(scene.task["id"]) == []
+    # Go on with --resume; the stop was no retry of the claim, so it is not noted as one.
+    assert out["next"] == {"step": "resume"}
+    record = scene.store.load("dev_001")
+    assert record is not None and "next" not in record.steps[-1]
 
 
 # ---- the library, in process ---------------------------------------------------------------
@@ -287,8 +346,8 @@ def test_stop_event_ends_the_run(tmp_path: Path) -> None:
         answer = run_agent(run, stop_event=stop, on_start=started.append)
     finally:
         timer.cancel()
-    assert answer["stopped"] is True and answer["ok"] is False and answer["timed_out"] is False
-    assert answer["error"]["type"] == "interrupted"
-    assert answer["duration_s"] < 5 and started[0]["pid"] in answer["swept"]
+    assert answer.stopped is True and answer.ok is False and answer.timed_out is False
+    assert (answer.error or {})["type"] == "interrupted"
+    assert (answer.duration_s or 0) < 5 and started[0]["pid"] in answer.swept
     assert not psutil.pid_exists(started[0]["pid"]) or \
         psutil.Process(started[0]["pid"]).status() == psutil.STATUS_ZOMBIE

@@ -236,6 +236,35 @@ def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Bo
     assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
+def test_pm_runner_waits_out_a_rate_limit_and_goes_on_with_the_session(box: Box) -> None:
+    """exec-claude's `next` says pause until the limit resets: the script keeps the task,
+    waits, and resumes the session (no give-back, no attempt used up)."""
+    task = box.seeder.create_task(title="Limited", branch="feature/limited")
+    agent = box.repo.parent / "limited-once.sh"
+    agent.write_text(
+        "#!/bin/sh\n"
+        'if [ ! -e "$0.done" ]; then\n'
+        '  touch "$0.done"; cat >/dev/null\n'
+        '  echo "{\\"type\\": \\"rate_limit_event\\", \\"rate_limit_info\\": {\\"status\\": '
+        '\\"rejected\\", \\"resetsAt\\": $(( $(date +%s) + 2 ))}}"\n'
+        '  echo \'{"type": "result", "subtype": "success", "is_error": true, "num_turns": 1, '
+        '"result": "limit", "total_cost_usd": 0}\'\n'
+        "  exit 0\n"
+        "fi\n"
+        f"exec {fake_agent.command()}\n")
+    agent.chmod(0o755)
+    started = time.monotonic()
+    proc = box.run("pm-runner.sh", "--role", ROLE, "--agent-id", "dev_limit", "--agent-cmd",
+                   str(agent), "--repo", str(box.repo), "--single-task")
+    assert proc.returncode == 0, proc.stderr
+    runs = [o for o in json_lines(proc.stdout) if "verdict_source" in o]
+    assert [o.get("next", {}).get("step") for o in runs] == ["pause", None]
+    assert [o["resumed"] for o in runs] == [False, True] and runs[1]["outcome"] == "done"
+    assert "rate_limit; task kept, going on in" in proc.stderr
+    assert 1 < time.monotonic() - started < 25
+    assert box.task(task["id"])["status"] == "dev_done"
+
+
 def test_pm_runner_single_task_without_a_task_exits_3(box: Box) -> None:
     start = time.monotonic()
     proc = box.run("pm-runner.sh", *runner_args("dev_idle", "--single-task"))

@@ -42,6 +42,13 @@ PINNED: dict[str, list[str]] = {
         "session_id", "signal", "stderr_log", "stop", "stopped", "summary", "swept",
         "task_cost_usd", "task_id", "timed_out", "timed_out_by", "tool_calls", "total_cost_usd",
         "verdict_source"],
+    # Without a verdict: the error, and `next`, the step the failure policy calls for.
+    "exec-claude: no verdict": [
+        "agent_id", "api_error_status", "attempts", "branch", "cwd", "duration_s", "error",
+        "exit_code", "is_error", "log", "model", "model_used", "next", "num_turns", "ok",
+        "outcome", "resumed", "role", "session_id", "signal", "stderr_log", "stop", "stopped",
+        "summary", "swept", "task_cost_usd", "task_id", "timed_out", "timed_out_by",
+        "tool_calls", "total_cost_usd", "verdict_source"],
     "finish": ["action", "lock_expired", "ok", "outcome", "status", "task", "task_id"],
     "status": [
         "cooling_down", "corrupt_records", "live", "ok", "parked", "runners", "state_dir", "time",
@@ -62,11 +69,13 @@ PINNED: dict[str, list[str]] = {
 }
 
 
-def call(world: World, *args: str, stdin: str | None = None) -> list[dict[str, Any]]:
+def call(world: World, *args: str, stdin: str | None = None,
+         env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Every JSON line `pmtool ARGS` prints (one for a command; one per event for run)."""
     # health fails alike on every machine (no claude there): its failure answer is pinned.
-    env = {**world.env, "PMTOOL_CLAUDE_BIN": str(world.tmp / "no-claude")} \
-        if args[0] == "health" else world.env
+    env = {**world.env, **(env or {})}
+    if args[0] == "health":
+        env["PMTOOL_CLAUDE_BIN"] = str(world.tmp / "no-claude")
     proc = subprocess.run([PMTOOL, *args], capture_output=True, text=True, env=env,
                           cwd=world.repo, input=stdin, timeout=120, check=False)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -92,8 +101,9 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     agent = ["--agent-id", "dev_1"]
     found: dict[str, Any] = {}
 
-    def one(case: str, *args: str, stdin: str | None = None) -> dict[str, Any]:
-        (out,) = call(world, *args, stdin=stdin)
+    def one(case: str, *args: str, stdin: str | None = None,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+        (out,) = call(world, *args, stdin=stdin, env=env)
         found[case] = out
         return out
 
@@ -110,6 +120,8 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         one("worktree create", "worktree", "create", *agent, "--repo", str(world.repo))
         one("worktree list", "worktree", "list", "--repo", str(world.repo))
         one("hook run", "hook", "run", "pre_task", *agent)
+        one("exec-claude: no verdict", "exec-claude", *agent, "--agent-cmd",
+            fake_agent.command(), env={"PMTOOL_FAKE_AGENT_VERDICT": "none"})
         one("exec-claude", "exec-claude", *agent, "--agent-cmd", fake_agent.command())
         one("finish", "finish", *agent, "--outcome", "done", "--notes", "keys")
         one("status", "status")

@@ -57,3 +57,27 @@ def test_every_stop_kind_has_a_step():
 def test_a_budget_give_back_comes_before_a_stop_request_is_looked_at():
     assert fl.next_step({"kind": "budget"}, FRESH, RETRY).spent
     assert not fl.next_step({"kind": "failed"}, RETRIED, RETRY).spent
+
+
+@pytest.mark.parametrize(("step", "json"), [
+    (fl.Pause("rate_limit", RESETS), {"step": "pause", "kind": "rate_limit", "until": RESETS}),
+    (fl.Pause("overloaded"), {"step": "pause", "kind": "overloaded", "until": None}),
+    (fl.Resume(), {"step": "resume"}),
+    (fl.Retry("opus"), {"step": "retry", "model": "opus"}),
+    (fl.GiveBack("failed", "agent failed: why"),
+     {"step": "give_back", "kind": "failed", "reason": "agent failed: why"}),
+    (fl.Fatal("auth", "why"), {"step": "fatal", "kind": "auth", "reason": "why"}),
+])
+def test_a_step_as_json(step, json):
+    """exec-claude's `next`: the step's name, then its fields, for a script to act on."""
+    assert step.to_json() == json == fl.step_json(step)
+
+
+def test_a_new_kind_of_step_has_its_json_by_its_name():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class WaitForPerson:
+        reason: str
+
+    assert fl.step_json(WaitForPerson("why")) == {"step": "wait_for_person", "reason": "why"}

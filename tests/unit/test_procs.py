@@ -262,7 +262,7 @@ from pmtool.agent.claude import AgentRun, run_agent
 assert procs.become_subreaper()
 run = AgentRun("the prompt", cwd=sys.argv[1], model="m", task_id=7, log_dir=sys.argv[2],
                agent_cmd=sys.argv[3], grace=1)
-print(json.dumps(run_agent(run)))
+print(json.dumps(run_agent(run).to_json()))
 """
 
 

@@ -44,3 +44,31 @@ def test_the_builder_from_settings_gives_the_fallback_on_defaults(tmp_path, monk
             monkeypatch.delenv(env, raising=False)
     settings = load_settings({}, config_path=tmp_path / "none.toml")
     assert limits_from(settings) == fl.Limits()
+
+
+def test_the_step_limits_from_settings_are_the_fallback_on_defaults(tmp_path, monkeypatch):
+    """exec-claude's `next` is bounded as `pmtool run`'s step: StepLimits() on defaults,
+    the on_agent_failure setting when set, a given value first."""
+    from pmtool.work.options import step_limits
+
+    for spec in SPECS.values():
+        for env in spec.env:
+            monkeypatch.delenv(env, raising=False)
+    settings = load_settings({}, config_path=tmp_path / "none.toml")
+    assert step_limits(settings) == fl.StepLimits()
+    assert step_limits(settings, escalate=True).escalate is True
+    monkeypatch.setenv("PMTOOL_ON_AGENT_FAILURE", "release")
+    settings = load_settings({}, config_path=tmp_path / "none.toml")
+    assert step_limits(settings).on_failure == "release"
+
+
+def test_the_agent_options_take_the_settings_unless_given(tmp_path, monkeypatch):
+    from pmtool.work.options import agent_options
+
+    monkeypatch.setenv("HEADLESS_PM_CLAUDE_TIMEOUT", "42")
+    monkeypatch.setenv("PMTOOL_MAX_TURNS", "7")
+    settings = load_settings({}, config_path=tmp_path / "none.toml")
+    options = agent_options(settings, model="opus", idle_timeout=None)
+    assert (options.timeout, options.max_turns, options.model) == (42.0, 7, "opus")
+    assert options.idle_timeout is None
+    assert agent_options(settings, timeout=0).timeout == 0
