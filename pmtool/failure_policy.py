@@ -680,7 +680,11 @@ def decide(task: Mapping[str, Any], history: Iterable[Mapping[str, Any]], limits
 # -- the next step after a run without a verdict ---------------------------------------------
 # One pure decision for every caller that runs an agent on a claimed task: the runner's
 # loop carries it out (pmtool.run.loop.Runner._agent). The values say what, the caller
-# does it: wait, resume, retry on another model, give the task back, or stop.
+# does it: wait, resume, retry on another model, give the task back, park it, or stop.
+# Whether a give-back is the task's last (park it for a person instead) is decided once
+# the give-back's attempt is written down (`give_back_or_park`): pmtool.work.claim.release
+# carries it out for the loop, `pmtool lock release` and exec-claude's pipelines alike,
+# and pmtool.work.recover for a dead runner's task.
 
 
 @dataclass(frozen=True)
@@ -701,8 +705,16 @@ class StepLimits:
     task_budget_usd: float | None = None
 
 
+class _Step:
+    """A step's JSON: its snake-case name under "step", then its fields."""
+
+    def to_json(self) -> dict[str, Any]:
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower()
+        return {"step": name, **vars(self)}
+
+
 @dataclass(frozen=True)
-class Pause:
+class Pause(_Step):
     """Not the task's fault and no attempt: keep the task, wait, go on with the session."""
 
     kind: str  # rate_limit | overloaded
@@ -710,19 +722,19 @@ class Pause:
 
 
 @dataclass(frozen=True)
-class Resume:
+class Resume(_Step):
     """Once more with --resume, the same session and model."""
 
 
 @dataclass(frozen=True)
-class Retry:
+class Retry(_Step):
     """A fresh session on a stronger model."""
 
     model: str
 
 
 @dataclass(frozen=True)
-class GiveBack:
+class GiveBack(_Step):
     """The task goes back to the queue (its attempt line says `kind`)."""
 
     kind: str
@@ -735,14 +747,22 @@ class GiveBack:
 
 
 @dataclass(frozen=True)
-class Fatal:
+class Fatal(_Step):
     """Stop the runner with the task record kept (a login refused, or `stop` chosen)."""
 
     kind: str
     reason: str
 
 
-Step = Pause | Resume | Retry | GiveBack | Fatal
+@dataclass(frozen=True)
+class Park(_Step):
+    """The give-back is the task's last: it goes to a person (status pending) instead."""
+
+    cause: str  # max_attempts | task_budget | the kind not to be retried (budget, blocked)
+    reason: str
+
+
+Step = Pause | Resume | Retry | GiveBack | Park | Fatal
 
 
 def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, *,
@@ -768,3 +788,18 @@ def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, 
     if limits.escalate and not tried.escalated and stronger:
         return Retry(stronger)
     return GiveBack(kind, f"agent failed: {why}")
+
+
+def give_back_or_park(kind: str, why: str, attempts: Iterable[Mapping[str, Any]],
+                      limits: Limits) -> GiveBack | Park:
+    """What a give-back of `kind` comes to, once its attempt is written down: back to the
+    queue, or parked for a person when it is the last (`park_reason`: `max_attempts`
+    counted attempts, a kind not to be retried, the task budget spent over every claim).
+    `attempts` are the task's attempt rows on this machine, this give-back's included;
+    the QA bounce cap is the finish's, not a give-back's."""
+    reason = park_reason(attempts, limits)
+    if reason is None:
+        return GiveBack(kind, why)
+    if limits.task_budget_usd is not None and reason.startswith("task budget"):
+        return Park("task_budget", reason)
+    return Park(kind if not policy(kind).retry else "max_attempts", reason)
