@@ -766,7 +766,8 @@ Step = Pause | Resume | Retry | GiveBack | Park | Fatal
 
 
 def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, *,
-              why: str = "no verdict", stronger: str | None = None) -> Step:
+              why: str = "no verdict", stronger: str | None = None
+              ) -> Pause | Resume | Retry | GiveBack | Fatal:
     """What follows a run that ended without a verdict. `stop` is its classified stop
     (`classify`: kind, resets_at), `why` the run's own words for it, `stronger` the model
     an escalation would move to (None: none is stronger)."""
