@@ -14,6 +14,7 @@ from typing import Any
 
 from pmtool import failure_policy as fl
 from pmtool.work.finish import FinishPlan
+from pmtool.work.recover import RecoverOptions
 
 # The limits a Settings can name (the rest of fl.Limits are fixed caps).
 LIMIT_NAMES = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
@@ -45,3 +46,15 @@ def finish_plan(settings: Any, **given: Any) -> FinishPlan:
         "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks") else None}
     values.update({k: v for k, v in given.items() if v is not None})
     return FinishPlan(**values)
+
+
+def recover_options(settings: Any, **given: Any) -> RecoverOptions:
+    """What `pmtool recover` does: the grace, the logs kept, the limits a give-back is
+    judged by, the finish's plan for a record with a verdict; `given` first (None values
+    are not given)."""
+    bounds = limits(settings)
+    values: dict[str, Any] = {
+        "grace": settings.grace, "keep_logs": settings.keep_logs, "limits": bounds,
+        "plan": finish_plan(settings, limits=bounds)}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return RecoverOptions(**values)
