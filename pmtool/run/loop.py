@@ -1169,15 +1169,14 @@ class Runner:
         the record, so a kill anywhere is completed by the next start (pmtool.work.finish).
         False when the task was given back (its leftover went to a rescue ref).
         pm-runner.sh: `finish --full` (pmtool.work.finish.finish_given)."""
-        from pmtool.work.finish import FinishPlan, finish_task
+        from pmtool.work.finish import finish_task
+        from pmtool.work.options import finish_plan
 
-        plan = FinishPlan(repo=repo, hooks_dir=self.hooks_dir, base=self.opts.base,
-                          hook_timeout=self.settings.hook_timeout,
-                          leftover=str(self.opts.leftover), push=self.opts.push,
-                          state_dir=str(self.settings.state_path),
-                          api_url=self.settings.api_url, limits=self.limits,
-                          hook_key=self.settings.api_key
-                          if self.settings.values.get("pass_key_to_hooks") else None)
+        # The runner's own choices over the settings': its hooks folder (resolved for the
+        # repo at the start), leftover and push policies (flags first), its limits.
+        plan = finish_plan(self.settings, repo=repo, hooks_dir=self.hooks_dir,
+                           base=self.opts.base, leftover=str(self.opts.leftover),
+                           push=self.opts.push, limits=self.limits)
         result = finish_task(self.client, self.store, self.opts.agent_id, plan,
                              emit=self.event)
         return result["action"] != "given_back"

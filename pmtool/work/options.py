@@ -35,7 +35,8 @@ def limits(settings: Any, **given: Any) -> fl.Limits:
 
 def finish_plan(settings: Any, **given: Any) -> FinishPlan:
     """The finish's plan: hooks, leftover and push policies, the limits; `given` first
-    (None values are not given)."""
+    (None values are not given). A `hooks_dir` given is the folder itself (a runner's
+    resolved --hooks-dir); without one, the settings' folder is found per repository."""
     values: dict[str, Any] = {
         "hooks_dir": settings.hooks_dir, "hook_timeout": settings.hook_timeout,
         "leftover": str(settings.values.get("leftover", "commit")),
@@ -45,6 +46,8 @@ def finish_plan(settings: Any, **given: Any) -> FinishPlan:
         # The key reaches a hook only when a setting passes it on.
         "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks") else None}
     values.update({k: v for k, v in given.items() if v is not None})
+    if given.get("hooks_dir") is not None:
+        values["settings"] = None  # FinishPlan.hooks: the folder as given wins
     return FinishPlan(**values)
 
 

@@ -44,3 +44,18 @@ def test_the_builder_from_settings_gives_the_fallback_on_defaults(tmp_path, monk
             monkeypatch.delenv(env, raising=False)
     settings = load_settings({}, config_path=tmp_path / "none.toml")
     assert limits_from(settings) == fl.Limits()
+
+
+def test_the_finish_plan_keeps_a_hooks_folder_given_and_finds_the_settings_one(tmp_path):
+    """The runner's resolved --hooks-dir wins; without one, the settings' folder is found
+    in the task's repository (not the directory cron runs in)."""
+    from pmtool.work.options import finish_plan, recover_options
+
+    settings = load_settings({}, config_path=tmp_path / "none.toml")
+    given = finish_plan(settings, hooks_dir=str(tmp_path / "mine"), push=False)
+    assert given.hooks(tmp_path / "repo") == str(tmp_path / "mine") and given.push is False
+    found = finish_plan(settings)
+    assert found.hooks(tmp_path / "repo") == str(settings.hooks_path(tmp_path / "repo"))
+    options = recover_options(settings, dry_run=True, agent_id=None)
+    assert (options.dry_run, options.agent_id, options.grace) == (True, None, settings.grace)
+    assert options.limits == limits_from(settings) and options.plan is not None
