@@ -293,8 +293,10 @@ def recover_cmd(
     One entry per record: running (the runner lives: left alone), waiting (its runner died
     less than --grace ago: kept for it, not re-registered), released (given back after
     --grace with its uncommitted work rescued to the ref in `rescued` and in the task's
-    notes; or lock lost, task moved on), resume (--agent-id only: the agent's own runner
-    continues, with the worktree and session id), corrupt (kept aside). stale_runner is
+    notes; or lock lost, task moved on), parked (given back, but that was its last attempt
+    under PMTOOL_MAX_ATTEMPTS or the task budget: parked for a person, `cause` says why),
+    resume (--agent-id only: the agent's own runner continues, with the worktree and
+    session id), corrupt (kept aside). stale_runner is
     true when the runner pid was dead. `parked` lists this server's tasks parked for a
     person. Unfinished temp files a killed write left (records/.*.tmp, their writer gone)
     are cleaned: `stray_temps`. Exit 3 when there were no records. Made for cron.
