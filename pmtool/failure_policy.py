@@ -681,7 +681,11 @@ def decide(task: Mapping[str, Any], history: Iterable[Mapping[str, Any]], limits
 # One pure decision for every caller that runs an agent on a claimed task: the runner's
 # loop carries it out (pmtool.run.loop.Runner._agent), exec-claude answers it as `next`
 # (its `to_json`) for a script to carry out (scripts/pm-runner.sh). The values say what,
-# the caller does it: wait, resume, retry on another model, give the task back, or stop.
+# the caller does it: wait, resume, retry on another model, give the task back, park it,
+# or stop. Whether a give-back is the task's last (park it for a person instead) is
+# decided once the give-back's attempt is written down (`give_back_or_park`):
+# pmtool.work.claim.release carries it out for the loop, `pmtool lock release` and
+# exec-claude's pipelines alike, and pmtool.work.recover for a dead runner's task.
 
 
 @dataclass(frozen=True)
@@ -758,11 +762,22 @@ class Fatal(_Step):
     reason: str
 
 
-Step = Pause | Resume | Retry | GiveBack | Fatal
+@dataclass(frozen=True)
+class Park(_Step):
+    """The give-back is the task's last: it goes to a person (status pending) instead."""
+
+    cause: str  # max_attempts | task_budget | the kind not to be retried (budget, blocked)
+    reason: str
+
+
+# What next_step answers after a run; a give-back it answers becomes a Park only once
+# its attempt is written down (give_back_or_park).
+AgentStep = Pause | Resume | Retry | GiveBack | Fatal
+Step = AgentStep | Park
 
 
 def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, *,
-              why: str = "no verdict", stronger: str | None = None) -> Step:
+              why: str = "no verdict", stronger: str | None = None) -> AgentStep:
     """What follows a run that ended without a verdict. `stop` is its classified stop
     (`classify`: kind, resets_at), `why` the run's own words for it, `stronger` the model
     an escalation would move to (None: none is stronger)."""
@@ -784,3 +799,18 @@ def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, 
     if limits.escalate and not tried.escalated and stronger:
         return Retry(stronger)
     return GiveBack(kind, f"agent failed: {why}")
+
+
+def give_back_or_park(kind: str, why: str, attempts: Iterable[Mapping[str, Any]],
+                      limits: Limits) -> GiveBack | Park:
+    """What a give-back of `kind` comes to, once its attempt is written down: back to the
+    queue, or parked for a person when it is the last (`park_reason`: `max_attempts`
+    counted attempts, a kind not to be retried, the task budget spent over every claim).
+    `attempts` are the task's attempt rows on this machine, this give-back's included;
+    the QA bounce cap is the finish's, not a give-back's."""
+    reason = park_reason(attempts, limits)
+    if reason is None:
+        return GiveBack(kind, why)
+    if limits.task_budget_usd is not None and reason.startswith("task budget"):
+        return Park("task_budget", reason)
+    return Park(kind if not policy(kind).retry else "max_attempts", reason)

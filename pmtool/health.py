@@ -277,7 +277,7 @@ def _recover_corrupt(settings: Settings, store: Any, corrupt: list[Any]) -> list
     client = PMClient(settings.api_url, settings.api_key, timeout=settings.http_timeout,
                       retries=0)
     try:
-        return [recover_corrupt(client, store, c.path, c.reason) for c in corrupt]
+        return [recover_corrupt(client, store, c.path, c.reason).to_json() for c in corrupt]
     finally:
         client.close()
 

@@ -293,8 +293,10 @@ def recover_cmd(
     One entry per record: running (the runner lives: left alone), waiting (its runner died
     less than --grace ago: kept for it, not re-registered), released (given back after
     --grace with its uncommitted work rescued to the ref in `rescued` and in the task's
-    notes; or lock lost, task moved on), resume (--agent-id only: the agent's own runner
-    continues, with the worktree and session id), corrupt (kept aside). stale_runner is
+    notes; or lock lost, task moved on), parked (given back, but that was its last attempt
+    under PMTOOL_MAX_ATTEMPTS or the task budget: parked for a person, `cause` says why),
+    resume (--agent-id only: the agent's own runner continues, with the worktree and
+    session id), corrupt (kept aside). stale_runner is
     true when the runner pid was dead. `parked` lists this server's tasks parked for a
     person. Unfinished temp files a killed write left (records/.*.tmp, their writer gone)
     are cleaned: `stray_temps`. Exit 3 when there were no records. Made for cron.
@@ -308,51 +310,24 @@ def recover_cmd(
 
     Example: */30 * * * * pmtool recover --orphans   # the PM's machine
     """
-    from pmtool.errors import NothingToDo, PmtoolError
-    from pmtool.ledger import parked_tasks
-    from pmtool.ops import prune_logs
-    from pmtool.work.finish import finisher
-    from pmtool.work.options import finish_plan
-    from pmtool.work.options import limits as limits_from
-    from pmtool.work.recover import recover, recover_abandoned
+    from pmtool.work.options import recover_options
+    from pmtool.work.recover import recover_machine, recover_orphans
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
     if orphans:
-        client = server(settings)
-        if not dry_run:
-            client.register(as_agent, "pm", "principal")
-        found = recover_abandoned(client, as_agent, dry_run=dry_run,
-                                  task_ids=set(task) if task else None)
-        tally: dict[str, int] = {}
-        for entry in found:
-            tally[entry["action"]] = tally.get(entry["action"], 0) + 1
-            say(f"pmtool: recover --orphans: task {entry['task_id']}: {entry['action']} "
-                f"({entry['reason']})")
-        emit({"orphans": found, "counts": tally, "dry_run": dry_run})
+        found = recover_orphans(server(settings), as_agent, dry_run=dry_run,
+                                task_ids=set(task) if task else None)
+        for orphan in found.orphans:
+            say(f"pmtool: recover --orphans: task {orphan.task_id}: {orphan.action} "
+                f"({orphan.reason})")
+        emit(found)
         return
-    pruned = None if dry_run else prune_logs(settings.state_path, settings.keep_logs)
-    client, store = server(settings), record_store(settings)
-    strays = store.state.stray_temps(quarantine=not dry_run)  # a killed write's leftovers
-    limits = limits_from(settings)
-    complete = finisher(client, store, finish_plan(settings, limits=limits))
-    try:
-        parked = parked_tasks(client)
-    except PmtoolError:
-        parked = None  # recover itself says whether the server can be read
-    try:
-        entries = recover(client, store, agent_id=agent_id, all_=all_, dry_run=dry_run,
-                          give_back=give_back, settle=settle, grace=settings.grace,
-                          limits=limits, finisher=complete)
-    except NothingToDo as exc:
-        exc.details.update(parked=parked, stray_temps=strays)
-        raise
-    for held in parked or []:
+    report = recover_machine(server(settings), record_store(settings), recover_options(
+        settings, agent_id=agent_id, all_=all_, dry_run=dry_run, give_back=give_back,
+        settle=settle))
+    for held in report.parked or []:
         say(f"pmtool: recover: task {held['id']} is parked for a person: {held['reason']}")
-    counts: dict[str, Any] = {}
-    for entry in entries:
-        counts[entry["action"]] = counts.get(entry["action"], 0) + 1
-        why = f" ({entry['reason']})" if entry.get("reason") else ""
-        say(f"pmtool: recover: {entry.get('agent_id') or entry['record']}: "
-            f"{entry['action']}{why}")
-    emit({"entries": entries, "counts": counts, "dry_run": dry_run, "pruned": pruned,
-          "parked": parked, "stray_temps": strays})
+    for entry in report.entries:
+        why = f" ({entry.reason})" if entry.reason else ""
+        say(f"pmtool: recover: {entry.agent_id or entry.record}: {entry.action}{why}")
+    emit(report)

@@ -593,26 +593,34 @@ class Runner:
             self._sleep(left)
 
     def _recover(self) -> TaskRecord | None:
-        """This agent's record from before (a crash, a stop): resume it when still ours."""
+        """This agent's record from before (a crash, a stop): resume it when still ours.
+
+        `pmtool recover`'s own entry point, for this agent's record only, with what the
+        runner does itself left out: no finish plan (a record with a verdict comes back
+        as `finish` and the loop completes it with its own plan and events), and none of
+        the machine's chores (old logs, stray temp files, the parked list): those are
+        cron's, not something to repeat before every claim."""
+        options = work_recover.RecoverOptions(
+            agent_id=self.opts.agent_id, settle=self.opts.settle, grace=self.opts.grace,
+            limits=self.limits, plan=None, keep_logs=None, chores=False)
         try:
-            entries = work_recover.recover(self.client, self.store, agent_id=self.opts.agent_id,
-                                   settle=self.opts.settle)
+            report = work_recover.recover_machine(self.client, self.store, options)
         except NothingToDo:
             return None
-        for entry in entries:
-            if entry["action"] == "running" and entry.get("pid") != os.getpid():
+        for entry in report.entries:
+            if entry.action == "running" and entry.pid != os.getpid():
                 # pm-runner.sh: first recover loop, exit 5
                 raise Conflict(f"agent {self.opts.agent_id} has a task record whose runner "
-                               f"(pid {entry['pid']}) is alive", fatal=True,
+                               f"(pid {entry.pid}) is alive", fatal=True,
                                hint="stop that runner, or use another --agent-id")
-            if entry["action"] in ("resume", "finish"):  # finish: the verdict was given
+            if entry.action in ("resume", "finish"):  # finish: the verdict was given
                 record, _ = work.update_record(self.store, self.opts.agent_id,
                                                runner_pid=os.getpid(), step="resumed")
                 self.event("resumed", task_id=record.task_id, session_id=record.session_id,
                            worktree=record.worktree)
                 return record
-            self.event("recovered", task_id=entry.get("task_id"), action=entry["action"],
-                       reason=entry.get("reason"))
+            self.event("recovered", task_id=entry.task_id, action=entry.action,
+                       reason=entry.reason)
         return None
 
     def _claim(self) -> TaskRecord | None:
@@ -1163,15 +1171,14 @@ class Runner:
         the record, so a kill anywhere is completed by the next start (pmtool.work.finish).
         False when the task was given back (its leftover went to a rescue ref).
         pm-runner.sh: `finish --full` (pmtool.work.finish.finish_given)."""
-        from pmtool.work.finish import FinishPlan, finish_task
+        from pmtool.work.finish import finish_task
+        from pmtool.work.options import finish_plan
 
-        plan = FinishPlan(repo=repo, hooks_dir=self.hooks_dir, base=self.opts.base,
-                          hook_timeout=self.settings.hook_timeout,
-                          leftover=str(self.opts.leftover), push=self.opts.push,
-                          state_dir=str(self.settings.state_path),
-                          api_url=self.settings.api_url, limits=self.limits,
-                          hook_key=self.settings.api_key
-                          if self.settings.values.get("pass_key_to_hooks") else None)
+        # The runner's own choices over the settings': its hooks folder (resolved for the
+        # repo at the start), leftover and push policies (flags first), its limits.
+        plan = finish_plan(self.settings, repo=repo, hooks_dir=self.hooks_dir,
+                           base=self.opts.base, leftover=str(self.opts.leftover),
+                           push=self.opts.push, limits=self.limits)
         result = finish_task(self.client, self.store, self.opts.agent_id, plan,
                              emit=self.event)
         return result["action"] != "given_back"

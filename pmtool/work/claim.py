@@ -747,16 +747,14 @@ def release(client: PMApi, store: RecordStore, agent_id: str, notes: str | None 
                               claimed_at=record.claimed_at)
         rows = fl.attempts_of(ledger.lines(), record.task)
         summary = bounds.attempt_summary(line, rows, limits)
-        reason = fl.park_reason(rows, limits)
-        if reason:
-            cause = kind if not fl.policy(kind).retry else "max_attempts"
-            if limits.task_budget_usd is not None and reason.startswith("task budget"):
-                cause = "task_budget"
-            answer = park(client, store, agent_id, reason, cause=cause,
+        # The policy says whether this give-back is the task's last; we carry it out.
+        step = fl.give_back_or_park(kind, notes or "", rows, limits)
+        if isinstance(step, fl.Park):
+            answer = park(client, store, agent_id, step.reason, cause=step.cause,
                           notes=f"{agent_id}: released: {summary}"
                                 + (f": {notes}" if notes else "")
                                 + "\n" + bounds.attempts_note(rows))
-            return {**answer, "parked": reason, "attempt": line}
+            return {**answer, "parked": step.reason, "attempt": line}
         extra = f"{agent_id}: released: {summary}" + (f": {notes}" if notes else "")
         new = _release_on_server(client, agent_id, task, record.previous_status, extra)
         store.close(record, "released", status=record.previous_status)

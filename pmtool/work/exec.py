@@ -301,7 +301,7 @@ def _heartbeat(settings: Settings, agent_id: str | None, role: str, level: str,
 
 
 def next_after(answer: AgentResult, tried: fl.Tried, limits: fl.StepLimits,
-               stronger: str | None = None) -> fl.Step:
+               stronger: str | None = None) -> fl.AgentStep:
     """What follows a run without a verdict (pmtool.failure_policy.next_step), the run's
     own words for why it failed going with it."""
     return fl.next_step(answer.stop, tried, limits, why=why_failed(answer),
@@ -328,7 +328,7 @@ def tried_from_record(record: TaskRecord, store: RecordStore) -> fl.Tried:
 
 
 def note_next(store: RecordStore, agent_id: str, answer: AgentResult,
-              step: fl.Step) -> None:
+              step: fl.AgentStep) -> None:
     """Note in the `agent_finished` step of `answer`'s run what the policy said follows
     it: a later run's `tried_from_record` reads it. A run that never started (no session)
     has no such step: nothing is noted."""

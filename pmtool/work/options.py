@@ -15,6 +15,7 @@ from typing import Any
 from pmtool import failure_policy as fl
 from pmtool.agent.options import AgentOptions
 from pmtool.work.finish import FinishPlan
+from pmtool.work.recover import RecoverOptions
 
 # The limits a Settings can name (the rest of fl.Limits are fixed caps).
 LIMIT_NAMES = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
@@ -35,7 +36,8 @@ def limits(settings: Any, **given: Any) -> fl.Limits:
 
 def finish_plan(settings: Any, **given: Any) -> FinishPlan:
     """The finish's plan: hooks, leftover and push policies, the limits; `given` first
-    (None values are not given)."""
+    (None values are not given). A `hooks_dir` given is the folder itself (a runner's
+    resolved --hooks-dir); without one, the settings' folder is found per repository."""
     values: dict[str, Any] = {
         "hooks_dir": settings.hooks_dir, "hook_timeout": settings.hook_timeout,
         "leftover": str(settings.values.get("leftover", "commit")),
@@ -45,6 +47,8 @@ def finish_plan(settings: Any, **given: Any) -> FinishPlan:
         # The key reaches a hook only when a setting passes it on.
         "hook_key": settings.api_key if settings.values.get("pass_key_to_hooks") else None}
     values.update({k: v for k, v in given.items() if v is not None})
+    if given.get("hooks_dir") is not None:
+        values["settings"] = None  # FinishPlan.hooks: the folder as given wins
     return FinishPlan(**values)
 
 
@@ -66,3 +70,15 @@ def step_limits(settings: Any, **given: Any) -> fl.StepLimits:
               "task_budget_usd": values.get("task_budget_usd")}
     chosen.update({k: v for k, v in given.items() if v is not None})
     return fl.StepLimits(**chosen)
+
+
+def recover_options(settings: Any, **given: Any) -> RecoverOptions:
+    """What `pmtool recover` does: the grace, the logs kept, the limits a give-back is
+    judged by, the finish's plan for a record with a verdict; `given` first (None values
+    are not given)."""
+    bounds = limits(settings)
+    values: dict[str, Any] = {
+        "grace": settings.grace, "keep_logs": settings.keep_logs, "limits": bounds,
+        "plan": finish_plan(settings, limits=bounds)}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return RecoverOptions(**values)

@@ -1,11 +1,15 @@
 """Reconcile this machine's task records with the server; give back the tasks of dead agents.
 
 `recover` walks every record (or one agent's): a live runner's claim is left alone, a dead
-one's is resumed, finished (by the `finisher` it is given, pmtool.work.finish.finisher) or
-released, and corrupt records are moved aside. `recover_abandoned` (`recover --orphans`)
-gives back the tasks the server still shows locked by agents unseen for the server's lock
-age. Both sit above
-pmtool.work.claim (whose release and read they use) and pmtool.work.finish.
+one's is resumed, finished (by the `finisher` it is given, pmtool.work.finish.finisher),
+released, or parked for a person when its attempts are spent (the failure policy's
+`give_back_or_park`, as for any give-back), and corrupt records are moved aside.
+`recover_machine` is `pmtool recover` as one call (cron, a pipeline and the runner share
+it): the logs pruned, a killed write's temp files cleaned, the server's parked tasks
+listed, then `recover`. `recover_abandoned` (`recover --orphans`, `recover_orphans` as one
+call) gives back the tasks the server still shows locked by agents unseen for the server's
+lock age. All sit above pmtool.work.claim (whose release and read they use) and
+pmtool.work.finish.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +29,7 @@ from pmtool.errors import ApiError, NothingToDo, ServerError, UsageError, detail
 from pmtool.faults import fault as _fault
 from pmtool.models import same_task
 from pmtool.records import RecordStore, TaskRecord
+from pmtool.results import Result, as_json
 from pmtool.work.claim import (
     DEFAULT_SETTLE,
     DEV_PICK,
@@ -37,12 +43,110 @@ from pmtool.work.claim import (
     _release_on_server,
     _why_not_ours,
     claim_abandoned,
+    park,
     read_task,
     retake_lock,
 )
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
+    from pmtool.work.finish import FinishPlan
+
+
+# -- the results ---------------------------------------------------------------------------
+
+
+@dataclass
+class RecoverEntry(Result):
+    """What recover did about one record (or one corrupt file), `action` first of all.
+
+    Its JSON has the keys that were noted, in the order they were (a running runner's
+    record says less than one given back): `note` sets fields and marks them shown.
+    """
+
+    agent_id: str | None = None
+    task_id: int | None = None
+    title: str | None = None
+    record: str | None = None  # the record's file
+    pid: int | None = None
+    host: str | None = None
+    step: str | None = None  # the record's last step
+    worktree: str | None = None
+    branch: str | None = None
+    session_id: str | None = None
+    model: str | None = None
+    action: str | None = None  # running|resume|waiting|released|parked|finish|finished|corrupt
+    stale_runner: bool | None = None
+    claim_abandoned: bool | None = None
+    id_reused: bool | None = None
+    ended: list[int] | None = None  # pids of what the dead runner left, ended
+    dead_for_s: int | None = None
+    outcome: str | None = None  # the verdict of a record whose finish is completed
+    reason: str | None = None
+    cause: str | None = None  # why it was parked (max_attempts, task_budget...)
+    result: dict[str, Any] | None = None  # the completed finish's answer
+    server: dict[str, Any] | None = None  # the task's status and lock on the server
+    rescued: str | None = None  # the ref uncommitted work was saved to
+    task: dict[str, Any] | None = None
+    lock_retaken: str | None = None
+    dry_run: bool | None = None
+    kept_as: str | None = None  # a corrupt record: where it was kept aside
+    task_error: str | None = None
+    task_action: str | None = None
+    _shown: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def note(self, **values: Any) -> RecoverEntry:
+        names = {f.name for f in fields(self)}
+        for name, value in values.items():
+            if name not in names or name.startswith("_"):
+                raise TypeError(f"a recover entry has no field {name}")
+            setattr(self, name, value)
+            if name not in self._shown:
+                self._shown.append(name)
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: as_json(getattr(self, name)) for name in self._shown}
+
+
+@dataclass
+class RecoverReport(Result):
+    """`pmtool recover`'s answer: the entries, how many of each action, the chores' yield."""
+
+    entries: list[RecoverEntry]
+    counts: dict[str, int]
+    dry_run: bool
+    pruned: dict[str, int] | None = None  # what old logs went (None: none pruned)
+    parked: list[dict[str, Any]] | None = None  # the server's parked tasks (None: unread)
+    stray_temps: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class OrphanEntry(Result):
+    """One task under work whose agent is gone (`recover --orphans`)."""
+
+    task_id: int
+    title: str | None
+    locked_by: str | None
+    last_seen: str | None
+    reason: str
+    action: str  # requeued | would_requeue | skipped
+
+
+@dataclass
+class OrphanReport(Result):
+    """`pmtool recover --orphans`'s answer."""
+
+    orphans: list[OrphanEntry]
+    counts: dict[str, int]
+    dry_run: bool
+
+
+def _counts(actions: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for action in actions:
+        counts[action] = counts.get(action, 0) + 1
+    return counts
 
 
 def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
@@ -63,7 +167,7 @@ def recover(client: PMApi, store: RecordStore, agent_id: str | None = None,
             grace: float = DEFAULT_GRACE, limits: fl.Limits | None = None,
             now: float | None = None,
             finisher: Callable[[TaskRecord], dict[str, Any]] | None = None
-            ) -> list[dict[str, Any]]:
+            ) -> list[RecoverEntry]:
     """Reconcile the records on this machine with the server; one entry per record.
 
     `action` is `running` (the runner lives: left alone), `resume` (still ours and under
@@ -73,7 +177,9 @@ def recover(client: PMApi, store: RecordStore, agent_id: str | None = None,
     not keep the task locked), `released` (given back: the server gave the lock away or
     the task moved on, or its runner has been dead longer than `grace`; its worktree's
     uncommitted work is rescued first and the rescue ref named in the task's notes as
-    `rescued`), or `corrupt` (quarantined). Only `agent_id` (the agent's own runner
+    `rescued`), `parked` (given back as that, but it was the task's last attempt under
+    `limits`: parked for a person, status pending, `cause` says why), or `corrupt`
+    (quarantined). Only `agent_id` (the agent's own runner
     starting again) resumes; every record (`--all`, cron) waits or is given back. A
     record of this very process is its own and is reconciled, never `running`.
     A record whose agent had given its verdict is never released or kept waiting: its
@@ -102,27 +208,27 @@ def recover(client: PMApi, store: RecordStore, agent_id: str | None = None,
     # every record as it was.
     tasks = {t["id"]: t for t in client.list_tasks()} if stale else {}
 
-    entries: list[dict[str, Any]] = [recover_corrupt(client, store, path, why, dry_run)
-                                     for path, why in bad]
+    entries = [recover_corrupt(client, store, path, why, dry_run) for path, why in bad]
     for path, record in good:
         entry = _entry(record, path)
         if path not in stale:
-            entry.update(action="running", stale_runner=False,
-                         reason=f"runner pid {record.pid} on {record.host} is live")
+            entry.note(action="running", stale_runner=False,
+                       reason=f"runner pid {record.pid} on {record.host} is live")
         else:
-            entry["stale_runner"] = not store.is_live(record)
-            entry["claim_abandoned"] = claim_abandoned(record)
+            entry.note(stale_runner=not store.is_live(record),
+                       claim_abandoned=claim_abandoned(record))
             task = tasks.get(record.task_id)
             if task is not None and not same_task(record.task, task):
                 # The id now names another task (quirk 9: ids are reused): ours is gone.
-                entry["id_reused"], task = True, None
+                entry.note(id_reused=True)
+                task = None
             if not dry_run:
-                entry["ended"] = _end_leftovers(store, record)
+                entry.note(ended=_end_leftovers(store, record))
             if give_back_begun(record):
                 give_back_now = True  # a recover killed while it gave the task back
             elif not agent_id and not give_back and record.pid != me:
                 dead = _dead_for(store, record, now)
-                entry["dead_for_s"] = round(dead)
+                entry.note(dead_for_s=round(dead))
                 give_back_now = dead >= grace
             else:
                 give_back_now = give_back
@@ -131,26 +237,26 @@ def recover(client: PMApi, store: RecordStore, agent_id: str | None = None,
                            settle, sleep, wait=not agent_id and not give_back_now,
                            limits=limits)
         if dry_run:
-            entry["dry_run"] = True
+            entry.note(dry_run=True)
         entries.append(entry)
     return entries
 
 
 def recover_corrupt(client: PMApi, store: RecordStore, path: Path, reason: str,
-                    dry_run: bool = False) -> dict[str, Any]:
+                    dry_run: bool = False) -> RecoverEntry:
     """A record that cannot be read as one: kept aside (unless `dry_run`), and its task
     given back (`action` "corrupt"; `task_error` when the server could not be asked)."""
     moved = path if dry_run else store.quarantine(path)
-    entry: dict[str, Any] = {"agent_id": None, "record": str(path), "action": "corrupt",
-                             "kept_as": str(moved), "reason": reason}
+    entry = RecoverEntry().note(agent_id=None, record=str(path), action="corrupt",
+                                kept_as=str(moved), reason=reason)
     try:
         _corrupt_task(client, moved, entry, dry_run)
     except (ApiError, ServerError) as exc:  # kept aside all the same; told in the entry
-        entry["task_error"] = exc.message
+        entry.note(task_error=exc.message)
     return entry
 
 
-def _corrupt_task(client: PMApi, path: Path, entry: dict[str, Any], dry_run: bool) -> None:
+def _corrupt_task(client: PMApi, path: Path, entry: RecoverEntry, dry_run: bool) -> None:
     """The task of a corrupt record: found from what is left of the file (its agent id and
     task id, else the agent id in its name) and the server, then given back, so it is
     never left locked or under work with nobody on it. Nothing of the file is deleted."""
@@ -161,26 +267,26 @@ def _corrupt_task(client: PMApi, path: Path, entry: dict[str, Any], dry_run: boo
     agent = re.search(r'"agent_id"\s*:\s*"([^"]+)"', text)
     agent_id = agent.group(1) if agent else path.name.split(".json")[0]
     found = re.search(r'"task"\s*:\s*\{[^{}]*?"id"\s*:\s*(\d+)', text)
-    entry["agent_id"] = agent_id
+    entry.note(agent_id=agent_id)
     try:
         tasks = [t for t in client.list_tasks(status=UNDER_WORK)
                  if t.get("locked_by") == agent_id
                  and (found is None or t["id"] == int(found.group(1)))]
     except (ApiError, ServerError) as exc:
-        entry["task_error"] = str(exc)
+        entry.note(task_error=str(exc))
         return
     if not tasks:
         if found:
-            entry["task_id"] = int(found.group(1))
-        entry["task_action"] = "none (the server shows no task under work for this agent)"
+            entry.note(task_id=int(found.group(1)))
+        entry.note(task_action="none (the server shows no task under work for this agent)")
         return
     task = tasks[0]
-    entry["task_id"] = task["id"]
+    entry.note(task_id=task["id"])
     # The role decides the queue it goes back to; a corrupt record cannot say, the
     # server's agent list can.
     roles = {a.get("agent_id"): a.get("role") for a in client.agents()}
     back = QA_PICK[0] if roles.get(agent_id) == QA else DEV_PICK[0]
-    entry["task_action"] = f"given back to {back}"
+    entry.note(task_action=f"given back to {back}")
     if not dry_run:
         _release_on_server(client, agent_id, task, back,
                            f"{agent_id}: given back by pmtool recover: the task record on "
@@ -204,7 +310,7 @@ def _end_leftovers(store: RecordStore, record: TaskRecord) -> list[int]:
     return ended
 
 
-def _finish_phase(store: RecordStore, record: TaskRecord, entry: dict[str, Any],
+def _finish_phase(store: RecordStore, record: TaskRecord, entry: RecoverEntry,
                   dry_run: bool, finisher: Callable[[TaskRecord], dict[str, Any]] | None
                   ) -> bool:
     """A record whose agent gave its verdict is finished, never released (the server
@@ -218,22 +324,22 @@ def _finish_phase(store: RecordStore, record: TaskRecord, entry: dict[str, Any],
         verdict = kept_or_transcript_verdict(store, record)
     if verdict is None:
         return False
-    entry.update(action="finish", outcome=verdict.get("outcome"),
-                 reason="the agent gave its verdict; its finish is to be completed")
+    entry.note(action="finish", outcome=verdict.get("outcome"),
+               reason="the agent gave its verdict; its finish is to be completed")
     if dry_run or finisher is None:
         return True
     result = finisher(record)
-    entry.update(action="finished", reason=f"finish completed: {result.get('action')} "
-                 f"({result.get('status')})", result=result)
+    entry.note(action="finished", reason=f"finish completed: {result.get('action')} "
+               f"({result.get('status')})", result=result)
     return True
 
 
-def _entry(record: TaskRecord, path: Path) -> dict[str, Any]:
-    return {"agent_id": record.agent_id, "task_id": record.task_id,
-            "title": record.task.get("title"), "record": str(path), "pid": record.pid,
-            "host": record.host, "step": (record.steps or [{}])[-1].get("step"),
-            "worktree": record.worktree, "branch": record.branch,
-            "session_id": record.session_id, "model": record.model}
+def _entry(record: TaskRecord, path: Path) -> RecoverEntry:
+    return RecoverEntry().note(
+        agent_id=record.agent_id, task_id=record.task_id, title=record.task.get("title"),
+        record=str(path), pid=record.pid, host=record.host,
+        step=(record.steps or [{}])[-1].get("step"), worktree=record.worktree,
+        branch=record.branch, session_id=record.session_id, model=record.model)
 
 
 def _dead_for(store: RecordStore, record: TaskRecord, now: float | None = None) -> float:
@@ -281,10 +387,11 @@ def give_back_begun(record: TaskRecord) -> dict[str, Any] | None:
 
 
 def _begin_give_back(store: RecordStore, record: TaskRecord, why: str
-                     ) -> tuple[str | None, str]:
+                     ) -> tuple[str | None, str, list[Mapping[str, Any]]]:
     """Rescue the worktree and count the attempt, once per claim, noted in the record
     before the server is told: a recover killed in between is completed by the next one
-    with the same rescue ref in the notes, and the attempt counted once."""
+    with the same rescue ref in the notes, and the attempt counted once. Answers the
+    rescue ref, the note, and the task's attempt rows (this one's included)."""
     begun = give_back_begun(record)
     if begun is None:
         rescued = _rescue_worktree(record)
@@ -294,26 +401,55 @@ def _begin_give_back(store: RecordStore, record: TaskRecord, why: str
         store.save(record)
     else:
         rescued, note = begun.get("rescued"), str(begun.get("note") or why)
+    return rescued, note, _with_killed_attempt(store, record, note, write=True)
+
+
+def _with_killed_attempt(store: RecordStore, record: TaskRecord, note: str, write: bool
+                         ) -> list[Mapping[str, Any]]:
+    """The task's attempt rows on this machine with this claim's `killed` attempt last:
+    written once per claim, or (`write` False: a dry run) only looked at."""
     ledger = bounds.Ledger(store.state)
-    if not any(line.get("claimed_at") == record.claimed_at and line.get("agent_id")
-               == record.agent_id for line in fl.attempts_of(ledger.lines(), record.task)):
-        bounds.account(ledger, record.task, record.agent_id, outcome="given_back",
-                       kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
-                       claimed_at=record.claimed_at)
-    return rescued, note
+    rows = fl.attempts_of(ledger.lines(), record.task)
+    if any(line.get("claimed_at") == record.claimed_at
+           and line.get("agent_id") == record.agent_id for line in rows):
+        return rows
+    if write:
+        line = bounds.account(ledger, record.task, record.agent_id, outcome="given_back",
+                              kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
+                              claimed_at=record.claimed_at)
+    else:
+        line = fl.attempt_line(record.task, record.agent_id, outcome="given_back",
+                               kind=fl.KILLED, cost_usd=record.cost_usd, reason=note,
+                               claimed_at=record.claimed_at)
+    return [*rows, line]
+
+
+def _park_given_back(client: PMApi, store: RecordStore, record: TaskRecord,
+                     entry: RecoverEntry, step: fl.Park, note: str,
+                     rows: list[Mapping[str, Any]], dry_run: bool) -> None:
+    """The give-back was the task's last attempt: park it for a person (status pending,
+    the attempts in its notes, the park comment and line), as release does."""
+    if not dry_run:
+        answer = park(client, store, record.agent_id, step.reason, cause=step.cause,
+                      notes=f"{record.agent_id}: {note}\n" + bounds.attempts_note(rows))
+        if answer.get("action") != "parked":  # moved on meanwhile: left as it is
+            entry.note(action="released", reason=answer.get("reason"))
+            return
+    entry.note(action="parked", cause=step.cause,
+               reason=f"parked for a person: {step.reason}")
 
 
 def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
-               task: dict[str, Any] | None, entry: dict[str, Any], dry_run: bool,
+               task: dict[str, Any] | None, entry: RecoverEntry, dry_run: bool,
                give_back: bool, settle: float, sleep: Callable[[float], None],
                wait: bool = False, limits: fl.Limits | None = None) -> None:
     """Decide and (unless dry_run) do what a record whose runner died calls for."""
     agent_id = record.agent_id
-    entry["server"] = ({"status": task.get("status"), "locked_by": task.get("locked_by")}
-                       if task else None)
+    entry.note(server={"status": task.get("status"), "locked_by": task.get("locked_by")}
+               if task else None)
 
     def released(reason: str) -> None:
-        entry.update(action="released", reason=reason)
+        entry.note(action="released", reason=reason)
         if not dry_run:
             store.close(record, "released", reason=reason, status=(task or {}).get("status"))
 
@@ -331,26 +467,34 @@ def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
         return
     assert task is not None
     if give_back:
-        dead = entry.get("dead_for_s")
+        dead = entry.dead_for_s
         why = "runner gone" + (f" for {dead}s" if dead is not None else "")
-        if not dry_run:
-            rescued, note = _begin_give_back(store, record, why)
-            entry["rescued"] = rescued
+        if dry_run:
+            note = f"given back by pmtool recover ({why})"
+            rows = _with_killed_attempt(store, record, note, write=False)
+        else:
+            rescued, note, rows = _begin_give_back(store, record, why)
+            entry.note(rescued=rescued)
             _fault("give-back")
+        # The failure policy decides, as for every give-back: the last attempt parks it.
+        step = fl.give_back_or_park(fl.KILLED, note, rows, limits or fl.Limits())
+        if isinstance(step, fl.Park):
+            _park_given_back(client, store, record, entry, step, note, rows, dry_run)
+            return
+        if not dry_run:
             _release_on_server(client, agent_id, task, record.previous_status,
                                f"{agent_id}: {note}")
         released(f"given back to the queue ({record.previous_status}; {why})")
         return
     if wait:
-        dead = entry.get("dead_for_s")
-        entry.update(action="waiting",
-                     reason=f"runner gone {dead}s ago; kept for it to resume until the "
-                            "grace has passed, then given back (not re-registered)")
+        entry.note(action="waiting",
+                   reason=f"runner gone {entry.dead_for_s}s ago; kept for it to resume "
+                          "until the grace has passed, then given back (not re-registered)")
         return
 
-    entry.update(action="resume", reason="still ours and under work")
+    entry.note(action="resume", reason="still ours and under work")
     if dry_run:
-        entry["task"] = task
+        entry.note(task=task)
         return
     # Re-register first: a dead runner sent no heartbeat, and its lock goes to the next
     # agent that asks for work once last_seen is 30 minutes old (quirk 3).
@@ -360,13 +504,13 @@ def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
         if taken_from is None:
             released(f"the lock went to {task.get('locked_by')} and could not be taken back")
             return
-        entry.update(reason=f"still ours; took back the lock from {taken_from}, whose lock "
-                            "had landed after the claim settled", lock_retaken=taken_from)
+        entry.note(reason=f"still ours; took back the lock from {taken_from}, whose lock "
+                          "had landed after the claim settled", lock_retaken=taken_from)
         task = read_task(client, record.task_id, status=UNDER_WORK) or task
     if task.get("locked_by") is None:
         # The lock ran out, but nobody can have been handed an under_work task since:
         # lock it again, with the claim's settle-and-verify, and resume.
-        entry["reason"] = "the lock had expired; locked again"
+        entry.note(reason="the lock had expired; locked again")
         with contextlib.suppress(ApiError):
             client.lock(task["id"], agent_id)
         sleep(settle)
@@ -378,7 +522,7 @@ def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
     record.task = task
     record.step("recovered", action="resume", stale_pid=record.pid)
     store.save(record)
-    entry["task"] = task
+    entry.note(task=task)
 
 
 # The server drops the locks of agents unseen for this long (contract, "How the server
@@ -409,7 +553,7 @@ def _still_abandoned(client: PMApi, task: dict[str, Any], max_age: float, now: A
 
 def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
                     max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
-                    now: Any = None) -> list[dict[str, Any]]:
+                    now: Any = None) -> list[OrphanEntry]:
     """Put back to `created`, with a note, every task that is `under_work` with no lock, or
     locked by an agent unseen for more than `max_age` seconds (GET /agents last_seen).
 
@@ -432,7 +576,7 @@ def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
         with contextlib.suppress(ApiError, ServerError):
             now = parse_time(client.health().get("timestamp"))
     now = now or datetime.now(UTC)
-    entries = []
+    entries: list[OrphanEntry] = []
     for task in tasks:
         holder = task.get("locked_by")
         last_seen = seen.get(holder) if holder else None
@@ -445,11 +589,10 @@ def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
                       else f"locked by {holder}, an agent the server does not list")
         else:
             reason = "under work with no lock"
-        entry = {"task_id": task["id"], "title": task.get("title"), "locked_by": holder,
-                 "last_seen": last_seen, "reason": reason,
-                 "action": "would_requeue" if dry_run else "requeued"}
+        entry = OrphanEntry(task["id"], task.get("title"), holder, last_seen, reason,
+                            "would_requeue" if dry_run else "requeued")
         if not dry_run and not _still_abandoned(client, task, max_age, now):
-            entry.update(action="skipped", reason=f"{reason}; but it changed meanwhile")
+            entry.action, entry.reason = "skipped", f"{reason}; but it changed meanwhile"
         elif not dry_run:
             note = (f"pmtool recover --orphans ({agent_id}): put back to created: {reason}; "
                     "the work of the agent that had it may be on its branch or a "
@@ -459,6 +602,73 @@ def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
                 client.set_status(task["id"], agent_id, "created",
                                   notes=_append_notes(task, note))
             except ApiError as exc:
-                entry.update(action="skipped", reason=f"{reason}; {detail_text(exc.detail)}")
+                entry.action = "skipped"
+                entry.reason = f"{reason}; {detail_text(exc.detail)}"
         entries.append(entry)
     return entries
+
+
+def recover_orphans(client: PMApi, agent_id: str, dry_run: bool = False,
+                    task_ids: set[int] | None = None) -> OrphanReport:
+    """`pmtool recover --orphans` as one call: `agent_id` registered (as pm, unless a dry
+    run changes nothing), then `recover_abandoned`, with how many of each action."""
+    if not dry_run:
+        client.register(agent_id, "pm", "principal")
+    found = recover_abandoned(client, agent_id, dry_run=dry_run, task_ids=task_ids)
+    return OrphanReport(found, _counts([e.action for e in found]), dry_run)
+
+
+# -- `pmtool recover` as one call ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecoverOptions:
+    """What one recover does (pmtool.work.options.recover_options builds it from settings).
+
+    `plan` completes the finish of a record whose agent gave its verdict (None: left to
+    its runner, `action` "finish"); `keep_logs` days of logs are kept, older ones pruned
+    (None: none); `chores` also cleans a killed write's temp files and lists the server's
+    parked tasks (the machine's, not one runner's: a runner recovering its own record
+    leaves them to cron)."""
+
+    agent_id: str | None = None  # only this agent's record (its runner resumes it)
+    all_: bool = False
+    dry_run: bool = False
+    give_back: bool = False  # give dead runners' tasks back now, grace or not
+    settle: float = DEFAULT_SETTLE
+    grace: float = DEFAULT_GRACE
+    limits: fl.Limits = field(default_factory=fl.Limits)
+    plan: FinishPlan | None = None
+    keep_logs: float | None = None
+    chores: bool = True
+
+
+def recover_machine(client: PMApi, store: RecordStore, options: RecoverOptions
+                    ) -> RecoverReport:
+    """`pmtool recover`: old logs pruned, a killed write's temp files cleaned, the
+    server's parked tasks listed, then every record reconciled (`recover`). Cron, a
+    pipeline and the runner (for its own record) share it. Raises what `recover` raises;
+    its NothingToDo carries `parked` and `stray_temps` too."""
+    from pmtool.errors import PmtoolError
+    from pmtool.ledger import parked_tasks
+    from pmtool.ops import prune_logs
+    from pmtool.work.finish import finisher
+
+    o = options
+    pruned = (prune_logs(store.state_dir, o.keep_logs)
+              if o.keep_logs is not None and not o.dry_run else None)
+    strays = store.state.stray_temps(quarantine=not o.dry_run) if o.chores else None
+    parked = None
+    if o.chores:
+        with contextlib.suppress(PmtoolError):  # recover itself says if the server is away
+            parked = parked_tasks(client)
+    try:
+        entries = recover(client, store, agent_id=o.agent_id, all_=o.all_,
+                          dry_run=o.dry_run, give_back=o.give_back, settle=o.settle,
+                          grace=o.grace, limits=o.limits,
+                          finisher=finisher(client, store, o.plan) if o.plan else None)
+    except NothingToDo as exc:
+        exc.details.update(parked=parked, stray_temps=strays)
+        raise
+    return RecoverReport(entries, _counts([str(e.action) for e in entries]), o.dry_run,
+                         pruned=pruned, parked=parked, stray_temps=strays)

@@ -145,7 +145,7 @@ def test_an_orphan_whose_agent_comes_back_is_left_alone():
 
     server = RacingServer()
     (entry,) = recover_abandoned(server, "pm_cron")
-    assert entry["action"] == "skipped" and "changed meanwhile" in entry["reason"]
+    assert entry.action == "skipped" and "changed meanwhile" in entry.reason
     assert server.changes == []
 
 

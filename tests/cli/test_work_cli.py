@@ -593,6 +593,23 @@ def test_recover_gives_back_with_give_back(env, queue):
     assert on_server["status"] == "created" and on_server["locked_by"] is None
 
 
+def test_recover_parks_a_task_whose_give_back_is_its_last_attempt(env, queue):
+    """The dead runner's give-back is an attempt (killed); with one attempt allowed it is
+    the last, so the task goes to a person instead of back to the queue."""
+    task = queue.create_task(title="last attempt")
+    agent = unique_id("dev")
+    proc = spawn(env, "claim", "--agent-id", agent, "--role", "backend_dev", shell_runner=True)
+    assert answer(proc)[0] == 0
+    r = pmtool("recover", "--give-back", env={**env, "PMTOOL_MAX_ATTEMPTS": "1"})
+    (entry,) = r.out["entries"]
+    assert (entry["action"], entry["cause"]) == ("parked", "max_attempts")
+    assert r.out["counts"] == {"parked": 1}
+    on_server = queue.get_task(task["id"])
+    assert on_server["status"] == "pending" and on_server["locked_by"] is None
+    assert "parked by pmtool (max_attempts)" in on_server["notes"]
+    assert not record_path(env, agent).exists()
+
+
 def test_recover_with_server_unreachable_touches_nothing(env, queue):
     queue.create_task(title="server away")
     agent = unique_id("dev")

@@ -642,8 +642,8 @@ def test_recover_does_not_resume_a_task_whose_id_was_reused(make_standin, tmp_pa
     client.lock(impostor["id"], "dev_1")  # looks ours by id, status and lock
     seed.set_status(impostor["id"], "under_work")
     [entry] = work_recover.recover(client, store)
-    assert (entry["action"], entry["id_reused"]) == ("released", True)
-    assert "gone" in entry["reason"]
+    assert (entry.action, entry.id_reused) == ("released", True)
+    assert "gone" in entry.reason
     assert seed.get_task(impostor["id"])["locked_by"] == "dev_1"  # not ours to touch
 
 

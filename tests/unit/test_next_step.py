@@ -81,3 +81,53 @@ def test_a_new_kind_of_step_has_its_json_by_its_name():
         reason: str
 
     assert fl.step_json(WaitForPerson("why")) == {"step": "wait_for_person", "reason": "why"}
+
+
+# -- a give-back, or the park it becomes ---------------------------------------------------
+# The task's attempt rows on this machine (this give-back's the last) and the limits in;
+# back to the queue, or parked for a person. pmtool.work.claim.release and
+# pmtool.work.recover carry it out.
+
+TASK = {"id": 7, "created_at": "2026-01-01T00:00:00"}
+THREE = fl.Limits(max_attempts=3)
+
+
+def rows(*kinds, cost=0.0):
+    return [fl.attempt_line(TASK, "dev_1", outcome="given_back", kind=kind, cost_usd=cost,
+                            reason=f"r{n}") for n, kind in enumerate(kinds, 1)]
+
+
+GIVE_BACK_TABLE = [
+    # attempt rows (this give-back's last), limits -> step
+    (rows("failed"), THREE, fl.GiveBack("failed", "why")),
+    (rows("failed", "timeout"), THREE, fl.GiveBack("timeout", "why")),
+    (rows("failed", "timeout", "killed"), THREE, fl.Park(
+        "max_attempts", "3 attempts failed (max_attempts 3): failed: r1; timeout: r2; "
+                        "killed: r3")),
+    (rows("killed", "killed", "killed", "killed"), fl.Limits(max_attempts=0),
+     fl.GiveBack("killed", "why")),
+    # Not counted: the two attempts before it do not make it the last.
+    (rows("failed", "failed", "deferred"), THREE, fl.GiveBack("deferred", "why")),
+    (rows("by_hand"), THREE, fl.GiveBack("by_hand", "why")),
+    (rows("budget"), THREE, fl.Park("budget", "budget: r1")),
+    (rows("blocked"), THREE, fl.Park("blocked", "blocked: r1")),
+    (rows("failed", cost=1.25), fl.Limits(task_budget_usd=1.0), fl.Park(
+        "task_budget", "task budget $1 spent ($1.2500 over 1 claims)")),
+    (rows("failed", cost=0.5), fl.Limits(task_budget_usd=1.0),
+     fl.GiveBack("failed", "why")),
+]
+
+
+@pytest.mark.parametrize(("attempts", "limits", "step"), GIVE_BACK_TABLE)
+def test_give_back_or_park(attempts, limits, step):
+    kind = attempts[-1]["stop"]
+    assert fl.give_back_or_park(kind, "why", attempts, limits) == step
+
+
+def test_every_step_says_its_name_in_json():
+    assert fl.Park("max_attempts", "3 attempts").to_json() == {
+        "step": "park", "cause": "max_attempts", "reason": "3 attempts"}
+    assert fl.GiveBack("failed", "why").to_json() == {
+        "step": "give_back", "kind": "failed", "reason": "why"}
+    assert fl.Resume().to_json() == {"step": "resume"}
+    assert fl.Pause("rate_limit", None).to_json()["step"] == "pause"

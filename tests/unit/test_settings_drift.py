@@ -72,3 +72,18 @@ def test_the_agent_options_take_the_settings_unless_given(tmp_path, monkeypatch)
     assert (options.timeout, options.max_turns, options.model) == (42.0, 7, "opus")
     assert options.idle_timeout is None
     assert agent_options(settings, timeout=0).timeout == 0
+
+
+def test_the_finish_plan_keeps_a_hooks_folder_given_and_finds_the_settings_one(tmp_path):
+    """The runner's resolved --hooks-dir wins; without one, the settings' folder is found
+    in the task's repository (not the directory cron runs in)."""
+    from pmtool.work.options import finish_plan, recover_options
+
+    settings = load_settings({}, config_path=tmp_path / "none.toml")
+    given = finish_plan(settings, hooks_dir=str(tmp_path / "mine"), push=False)
+    assert given.hooks(tmp_path / "repo") == str(tmp_path / "mine") and given.push is False
+    found = finish_plan(settings)
+    assert found.hooks(tmp_path / "repo") == str(settings.hooks_path(tmp_path / "repo"))
+    options = recover_options(settings, dry_run=True, agent_id=None)
+    assert (options.dry_run, options.agent_id, options.grace) == (True, None, settings.grace)
+    assert options.limits == limits_from(settings) and options.plan is not None

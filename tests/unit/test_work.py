@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from helpers import ago, park
+from pmtool import failure_policy as fl
 from pmtool.client import PMClient
 from pmtool.errors import ApiError, Conflict, NothingToDo, ServerError, UsageError
 from pmtool.records import RecordStore, TaskRecord
@@ -362,36 +363,36 @@ def test_recover_decides_per_server_state(store):
     for n in range(1, 6):
         stale_record(store, server, n, "claimed", agent=f"a{n}")
     stale_record(store, server, 6, "claimed", agent="a6")  # task 6 is gone
-    entries = {e["agent_id"]: e for e in work_recover.recover(server, store, sleep=no_sleep)}
+    entries = {e.agent_id: e for e in work_recover.recover(server, store, sleep=no_sleep)}
     # Every record (cron): a runner that died just now is waited for, not re-registered,
     # so one that never comes back does not keep its task locked.
-    assert entries["a1"]["action"] == entries["a5"]["action"] == "waiting"
-    assert entries["a2"]["action"] == "released"  # lock released: claim never finished
+    assert entries["a1"].action == entries["a5"].action == "waiting"
+    assert entries["a2"].action == "released"  # lock released: claim never finished
     assert server.tasks[2]["locked_by"] is None and server.tasks[2]["status"] == "created"
-    assert entries["a3"]["action"] == "released" and server.tasks[3]["locked_by"] == "someone"
-    assert entries["a4"]["action"] == "released"
-    assert entries["a6"]["action"] == "released" and "gone" in entries["a6"]["reason"]
-    assert all(e["stale_runner"] for e in entries.values())
+    assert entries["a3"].action == "released" and server.tasks[3]["locked_by"] == "someone"
+    assert entries["a4"].action == "released"
+    assert entries["a6"].action == "released" and "gone" in entries["a6"].reason
+    assert all(e.stale_runner for e in entries.values())
     assert sorted(p.stem for p in store.dir.glob("*.json")) == ["a1", "a5"]
     assert not [c for c in server.calls if c[0] == "register"]
 
     # The agent's own runner starting again resumes its record.
     (a1,) = work_recover.recover(server, store, agent_id="a1", sleep=no_sleep)
-    assert a1["action"] == "resume"
-    assert (a1["worktree"], a1["session_id"]) == ("/wt/1", "sess-1")
+    assert a1.action == "resume"
+    assert (a1.worktree, a1.session_id) == ("/wt/1", "sess-1")
     # a1 was re-registered before anything else could take its lock (quirk 3).
     assert ("register", "a1") in server.calls
     record = store.load("a1")
     assert record and record.steps[-1]["step"] == "recovered"
     (a5,) = work_recover.recover(server, store, agent_id="a5", sleep=no_sleep)
-    assert a5["action"] == "resume"  # lock expired: taken back
+    assert a5.action == "resume"  # lock expired: taken back
     assert server.tasks[5]["locked_by"] == "a5"
 
     # Past the grace, cron gives the task back, with an attempt line.
-    late = {e["agent_id"]: e for e in work_recover.recover(server, store, sleep=no_sleep,
+    late = {e.agent_id: e for e in work_recover.recover(server, store, sleep=no_sleep,
                                                      now=time.time() + 901)}
     a5 = late["a5"]
-    assert a5["action"] == late["a1"]["action"] == "released" and a5["dead_for_s"] >= 900
+    assert a5.action == late["a1"].action == "released" and a5.dead_for_s >= 900
     assert server.tasks[5]["status"] == "created" and server.tasks[5]["locked_by"] is None
     assert "given back by pmtool recover (runner gone for" in server.tasks[5]["notes"]
 
@@ -401,7 +402,7 @@ def test_recover_dry_run_and_unreachable_change_nothing(store):
     stale_record(store, server, 1, "locked")
     before = store.path("dev_1").read_bytes()
     (entry,) = work_recover.recover(server, store, dry_run=True)
-    assert entry["action"] == "released" and entry["dry_run"] is True
+    assert entry.action == "released" and entry.dry_run is True
     assert store.path("dev_1").read_bytes() == before
     assert server.tasks[1]["locked_by"] == "dev_1"
     server.down = True
@@ -417,14 +418,14 @@ def test_recover_moves_a_corrupt_record_aside_except_in_a_dry_run(store):
     bad.write_text('{"agent_id": "dev_2", "task": ')  # torn by a crash
 
     entries = work_recover.recover(server, store, dry_run=True, sleep=no_sleep)
-    corrupt = [e for e in entries if e["action"] == "corrupt"]
-    assert [(e["record"], e["kept_as"]) for e in corrupt] == [(str(bad), str(bad))]
+    corrupt = [e for e in entries if e.action == "corrupt"]
+    assert [(e.record, e.kept_as) for e in corrupt] == [(str(bad), str(bad))]
     assert bad.exists()  # a dry run moves nothing
 
     entries = work_recover.recover(server, store, sleep=no_sleep)
-    (entry,) = [e for e in entries if e["action"] == "corrupt"]
-    assert not bad.exists() and Path(entry["kept_as"]).exists()
-    assert Path(entry["kept_as"]).name.startswith("dev_2.json.corrupt-")
+    (entry,) = [e for e in entries if e.action == "corrupt"]
+    assert not bad.exists() and Path(entry.kept_as).exists()
+    assert Path(entry.kept_as).name.startswith("dev_2.json.corrupt-")
     assert store.load("dev_1") is not None  # the good record is resumed, not touched
     with pytest.raises(NothingToDo):  # moved aside once: nothing left for that agent
         work_recover.recover(server, store, agent_id="dev_2", sleep=no_sleep)
@@ -443,7 +444,7 @@ def test_recover_live_runner_left_alone(store):
                runner_pid=os.getppid())
     server.calls.clear()
     (entry,) = work_recover.recover(server, store)
-    assert entry["action"] == "running" and server.calls == []  # not even a read
+    assert entry.action == "running" and server.calls == []  # not even a read
 
 
 def test_other_hosts_records_are_never_stale(store):
@@ -451,7 +452,7 @@ def test_other_hosts_records_are_never_stale(store):
     record = stale_record(store, server, 1, "claimed")
     record.host = socket.gethostname() + "-elsewhere"
     store.save(record)
-    assert work_recover.recover(server, store)[0]["action"] == "running"
+    assert work_recover.recover(server, store)[0].action == "running"
 
 
 # -- against the server under test, in-process --------------------------------------------
@@ -476,7 +477,7 @@ def test_unfinished_claim_never_adopts_an_unlocked_task(store):
     server = FakeServer(task(1, status="under_work"))
     stale_record(store, server, 1, "claiming")
     (entry,) = work_recover.recover(server, store, sleep=no_sleep)
-    assert entry["action"] == "released"
+    assert entry.action == "released"
     assert server.tasks[1]["locked_by"] is None
     assert not [c for c in server.calls if c[0] in ("lock", "status")]
 
@@ -485,8 +486,50 @@ def test_give_back_with_an_expired_lock(store):
     server = FakeServer(task(1, status="under_work"))
     stale_record(store, server, 1, "claimed")
     (entry,) = work_recover.recover(server, store, give_back=True, sleep=no_sleep)
-    assert entry["action"] == "released"
+    assert entry.action == "released"
     assert server.tasks[1]["status"] == "created" and server.tasks[1]["locked_by"] is None
+
+
+@pytest.mark.parametrize(("earlier", "action", "status"),
+                         [(1, "released", "created"), (2, "parked", "pending")])
+def test_recover_parks_a_task_whose_last_attempt_its_give_back_was(store, earlier, action,
+                                                                  status):
+    """The give-back of a dead runner's task is an attempt (killed), judged by the same
+    policy as any give-back: with max_attempts 3, two killed claims before it make it the
+    last, and the task goes to a person instead of back to the queue."""
+    from pmtool import ledger as bounds
+    from pmtool.work.recover import RecoverOptions, recover_machine
+
+    server = FakeServer(task(1, status="under_work", locked_by="dev_1"))
+    record = stale_record(store, server, 1, "claimed")
+    ledger = bounds.Ledger(store.state)
+    for n in range(earlier):
+        bounds.account(ledger, record.task, "dev_1", outcome="given_back", kind=fl.KILLED,
+                       cost_usd=0.0, reason=f"runner gone {n}", claimed_at=f"earlier-{n}")
+    options = RecoverOptions(give_back=True, limits=fl.Limits(max_attempts=3), chores=False)
+
+    (dry,) = recover_machine(server, store, RecoverOptions(
+        give_back=True, dry_run=True, limits=options.limits, chores=False)).entries
+    assert dry.action == action and server.tasks[1]["status"] == "under_work"
+    assert len(fl.attempts_of(ledger.lines(), record.task)) == earlier  # nothing written
+
+    report = recover_machine(server, store, options)
+    (entry,) = report.entries
+    assert (entry.action, report.counts) == (action, {action: 1})
+    assert server.tasks[1]["status"] == status and server.tasks[1]["locked_by"] is None
+    assert store.load("dev_1") is None  # the record is closed either way
+    lines = ledger.lines()
+    assert [a["stop"] for a in fl.attempts_of(lines, record.task)] == (
+        ["killed"] * (earlier + 1) if action == "released" else [])  # a park settles them
+    if action == "parked":
+        assert entry.cause == "max_attempts" and "3 attempts failed" in entry.reason
+        assert entry.to_json()["cause"] == "max_attempts"
+        notes = server.tasks[1]["notes"]
+        assert "given back by pmtool recover (runner gone" in notes
+        assert f"{fl.PARKED_MARK} (max_attempts)" in notes
+        assert [h["cause"] for h in lines if h.get("kind") == fl.PARK] == ["max_attempts"]
+    else:
+        assert "cause" not in entry.to_json()
 
 
 @pytest.mark.parametrize("how", ["finish", "release"])
