@@ -268,7 +268,7 @@ def _rescue_worktree(record: TaskRecord) -> str | None:
         answer = remove_worktree(repo_root(record.worktree), record.worktree, rescue=True)
     except PmtoolError:
         return None
-    return (answer.get("rescued") or {}).get("ref")
+    return (answer.rescued or {}).get("ref")
 
 
 GIVE_BACK_STEP = "recover-give-back"
