@@ -36,10 +36,10 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pmtool import git
 from pmtool.errors import (
@@ -526,7 +526,8 @@ def _keep_commit(root: Path, label: str, commit: str) -> str:
 def _json_without(result: Result, optional: tuple[str, ...]) -> dict[str, Any]:
     """`result`'s fields as JSON, the `optional` ones only when set (their keys appear
     only in the cases that have something to say)."""
-    return {f.name: getattr(result, f.name) for f in fields(result)  # type: ignore[arg-type]
+    assert is_dataclass(result)
+    return {f.name: getattr(result, f.name) for f in fields(result)
             if f.name not in optional or getattr(result, f.name) is not None}
 
 
@@ -570,8 +571,8 @@ class Workspace(Result):
     sync: dict[str, Any] | None = None
     branch_source: str | None = None
 
-    OPTIONAL = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed", "sync",
-                "branch_source")
+    OPTIONAL: ClassVar = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed",
+                          "sync", "branch_source")
 
     def to_json(self) -> dict[str, Any]:
         return _json_without(self, self.OPTIONAL)

@@ -11,12 +11,14 @@ its own values gets the same defaults: pmtool.failure_policy.Limits() is what
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool.work.claim import ClaimOptions
 from pmtool.work.finish import FinishPlan
-from pmtool.worktree import WorktreeOptions
+
+if TYPE_CHECKING:
+    from pmtool.worktree import WorktreeOptions
 
 # The limits a Settings can name (the rest of fl.Limits are fixed caps).
 LIMIT_NAMES = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
@@ -63,6 +65,8 @@ def worktree_options(settings: Any, repo: str | Path | None = None,
     """Where and how a task's worktree is made: the worktree base, the hooks folder (found
     as `settings.hooks_path(repo)` says), the hook timeout and minor_in_checkout from the
     settings; `base` and the rest `given` first (None values are not given)."""
+    from pmtool.worktree import WorktreeOptions  # git's module: only when a worktree is made
+
     values: dict[str, Any] = {
         "worktree_base": settings.worktree_base, "hooks_dir": settings.hooks_path(repo),
         "hook_timeout": settings.hook_timeout,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -762,3 +764,39 @@ def test_worktree_create_says_why_it_does_not_ask_the_server(env: Path) -> None:
     text = subprocess.run([PMTOOL, "worktree", "create", "--help"], capture_output=True,
                           text=True, check=True).stdout
     assert "not looked up on the server" in " ".join(text.split())
+
+
+# Each case of the worktree's answers, and the keys its JSON has always had (`worktree
+# create` and `worktree remove` print them; tests/contract pins the main case).
+WORKSPACE = {"ok", "path", "worktree", "branch", "base", "created", "task_id", "complexity",
+             "hook"}
+REMOVED = {"path", "task_id", "branch", "removed", "rescued", "branch_deleted", "branch_kept"}
+WORKTREE_ANSWER_KEYS = {
+    "create": WORKSPACE | {"branch_source"},
+    "create again": WORKSPACE,
+    "create minor": WORKSPACE | {"lands_on", "branch_source"},
+    "create in checkout": WORKSPACE | {"on_base", "in_checkout"},
+    "remove": REMOVED,
+    "remove in checkout": REMOVED | {"checkout_released"},
+    "remove gone": REMOVED | {"note"},
+}
+
+
+def worktree_answers(repo: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    found["create"] = create_worktree(repo, 1, "feature/one")
+    found["create again"] = create_worktree(repo, 1, "feature/one")
+    found["remove"] = remove_worktree(repo, 1)
+    found["create minor"] = create_worktree(repo, 2, None, "minor")
+    found["create in checkout"] = create_worktree(
+        repo, 3, None, "minor", WorktreeOptions(minor_in_checkout=True))
+    found["remove in checkout"] = remove_worktree(repo, 3)
+    shutil.rmtree(create_worktree(repo, 4, "feature/four").path)
+    found["remove gone"] = remove_worktree(repo, 4)
+    return found
+
+
+def test_the_worktree_answers_keep_their_keys(repo: Path) -> None:
+    answers = worktree_answers(repo)
+    assert {case: set(answer.to_json()) for case, answer in answers.items()} \
+        == WORKTREE_ANSWER_KEYS
