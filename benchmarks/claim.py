@@ -141,7 +141,7 @@ def latency(server: Server, runs: int) -> None:
             seed.create_task(title="latency")
             agent = unique_id("lat")
             start = time.perf_counter()
-            work.claim(client, store, agent, ROLE, LEVEL, settle=settle)
+            work.claim(client, store, agent, ROLE, LEVEL, options=work.ClaimOptions(settle=settle))
             times.append(time.perf_counter() - start)
             work.finish(client, store, agent, "done")
         med = statistics.median(times)
@@ -275,7 +275,8 @@ def idle_load(server: Server, n: int, new_tasks: int, long_poll: bool) -> None:
         client = CappedClient(server.url, server.key, timeout=30)
         store = RecordStore(os.path.join(tmp, agent))
         with contextlib.suppress(NothingToDo):
-            got = work.claim(client, store, agent, ROLE, LEVEL, wait=wait)
+            got = work.claim(client, store, agent, ROLE, LEVEL,
+                             options=work.ClaimOptions(wait=wait))
             with lock:
                 picked[got.task["id"]] = time.monotonic()
 

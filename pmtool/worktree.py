@@ -36,10 +36,10 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pmtool import git
 from pmtool.errors import (
@@ -51,6 +51,7 @@ from pmtool.errors import (
     disk_fault,
 )
 from pmtool.faults import fault
+from pmtool.results import Result
 
 RESCUE_PREFIX = "refs/pmtool/rescue"
 DEFAULT_DIR = ".worktrees"
@@ -522,18 +523,71 @@ def _keep_commit(root: Path, label: str, commit: str) -> str:
 
 # -- create ------------------------------------------------------------------------------
 
+def _json_without(result: Result, optional: tuple[str, ...]) -> dict[str, Any]:
+    """`result`'s fields as JSON, the `optional` ones only when set (their keys appear
+    only in the cases that have something to say)."""
+    assert is_dataclass(result)
+    return {f.name: getattr(result, f.name) for f in fields(result)
+            if f.name not in optional or getattr(result, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class WorktreeOptions:
+    """Where and how a task's worktree is made: the knobs that travel together from the
+    settings (pmtool.work.options.worktree_options) to `create_worktree`.
+
+    `base`: the branch new work starts from (None: the repo's default branch);
+    `worktree_base`: the folder of the worktrees (None: `<repo>/.worktrees`); `hooks_dir`
+    and `hook_timeout`: where worktree_setup is found and how long it may run;
+    `minor_in_checkout`: a minor task works in the repo's clean checkout itself.
+    """
+
+    base: str | None = None
+    worktree_base: str | Path | None = None
+    hooks_dir: str | Path | None = None
+    hook_timeout: float = 30.0
+    minor_in_checkout: bool = False
+
+
+@dataclass
+class Workspace(Result):
+    """`create_worktree`'s answer: where the task works. The optional fields (the last
+    seven) are in its JSON only when set."""
+
+    ok: bool
+    path: str | None
+    worktree: str | None
+    branch: str | None
+    base: str
+    created: bool
+    task_id: int
+    complexity: str
+    hook: dict[str, Any] | None = None
+    note: str | None = None
+    lands_on: str | None = None
+    on_base: bool | None = None
+    in_checkout: bool | None = None
+    leftover_removed: dict[str, Any] | None = None
+    sync: dict[str, Any] | None = None
+    branch_source: str | None = None
+
+    OPTIONAL: ClassVar = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed",
+                          "sync", "branch_source")
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_without(self, self.OPTIONAL)
+
+
 def create_worktree(repo: str | Path, task_id: int, branch: str | None,
-                    complexity: str | None = "major", base: str | None = None,
-                    worktree_base: str | Path | None = None,
-                    hooks_dir: str | Path | None = None, hook_timeout: float = 30.0,
-                    context: dict[str, Any] | None = None, created_at: str | None = None,
-                    minor_in_checkout: bool = False, owner_pid: int | None = None,
-                    live_paths: Iterable[str] | None = None,
-                    follow_up: bool = False) -> dict[str, Any]:
+                    complexity: str | None = "major", options: WorktreeOptions | None = None,
+                    *, context: dict[str, Any] | None = None, created_at: str | None = None,
+                    owner_pid: int | None = None, live_paths: Iterable[str] | None = None,
+                    follow_up: bool = False) -> Workspace:
     """Give task `task_id` a place to work, its own; answer where.
 
-    Answers `{"ok", "path", "worktree", "branch", "base", "created", "task_id",
-    "complexity", "hook"}` and, when something is worth saying, `note`.
+    `options` (WorktreeOptions: base, worktree base, setup hook, minor_in_checkout) say
+    where and how. Answers a `Workspace` (`ok`, `path`, `worktree`, `branch`, `base`,
+    `created`, `task_id`, `complexity`, `hook`) and, when something is worth saying, `note`.
     - minor: a worktree at `worktree_path(...)` on `pmtool/task-<id>-<hash>` from the base,
       with `lands_on` the base (see `land`). With `minor_in_checkout`: `path` is the repo
       itself, `worktree` null, `branch` the base, and only when the checkout is clean and
@@ -561,26 +615,27 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
     branch held by the main checkout), OperationFailed (git failed), RemoteUnreachable
     (the fetch found no remote to answer), NothingToDo (`follow_up` with no branch).
     """
+    opts = options or WorktreeOptions()
+    worktree_base, hooks_dir, hook_timeout = opts.worktree_base, opts.hooks_dir, opts.hook_timeout
     root = repo_root(repo)
     task_id = int(task_id)
     complexity = complexity or "major"
     if complexity not in ("major", "minor"):
         raise UsageError(f'unknown complexity "{complexity}"', valid=["major", "minor"])
-    base = base or default_branch(root)
+    base = opts.base or default_branch(root)
     start = start_point(root, base)
-    answer: dict[str, Any] = {"ok": True, "path": None, "worktree": None, "branch": None,
-                              "base": base, "created": False, "task_id": task_id,
-                              "complexity": complexity, "hook": None}
+    answer = Workspace(ok=True, path=None, worktree=None, branch=None, base=base,
+                       created=False, task_id=task_id, complexity=complexity)
 
-    if complexity == "minor" and minor_in_checkout:
+    if complexity == "minor" and opts.minor_in_checkout:
         current = _git(root, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
         on = current.stdout.strip() or None
         _claim_checkout(root, task_id, created_at, owner_pid)
-        answer.update(path=str(root), worktree=None, branch=base,
-                      on_base=on == base.removeprefix("origin/"), in_checkout=True)
-        if not answer["on_base"]:
-            answer["note"] = (f"the main checkout is on {on or 'a detached HEAD'}, not {base}; "
-                              f"a minor task commits on {base}: switch the checkout first")
+        answer.path, answer.branch = str(root), base
+        answer.on_base, answer.in_checkout = on == base.removeprefix("origin/"), True
+        if not answer.on_base:
+            answer.note = (f"the main checkout is on {on or 'a detached HEAD'}, not {base}; "
+                           f"a minor task commits on {base}: switch the checkout first")
         return answer
 
     note = None
@@ -588,14 +643,14 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # Its own short-lived branch: the base may be checked out by its owner (git
         # keeps a branch in one worktree), and the work lands by fast-forward later.
         branch = MINOR_PREFIX + workspace_name(task_id, created_at)
-        answer["lands_on"] = base.removeprefix("origin/")
+        answer.lands_on = base.removeprefix("origin/")
     else:
         branch, note = task_branch(branch, base, task_id)
     check_branch_name(root, branch)
     path = worktree_path(root, task_id, worktree_base, created_at)
     _exclude(root, path.parent)
     if note:
-        answer["note"] = note
+        answer.note = note
 
     worktrees = git_worktrees(root)
     here = next((w for w in worktrees if _same(w.path, path)), None)
@@ -613,8 +668,8 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # A finished or given-back task's folder that nobody works in: its commits stay on
         # the branch, anything uncommitted goes to a rescue ref, then the branch is free.
         gone = remove_worktree(root, holder.path, rescue=True, worktree_base=worktree_base)
-        answer["leftover_removed"] = {"path": holder.path, "rescued": (
-            gone.get("rescued") or {}).get("ref")}
+        answer.leftover_removed = {"path": holder.path,
+                                   "rescued": (gone.rescued or {}).get("ref")}
         holder = None
     if holder:
         # Another task works on this branch: sharing its folder is how one task's cleanup
@@ -639,9 +694,9 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
     sync = sync_branch(root, branch, base, f"task-{task_id}")
     remote = sync["remote"] or "origin"
     if sync["remote"]:
-        answer["sync"] = sync
+        answer.sync = sync
         if sync.get("note"):
-            answer["note"] = "; ".join(filter(None, [answer.get("note"), sync["note"]]))
+            answer.note = "; ".join(filter(None, [answer.note, sync["note"]]))
         start = _newest_base(root, start, f"refs/remotes/{remote}/{base.removeprefix('origin/')}")
     if _ok(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"):
         args, source = [str(path), branch], "existing"
@@ -687,8 +742,8 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # Named and made by pmtool (task-<id>, pmtool/task-...), not the task's own
         # branch: `remove_worktree` takes it away again while it holds no work.
         _git(root, "config", f"branch.{branch}.{MADE_MARK}", str(task_id), check=False)
-    answer.update(path=str(path), worktree=str(path), branch=branch, created=True,
-                  branch_source=source)
+    answer.path = answer.worktree = str(path)
+    answer.branch, answer.created, answer.branch_source = branch, True, source
     _setup(answer, hooks_dir, hook_timeout, context, root)
     return answer
 
@@ -717,14 +772,15 @@ def _leftover(root: Path, wt: GitWorktree, live_paths: Iterable[str],
     return not _users(wt.path)
 
 
-def _existing(answer: dict[str, Any], wt: GitWorktree, branch: str,
+def _existing(answer: Workspace, wt: GitWorktree, branch: str,
               hooks_dir: str | Path | None, hook_timeout: float,
-              context: dict[str, Any] | None, root: Path) -> dict[str, Any]:
-    answer.update(path=wt.path, worktree=wt.path, branch=wt.branch or branch, created=False)
+              context: dict[str, Any] | None, root: Path) -> Workspace:
+    answer.path = answer.worktree = wt.path
+    answer.branch, answer.created = wt.branch or branch, False
     if wt.branch != branch:
         # Not switched: the worktree may hold work on the branch it has.
-        answer["note"] = (f"the worktree has {wt.branch or 'a detached HEAD'} checked out, "
-                          f"not {branch}; left as it is")
+        answer.note = (f"the worktree has {wt.branch or 'a detached HEAD'} checked out, "
+                       f"not {branch}; left as it is")
     # Not "ok": it failed, or a kill cut it short ("running"), or the worktree was made
     # before its marker: run it again (setup hooks must be idempotent, README).
     if _setup_state(Path(wt.path)) != "ok":
@@ -745,22 +801,23 @@ def _setup_state(path: Path) -> str | None:
         return None
 
 
-def _setup(answer: dict[str, Any], hooks_dir: str | Path | None, hook_timeout: float,
+def _setup(answer: Workspace, hooks_dir: str | Path | None, hook_timeout: float,
            context: dict[str, Any] | None, root: Path) -> None:
     """Run worktree_setup in the worktree; remember the outcome so a failure is retried."""
     from pmtool.hooks import find_hook, run_hook
 
     if not hooks_dir or not find_hook(SETUP_HOOK, hooks_dir):
         return
-    ctx = {**(context or {}), "task_id": answer["task_id"], "worktree": answer["path"],
-           "branch": answer["branch"], "base": answer["base"], "repo": str(root),
-           "complexity": answer["complexity"]}
-    marker = _setup_marker(Path(answer["path"]))
+    assert answer.path is not None
+    ctx = {**(context or {}), "task_id": answer.task_id, "worktree": answer.path,
+           "branch": answer.branch, "base": answer.base, "repo": str(root),
+           "complexity": answer.complexity}
+    marker = _setup_marker(Path(answer.path))
     _mark_setup(marker, {"state": "running", "at": _stamp()})
     fault("setup")
-    result = run_hook(SETUP_HOOK, hooks_dir, ctx, timeout=hook_timeout, cwd=answer["path"])
-    answer["hook"] = result
-    answer["ok"] = result["ok"]
+    result = run_hook(SETUP_HOOK, hooks_dir, ctx, timeout=hook_timeout, cwd=answer.path)
+    answer.hook = result
+    answer.ok = result["ok"]
     _mark_setup(marker, {"state": "ok" if result["ok"] else "failed", "at": _stamp(),
                          "exit_code": result["exit_code"]})
 
@@ -1031,13 +1088,32 @@ def push_branch(repo: str | Path, branch: str) -> dict[str, Any]:
 
 # -- remove, list, prune -------------------------------------------------------------------
 
+@dataclass
+class RemovedWorktree(Result):
+    """`remove_worktree`'s answer; `rescued` is the rescue answer (see `rescue`) or None.
+    `checkout_released` and `note` are in its JSON only when set."""
+
+    path: str
+    task_id: int | None
+    branch: str | None
+    removed: bool = False
+    rescued: dict[str, Any] | None = None
+    branch_deleted: bool = False
+    branch_kept: str | None = None
+    checkout_released: bool | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_without(self, ("checkout_released", "note"))
+
+
 def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue: bool = False,
                     delete_branch: bool = False, base: str | None = None,
-                    worktree_base: str | Path | None = None) -> dict[str, Any]:
+                    worktree_base: str | Path | None = None) -> RemovedWorktree:
     """Remove a task worktree (by path or task id) without losing work.
 
-    Answers `{"path", "task_id", "branch", "removed", "rescued", "branch_deleted",
-    "branch_kept"}`; `rescued` is the rescue answer (see `rescue`) or null.
+    Answers a `RemovedWorktree` (`path`, `task_id`, `branch`, `removed`, `rescued`,
+    `branch_deleted`, `branch_kept`); `rescued` is the rescue answer (see `rescue`) or None.
     Raises Conflict (dirty without `rescue`, with `dirty` listing the paths; locked),
     NothingToDo (no worktree for that task id), UsageError (not a worktree; the main checkout).
     """
@@ -1051,20 +1127,16 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
             raise
         # A minor task that worked in the checkout (minor_in_checkout): nothing to
         # remove, the checkout is free for the next task.
-        return {"path": str(root), "task_id": int(given), "branch": None,
-                "removed": False, "rescued": None, "branch_deleted": False,
-                "branch_kept": None, "checkout_released": True}
+        return RemovedWorktree(str(root), int(given), None, checkout_released=True)
     task_id, label = _label(wt)
-    answer: dict[str, Any] = {"path": wt.path, "task_id": task_id, "branch": wt.branch,
-                              "removed": False, "rescued": None, "branch_deleted": False,
-                              "branch_kept": None}
+    answer = RemovedWorktree(wt.path, task_id, wt.branch)
     if wt.locked is not None:
         raise Conflict(f"worktree {wt.path} is locked"
                        + (f" ({wt.locked})" if wt.locked else ""),
                        hint=f"git worktree unlock {wt.path}", path=wt.path)
     if wt.prunable or not Path(wt.path).is_dir():
         _git(root, "worktree", "prune")
-        answer.update(removed=True, note="its folder was already gone; git's entry was pruned")
+        answer.removed, answer.note = True, "its folder was already gone; git's entry was pruned"
     else:
         dirty = dirty_paths(wt.path)
         lost_head = _unreachable_head(wt.path)
@@ -1081,17 +1153,17 @@ def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue:
                            path=wt.path, task_id=task_id, dirty=dirty[:500],
                            dirty_count=len(dirty), detached_head=lost_head)
         if dirty or lost_head:
-            answer["rescued"] = _rescue_commit(root, Path(wt.path), label)
+            answer.rescued = _rescue_commit(root, Path(wt.path), label)
         # Without a rescue, no --force: git checks cleanliness again itself, which closes
         # the gap between our check and the removal (an agent still writing).
-        force = ["--force"] if answer["rescued"] else []
+        force = ["--force"] if answer.rescued else []
         removed = _git(root, "worktree", "remove", *force, wt.path, check=False)
         if removed.returncode != 0:
             raise Conflict(f"git refused to remove {wt.path}: {removed.stderr.strip()}",
                            hint="it changed since it was checked; run again, or --rescue",
                            path=wt.path)
-        answer["removed"] = True
-    if delete_branch or (answer["removed"] and _made_here(root, wt.branch)):
+        answer.removed = True
+    if delete_branch or (answer.removed and _made_here(root, wt.branch)):
         # A branch pmtool made for the task goes with its worktree when it holds nothing
         # the base lacks (a mistyped task id, a task given back unworked); with work on it
         # it stays, whatever was asked.
@@ -1104,28 +1176,28 @@ def _made_here(root: Path, branch: str | None) -> bool:
     return bool(branch) and _ok(root, "config", "--get", f"branch.{branch}.{MADE_MARK}")
 
 
-def _delete_branch(root: Path, answer: dict[str, Any], base: str | None) -> None:
-    branch = answer["branch"]
+def _delete_branch(root: Path, answer: RemovedWorktree, base: str | None) -> None:
+    branch = answer.branch
     if not branch:
-        answer["branch_kept"] = "the worktree had no branch (detached HEAD)"
+        answer.branch_kept = "the worktree had no branch (detached HEAD)"
         return
     base = base or default_branch(root)
     if branch in (base, base.removeprefix("origin/")):
-        answer["branch_kept"] = f"{branch} is the base branch"
+        answer.branch_kept = f"{branch} is the base branch"
         return
     holder = next((w for w in git_worktrees(root) if w.branch == branch), None)
     if holder:
-        answer["branch_kept"] = f"{branch} is checked out in {holder.path}"
+        answer.branch_kept = f"{branch} is checked out in {holder.path}"
         return
     merged = _git(root, "merge-base", "--is-ancestor", f"refs/heads/{branch}",
                   start_point(root, base), check=False)
     if merged.returncode != 0:
-        answer["branch_kept"] = f"{branch} is not merged into {base}"
+        answer.branch_kept = f"{branch} is not merged into {base}"
         return
     # -D after our own check: `branch -d` would test against the main checkout's HEAD,
     # which need not be the base.
     _git(root, "branch", "-D", branch)
-    answer["branch_deleted"] = True
+    answer.branch_deleted = True
 
 
 def list_worktrees(repo: str | Path, records: Iterable[Any] | None = None,
@@ -1202,7 +1274,7 @@ def prune(repo: str | Path, live_task_ids: Iterable[int], rescue: bool = False,
             continue
         try:
             removed.append(remove_worktree(root, path, rescue=rescue,
-                                           worktree_base=worktree_base))
+                                           worktree_base=worktree_base).to_json())
         except Conflict as exc:
             kept.append({"path": path, "task_id": task_id, "reason": exc.message,
                          **{k: v for k, v in exc.details.items() if k not in ("path",

@@ -87,42 +87,43 @@ def worktree_create(
     """
     from pmtool.hooks import task_context
     from pmtool.work.claim import task_workspace
+    from pmtool.work.options import worktree_options
     from pmtool.worktree import create_worktree
 
     task_id = resolve_task(task, task_id)
     settings = options().settings(hooks_dir=hooks_dir, worktree_base=worktree_base)
+    extra: dict[str, Any] = {}
     if agent_id:
         store = record_store(settings)
         record = store.need(agent_id)
         if task_id is not None and task_id != record.task_id:
             raise UsageError(f"task {task_id} is not the task of {agent_id}'s record "
                              f"({record.task_id})")
-        result, _record = task_workspace(store, agent_id, _repo_of(repo, record), settings,
-                                         branch=branch, complexity=complexity, base=base,
+        root = _repo_of(repo, record)
+        result, _record = task_workspace(store, agent_id, root, settings,
+                                         worktree_options(settings, root, base=base),
+                                         branch=branch, complexity=complexity,
                                          client=server(settings))
-        result["record"] = str(store.path(agent_id))
+        extra["record"] = str(store.path(agent_id))
     elif task_id is None:
         raise UsageError("give --agent-id, or the TASK (with --branch for a major task)",
                          hint="pmtool worktree create 7 --branch feature/login")
     else:
         root = _repo_of(repo, None)
         result = create_worktree(
-            root, task_id, branch, complexity, base=base,
-            worktree_base=settings.worktree_base, hooks_dir=settings.hooks_path(root),
-            hook_timeout=settings.hook_timeout,
+            root, task_id, branch, complexity, worktree_options(settings, root, base=base),
             context=task_context(state_dir=settings.state_path, api_url=settings.api_url,
-                                 task_id=task_id, branch=branch),
-            minor_in_checkout=settings.minor_in_checkout)
-    if result.get("note"):
-        say(f"pmtool: worktree: {result['note']}")
-    ok = result.pop("ok")
-    if not ok:
-        hook = result["hook"]
+                                 task_id=task_id, branch=branch))
+    if result.note:
+        say(f"pmtool: worktree: {result.note}")
+    answer = {k: v for k, v in result.to_json().items() if k != "ok"} | extra
+    if not result.ok:
+        hook = result.hook or {}
         say(f"pmtool: worktree_setup failed ({_hook_why(hook)}); the worktree is kept at "
-            f"{result['path']}")
-        emit(result, ok=False)
+            f"{result.path}")
+        emit(answer, ok=False)
         return exit_code({"ok": False, "timed_out": hook.get("timed_out")})
-    emit(result)
+    emit(answer)
     return exit_code(None)
 
 
@@ -177,13 +178,13 @@ def worktree_remove(
     root = _repo_of(repo, record) if repo or record or target.isdigit() else _repo_near(target)
     result = remove_worktree(root, target, rescue=rescue, delete_branch=delete_branch,
                              base=base, worktree_base=settings.worktree_base)
-    if result["rescued"]:
-        say(f"pmtool: worktree: rescued {plural(len(result['rescued']['files']), 'file')} to "
-            f"{result['rescued']['ref']}")
-    if record is not None and result["removed"]:
+    if result.rescued:
+        say(f"pmtool: worktree: rescued {plural(len(result.rescued['files']), 'file')} to "
+            f"{result.rescued['ref']}")
+    if record is not None and result.removed:
         record.worktree = None
-        record.step("worktree_removed", path=result["path"],
-                    rescue_ref=(result["rescued"] or {}).get("ref"))
+        record.step("worktree_removed", path=result.path,
+                    rescue_ref=(result.rescued or {}).get("ref"))
         store.save(record)
     emit(result)
 

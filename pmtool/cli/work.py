@@ -65,15 +65,15 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
     Example: pmtool claim --agent-id dev_001 --role backend_dev --wait 300 | jq .task.id
     """
     from pmtool.work.claim import ClaimStats, claim
-    from pmtool.work.options import limits as limits_from
+    from pmtool.work.options import claim_options
 
     settings = options().settings()
     stats = ClaimStats()
     shown = waiting_line(f"waiting for a {role}/{level} task", wait)
     try:
         claimed = claim(server(settings), record_store(settings), agent_id, role, level,
-                        wait=wait, runner_pid=working_pid(runner_pid), settle=settle,
-                        stats=stats, limits=limits_from(settings), on_wait=shown)
+                        claim_options(settings, wait=wait, settle=settle, on_wait=shown),
+                        runner_pid=working_pid(runner_pid), stats=stats)
     finally:
         if shown:
             shown.clear()
@@ -81,7 +81,7 @@ def claim_cmd(agent_id: AgentId, role: Role, level: Level = "senior",
         say(f"pmtool: parked task {parked['task_id']}: {parked['reason']}")
     title = f": {claimed.task['title']}" if claimed.task.get("title") else ""
     say(f"pmtool: {agent_id} claimed task {claimed.task['id']}{title}")
-    emit({"task": claimed.task, "record": str(claimed.path), "claim": stats.to_json()})
+    emit(claimed)
 
 
 lock_app = typer.Typer(help="The task record by hand: show, acquire, update, release.",
@@ -121,7 +121,7 @@ def lock_acquire(agent_id: AgentId, role: Role, task: TaskArg = None,
     settings = options().settings()
     claimed = acquire(server(settings), record_store(settings), number, agent_id, role,
                       level, runner_pid=working_pid(runner_pid), settle=settle)
-    emit({"task": claimed.task, "record": str(claimed.path)})
+    emit(claimed)
 
 
 @lock_app.command("update")
@@ -186,8 +186,8 @@ def lock_release(agent_id: AgentId, notes: Annotated[str | None, typer.Option(
     settings = options().settings()
     result = release(server(settings), record_store(settings), agent_id, notes=notes,
                      kind=kind, limits=limits_from(settings, task_budget_usd=task_budget_usd))
-    if result.get("parked"):
-        say(f"pmtool: task {result['task_id']} parked for a person: {result['parked']}")
+    if result.parked:
+        say(f"pmtool: task {result.task_id} parked for a person: {result.parked}")
     emit(result)
 
 
@@ -233,11 +233,11 @@ def finish_cmd(agent_id: AgentId, outcome: Annotated[str, typer.Option(
     result = finish(server(settings), store, agent_id, outcome,
                     notes=notes_for(store, agent_id, outcome, notes),
                     limits=limits_from(settings))
-    if result.get("parked"):
-        say(f"pmtool: task {result['task_id']} parked for a person: {result['parked']}")
-    if result["action"] == "moved_on":
-        why = f" ({result['reason']})" if result.get("reason") else ""
-        say(f"pmtool: task {result['task_id']} had moved on{why}; left as it is")
+    if result.parked:
+        say(f"pmtool: task {result.task_id} parked for a person: {result.parked}")
+    if result.action == "moved_on":
+        why = f" ({result.reason})" if result.reason else ""
+        say(f"pmtool: task {result.task_id} had moved on{why}; left as it is")
     emit(result)
 
 

@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from pmtool.agent.result import AgentResult
     from pmtool.client import PMApi
     from pmtool.health import HealthReport
+    from pmtool.worktree import Workspace, WorktreeOptions
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
 # fails the loop does not claim; it waits, reports and goes on by itself (a refused key
@@ -683,12 +684,15 @@ class Runner:
         if (self._registered is None
                 or time.monotonic() - self._registered > min(opts.heartbeat, 600.0)):
             self._register()
+        from pmtool.work.options import claim_options
+
         stats = work.ClaimStats()
+        # The runner registers itself (on its heartbeat) and says why nothing came itself.
+        how = claim_options(self.settings, settle=opts.settle, limits=self.limits,
+                            register_first=False, explain=False)
         try:
             claimed = work.claim(self.client, self.store, opts.agent_id, opts.role,
-                                 opts.level, wait=0, runner_pid=os.getpid(),
-                                 settle=opts.settle, register_first=False,
-                                 limits=self.limits, explain=False, stats=stats,
+                                 opts.level, how, runner_pid=os.getpid(), stats=stats,
                                  first=None if look else task)
         except NothingToDo:
             self._parked(stats)
@@ -814,7 +818,7 @@ class Runner:
                            cause="poison", error=exc.to_json(),
                            rescued=(removed or {}).get("rescued"))
         self.event("parked", task_id=record.task_id, cause="poison", reason=exc.message,
-                   action=result["action"], status=result.get("status"), error=exc.to_json())
+                   action=result.action, status=result.status, error=exc.to_json())
 
     def _pre_task(self, record: TaskRecord, repo: Path) -> bool:
         # pm-runner.sh: a failing pre_task always gives the task back (release), no ask.
@@ -845,8 +849,7 @@ class Runner:
         self._plan_worktree(record, repo)
         try:
             answer, saved = work.task_workspace(self.store, self.opts.agent_id, repo,
-                                                self.settings, base=self.opts.base,
-                                                hooks_dir=self.hooks_dir,
+                                                self.settings, self._worktree_options(repo),
                                                 owner_pid=os.getpid(), client=self.client)
         except RemoteUnreachable as exc:
             # This machine's link, not the task: back it goes, uncounted, and the loop
@@ -883,17 +886,23 @@ class Runner:
         fault("worktree")
         cwd = str(saved.worktree)
         record.worktree, record.branch = cwd, saved.branch
-        sync = answer.get("sync") or {}
-        self.event("worktree", task_id=record.task_id, path=answer.get("worktree"),
-                   branch=answer["branch"], base=answer.get("base"),
-                   created=answer.get("created"), lands_on=answer.get("lands_on"),
-                   source=answer.get("branch_source"), remote=sync.get("remote"),
+        sync = answer.sync or {}
+        self.event("worktree", task_id=record.task_id, path=answer.worktree,
+                   branch=answer.branch, base=answer.base,
+                   created=answer.created, lands_on=answer.lands_on,
+                   source=answer.branch_source, remote=sync.get("remote"),
                    local=sync.get("local"), rescued=sync.get("rescued"))
         if sync.get("note"):
             self.progress(f"task {record.task_id}: {sync['note']}")
-        if not answer.get("ok", True):
+        if not answer.ok:
             self._setup_again(record, repo, answer)
         return cwd
+
+    def _worktree_options(self, repo: Path) -> WorktreeOptions:
+        from pmtool.work.options import worktree_options
+
+        return worktree_options(self.settings, repo, base=self.opts.base,
+                                hooks_dir=self.hooks_dir)
 
     def _plan_worktree(self, record: TaskRecord, repo: Path) -> None:
         """Name the worktree in the record before it exists: a kill while it is made
@@ -908,17 +917,17 @@ class Runner:
                            step="worktree-planned")
         record.worktree = planned
 
-    def _setup_again(self, record: TaskRecord, repo: Path, answer: dict[str, Any]) -> None:
+    def _setup_again(self, record: TaskRecord, repo: Path, answer: Workspace) -> None:
         """worktree_setup failed: run it once more (setup hooks are idempotent, README);
         failing twice in a row, it fails for good: the task's fault."""
-        first = answer.get("hook") or {}
+        first = answer.hook or {}
         self.progress(f"worktree_setup failed (exit {first.get('exit_code')}); once more")
         again, _saved = work.task_workspace(self.store, self.opts.agent_id, repo,
-                                            self.settings, base=self.opts.base,
-                                            hooks_dir=self.hooks_dir, owner_pid=os.getpid())
-        if again.get("ok", True):
+                                            self.settings, self._worktree_options(repo),
+                                            owner_pid=os.getpid())
+        if again.ok:
             return
-        hook = again.get("hook") or {}
+        hook = again.hook or {}
         why = ("timed out" if hook.get("timed_out") else f"exit {hook.get('exit_code')}")
         tail = (hook.get("stderr") or "").strip()[-300:]
         raise TaskFault(f"worktree_setup failed twice ({why})" + (f": {tail}" if tail else ""),
@@ -1157,13 +1166,13 @@ class Runner:
                               kind=kind, limits=self.limits)
         # The event when it happened, before the worktree goes (as _finish does; the
         # script's `lock release` then `worktree remove` print in this order too).
-        attempt = result.get("attempt") or {}
+        attempt = result.attempt or {}
         self.event("finished", task_id=record.task_id, outcome="given_back", reason=why,
-                   action=result["action"], stop=kind, cost_usd=attempt.get("cost_usd"),
-                   parked=result.get("parked"), cooling_until=result.get("cooling_until"))
-        if result.get("parked"):
-            self.event("parked", task_id=record.task_id, reason=result["parked"])
-            self.progress(f"task {record.task_id} parked for a person: {result['parked']}")
+                   action=result.action, stop=kind, cost_usd=attempt.get("cost_usd"),
+                   parked=result.parked, cooling_until=result.cooling_until)
+        if result.parked:
+            self.event("parked", task_id=record.task_id, reason=result.parked)
+            self.progress(f"task {record.task_id} parked for a person: {result.parked}")
         self._remove_worktree(record)
 
     def _finish(self, repo: Path) -> bool:
@@ -1204,9 +1213,9 @@ class Runner:
                                      base=self.opts.base if minor else None)
         except (NothingToDo, UsageError):  # already gone
             return None
-        rescued = (answer.get("rescued") or {}).get("ref")
-        self.event("worktree", task_id=record.task_id, path=answer.get("path"),
-                   removed=answer.get("removed"), rescued=rescued)
+        rescued = (answer.rescued or {}).get("ref")
+        self.event("worktree", task_id=record.task_id, path=answer.path,
+                   removed=answer.removed, rescued=rescued)
         if rescued:
             self.progress(f"task {record.task_id}: uncommitted work kept at {rescued}")
         return rescued

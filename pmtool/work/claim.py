@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool import ledger as bounds
@@ -49,10 +49,12 @@ from pmtool.errors import (
 from pmtool.faults import FAULT_ENV  # noqa: F401 (re-exported)
 from pmtool.faults import fault as _fault
 from pmtool.records import RecordStore, TaskRecord, now_iso, process_started
+from pmtool.results import Result
 from pmtool.state import make_dir, open_private, safe_name
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
+    from pmtool.worktree import Workspace, WorktreeOptions
 
 # Longer than the server's in-flight lock window: a lock request that passed the server's
 # check before ours was written lands within that window (quirk 2). The stand-in's race
@@ -79,8 +81,29 @@ FAULT_POINTS = ("before-lock", "after-lock", "after-status", "after-record")
 RECOVER_HINT = "the record keeps the claim; run `pmtool recover` when the server is back"
 
 
+@dataclass(frozen=True)
+class ClaimOptions:
+    """How a claim looks and takes: the knobs that travel together from the settings
+    (pmtool.work.options.claim_options) to `claim`.
+
+    `wait`: seconds to keep looking (0 = look once); `settle`: the pause before the
+    read-back (step 4); `limits` bound the work (pmtool.failure_policy); `explain`: say
+    why nothing came (NothingToDo's `why`); `register_first`: register once a task is
+    offered (a caller that registers itself passes False); `on_wait(waited, left)` is told
+    of each pause between two looks; `sleep` is how the claim pauses (tests pass a fake).
+    """
+
+    wait: float = 0.0
+    settle: float = DEFAULT_SETTLE
+    limits: fl.Limits = field(default_factory=fl.Limits)
+    explain: bool = True
+    register_first: bool = True
+    on_wait: Callable[[float, float], None] | None = None
+    sleep: Callable[[float], None] = time.sleep
+
+
 @dataclass
-class ClaimStats:
+class ClaimStats(Result):
     """What a claim went through: how often it looked, and how it lost."""
 
     polls: int = 0
@@ -97,10 +120,106 @@ class ClaimStats:
         return out
 
 
-class Claimed(NamedTuple):
+@dataclass
+class Claimed(Result):
+    """A claim's answer: the task as the server has it (wire data), the record and where
+    it lives, and (for `claim`) what the claim went through."""
+
     task: dict[str, Any]
     record: TaskRecord
     path: Path
+    stats: ClaimStats | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"task": self.task, "record": str(self.path)}
+        if self.stats is not None:
+            out["claim"] = self.stats.to_json()
+        return out
+
+
+def _only(result: Result, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The named fields of `result` as JSON: the keys its case has always answered."""
+    return {key: getattr(result, key) for key in keys}
+
+
+@dataclass
+class Parked(Result):
+    """`park`'s answer: `action` is `parked`, or `moved_on` (someone else moved the task
+    meanwhile; `reason` then says how). `task` is the server's row (wire data)."""
+
+    task_id: int
+    action: str
+    cause: str
+    status: str | None
+    reason: str
+    task: dict[str, Any] | None
+
+
+@dataclass
+class Released(Result):
+    """`release`'s answer: `action` is `released`, `parked` (with `parked` the reason,
+    `cause` and `status` from the park) or `moved_on` (with `reason`). `attempt` is the
+    attempt line kept on this machine (None for a stray lock dropped, or moved on)."""
+
+    task_id: int
+    action: str
+    task: dict[str, Any] | None
+    attempt: dict[str, Any] | None = None
+    cooling_until: str | None = None
+    reason: str | None = None
+    parked: str | None = None
+    cause: str | None = None
+    status: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.parked is not None:
+            keys: tuple[str, ...] = ("task_id", "action", "cause", "status", "reason",
+                                     "task", "parked", "attempt")
+        elif self.action == "moved_on":
+            keys = ("task_id", "action", "task", "reason")
+        elif self.attempt is not None:
+            keys = ("task_id", "action", "task", "attempt", "cooling_until")
+        else:  # a stray lock dropped: no attempt to speak of
+            keys = ("task_id", "action", "task")
+        return _only(self, keys)
+
+
+@dataclass
+class Finished(Result):
+    """`finish`'s answer: `action` is `finished` (parked too: `parked` says why, with
+    `cause` and `reason`) or `moved_on` (with `reason`). `task` is the server's row."""
+
+    task_id: int
+    action: str
+    outcome: str
+    status: str | None
+    task: dict[str, Any] | None
+    lock_expired: bool | None = None
+    reason: str | None = None
+    parked: str | None = None
+    cause: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.parked is not None:
+            keys: tuple[str, ...] = ("task_id", "action", "cause", "status", "reason",
+                                     "task", "outcome", "parked", "lock_expired")
+        elif self.action == "moved_on":
+            keys = ("task_id", "action", "outcome", "status", "task", "reason")
+        else:
+            keys = ("task_id", "action", "outcome", "status", "task", "lock_expired")
+        return _only(self, keys)
+
+
+@dataclass
+class ShownRecord(Result):
+    """`show`'s answer: the agent's record, where it lives, whether its runner is live."""
+
+    record: TaskRecord
+    path: Path
+    live: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"record": self.record.to_json(), "path": str(self.path), "live": self.live}
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -198,26 +317,24 @@ def _valid_values(detail: Any, field: str) -> list[str]:
 
 
 def claim(client: PMApi, store: RecordStore, agent_id: str, role: str, level: str,
-          wait: float = 0.0, runner_pid: int | None = None, settle: float = DEFAULT_SETTLE,
-          stats: ClaimStats | None = None,
-          sleep: Callable[[float], None] = time.sleep, register_first: bool = True,
-          limits: fl.Limits | None = None, explain: bool = True,
-          first: dict[str, Any] | None = None,
-          on_wait: Callable[[float, float], None] | None = None) -> Claimed:
+          options: ClaimOptions | None = None, *, runner_pid: int | None = None,
+          stats: ClaimStats | None = None, first: dict[str, Any] | None = None) -> Claimed:
     """Take the next task for the role and level and make it this agent's.
 
-    Looks once when `wait` is 0, else polls until a task is claimed or `wait` seconds have
-    passed. Returns `Claimed(task, record, path)`: the task as the server has it after
-    `under_work` was set, the record and where it lives. `stats` (filled in place, also
-    when nothing was claimed) counts polls, 409s and lost races, and lists the tasks that
-    were cooling down and those parked. `limits` bound the work (pmtool.failure_policy): a
-    task given back is not taken again by this machine before its cooldown, one that has
-    had its attempts (or QA fails, or budget) is parked for a person instead. Raises
-    NothingToDo when no task came (with `why`, unless `explain` is False), Conflict when
-    the agent already has a record or a running `pmtool run` of its own. `first` is a
-    task the caller saw offered (the machine's poller): the first round tries it instead
-    of asking the server's pick again. `on_wait(waited, left)` is told of each pause
-    between two looks (seconds so far and to go), e.g. to show a person it is waiting.
+    `options` (ClaimOptions; pmtool.work.options.claim_options builds them from the
+    settings) say how: it looks once when `options.wait` is 0, else polls until a task is
+    claimed or `wait` seconds have passed. Returns `Claimed(task, record, path, stats)`:
+    the task as the server has it after `under_work` was set, the record and where it
+    lives. `stats` (filled in place, also when nothing was claimed) counts polls, 409s and
+    lost races, and lists the tasks that were cooling down and those parked. `limits`
+    bound the work (pmtool.failure_policy): a task given back is not taken again by this
+    machine before its cooldown, one that has had its attempts (or QA fails, or budget)
+    is parked for a person instead. Raises NothingToDo when no task came (with `why`,
+    unless `explain` is False), Conflict when the agent already has a record or a running
+    `pmtool run` of its own. `first` is a task the caller saw offered (the machine's
+    poller): the first round tries it instead of asking the server's pick again.
+    `on_wait(waited, left)` is told of each pause between two looks (seconds so far and
+    to go), e.g. to show a person it is waiting.
 
     With `register_first`, the agent is registered once a task is offered, right before
     it is locked (or parked), not before the look: a look needs no agent on the server,
@@ -226,14 +343,15 @@ def claim(client: PMApi, store: RecordStore, agent_id: str, role: str, level: st
     server keeps otherwise for this id (quirk 4) shows when there is a task to take. A
     caller that registers itself (`pmtool run`, on its heartbeat) passes False.
     """
+    opts = options or ClaimOptions()
+    wait, settle, sleep, limits = opts.wait, opts.settle, opts.sleep, opts.limits
     stats = stats if stats is not None else ClaimStats()
-    limits = limits or fl.Limits()
     start = time.monotonic()
     runner_pid = runner_pid or os.getpid()
     check_level(level)
     _refuse_if_busy(store, agent_id)
     _refuse_if_runner(store, agent_id, runner_pid)
-    registered = not register_first
+    registered = not opts.register_first
 
     def on_offer() -> None:
         nonlocal registered
@@ -252,18 +370,19 @@ def claim(client: PMApi, store: RecordStore, agent_id: str, role: str, level: st
                                        settle, stats, sleep, limits, first, on_offer)
                 first = None
             if claimed:
+                claimed.stats = stats
                 return claimed
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            if on_wait:
-                on_wait(time.monotonic() - start, left)
+            if opts.on_wait:
+                opts.on_wait(time.monotonic() - start, left)
             # Full jitter keeps many idle claimers from polling in step.
             sleep(min(left, delay * random.uniform(0.5, 1.0)))
             delay = min(POLL_CAP, delay * 2)
     finally:
         stats.elapsed = time.monotonic() - start
-    why = why_nothing(client, role, level, stats.cooling) if explain else []
+    why = why_nothing(client, role, level, stats.cooling) if opts.explain else []
     raise NothingToDo(f"no task for {role}/{level} "
                       + (f"within {wait:g}s" if wait else "right now")
                       + (f": {why[0]}" if why else ""),
@@ -586,11 +705,10 @@ def _refuse_unpickable(task: dict[str, Any], role: str, level: str) -> None:
 # -- the record by hand -------------------------------------------------------------------
 
 
-def show(store: RecordStore, agent_id: str) -> dict[str, Any]:
+def show(store: RecordStore, agent_id: str) -> ShownRecord:
     """The agent's record, where it is and whether its runner lives; NothingToDo if none."""
     record = store.need(agent_id)
-    return {"record": record.to_json(), "path": str(store.path(agent_id)),
-            "live": store.is_live(record)}
+    return ShownRecord(record, store.path(agent_id), store.is_live(record))
 
 
 def update_record(store: RecordStore, agent_id: str, *, worktree: str | None = None,
@@ -616,20 +734,21 @@ def update_record(store: RecordStore, agent_id: str, *, worktree: str | None = N
     return record, store.save(record)
 
 
-def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings: Any, *,
-                   branch: str | None = None, complexity: str | None = None,
-                   base: str | None = None, hooks_dir: str | Path | None = None,
-                   owner_pid: int | None = None,
-                   client: PMApi | None = None) -> tuple[dict[str, Any], TaskRecord]:
+def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings: Any,
+                   options: WorktreeOptions, *, branch: str | None = None,
+                   complexity: str | None = None, owner_pid: int | None = None,
+                   client: PMApi | None = None) -> tuple[Workspace, TaskRecord]:
     """Give the agent's task its own workspace and write where into its record.
 
     The one way both `pmtool worktree create --agent-id` and the run loop do it: the
     record's branch first (what an earlier call chose), then the task's; the task's
     complexity; the worktrees this machine's records name as live (a pmtool worktree none
-    of them names is a leftover); the task context for worktree_setup. `settings` is a
-    pmtool.config.Settings. A follow-up (`follow_up`) must find its branch. A diverged
-    local branch kept on a rescue ref is said in the task's notes (a comment, with
-    `client`) and in the record. Answers `(create_worktree's answer, the saved record)`;
+    of them names is a leftover); the task context for worktree_setup. `options` say where
+    and how (pmtool.work.options.worktree_options builds them from the settings);
+    `settings` (a pmtool.config.Settings) gives the hooks' context. A follow-up
+    (`follow_up`) must find its branch. A diverged local branch kept on a rescue ref is
+    said in the task's notes (a comment, with `client`) and in the record. Answers
+    `(create_worktree's Workspace, the saved record)`;
     raises what `create_worktree` raises (the record is then unchanged).
     """
     from pmtool.hooks import task_context
@@ -639,25 +758,21 @@ def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings
     task = record.task
     records, _corrupt = store.scan(quarantine=False)
     live = [r.worktree for r in [*records, record] if r.worktree]
-    root = repo_root(repo)
     result = create_worktree(
-        root, record.task_id, branch or record.branch or task.get("branch"),
-        complexity or task.get("complexity") or "major", base=base,
-        worktree_base=settings.worktree_base,
-        hooks_dir=hooks_dir if hooks_dir is not None else settings.hooks_path(root),
-        hook_timeout=settings.hook_timeout,
+        repo_root(repo), record.task_id, branch or record.branch or task.get("branch"),
+        complexity or task.get("complexity") or "major", options,
         context=task_context(record, state_dir=str(settings.state_path),
                              api_url=settings.api_url),
-        created_at=task.get("created_at"), minor_in_checkout=bool(settings.minor_in_checkout),
-        owner_pid=owner_pid or record.pid, live_paths=live, follow_up=follow_up(record))
+        created_at=task.get("created_at"), owner_pid=owner_pid or record.pid,
+        live_paths=live, follow_up=follow_up(record))
     # Re-read: a heartbeat may have written the record while worktree_setup ran.
     record = store.need(agent_id)
     # The directory the agent works in: the worktree, or the repo for a minor task.
-    record.worktree, record.branch = result["path"], result["branch"]
-    sync = result.get("sync") or {}
-    record.step("worktree", path=result["path"], created=result["created"],
-                setup_ok=result["ok"], **({"sync": sync["local"], "rescued": sync["rescued"]}
-                                          if sync.get("rescued") else {}))
+    record.worktree, record.branch = result.path, result.branch
+    sync = result.sync or {}
+    record.step("worktree", path=result.path, created=result.created,
+                setup_ok=result.ok, **({"sync": sync["local"], "rescued": sync["rescued"]}
+                                       if sync.get("rescued") else {}))
     store.save(record)
     if sync.get("rescued") and client is not None:
         # Said now, not at the finish: a give-back or a crash must not lose where the
@@ -723,7 +838,7 @@ def _drop_stray_lock(client: PMApi, record: TaskRecord, task: dict[str, Any] | N
 
 
 def release(client: PMApi, store: RecordStore, agent_id: str, notes: str | None = None,
-            kind: str = fl.FAILED, limits: fl.Limits | None = None) -> dict[str, Any]:
+            kind: str = fl.FAILED, limits: fl.Limits | None = None) -> Released:
     """Give the agent's task back: status as before the claim, lock dropped, record closed.
 
     `kind` says why (a pmtool.failure_policy kind; default `failed`): the claim's end is kept as
@@ -732,7 +847,8 @@ def release(client: PMApi, store: RecordStore, agent_id: str, notes: str | None 
     retried (budget), or whose task budget is spent over all claims, is parked for a
     person instead (status `pending`, action `parked`, with `parked` the reason).
 
-    Returns `{"task_id", "action": "released"|"parked"|"moved_on", "task", "attempt"}`.
+    Returns a `Released` (`task_id`, `action`: released, parked or moved_on, `task`,
+    `attempt`).
     A task that someone else has moved on is left as it is (`moved_on`); the record is
     closed either way.
     """
@@ -754,7 +870,9 @@ def release(client: PMApi, store: RecordStore, agent_id: str, notes: str | None 
                           notes=f"{agent_id}: released: {summary}"
                                 + (f": {notes}" if notes else "")
                                 + "\n" + bounds.attempts_note(rows))
-            return {**answer, "parked": step.reason, "attempt": line}
+            return Released(answer.task_id, answer.action, answer.task, attempt=line,
+                            reason=answer.reason, parked=step.reason, cause=answer.cause,
+                            status=answer.status)
         extra = f"{agent_id}: released: {summary}" + (f": {notes}" if notes else "")
         new = _release_on_server(client, agent_id, task, record.previous_status, extra)
         store.close(record, "released", status=record.previous_status)
@@ -762,16 +880,14 @@ def release(client: PMApi, store: RecordStore, agent_id: str, notes: str | None 
         if until is not None:  # for `pmtool status`: what cools down, until when
             ledger.add({"kind": fl.COOLDOWN, "task_id": record.task_id, "agent_id": agent_id,
                         "until": fl.iso(until), "reason": notes, "stop": kind})
-        return {"task_id": record.task_id, "action": "released", "task": new,
-                "attempt": line, "cooling_until": fl.iso(until) if until else None}
+        return Released(record.task_id, "released", new, attempt=line,
+                        cooling_until=fl.iso(until) if until else None)
     if _drop_stray_lock(client, record, task):
         assert task is not None
         store.close(record, "released", status=task["status"])
-        return {"task_id": record.task_id, "action": "released",
-                "task": read_task(client, record.task_id)}
+        return Released(record.task_id, "released", read_task(client, record.task_id))
     store.close(record, "moved_on", status=(task or {}).get("status"))
-    return {"task_id": record.task_id, "action": "moved_on", "task": task,
-            "reason": _why_not_ours(task, agent_id)}
+    return Released(record.task_id, "moved_on", task, reason=_why_not_ours(task, agent_id))
 
 
 def _why_not_ours(task: dict[str, Any] | None, agent_id: str) -> str:
@@ -800,7 +916,7 @@ def outcome_status(role: str, outcome: str, previous_status: str | None = None) 
 
 
 def finish(client: PMApi, store: RecordStore, agent_id: str, outcome: str,
-           notes: str | None = None, limits: fl.Limits | None = None) -> dict[str, Any]:
+           notes: str | None = None, limits: fl.Limits | None = None) -> Finished:
     """Report the outcome of the agent's task with the status its role's flow calls for.
 
     `done` (developers, architect, pm) -> dev_done; qa `pass` -> qa_done, `fail` ->
@@ -809,9 +925,9 @@ def finish(client: PMApi, store: RecordStore, agent_id: str, outcome: str,
     `pending` (never picked), the reason in the notes and as a comment. Notes are
     appended to the task's notes, never replace them; the claim's end is kept as an
     attempt line on this machine. If the server shows the task moved on (maybe by the
-    agent itself), nothing is overwritten: `action` is `moved_on`. Returns `{"task_id",
-    "action", "outcome", "status", "task"}` (and `parked`, the reason, when parked); the
-    record is closed either way.
+    agent itself), nothing is overwritten: `action` is `moved_on`. Returns a `Finished`
+    (`task_id`, `action`, `outcome`, `status`, `task`; `parked`, the reason, when parked);
+    the record is closed either way.
     """
     limits = limits or fl.Limits()
     record = store.need(agent_id)
@@ -825,9 +941,8 @@ def finish(client: PMApi, store: RecordStore, agent_id: str, outcome: str,
                        claimed_at=record.claimed_at)
         store.close(record, "moved_on", requested=outcome,
                     status=(task or {}).get("status"))
-        return {"task_id": record.task_id, "action": "moved_on", "outcome": outcome,
-                "status": (task or {}).get("status"), "task": task,
-                "reason": _why_not_ours(task, agent_id)}
+        return Finished(record.task_id, "moved_on", outcome, (task or {}).get("status"),
+                        task, reason=_why_not_ours(task, agent_id))
     assert task is not None
     record.step("finishing", outcome=outcome)
     store.save(record)  # a crash from here on is found by recover as "moved on"
@@ -851,23 +966,24 @@ def finish(client: PMApi, store: RecordStore, agent_id: str, outcome: str,
     if parked:
         # The verdict goes into the notes before the park comment: QA fails before the
         # park are settled once a person sets the task back.
-        answer = park(client, store, agent_id, parked, cause=cause,
-                      notes=extra if outcome != "blocked" else None)
-        return {**answer, "action": "finished", "outcome": outcome,
-                "parked": f"{cause}: {parked}", "lock_expired": lock_expired}
+        done = park(client, store, agent_id, parked, cause=cause,
+                    notes=extra if outcome != "blocked" else None)
+        return Finished(done.task_id, "finished", outcome, done.status, done.task,
+                        lock_expired=lock_expired, reason=done.reason,
+                        parked=f"{cause}: {parked}", cause=done.cause)
     answer = client.set_status(record.task_id, agent_id, status,
                                notes=_append_notes(task, extra))
     new = (answer or {}).get("task") or {**task, "status": status}
     store.close(record, outcome, status=status)
-    return {"task_id": record.task_id, "action": "finished", "outcome": outcome,
-            "status": status, "task": new, "lock_expired": lock_expired}
+    return Finished(record.task_id, "finished", outcome, status, new,
+                    lock_expired=lock_expired)
 
 
 PARKED = "pending"  # the server never offers a pending task: it waits for a person
 
 
 def park(client: PMApi, store: RecordStore, agent_id: str, reason: str,
-         cause: str = "parked", notes: str | None = None, **info: Any) -> dict[str, Any]:
+         cause: str = "parked", notes: str | None = None, **info: Any) -> Parked:
     """Park the agent's task for a person: status `pending`, the reason as a comment.
 
     For tasks no runner should take again by itself (the agent said `blocked`, too many
@@ -877,8 +993,8 @@ def park(client: PMApi, store: RecordStore, agent_id: str, reason: str,
     with outcome `parked`; a task someone else moved on meanwhile is left as it is
     (`moved_on`). `notes` (the verdict, the attempts) go into the task's notes before the
     comment. A park line in the history settles the task's attempts on this machine: once
-    a person sets it back, it starts afresh. Returns `{"task_id", "action", "status",
-    "reason", "cause", "task"}`.
+    a person sets it back, it starts afresh. Returns a `Parked` (`task_id`, `action`,
+    `status`, `reason`, `cause`, `task`).
     """
     record = store.need(agent_id)
     task = read_task(client, record.task_id, status=UNDER_WORK)
@@ -886,9 +1002,8 @@ def park(client: PMApi, store: RecordStore, agent_id: str, reason: str,
         _drop_stray_lock(client, record, task)
         store.close(record, "moved_on", requested="parked", reason=reason,
                     status=(task or {}).get("status"))
-        return {"task_id": record.task_id, "action": "moved_on", "cause": cause,
-                "status": (task or {}).get("status"), "reason": _why_not_ours(task, agent_id),
-                "task": task}
+        return Parked(record.task_id, "moved_on", cause, (task or {}).get("status"),
+                      _why_not_ours(task, agent_id), task)
     assert task is not None
     record.step("parking", cause=cause, reason=reason)
     store.save(record)
@@ -899,8 +1014,7 @@ def park(client: PMApi, store: RecordStore, agent_id: str, reason: str,
     new["notes"] = _append_notes(new, f"{agent_id}: {text}")
     bounds.Ledger(store.state).add(fl.park_line(record.task, agent_id, reason, cause=cause))
     store.close(record, "parked", status=PARKED, cause=cause, reason=reason, **info)
-    return {"task_id": record.task_id, "action": "parked", "cause": cause, "status": PARKED,
-            "reason": reason, "task": new}
+    return Parked(record.task_id, "parked", cause, PARKED, reason, new)
 
 
 # -- lost tasks ----------------------------------------------------------------------------

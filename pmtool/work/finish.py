@@ -422,7 +422,8 @@ def _status(client: PMApi, store: RecordStore, record: TaskRecord, verdict: dict
                      action="given_back" if give_back else "finished", head=head,
                      notes=notes, replayed=True)
     held = _HeldClose(store)
-    as_store = cast(RecordStore, held)  # it stands in for the store: all but close forwarded
+    as_store = cast(RecordStore, held)
+    result: work.Released | work.Finished  # it stands in for the store: all but close forwarded
     if give_back:  # the agent's verdict stands; the work waits on a ref for a person
         result = work.release(client, as_store, record.agent_id, notes=notes, kind="stopped",
                               limits=plan.limits)
@@ -434,10 +435,10 @@ def _status(client: PMApi, store: RecordStore, record: TaskRecord, verdict: dict
         record.steps = store.need(record.agent_id).steps
     except RecordCorrupt:  # kept aside by need(); the finish goes on with the record it holds
         record.step("record_corrupt", part="status")
-    action = "given_back" if give_back and result["action"] == "released" else result["action"]
+    action = "given_back" if give_back and result.action == "released" else result.action
     return _note(store, record, "status", outcome=held.outcome or verdict["outcome"],
-                 status=(result.get("task") or {}).get("status") or result.get("status"),
-                 action=action, head=head, notes=notes, parked=result.get("parked"),
+                 status=(result.task or {}).get("status") or result.status,
+                 action=action, head=head, notes=notes, parked=result.parked,
                  **{k: v for k, v in held.info.items() if k not in ("status", "parked")})
 
 
@@ -536,8 +537,8 @@ def remove_task_worktree(record: TaskRecord, repo: Path | None,
     except PmtoolError as exc:  # locked, or git refused: kept, and said
         return {"path": record.worktree, "removed": False, "rescued": None,
                 "reason": exc.message}
-    return {"path": answer.get("path"), "removed": answer.get("removed"),
-            "rescued": (answer.get("rescued") or {}).get("ref")}
+    return {"path": answer.path, "removed": answer.removed,
+            "rescued": (answer.rescued or {}).get("ref")}
 
 
 def _close(store: RecordStore, record: TaskRecord, status: dict[str, Any]) -> None:

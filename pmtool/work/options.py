@@ -10,12 +10,17 @@ its own values gets the same defaults: pmtool.failure_policy.Limits() is what
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool.agent.options import AgentOptions
+from pmtool.work.claim import ClaimOptions
 from pmtool.work.finish import FinishPlan
 from pmtool.work.recover import RecoverOptions
+
+if TYPE_CHECKING:
+    from pmtool.worktree import WorktreeOptions
 
 # The limits a Settings can name (the rest of fl.Limits are fixed caps).
 LIMIT_NAMES = ("max_attempts", "retry_cooldown", "max_bounces", "max_consecutive_failures",
@@ -82,3 +87,26 @@ def recover_options(settings: Any, **given: Any) -> RecoverOptions:
         "plan": finish_plan(settings, limits=bounds)}
     values.update({k: v for k, v in given.items() if v is not None})
     return RecoverOptions(**values)
+
+
+def claim_options(settings: Any, **given: Any) -> ClaimOptions:
+    """How a claim looks and takes: the limits from the settings, the rest (wait, settle,
+    explain, register_first, on_wait, sleep) as `given` (None values are not given)."""
+    values: dict[str, Any] = {"limits": limits(settings)}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return ClaimOptions(**values)
+
+
+def worktree_options(settings: Any, repo: str | Path | None = None,
+                     **given: Any) -> WorktreeOptions:
+    """Where and how a task's worktree is made: the worktree base, the hooks folder (found
+    as `settings.hooks_path(repo)` says), the hook timeout and minor_in_checkout from the
+    settings; `base` and the rest `given` first (None values are not given)."""
+    from pmtool.worktree import WorktreeOptions  # git's module: only when a worktree is made
+
+    values: dict[str, Any] = {
+        "worktree_base": settings.worktree_base, "hooks_dir": settings.hooks_path(repo),
+        "hook_timeout": settings.hook_timeout,
+        "minor_in_checkout": bool(settings.minor_in_checkout)}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return WorktreeOptions(**values)

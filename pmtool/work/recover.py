@@ -374,7 +374,7 @@ def _rescue_worktree(record: TaskRecord) -> str | None:
         answer = remove_worktree(repo_root(record.worktree), record.worktree, rescue=True)
     except PmtoolError:
         return None
-    return (answer.get("rescued") or {}).get("ref")
+    return (answer.rescued or {}).get("ref")
 
 
 GIVE_BACK_STEP = "recover-give-back"
@@ -432,8 +432,8 @@ def _park_given_back(client: PMApi, store: RecordStore, record: TaskRecord,
     if not dry_run:
         answer = park(client, store, record.agent_id, step.reason, cause=step.cause,
                       notes=f"{record.agent_id}: {note}\n" + bounds.attempts_note(rows))
-        if answer.get("action") != "parked":  # moved on meanwhile: left as it is
-            entry.note(action="released", reason=answer.get("reason"))
+        if answer.action != "parked":  # moved on meanwhile: left as it is
+            entry.note(action="released", reason=answer.reason)
             return
     entry.note(action="parked", cause=step.cause,
                reason=f"parked for a person: {step.reason}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from helpers import ago, pmtool
 from pmtool.errors import Conflict, NothingToDo, TaskFault, UsageError
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.worktree import (
+    WorktreeOptions,
     create_worktree,
     default_branch,
     land,
@@ -117,8 +120,8 @@ def test_existing_branch_is_reused_with_its_commits(repo: Path) -> None:
     head = commit_on(repo, "x.txt", "work in progress\n")
     git(repo, "switch", "-q", "main")
     result = create_worktree(repo, 3, "feature/x")
-    assert result["created"] is True and result["branch_source"] == "existing"
-    assert git(result["path"], "rev-parse", "HEAD") == head
+    assert result.created is True and result.branch_source == "existing"
+    assert git(result.path, "rev-parse", "HEAD") == head
 
 
 def test_branch_pushed_by_another_machine_comes_from_origin(env: Path, repo: Path) -> None:
@@ -131,8 +134,8 @@ def test_branch_pushed_by_another_machine_comes_from_origin(env: Path, repo: Pat
     # origin's HEAD names the default branch, whatever the main checkout is on.
     assert default_branch(clone) == "main"
     result = create_worktree(clone, 4, "feature/qa")
-    assert result["branch_source"] == "origin/feature/qa" and result["base"] == "main"
-    assert git(result["path"], "rev-parse", "HEAD") == head
+    assert result.branch_source == "origin/feature/qa" and result.base == "main"
+    assert git(result.path, "rev-parse", "HEAD") == head
 
 
 def test_default_branch_without_a_remote_is_the_checkout_branch(repo: Path) -> None:
@@ -144,9 +147,9 @@ def test_minor_task_gets_its_own_worktree_and_lands_by_fast_forward(repo: Path) 
     (repo / "app.py").write_text("the owner's unsaved edit\n")  # the checkout is dirty
     result = create_worktree(repo, 9, "feature/ignored", complexity="minor",
                              created_at=ago(zone=""))
-    path = Path(result["worktree"])
+    path = Path(result.worktree)
     assert path.parent == repo / ".worktrees" and path.name.startswith("task-9-")
-    assert result["branch"] == f"pmtool/{path.name}" and result["lands_on"] == "main"
+    assert result.branch == f"pmtool/{path.name}" and result.lands_on == "main"
     commit_on(path, "fix.txt", "a minor fix\n")
     # The base is checked out in the dirty main checkout: never written to, left for review.
     kept = land(repo, path, "main")
@@ -160,17 +163,17 @@ def test_minor_task_gets_its_own_worktree_and_lands_by_fast_forward(repo: Path) 
     assert (repo / "fix.txt").read_text() == "a minor fix\n"
     assert git(repo, "status", "--porcelain") == ""
     removed = remove_worktree(repo, path, delete_branch=True, base="main")
-    assert removed["removed"] and removed["branch_deleted"]
+    assert removed.removed and removed.branch_deleted
 
 
 def test_minor_task_left_on_its_branch_when_the_base_moved_on(repo: Path) -> None:
     result = create_worktree(repo, 10, None, complexity="minor")
-    path = Path(result["worktree"])
+    path = Path(result.worktree)
     commit_on(path, "fix.txt", "a minor fix\n")
     commit_on(repo, "other.txt", "someone else landed first\n")
     kept = land(repo, path, "main")
     assert kept["landed"] is False and "moved on" in kept["reason"]
-    assert kept["branch"] == result["branch"]
+    assert kept["branch"] == result.branch
     # Nothing of the task's reached main, nothing of it is lost.
     assert git(repo, "cat-file", "-t", f"{kept['branch']}:fix.txt") == "blob"
     assert not (repo / "fix.txt").exists()
@@ -178,65 +181,71 @@ def test_minor_task_left_on_its_branch_when_the_base_moved_on(repo: Path) -> Non
 
 def test_minor_lands_on_a_base_nobody_has_checked_out(repo: Path) -> None:
     git(repo, "switch", "-q", "-c", "elsewhere")
-    result = create_worktree(repo, 11, None, complexity="minor", base="main")
-    head = commit_on(Path(result["worktree"]), "fix.txt", "x\n")
-    assert land(repo, result["worktree"], "main")["landed"] is True
+    result = create_worktree(repo, 11, None, options=WorktreeOptions(base="main"),
+                             complexity="minor")
+    head = commit_on(Path(result.worktree), "fix.txt", "x\n")
+    assert land(repo, result.worktree, "main")["landed"] is True
     assert git(repo, "rev-parse", "main") == head
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "elsewhere"
 
 
 def test_minor_in_checkout_only_when_clean_and_one_task_at_a_time(repo: Path) -> None:
-    result = create_worktree(repo, 9, None, complexity="minor", minor_in_checkout=True)
-    assert result["worktree"] is None and result["path"] == str(repo)
-    assert result["branch"] == "main" and result["in_checkout"] is True
+    result = create_worktree(repo, 9, None, options=WorktreeOptions(minor_in_checkout=True),
+                             complexity="minor")
+    assert result.worktree is None and result.path == str(repo)
+    assert result.branch == "main" and result.in_checkout is True
     assert not (repo / ".worktrees").exists()
     # Another task, while task 9 (this process) holds it: refused.
     with pytest.raises(Conflict) as err:
-        create_worktree(repo, 12, None, complexity="minor", minor_in_checkout=True)
+        create_worktree(repo, 12, None, options=WorktreeOptions(minor_in_checkout=True),
+                        complexity="minor")
     assert err.value.details["checkout_in_use"] and err.value.details["held_by_task"] == 9
     # The same task again is fine (a resume).
-    create_worktree(repo, 9, None, complexity="minor", minor_in_checkout=True)
+    create_worktree(repo, 9, None, options=WorktreeOptions(minor_in_checkout=True),
+                    complexity="minor")
     removed = remove_worktree(repo, 9)
-    assert removed["checkout_released"] is True
-    create_worktree(repo, 12, None, complexity="minor", minor_in_checkout=True)
+    assert removed.checkout_released is True
+    create_worktree(repo, 12, None, options=WorktreeOptions(minor_in_checkout=True),
+                    complexity="minor")
     remove_worktree(repo, 12)
     # A dirty checkout is never worked in.
     (repo / "app.py").write_text("the owner's unsaved edit\n")
     with pytest.raises(Conflict, match="dirty checkout"):
-        create_worktree(repo, 13, None, complexity="minor", minor_in_checkout=True)
+        create_worktree(repo, 13, None, options=WorktreeOptions(minor_in_checkout=True),
+                        complexity="minor")
 
 
 def test_a_dead_owner_frees_the_checkout(repo: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    create_worktree(repo, 9, None, complexity="minor", minor_in_checkout=True,
-                    owner_pid=dead.pid)
-    assert create_worktree(repo, 12, None, complexity="minor",
-                           minor_in_checkout=True)["in_checkout"]
+    create_worktree(repo, 9, None, options=WorktreeOptions(minor_in_checkout=True),
+                    complexity="minor", owner_pid=dead.pid)
+    assert create_worktree(repo, 12, None, options=WorktreeOptions(minor_in_checkout=True),
+                           complexity="minor").in_checkout
 
 
 def test_a_reused_task_id_gets_a_fresh_worktree(repo: Path) -> None:
     old = create_worktree(repo, 7, "feature/a", created_at=ago(hours=2, zone=""))
-    (Path(old["path"]) / "old-work.txt").write_text("the deleted task's work\n")
+    (Path(old.path) / "old-work.txt").write_text("the deleted task's work\n")
     new = create_worktree(repo, 7, "feature/b", created_at=ago(hours=1, zone=""))
-    assert new["created"] is True and new["path"] != old["path"]
-    assert not (Path(new["path"]) / "old-work.txt").exists()
+    assert new.created is True and new.path != old.path
+    assert not (Path(new.path) / "old-work.txt").exists()
     with pytest.raises(UsageError, match="2 worktrees"):
         remove_worktree(repo, 7)
-    assert remove_worktree(repo, new["path"])["removed"]
+    assert remove_worktree(repo, new.path).removed
 
 
 def test_trunk_named_branch_becomes_the_task_branch(repo: Path) -> None:
     result = create_worktree(repo, 8, "main")
-    assert result["branch"] == "task-8" and "task-8" in result["note"]
-    assert git(result["path"], "symbolic-ref", "--short", "HEAD") == "task-8"
+    assert result.branch == "task-8" and "task-8" in result.note
+    assert git(result.path, "symbolic-ref", "--short", "HEAD") == "task-8"
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "main"
 
 
 def test_branch_held_by_the_main_checkout_is_a_conflict(repo: Path) -> None:
     git(repo, "switch", "-q", "-c", "feature/y")
     with pytest.raises(Conflict) as err:
-        create_worktree(repo, 5, "feature/y", base="main")
+        create_worktree(repo, 5, "feature/y", options=WorktreeOptions(base="main"))
     assert "main checkout" in err.value.message
 
 
@@ -246,11 +255,11 @@ def test_branch_checked_out_by_another_task_is_never_shared(env: Path, repo: Pat
         create_worktree(repo, 6, "feature/z")
     assert err.value.details["branch_in_use"] is True
     assert err.value.details["held_by_task"] == 5
-    assert err.value.details["checked_out_at"] == first["path"]
+    assert err.value.details["checked_out_at"] == first.path
     assert not (repo / ".worktrees" / "task-6").exists()
     # Once the first task's worktree is gone, the second gets the branch.
     remove_worktree(repo, 5)
-    assert create_worktree(repo, 6, "feature/z")["created"] is True
+    assert create_worktree(repo, 6, "feature/z").created is True
 
 
 def test_not_a_repository_and_bad_input(env: Path, repo: Path) -> None:
@@ -263,7 +272,7 @@ def test_not_a_repository_and_bad_input(env: Path, repo: Path) -> None:
     with pytest.raises(TaskFault):  # the task's fault: its runner parks it
         create_worktree(repo, 1, "bad..name")
     with pytest.raises(UsageError):
-        create_worktree(repo, 1, "b", base="no-such-base")
+        create_worktree(repo, 1, "b", options=WorktreeOptions(base="no-such-base"))
 
 
 def test_worktree_base_from_the_environment(env: Path, repo: Path) -> None:
@@ -336,7 +345,7 @@ def make_dirty(path: Path) -> None:
 
 def test_dirty_remove_refuses_and_rescue_keeps_every_byte(env: Path, repo: Path) -> None:
     created = create_worktree(repo, 7, "feature/login")
-    path = Path(created["path"])
+    path = Path(created.path)
     branch_head = commit_on(path, "login.py", "def login(): ...\n")
     make_dirty(path)
 
@@ -369,7 +378,7 @@ def test_dirty_remove_refuses_and_rescue_keeps_every_byte(env: Path, repo: Path)
 
 
 def test_rescue_touches_neither_index_nor_head(repo: Path) -> None:
-    path = Path(create_worktree(repo, 3, "f/3")["path"])
+    path = Path(create_worktree(repo, 3, "f/3").path)
     (path / "app.py").write_text("staged\n")
     git(path, "add", "app.py")
     (path / "app.py").write_text("staged, then edited again\n")
@@ -385,24 +394,24 @@ def test_rescue_touches_neither_index_nor_head(repo: Path) -> None:
 
 
 def test_detached_commits_no_branch_holds_count_as_dirty(repo: Path) -> None:
-    path = Path(create_worktree(repo, 4, "f/4")["path"])
+    path = Path(create_worktree(repo, 4, "f/4").path)
     git(path, "switch", "-q", "--detach")
     lost = commit_on(path, "orphan.txt", "only reachable from this worktree's HEAD\n")
     with pytest.raises(Conflict) as err:
         remove_worktree(repo, 4)
     assert err.value.details["detached_head"] == lost
     result = remove_worktree(repo, 4, rescue=True)
-    assert git(repo, "rev-parse", f"{result['rescued']['ref']}^") == lost
+    assert git(repo, "rev-parse", f"{result.rescued['ref']}^") == lost
 
 
 def test_delete_branch_only_when_merged(repo: Path) -> None:
-    path = Path(create_worktree(repo, 1, "f/unmerged")["path"])
+    path = Path(create_worktree(repo, 1, "f/unmerged").path)
     commit_on(path, "u.txt", "not merged\n")
     result = remove_worktree(repo, 1, delete_branch=True)
-    assert result["branch_deleted"] is False and "not merged" in result["branch_kept"]
+    assert result.branch_deleted is False and "not merged" in result.branch_kept
     assert git(repo, "rev-parse", "--verify", "refs/heads/f/unmerged")
 
-    path = Path(create_worktree(repo, 2, "f/merged")["path"])
+    path = Path(create_worktree(repo, 2, "f/merged").path)
     commit_on(path, "m.txt", "merged\n")
     git(repo, "merge", "-q", "--no-edit", "f/merged")
     res = pmtool("worktree", "remove", "2", "--delete-branch", "--repo", str(repo))
@@ -411,7 +420,7 @@ def test_delete_branch_only_when_merged(repo: Path) -> None:
 
 
 def test_remove_by_agent_id_updates_the_record(env: Path, repo: Path) -> None:
-    path = create_worktree(repo, 21, "f/21")["path"]
+    path = create_worktree(repo, 21, "f/21").path
     save_record(env, {"id": 21, "branch": "f/21", "complexity": "major"}, worktree=path)
     res = pmtool("worktree", "remove", "--agent-id", "dev_001")
     assert res.code == 0 and res.out["path"] == path
@@ -424,16 +433,16 @@ def test_remove_corners(repo: Path) -> None:
     res = pmtool("worktree", "remove", str(repo), "--repo", str(repo))
     assert res.code == 2 and "main checkout" in res.out["error"]["message"]
     with pytest.raises(NothingToDo):
-        rescue(repo, Path(create_worktree(repo, 5, "f/5")["path"]))  # clean: nothing to save
+        rescue(repo, Path(create_worktree(repo, 5, "f/5").path))  # clean: nothing to save
 
 
 # -- list and prune --------------------------------------------------------------------------
 
 def test_list_and_prune(env: Path, repo: Path) -> None:
-    kept_by_record = create_worktree(repo, 1, "f/1")["path"]
-    orphan = create_worktree(repo, 2, "f/2")["path"]
-    dirty = create_worktree(repo, 3, "f/3")["path"]
-    busy = create_worktree(repo, 4, "f/4")["path"]
+    kept_by_record = create_worktree(repo, 1, "f/1").path
+    orphan = create_worktree(repo, 2, "f/2").path
+    dirty = create_worktree(repo, 3, "f/3").path
+    busy = create_worktree(repo, 4, "f/4").path
     (Path(dirty) / "wip.txt").write_text("unsaved\n")
     git(repo, "worktree", "add", "-q", "-b", "mine", str(env / "not-pmtools"))
     save_record(env, {"id": 1, "branch": "f/1", "complexity": "major"}, worktree=kept_by_record)
@@ -473,37 +482,37 @@ def test_list_and_prune(env: Path, repo: Path) -> None:
 
 
 def test_prune_dry_run_removes_nothing(env: Path, repo: Path) -> None:
-    path = create_worktree(repo, 2, "f/2")["path"]
+    path = create_worktree(repo, 2, "f/2").path
     res = pmtool("worktree", "prune", "--dry-run", "--repo", str(repo))
     assert res.code == 0 and res.out["removed"][0]["would_remove"] is True
     assert Path(path).is_dir()
 
 
 def test_worktree_folder_deleted_by_hand(repo: Path) -> None:
-    path = Path(create_worktree(repo, 5, "f/5")["path"])
+    path = Path(create_worktree(repo, 5, "f/5").path)
     subprocess.run(["rm", "-rf", str(path)], check=True)
     again = create_worktree(repo, 5, "f/5")  # recreated, on the same branch
-    assert again["created"] is True and Path(again["path"]).is_dir()
+    assert again.created is True and Path(again.path).is_dir()
     subprocess.run(["rm", "-rf", str(path)], check=True)
     result = remove_worktree(repo, 5)
-    assert result["removed"] is True and "gone" in result["note"]
+    assert result.removed is True and "gone" in result.note
     assert os.listdir(repo / ".worktrees") == []
 
 
 def test_a_leftover_worktree_frees_its_branch_only_when_nobody_has_it(repo: Path) -> None:
     old = create_worktree(repo, 5, "feature/z")
-    (Path(old["path"]) / "wip.txt").write_text("left behind\n")
+    (Path(old.path) / "wip.txt").write_text("left behind\n")
     # A task record names it: the next task on the branch waits.
     with pytest.raises(Conflict):
-        create_worktree(repo, 6, "feature/z", live_paths=[old["path"]])
+        create_worktree(repo, 6, "feature/z", live_paths=[old.path])
     # Nobody names it, nobody works in it: removed with its work rescued, branch free.
     new = create_worktree(repo, 6, "feature/z", live_paths=[])
-    assert new["created"] is True and not Path(old["path"]).exists()
-    ref = new["leftover_removed"]["rescued"]
+    assert new.created is True and not Path(old.path).exists()
+    ref = new.leftover_removed["rescued"]
     assert git(repo, "show", f"{ref}:wip.txt") == "left behind"
     # A process working in it keeps it.
     busy = create_worktree(repo, 7, "feature/w")
-    sleeper = subprocess.Popen(["sleep", "30"], cwd=busy["path"])
+    sleeper = subprocess.Popen(["sleep", "30"], cwd=busy.path)
     try:
         with pytest.raises(Conflict):
             create_worktree(repo, 8, "feature/w", live_paths=[])
@@ -518,20 +527,24 @@ def test_a_python_caller_gives_a_record_its_workspace_as_the_cli_does(env: Path,
     the library alone makes the worktree and writes it into the record."""
     from pmtool.config import load_settings
     from pmtool.work import claim as work
+    from pmtool.work.options import worktree_options
 
     save_record(env, {"id": 12, "branch": "feature/lib", "complexity": "major",
                       "created_at": ago(days=1, zone="")})
     store = RecordStore(env / "state")
-    answer, record = work.task_workspace(store, "dev_001", repo, load_settings())
-    assert answer["ok"] and answer["created"] and answer["branch"] == "feature/lib"
-    assert Path(answer["path"]).is_dir()
-    assert git(answer["path"], "symbolic-ref", "--short", "HEAD") == "feature/lib"
+    settings = load_settings()
+    answer, record = work.task_workspace(store, "dev_001", repo, settings,
+                                         worktree_options(settings, repo))
+    assert answer.ok and answer.created and answer.branch == "feature/lib"
+    assert Path(answer.path).is_dir()
+    assert git(answer.path, "symbolic-ref", "--short", "HEAD") == "feature/lib"
     kept = store.load("dev_001")
-    assert kept is not None and kept.worktree == record.worktree == answer["path"]
+    assert kept is not None and kept.worktree == record.worktree == answer.path
     assert kept.branch == "feature/lib" and kept.steps[-1]["step"] == "worktree"
     # A second call finds the same workspace, and says so.
-    again, _ = work.task_workspace(store, "dev_001", repo, load_settings())
-    assert again["path"] == answer["path"] and again["created"] is False
+    again, _ = work.task_workspace(store, "dev_001", repo, settings,
+                                   worktree_options(settings, repo))
+    assert again.path == answer.path and again.created is False
 
 
 def test_a_branch_taken_between_the_look_and_the_add_is_waited_for(
@@ -595,9 +608,9 @@ def test_a_machine_that_never_fetched_gets_the_pushed_branch(machines) -> None:
     head = push_work(a, "feature/mm")
     assert not _has(b, "feature/mm")
     result = create_worktree(b, 4, "feature/mm", follow_up=True)
-    assert result["sync"]["local"] == "missing" and result["sync"]["branch_on_remote"]
-    assert result["branch_source"] == "origin/feature/mm"
-    assert git(result["path"], "rev-parse", "HEAD") == head
+    assert result.sync["local"] == "missing" and result.sync["branch_on_remote"]
+    assert result.branch_source == "origin/feature/mm"
+    assert git(result.path, "rev-parse", "HEAD") == head
 
 
 def test_a_local_branch_behind_the_remote_is_fast_forwarded(machines) -> None:
@@ -607,8 +620,8 @@ def test_a_local_branch_behind_the_remote_is_fast_forwarded(machines) -> None:
     git(b, "branch", "-q", "feature/mm", "origin/feature/mm")  # B worked it once, before
     second = push_work(a, "feature/mm", "more.txt")
     result = create_worktree(b, 4, "feature/mm")
-    assert result["sync"]["local"] == "behind" and "fast-forwarded" in result["note"]
-    assert git(result["path"], "rev-parse", "HEAD") == second
+    assert result.sync["local"] == "behind" and "fast-forwarded" in result.note
+    assert git(result.path, "rev-parse", "HEAD") == second
     assert git(b, "merge-base", "--is-ancestor", first, second) == ""
 
 
@@ -622,14 +635,14 @@ def test_diverged_local_commits_go_to_a_rescue_ref_and_work_follows_the_remote(
     git(b, "switch", "-q", "main")
     theirs = push_work(a, "feature/mm", "a-later.txt")
     result = create_worktree(b, 4, "feature/mm")
-    sync = result["sync"]
+    sync = result.sync
     assert sync["local"] == "diverged" and sync["rescued"].startswith("refs/pmtool/rescue/task-4/")
-    assert sync["rescued"] in result["note"] and "diverged" in result["note"]
+    assert sync["rescued"] in result.note and "diverged" in result.note
     # Nothing lost: B's commit on the rescue ref, the remote's work on the branch, and
     # the remote itself untouched (nothing pushed, nothing forced).
     assert git(b, "rev-parse", sync["rescued"]) == mine
     assert git(b, "show", f"{sync['rescued']}:b-only.txt") == "B's unpushed work"
-    assert git(result["path"], "rev-parse", "HEAD") == theirs
+    assert git(result.path, "rev-parse", "HEAD") == theirs
     assert git(a, "ls-remote", "origin", "refs/heads/feature/mm").split()[0] == theirs
 
 
@@ -641,8 +654,8 @@ def test_a_local_branch_ahead_of_the_remote_is_kept(machines) -> None:
     mine = commit_on(b, "b-more.txt", "more on top\n")
     git(b, "switch", "-q", "main")
     result = create_worktree(b, 4, "feature/mm")
-    assert result["sync"]["local"] == "ahead" and result["sync"]["rescued"] is None
-    assert git(result["path"], "rev-parse", "HEAD") == mine
+    assert result.sync["local"] == "ahead" and result.sync["rescued"] is None
+    assert git(result.path, "rev-parse", "HEAD") == mine
     assert git(b, "merge-base", "--is-ancestor", pushed, mine) == ""
 
 
@@ -651,8 +664,8 @@ def test_a_new_branch_starts_from_the_remotes_newer_base(machines) -> None:
     newer = commit_on(a, "later.txt", "main moved on\n")
     git(a, "push", "-q", "origin", "main")
     result = create_worktree(b, 4, "feature/new")
-    assert result["branch_source"] == "new from main"
-    assert git(result["path"], "rev-parse", "HEAD") == newer
+    assert result.branch_source == "new from main"
+    assert git(result.path, "rev-parse", "HEAD") == newer
     assert git(b, "rev-parse", "main") != newer  # B's own main is not touched
 
 
@@ -666,7 +679,7 @@ def test_nothing_to_review_when_the_branch_is_nowhere(machines, repo: Path) -> N
         assert not _has(where, "feature/never-pushed")
         assert not (where / ".worktrees" / "task-4").exists()
     # Not a follow-up (a developer's first claim): the branch is made from the base.
-    assert create_worktree(b, 5, "feature/never-pushed")["branch_source"] == "new from main"
+    assert create_worktree(b, 5, "feature/never-pushed").branch_source == "new from main"
 
 
 def test_a_remote_that_cannot_be_reached_is_a_machine_fault(machines, repo: Path) -> None:
@@ -682,7 +695,7 @@ def test_a_remote_that_cannot_be_reached_is_a_machine_fault(machines, repo: Path
     assert not (b / ".worktrees" / "task-4").exists() and not _has(b, "feature/mm")
     # Without a remote nothing is fetched and nothing changes.
     result = create_worktree(repo, 4, "feature/local")
-    assert "sync" not in result and result["branch_source"] == "new from main"
+    assert result.sync is None and result.branch_source == "new from main"
 
 
 def test_a_remote_that_hangs_is_ended_on_time_and_is_a_machine_fault(machines, env) -> None:
@@ -718,8 +731,8 @@ def test_a_minor_task_left_for_review_comes_from_the_remote_too(machines) -> Non
     born = ago(days=1, zone="")
     head = push_work(a, MINOR_PREFIX + workspace_name(4, born), "minor.txt")
     result = create_worktree(b, 4, None, "minor", created_at=born, follow_up=True)
-    assert result["branch_source"] == f"origin/{MINOR_PREFIX}{workspace_name(4, born)}"
-    assert git(result["path"], "rev-parse", "HEAD") == head
+    assert result.branch_source == f"origin/{MINOR_PREFIX}{workspace_name(4, born)}"
+    assert git(result.path, "rev-parse", "HEAD") == head
     assert git(b, "rev-parse", "main") == git(b, "rev-parse", "origin/main")
 
 def test_a_branch_pmtool_named_goes_with_its_worktree_unless_it_holds_work(
@@ -751,3 +764,39 @@ def test_worktree_create_says_why_it_does_not_ask_the_server(env: Path) -> None:
     text = subprocess.run([PMTOOL, "worktree", "create", "--help"], capture_output=True,
                           text=True, check=True).stdout
     assert "not looked up on the server" in " ".join(text.split())
+
+
+# Each case of the worktree's answers, and the keys its JSON has always had (`worktree
+# create` and `worktree remove` print them; tests/contract pins the main case).
+WORKSPACE = {"ok", "path", "worktree", "branch", "base", "created", "task_id", "complexity",
+             "hook"}
+REMOVED = {"path", "task_id", "branch", "removed", "rescued", "branch_deleted", "branch_kept"}
+WORKTREE_ANSWER_KEYS = {
+    "create": WORKSPACE | {"branch_source"},
+    "create again": WORKSPACE,
+    "create minor": WORKSPACE | {"lands_on", "branch_source"},
+    "create in checkout": WORKSPACE | {"on_base", "in_checkout"},
+    "remove": REMOVED,
+    "remove in checkout": REMOVED | {"checkout_released"},
+    "remove gone": REMOVED | {"note"},
+}
+
+
+def worktree_answers(repo: Path) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    found["create"] = create_worktree(repo, 1, "feature/one")
+    found["create again"] = create_worktree(repo, 1, "feature/one")
+    found["remove"] = remove_worktree(repo, 1)
+    found["create minor"] = create_worktree(repo, 2, None, "minor")
+    found["create in checkout"] = create_worktree(
+        repo, 3, None, "minor", WorktreeOptions(minor_in_checkout=True))
+    found["remove in checkout"] = remove_worktree(repo, 3)
+    shutil.rmtree(create_worktree(repo, 4, "feature/four").path)
+    found["remove gone"] = remove_worktree(repo, 4)
+    return found
+
+
+def test_the_worktree_answers_keep_their_keys(repo: Path) -> None:
+    answers = worktree_answers(repo)
+    assert {case: set(answer.to_json()) for case, answer in answers.items()} \
+        == WORKTREE_ANSWER_KEYS

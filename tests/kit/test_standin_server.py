@@ -632,7 +632,8 @@ def test_recover_does_not_resume_a_task_whose_id_was_reused(make_standin, tmp_pa
     server, seed = _private(make_standin)
     client, store = _client(server), RecordStore(tmp_path / "state")
     seed.create_task(title="ours")
-    claimed = work.claim(client, store, "dev_1", "backend_dev", "senior", settle=0.05)
+    claimed = work.claim(client, store, "dev_1", "backend_dev", "senior",
+                         options=work.ClaimOptions(settle=0.05))
     record = claimed.record
     record.pid, record.pid_started = _dead_pid(), None  # the runner is gone
     store.save(record)

@@ -169,8 +169,8 @@ def test_claims_on_one_machine_overlap(private: Any, tmp_path: Path) -> None:
                 both_settling.wait()
 
         try:
-            results[agent] = work.claim(PMClient(client.url, _server.api_key), store, agent,
-                                        ROLE, LEVEL, settle=0.0, sleep=settle)
+            results[agent] = work.claim(PMClient(client.url, _server.api_key), store, agent, ROLE,
+                                        LEVEL, options=work.ClaimOptions(settle=0.0, sleep=settle))
         except Exception as exc:  # reported below
             results[agent] = exc
 
@@ -192,7 +192,7 @@ def test_claim_read_back_asks_for_status_and_role(private: Any, tmp_path: Path) 
     task = seeder.create_task(title="to claim")
     before = len(server.requests("GET /api/v1/tasks"))
     claimed = work.claim(client, RecordStore(tmp_path / "state"), "rb-1", ROLE, LEVEL,
-                         settle=0.0)
+                         options=work.ClaimOptions(settle=0.0))
     assert claimed.task["id"] == task["id"]
     reads = server.requests("GET /api/v1/tasks")[before:]
     assert reads, "the claim read the task back"
@@ -208,7 +208,7 @@ def test_a_task_offered_a_moment_too_early_is_not_worked_again(private: Any,
     seeder.set_status(task["id"], "dev_done")
     with pytest.raises(NothingToDo):
         work.claim(client, RecordStore(tmp_path / "state"), "late-1", ROLE, LEVEL,
-                   settle=0.0, first=task)
+                   options=work.ClaimOptions(settle=0.0), first=task)
     after = seeder.get_task(task["id"])
     assert (after["status"], after["locked_by"]) == ("dev_done", None)  # lock put down
 

@@ -48,8 +48,8 @@ def attempt_lines(store: RecordStore) -> list[dict[str, Any]]:
 
 def take(client: PMClient, store: RecordStore, agent: str, role: str = "backend_dev",
          limits: fl.Limits = FAST, wait: float = 0) -> dict[str, Any]:
-    return work.claim(client, store, agent, role, "senior", settle=0.05, limits=limits,
-                      wait=wait).task
+    return work.claim(client, store, agent, role, "senior",
+                      options=work.ClaimOptions(settle=0.05, limits=limits, wait=wait)).task
 
 
 def test_always_failing_task_is_parked_after_max_attempts(queue, client, store) -> None:
@@ -67,15 +67,15 @@ def test_always_failing_task_is_parked_after_max_attempts(queue, client, store) 
         result = work.release(client, store, agent, notes=f"tests red ({attempt})",
                               kind=fl.FAILED, limits=FAST)
         if attempt < FAST.max_attempts:
-            assert result["action"] == "released" and result["cooling_until"]
+            assert result.action == "released" and result.cooling_until
             # Cooling: this machine does not take it straight back.
             with pytest.raises(NothingToDo) as exc:
                 take(client, store, agent)
             assert made["id"] in exc.value.details["cooling"]
             assert "cooling down" in exc.value.message
         else:
-            assert result["action"] == "parked"
-            assert result["parked"].startswith("3 attempts failed (max_attempts 3)")
+            assert result.action == "parked"
+            assert result.parked.startswith("3 attempts failed (max_attempts 3)")
     assert runs == FAST.max_attempts
     on_server = queue.get_task(made["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
@@ -98,7 +98,7 @@ def test_budget_stop_is_parked_at_once(queue, client, store) -> None:
     take(client, store, agent)
     result = work.release(client, store, agent, notes="claude stopped at --max-budget-usd",
                           kind=fl.BUDGET, limits=FAST)
-    assert result["action"] == "parked" and result["parked"].startswith("budget:")
+    assert result.action == "parked" and result.parked.startswith("budget:")
     assert queue.get_task(made["id"])["status"] == "pending"
 
 
@@ -109,7 +109,7 @@ def test_task_budget_counts_every_claim(queue, client, store) -> None:
     for cost, action in ((0.6, "released"), (0.5, "parked")):
         take(client, store, agent, limits=limits)
         work.update_record(store, agent, cost_usd=cost)
-        assert work.release(client, store, agent, limits=limits)["action"] == action
+        assert work.release(client, store, agent, limits=limits).action == action
     assert "task budget $1 spent ($1.1000 over 2 claims)" in queue.get_task(made["id"])["notes"]
 
 
@@ -119,8 +119,8 @@ def test_blocked_runs_once_and_waits_for_a_person(queue, client, store) -> None:
     take(client, store, agent)
     result = work.finish(client, store, agent, "blocked", notes="which database?",
                          limits=FAST)
-    assert (result["status"], result["parked"]) == ("pending", "blocked: which database?")
-    assert result["action"] == "finished"
+    assert (result.status, result.parked) == ("pending", "blocked: which database?")
+    assert result.action == "finished"
     on_server = queue.get_task(made["id"])
     assert on_server["status"] == "pending" and on_server["locked_by"] is None
     assert f"{agent}: parked by pmtool (blocked): which database?" in on_server["notes"]
@@ -132,7 +132,7 @@ def test_blocked_runs_once_and_waits_for_a_person(queue, client, store) -> None:
 
 
 def qa_round(queue: Seeder, client: PMClient, store: RecordStore, task_id: int,
-             dev: str, qa: str) -> dict[str, Any]:
+             dev: str, qa: str) -> work.Finished:
     assert take(client, store, dev)["id"] == task_id
     work.finish(client, store, dev, "done", limits=FAST)
     assert take(client, store, qa, role="qa")["id"] == task_id
@@ -142,12 +142,12 @@ def qa_round(queue: Seeder, client: PMClient, store: RecordStore, task_id: int,
 def test_ping_pong_is_parked_after_max_bounces(queue, client, store) -> None:
     made = queue.create_task(title="ping pong")
     dev, qa = unique_id("dev"), unique_id("qa")
-    assert qa_round(queue, client, store, made["id"], dev, qa)["status"] == "created"
-    assert qa_round(queue, client, store, made["id"], dev, qa)["status"] == "created"
+    assert qa_round(queue, client, store, made["id"], dev, qa).status == "created"
+    assert qa_round(queue, client, store, made["id"], dev, qa).status == "created"
     third = qa_round(queue, client, store, made["id"], dev, qa)
-    assert third["status"] == "pending"
-    assert third["parked"].startswith("max_bounces: QA failed it 3 times (max_bounces 3)")
-    assert third["action"] == "finished" and third["outcome"] == "fail"
+    assert third.status == "pending" and third.parked is not None
+    assert third.parked.startswith("max_bounces: QA failed it 3 times (max_bounces 3)")
+    assert third.action == "finished" and third.outcome == "fail"
     with pytest.raises(NothingToDo):
         take(client, store, dev)
     assert queue.get_task(made["id"])["status"] == "pending"

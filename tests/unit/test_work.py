@@ -127,8 +127,9 @@ def no_sleep(seconds: float) -> None:
 def test_claim_locks_verifies_and_records(store):
     server = FakeServer(task(1, notes="from the pm"), task(2))
     naps: list[float] = []
-    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior", settle=0.25,
-                         runner_pid=os.getpid(), sleep=naps.append)
+    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior",
+                         options=work.ClaimOptions(settle=0.25, sleep=naps.append),
+                         runner_pid=os.getpid())
     assert claimed.task["id"] == 1 and claimed.task["status"] == "under_work"
     assert naps == [0.25]  # settled once, before the read-back
     kinds = [c[0] for c in server.calls]
@@ -152,8 +153,8 @@ def test_lost_double_lock_moves_on_to_the_next_candidate(store):
 
     server.after_lock = rival_wins
     stats = work.ClaimStats()
-    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior", stats=stats,
-                         sleep=no_sleep)
+    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior",
+                         options=work.ClaimOptions(sleep=no_sleep), stats=stats)
     assert claimed.task["id"] == 2  # not 3: above the agent's level
     assert (stats.losses, stats.conflicts, stats.tried) == (1, 0, 2)
     assert server.tasks[1]["locked_by"] == "rival" and server.tasks[1]["status"] == "created"
@@ -165,8 +166,8 @@ def test_conflict_409_tries_the_next_and_nothing_left_is_exit_3(store):
     server.tasks[1]["locked_by"] = "other"
     stats = work.ClaimStats()
     with pytest.raises(NothingToDo) as err:
-        work.claim(server, store, "dev_1", "backend_dev", "senior", stats=stats,
-                   sleep=no_sleep)
+        work.claim(server, store, "dev_1", "backend_dev", "senior",
+                   options=work.ClaimOptions(sleep=no_sleep), stats=stats)
     assert err.value.exit_code == 3 and stats.conflicts == 1
     assert store.load("dev_1") is None  # a lock never held leaves no record
 
@@ -183,8 +184,8 @@ def test_wait_polls_with_capped_backoff(store, monkeypatch):
 
     stats = work.ClaimStats()
     with pytest.raises(NothingToDo):
-        work.claim(server, store, "dev_1", "backend_dev", "senior", wait=20, stats=stats,
-                   sleep=nap)
+        work.claim(server, store, "dev_1", "backend_dev", "senior",
+                   options=work.ClaimOptions(wait=20, sleep=nap), stats=stats)
     assert naps[0] <= work.POLL_FIRST and max(naps) <= work.POLL_CAP
     assert sum(naps) == pytest.approx(20)
     assert 10 < stats.polls < 30  # not a busy loop, not one long poll
@@ -193,13 +194,15 @@ def test_wait_polls_with_capped_backoff(store, monkeypatch):
 def test_claim_registers_once_and_only_when_there_is_a_task_to_lock(store):
     server = FakeServer()
     with pytest.raises(NothingToDo) as err:
-        work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+        work.claim(server, store, "dev_1", "backend_dev", "senior",
+                   options=work.ClaimOptions(sleep=no_sleep))
     assert "register" not in [c[0] for c in server.calls] and not server.agents
     assert err.value.details["why"] == ["nothing is created or pending for backend_dev"]
     server = FakeServer(task(1), task(2))
     server.tasks[1]["locked_by"] = "other"
     server.next_task = lambda role, level, simulate=True: dict(task(1))  # stale: a 409
-    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    work.claim(server, store, "dev_1", "backend_dev", "senior",
+               options=work.ClaimOptions(sleep=no_sleep))
     kinds = [c[0] for c in server.calls]
     assert kinds.count("register") == 1 and kinds.index("register") < kinds.index("lock")
 
@@ -224,9 +227,11 @@ def test_why_nothing_asks_only_for_what_can_explain_it(store):
 
 def test_claim_refuses_an_agent_with_a_record(store):
     server = FakeServer(task(1), task(2))
-    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    work.claim(server, store, "dev_1", "backend_dev", "senior",
+               options=work.ClaimOptions(sleep=no_sleep))
     with pytest.raises(Conflict) as err:
-        work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+        work.claim(server, store, "dev_1", "backend_dev", "senior",
+                   options=work.ClaimOptions(sleep=no_sleep))
     assert err.value.details["pid"] == os.getpid() and err.value.details["live"] is True
 
 
@@ -254,7 +259,7 @@ def test_candidates_oldest_first_unlocked_at_or_below_level():
 def claimed(store: RecordStore, *tasks: dict[str, Any], role: str = "backend_dev",
             agent: str = "dev_1") -> FakeServer:
     server = FakeServer(*tasks)
-    work.claim(server, store, agent, role, "senior", sleep=no_sleep)
+    work.claim(server, store, agent, role, "senior", options=work.ClaimOptions(sleep=no_sleep))
     return server
 
 
@@ -277,7 +282,7 @@ def test_outcome_wrong_for_role():
 def test_finish_appends_notes_and_closes(store):
     server = claimed(store, task(1, notes="spec"))
     result = work.finish(server, store, "dev_1", "done", notes="all green")
-    assert result["status"] == "dev_done" and server.tasks[1]["locked_by"] is None
+    assert result.status == "dev_done" and server.tasks[1]["locked_by"] is None
     assert server.tasks[1]["notes"].startswith("spec\n\n")
     assert server.tasks[1]["notes"].endswith("dev_1: done: all green")
     assert store.load("dev_1") is None
@@ -291,7 +296,7 @@ def test_finish_blocked_parks_and_comments_after_the_status(store):
     kinds = [c[0] for c in server.calls]
     assert kinds[-2:] == ["status", "comment"]  # a status update would wipe the comment
     assert server.tasks[1]["status"] == "pending" and server.tasks[1]["locked_by"] is None
-    assert result["parked"] == "blocked: no schema" and result["status"] == "pending"
+    assert result.parked == "blocked: no schema" and result.status == "pending"
     assert "dev_1: parked by pmtool (blocked): no schema -- set the task back to created" \
         in server.tasks[1]["notes"]
 
@@ -301,7 +306,7 @@ def test_finish_moved_on_does_not_write(store):
     server.tasks[1].update(status="dev_done", locked_by=None)
     writes = len(server.calls)
     result = work.finish(server, store, "dev_1", "done")
-    assert result["action"] == "moved_on"
+    assert result.action == "moved_on"
     assert not [c for c in server.calls[writes:] if c[0] in ("status", "comment")]
     assert store.load("dev_1") is None
 
@@ -310,14 +315,14 @@ def test_finish_after_lock_expired_still_lands(store):
     server = claimed(store, task(1))
     server.tasks[1]["locked_by"] = None  # the 30-minute rule; status stays under_work
     result = work.finish(server, store, "dev_1", "done")
-    assert result["action"] == "finished" and result["lock_expired"] is True
+    assert result.action == "finished" and result.lock_expired is True
 
 
 def test_release_moved_on_when_someone_else_holds_it(store):
     server = claimed(store, task(1))
     server.tasks[1]["locked_by"] = "dev_2"
     result = work.release(server, store, "dev_1")
-    assert result["action"] == "moved_on" and "dev_2" in result["reason"]
+    assert result.action == "moved_on" and "dev_2" in result.reason
     assert server.tasks[1]["locked_by"] == "dev_2"
 
 
@@ -440,8 +445,8 @@ def test_recover_nothing_and_usage(store):
 
 def test_recover_live_runner_left_alone(store):
     server = FakeServer(task(1))
-    work.claim(server, store, "dev_1", "backend_dev", "senior", sleep=no_sleep,
-               runner_pid=os.getppid())
+    work.claim(server, store, "dev_1", "backend_dev", "senior",
+               options=work.ClaimOptions(sleep=no_sleep), runner_pid=os.getppid())
     server.calls.clear()
     (entry,) = work_recover.recover(server, store)
     assert entry.action == "running" and server.calls == []  # not even a read
@@ -463,11 +468,12 @@ def test_library_claim_and_finish_over_http(pm_server, seeder, store):
     made = seeder.create_task(title="library claim")
     client = PMClient(pm_server.url, pm_server.api_key)
     agent = unique_id("lib")
-    claimed = work.claim(client, store, agent, "backend_dev", "junior", settle=0.05)
+    claimed = work.claim(client, store, agent, "backend_dev", "junior",
+                         options=work.ClaimOptions(settle=0.05))
     assert claimed.task["id"] == made["id"] and claimed.record.pid == os.getpid()
     assert seeder.get_task(made["id"])["locked_by"] == agent
     result = work.finish(client, store, agent, "done")
-    assert result["status"] == "dev_done"
+    assert result.status == "dev_done"
     park(seeder)
 
 
@@ -537,9 +543,9 @@ def test_finish_or_release_of_a_cut_short_claim_drops_our_lock(store, how):
     server = FakeServer(task(1, locked_by="dev_1"))
     stale_record(store, server, 1, "locked")
     if how == "finish":
-        assert work.finish(server, store, "dev_1", "done")["action"] == "moved_on"
+        assert work.finish(server, store, "dev_1", "done").action == "moved_on"
     else:
-        assert work.release(server, store, "dev_1")["action"] == "released"
+        assert work.release(server, store, "dev_1").action == "released"
     assert server.tasks[1]["locked_by"] is None and server.tasks[1]["status"] == "created"
     assert store.load("dev_1") is None
 
@@ -550,7 +556,7 @@ def test_finish_or_release_of_a_cut_short_claim_drops_our_lock(store, how):
 def test_park_sets_pending_comments_and_closes_as_parked(store):
     server = claimed(store, task(1, notes="spec"))
     result = work.park(server, store, "dev_1", "the agent said: no schema", cause="blocked")
-    assert result["action"] == "parked" and result["status"] == "pending"
+    assert result.action == "parked" and result.status == "pending"
     assert server.tasks[1]["status"] == "pending" and server.tasks[1]["locked_by"] is None
     kinds = [c[0] for c in server.calls]
     assert kinds[-2:] == ["status", "comment"]  # a status update would wipe the comment
@@ -566,7 +572,7 @@ def test_park_leaves_a_task_that_moved_on(store):
     server.tasks[1].update(status="dev_done", locked_by=None)
     writes = len(server.calls)
     result = work.park(server, store, "dev_1", "too many attempts", cause="max_attempts")
-    assert result["action"] == "moved_on" and server.tasks[1]["status"] == "dev_done"
+    assert result.action == "moved_on" and server.tasks[1]["status"] == "dev_done"
     assert not [c for c in server.calls[writes:] if c[0] in ("status", "comment")]
     assert store.load("dev_1") is None
 
@@ -575,8 +581,9 @@ def test_park_leaves_a_task_that_moved_on(store):
 
 
 def _under_work_by_me(store: RecordStore, server: FakeServer) -> TaskRecord:
-    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior", settle=0,
-                         runner_pid=os.getpid(), sleep=no_sleep)
+    claimed = work.claim(server, store, "dev_1", "backend_dev", "senior",
+                         options=work.ClaimOptions(settle=0, sleep=no_sleep),
+                         runner_pid=os.getpid())
     return claimed.record
 
 
@@ -649,3 +656,69 @@ def test_only_the_verdict_of_the_last_run_in_the_transcript_counts(store):
     assert kept_verdict(store.load("dev_1")) is None
     assert kept_or_transcript_verdict(store, store.load("dev_1"))["outcome"] == "blocked"
     assert kept_verdict(store.load("dev_1"))["outcome"] == "blocked"  # noted now
+
+
+# Each case of the protocol's answers, and the keys its JSON has always had: a script
+# reading `pmtool finish` or `pmtool lock release` relies on them (keys may be added,
+# never dropped or renamed; tests/contract/test_json_keys.py pins the commands' main case).
+ANSWER_KEYS = {
+    "claim": {"task", "record", "claim"},
+    "acquire": {"task", "record"},
+    "show": {"record", "path", "live"},
+    "finish": {"task_id", "action", "outcome", "status", "task", "lock_expired"},
+    "finish parked": {"task_id", "action", "cause", "status", "reason", "task", "outcome",
+                      "parked", "lock_expired"},
+    "finish moved_on": {"task_id", "action", "outcome", "status", "task", "reason"},
+    "release": {"task_id", "action", "task", "attempt", "cooling_until"},
+    "release parked": {"task_id", "action", "cause", "status", "reason", "task", "parked",
+                       "attempt"},
+    "release stray lock": {"task_id", "action", "task"},
+    "release moved_on": {"task_id", "action", "task", "reason"},
+    "park": {"task_id", "action", "cause", "status", "reason", "task"},
+    "park moved_on": {"task_id", "action", "cause", "status", "reason", "task"},
+}
+
+
+def protocol_answers(tmp_path: Path) -> dict[str, Any]:
+    """One answer of each case, from the library against the fake server."""
+    found: dict[str, Any] = {}
+    store = RecordStore(tmp_path / "state")
+    server = FakeServer(task(1), task(2), task(3), task(4), task(5), task(6), task(7))
+    found["claim"] = work.claim(server, store, "dev_1", "backend_dev", "senior",
+                                options=work.ClaimOptions(sleep=no_sleep))
+    found["show"] = work.show(store, "dev_1")
+    found["finish"] = work.finish(server, store, "dev_1", "done")
+    found["acquire"] = work.acquire(server, store, 2, "dev_1", "backend_dev", "senior",
+                                    sleep=no_sleep)
+    found["finish parked"] = work.finish(server, store, "dev_1", "blocked", notes="why")
+    work.acquire(server, store, 3, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    server.tasks[3].update(status="dev_done", locked_by=None)
+    found["finish moved_on"] = work.finish(server, store, "dev_1", "done")
+    work.acquire(server, store, 4, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    found["release"] = work.release(server, store, "dev_1")
+    work.acquire(server, store, 5, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    found["release parked"] = work.release(server, store, "dev_1", kind="budget")
+    work.acquire(server, store, 6, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    server.tasks[6]["locked_by"] = "dev_2"
+    found["release moved_on"] = work.release(server, store, "dev_1")
+    work.acquire(server, store, 7, "dev_1", "backend_dev", "senior", sleep=no_sleep)
+    found["park"] = work.park(server, store, "dev_1", "a person decides", cause="blocked")
+    server = claimed(store, task(8))
+    server.tasks[8].update(status="dev_done", locked_by=None)
+    found["park moved_on"] = work.park(server, store, "dev_1", "too late")
+    server = claimed(store, task(9))
+    # A claim cut short after its lock: the task is ours, not under work yet.
+    record = store.need("dev_1")
+    record.steps = [s for s in record.steps if s["step"] in ("claiming", "locked")]
+    store.save(record)
+    server.tasks[9].update(status="created", locked_by="dev_1")
+    found["release stray lock"] = work.release(server, store, "dev_1")
+    return found
+
+
+def test_the_protocol_answers_keep_their_keys(tmp_path):
+    answers = protocol_answers(tmp_path)
+    assert {case: set(answer.to_json()) for case, answer in answers.items()} == ANSWER_KEYS
+    assert answers["release parked"].action == "parked"
+    assert answers["release stray lock"].action == "released"
+    assert answers["finish parked"].parked == "blocked: why"
