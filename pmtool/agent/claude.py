@@ -1,7 +1,11 @@
-"""The agent runner: build the prompt, run Claude Code (or another agent) on one task, and
-read its verdict.
+"""The agent runner: run Claude Code (or another agent) on one task, resume it, and answer
+what happened.
 
-The library never prints: progress goes to a callback, the outcome comes back as a dict.
+This module owns the process: the command line, the environment, the transcript and the
+run with resume, and from the settings what a bare task (no record) runs with. What the
+agent is asked and how its verdict is read are `pmtool.agent.prompt`'s; what its output
+says is `pmtool.agent.stream`'s. The library never prints: progress goes to a callback,
+the outcome comes back as an `AgentResult`.
 
 The run
 -------
@@ -14,16 +18,6 @@ agent's Bash tool started with ``setsid``. Every stdout line goes to the transcr
 it); ``--resume`` runs append to the same files. The session id is chosen before the start,
 so a caller can record it first and a crash can be resumed (`run_for_record` does exactly
 that for an agent's task record).
-
-The verdict
------------
-The outcome of a task never comes from the exit code alone. The agent is asked for a final
-structured answer, ``{"outcome": ..., "summary": ...}`` (`verdict_schema`: ``done|blocked``
-for developer roles, architect and pm; ``pass|fail|blocked`` for qa), which Claude Code
-returns as ``structured_output`` of its result line. The fallback is a line
-``PMTOOL_VERDICT: <outcome> <summary>`` in the final text (or, if the CLI asked once more
-after it, in the latest assistant text that has one). Without either, ``outcome`` is null
-and the run is not ok.
 
 The --agent-cmd contract (any agent CLI in place of claude)
 -----------------------------------------------------------
@@ -61,12 +55,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from pmtool.agent.options import AgentOptions
+from pmtool.agent.prompt import VERDICT_PREFIX, build_prompt, role_file, verdict_schema
 from pmtool.agent.result import AgentResult
+from pmtool.agent.stream import Progress, StreamParser, _short
 from pmtool.config import ROLES
 from pmtool.errors import ClaudeMissing, UsageError, disk_fault
 from pmtool.failure_policy import (
@@ -84,14 +79,6 @@ from pmtool.models import task_level
 if TYPE_CHECKING:
     from pmtool.config import Settings
 
-Progress = Callable[[dict[str, Any]], None]
-
-QA_OUTCOMES = ("pass", "fail", "blocked")
-DEV_OUTCOMES = ("done", "blocked")
-VERDICT_PREFIX = "PMTOOL_VERDICT:"
-# Models dress the line in Markdown (`**PMTOOL_VERDICT: done** ...`, backticks, a bullet).
-VERDICT_RE = re.compile(r"^[\s*_`>#-]*PMTOOL_VERDICT:[\s*_`]*([A-Za-z]+)[*_`]*\s*(.*?)[\s*_`]*$")
-
 # Variables the agent never gets: it does not talk to the Headless PM server (pmtool
 # reports for it), so it has no use for the key, and an agent that runs `env` would put it
 # into the transcript. CLAUDECODE=1 (set inside a Claude Code session) makes a nested
@@ -102,429 +89,6 @@ SECRET_ENV = ("HEADLESS_PM_API_KEY", "API_KEY_HEADLESS_PM", "ANTHROPIC_API_KEY",
               "ANTHROPIC_AUTH_TOKEN")
 STDERR_TAIL = 20  # lines of the agent's stderr kept for the error message
 READER_GRACE = 3.0  # seconds to wait for the last output after the agent exited
-
-
-# -- the verdict ----------------------------------------------------------------------------
-
-
-def outcomes_for(role: str | None) -> tuple[str, ...]:
-    """The outcomes a role can report: qa pass/fail/blocked, everybody else done/blocked."""
-    return QA_OUTCOMES if role == "qa" else DEV_OUTCOMES
-
-
-def verdict_schema(role: str | None = None) -> dict[str, Any]:
-    """The JSON schema of the agent's final answer (given to claude as --json-schema)."""
-    return {
-        "type": "object",
-        "properties": {
-            "outcome": {"type": "string", "enum": list(outcomes_for(role)),
-                        "description": "How the task ended."},
-            "summary": {"type": "string",
-                        "description": "One to three sentences: what was done, or what is "
-                                       "wrong or missing."},
-        },
-        "required": ["outcome", "summary"],
-        "additionalProperties": False,
-    }
-
-
-def verdict_line(text: str | None, role: str | None = None) -> tuple[str, str] | None:
-    """The last `PMTOOL_VERDICT: <outcome> <summary>` line of `text`, if its outcome is valid."""
-    if not text:
-        return None
-    for line in reversed(text.strip().splitlines()):
-        match = VERDICT_RE.match(line)
-        if match:
-            outcome = match.group(1).lower()
-            if outcome in outcomes_for(role):
-                return outcome, match.group(2).strip()
-            return None
-    return None
-
-
-def extract_verdict(result: Mapping[str, Any] | None, role: str | None = None,
-                    texts: Iterable[str] = ()) -> dict[str, Any]:
-    """`{"outcome", "summary", "verdict_source", "verdict_error"}` from a result line.
-
-    Structured output first; then a verdict line in the final text; then (newest first) in
-    `texts`, the assistant's earlier texts: when the model wrote the line but did not call
-    the structured-output tool, the CLI asks once more and the final text is that answer.
-    """
-    found: dict[str, Any] = {"outcome": None, "summary": None, "verdict_source": None,
-                             "verdict_error": None}
-    result = result or {}
-    structured = result.get("structured_output")
-    if isinstance(structured, Mapping):
-        outcome = str(structured.get("outcome", "")).lower()
-        if outcome in outcomes_for(role):
-            summary = structured.get("summary")
-            found.update(outcome=outcome, summary=str(summary) if summary is not None else "",
-                         verdict_source="structured_output")
-            return found
-        found["verdict_error"] = (f'structured output has outcome "{structured.get("outcome")}"'
-                                  f", not one of {', '.join(outcomes_for(role))}")
-    for text in [result.get("result"), *reversed(list(texts))]:
-        line = verdict_line(text if isinstance(text, str) else None, role)
-        if line:
-            found.update(outcome=line[0], summary=line[1], verdict_source="verdict_line",
-                         verdict_error=None)
-            return found
-    if not found["verdict_error"]:
-        found["verdict_error"] = ("the agent gave no verdict (no structured output, no "
-                                  f"{VERDICT_PREFIX} line)")
-    return found
-
-
-# -- reading stream-json ---------------------------------------------------------------------
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _tool_detail(name: str, args: Any) -> str:
-    """One short, human hint of what a tool call does (the progress line shows it)."""
-    if not isinstance(args, Mapping):
-        return ""
-    for key in ("command", "file_path", "path", "pattern", "url", "description", "prompt"):
-        if args.get(key):
-            return _short(args[key])
-    return ""
-
-
-class StreamParser:
-    """Reads stream-json lines one at a time and keeps what the runner needs to know.
-
-    `feed(line)` returns progress events (dicts with an `event` key): `init`, `turn`,
-    `tool`, `text`, `result`. Lines that are not JSON objects are ignored (kept in the log).
-    """
-
-    def __init__(self, role: str | None = None) -> None:
-        self.role = role
-        self.session_id: str | None = None
-        self.model_used: str | None = None
-        self.result: dict[str, Any] | None = None
-        self.turns = 0
-        self.tool_calls: list[str] = []
-        self.texts: list[str] = []
-        self.tokens = 0
-        self.lines = 0
-        self._messages: set[str] = set()
-        # claude's own retries of the model API and usage-limit notices: what
-        # pmtool.failure_policy.classify reads to tell a rate limit or overload from a failure.
-        self.stops: list[dict[str, Any]] = []
-
-    def feed(self, line: str) -> list[dict[str, Any]]:
-        line = line.strip()
-        if not line:
-            return []
-        self.lines += 1
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            return []
-        if not isinstance(obj, dict):
-            return []
-        kind = obj.get("type")
-        if isinstance(obj.get("session_id"), str) and kind != "result":
-            self.session_id = self.session_id or obj["session_id"]
-        if kind == "system" and obj.get("subtype") == "init":
-            self.session_id = obj.get("session_id") or self.session_id
-            self.model_used = obj.get("model")
-            return [{"event": "init", "session_id": self.session_id, "model": self.model_used}]
-        if kind == "assistant":
-            return self._assistant(obj)
-        if kind == "rate_limit_event" or (kind == "system" and obj.get("subtype") == "api_retry"):
-            self.stops.append(obj)
-            return [{"event": "api_retry" if kind == "system" else "rate_limit", "raw": obj}]
-        if kind == "result":
-            self.result = obj
-            if isinstance(obj.get("session_id"), str):
-                self.session_id = obj["session_id"]
-            return [{"event": "result", "num_turns": obj.get("num_turns"),
-                     "total_cost_usd": obj.get("total_cost_usd"),
-                     "is_error": obj.get("is_error")}]
-        return []
-
-    def _assistant(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
-        message: dict[str, Any] = obj["message"] if isinstance(obj.get("message"), dict) else {}
-        events: list[dict[str, Any]] = []
-        # The CLI prints one line per content block; blocks of one model answer share the
-        # message id, and one answer is one turn.
-        mid = message.get("id") or obj.get("uuid") or str(self.lines)
-        if mid not in self._messages:
-            self._messages.add(mid)
-            self.turns += 1
-            usage: dict[str, Any] = message["usage"] \
-                if isinstance(message.get("usage"), dict) else {}
-            self.tokens += sum(int(usage.get(k) or 0) for k in (
-                "input_tokens", "output_tokens", "cache_creation_input_tokens",
-                "cache_read_input_tokens"))
-            events.append({"event": "turn", "turn": self.turns, "tokens": self.tokens})
-        for block in message.get("content") or []:
-            if not isinstance(block, dict):
-                continue
-            if block.get("type") == "tool_use":
-                name = str(block.get("name"))
-                self.tool_calls.append(name)
-                events.append({"event": "tool", "tool": name, "turn": self.turns,
-                               "detail": _tool_detail(name, block.get("input")),
-                               "tokens": self.tokens})
-            elif block.get("type") == "text" and block.get("text"):
-                self.texts.append(block["text"])
-                events.append({"event": "text", "turn": self.turns,
-                               "text": _short(block["text"], 120), "tokens": self.tokens})
-        return events
-
-    def summary(self) -> dict[str, Any]:
-        """What the stream said: result fields, counts and the verdict."""
-        result = self.result or {}
-        out = {
-            "session_id": self.session_id,
-            "model_used": self.model_used,
-            "num_turns": result.get("num_turns", self.turns if self.lines else None),
-            "total_cost_usd": result.get("total_cost_usd"),
-            "is_error": bool(result.get("is_error", True)) if self.result else True,
-            "api_error_status": result.get("api_error_status"),
-            "result_text": result.get("result"),
-            "has_result": self.result is not None,
-            "tool_calls": len(self.tool_calls),
-        }
-        out.update(extract_verdict(self.result, self.role, self.texts))
-        return out
-
-
-def describe_event(event: Mapping[str, Any]) -> str | None:
-    """One human line for a progress event (what `exec-claude` prints on stderr), or None.
-
-    For callers whose progress view takes text: `progress=lambda e: show(describe_event(e))`.
-    """
-    kind = event.get("event")
-    # The stream carries token counts per answer; the cost in dollars comes only with the
-    # result line, so the running figure is tokens.
-    tokens = f" [{event['tokens']:,} tokens so far]" if event.get("tokens") else ""
-    if kind == "init":
-        return f"session {event.get('session_id')} started (model {event.get('model') or '?'})"
-    if kind == "tool":
-        detail = f": {event['detail']}" if event.get("detail") else ""
-        return f"turn {event.get('turn')}: {event.get('tool')}{detail}{tokens}"
-    if kind == "text":
-        return f"turn {event.get('turn')}: {event.get('text')}{tokens}"
-    if kind == "result":
-        cost = event.get("total_cost_usd")
-        turns = event.get("num_turns") or 0
-        return (f"finished after {turns} turn{'' if turns == 1 else 's'}, cost "
-                f"${cost if cost is not None else '?'}"
-                + (" (error)" if event.get("is_error") else ""))
-    if kind == "restart":
-        return str(event.get("reason"))
-    if kind in ("api_retry", "rate_limit"):
-        from pmtool.failure_policy import describe_retry
-
-        return describe_retry(event.get("raw") or {})
-    return None
-
-
-def parse_stream(lines: Iterable[str], role: str | None = None,
-                 progress: Progress | None = None) -> dict[str, Any]:
-    """Read a whole stream-json transcript (e.g. a log file); answer `StreamParser.summary`."""
-    parser = StreamParser(role)
-    for line in lines:
-        for event in parser.feed(line):
-            if progress:
-                progress(event)
-    return parser.summary()
-
-
-# -- the prompt ------------------------------------------------------------------------------
-
-DEFAULT_TEMPLATE = """\
-{instructions}
-
-# Your task
-
-Task {task_id}: {title}
-
-- Role: {role}
-- Complexity: {complexity}
-- Difficulty: {difficulty}
-- Branch: {task_branch}
-
-## Description
-
-{description}
-
-## Notes on the task so far
-
-{notes}
-
-# Rules for this run
-
-These rules come from pmtool, which runs you; they win over anything above.
-
-{rules}
-
-# When you are done
-
-{verdict}
-"""
-
-# The task is said again: a kill can cut claude's own session file short, and the resumed
-# agent then sees this prompt alone (it once redid committed work from the title only).
-CONTINUATION_TEMPLATE = """\
-Your earlier run on task {task_id} was interrupted before it finished. Continue from where
-you stopped: look at `git status` and `git log` in {cwd} to see what is already done (do
-not redo committed work), finish the task, commit on branch `{branch}`, and end with your
-verdict as before.
-
-# The task, again
-
-Task {task_id}: {title}
-
-{description}
-
-# Rules for this run
-
-{rules}
-
-# When you are done
-
-{verdict}
-"""
-
-
-class _SafeDict(dict):
-    """format_map mapping that leaves unknown `{placeholders}` as they are."""
-
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def role_file(role: str, folder: str | Path | None) -> Path | None:
-    """`<folder>/<role>.md` when the folder is given and the file exists."""
-    if not folder:
-        return None
-    path = Path(folder).expanduser() / f"{role}.md"
-    return path if path.is_file() else None
-
-
-def role_instructions(role: str, instructions_dir: str | Path | None = None,
-                      context_instructions_path: str | Path | None = None) -> tuple[str, str]:
-    """The role's instruction text and where it came from (a path, or `builtin:<role>`).
-
-    `instructions_dir` (--instructions-dir / PMTOOL_INSTRUCTIONS_DIR) first; then the
-    server's `instructions_path` from /api/v1/context, which names a folder on the
-    server's machine and so is only used when it exists here too; then pmtool's own file.
-    A file that cannot be read is passed over, never a hard failure.
-    """
-    for folder in (instructions_dir, context_instructions_path):
-        path = role_file(role, folder)
-        if path:
-            try:
-                return path.read_text(encoding="utf-8", errors="replace").strip(), str(path)
-            except OSError:
-                continue
-    name = role if role in ROLES else "backend_dev"
-    text = resources.files("pmtool").joinpath("prompts", f"{name}.md").read_text("utf-8")
-    return text.strip(), f"builtin:{name}"
-
-
-def verdict_instructions(role: str | None) -> str:
-    outcomes = outcomes_for(role)
-    if role == "qa":
-        meaning = ("- `pass`: the work on the branch does what the task asks.\n"
-                   "- `fail`: it does not; the summary says what is wrong so that a developer "
-                   "can fix it.\n"
-                   "- `blocked`: you could not test it (say why).")
-        example = "pass The change does what the task asks; its tests pass."
-    else:
-        meaning = ("- `done`: the task is implemented and committed.\n"
-                   "- `blocked`: you cannot finish it (say why: missing information, a broken "
-                   "environment, a task it depends on).")
-        example = "done Implemented the change and its tests; all tests pass."
-    return (f"End by calling the `StructuredOutput` tool exactly once with `outcome` (one of: "
-            f"{', '.join(outcomes)}) and `summary` (one to three sentences: what you did, or "
-            f"what is wrong or missing).\n\n{meaning}\n\n"
-            f"If that tool is not available to you, make the last line of your final answer "
-            f"`{VERDICT_PREFIX} <outcome> <summary>`, for example "
-            f"`{VERDICT_PREFIX} {example}`")
-
-
-def run_rules(cwd: str | Path, branch: str | None, complexity: str | None,
-              role: str | None = None) -> str:
-    where = branch or "the branch that is checked out"
-    if role == "qa":
-        branch_rule = (f"- Review the work on `{where}`. Tests you add or fix are committed "
-                       "there too, with messages that say why.")
-    elif complexity == "minor":
-        branch_rule = (f"- This is a minor task: commit straight onto `{where}` (the base "
-                       "branch), in small commits with messages that say why.")
-    else:
-        branch_rule = (f"- Commit your work on `{where}`, the task's own branch, in small "
-                       "commits with messages that say why; it is reviewed before it is "
-                       "merged.")
-    return "\n".join([
-        f"- Work only in this directory: `{cwd}` (a git checkout on `{where}`).",
-        branch_rule,
-        "- Do not switch branches, push, or rewrite history that is already committed.",
-        "- Do not change the task on the Headless PM server (status, lock, comments): pmtool "
-        "reports your verdict for you when you finish.",
-        "- Leave the working tree clean (everything that belongs to the task committed) and "
-        "no background processes running.",
-    ])
-
-
-def prompt_fields(task: Mapping[str, Any], role: str, cwd: str | Path, branch: str | None,
-                  instructions: str = "") -> dict[str, Any]:
-    """The values a prompt template can use, by placeholder name."""
-    notes = task.get("notes")
-    return {
-        "instructions": instructions,
-        "role": role,
-        "task_id": task.get("id", "?"),
-        "title": task.get("title") or "(untitled)",
-        "description": (task.get("description") or "(no description)").strip(),
-        "complexity": task.get("complexity") or "major",
-        "difficulty": task.get("difficulty") or "?",
-        "branch": branch or task.get("branch") or "?",
-        "task_branch": task.get("branch") or "?",
-        "notes": notes.strip() if isinstance(notes, str) and notes.strip() else "(none)",
-        "status": task.get("status") or "?",
-        "cwd": str(cwd),
-        "outcomes": ", ".join(outcomes_for(role)),
-        "rules": run_rules(cwd, branch or task.get("branch"), task.get("complexity"), role),
-        "verdict": verdict_instructions(role),
-        "task_json": json.dumps(dict(task), indent=2, default=str),
-    }
-
-
-def render(template: str, fields: Mapping[str, Any], what: str = "the prompt template") -> str:
-    """`template.format_map(fields)`; unknown placeholders stay, bad braces are exit 2."""
-    try:
-        return template.format_map(_SafeDict(fields))
-    except (ValueError, IndexError, KeyError, AttributeError) as exc:
-        raise UsageError(f"{what} is not a valid template: {exc}",
-                         hint="placeholders look like {title}; write a literal brace as {{ or }}",
-                         placeholders=sorted(fields)) from None
-
-
-def build_prompt(task: Mapping[str, Any], role: str, cwd: str | Path, branch: str | None,
-                 instructions_dir: str | Path | None = None,
-                 context_instructions_path: str | Path | None = None,
-                 template: str | None = None) -> str:
-    """The prompt for one run: the role's instructions, the task, the run's rules, and how
-    to give the verdict. `template` (the text of --prompt-template) replaces the built-in
-    DEFAULT_TEMPLATE; its `{placeholders}` are the keys of `prompt_fields`."""
-    instructions, _source = role_instructions(role, instructions_dir, context_instructions_path)
-    fields = prompt_fields(task, role, cwd, branch, instructions)
-    return render(template or DEFAULT_TEMPLATE, fields).strip() + "\n"
-
-
-def continuation_prompt(task: Mapping[str, Any], role: str, cwd: str | Path,
-                        branch: str | None) -> str:
-    """The short prompt a --resume run sends: the session already holds the task."""
-    return render(CONTINUATION_TEMPLATE, prompt_fields(task, role, cwd, branch)).strip() + "\n"
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -672,6 +236,8 @@ def _closing_logs(log_path: Path, err_path: Path) -> Iterator[tuple[IO[str], IO[
         for fh in (log, err_log):
             with contextlib.suppress(OSError):
                 fh.close()
+
+
 def _session_taken(answer: Mapping[str, Any]) -> bool:
     """claude refused `--session-id` because a session file of that id exists."""
     return "is already in use" in json.dumps(answer.get("error"), default=str)
@@ -1093,33 +659,19 @@ def branch_for(cwd: str | Path, expected: str | None,
 
 
 __all__ = [
-    "CONTINUATION_TEMPLATE",
-    "DEFAULT_TEMPLATE",
     "AgentOptions",
     "AgentResult",
     "AgentRun",
-    "StreamParser",
     "agent_env",
     "branch_for",
-    "build_prompt",
     "claude_command",
     "context_path",
-    "continuation_prompt",
     "current_branch",
-    "describe_event",
-    "extract_verdict",
     "fetch_instructions_path",
     "log_paths",
-    "outcomes_for",
-    "parse_stream",
     "plan_for_task",
-    "prompt_fields",
     "repo_or_cwd",
-    "role_file",
-    "role_instructions",
     "run_agent",
     "run_for_task",
     "task_role",
-    "verdict_line",
-    "verdict_schema",
 ]

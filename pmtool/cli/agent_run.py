@@ -37,7 +37,7 @@ def _read_text(path: str | None, what: str) -> str | None:
 
 def _progress(event: dict[str, Any]) -> None:
     """The human view of a run, one line per event, on stderr."""
-    from pmtool.agent.claude import describe_event
+    from pmtool.agent.stream import describe_event
 
     line = describe_event(event)
     if line:

@@ -1063,8 +1063,8 @@ class Runner:
     def _run_agent(self, resume: bool, model: str | None,
                    stop_event: threading.Event,
                    max_budget_usd: float | None = None) -> AgentResult:
-        from pmtool.agent.claude import describe_event
         from pmtool.agent.result import AgentResult
+        from pmtool.agent.stream import describe_event
         from pmtool.work.exec import run_for_record
         from pmtool.work.options import agent_options
 

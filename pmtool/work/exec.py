@@ -25,18 +25,17 @@ from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
 from pmtool.agent.claude import (
-    Progress,
     agent_run,
     branch_for,
-    build_prompt,
     context_path,
-    continuation_prompt,
     need_claude,
     repo_or_cwd,
     run_agent,
 )
 from pmtool.agent.options import AgentOptions
+from pmtool.agent.prompt import build_prompt, continuation_prompt
 from pmtool.agent.result import AgentResult
+from pmtool.agent.stream import Progress
 from pmtool.errors import Conflict, NothingToDo, UsageError
 from pmtool.models import task_level
 
@@ -352,7 +351,8 @@ def prompt_preview(settings: Settings, options: AgentOptions = AgentOptions(), *
     (--print-prompt): `{"prompt", "task_id", "role", "cwd", "branch", "model",
     "instructions", "verdict_schema", "notes"}`. A --resume of a recorded session sends
     the short continuation (the session already holds the task)."""
-    from pmtool.agent.claude import plan_for_task, role_instructions, verdict_schema
+    from pmtool.agent.claude import plan_for_task
+    from pmtool.agent.prompt import role_instructions, verdict_schema
     from pmtool.records import RecordStore
 
     instructions_dir = options.instructions_dir or settings.instructions_dir

@@ -96,7 +96,8 @@ def transcript_verdict(store: RecordStore, record: TaskRecord) -> dict[str, Any]
     older than the step): an earlier run's result in the same transcript (a --resume
     appends) is no verdict for this one.
     """
-    from pmtool.agent.claude import log_paths, parse_stream
+    from pmtool.agent.claude import log_paths
+    from pmtool.agent.stream import parse_stream
 
     last = next((s for s in reversed(record.steps)
                  if s.get("step") in (VERDICT_STEP, "agent_starting")), None)

@@ -225,7 +225,7 @@ def test_sigterm_stops_the_agent(scene: Scene) -> None:
 
 
 def test_verdicts() -> None:
-    from pmtool.agent.claude import extract_verdict, verdict_line, verdict_schema
+    from pmtool.agent.prompt import extract_verdict, verdict_line, verdict_schema
 
     assert verdict_line("work\nPMTOOL_VERDICT: done Added it.") == ("done", "Added it.")
     assert verdict_line("**PMTOOL_VERDICT: blocked** no access\n") == ("blocked", "no access")
@@ -246,7 +246,7 @@ def test_verdicts() -> None:
 
 
 def test_parse_stream_counts_turns_tools_and_reads_the_result() -> None:
-    from pmtool.agent.claude import describe_event, parse_stream
+    from pmtool.agent.stream import describe_event, parse_stream
 
     def assistant(mid: str, *blocks: dict[str, Any]) -> str:
         return json.dumps({"type": "assistant", "message": {
@@ -311,7 +311,7 @@ def test_claude_command_and_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_role_instructions_are_found_in_order(tmp_path: Path) -> None:
-    from pmtool.agent.claude import build_prompt, role_instructions
+    from pmtool.agent.prompt import build_prompt, role_instructions
 
     mine, servers = tmp_path / "mine", tmp_path / "server"
     mine.mkdir()

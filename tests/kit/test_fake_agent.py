@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from pmtool.agent.claude import parse_stream
+from pmtool.agent.stream import parse_stream
 from pmtool.testing import fake_agent
 
 

@@ -214,7 +214,7 @@ def test_decide_claim_cool_park() -> None:
 def test_claudes_own_retries_are_shown_while_they_happen() -> None:
     """During claude's retries of an overloaded API nothing else is printed for minutes:
     each retry becomes a progress line, and the stop is classified from them."""
-    from pmtool.agent.claude import StreamParser, describe_event
+    from pmtool.agent.stream import StreamParser, describe_event
 
     parser = StreamParser("backend_dev")
     retry = {"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
