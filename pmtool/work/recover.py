@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -424,6 +424,20 @@ def _with_killed_attempt(store: RecordStore, record: TaskRecord, note: str, writ
     return [*rows, line]
 
 
+def _next_step(store: RecordStore, record: TaskRecord, note: str,
+               limits: fl.Limits | None) -> fl.GiveBack | fl.Park:
+    """The failure policy's step for a dead runner's task (as for a run without a verdict:
+    pmtool.failure_policy.next_step, stop kind `killed`, what the claim tried from its
+    record): the claim cannot go on, so a give-back, or a park when it is the last."""
+    from pmtool.work.exec import tried_from_record
+
+    tried = replace(tried_from_record(record, store), runner_gone=True)
+    step = fl.next_step({"kind": fl.KILLED}, tried, fl.StepLimits(limits=limits or fl.Limits()),
+                        why=note)
+    assert isinstance(step, fl.GiveBack | fl.Park)
+    return step
+
+
 def _park_given_back(client: PMApi, store: RecordStore, record: TaskRecord,
                      entry: RecoverEntry, step: fl.Park, note: str,
                      rows: list[Mapping[str, Any]], dry_run: bool) -> None:
@@ -476,8 +490,7 @@ def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
             rescued, note, rows = _begin_give_back(store, record, why)
             entry.note(rescued=rescued)
             _fault("give-back")
-        # The failure policy decides, as for every give-back: the last attempt parks it.
-        step = fl.give_back_or_park(fl.KILLED, note, rows, limits or fl.Limits())
+        step = _next_step(store, record, note, limits)
         if isinstance(step, fl.Park):
             _park_given_back(client, store, record, entry, step, note, rows, dry_run)
             return
