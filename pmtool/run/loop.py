@@ -28,7 +28,7 @@ and compares their steps (tests/cli/test_scripts.py). Where each policy lives in
     poison task (TaskFault) -> parked    none: `worktree create` fails, give_back
     agent failure (--on-agent-failure)   exec-claude's `next`: the same next_step, under
                                          the on_agent_failure setting; no --escalate or
-                                         --task-budget-usd
+                                         --task-budget-usd; `park` given back as well
     heartbeat                            exec-claude re-registers every --heartbeat s
     task moved or given away mid-work    none (no reconciliation; `recover --orphans`
                                          from the PM's cron puts it back)

@@ -9,7 +9,8 @@ after. `end_leftover_agent` ends the agent of an earlier run whose runner died.
 `exec_agent` is `exec-claude` as one call (the CLI adds only signals and printing): the
 heartbeat around the run, and after a run without a verdict `next`, the step the failure
 policy calls for (`next_after`, which the runner uses too), noted in the record so the
-claim's next run knows it was resumed (`tried_from_record`). `prompt_preview` is
+claim's next run knows it was resumed (`tried_from_record`, which the runner and recover
+read too). `prompt_preview` is
 --print-prompt.
 """
 

@@ -3,7 +3,8 @@
 `recover` walks every record (or one agent's): a live runner's claim is left alone, a dead
 one's is resumed, finished (by the `finisher` it is given, pmtool.work.finish.finisher),
 released, or parked for a person when its attempts are spent (the failure policy's
-`give_back_or_park`, as for any give-back), and corrupt records are moved aside.
+`next_step` for a stop `killed`, as for the runner and exec-claude), and corrupt records
+are moved aside.
 `recover_machine` is `pmtool recover` as one call (cron, a pipeline and the runner share
 it): the logs pruned, a killed write's temp files cleaned, the server's parked tasks
 listed, then `recover`. `recover_abandoned` (`recover --orphans`, `recover_orphans` as one
