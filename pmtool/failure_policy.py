@@ -678,32 +678,54 @@ def decide(task: Mapping[str, Any], history: Iterable[Mapping[str, Any]], limits
 
 
 # -- the next step after a run without a verdict ---------------------------------------------
-# One pure decision for every caller that runs an agent on a claimed task: the runner's
-# loop carries it out (pmtool.run.loop.Runner._agent), exec-claude answers it as `next`
-# (its `to_json`) for a script to carry out (scripts/pm-runner.sh). The values say what,
-# the caller does it: wait, resume, retry on another model, give the task back, park it,
-# or stop. Whether a give-back is the task's last (park it for a person instead) is
-# decided once the give-back's attempt is written down (`give_back_or_park`):
-# pmtool.work.claim.release carries it out for the loop, `pmtool lock release` and
-# exec-claude's pipelines alike, and pmtool.work.recover for a dead runner's task.
+# One pure decision for every caller that runs an agent on a claimed task, or finds its
+# runner dead: the runner's loop carries it out (pmtool.run.loop.Runner._agent),
+# exec-claude answers it as `next` (its `to_json`) for a script to carry out
+# (scripts/pm-runner.sh), and recover asks it for a dead runner's task (stop kind
+# `killed`, pmtool.work.recover). The values say what, the caller does it: wait, resume,
+# retry on another model, give the task back, park it, or stop. A give-back that is the
+# task's last is answered as a Park (`give_back_or_park` over the task's attempt rows and
+# this give-back's); pmtool.work.claim.release, which carries out both, decides again with
+# the line it writes: the same function over the same rows, the same answer.
 
 
 @dataclass(frozen=True)
 class Tried:
-    """What this claim has done so far."""
+    """What this claim has done so far, and the task's attempts before it."""
 
     retried: bool = False  # resumed once after a failure
     escalated: bool = False  # moved to a stronger model once
-    spent_usd: float = 0.0  # the task's spend over every claim, this run's included
+    cost_usd: float = 0.0  # this claim's spend so far (its record's)
+    # The task's attempt rows on this machine before this claim (`attempts_of` the ledger).
+    attempts: tuple[Mapping[str, Any], ...] = ()
+    # What a give-back's notes add after the step's reason (the runner's line about the
+    # claim's agent runs); the attempt line's reason is both, and a park's reason cites it.
+    runs: str = ""
+    # Its runner died (recover): the claim cannot go on; it is given back (or parked) with
+    # `why` as its reason, whatever else it could have tried.
+    runner_gone: bool = False
+    # This claim's attempt line when it is written already (recover counts the attempt
+    # before it decides): the give-back's line, instead of one made from the step.
+    written: Mapping[str, Any] | None = None
+
+    @property
+    def spent_usd(self) -> float:
+        """The task's spend over every claim on this machine, this one's included."""
+        return task_cost(self.attempts) + self.cost_usd
 
 
 @dataclass(frozen=True)
 class StepLimits:
-    """The runner's choices that bound the next step (RunOptions carries them)."""
+    """The runner's choices that bound the next step (RunOptions carries them), and the
+    limits that bound the task's attempts (max_attempts, the task budget)."""
 
     on_failure: str = "retry"  # pmtool.settings.AgentFailure: retry | release | stop
     escalate: bool = False
-    task_budget_usd: float | None = None
+    limits: Limits = Limits()
+
+    @property
+    def task_budget_usd(self) -> float | None:
+        return self.limits.task_budget_usd
 
 
 def step_json(step: Any) -> dict[str, Any]:
@@ -764,24 +786,40 @@ class Fatal(_Step):
 
 @dataclass(frozen=True)
 class Park(_Step):
-    """The give-back is the task's last: it goes to a person (status pending) instead."""
+    """The give-back is the task's last: it goes to a person (status pending) instead.
+    `give_back` is the give-back it comes from: its kind and reason are the attempt
+    line's and the notes', as for any give-back (a caller carries out both alike)."""
 
     cause: str  # max_attempts | task_budget | the kind not to be retried (budget, blocked)
     reason: str
+    give_back: GiveBack | None = None
 
 
-# What next_step answers after a run; a give-back it answers becomes a Park only once
-# its attempt is written down (give_back_or_park).
-AgentStep = Pause | Resume | Retry | GiveBack | Fatal
-Step = AgentStep | Park
+# What next_step answers: a give-back that is the task's last comes as a Park.
+Step = Pause | Resume | Retry | GiveBack | Park | Fatal
 
 
 def next_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, *,
-              why: str = "no verdict", stronger: str | None = None) -> AgentStep:
-    """What follows a run that ended without a verdict. `stop` is its classified stop
-    (`classify`: kind, resets_at), `why` the run's own words for it, `stronger` the model
-    an escalation would move to (None: none is stronger)."""
+              why: str = "no verdict", stronger: str | None = None) -> Step:
+    """What follows a run that ended without a verdict (or a runner found dead: `stop`
+    kind `killed`). `stop` is its classified stop (`classify`: kind, resets_at), `why` the
+    run's own words for it, `stronger` the model an escalation would move to (None: none
+    is stronger). A give-back is a Park when, with its attempt line, it is the task's last
+    (`give_back_or_park`)."""
+    step = _agent_step(stop, tried, limits, why, stronger)
+    if not isinstance(step, GiveBack):
+        return step
+    line = tried.written or attempt_line({}, "", outcome="given_back", kind=step.kind,
+                                         cost_usd=tried.cost_usd,
+                                         reason=step.reason + tried.runs)
+    return give_back_or_park(step.kind, step.reason, [*tried.attempts, line], limits.limits)
+
+
+def _agent_step(stop: Mapping[str, Any] | None, tried: Tried, limits: StepLimits, why: str,
+                stronger: str | None) -> Pause | Resume | Retry | GiveBack | Fatal:
     kind = (stop or {}).get("kind") or FAILED
+    if tried.runner_gone:
+        return GiveBack(kind, why)
     if kind in (RATE_LIMIT, OVERLOADED):
         return Pause(kind, (stop or {}).get("resets_at"))
     if kind == AUTH:
@@ -808,9 +846,10 @@ def give_back_or_park(kind: str, why: str, attempts: Iterable[Mapping[str, Any]]
     counted attempts, a kind not to be retried, the task budget spent over every claim).
     `attempts` are the task's attempt rows on this machine, this give-back's included;
     the QA bounce cap is the finish's, not a give-back's."""
+    given = GiveBack(kind, why)
     reason = park_reason(attempts, limits)
     if reason is None:
-        return GiveBack(kind, why)
+        return given
     if limits.task_budget_usd is not None and reason.startswith("task budget"):
-        return Park("task_budget", reason)
-    return Park(kind if not policy(kind).retry else "max_attempts", reason)
+        return Park("task_budget", reason, given)
+    return Park(kind if not policy(kind).retry else "max_attempts", reason, given)

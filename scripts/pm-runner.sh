@@ -291,8 +291,9 @@ while [ "$stopping" = 0 ]; do
     done
     [ "$stopping" = 0 ] || break
     case $next in
-      give_back)
-        give_back "$(jq -r '.next.reason' <<<"$out")" "$(jq -r '.next.kind' <<<"$out")"
+      give_back|park)  # park: the give-back is the task's last; `lock release` parks it
+        give_back "$(jq -r '(.next.give_back // .next).reason' <<<"$out")" \
+          "$(jq -r '(.next.give_back // .next).kind' <<<"$out")"
         continue ;;
       fatal)  # on_agent_failure = stop: the record is kept for a resume
         echo "pm-runner: $(jq -r '.next.reason' <<<"$out"); stopping, the task record is kept" >&2

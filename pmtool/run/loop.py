@@ -28,7 +28,7 @@ and compares their steps (tests/cli/test_scripts.py). Where each policy lives in
     poison task (TaskFault) -> parked    none: `worktree create` fails, give_back
     agent failure (--on-agent-failure)   exec-claude's `next`: the same next_step, under
                                          the on_agent_failure setting; no --escalate or
-                                         --task-budget-usd
+                                         --task-budget-usd; `park` given back as well
     heartbeat                            exec-claude re-registers every --heartbeat s
     task moved or given away mid-work    none (no reconciliation; `recover --orphans`
                                          from the PM's cron puts it back)
@@ -938,13 +938,15 @@ class Runner:
         # pm-runner.sh: does exec-claude's `next`, the same step (next_after); it has no
         # escalation and no task budget.
         from pmtool.models import stronger_model
-        from pmtool.work.exec import next_after, note_next, why_failed
+        from pmtool.work.exec import next_after, note_next, tried_from_record, why_failed
+        from pmtool.work.finish import runs_note
 
         opts = self.opts
         resume = bool(record.session_id)  # a recorded session: continue it
         model = record.model
-        escalated = False
-        retried = False
+        # What this claim tried is read from its record (a runner started again knows it
+        # too); `taken` only keeps steps after runs the record could not note (no session).
+        taken: tuple[str, ...] = ()
         pauses = 0
         # The task's spend on this machine before this claim: the task budget counts
         # every attempt and claim, not only this one.
@@ -985,12 +987,14 @@ class Runner:
                 self._check_stop()
                 return record.steps[-1]["verdict"]
             # What to do is failure_policy.next_step's (as exec-claude's `next`); carrying
-            # it out is the loop's.
+            # it out is the loop's. The give-back's notes end with the claim's runs.
+            runs = runs_note(self.store, opts.agent_id)
+            tried = tried_from_record(record, self.store, runs=runs, taken=taken)
             stronger = (stronger_model(result.model or model or "", self.settings)
-                        if opts.escalate and not escalated else None)
-            step = next_after(result, fl.Tried(retried, escalated, before + record.cost_usd),
-                              fl.StepLimits(opts.on_agent_failure, opts.escalate,
-                                            opts.task_budget_usd), stronger)
+                        if opts.escalate and not tried.escalated else None)
+            step = next_after(result, tried,
+                              fl.StepLimits(opts.on_agent_failure, opts.escalate, self.limits),
+                              stronger)
             note_next(self.store, opts.agent_id, result, step)
             why = why_failed(result)
             if isinstance(step, fl.Pause):
@@ -1005,22 +1009,25 @@ class Runner:
                                 task_id=record.task_id,
                                 hint="log claude in again (or fix ANTHROPIC_API_KEY), then "
                                      "start the runner again: it resumes the kept task")
-            if isinstance(step, fl.GiveBack) and step.spent:
-                self._give_back(record, step.reason, kind=step.kind)
+            # A park is carried out as the give-back it comes from: release parks it.
+            given = step.give_back if isinstance(step, fl.Park) else step
+            if isinstance(given, fl.GiveBack) and given.spent:
+                self._give_back(record, given.reason, kind=given.kind, runs=runs)
                 return None
             self._check_stop()
             if isinstance(step, fl.Fatal):
                 raise OperationFailed(f"agent failed on task {record.task_id}: {why}",
                                       fatal=True, task_id=record.task_id)
             if isinstance(step, fl.Resume):
-                retried, resume = True, bool(record.session_id)
+                taken, resume = (*taken, "resume"), bool(record.session_id)
                 self.progress(f"agent failed ({why}); retrying once with --resume")
                 continue
             if isinstance(step, fl.Retry):
-                escalated, resume, model = True, False, step.model
+                taken, resume, model = (*taken, "retry"), False, step.model
                 self.progress(f"agent failed ({why}); escalating to {step.model}")
                 continue
-            self._give_back(record, step.reason, kind=step.kind)
+            assert isinstance(given, fl.GiveBack)
+            self._give_back(record, given.reason, kind=given.kind, runs=runs)
             return None
 
     def _run_budget(self, record: TaskRecord, before: float) -> float | None:
@@ -1158,12 +1165,16 @@ class Runner:
                        moved_by=info.get("moved_by"),
                        hint="its work is kept (branch, rescue ref); see the `lost` event")
 
-    def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED) -> None:
+    def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED,
+                   runs: str | None = None) -> None:
+        """Give the task back (release parks it when it is its last); `runs`: the line
+        about the claim's agent runs its notes end with, when already read."""
         from pmtool.work.finish import runs_note
 
+        if runs is None:
+            runs = runs_note(self.store, self.opts.agent_id)
         result = work.release(self.client, self.store, self.opts.agent_id,
-                              notes=why + runs_note(self.store, self.opts.agent_id),
-                              kind=kind, limits=self.limits)
+                              notes=why + runs, kind=kind, limits=self.limits)
         # The event when it happened, before the worktree goes (as _finish does; the
         # script's `lock release` then `worktree remove` print in this order too).
         attempt = result.attempt or {}

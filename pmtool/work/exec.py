@@ -9,7 +9,8 @@ after. `end_leftover_agent` ends the agent of an earlier run whose runner died.
 `exec_agent` is `exec-claude` as one call (the CLI adds only signals and printing): the
 heartbeat around the run, and after a run without a verdict `next`, the step the failure
 policy calls for (`next_after`, which the runner uses too), noted in the record so the
-claim's next run knows it was resumed (`tried_from_record`). `prompt_preview` is
+claim's next run knows it was resumed (`tried_from_record`, which the runner and recover
+read too). `prompt_preview` is
 --print-prompt.
 """
 
@@ -300,7 +301,7 @@ def _heartbeat(settings: Settings, agent_id: str | None, role: str, level: str,
 
 
 def next_after(answer: AgentResult, tried: fl.Tried, limits: fl.StepLimits,
-               stronger: str | None = None) -> fl.AgentStep:
+               stronger: str | None = None) -> fl.Step:
     """What follows a run without a verdict (pmtool.failure_policy.next_step), the run's
     own words for why it failed going with it."""
     return fl.next_step(answer.stop, tried, limits, why=why_failed(answer),
@@ -313,21 +314,30 @@ def why_failed(answer: AgentResult) -> str:
             (answer.error or {}).get("message") or "no verdict")
 
 
-def tried_from_record(record: TaskRecord, store: RecordStore) -> fl.Tried:
-    """What this claim has tried, from its record: a resume or an escalation is a step the
-    policy said after an earlier run (`note_next`); the spend is the task's over every claim
-    on this machine (the ledger's attempt lines) and this one's (the record)."""
+def tried_from_record(record: TaskRecord, store: RecordStore, *, runs: str = "",
+                      taken: tuple[str, ...] = ()) -> fl.Tried:
+    """What this claim has tried, from its record, for `next_step`: a resume or an
+    escalation is a step the policy said after an earlier run (`note_next`), so a runner
+    started again knows it too; `taken` adds steps carried out after runs the record could
+    not note them for (a run that never started). The task's attempt rows on this machine
+    before this claim come from the ledger, and this claim's own line when it is written
+    already (recover's give-back counts it before it decides); the claim's spend from the
+    record; `runs`: what the give-back's notes add after its reason (the runner's)."""
     from pmtool.ledger import Ledger
 
-    said = [str((s.get("next") or {}).get("step")) for s in record.steps
-            if s.get("step") == "agent_finished"]
-    before = fl.task_cost(fl.attempts_of(Ledger(store.state).lines(), record.task))
+    said = {str((s.get("next") or {}).get("step")) for s in record.steps
+            if s.get("step") == "agent_finished"} | set(taken)
+    rows = fl.attempts_of(Ledger(store.state).lines(), record.task)
+    mine = [row for row in rows if row.get("claimed_at") == record.claimed_at
+            and row.get("agent_id") == record.agent_id]
     return fl.Tried(retried="resume" in said, escalated="retry" in said,
-                    spent_usd=before + (record.cost_usd or 0.0))
+                    cost_usd=record.cost_usd or 0.0,
+                    attempts=tuple(row for row in rows if row not in mine), runs=runs,
+                    written=mine[-1] if mine else None)
 
 
 def note_next(store: RecordStore, agent_id: str, answer: AgentResult,
-              step: fl.AgentStep) -> None:
+              step: fl.Step) -> None:
     """Note in the `agent_finished` step of `answer`'s run what the policy said follows
     it: a later run's `tried_from_record` reads it. A run that never started (no session)
     has no such step: nothing is noted."""

@@ -69,10 +69,12 @@ def agent_options(settings: Any, **given: Any) -> AgentOptions:
 
 def step_limits(settings: Any, **given: Any) -> fl.StepLimits:
     """What bounds the step after a run without a verdict: --on-agent-failure (the
-    on_agent_failure setting), --escalate and the task budget; `given` first."""
+    on_agent_failure setting), --escalate, and the limits of the task's attempts
+    (`limits`: max_attempts, the task budget) that say when a give-back parks it; `given`
+    first."""
     values = getattr(settings, "values", {})
     chosen: dict[str, Any] = {"on_failure": str(values.get("on_agent_failure") or "retry"),
-              "task_budget_usd": values.get("task_budget_usd")}
+                              "limits": limits(settings)}
     chosen.update({k: v for k, v in given.items() if v is not None})
     return fl.StepLimits(**chosen)
 

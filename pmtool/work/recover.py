@@ -3,7 +3,8 @@
 `recover` walks every record (or one agent's): a live runner's claim is left alone, a dead
 one's is resumed, finished (by the `finisher` it is given, pmtool.work.finish.finisher),
 released, or parked for a person when its attempts are spent (the failure policy's
-`give_back_or_park`, as for any give-back), and corrupt records are moved aside.
+`next_step` for a stop `killed`, as for the runner and exec-claude), and corrupt records
+are moved aside.
 `recover_machine` is `pmtool recover` as one call (cron, a pipeline and the runner share
 it): the logs pruned, a killed write's temp files cleaned, the server's parked tasks
 listed, then `recover`. `recover_abandoned` (`recover --orphans`, `recover_orphans` as one
@@ -19,7 +20,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -424,6 +425,20 @@ def _with_killed_attempt(store: RecordStore, record: TaskRecord, note: str, writ
     return [*rows, line]
 
 
+def _next_step(store: RecordStore, record: TaskRecord, note: str,
+               limits: fl.Limits | None) -> fl.GiveBack | fl.Park:
+    """The failure policy's step for a dead runner's task (as for a run without a verdict:
+    pmtool.failure_policy.next_step, stop kind `killed`, what the claim tried from its
+    record): the claim cannot go on, so a give-back, or a park when it is the last."""
+    from pmtool.work.exec import tried_from_record
+
+    tried = replace(tried_from_record(record, store), runner_gone=True)
+    step = fl.next_step({"kind": fl.KILLED}, tried, fl.StepLimits(limits=limits or fl.Limits()),
+                        why=note)
+    assert isinstance(step, fl.GiveBack | fl.Park)
+    return step
+
+
 def _park_given_back(client: PMApi, store: RecordStore, record: TaskRecord,
                      entry: RecoverEntry, step: fl.Park, note: str,
                      rows: list[Mapping[str, Any]], dry_run: bool) -> None:
@@ -476,8 +491,7 @@ def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
             rescued, note, rows = _begin_give_back(store, record, why)
             entry.note(rescued=rescued)
             _fault("give-back")
-        # The failure policy decides, as for every give-back: the last attempt parks it.
-        step = fl.give_back_or_park(fl.KILLED, note, rows, limits or fl.Limits())
+        step = _next_step(store, record, note, limits)
         if isinstance(step, fl.Park):
             _park_given_back(client, store, record, entry, step, note, rows, dry_run)
             return

@@ -177,6 +177,36 @@ def test_the_agent_failure_setting_names_the_step(scene: Scene) -> None:
                                "reason": run.out["error"]["message"]}
 
 
+def test_the_last_give_back_says_park(scene: Scene) -> None:
+    """A give-back that is the task's last (its attempts on this machine and this one make
+    max_attempts) says `park`, with the park's cause and reason and the give-back it comes
+    from: `lock release` with that give-back parks the task with the same reason."""
+    from pmtool import failure_policy as fl
+    from pmtool.ledger import Ledger
+
+    cmd = fake_agent.command()
+    env = {"PMTOOL_FAKE_AGENT_VERDICT": "none", "PMTOOL_ON_AGENT_FAILURE": "release"}
+    scene.record()
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--agent-cmd", cmd,
+                 env={**env, "PMTOOL_MAX_ATTEMPTS": "1"})
+    given = {"kind": "failed", "reason": "agent failed: " + run.out["error"]["message"]}
+    assert run.code == 1 and run.out["next"]["step"] == "park"
+    assert run.out["next"]["cause"] == "max_attempts" and run.out["next"]["give_back"] == given
+    assert run.out["next"]["reason"].startswith(
+        "1 attempts failed (max_attempts 1): failed: agent failed: the agent gave no verdict")
+    # Two attempts before this claim in the ledger, the default max_attempts (3).
+    ledger = Ledger(scene.state)
+    for n in (1, 2):
+        ledger.add(fl.attempt_line(scene.task, "dev_002", outcome="given_back", kind="timeout",
+                                   reason=f"slow {n}", claimed_at=f"2026-01-0{n}T00:00:00Z"))
+    run = pmtool(scene, "exec-claude", "--agent-id", "dev_001", "--agent-cmd", cmd, env=env)
+    assert run.out["next"]["step"] == "park" and run.out["next"]["give_back"] == given
+    assert run.out["next"]["reason"].startswith(
+        "3 attempts failed (max_attempts 3): timeout: slow 1; timeout: slow 2; failed: agent")
+    assert [s["next"] for s in scene.store.need("dev_001").steps
+            if s["step"] == "agent_finished"][-1] == run.out["next"]
+
+
 def test_a_rate_limit_says_pause_until_it_resets(scene: Scene) -> None:
     """claude's usage limit is no failure of the task: pause until it resets, then go on
     with the session, and the pause does not use up the claim's one resume."""

@@ -236,6 +236,24 @@ def test_pm_runner_agent_without_verdict_is_retried_once_then_given_back(box: Bo
     assert not list((box.repo / ".worktrees").glob(f"task-{task['id']}*"))
 
 
+def test_pm_runner_gives_back_a_park_and_lock_release_parks_it(box: Box) -> None:
+    """exec-claude's `next` says park (max_attempts 1): the script releases the give-back
+    it names, and the release parks the task with the reason `next` gave."""
+    task = box.seeder.create_task(title="Hopeless", branch="feature/hopeless")
+    proc = box.run("pm-runner.sh", *runner_args("dev_park", "--repo", str(box.repo),
+                                                "--single-task"),
+                   env={"PMTOOL_FAKE_AGENT_OUTCOME": "none", "PMTOOL_MAX_ATTEMPTS": "1",
+                        "PMTOOL_ON_AGENT_FAILURE": "release"})
+    assert proc.returncode == 1, proc.stderr
+    lines = json_lines(proc.stdout)
+    said = next(o["next"] for o in lines if "verdict_source" in o)
+    assert said["step"] == "park" and said["cause"] == "max_attempts"
+    released = next(o for o in lines if o.get("action") == "parked")
+    assert released["parked"] == said["reason"] and released["cause"] == said["cause"]
+    assert released["attempt"]["reason"] == said["give_back"]["reason"]
+    assert box.task(task["id"])["status"] == "pending"
+
+
 def test_pm_runner_waits_out_a_rate_limit_and_goes_on_with_the_session(box: Box) -> None:
     """exec-claude's `next` says pause until the limit resets: the script keeps the task,
     waits, and resumes the session (no give-back, no attempt used up)."""

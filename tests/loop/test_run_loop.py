@@ -178,6 +178,30 @@ def test_failing_agent_is_retried_with_resume_then_given_back(world: World) -> N
     assert "agent failed" in back["notes"]
 
 
+def test_a_restarted_runner_knows_the_claim_was_already_resumed(world: World) -> None:
+    """What the claim tried is read from its record: killed during the resumed run, the
+    runner started again gives the task back after one more failed run (not two)."""
+    task = world.task()
+    failing = {"PMTOOL_FAKE_AGENT_EXIT": "1", "PMTOOL_FAKE_AGENT_SLEEP": "2"}
+    proc = world.start(env=failing)
+
+    def resumed_run() -> bool:
+        record = world.store.load("dev_1")
+        steps = record.steps if record else []
+        said = [s for s in steps if s["step"] == "agent_finished"]
+        return bool(said) and said[-1].get("next") == {"step": "resume"} \
+            and steps[-1]["step"] == "agent_running"
+
+    wait_for(resumed_run, what="the resumed run to start")
+    proc.kill()
+    proc.communicate()
+    again = world.run("--single-task", env={"PMTOOL_FAKE_AGENT_EXIT": "1"})
+    assert again.code == 1, again.stderr
+    assert len(again.of("agent")) == 1 and again.of("agent")[0]["resumed"] is True
+    assert again.of("finished")[0]["outcome"] == "given_back"
+    assert world.status(task["id"])["status"] == "created"
+
+
 def test_escalate_retries_on_the_stronger_model(world: World) -> None:
     world.task()
     run = world.run("--single-task", "--on-agent-failure", "release", "--escalate",
