@@ -1159,7 +1159,7 @@ class Runner:
                        hint="its work is kept (branch, rescue ref); see the `lost` event")
 
     def _give_back(self, record: TaskRecord, why: str, kind: str = fl.FAILED) -> None:
-        from pmtool.work.finish import runs_note
+        from pmtool.work.accounting import runs_note
 
         result = work.release(self.client, self.store, self.opts.agent_id,
                               notes=why + runs_note(self.store, self.opts.agent_id),

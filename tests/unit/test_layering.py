@@ -356,8 +356,9 @@ DICT_ANSWERS = {
     "pmtool/settings.py": 1,
     "pmtool/state.py": 1,
     "pmtool/work/claim.py": 4,
+    "pmtool/work/accounting.py": 1,
     "pmtool/work/exec.py": 2,
-    "pmtool/work/finish.py": 12,
+    "pmtool/work/finish.py": 11,
     "pmtool/worktree.py": 10,
 }
 
