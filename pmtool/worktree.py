@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pmtool import git
 from pmtool.errors import (
@@ -51,7 +51,10 @@ from pmtool.errors import (
     disk_fault,
 )
 from pmtool.faults import fault
-from pmtool.results import Result
+from pmtool.results import Result, as_json
+
+if TYPE_CHECKING:
+    from pmtool.hooks import HookResult
 
 RESCUE_PREFIX = "refs/pmtool/rescue"
 DEFAULT_DIR = ".worktrees"
@@ -527,7 +530,7 @@ def _json_without(result: Result, optional: tuple[str, ...]) -> dict[str, Any]:
     """`result`'s fields as JSON, the `optional` ones only when set (their keys appear
     only in the cases that have something to say)."""
     assert is_dataclass(result)
-    return {f.name: getattr(result, f.name) for f in fields(result)
+    return {f.name: as_json(getattr(result, f.name)) for f in fields(result)
             if f.name not in optional or getattr(result, f.name) is not None}
 
 
@@ -562,7 +565,7 @@ class Workspace(Result):
     created: bool
     task_id: int
     complexity: str
-    hook: dict[str, Any] | None = None
+    hook: HookResult | None = None
     note: str | None = None
     lands_on: str | None = None
     on_base: bool | None = None
@@ -817,9 +820,9 @@ def _setup(answer: Workspace, hooks_dir: str | Path | None, hook_timeout: float,
     fault("setup")
     result = run_hook(SETUP_HOOK, hooks_dir, ctx, timeout=hook_timeout, cwd=answer.path)
     answer.hook = result
-    answer.ok = result["ok"]
-    _mark_setup(marker, {"state": "ok" if result["ok"] else "failed", "at": _stamp(),
-                         "exit_code": result["exit_code"]})
+    answer.ok = result.ok
+    _mark_setup(marker, {"state": "ok" if result.ok else "failed", "at": _stamp(),
+                         "exit_code": result.exit_code})
 
 
 def forget_setup(path: str | Path) -> None:

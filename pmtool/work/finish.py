@@ -485,13 +485,12 @@ def _post_task(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
                       api_key=plan.hook_key,
                       cwd=str(repo) if repo else None)
     fault("post-task")
-    emit("hook", record.task_id, hook="post_task", ok=result["ok"],
-         skipped=result.get("skipped"), exit_code=result.get("exit_code"),
-         timed_out=result.get("timed_out"), duration_s=result.get("duration_s"),
-         stderr=(result.get("stderr") or "")[-500:] or None)
+    emit("hook", record.task_id, hook="post_task", ok=result.ok, skipped=result.skipped,
+         exit_code=result.exit_code, timed_out=result.timed_out,
+         duration_s=result.duration_s, stderr=result.stderr[-500:] or None)
     # post_task never blocks: its result is reported, not acted on (pm-runner.sh too).
-    return _note(store, record, "post_task", ran="skipped" if result.get("skipped") else "ran",
-                 ok=result["ok"], exit_code=result.get("exit_code"))
+    return _note(store, record, "post_task", ran="skipped" if result.skipped else "ran",
+                 ok=result.ok, exit_code=result.exit_code)
 
 
 def _remove(store: RecordStore, record: TaskRecord, repo: Path | None, tree: Path | None,
