@@ -357,72 +357,89 @@ def release_checkout(repo: str | Path, task_id: int) -> bool:
 
 # -- landing a minor task --------------------------------------------------------------------
 
-def land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
+@dataclass
+class Landing(Result):
+    """`land`'s answer: whether a minor task's branch landed on `base`, and why (`reason`);
+    `note` is the sentence for the task's notes. `nothing_to_land` (the branch is the base
+    already) is in its JSON only when set."""
+
+    landed: bool
+    branch: str | None
+    base: str
+    head: str | None = None
+    reason: str | None = None
+    nothing_to_land: bool | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_without(self, ("nothing_to_land",))
+
+
+def land(repo: str | Path, path: str | Path, base: str) -> Landing:
     """Fast-forward the base branch to a minor task's branch, or say why it stays there.
 
-    Answers `{"landed", "branch", "base", "head", "reason", "note"}` (`note`: the sentence
+    Answers a `Landing` (`landed`, `branch`, `base`, `head`, `reason`, `note`: the sentence
     for the task's notes, saying which happened). Lands only by fast-forward (never a
     merge or a rebase nobody reviewed), and never writes to a checkout that has the base
     checked out while it is dirty or another task holds it: then the work stays on its
     branch for review, and `reason` says why.
     """
     answer = _land(repo, path, base)
-    if answer["landed"]:
-        answer["note"] = (f"minor task: landed on {answer['base']} by fast-forward "
-                          f"({answer['head'][:12]})")
+    if answer.landed:
+        answer.note = (f"minor task: landed on {answer.base} by fast-forward "
+                       f"({(answer.head or '')[:12]})")
     else:
-        answer["note"] = (f"minor task: left on branch {answer['branch']} for review, not "
-                          f"on {answer['base']}: {answer['reason']}")
+        answer.note = (f"minor task: left on branch {answer.branch} for review, not "
+                       f"on {answer.base}: {answer.reason}")
     return answer
 
 
-def _land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
+def _land(repo: str | Path, path: str | Path, base: str) -> Landing:
     root = repo_root(repo)
     base = base.removeprefix("origin/")
     wt = next((w for w in git_worktrees(root) if _same(w.path, path)), None)
     branch = wt.branch if wt else None
-    answer: dict[str, Any] = {"landed": False, "branch": branch, "base": base, "head": None,
-                              "reason": None}
+    answer = Landing(landed=False, branch=branch, base=base)
     if not branch:
-        answer["reason"] = f"{path} has no branch checked out"
+        answer.reason = f"{path} has no branch checked out"
         return answer
     head = _out(root, "rev-parse", f"refs/heads/{branch}")
-    answer["head"] = head
+    answer.head = head
     tip = _git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{base}", check=False)
     old = tip.stdout.strip()
     if not old:
-        answer["reason"] = f"there is no local branch {base} to land on"
+        answer.reason = f"there is no local branch {base} to land on"
         return answer
     if old == head:
-        answer.update(reason="no commits to land", nothing_to_land=True)
+        answer.reason, answer.nothing_to_land = "no commits to land", True
         return answer
     if not _ok(root, "merge-base", "--is-ancestor", old, head):
-        answer["reason"] = f"{base} moved on since the task started; left on {branch} for review"
+        answer.reason = f"{base} moved on since the task started; left on {branch} for review"
         return answer
     holder = next((w for w in git_worktrees(root) if w.branch == base and not w.prunable), None)
     if holder is None:
         # Nobody has the base checked out: move the ref, only if it is still where we saw it.
         if not _ok(root, "update-ref", "-m", f"pmtool: land {branch}", f"refs/heads/{base}",
                    head, old):
-            answer["reason"] = f"{base} moved while landing; left on {branch} for review"
+            answer.reason = f"{base} moved while landing; left on {branch} for review"
             return answer
     else:
         if dirty_paths(holder.path):
-            answer["reason"] = (f"{holder.path} has {base} checked out with uncommitted "
+            answer.reason = (f"{holder.path} has {base} checked out with uncommitted "
                                 f"changes; pmtool never writes to a dirty checkout; left on "
                                 f"{branch} for review")
             return answer
         taken = _checkout_holder(root) if holder.main else None
         if taken:
-            answer["reason"] = (f"task {taken.get('task_id')} works in {holder.path}; left on "
+            answer.reason = (f"task {taken.get('task_id')} works in {holder.path}; left on "
                                 f"{branch} for review")
             return answer
         merged = _git(holder.path, "merge", "--ff-only", "--quiet", branch, check=False)
         if merged.returncode != 0:
-            answer["reason"] = (f"fast-forward of {base} in {holder.path} failed "
+            answer.reason = (f"fast-forward of {base} in {holder.path} failed "
                                 f"({merged.stderr.strip()}); left on {branch} for review")
             return answer
-    answer.update(landed=True, reason=f"fast-forwarded {base} to {head[:12]}")
+    answer.landed, answer.reason = True, f"fast-forwarded {base} to {head[:12]}"
     return answer
 
 
@@ -672,7 +689,7 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # the branch, anything uncommitted goes to a rescue ref, then the branch is free.
         gone = remove_worktree(root, holder.path, rescue=True, worktree_base=worktree_base)
         answer.leftover_removed = {"path": holder.path,
-                                   "rescued": (gone.rescued or {}).get("ref")}
+                                   "rescued": gone.rescued.ref if gone.rescued else None}
         holder = None
     if holder:
         # Another task works on this branch: sharing its folder is how one task's cleanup
@@ -909,8 +926,23 @@ def _identity_env(path: Path) -> dict[str, str]:
             "GIT_COMMITTER_NAME": "pmtool", "GIT_COMMITTER_EMAIL": "pmtool@localhost"}
 
 
+@dataclass
+class Rescued(Result):
+    """`rescue`'s answer: the ref and commit that hold a worktree's uncommitted state, the
+    HEAD it sits on, the files it saved (`{"status", "path"}`), the ignored files taken
+    and left, and the command that restores it."""
+
+    ref: str
+    commit: str
+    head: str | None
+    files: list[dict[str, str]]
+    ignored_included: list[str]
+    ignored_left: list[str]
+    restore: str
+
+
 def _rescue_commit(root: Path, path: Path, label: str,
-                   include_ignored: bool = True) -> dict[str, Any]:
+                   include_ignored: bool = True) -> Rescued:
     """Commit the worktree's whole content to a new rescue ref; touch nothing else."""
     head = _git(path, "rev-parse", "--verify", "--quiet", "HEAD", check=False).stdout.strip()
     real_index = _abs(path, _out(path, "rev-parse", "--git-path", "index"))
@@ -941,9 +973,9 @@ def _rescue_commit(root: Path, path: Path, label: str,
     fields = diff.split("\0")
     files = [{"status": fields[i], "path": fields[i + 1]}
              for i in range(0, len(fields) - 1, 2)]
-    return {"ref": ref, "commit": commit, "head": head or None, "files": files,
-            "ignored_included": taken, "ignored_left": left,
-            "restore": f"git switch -c rescued-{label} {ref}"}
+    return Rescued(ref=ref, commit=commit, head=head or None, files=files,
+                   ignored_included=taken, ignored_left=left,
+                   restore=f"git switch -c rescued-{label} {ref}")
 
 
 def _new_rescue(root: Path, path: Path, label: str, tree: str, head: str) -> tuple[str, str]:
@@ -1018,11 +1050,11 @@ def _find(root: Path, path_or_task_id: str | int | Path,
 
 def rescue(repo: str | Path, path_or_task_id: str | int | Path,
            worktree_base: str | Path | None = None,
-           include_ignored: bool = True) -> dict[str, Any]:
+           include_ignored: bool = True) -> Rescued:
     """Commit a worktree's uncommitted state to `refs/pmtool/rescue/<task-N>/<time>`.
 
-    Answers `{"ref", "commit", "head", "files", "ignored_included", "ignored_left",
-    "restore"}`. The task branch, the worktree's index and HEAD are untouched. Raises
+    Answers a `Rescued` (`ref`, `commit`, `head`, `files`, `ignored_included`,
+    `ignored_left`, `restore`). The task branch, the worktree's index and HEAD are untouched. Raises
     NothingToDo when there is nothing uncommitted.
     """
     root = repo_root(repo)
@@ -1035,14 +1067,22 @@ def rescue(repo: str | Path, path_or_task_id: str | int | Path,
 
 # -- after the agent: leftover work, push ------------------------------------------------
 
-def commit_leftover(path: str | Path, task_id: int) -> dict[str, Any] | None:
+@dataclass
+class LeftoverCommit(Result):
+    """`commit_leftover`'s answer: the commit pmtool made, and the paths it took."""
+
+    commit: str
+    files: list[str]
+
+
+def commit_leftover(path: str | Path, task_id: int) -> LeftoverCommit | None:
     """Commit what the agent left uncommitted in `path` (tracked and untracked files, not
     ignored ones) on the branch checked out there, as a commit of its own whose message
     says pmtool made it; None when the tree is clean.
 
-    Answers `{"commit", "files"}`. Commit hooks are skipped (`--no-verify`): a hook that
-    refuses would leave the work where no reviewer looks. Raises OperationFailed when git
-    cannot commit (the caller rescues to a ref instead).
+    Answers a `LeftoverCommit` (`commit`, `files`). Commit hooks are skipped
+    (`--no-verify`): a hook that refuses would leave the work where no reviewer looks.
+    Raises OperationFailed when git cannot commit (the caller rescues to a ref instead).
     """
     where = Path(path)
     dirty = dirty_paths(where)
@@ -1054,7 +1094,7 @@ def commit_leftover(path: str | Path, task_id: int) -> dict[str, Any] | None:
                "task branch, where the next person looks.\n\nCommitted-by: pmtool\n")
     _git(where, "commit", "--no-verify", "--no-gpg-sign", "-q", "-m", message,
          env=_identity_env(where))
-    return {"commit": _out(where, "rev-parse", "HEAD"), "files": [d["path"] for d in dirty]}
+    return LeftoverCommit(_out(where, "rev-parse", "HEAD"), [d["path"] for d in dirty])
 
 
 def remotes(repo: str | Path) -> list[str]:
@@ -1063,30 +1103,48 @@ def remotes(repo: str | Path) -> list[str]:
     return sorted(names, key=lambda name: name != "origin")
 
 
-def push_branch(repo: str | Path, branch: str) -> dict[str, Any]:
+@dataclass
+class Pushed(Result):
+    """`push_branch`'s answer; `reason` (why not pushed) is in its JSON only when set."""
+
+    pushed: bool
+    remote: str | None
+    branch: str
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_without(self, ("reason",))
+
+
+def push_branch(repo: str | Path, branch: str) -> Pushed:
     """Push `branch` to the repository's remote (origin if there is one), never forced.
 
-    Answers `{"pushed", "remote", "branch"}` plus `reason` when not pushed (no remote, a
-    bad name, git refused: its words). Never raises for the push's sake: a branch that did
-    not get out stays on this machine and the task's notes say so.
+    Answers a `Pushed` (`pushed`, `remote`, `branch`) with `reason` when not pushed (no
+    remote, a bad name, git refused: its words). Never raises for the push's sake: a
+    branch that did not get out stays on this machine and the task's notes say so.
     """
-    answer: dict[str, Any] = {"pushed": False, "remote": None, "branch": branch}
+    answer = Pushed(pushed=False, remote=None, branch=branch)
     names = remotes(repo)
     if not names:
-        return {**answer, "reason": "the repository has no remote"}
-    answer["remote"] = names[0]
+        answer.reason = "the repository has no remote"
+        return answer
+    answer.remote = names[0]
     try:
         check_branch_name(repo, branch)
     except TaskFault as exc:
-        return {**answer, "reason": exc.message}
+        answer.reason = exc.message
+        return answer
     ref = f"refs/heads/{branch}"
     try:  # bounded, never prompting: a dead remote must not hold the finish
         proc = git.remote(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}")
     except git.GitTimeout as exc:
-        return {**answer, "reason": exc.message}
+        answer.reason = exc.message
+        return answer
     if proc.returncode != 0:
-        return {**answer, "reason": f"git push failed: {proc.stderr.strip()[-300:]}"}
-    return {**answer, "pushed": True}
+        answer.reason = f"git push failed: {proc.stderr.strip()[-300:]}"
+        return answer
+    answer.pushed = True
+    return answer
 
 
 # -- remove, list, prune -------------------------------------------------------------------
@@ -1100,7 +1158,7 @@ class RemovedWorktree(Result):
     task_id: int | None
     branch: str | None
     removed: bool = False
-    rescued: dict[str, Any] | None = None
+    rescued: Rescued | None = None
     branch_deleted: bool = False
     branch_kept: str | None = None
     checkout_released: bool | None = None
@@ -1246,14 +1304,24 @@ def _users(path: str) -> list[int]:
     return found
 
 
+@dataclass
+class Pruned(Result):
+    """`prune`'s answer: the worktrees removed (each a `RemovedWorktree`'s JSON, or under
+    `dry_run` what would go), and the ones kept (`{"path", "task_id", "reason", ...}`)."""
+
+    removed: list[dict[str, Any]]
+    kept: list[dict[str, Any]]
+    dry_run: bool
+
+
 def prune(repo: str | Path, live_task_ids: Iterable[int], rescue: bool = False,
-          worktree_base: str | Path | None = None, dry_run: bool = False) -> dict[str, Any]:
+          worktree_base: str | Path | None = None, dry_run: bool = False) -> Pruned:
     """Remove pmtool's worktrees (task-N under the worktree base) of tasks no record
     refers to; a dirty one is kept and reported unless `rescue`. Worktrees pmtool did not
     make, and ones a process is working in, are never touched.
 
-    Answers `{"removed": [remove answers], "kept": [{"path", "task_id", "reason", ...}],
-    "dry_run"}`.
+    Answers a `Pruned` (`removed`: remove answers, `kept`: `{"path", "task_id", "reason",
+    ...}`, `dry_run`).
     """
     root = repo_root(repo)
     live = {int(t) for t in live_task_ids}
@@ -1282,4 +1350,4 @@ def prune(repo: str | Path, live_task_ids: Iterable[int], rescue: bool = False,
             kept.append({"path": path, "task_id": task_id, "reason": exc.message,
                          **{k: v for k, v in exc.details.items() if k not in ("path",
                                                                                "task_id")}})
-    return {"removed": removed, "kept": kept, "dry_run": dry_run}
+    return Pruned(removed=removed, kept=kept, dry_run=dry_run)

@@ -180,12 +180,12 @@ def worktree_remove(
     result = remove_worktree(root, target, rescue=rescue, delete_branch=delete_branch,
                              base=base, worktree_base=settings.worktree_base)
     if result.rescued:
-        say(f"pmtool: worktree: rescued {plural(len(result.rescued['files']), 'file')} to "
-            f"{result.rescued['ref']}")
+        say(f"pmtool: worktree: rescued {plural(len(result.rescued.files), 'file')} to "
+            f"{result.rescued.ref}")
     if record is not None and result.removed:
         record.worktree = None
         record.step("worktree_removed", path=result.path,
-                    rescue_ref=(result.rescued or {}).get("ref"))
+                    rescue_ref=result.rescued.ref if result.rescued else None)
         store.save(record)
     emit(result)
 
@@ -265,10 +265,10 @@ def worktree_prune(
     records, corrupt = record_store(settings).scan()
     result = prune(_repo_of(repo), {r.task_id for r in records}, rescue=rescue,
                    worktree_base=settings.worktree_base, dry_run=dry_run)
-    for kept in result["kept"]:
+    for kept in result.kept:
         if kept.get("dirty"):
             say(f"pmtool: worktree: kept {kept['path']}: {kept['reason']}")
-    emit({**result, "corrupt_records": [str(c.moved_to) for c in corrupt]})
+    emit({**result.to_json(), "corrupt_records": [str(c.moved_to) for c in corrupt]})
 
 
 def _hook_why(hook: "HookResult") -> str:

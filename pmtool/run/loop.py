@@ -1213,7 +1213,7 @@ class Runner:
                                      base=self.opts.base if minor else None)
         except (NothingToDo, UsageError):  # already gone
             return None
-        rescued = (answer.rescued or {}).get("ref")
+        rescued = answer.rescued.ref if answer.rescued else None
         self.event("worktree", task_id=record.task_id, path=answer.path,
                    removed=answer.removed, rescued=rescued)
         if rescued:

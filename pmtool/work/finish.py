@@ -316,15 +316,15 @@ def _leftover(store: RecordStore, record: TaskRecord, tree: Path | None,
         except OperationFailed as exc:  # git would not commit: keep it on a ref instead
             made, info["commit_error"] = None, exc.message
         if made:
-            info["committed"] = made["commit"]
-            info["files"] = made["files"][:50]
+            info["committed"] = made.commit
+            info["files"] = made.files[:50]
         elif _head_is_leftover(tree, record.task_id):
             info["committed"] = _head(tree)  # made before a kill cut the note short
     if "committed" not in info:
         with contextlib.suppress(NothingToDo):
             rescued = wt.rescue(tree, tree)
-            info["rescued"] = rescued["ref"]
-            info["files"] = [f["path"] for f in rescued["files"]][:50]
+            info["rescued"] = rescued.ref
+            info["files"] = [f["path"] for f in rescued.files][:50]
     fault("leftover")
     return _note(store, record, "leftover", **info)
 
@@ -353,8 +353,8 @@ def _push(store: RecordStore, record: TaskRecord, repo: Path | None, tree: Path 
         return _note(store, record, "push", pushed=False, reason="no task branch to push")
     answer = push_branch(repo, record.branch)
     fault("push")
-    return _note(store, record, "push", pushed=answer["pushed"], remote=answer["remote"],
-                 reason=answer.get("reason"))
+    return _note(store, record, "push", pushed=answer.pushed, remote=answer.remote,
+                 reason=answer.reason)
 
 
 def push_off_reason(repo: Path | None) -> str:
@@ -377,7 +377,7 @@ def _land(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
           emit: Emit) -> dict[str, Any]:
     """A minor task's work lands on the base by fast-forward, or stays on its branch for
     review (a developer's `done`, or QA's `pass` of work left there); the notes say which."""
-    from pmtool.worktree import default_branch, land
+    from pmtool.worktree import Landing, default_branch, land
 
     if (record.task.get("complexity") != "minor" or tree is None or repo is None
             or verdict.get("outcome") not in ("done", "pass")):
@@ -386,16 +386,14 @@ def _land(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
     try:
         answer = land(repo, tree, base)
     except PmtoolError as exc:
-        answer = {"landed": False, "branch": record.branch, "base": base,
-                  "reason": exc.message}
-    if answer.get("nothing_to_land"):
+        answer = Landing(landed=False, branch=record.branch, base=base, reason=exc.message)
+    if answer.nothing_to_land:
         return _note(store, record, "land", landed=None)  # e.g. QA of work that landed
-    emit("landed" if answer["landed"] else "not_landed", record.task_id,
-         branch=answer.get("branch"), base=answer.get("base"), head=answer.get("head"),
-         reason=answer.get("reason"))
-    note = answer.get("note") or (f"minor task: left on branch {record.branch} for "
-                                  f"review, not on {base}: {answer.get('reason')}")
-    return _note(store, record, "land", landed=answer["landed"], note=note)
+    emit("landed" if answer.landed else "not_landed", record.task_id,
+         branch=answer.branch, base=answer.base, head=answer.head, reason=answer.reason)
+    note = answer.note or (f"minor task: left on branch {record.branch} for "
+                           f"review, not on {base}: {answer.reason}")
+    return _note(store, record, "land", landed=answer.landed, note=note)
 
 
 def _status(client: PMApi, store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
@@ -534,7 +532,7 @@ def remove_task_worktree(record: TaskRecord, repo: Path | None,
         return {"path": record.worktree, "removed": False, "rescued": None,
                 "reason": exc.message}
     return {"path": answer.path, "removed": answer.removed,
-            "rescued": (answer.rescued or {}).get("ref")}
+            "rescued": answer.rescued.ref if answer.rescued else None}
 
 
 def _close(store: RecordStore, record: TaskRecord, status: dict[str, Any]) -> None:

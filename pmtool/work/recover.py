@@ -374,7 +374,7 @@ def _rescue_worktree(record: TaskRecord) -> str | None:
         answer = remove_worktree(repo_root(record.worktree), record.worktree, rescue=True)
     except PmtoolError:
         return None
-    return (answer.rescued or {}).get("ref")
+    return answer.rescued.ref if answer.rescued else None
 
 
 GIVE_BACK_STEP = "recover-give-back"

@@ -153,13 +153,13 @@ def test_minor_task_gets_its_own_worktree_and_lands_by_fast_forward(repo: Path) 
     commit_on(path, "fix.txt", "a minor fix\n")
     # The base is checked out in the dirty main checkout: never written to, left for review.
     kept = land(repo, path, "main")
-    assert kept["landed"] is False and "dirty checkout" in kept["reason"]
+    assert kept.landed is False and "dirty checkout" in kept.reason
     assert (repo / "app.py").read_text() == "the owner's unsaved edit\n"
-    assert git(repo, "rev-parse", "main") != kept["head"]
+    assert git(repo, "rev-parse", "main") != kept.head
     # Clean checkout: main is fast-forwarded there, the owner's tree follows.
     git(repo, "checkout", "--", "app.py")
     landed = land(repo, path, "main")
-    assert landed["landed"] is True and git(repo, "rev-parse", "main") == landed["head"]
+    assert landed.landed is True and git(repo, "rev-parse", "main") == landed.head
     assert (repo / "fix.txt").read_text() == "a minor fix\n"
     assert git(repo, "status", "--porcelain") == ""
     removed = remove_worktree(repo, path, delete_branch=True, base="main")
@@ -172,10 +172,10 @@ def test_minor_task_left_on_its_branch_when_the_base_moved_on(repo: Path) -> Non
     commit_on(path, "fix.txt", "a minor fix\n")
     commit_on(repo, "other.txt", "someone else landed first\n")
     kept = land(repo, path, "main")
-    assert kept["landed"] is False and "moved on" in kept["reason"]
-    assert kept["branch"] == result.branch
+    assert kept.landed is False and "moved on" in kept.reason
+    assert kept.branch == result.branch
     # Nothing of the task's reached main, nothing of it is lost.
-    assert git(repo, "cat-file", "-t", f"{kept['branch']}:fix.txt") == "blob"
+    assert git(repo, "cat-file", "-t", f"{kept.branch}:fix.txt") == "blob"
     assert not (repo / "fix.txt").exists()
 
 
@@ -184,7 +184,7 @@ def test_minor_lands_on_a_base_nobody_has_checked_out(repo: Path) -> None:
     result = create_worktree(repo, 11, None, options=WorktreeOptions(base="main"),
                              complexity="minor")
     head = commit_on(Path(result.worktree), "fix.txt", "x\n")
-    assert land(repo, result.worktree, "main")["landed"] is True
+    assert land(repo, result.worktree, "main").landed is True
     assert git(repo, "rev-parse", "main") == head
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "elsewhere"
 
@@ -389,8 +389,8 @@ def test_rescue_touches_neither_index_nor_head(repo: Path) -> None:
     after = (git(path, "status", "--porcelain"), git(path, "rev-parse", "HEAD"),
              git(path, "diff", "--cached"), git(repo, "for-each-ref", "refs/heads"))
     assert before == after
-    assert git(repo, "show", f"{result['ref']}:app.py") == "staged, then edited again"
-    assert {f["path"] for f in result["files"]} == {"app.py", "new.txt"}
+    assert git(repo, "show", f"{result.ref}:app.py") == "staged, then edited again"
+    assert {f["path"] for f in result.files} == {"app.py", "new.txt"}
 
 
 def test_detached_commits_no_branch_holds_count_as_dirty(repo: Path) -> None:
@@ -401,7 +401,7 @@ def test_detached_commits_no_branch_holds_count_as_dirty(repo: Path) -> None:
         remove_worktree(repo, 4)
     assert err.value.details["detached_head"] == lost
     result = remove_worktree(repo, 4, rescue=True)
-    assert git(repo, "rev-parse", f"{result.rescued['ref']}^") == lost
+    assert git(repo, "rev-parse", f"{result.rescued.ref}^") == lost
 
 
 def test_delete_branch_only_when_merged(repo: Path) -> None:

@@ -359,7 +359,7 @@ DICT_ANSWERS = {
     "pmtool/work/accounting.py": 1,
     "pmtool/work/exec.py": 2,
     "pmtool/work/finish.py": 11,
-    "pmtool/worktree.py": 10,
+    "pmtool/worktree.py": 4,
 }
 
 
