@@ -1190,7 +1190,7 @@ class Runner:
                            push=self.opts.push, limits=self.limits)
         result = finish_task(self.client, self.store, self.opts.agent_id, plan,
                              emit=self.event)
-        return result["action"] != "given_back"
+        return result.action != "given_back"
 
     def _remove_worktree(self, record: TaskRecord) -> str | None:
         """Remove the task's worktree; a dirty one is rescued to a ref first, never lost.

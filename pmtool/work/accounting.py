@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pmtool.errors import PmtoolError
 from pmtool.records import RecordStore, TaskRecord
+from pmtool.results import Result
 
 # $ per million tokens (input, output), to estimate the cost of a run that died before
 # claude printed its result line; cache reads cost a tenth of input, cache writes 1.25x.
@@ -40,7 +42,7 @@ def summary(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
     elif push:
         where.append(f"not pushed ({push.get('reason')})")
     acc = accounting(store, record)
-    text = "; ".join(where) + (f"\n{runs_line(acc)}" if acc["attempts"] or acc["session_id"]
+    text = "; ".join(where) + (f"\n{runs_line(acc)}" if acc.attempts or acc.session_id
                                else "")
     if (done.get("land") or {}).get("note"):
         text += f"\n{done['land']['note']}"
@@ -56,35 +58,48 @@ def runs_note(store: RecordStore, agent_id: str) -> str:
     with contextlib.suppress(PmtoolError):
         record = store.get(agent_id)
         acc = accounting(store, record) if record else None
-        if acc and (acc["attempts"] or acc["session_id"]):
+        if acc and (acc.attempts or acc.session_id):
             return f"\n{runs_line(acc)}"
     return ""
 
 
-def runs_line(acc: dict[str, Any]) -> str:
-    cost = f"${acc['cost_usd']:.4f}" + (" (some estimated)" if acc["estimated"] else "")
-    crashed = f", {acc['crashed']} without a result" if acc["crashed"] else ""
-    return (f"agent: session {acc['session_id']}, model {acc['model']}, {acc['turns']} turns, "
-            f"{cost} over {acc['attempts']} runs{crashed}, {acc['duration_s']}s")
+def runs_line(acc: Accounting) -> str:
+    cost = f"${acc.cost_usd:.4f}" + (" (some estimated)" if acc.estimated else "")
+    crashed = f", {acc.crashed} without a result" if acc.crashed else ""
+    return (f"agent: session {acc.session_id}, model {acc.model}, {acc.turns} turns, "
+            f"{cost} over {acc.attempts} runs{crashed}, {acc.duration_s}s")
 
 
-def accounting(store: RecordStore, record: TaskRecord) -> dict[str, Any]:
+@dataclass
+class Accounting(Result):
+    """What the agent runs of one claim came to (`accounting`); the history's `runs`."""
+
+    session_id: str | None
+    model: str | None
+    attempts: int
+    turns: int
+    crashed: int  # runs without a result line
+    estimated: bool  # some cost estimated from token usage
+    duration_s: float
+    cost_usd: float
+
+
+def accounting(store: RecordStore, record: TaskRecord) -> Accounting:
     """Session, model, turns, cost and duration over every agent run of this claim, from
     the transcripts: a run that died before its result line is counted from its
     assistant messages (cost estimated from their token usage, `estimated`)."""
     runs = [r for path in _transcripts(store, record.task_id)
             for r in transcript_runs(_lines(path)) if (r["at"] or "") >= record.claimed_at]
-    out = {"session_id": record.session_id, "model": record.model, "attempts": len(runs),
-           "turns": sum(r["turns"] for r in runs), "crashed": sum(1 for r in runs
-                                                                   if not r["result"]),
-           "estimated": any(r["estimated"] for r in runs),
-           "duration_s": round(sum(r["duration_s"] or 0 for r in runs), 1)}
     cost = sum(r["cost_usd"] or 0.0 for r in runs)
-    # The record adds each finished run's cost: the larger of the two is the honest one.
-    out["cost_usd"] = round(max(cost, record.cost_usd or 0.0), 6)
-    if runs:
-        out["model"] = runs[-1]["model"] or out["model"]
-    return out
+    return Accounting(
+        session_id=record.session_id,
+        model=(runs[-1]["model"] if runs else None) or record.model,
+        attempts=len(runs), turns=sum(r["turns"] for r in runs),
+        crashed=sum(1 for r in runs if not r["result"]),
+        estimated=any(r["estimated"] for r in runs),
+        duration_s=round(sum(r["duration_s"] or 0 for r in runs), 1),
+        # The record adds each finished run's cost: the larger of the two is the honest one.
+        cost_usd=round(max(cost, record.cost_usd or 0.0), 6))
 
 
 def _transcripts(store: RecordStore, task_id: int) -> list[Path]:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pmtool.errors import NothingToDo, OperationFailed, PmtoolError, RecordCorrupt
 from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
+from pmtool.results import Result
 from pmtool.work.accounting import accounting, summary
 
 if TYPE_CHECKING:
@@ -69,6 +70,38 @@ class FinishPlan:
             return str(self.settings.hooks_path(repo))
         return self.hooks_dir
 
+
+@dataclass
+class FinishedTask(Result):
+    """The finish's answer (`finish_task`: `pmtool finish --full`, the runner's finish,
+    recover's `finished` entries): the verdict's `outcome`, what the server was told
+    (`action`, `status`, with the `notes`), where the work is (`branch` at `head`,
+    `rescued` ref, `pushed`), whether post_task `ran`, and whether the `worktree` went."""
+
+    task_id: int
+    outcome: str
+    action: str | None
+    status: str | None
+    branch: str | None
+    head: str | None
+    rescued: str | None
+    pushed: bool | None
+    post_task: str | None
+    worktree: bool | None
+    notes: str | None
+
+
+@dataclass
+class LeftToRunner(Result):
+    """The `finisher`'s answer when a live runner of the agent holds its lock: that runner
+    completes the finish (`reason` says so)."""
+
+    action: str = "left to its runner"
+    status: str | None = None
+    reason: str = ""
+
+
+FinishAnswer = FinishedTask | LeftToRunner  # what the `finisher` answers
 
 # -- reading the record --------------------------------------------------------------------
 
@@ -163,12 +196,13 @@ def _note(store: RecordStore, record: TaskRecord, part: str, **info: Any) -> dic
 
 
 def finish_task(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPlan,
-                emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
+                emit: Emit = lambda *_a, **_k: None) -> FinishedTask:
     """Complete the finish of the agent's task from the first step not yet noted.
 
     The record must hold a verdict (`kept_verdict`). `emit(kind, task_id, **data)` is told
-    of each step (the runner's events). Answers `{"task_id", "outcome", "action",
-    "status", "branch", "head", "rescued", "pushed", "post_task", "worktree", "notes"}`.
+    of each step (the runner's events). Answers a `FinishedTask` (`task_id`, `outcome`,
+    `action`, `status`, `branch`, `head`, `rescued`, `pushed`, `post_task`, `worktree`,
+    `notes`).
     Raises NothingToDo without a record or a verdict; ServerError when the server cannot
     be reached (the record keeps every step done so far: run it again).
     """
@@ -197,17 +231,18 @@ def finish_task(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPl
     if "worktree" not in done:
         done["worktree"] = _remove(store, record, repo, tree, plan, emit)
     _close(store, record, status)
-    return {"task_id": record.task_id, "outcome": verdict["outcome"],
-            "action": status.get("action"), "status": status.get("status"),
-            "branch": record.branch, "head": status.get("head"),
-            "rescued": done["leftover"].get("rescued"), "pushed": done["push"].get("pushed"),
-            "post_task": done["post_task"].get("ran"),
-            "worktree": done["worktree"].get("removed"), "notes": status.get("notes")}
+    return FinishedTask(task_id=record.task_id, outcome=verdict["outcome"],
+                        action=status.get("action"), status=status.get("status"),
+                        branch=record.branch, head=status.get("head"),
+                        rescued=done["leftover"].get("rescued"),
+                        pushed=done["push"].get("pushed"),
+                        post_task=done["post_task"].get("ran"),
+                        worktree=done["worktree"].get("removed"), notes=status.get("notes"))
 
 
 def finish_given(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPlan,
                  outcome: str, summary: str | None,
-                 emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
+                 emit: Emit = lambda *_a, **_k: None) -> FinishedTask:
     """`finish_task` with a verdict the caller gives (`pmtool finish --full`: a script has
     it from exec-claude), holding the agent's runner lock meanwhile (Conflict when a
     `pmtool run` of the agent lives).
@@ -247,18 +282,18 @@ def _tell(record: TaskRecord, verdict: dict[str, Any], done: dict[str, dict[str,
 
 
 def finisher(client: PMApi, store: RecordStore, plan: FinishPlan
-             ) -> Callable[[TaskRecord], dict[str, Any]]:
+             ) -> Callable[[TaskRecord], FinishedTask | LeftToRunner]:
     """`finish_task` for `pmtool recover` (pmtool.work.recover.recover's `finisher`): holds the
     agent's runner lock meanwhile, so a runner of that agent starting at the same moment
     does not finish the same task too (it finds the record closed, or waits its turn)."""
     from pmtool.errors import Conflict
 
-    def complete(record: TaskRecord) -> dict[str, Any]:
+    def complete(record: TaskRecord) -> FinishedTask | LeftToRunner:
         try:
             with store.runner_lock(record.agent_id):
                 return finish_task(client, store, record.agent_id, plan)
         except Conflict as exc:
-            return {"action": "left to its runner", "status": None, "reason": exc.message}
+            return LeftToRunner(reason=exc.message)
 
     return complete
 
@@ -548,8 +583,8 @@ def _close(store: RecordStore, record: TaskRecord, status: dict[str, Any]) -> No
         acc = accounting(store, record)
         record.step("closed", outcome=outcome, **info)
         store.state.append_history({"closed_at": now_iso(), "outcome": outcome,
-                                    **record.to_json(), "cost_usd": acc["cost_usd"],
-                                    "runs": acc})
+                                    **record.to_json(), "cost_usd": acc.cost_usd,
+                                    "runs": acc.to_json()})
     fault("close")
     with contextlib.suppress(FileNotFoundError):
         store.path(record.agent_id).unlink()

@@ -356,9 +356,8 @@ DICT_ANSWERS = {
     "pmtool/settings.py": 1,
     "pmtool/state.py": 1,
     "pmtool/work/claim.py": 4,
-    "pmtool/work/accounting.py": 1,
     "pmtool/work/exec.py": 2,
-    "pmtool/work/finish.py": 11,
+    "pmtool/work/finish.py": 8,  # the steps it notes in the record, a transcript line
     "pmtool/worktree.py": 4,
 }
 
