@@ -445,22 +445,34 @@ def _land(repo: str | Path, path: str | Path, base: str) -> Landing:
 
 # -- the remote's copy ---------------------------------------------------------------------
 
-def sync_branch(root: Path, branch: str, base: str, label: str) -> dict[str, Any]:
+@dataclass
+class Synced(Result):
+    """`sync_branch`'s answer (a new worktree's `sync`): the remote, whether it has the
+    branch, what was found and done here (`local`), a rescue ref and a note when said."""
+
+    remote: str
+    branch_on_remote: bool
+    local: str | None = None
+    rescued: str | None = None
+    note: str | None = None
+
+
+def sync_branch(root: Path, branch: str, base: str, label: str) -> Synced | None:
     """Bring the task's branch and the base from the repository's remote, before a worktree
     is made: machines hand work over only through the remote, and a machine that never
     fetched would start QA (or a bounced task) from the base instead of the work.
 
-    Answers `{"remote", "branch_on_remote", "local", "rescued", "note"}`; `local` says what
-    was found and done: "missing" (the worktree starts from the remote's copy), "same",
-    "behind" (fast-forwarded to the remote's copy), "ahead" (kept: it holds the remote's
-    copy and more), "diverged" (the local commits kept on `rescued`, a rescue ref, and the
-    branch set to the remote's copy), "only_local". A repository without a remote answers
-    `{"remote": None}` and nothing is touched. Never pushes, never rewrites the remote.
+    Answers a `Synced` (`remote`, `branch_on_remote`, `local`, `rescued`, `note`); `local`
+    says what was found and done: "missing" (the worktree starts from the remote's copy),
+    "same", "behind" (fast-forwarded to the remote's copy), "ahead" (kept: it holds the
+    remote's copy and more), "diverged" (the local commits kept on `rescued`, a rescue ref,
+    and the branch set to the remote's copy), "only_local". A repository without a remote
+    answers None and nothing is touched. Never pushes, never rewrites the remote.
     Raises RemoteUnreachable when the remote cannot be read (GitTimeout past the limit).
     """
     names = remotes(root)
     if not names:
-        return {"remote": None}
+        return None
     name = names[0]
     try:
         return _sync_from(root, name, branch, base, label)
@@ -469,7 +481,7 @@ def sync_branch(root: Path, branch: str, base: str, label: str) -> dict[str, Any
                                     remote=name, branch=branch) from None
 
 
-def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> dict[str, Any]:
+def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> Synced:
     base = base.removeprefix(f"{name}/").removeprefix("origin/")
     wanted = {f"refs/heads/{b}" for b in (base, branch)}
     listed = git.remote(root, "ls-remote", "--heads", "--", name, *sorted(wanted))
@@ -488,10 +500,9 @@ def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> dic
             raise git.RemoteUnreachable(f"cannot fetch {branch} from remote {name}: "
                                         f"{fetched.stderr.strip()[-300:]}", remote=name,
                                         branch=branch)
-    answer: dict[str, Any] = {"remote": name, "branch_on_remote": f"refs/heads/{branch}"
-                              in there, "local": None, "rescued": None, "note": None}
-    answer.update(_follow_remote(root, branch, f"refs/remotes/{name}/{branch}"
-                                 if answer["branch_on_remote"] else None, label))
+    answer = Synced(remote=name, branch_on_remote=f"refs/heads/{branch}" in there)
+    _follow_remote(root, branch, f"refs/remotes/{name}/{branch}"
+                   if answer.branch_on_remote else None, label, answer)
     return answer
 
 
@@ -500,20 +511,24 @@ def _rev(root: Path, ref: str) -> str | None:
     return proc.stdout.strip() or None
 
 
-def _follow_remote(root: Path, branch: str, remote_ref: str | None,
-                   label: str) -> dict[str, Any]:
+def _follow_remote(root: Path, branch: str, remote_ref: str | None, label: str,
+                   answer: Synced) -> None:
     """Set the local branch to the remote's copy when that loses nothing (missing, behind),
-    or after keeping the local commits on a rescue ref (diverged)."""
+    or after keeping the local commits on a rescue ref (diverged); `answer` says which."""
     local = _rev(root, f"refs/heads/{branch}")
     theirs = _rev(root, remote_ref) if remote_ref else None
     if theirs is None or remote_ref is None:
-        return {"local": "only_local" if local else "missing"}
+        answer.local = "only_local" if local else "missing"
+        return
     if local is None:
-        return {"local": "missing"}
+        answer.local = "missing"
+        return
     if local == theirs:
-        return {"local": "same"}
+        answer.local = "same"
+        return
     if _ok(root, "merge-base", "--is-ancestor", theirs, local):
-        return {"local": "ahead"}  # this machine's commits on top of the remote's: keep
+        answer.local = "ahead"  # this machine's commits on top of the remote's: keep
+        return
     ref = None
     if not _ok(root, "merge-base", "--is-ancestor", local, theirs):
         ref = _keep_commit(root, label, local)
@@ -521,15 +536,16 @@ def _follow_remote(root: Path, branch: str, remote_ref: str | None,
     _git(root, "update-ref", "-m", f"pmtool: follow {remote_ref}", f"refs/heads/{branch}",
          theirs, local)
     if ref is None:
-        return {"local": "behind", "note": f"branch {branch} fast-forwarded to "
-                                           f"{remote_ref.removeprefix('refs/remotes/')} "
-                                           f"({theirs[:12]})"}
-    return {"local": "diverged", "rescued": ref,
-            "note": f"branch {branch} here had diverged from "
-                    f"{remote_ref.removeprefix('refs/remotes/')}: its commits "
-                    f"({local[:12]}) are kept at {ref}, and the work goes on from the "
-                    f"remote's copy ({theirs[:12]}); restore with "
-                    f"`git switch -c rescued-{label} {ref}`"}
+        answer.local = "behind"
+        answer.note = (f"branch {branch} fast-forwarded to "
+                       f"{remote_ref.removeprefix('refs/remotes/')} ({theirs[:12]})")
+        return
+    answer.local, answer.rescued = "diverged", ref
+    answer.note = (f"branch {branch} here had diverged from "
+                   f"{remote_ref.removeprefix('refs/remotes/')}: its commits "
+                   f"({local[:12]}) are kept at {ref}, and the work goes on from the "
+                   f"remote's copy ({theirs[:12]}); restore with "
+                   f"`git switch -c rescued-{label} {ref}`")
 
 
 def _keep_commit(root: Path, label: str, commit: str) -> str:
@@ -588,7 +604,7 @@ class Workspace(Result):
     on_base: bool | None = None
     in_checkout: bool | None = None
     leftover_removed: dict[str, Any] | None = None
-    sync: dict[str, Any] | None = None
+    sync: Synced | None = None
     branch_source: str | None = None
 
     OPTIONAL: ClassVar = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed",
@@ -712,11 +728,11 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                             "or set HEADLESS_PM_WORKTREE_BASE elsewhere", path=str(path))
 
     sync = sync_branch(root, branch, base, f"task-{task_id}")
-    remote = sync["remote"] or "origin"
-    if sync["remote"]:
+    remote = sync.remote if sync else "origin"
+    if sync:
         answer.sync = sync
-        if sync.get("note"):
-            answer.note = "; ".join(filter(None, [answer.note, sync["note"]]))
+        if sync.note:
+            answer.note = "; ".join(filter(None, [answer.note, sync.note]))
         start = _newest_base(root, start, f"refs/remotes/{remote}/{base.removeprefix('origin/')}")
     if _ok(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"):
         args, source = [str(path), branch], "existing"
@@ -724,9 +740,10 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         args, source = (["--track", "-b", branch, str(path), f"{remote}/{branch}"],
                         f"{remote}/{branch}")
     elif follow_up and complexity == "major":
-        where = f"on remote {sync['remote']}" if sync["remote"] else "on any remote (none)"
+        where = f"on remote {sync.remote}" if sync else "on any remote (none)"
         raise NothingToDo(f"nothing to review: branch {branch} exists neither here nor "
-                          f"{where}", branch=branch, no_branch=True, remote=sync["remote"],
+                          f"{where}", branch=branch, no_branch=True,
+                          remote=sync.remote if sync else None,
                           hint="the machine that did the work must push it (push = true, "
                                "PMTOOL_PUSH=1), or it is worked on that machine")
     else:

@@ -885,14 +885,14 @@ class Runner:
         fault("worktree")
         cwd = str(saved.worktree)
         record.worktree, record.branch = cwd, saved.branch
-        sync = answer.sync or {}
+        sync = answer.sync
         self.event("worktree", task_id=record.task_id, path=answer.worktree,
                    branch=answer.branch, base=answer.base,
                    created=answer.created, lands_on=answer.lands_on,
-                   source=answer.branch_source, remote=sync.get("remote"),
-                   local=sync.get("local"), rescued=sync.get("rescued"))
-        if sync.get("note"):
-            self.progress(f"task {record.task_id}: {sync['note']}")
+                   source=answer.branch_source, remote=sync.remote if sync else None,
+                   local=sync.local if sync else None, rescued=sync.rescued if sync else None)
+        if sync and sync.note:
+            self.progress(f"task {record.task_id}: {sync.note}")
         if not answer.ok:
             self._setup_again(record, repo, answer)
         return cwd

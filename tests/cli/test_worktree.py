@@ -608,7 +608,7 @@ def test_a_machine_that_never_fetched_gets_the_pushed_branch(machines) -> None:
     head = push_work(a, "feature/mm")
     assert not _has(b, "feature/mm")
     result = create_worktree(b, 4, "feature/mm", follow_up=True)
-    assert result.sync["local"] == "missing" and result.sync["branch_on_remote"]
+    assert result.sync.local == "missing" and result.sync.branch_on_remote
     assert result.branch_source == "origin/feature/mm"
     assert git(result.path, "rev-parse", "HEAD") == head
 
@@ -620,7 +620,7 @@ def test_a_local_branch_behind_the_remote_is_fast_forwarded(machines) -> None:
     git(b, "branch", "-q", "feature/mm", "origin/feature/mm")  # B worked it once, before
     second = push_work(a, "feature/mm", "more.txt")
     result = create_worktree(b, 4, "feature/mm")
-    assert result.sync["local"] == "behind" and "fast-forwarded" in result.note
+    assert result.sync.local == "behind" and "fast-forwarded" in result.note
     assert git(result.path, "rev-parse", "HEAD") == second
     assert git(b, "merge-base", "--is-ancestor", first, second) == ""
 
@@ -636,12 +636,12 @@ def test_diverged_local_commits_go_to_a_rescue_ref_and_work_follows_the_remote(
     theirs = push_work(a, "feature/mm", "a-later.txt")
     result = create_worktree(b, 4, "feature/mm")
     sync = result.sync
-    assert sync["local"] == "diverged" and sync["rescued"].startswith("refs/pmtool/rescue/task-4/")
-    assert sync["rescued"] in result.note and "diverged" in result.note
+    assert sync.local == "diverged" and sync.rescued.startswith("refs/pmtool/rescue/task-4/")
+    assert sync.rescued in result.note and "diverged" in result.note
     # Nothing lost: B's commit on the rescue ref, the remote's work on the branch, and
     # the remote itself untouched (nothing pushed, nothing forced).
-    assert git(b, "rev-parse", sync["rescued"]) == mine
-    assert git(b, "show", f"{sync['rescued']}:b-only.txt") == "B's unpushed work"
+    assert git(b, "rev-parse", sync.rescued) == mine
+    assert git(b, "show", f"{sync.rescued}:b-only.txt") == "B's unpushed work"
     assert git(result.path, "rev-parse", "HEAD") == theirs
     assert git(a, "ls-remote", "origin", "refs/heads/feature/mm").split()[0] == theirs
 
@@ -654,7 +654,7 @@ def test_a_local_branch_ahead_of_the_remote_is_kept(machines) -> None:
     mine = commit_on(b, "b-more.txt", "more on top\n")
     git(b, "switch", "-q", "main")
     result = create_worktree(b, 4, "feature/mm")
-    assert result.sync["local"] == "ahead" and result.sync["rescued"] is None
+    assert result.sync.local == "ahead" and result.sync.rescued is None
     assert git(result.path, "rev-parse", "HEAD") == mine
     assert git(b, "merge-base", "--is-ancestor", pushed, mine) == ""
 
