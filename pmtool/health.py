@@ -358,7 +358,7 @@ def _health_hook(settings: Settings, hooks_dir: str | Path | None = None) -> Che
     result = run_hook("health_check", folder,
                       {"api_url": settings.api_url, "state_dir": str(settings.state_path)},
                       timeout=settings.hook_timeout)
-    detail = (result.get("stderr") or result.get("stdout") or "").strip().splitlines()
-    return {"name": "hook:health_check", "ok": result["ok"],
-            "detail": detail[-1] if detail else f"exit {result.get('exit_code')}",
-            "exit_code": result.get("exit_code"), "path": result.get("path")}
+    detail = (result.stderr or result.stdout).strip().splitlines()
+    return {"name": "hook:health_check", "ok": result.ok,
+            "detail": detail[-1] if detail else f"exit {result.exit_code}",
+            "exit_code": result.exit_code, "path": result.path}

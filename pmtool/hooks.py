@@ -15,8 +15,8 @@ The contract a hook sees:
   A hook killed by signal N reports exit_code 128+N and `signal` (its name); a hook that
   ran out of time reports `timed_out: true` and exit_code 124, as timeout(1) does.
 
-The library never prints and never exits: `run_hook` answers a dict, and the CLI decides
-the exit code (0 ok, 1 failed, 124 timed out).
+The library never prints and never exits: `run_hook` answers a `HookResult`, and the CLI
+decides the exit code (0 ok, 1 failed, 124 timed out).
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from pmtool.errors import UsageError
+from pmtool.results import Result
 
 # Tried in this order; the first file that exists is the hook.
 SUFFIXES = ("", ".py", ".sh")
@@ -149,16 +151,47 @@ def _tail(fh: IO[bytes]) -> tuple[str, bool]:
     return fh.read().decode("utf-8", errors="replace"), size > OUTPUT_CAP
 
 
+@dataclass
+class HookResult(Result):
+    """What a hook run did (`run_hook`, `pmtool hook run`, the notify hook). The last six
+    fields are in its JSON only when set: `reason` (skipped: why), `error` (it could not
+    be started), `signal` (its name, when a signal ended it), `stdout_truncated` /
+    `stderr_truncated`, `left_running` (pids it left behind after a normal exit)."""
+
+    ok: bool
+    hook: str
+    path: str | None = None
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_s: float = 0.0
+    skipped: bool = False
+    timed_out: bool = False
+    reason: str | None = None
+    error: str | None = None
+    signal: str | None = None
+    stdout_truncated: bool | None = None
+    stderr_truncated: bool | None = None
+    left_running: list[int] | None = None
+
+    OPTIONAL: ClassVar = ("reason", "error", "signal", "stdout_truncated",
+                          "stderr_truncated", "left_running")
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in self.OPTIONAL or getattr(self, f.name) is not None}
+
+
 def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
              timeout: float | None = 30.0, cwd: str | Path | None = None,
              env: dict[str, str] | None = None, api_key: str | None = None
-             ) -> dict[str, Any]:
+             ) -> HookResult:
     """Run hook NAME with `context`; answer what happened, never raise for the hook's sake.
 
-    Answers `{"ok", "hook", "path", "exit_code", "stdout", "stderr", "duration_s",
-    "skipped", "timed_out"}`, plus `error` (a message) when the hook could not be started,
-    `signal` (e.g. "SIGKILL") when a signal ended it, `left_running` (pids of processes the
-    hook left behind after a normal exit) and
+    Answers a `HookResult` (`ok`, `hook`, `path`, `exit_code`, `stdout`, `stderr`,
+    `duration_s`, `skipped`, `timed_out`), plus `error` (a message) when the hook could
+    not be started, `signal` (e.g. "SIGKILL") when a signal ended it, `left_running` (pids
+    of processes the hook left behind after a normal exit) and
     `stdout_truncated` / `stderr_truncated`. A missing hook is skipped and ok. `timeout`
     None or <= 0 means no limit. `env` replaces os.environ as the base environment; the
     API key is never in it unless `api_key` is given (pass_key_to_hooks).
@@ -166,20 +199,18 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
     """
     from pmtool import procs
 
-    result: dict[str, Any] = {
-        "ok": True, "hook": name, "path": None, "exit_code": None, "stdout": "", "stderr": "",
-        "duration_s": 0.0, "skipped": False, "timed_out": False,
-    }
+    result = HookResult(ok=True, hook=name)
     path = find_hook(name, hooks_dir)
     if path is None:
-        result.update(skipped=True, reason=f"no hook {name} in {hooks_dir}")
+        result.skipped, result.reason = True, f"no hook {name} in {hooks_dir}"
         return result
-    result["path"] = str(path)
+    result.path = str(path)
     if cwd is not None and not Path(cwd).is_dir():
         raise UsageError(f"hook working directory {cwd} does not exist")
     if not os.access(path, os.X_OK):
-        result.update(ok=False, error=f"hook {path} is not executable; pmtool does not change "
-                                      f"file modes: run `chmod +x {path}` if it should run")
+        result.ok = False
+        result.error = (f"hook {path} is not executable; pmtool does not change "
+                        f"file modes: run `chmod +x {path}` if it should run")
         return result
 
     ctx = {k: v for k, v in context.items() if k not in SECRET_KEYS}
@@ -193,7 +224,7 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
                                 stdout=out, stderr=err, cwd=cwd,
                                 env=hook_env(name, ctx, env, api_key))
         except OSError as exc:
-            result.update(ok=False, error=_start_error(path, exc))
+            result.ok, result.error = False, _start_error(path, exc)
             return result
         with child:
             ending = child.wait(timeout if timeout and timeout > 0 else None)
@@ -201,20 +232,16 @@ def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],
             # that leaks processes on every task is noticed.
             left = ([] if ending.timed_out else
                     [p.pid for p in child.leftovers(leave_running=True)])
-        result["duration_s"] = ending.duration_s
-        result["exit_code"] = ending.exit_code
-        result["timed_out"] = ending.timed_out
-        if ending.signal:
-            result["signal"] = ending.signal
-        result["stdout"], cut_out = _tail(out)
-        result["stderr"], cut_err = _tail(err)
-    if cut_out:
-        result["stdout_truncated"] = True
-    if cut_err:
-        result["stderr_truncated"] = True
-    result["ok"] = ending.exit_code == 0 and not ending.timed_out
-    if left:
-        result["left_running"] = left
+        result.duration_s = ending.duration_s
+        result.exit_code = ending.exit_code
+        result.timed_out = ending.timed_out
+        result.signal = ending.signal or None
+        result.stdout, cut_out = _tail(out)
+        result.stderr, cut_err = _tail(err)
+    result.stdout_truncated = True if cut_out else None
+    result.stderr_truncated = True if cut_err else None
+    result.ok = ending.exit_code == 0 and not ending.timed_out
+    result.left_running = left or None
     return result
 
 

@@ -20,12 +20,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmtool.errors import Conflict, UsageError
 from pmtool.records import RecordStore, TaskRecord, pid_alive, safe_name
 from pmtool.results import Result
 from pmtool.state import StateDir, parse_time
+
+if TYPE_CHECKING:
+    from pmtool.hooks import HookResult
 
 DEFAULT_KEEP_LOGS_DAYS = 30.0
 NOTIFY_EVENTS = ("parked", "given_up", "fatal", "budget", "finished")
@@ -559,7 +562,7 @@ def notify_message(event: str, ctx: dict[str, Any]) -> str:
 
 
 def notify(event: str, hooks_dir: str | Path | None, *, record: Any = None,
-           timeout: float | None = 30.0, **extra: Any) -> dict[str, Any]:
+           timeout: float | None = 30.0, **extra: Any) -> HookResult:
     """Run the `notify` hook for `event` (parked, given_up, fatal, budget, finished).
 
     The hook gets the task context (pmtool.hooks.task_context) plus `event`, `message` and

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pmtool import git
 from pmtool.errors import (
@@ -51,7 +51,10 @@ from pmtool.errors import (
     disk_fault,
 )
 from pmtool.faults import fault
-from pmtool.results import Result
+from pmtool.results import Result, as_json
+
+if TYPE_CHECKING:
+    from pmtool.hooks import HookResult
 
 RESCUE_PREFIX = "refs/pmtool/rescue"
 DEFAULT_DIR = ".worktrees"
@@ -354,93 +357,122 @@ def release_checkout(repo: str | Path, task_id: int) -> bool:
 
 # -- landing a minor task --------------------------------------------------------------------
 
-def land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
+@dataclass
+class Landing(Result):
+    """`land`'s answer: whether a minor task's branch landed on `base`, and why (`reason`);
+    `note` is the sentence for the task's notes. `nothing_to_land` (the branch is the base
+    already) is in its JSON only when set."""
+
+    landed: bool
+    branch: str | None
+    base: str
+    head: str | None = None
+    reason: str | None = None
+    nothing_to_land: bool | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_without(self, ("nothing_to_land",))
+
+
+def land(repo: str | Path, path: str | Path, base: str) -> Landing:
     """Fast-forward the base branch to a minor task's branch, or say why it stays there.
 
-    Answers `{"landed", "branch", "base", "head", "reason", "note"}` (`note`: the sentence
+    Answers a `Landing` (`landed`, `branch`, `base`, `head`, `reason`, `note`: the sentence
     for the task's notes, saying which happened). Lands only by fast-forward (never a
     merge or a rebase nobody reviewed), and never writes to a checkout that has the base
     checked out while it is dirty or another task holds it: then the work stays on its
     branch for review, and `reason` says why.
     """
     answer = _land(repo, path, base)
-    if answer["landed"]:
-        answer["note"] = (f"minor task: landed on {answer['base']} by fast-forward "
-                          f"({answer['head'][:12]})")
+    if answer.landed:
+        answer.note = (f"minor task: landed on {answer.base} by fast-forward "
+                       f"({(answer.head or '')[:12]})")
     else:
-        answer["note"] = (f"minor task: left on branch {answer['branch']} for review, not "
-                          f"on {answer['base']}: {answer['reason']}")
+        answer.note = (f"minor task: left on branch {answer.branch} for review, not "
+                       f"on {answer.base}: {answer.reason}")
     return answer
 
 
-def _land(repo: str | Path, path: str | Path, base: str) -> dict[str, Any]:
+def _land(repo: str | Path, path: str | Path, base: str) -> Landing:
     root = repo_root(repo)
     base = base.removeprefix("origin/")
     wt = next((w for w in git_worktrees(root) if _same(w.path, path)), None)
     branch = wt.branch if wt else None
-    answer: dict[str, Any] = {"landed": False, "branch": branch, "base": base, "head": None,
-                              "reason": None}
+    answer = Landing(landed=False, branch=branch, base=base)
     if not branch:
-        answer["reason"] = f"{path} has no branch checked out"
+        answer.reason = f"{path} has no branch checked out"
         return answer
     head = _out(root, "rev-parse", f"refs/heads/{branch}")
-    answer["head"] = head
+    answer.head = head
     tip = _git(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{base}", check=False)
     old = tip.stdout.strip()
     if not old:
-        answer["reason"] = f"there is no local branch {base} to land on"
+        answer.reason = f"there is no local branch {base} to land on"
         return answer
     if old == head:
-        answer.update(reason="no commits to land", nothing_to_land=True)
+        answer.reason, answer.nothing_to_land = "no commits to land", True
         return answer
     if not _ok(root, "merge-base", "--is-ancestor", old, head):
-        answer["reason"] = f"{base} moved on since the task started; left on {branch} for review"
+        answer.reason = f"{base} moved on since the task started; left on {branch} for review"
         return answer
     holder = next((w for w in git_worktrees(root) if w.branch == base and not w.prunable), None)
     if holder is None:
         # Nobody has the base checked out: move the ref, only if it is still where we saw it.
         if not _ok(root, "update-ref", "-m", f"pmtool: land {branch}", f"refs/heads/{base}",
                    head, old):
-            answer["reason"] = f"{base} moved while landing; left on {branch} for review"
+            answer.reason = f"{base} moved while landing; left on {branch} for review"
             return answer
     else:
         if dirty_paths(holder.path):
-            answer["reason"] = (f"{holder.path} has {base} checked out with uncommitted "
+            answer.reason = (f"{holder.path} has {base} checked out with uncommitted "
                                 f"changes; pmtool never writes to a dirty checkout; left on "
                                 f"{branch} for review")
             return answer
         taken = _checkout_holder(root) if holder.main else None
         if taken:
-            answer["reason"] = (f"task {taken.get('task_id')} works in {holder.path}; left on "
+            answer.reason = (f"task {taken.get('task_id')} works in {holder.path}; left on "
                                 f"{branch} for review")
             return answer
         merged = _git(holder.path, "merge", "--ff-only", "--quiet", branch, check=False)
         if merged.returncode != 0:
-            answer["reason"] = (f"fast-forward of {base} in {holder.path} failed "
+            answer.reason = (f"fast-forward of {base} in {holder.path} failed "
                                 f"({merged.stderr.strip()}); left on {branch} for review")
             return answer
-    answer.update(landed=True, reason=f"fast-forwarded {base} to {head[:12]}")
+    answer.landed, answer.reason = True, f"fast-forwarded {base} to {head[:12]}"
     return answer
 
 
 # -- the remote's copy ---------------------------------------------------------------------
 
-def sync_branch(root: Path, branch: str, base: str, label: str) -> dict[str, Any]:
+@dataclass
+class Synced(Result):
+    """`sync_branch`'s answer (a new worktree's `sync`): the remote, whether it has the
+    branch, what was found and done here (`local`), a rescue ref and a note when said."""
+
+    remote: str
+    branch_on_remote: bool
+    local: str | None = None
+    rescued: str | None = None
+    note: str | None = None
+
+
+def sync_branch(root: Path, branch: str, base: str, label: str) -> Synced | None:
     """Bring the task's branch and the base from the repository's remote, before a worktree
     is made: machines hand work over only through the remote, and a machine that never
     fetched would start QA (or a bounced task) from the base instead of the work.
 
-    Answers `{"remote", "branch_on_remote", "local", "rescued", "note"}`; `local` says what
-    was found and done: "missing" (the worktree starts from the remote's copy), "same",
-    "behind" (fast-forwarded to the remote's copy), "ahead" (kept: it holds the remote's
-    copy and more), "diverged" (the local commits kept on `rescued`, a rescue ref, and the
-    branch set to the remote's copy), "only_local". A repository without a remote answers
-    `{"remote": None}` and nothing is touched. Never pushes, never rewrites the remote.
+    Answers a `Synced` (`remote`, `branch_on_remote`, `local`, `rescued`, `note`); `local`
+    says what was found and done: "missing" (the worktree starts from the remote's copy),
+    "same", "behind" (fast-forwarded to the remote's copy), "ahead" (kept: it holds the
+    remote's copy and more), "diverged" (the local commits kept on `rescued`, a rescue ref,
+    and the branch set to the remote's copy), "only_local". A repository without a remote
+    answers None and nothing is touched. Never pushes, never rewrites the remote.
     Raises RemoteUnreachable when the remote cannot be read (GitTimeout past the limit).
     """
     names = remotes(root)
     if not names:
-        return {"remote": None}
+        return None
     name = names[0]
     try:
         return _sync_from(root, name, branch, base, label)
@@ -449,7 +481,7 @@ def sync_branch(root: Path, branch: str, base: str, label: str) -> dict[str, Any
                                     remote=name, branch=branch) from None
 
 
-def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> dict[str, Any]:
+def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> Synced:
     base = base.removeprefix(f"{name}/").removeprefix("origin/")
     wanted = {f"refs/heads/{b}" for b in (base, branch)}
     listed = git.remote(root, "ls-remote", "--heads", "--", name, *sorted(wanted))
@@ -468,10 +500,9 @@ def _sync_from(root: Path, name: str, branch: str, base: str, label: str) -> dic
             raise git.RemoteUnreachable(f"cannot fetch {branch} from remote {name}: "
                                         f"{fetched.stderr.strip()[-300:]}", remote=name,
                                         branch=branch)
-    answer: dict[str, Any] = {"remote": name, "branch_on_remote": f"refs/heads/{branch}"
-                              in there, "local": None, "rescued": None, "note": None}
-    answer.update(_follow_remote(root, branch, f"refs/remotes/{name}/{branch}"
-                                 if answer["branch_on_remote"] else None, label))
+    answer = Synced(remote=name, branch_on_remote=f"refs/heads/{branch}" in there)
+    _follow_remote(root, branch, f"refs/remotes/{name}/{branch}"
+                   if answer.branch_on_remote else None, label, answer)
     return answer
 
 
@@ -480,20 +511,24 @@ def _rev(root: Path, ref: str) -> str | None:
     return proc.stdout.strip() or None
 
 
-def _follow_remote(root: Path, branch: str, remote_ref: str | None,
-                   label: str) -> dict[str, Any]:
+def _follow_remote(root: Path, branch: str, remote_ref: str | None, label: str,
+                   answer: Synced) -> None:
     """Set the local branch to the remote's copy when that loses nothing (missing, behind),
-    or after keeping the local commits on a rescue ref (diverged)."""
+    or after keeping the local commits on a rescue ref (diverged); `answer` says which."""
     local = _rev(root, f"refs/heads/{branch}")
     theirs = _rev(root, remote_ref) if remote_ref else None
     if theirs is None or remote_ref is None:
-        return {"local": "only_local" if local else "missing"}
+        answer.local = "only_local" if local else "missing"
+        return
     if local is None:
-        return {"local": "missing"}
+        answer.local = "missing"
+        return
     if local == theirs:
-        return {"local": "same"}
+        answer.local = "same"
+        return
     if _ok(root, "merge-base", "--is-ancestor", theirs, local):
-        return {"local": "ahead"}  # this machine's commits on top of the remote's: keep
+        answer.local = "ahead"  # this machine's commits on top of the remote's: keep
+        return
     ref = None
     if not _ok(root, "merge-base", "--is-ancestor", local, theirs):
         ref = _keep_commit(root, label, local)
@@ -501,15 +536,16 @@ def _follow_remote(root: Path, branch: str, remote_ref: str | None,
     _git(root, "update-ref", "-m", f"pmtool: follow {remote_ref}", f"refs/heads/{branch}",
          theirs, local)
     if ref is None:
-        return {"local": "behind", "note": f"branch {branch} fast-forwarded to "
-                                           f"{remote_ref.removeprefix('refs/remotes/')} "
-                                           f"({theirs[:12]})"}
-    return {"local": "diverged", "rescued": ref,
-            "note": f"branch {branch} here had diverged from "
-                    f"{remote_ref.removeprefix('refs/remotes/')}: its commits "
-                    f"({local[:12]}) are kept at {ref}, and the work goes on from the "
-                    f"remote's copy ({theirs[:12]}); restore with "
-                    f"`git switch -c rescued-{label} {ref}`"}
+        answer.local = "behind"
+        answer.note = (f"branch {branch} fast-forwarded to "
+                       f"{remote_ref.removeprefix('refs/remotes/')} ({theirs[:12]})")
+        return
+    answer.local, answer.rescued = "diverged", ref
+    answer.note = (f"branch {branch} here had diverged from "
+                   f"{remote_ref.removeprefix('refs/remotes/')}: its commits "
+                   f"({local[:12]}) are kept at {ref}, and the work goes on from the "
+                   f"remote's copy ({theirs[:12]}); restore with "
+                   f"`git switch -c rescued-{label} {ref}`")
 
 
 def _keep_commit(root: Path, label: str, commit: str) -> str:
@@ -527,7 +563,7 @@ def _json_without(result: Result, optional: tuple[str, ...]) -> dict[str, Any]:
     """`result`'s fields as JSON, the `optional` ones only when set (their keys appear
     only in the cases that have something to say)."""
     assert is_dataclass(result)
-    return {f.name: getattr(result, f.name) for f in fields(result)
+    return {f.name: as_json(getattr(result, f.name)) for f in fields(result)
             if f.name not in optional or getattr(result, f.name) is not None}
 
 
@@ -562,13 +598,13 @@ class Workspace(Result):
     created: bool
     task_id: int
     complexity: str
-    hook: dict[str, Any] | None = None
+    hook: HookResult | None = None
     note: str | None = None
     lands_on: str | None = None
     on_base: bool | None = None
     in_checkout: bool | None = None
     leftover_removed: dict[str, Any] | None = None
-    sync: dict[str, Any] | None = None
+    sync: Synced | None = None
     branch_source: str | None = None
 
     OPTIONAL: ClassVar = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed",
@@ -669,7 +705,7 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         # the branch, anything uncommitted goes to a rescue ref, then the branch is free.
         gone = remove_worktree(root, holder.path, rescue=True, worktree_base=worktree_base)
         answer.leftover_removed = {"path": holder.path,
-                                   "rescued": (gone.rescued or {}).get("ref")}
+                                   "rescued": gone.rescued.ref if gone.rescued else None}
         holder = None
     if holder:
         # Another task works on this branch: sharing its folder is how one task's cleanup
@@ -692,11 +728,11 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
                             "or set HEADLESS_PM_WORKTREE_BASE elsewhere", path=str(path))
 
     sync = sync_branch(root, branch, base, f"task-{task_id}")
-    remote = sync["remote"] or "origin"
-    if sync["remote"]:
+    remote = sync.remote if sync else "origin"
+    if sync:
         answer.sync = sync
-        if sync.get("note"):
-            answer.note = "; ".join(filter(None, [answer.note, sync["note"]]))
+        if sync.note:
+            answer.note = "; ".join(filter(None, [answer.note, sync.note]))
         start = _newest_base(root, start, f"refs/remotes/{remote}/{base.removeprefix('origin/')}")
     if _ok(root, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"):
         args, source = [str(path), branch], "existing"
@@ -704,9 +740,10 @@ def create_worktree(repo: str | Path, task_id: int, branch: str | None,
         args, source = (["--track", "-b", branch, str(path), f"{remote}/{branch}"],
                         f"{remote}/{branch}")
     elif follow_up and complexity == "major":
-        where = f"on remote {sync['remote']}" if sync["remote"] else "on any remote (none)"
+        where = f"on remote {sync.remote}" if sync else "on any remote (none)"
         raise NothingToDo(f"nothing to review: branch {branch} exists neither here nor "
-                          f"{where}", branch=branch, no_branch=True, remote=sync["remote"],
+                          f"{where}", branch=branch, no_branch=True,
+                          remote=sync.remote if sync else None,
                           hint="the machine that did the work must push it (push = true, "
                                "PMTOOL_PUSH=1), or it is worked on that machine")
     else:
@@ -817,9 +854,9 @@ def _setup(answer: Workspace, hooks_dir: str | Path | None, hook_timeout: float,
     fault("setup")
     result = run_hook(SETUP_HOOK, hooks_dir, ctx, timeout=hook_timeout, cwd=answer.path)
     answer.hook = result
-    answer.ok = result["ok"]
-    _mark_setup(marker, {"state": "ok" if result["ok"] else "failed", "at": _stamp(),
-                         "exit_code": result["exit_code"]})
+    answer.ok = result.ok
+    _mark_setup(marker, {"state": "ok" if result.ok else "failed", "at": _stamp(),
+                         "exit_code": result.exit_code})
 
 
 def forget_setup(path: str | Path) -> None:
@@ -906,8 +943,23 @@ def _identity_env(path: Path) -> dict[str, str]:
             "GIT_COMMITTER_NAME": "pmtool", "GIT_COMMITTER_EMAIL": "pmtool@localhost"}
 
 
+@dataclass
+class Rescued(Result):
+    """`rescue`'s answer: the ref and commit that hold a worktree's uncommitted state, the
+    HEAD it sits on, the files it saved (`{"status", "path"}`), the ignored files taken
+    and left, and the command that restores it."""
+
+    ref: str
+    commit: str
+    head: str | None
+    files: list[dict[str, str]]
+    ignored_included: list[str]
+    ignored_left: list[str]
+    restore: str
+
+
 def _rescue_commit(root: Path, path: Path, label: str,
-                   include_ignored: bool = True) -> dict[str, Any]:
+                   include_ignored: bool = True) -> Rescued:
     """Commit the worktree's whole content to a new rescue ref; touch nothing else."""
     head = _git(path, "rev-parse", "--verify", "--quiet", "HEAD", check=False).stdout.strip()
     real_index = _abs(path, _out(path, "rev-parse", "--git-path", "index"))
@@ -938,9 +990,9 @@ def _rescue_commit(root: Path, path: Path, label: str,
     fields = diff.split("\0")
     files = [{"status": fields[i], "path": fields[i + 1]}
              for i in range(0, len(fields) - 1, 2)]
-    return {"ref": ref, "commit": commit, "head": head or None, "files": files,
-            "ignored_included": taken, "ignored_left": left,
-            "restore": f"git switch -c rescued-{label} {ref}"}
+    return Rescued(ref=ref, commit=commit, head=head or None, files=files,
+                   ignored_included=taken, ignored_left=left,
+                   restore=f"git switch -c rescued-{label} {ref}")
 
 
 def _new_rescue(root: Path, path: Path, label: str, tree: str, head: str) -> tuple[str, str]:
@@ -1015,11 +1067,11 @@ def _find(root: Path, path_or_task_id: str | int | Path,
 
 def rescue(repo: str | Path, path_or_task_id: str | int | Path,
            worktree_base: str | Path | None = None,
-           include_ignored: bool = True) -> dict[str, Any]:
+           include_ignored: bool = True) -> Rescued:
     """Commit a worktree's uncommitted state to `refs/pmtool/rescue/<task-N>/<time>`.
 
-    Answers `{"ref", "commit", "head", "files", "ignored_included", "ignored_left",
-    "restore"}`. The task branch, the worktree's index and HEAD are untouched. Raises
+    Answers a `Rescued` (`ref`, `commit`, `head`, `files`, `ignored_included`,
+    `ignored_left`, `restore`). The task branch, the worktree's index and HEAD are untouched. Raises
     NothingToDo when there is nothing uncommitted.
     """
     root = repo_root(repo)
@@ -1032,14 +1084,22 @@ def rescue(repo: str | Path, path_or_task_id: str | int | Path,
 
 # -- after the agent: leftover work, push ------------------------------------------------
 
-def commit_leftover(path: str | Path, task_id: int) -> dict[str, Any] | None:
+@dataclass
+class LeftoverCommit(Result):
+    """`commit_leftover`'s answer: the commit pmtool made, and the paths it took."""
+
+    commit: str
+    files: list[str]
+
+
+def commit_leftover(path: str | Path, task_id: int) -> LeftoverCommit | None:
     """Commit what the agent left uncommitted in `path` (tracked and untracked files, not
     ignored ones) on the branch checked out there, as a commit of its own whose message
     says pmtool made it; None when the tree is clean.
 
-    Answers `{"commit", "files"}`. Commit hooks are skipped (`--no-verify`): a hook that
-    refuses would leave the work where no reviewer looks. Raises OperationFailed when git
-    cannot commit (the caller rescues to a ref instead).
+    Answers a `LeftoverCommit` (`commit`, `files`). Commit hooks are skipped
+    (`--no-verify`): a hook that refuses would leave the work where no reviewer looks.
+    Raises OperationFailed when git cannot commit (the caller rescues to a ref instead).
     """
     where = Path(path)
     dirty = dirty_paths(where)
@@ -1051,7 +1111,7 @@ def commit_leftover(path: str | Path, task_id: int) -> dict[str, Any] | None:
                "task branch, where the next person looks.\n\nCommitted-by: pmtool\n")
     _git(where, "commit", "--no-verify", "--no-gpg-sign", "-q", "-m", message,
          env=_identity_env(where))
-    return {"commit": _out(where, "rev-parse", "HEAD"), "files": [d["path"] for d in dirty]}
+    return LeftoverCommit(_out(where, "rev-parse", "HEAD"), [d["path"] for d in dirty])
 
 
 def remotes(repo: str | Path) -> list[str]:
@@ -1060,30 +1120,48 @@ def remotes(repo: str | Path) -> list[str]:
     return sorted(names, key=lambda name: name != "origin")
 
 
-def push_branch(repo: str | Path, branch: str) -> dict[str, Any]:
+@dataclass
+class Pushed(Result):
+    """`push_branch`'s answer; `reason` (why not pushed) is in its JSON only when set."""
+
+    pushed: bool
+    remote: str | None
+    branch: str
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _json_without(self, ("reason",))
+
+
+def push_branch(repo: str | Path, branch: str) -> Pushed:
     """Push `branch` to the repository's remote (origin if there is one), never forced.
 
-    Answers `{"pushed", "remote", "branch"}` plus `reason` when not pushed (no remote, a
-    bad name, git refused: its words). Never raises for the push's sake: a branch that did
-    not get out stays on this machine and the task's notes say so.
+    Answers a `Pushed` (`pushed`, `remote`, `branch`) with `reason` when not pushed (no
+    remote, a bad name, git refused: its words). Never raises for the push's sake: a
+    branch that did not get out stays on this machine and the task's notes say so.
     """
-    answer: dict[str, Any] = {"pushed": False, "remote": None, "branch": branch}
+    answer = Pushed(pushed=False, remote=None, branch=branch)
     names = remotes(repo)
     if not names:
-        return {**answer, "reason": "the repository has no remote"}
-    answer["remote"] = names[0]
+        answer.reason = "the repository has no remote"
+        return answer
+    answer.remote = names[0]
     try:
         check_branch_name(repo, branch)
     except TaskFault as exc:
-        return {**answer, "reason": exc.message}
+        answer.reason = exc.message
+        return answer
     ref = f"refs/heads/{branch}"
     try:  # bounded, never prompting: a dead remote must not hold the finish
         proc = git.remote(repo, "push", "--porcelain", "--", names[0], f"{ref}:{ref}")
     except git.GitTimeout as exc:
-        return {**answer, "reason": exc.message}
+        answer.reason = exc.message
+        return answer
     if proc.returncode != 0:
-        return {**answer, "reason": f"git push failed: {proc.stderr.strip()[-300:]}"}
-    return {**answer, "pushed": True}
+        answer.reason = f"git push failed: {proc.stderr.strip()[-300:]}"
+        return answer
+    answer.pushed = True
+    return answer
 
 
 # -- remove, list, prune -------------------------------------------------------------------
@@ -1097,7 +1175,7 @@ class RemovedWorktree(Result):
     task_id: int | None
     branch: str | None
     removed: bool = False
-    rescued: dict[str, Any] | None = None
+    rescued: Rescued | None = None
     branch_deleted: bool = False
     branch_kept: str | None = None
     checkout_released: bool | None = None
@@ -1243,14 +1321,24 @@ def _users(path: str) -> list[int]:
     return found
 
 
+@dataclass
+class Pruned(Result):
+    """`prune`'s answer: the worktrees removed (each a `RemovedWorktree`'s JSON, or under
+    `dry_run` what would go), and the ones kept (`{"path", "task_id", "reason", ...}`)."""
+
+    removed: list[dict[str, Any]]
+    kept: list[dict[str, Any]]
+    dry_run: bool
+
+
 def prune(repo: str | Path, live_task_ids: Iterable[int], rescue: bool = False,
-          worktree_base: str | Path | None = None, dry_run: bool = False) -> dict[str, Any]:
+          worktree_base: str | Path | None = None, dry_run: bool = False) -> Pruned:
     """Remove pmtool's worktrees (task-N under the worktree base) of tasks no record
     refers to; a dirty one is kept and reported unless `rescue`. Worktrees pmtool did not
     make, and ones a process is working in, are never touched.
 
-    Answers `{"removed": [remove answers], "kept": [{"path", "task_id", "reason", ...}],
-    "dry_run"}`.
+    Answers a `Pruned` (`removed`: remove answers, `kept`: `{"path", "task_id", "reason",
+    ...}`, `dry_run`).
     """
     root = repo_root(repo)
     live = {int(t) for t in live_task_ids}
@@ -1279,4 +1367,4 @@ def prune(repo: str | Path, live_task_ids: Iterable[int], rescue: bool = False,
             kept.append({"path": path, "task_id": task_id, "reason": exc.message,
                          **{k: v for k, v in exc.details.items() if k not in ("path",
                                                                                "task_id")}})
-    return {"removed": removed, "kept": kept, "dry_run": dry_run}
+    return Pruned(removed=removed, kept=kept, dry_run=dry_run)

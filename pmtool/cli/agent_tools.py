@@ -26,6 +26,7 @@ from pmtool.cli.options import (
 from pmtool.errors import NothingToDo, TimeLimit, UsageError, exit_code
 
 if TYPE_CHECKING:
+    from pmtool.hooks import HookResult
     from pmtool.records import TaskRecord
 
 worktree_app = typer.Typer(help="One git worktree per task, never shared; removal never "
@@ -118,11 +119,11 @@ def worktree_create(
         say(f"pmtool: worktree: {result.note}")
     answer = {k: v for k, v in result.to_json().items() if k != "ok"} | extra
     if not result.ok:
-        hook = result.hook or {}
-        say(f"pmtool: worktree_setup failed ({_hook_why(hook)}); the worktree is kept at "
-            f"{result.path}")
+        hook = result.hook
+        say(f"pmtool: worktree_setup failed ({_hook_why(hook) if hook else None}); the "
+            f"worktree is kept at {result.path}")
         emit(answer, ok=False)
-        return exit_code({"ok": False, "timed_out": hook.get("timed_out")})
+        return exit_code({"ok": False, "timed_out": hook.timed_out if hook else None})
     emit(answer)
     return exit_code(None)
 
@@ -179,12 +180,12 @@ def worktree_remove(
     result = remove_worktree(root, target, rescue=rescue, delete_branch=delete_branch,
                              base=base, worktree_base=settings.worktree_base)
     if result.rescued:
-        say(f"pmtool: worktree: rescued {plural(len(result.rescued['files']), 'file')} to "
-            f"{result.rescued['ref']}")
+        say(f"pmtool: worktree: rescued {plural(len(result.rescued.files), 'file')} to "
+            f"{result.rescued.ref}")
     if record is not None and result.removed:
         record.worktree = None
         record.step("worktree_removed", path=result.path,
-                    rescue_ref=(result.rescued or {}).get("ref"))
+                    rescue_ref=result.rescued.ref if result.rescued else None)
         store.save(record)
     emit(result)
 
@@ -264,19 +265,19 @@ def worktree_prune(
     records, corrupt = record_store(settings).scan()
     result = prune(_repo_of(repo), {r.task_id for r in records}, rescue=rescue,
                    worktree_base=settings.worktree_base, dry_run=dry_run)
-    for kept in result["kept"]:
+    for kept in result.kept:
         if kept.get("dirty"):
             say(f"pmtool: worktree: kept {kept['path']}: {kept['reason']}")
-    emit({**result, "corrupt_records": [str(c.moved_to) for c in corrupt]})
+    emit({**result.to_json(), "corrupt_records": [str(c.moved_to) for c in corrupt]})
 
 
-def _hook_why(hook: dict[str, Any]) -> str:
-    if hook.get("error"):
-        return hook["error"]
-    if hook.get("timed_out"):
-        return f"timed out after {hook['duration_s']:g}s"
-    last = (hook.get("stderr") or hook.get("stdout") or "").strip().splitlines()
-    return f"exit {hook.get('exit_code')}" + (f": {last[-1]}" if last else "")
+def _hook_why(hook: "HookResult") -> str:
+    if hook.error:
+        return hook.error
+    if hook.timed_out:
+        return f"timed out after {hook.duration_s:g}s"
+    last = (hook.stderr or hook.stdout).strip().splitlines()
+    return f"exit {hook.exit_code}" + (f": {last[-1]}" if last else "")
 
 
 @hook_app.command("run")
@@ -324,16 +325,17 @@ def hook_run(
     result = run_hook(name, settings.hooks_path(repo), context,
                       timeout=settings.hook_timeout, cwd=cwd,
                       api_key=settings.api_key if settings.pass_key_to_hooks else None)
-    ok = result.pop("ok")
-    if result["skipped"]:
-        say(f"pmtool: hook: {result['reason']} (skipped)")
+    answer = result.to_json()
+    ok = answer.pop("ok")
+    if result.skipped:
+        say(f"pmtool: hook: {result.reason} (skipped)")
     elif not ok:
         say(f"pmtool: hook: {name} failed: {_hook_why(result)}")
-        if result["timed_out"]:
-            result["error"] = TimeLimit(f"hook {name} ran out of time: {_hook_why(result)}",
+        if result.timed_out:
+            answer["error"] = TimeLimit(f"hook {name} ran out of time: {_hook_why(result)}",
                                         hint="raise --timeout or HEADLESS_PM_HOOK_TIMEOUT"
                                         ).to_json()
-        elif result.get("error"):
-            result["error"] = {"type": "failed", "message": result["error"]}
-    emit(result, ok=ok)
-    return exit_code({**result, "ok": ok})
+        elif result.error:
+            answer["error"] = {"type": "failed", "message": result.error}
+    emit(answer, ok=ok)
+    return exit_code({**answer, "ok": ok})

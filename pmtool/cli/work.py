@@ -256,9 +256,9 @@ def _finish_full(settings: Any, store: Any, agent_id: str, outcome: str,
     for event in events:
         if event["event"] == "parked":
             say(f"pmtool: task {event['task_id']} parked for a person: {event['reason']}")
-    if result["action"] == "moved_on":
-        say(f"pmtool: task {result['task_id']} had moved on; left as it is")
-    emit({**result, "events": events})
+    if result.action == "moved_on":
+        say(f"pmtool: task {result.task_id} had moved on; left as it is")
+    emit({**result.to_json(), "events": events})
 
 
 @app.command("recover")

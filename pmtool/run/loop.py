@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from pmtool.agent.result import AgentResult
     from pmtool.client import PMApi
     from pmtool.health import HealthReport
+    from pmtool.hooks import HookResult
     from pmtool.worktree import Workspace, WorktreeOptions
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
@@ -299,8 +300,8 @@ class Runner:
         result = notify(which, self.hooks_dir, record=self._safe_load(),
                         agent_id=self.opts.agent_id, timeout=self.settings.hook_timeout,
                         **extra)
-        if not result.get("ok"):
-            why = result.get("error") or f"exit {result.get('exit_code')}"
+        if not result.ok:
+            why = result.error or f"exit {result.exit_code}"
             self.progress(f"notify hook failed for {which}: {why}")
 
     def request_stop(self) -> None:
@@ -724,24 +725,23 @@ class Runner:
                             api_url=self.settings.api_url, **extra)
 
     def _hook(self, name: str, record: TaskRecord, cwd: str | None,
-              **extra: Any) -> dict[str, Any]:
+              **extra: Any) -> HookResult:
         from pmtool.hooks import run_hook
 
         result = run_hook(name, self.hooks_dir, self._context(record, **extra),
                           timeout=self.settings.hook_timeout, cwd=cwd,
                           api_key=self.settings.api_key
                           if self.settings.values.get("pass_key_to_hooks") else None)
-        if result.get("skipped") and name not in self._told_missing:
+        if result.skipped and name not in self._told_missing:
             # Said once per hook, not silently skipped: a hook with a typo in its name
             # would otherwise never run, and nobody would know.
             self._told_missing.add(name)
             self.progress(f"no {name} hook in {self.hooks_dir} (looked for {name}, "
                           f"{name}.py, {name}.sh): skipped")
-        self.event("hook", task_id=record.task_id, hook=name, ok=result["ok"],
-                   skipped=result.get("skipped"), reason=result.get("reason"),
-                   signal=result.get("signal"), exit_code=result.get("exit_code"),
-                   timed_out=result.get("timed_out"), duration_s=result.get("duration_s"),
-                   stderr=(result.get("stderr") or "")[-500:] or None)
+        self.event("hook", task_id=record.task_id, hook=name, ok=result.ok,
+                   skipped=result.skipped, reason=result.reason, signal=result.signal,
+                   exit_code=result.exit_code, timed_out=result.timed_out,
+                   duration_s=result.duration_s, stderr=result.stderr[-500:] or None)
         return result
 
     def _repo(self) -> Path:
@@ -824,10 +824,9 @@ class Runner:
         # pm-runner.sh: a failing pre_task always gives the task back (release), no ask.
         while True:
             result = self._hook("pre_task", record, str(repo))
-            if result["ok"]:
+            if result.ok:
                 return True
-            why = (result.get("error") or (result.get("stderr") or "").strip()
-                   or f"exit {result.get('exit_code')}")
+            why = result.error or result.stderr.strip() or f"exit {result.exit_code}"
             choice: str = self.opts.on_hook_failure
             if self.ask:
                 choice = self.ask(f"pre_task hook failed for task {record.task_id}: {why}",
@@ -886,14 +885,14 @@ class Runner:
         fault("worktree")
         cwd = str(saved.worktree)
         record.worktree, record.branch = cwd, saved.branch
-        sync = answer.sync or {}
+        sync = answer.sync
         self.event("worktree", task_id=record.task_id, path=answer.worktree,
                    branch=answer.branch, base=answer.base,
                    created=answer.created, lands_on=answer.lands_on,
-                   source=answer.branch_source, remote=sync.get("remote"),
-                   local=sync.get("local"), rescued=sync.get("rescued"))
-        if sync.get("note"):
-            self.progress(f"task {record.task_id}: {sync['note']}")
+                   source=answer.branch_source, remote=sync.remote if sync else None,
+                   local=sync.local if sync else None, rescued=sync.rescued if sync else None)
+        if sync and sync.note:
+            self.progress(f"task {record.task_id}: {sync.note}")
         if not answer.ok:
             self._setup_again(record, repo, answer)
         return cwd
@@ -920,16 +919,17 @@ class Runner:
     def _setup_again(self, record: TaskRecord, repo: Path, answer: Workspace) -> None:
         """worktree_setup failed: run it once more (setup hooks are idempotent, README);
         failing twice in a row, it fails for good: the task's fault."""
-        first = answer.hook or {}
-        self.progress(f"worktree_setup failed (exit {first.get('exit_code')}); once more")
+        first = answer.hook.exit_code if answer.hook else None
+        self.progress(f"worktree_setup failed (exit {first}); once more")
         again, _saved = work.task_workspace(self.store, self.opts.agent_id, repo,
                                             self.settings, self._worktree_options(repo),
                                             owner_pid=os.getpid())
         if again.ok:
             return
-        hook = again.hook or {}
-        why = ("timed out" if hook.get("timed_out") else f"exit {hook.get('exit_code')}")
-        tail = (hook.get("stderr") or "").strip()[-300:]
+        hook = again.hook
+        why = ("timed out" if hook and hook.timed_out else
+               f"exit {hook.exit_code if hook else None}")
+        tail = (hook.stderr if hook else "").strip()[-300:]
         raise TaskFault(f"worktree_setup failed twice ({why})" + (f": {tail}" if tail else ""),
                         task_id=record.task_id)
 
@@ -939,7 +939,7 @@ class Runner:
         # escalation and no task budget.
         from pmtool.models import stronger_model
         from pmtool.work.exec import next_after, note_next, tried_from_record, why_failed
-        from pmtool.work.finish import runs_note
+        from pmtool.work.accounting import runs_note
 
         opts = self.opts
         resume = bool(record.session_id)  # a recorded session: continue it
@@ -1169,7 +1169,7 @@ class Runner:
                    runs: str | None = None) -> None:
         """Give the task back (release parks it when it is its last); `runs`: the line
         about the claim's agent runs its notes end with, when already read."""
-        from pmtool.work.finish import runs_note
+        from pmtool.work.accounting import runs_note
 
         if runs is None:
             runs = runs_note(self.store, self.opts.agent_id)
@@ -1201,7 +1201,7 @@ class Runner:
                            push=self.opts.push, limits=self.limits)
         result = finish_task(self.client, self.store, self.opts.agent_id, plan,
                              emit=self.event)
-        return result["action"] != "given_back"
+        return result.action != "given_back"
 
     def _remove_worktree(self, record: TaskRecord) -> str | None:
         """Remove the task's worktree; a dirty one is rescued to a ref first, never lost.
@@ -1224,7 +1224,7 @@ class Runner:
                                      base=self.opts.base if minor else None)
         except (NothingToDo, UsageError):  # already gone
             return None
-        rescued = (answer.rescued or {}).get("ref")
+        rescued = answer.rescued.ref if answer.rescued else None
         self.event("worktree", task_id=record.task_id, path=answer.path,
                    removed=answer.removed, rescued=rescued)
         if rescued:

@@ -769,16 +769,16 @@ def task_workspace(store: RecordStore, agent_id: str, repo: str | Path, settings
     record = store.need(agent_id)
     # The directory the agent works in: the worktree, or the repo for a minor task.
     record.worktree, record.branch = result.path, result.branch
-    sync = result.sync or {}
+    sync = result.sync
     record.step("worktree", path=result.path, created=result.created,
-                setup_ok=result.ok, **({"sync": sync["local"], "rescued": sync["rescued"]}
-                                       if sync.get("rescued") else {}))
+                setup_ok=result.ok, **({"sync": sync.local, "rescued": sync.rescued}
+                                       if sync and sync.rescued else {}))
     store.save(record)
-    if sync.get("rescued") and client is not None:
+    if sync and sync.rescued and client is not None:
         # Said now, not at the finish: a give-back or a crash must not lose where the
         # other side of the branch went.
         with contextlib.suppress(ApiError, ServerError):
-            client.comment(record.task_id, agent_id, f"pmtool: {sync['note']}")
+            client.comment(record.task_id, agent_id, f"pmtool: {sync.note}")
     return result, record
 
 

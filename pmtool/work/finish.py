@@ -24,15 +24,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from pmtool.errors import NothingToDo, OperationFailed, PmtoolError, RecordCorrupt
 from pmtool.faults import fault
 from pmtool.records import RecordStore, TaskRecord, now_iso
+from pmtool.results import Result
+from pmtool.work.accounting import accounting, summary
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
@@ -41,9 +42,6 @@ STEP = "finish"
 # The last step name of a run that produced a verdict (pmtool.run.loop writes it).
 VERDICT_STEP = "agent-done"
 AGENT_START_STEPS = ("agent_starting", "agent_running")
-# $ per million tokens (input, output), to estimate the cost of a run that died before
-# claude printed its result line; cache reads cost a tenth of input, cache writes 1.25x.
-PRICES = {"opus": (15.0, 75.0), "sonnet": (3.0, 15.0), "haiku": (1.0, 5.0)}
 
 Emit = Callable[..., None]
 
@@ -72,6 +70,38 @@ class FinishPlan:
             return str(self.settings.hooks_path(repo))
         return self.hooks_dir
 
+
+@dataclass
+class FinishedTask(Result):
+    """The finish's answer (`finish_task`: `pmtool finish --full`, the runner's finish,
+    recover's `finished` entries): the verdict's `outcome`, what the server was told
+    (`action`, `status`, with the `notes`), where the work is (`branch` at `head`,
+    `rescued` ref, `pushed`), whether post_task `ran`, and whether the `worktree` went."""
+
+    task_id: int
+    outcome: str
+    action: str | None
+    status: str | None
+    branch: str | None
+    head: str | None
+    rescued: str | None
+    pushed: bool | None
+    post_task: str | None
+    worktree: bool | None
+    notes: str | None
+
+
+@dataclass
+class LeftToRunner(Result):
+    """The `finisher`'s answer when a live runner of the agent holds its lock: that runner
+    completes the finish (`reason` says so)."""
+
+    action: str = "left to its runner"
+    status: str | None = None
+    reason: str = ""
+
+
+FinishAnswer = FinishedTask | LeftToRunner  # what the `finisher` answers
 
 # -- reading the record --------------------------------------------------------------------
 
@@ -167,12 +197,13 @@ def _note(store: RecordStore, record: TaskRecord, part: str, **info: Any) -> dic
 
 
 def finish_task(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPlan,
-                emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
+                emit: Emit = lambda *_a, **_k: None) -> FinishedTask:
     """Complete the finish of the agent's task from the first step not yet noted.
 
     The record must hold a verdict (`kept_verdict`). `emit(kind, task_id, **data)` is told
-    of each step (the runner's events). Answers `{"task_id", "outcome", "action",
-    "status", "branch", "head", "rescued", "pushed", "post_task", "worktree", "notes"}`.
+    of each step (the runner's events). Answers a `FinishedTask` (`task_id`, `outcome`,
+    `action`, `status`, `branch`, `head`, `rescued`, `pushed`, `post_task`, `worktree`,
+    `notes`).
     Raises NothingToDo without a record or a verdict; ServerError when the server cannot
     be reached (the record keeps every step done so far: run it again).
     """
@@ -201,17 +232,18 @@ def finish_task(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPl
     if "worktree" not in done:
         done["worktree"] = _remove(store, record, repo, tree, plan, emit)
     _close(store, record, status)
-    return {"task_id": record.task_id, "outcome": verdict["outcome"],
-            "action": status.get("action"), "status": status.get("status"),
-            "branch": record.branch, "head": status.get("head"),
-            "rescued": done["leftover"].get("rescued"), "pushed": done["push"].get("pushed"),
-            "post_task": done["post_task"].get("ran"),
-            "worktree": done["worktree"].get("removed"), "notes": status.get("notes")}
+    return FinishedTask(task_id=record.task_id, outcome=verdict["outcome"],
+                        action=status.get("action"), status=status.get("status"),
+                        branch=record.branch, head=status.get("head"),
+                        rescued=done["leftover"].get("rescued"),
+                        pushed=done["push"].get("pushed"),
+                        post_task=done["post_task"].get("ran"),
+                        worktree=done["worktree"].get("removed"), notes=status.get("notes"))
 
 
 def finish_given(client: PMApi, store: RecordStore, agent_id: str, plan: FinishPlan,
                  outcome: str, summary: str | None,
-                 emit: Emit = lambda *_a, **_k: None) -> dict[str, Any]:
+                 emit: Emit = lambda *_a, **_k: None) -> FinishedTask:
     """`finish_task` with a verdict the caller gives (`pmtool finish --full`: a script has
     it from exec-claude), holding the agent's runner lock meanwhile (Conflict when a
     `pmtool run` of the agent lives).
@@ -251,18 +283,18 @@ def _tell(record: TaskRecord, verdict: dict[str, Any], done: dict[str, dict[str,
 
 
 def finisher(client: PMApi, store: RecordStore, plan: FinishPlan
-             ) -> Callable[[TaskRecord], dict[str, Any]]:
+             ) -> Callable[[TaskRecord], FinishedTask | LeftToRunner]:
     """`finish_task` for `pmtool recover` (pmtool.work.recover.recover's `finisher`): holds the
     agent's runner lock meanwhile, so a runner of that agent starting at the same moment
     does not finish the same task too (it finds the record closed, or waits its turn)."""
     from pmtool.errors import Conflict
 
-    def complete(record: TaskRecord) -> dict[str, Any]:
+    def complete(record: TaskRecord) -> FinishedTask | LeftToRunner:
         try:
             with store.runner_lock(record.agent_id):
                 return finish_task(client, store, record.agent_id, plan)
         except Conflict as exc:
-            return {"action": "left to its runner", "status": None, "reason": exc.message}
+            return LeftToRunner(reason=exc.message)
 
     return complete
 
@@ -320,15 +352,15 @@ def _leftover(store: RecordStore, record: TaskRecord, tree: Path | None,
         except OperationFailed as exc:  # git would not commit: keep it on a ref instead
             made, info["commit_error"] = None, exc.message
         if made:
-            info["committed"] = made["commit"]
-            info["files"] = made["files"][:50]
+            info["committed"] = made.commit
+            info["files"] = made.files[:50]
         elif _head_is_leftover(tree, record.task_id):
             info["committed"] = _head(tree)  # made before a kill cut the note short
     if "committed" not in info:
         with contextlib.suppress(NothingToDo):
             rescued = wt.rescue(tree, tree)
-            info["rescued"] = rescued["ref"]
-            info["files"] = [f["path"] for f in rescued["files"]][:50]
+            info["rescued"] = rescued.ref
+            info["files"] = [f["path"] for f in rescued.files][:50]
     fault("leftover")
     return _note(store, record, "leftover", **info)
 
@@ -357,8 +389,8 @@ def _push(store: RecordStore, record: TaskRecord, repo: Path | None, tree: Path 
         return _note(store, record, "push", pushed=False, reason="no task branch to push")
     answer = push_branch(repo, record.branch)
     fault("push")
-    return _note(store, record, "push", pushed=answer["pushed"], remote=answer["remote"],
-                 reason=answer.get("reason"))
+    return _note(store, record, "push", pushed=answer.pushed, remote=answer.remote,
+                 reason=answer.reason)
 
 
 def push_off_reason(repo: Path | None) -> str:
@@ -381,7 +413,7 @@ def _land(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
           emit: Emit) -> dict[str, Any]:
     """A minor task's work lands on the base by fast-forward, or stays on its branch for
     review (a developer's `done`, or QA's `pass` of work left there); the notes say which."""
-    from pmtool.worktree import default_branch, land
+    from pmtool.worktree import Landing, default_branch, land
 
     if (record.task.get("complexity") != "minor" or tree is None or repo is None
             or verdict.get("outcome") not in ("done", "pass")):
@@ -390,16 +422,14 @@ def _land(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
     try:
         answer = land(repo, tree, base)
     except PmtoolError as exc:
-        answer = {"landed": False, "branch": record.branch, "base": base,
-                  "reason": exc.message}
-    if answer.get("nothing_to_land"):
+        answer = Landing(landed=False, branch=record.branch, base=base, reason=exc.message)
+    if answer.nothing_to_land:
         return _note(store, record, "land", landed=None)  # e.g. QA of work that landed
-    emit("landed" if answer["landed"] else "not_landed", record.task_id,
-         branch=answer.get("branch"), base=answer.get("base"), head=answer.get("head"),
-         reason=answer.get("reason"))
-    note = answer.get("note") or (f"minor task: left on branch {record.branch} for "
-                                  f"review, not on {base}: {answer.get('reason')}")
-    return _note(store, record, "land", landed=answer["landed"], note=note)
+    emit("landed" if answer.landed else "not_landed", record.task_id,
+         branch=answer.branch, base=answer.base, head=answer.head, reason=answer.reason)
+    note = answer.note or (f"minor task: left on branch {record.branch} for "
+                           f"review, not on {base}: {answer.reason}")
+    return _note(store, record, "land", landed=answer.landed, note=note)
 
 
 def _status(client: PMApi, store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
@@ -489,13 +519,12 @@ def _post_task(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
                       api_key=plan.hook_key,
                       cwd=str(repo) if repo else None)
     fault("post-task")
-    emit("hook", record.task_id, hook="post_task", ok=result["ok"],
-         skipped=result.get("skipped"), exit_code=result.get("exit_code"),
-         timed_out=result.get("timed_out"), duration_s=result.get("duration_s"),
-         stderr=(result.get("stderr") or "")[-500:] or None)
+    emit("hook", record.task_id, hook="post_task", ok=result.ok, skipped=result.skipped,
+         exit_code=result.exit_code, timed_out=result.timed_out,
+         duration_s=result.duration_s, stderr=result.stderr[-500:] or None)
     # post_task never blocks: its result is reported, not acted on (pm-runner.sh too).
-    return _note(store, record, "post_task", ran="skipped" if result.get("skipped") else "ran",
-                 ok=result["ok"], exit_code=result.get("exit_code"))
+    return _note(store, record, "post_task", ran="skipped" if result.skipped else "ran",
+                 ok=result.ok, exit_code=result.exit_code)
 
 
 def _remove(store: RecordStore, record: TaskRecord, repo: Path | None, tree: Path | None,
@@ -539,7 +568,7 @@ def remove_task_worktree(record: TaskRecord, repo: Path | None,
         return {"path": record.worktree, "removed": False, "rescued": None,
                 "reason": exc.message}
     return {"path": answer.path, "removed": answer.removed,
-            "rescued": (answer.rescued or {}).get("ref")}
+            "rescued": answer.rescued.ref if answer.rescued else None}
 
 
 def _close(store: RecordStore, record: TaskRecord, status: dict[str, Any]) -> None:
@@ -555,8 +584,8 @@ def _close(store: RecordStore, record: TaskRecord, status: dict[str, Any]) -> No
         acc = accounting(store, record)
         record.step("closed", outcome=outcome, **info)
         store.state.append_history({"closed_at": now_iso(), "outcome": outcome,
-                                    **record.to_json(), "cost_usd": acc["cost_usd"],
-                                    "runs": acc})
+                                    **record.to_json(), "cost_usd": acc.cost_usd,
+                                    "runs": acc.to_json()})
     fault("close")
     with contextlib.suppress(FileNotFoundError):
         store.path(record.agent_id).unlink()
@@ -566,141 +595,3 @@ def _in_history(store: RecordStore, record: TaskRecord) -> bool:
     return any(h.get("claimed_at") == record.claimed_at
                for h in store.state.history(task_id=record.task_id, agent_id=record.agent_id,
                                             kind="closed"))
-
-
-# -- what the notes say --------------------------------------------------------------------
-
-
-def summary(store: RecordStore, record: TaskRecord, verdict: dict[str, Any],
-            done: dict[str, dict[str, Any]] | None = None, head: str | None = None) -> str:
-    """The notes a finished task gets: where its work is, and what the agent runs cost."""
-    done = done or {}
-    where = [f"pmtool: {verdict.get('outcome')}"]
-    if record.branch:
-        where.append(f"branch {record.branch}" + (f" at {head[:12]}" if head else ""))
-    left = done.get("leftover") or {}
-    if left.get("committed"):
-        where.append(f"uncommitted work committed by pmtool as {left['committed'][:12]}")
-    if left.get("rescued"):
-        where.append(f"uncommitted work saved at {left['rescued']}")
-    push = done.get("push") or {}
-    if push.get("pushed"):
-        where.append(f"pushed to {push.get('remote')}")
-    elif push:
-        where.append(f"not pushed ({push.get('reason')})")
-    acc = accounting(store, record)
-    text = "; ".join(where) + (f"\n{runs_line(acc)}" if acc["attempts"] or acc["session_id"]
-                               else "")
-    if (done.get("land") or {}).get("note"):
-        text += f"\n{done['land']['note']}"
-    said = verdict.get("summary")
-    if said and verdict.get("outcome") in ("blocked", "fail"):
-        return f"{said}\n{text}"  # the reason first: it is what a park or a bounce shows
-    return f"{text}\n{said}" if said else text
-
-
-def runs_note(store: RecordStore, agent_id: str) -> str:
-    """"\nagent: session ..., cost ..." for the notes of a task given back ("" without
-    agent runs or a record), so a give-back says what the attempt cost too."""
-    with contextlib.suppress(PmtoolError):
-        record = store.get(agent_id)
-        acc = accounting(store, record) if record else None
-        if acc and (acc["attempts"] or acc["session_id"]):
-            return f"\n{runs_line(acc)}"
-    return ""
-
-
-def runs_line(acc: dict[str, Any]) -> str:
-    cost = f"${acc['cost_usd']:.4f}" + (" (some estimated)" if acc["estimated"] else "")
-    crashed = f", {acc['crashed']} without a result" if acc["crashed"] else ""
-    return (f"agent: session {acc['session_id']}, model {acc['model']}, {acc['turns']} turns, "
-            f"{cost} over {acc['attempts']} runs{crashed}, {acc['duration_s']}s")
-
-
-def accounting(store: RecordStore, record: TaskRecord) -> dict[str, Any]:
-    """Session, model, turns, cost and duration over every agent run of this claim, from
-    the transcripts: a run that died before its result line is counted from its
-    assistant messages (cost estimated from their token usage, `estimated`)."""
-    runs = [r for path in _transcripts(store, record.task_id)
-            for r in transcript_runs(_lines(path)) if (r["at"] or "") >= record.claimed_at]
-    out = {"session_id": record.session_id, "model": record.model, "attempts": len(runs),
-           "turns": sum(r["turns"] for r in runs), "crashed": sum(1 for r in runs
-                                                                   if not r["result"]),
-           "estimated": any(r["estimated"] for r in runs),
-           "duration_s": round(sum(r["duration_s"] or 0 for r in runs), 1)}
-    cost = sum(r["cost_usd"] or 0.0 for r in runs)
-    # The record adds each finished run's cost: the larger of the two is the honest one.
-    out["cost_usd"] = round(max(cost, record.cost_usd or 0.0), 6)
-    if runs:
-        out["model"] = runs[-1]["model"] or out["model"]
-    return out
-
-
-def _transcripts(store: RecordStore, task_id: int) -> list[Path]:
-    folder = store.state_dir / "logs"
-    return sorted(folder.glob(f"task-{task_id}-*.jsonl")) if folder.is_dir() else []
-
-
-def _lines(path: Path) -> Iterable[dict[str, Any]]:
-    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-                if isinstance(obj, dict):
-                    yield obj
-
-
-def transcript_runs(lines: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per agent run in a transcript (pmtool's `start` lines divide them):
-    `{"at", "session_id", "model", "turns", "cost_usd", "estimated", "result",
-    "duration_s"}`."""
-    runs: list[dict[str, Any]] = []
-    run: dict[str, Any] | None = None
-    for obj in lines:
-        if obj.get("type") == "pmtool" and obj.get("event") == "start":
-            run = {"at": obj.get("at"), "session_id": obj.get("session_id"),
-                   "model": obj.get("model"), "turns": 0, "cost_usd": None,
-                   "estimated": False, "result": False, "duration_s": None,
-                   "_messages": {}}
-            runs.append(run)
-        elif run is None:
-            continue
-        elif obj.get("type") == "assistant":
-            message = obj.get("message") or {}
-            run["_messages"][message.get("id") or len(run["_messages"])] = message
-        elif obj.get("type") == "result":
-            run.update(result=True, cost_usd=obj.get("total_cost_usd"),
-                       turns=obj.get("num_turns") or 0)
-        elif obj.get("type") == "pmtool" and obj.get("event") == "end":
-            run["duration_s"] = _seconds(run["at"], obj.get("at"))
-    for run in runs:
-        messages = run.pop("_messages")
-        if not run["result"]:
-            run["turns"] = len(messages)
-            run["cost_usd"] = _estimate(messages.values())
-            run["estimated"] = run["cost_usd"] is not None
-    return runs
-
-
-def _estimate(messages: Iterable[dict[str, Any]]) -> float | None:
-    total, known = 0.0, False
-    for message in messages:
-        price = next((p for name, p in PRICES.items() if name in str(message.get("model"))),
-                     None)
-        usage = message.get("usage") or {}
-        if price is None or not usage:
-            continue
-        known = True
-        fresh = float(usage.get("input_tokens") or 0) \
-            + 1.25 * float(usage.get("cache_creation_input_tokens") or 0) \
-            + 0.1 * float(usage.get("cache_read_input_tokens") or 0)
-        total += (fresh * price[0] + float(usage.get("output_tokens") or 0) * price[1]) / 1e6
-    return round(total, 6) if known else None
-
-
-def _seconds(start: Any, end: Any) -> float | None:
-    try:
-        return round((datetime.fromisoformat(str(end)) - datetime.fromisoformat(str(start)))
-                     .total_seconds(), 1)
-    except ValueError:
-        return None

@@ -51,7 +51,7 @@ from pmtool.work.claim import (
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
-    from pmtool.work.finish import FinishPlan
+    from pmtool.work.finish import FinishAnswer, FinishPlan
 
 
 # -- the results ---------------------------------------------------------------------------
@@ -85,7 +85,7 @@ class RecoverEntry(Result):
     outcome: str | None = None  # the verdict of a record whose finish is completed
     reason: str | None = None
     cause: str | None = None  # why it was parked (max_attempts, task_budget...)
-    result: dict[str, Any] | None = None  # the completed finish's answer
+    result: FinishAnswer | None = None  # the completed finish's answer
     server: dict[str, Any] | None = None  # the task's status and lock on the server
     rescued: str | None = None  # the ref uncommitted work was saved to
     task: dict[str, Any] | None = None
@@ -167,7 +167,7 @@ def recover(client: PMApi, store: RecordStore, agent_id: str | None = None,
             sleep: Callable[[float], None] = time.sleep,
             grace: float = DEFAULT_GRACE, limits: fl.Limits | None = None,
             now: float | None = None,
-            finisher: Callable[[TaskRecord], dict[str, Any]] | None = None
+            finisher: Callable[[TaskRecord], FinishAnswer] | None = None
             ) -> list[RecoverEntry]:
     """Reconcile the records on this machine with the server; one entry per record.
 
@@ -312,7 +312,7 @@ def _end_leftovers(store: RecordStore, record: TaskRecord) -> list[int]:
 
 
 def _finish_phase(store: RecordStore, record: TaskRecord, entry: RecoverEntry,
-                  dry_run: bool, finisher: Callable[[TaskRecord], dict[str, Any]] | None
+                  dry_run: bool, finisher: Callable[[TaskRecord], FinishAnswer] | None
                   ) -> bool:
     """A record whose agent gave its verdict is finished, never released (the server
     may already show the new status: that is our own doing, not someone else's). A
@@ -330,8 +330,8 @@ def _finish_phase(store: RecordStore, record: TaskRecord, entry: RecoverEntry,
     if dry_run or finisher is None:
         return True
     result = finisher(record)
-    entry.note(action="finished", reason=f"finish completed: {result.get('action')} "
-               f"({result.get('status')})", result=result)
+    entry.note(action="finished", reason=f"finish completed: {result.action} "
+               f"({result.status})", result=result)
     return True
 
 
@@ -375,7 +375,7 @@ def _rescue_worktree(record: TaskRecord) -> str | None:
         answer = remove_worktree(repo_root(record.worktree), record.worktree, rescue=True)
     except PmtoolError:
         return None
-    return (answer.rescued or {}).get("ref")
+    return answer.rescued.ref if answer.rescued else None
 
 
 GIVE_BACK_STEP = "recover-give-back"

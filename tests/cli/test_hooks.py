@@ -219,10 +219,10 @@ exit 0
                       env={**os.environ, "HOOK_TEST_TOKEN": token})
     try:
         assert time.monotonic() - start < 10
-        assert result["ok"] is True
-        assert len(result["stdout"]) == OUTPUT_CAP
-        assert result["stdout"].endswith("xEND\n") and result["stdout_truncated"] is True
-        assert result["left_running"]  # said, not silently left
+        assert result.ok is True
+        assert len(result.stdout) == OUTPUT_CAP
+        assert result.stdout.endswith("xEND\n") and result.stdout_truncated is True
+        assert result.left_running  # said, not silently left
     finally:
         for proc in survivors(token):
             proc.kill()
@@ -231,23 +231,23 @@ exit 0
 def test_hook_without_shebang_says_why(tmp_path: Path) -> None:
     hook(tmp_path, "bare", "echo no shebang\n")
     result = run_hook("bare", tmp_path, {}, timeout=5)
-    assert result["ok"] is False and "#!" in result["error"]
+    assert result.ok is False and "#!" in result.error
 
 
 def test_a_hook_killed_by_a_signal_reports_128_plus_n(tmp_path: Path) -> None:
     hook(tmp_path, "oom", "#!/bin/sh\necho before\nkill -KILL $$\n")
     result = run_hook("oom", tmp_path, {}, timeout=10)
-    assert result["ok"] is False and result["timed_out"] is False
-    assert result["exit_code"] == 137 and result["signal"] == "SIGKILL"
-    assert result["stdout"] == "before\n"
+    assert result.ok is False and result.timed_out is False
+    assert result.exit_code == 137 and result.signal == "SIGKILL"
+    assert result.stdout == "before\n"
 
 
 def test_task_context_never_carries_the_key(tmp_path: Path) -> None:
     hook(tmp_path, "ctx", "#!/bin/sh\ncat\n")
     result = run_hook("ctx", tmp_path, task_context(api_key="abcd-secret", task_id=3),
                       timeout=5)
-    assert "abcd-secret" not in result["stdout"]
-    assert json.loads(result["stdout"])["task_id"] == 3
+    assert "abcd-secret" not in result.stdout
+    assert json.loads(result.stdout)["task_id"] == 3
 
 
 # -- the shipped example hooks ---------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_notify_runs_the_hook_once_per_event_with_the_documented_json(tmp_path: 
     for event in ops.NOTIFY_EVENTS:
         result = ops.notify(event, tmp_path / "hooks", record=record, reason="because",
                             outcome="done")
-        assert result["ok"] and not result["skipped"], result
+        assert result.ok and not result.skipped, result
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c["event"] for c in calls] == list(ops.NOTIFY_EVENTS)
     for call in calls:
@@ -137,7 +137,7 @@ def test_notify_runs_the_hook_once_per_event_with_the_documented_json(tmp_path: 
     assert calls[0]["message"] == "task 42 (Add a ping endpoint) is parked for a person: because"
     assert calls[2]["message"] == "runner dev_1 stopped on a fatal error: because"
     # No hook: skipped, ok.
-    assert ops.notify("fatal", tmp_path / "nohooks")["skipped"]
+    assert ops.notify("fatal", tmp_path / "nohooks").skipped
 
 
 class _Catcher(BaseHTTPRequestHandler):
@@ -163,19 +163,19 @@ def test_bundled_webhook_example_posts_slack_json(tmp_path: Path) -> None:
         ctx = {"event": "parked", "message": "task 7 is parked for a person", "task_id": 7}
         env = {**os.environ, "PMTOOL_NOTIFY_WEBHOOK": url}
         result = run_hook("notify", HOOKS, ctx, env=env)
-        assert result["ok"], result
+        assert result.ok, result
         assert _Catcher.bodies == [("application/json",
                                     {"text": "pmtool parked: task 7 is parked for a person"})]
         # `finished` only when asked for; no URL is not a failure.
-        assert run_hook("notify", HOOKS, {**ctx, "event": "finished"}, env=env)["ok"]
+        assert run_hook("notify", HOOKS, {**ctx, "event": "finished"}, env=env).ok
         assert len(_Catcher.bodies) == 1
         env.pop("PMTOOL_NOTIFY_WEBHOOK")
         quiet = run_hook("notify", HOOKS, ctx, env=env)
-        assert quiet["ok"] and "not set" in quiet["stderr"]
+        assert quiet.ok and "not set" in quiet.stderr
     finally:
         server.shutdown()
     dead = run_hook("notify", HOOKS, ctx, env={**os.environ, "PMTOOL_NOTIFY_WEBHOOK": url})
-    assert not dead["ok"] and dead["exit_code"] == 1
+    assert not dead.ok and dead.exit_code == 1
 
 
 def test_bundled_desktop_example_calls_notify_send(tmp_path: Path) -> None:
@@ -192,13 +192,13 @@ def test_bundled_desktop_example_calls_notify_send(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}"}
     result = run_hook("notify", hooks, {"event": "fatal", "message": "runner dev_1 stopped"},
                       env=env)
-    assert result["ok"], result
+    assert result.ok, result
     assert json.loads(argv.read_text()) == ["--app-name=pmtool", "--urgency=critical",
                                             "pmtool: fatal", "runner dev_1 stopped"]
     fake.unlink()
     (bin_ / "python3").symlink_to(sys.executable)  # only python on PATH: no notify-send
     missing = run_hook("notify", hooks, {"event": "fatal"}, env={**env, "PATH": str(bin_)})
-    assert not missing["ok"] and "notify-send" in missing["stderr"]
+    assert not missing.ok and "notify-send" in missing.stderr
 
 
 # ---- the runner, live ---------------------------------------------------------------------

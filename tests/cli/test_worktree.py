@@ -153,13 +153,13 @@ def test_minor_task_gets_its_own_worktree_and_lands_by_fast_forward(repo: Path) 
     commit_on(path, "fix.txt", "a minor fix\n")
     # The base is checked out in the dirty main checkout: never written to, left for review.
     kept = land(repo, path, "main")
-    assert kept["landed"] is False and "dirty checkout" in kept["reason"]
+    assert kept.landed is False and "dirty checkout" in kept.reason
     assert (repo / "app.py").read_text() == "the owner's unsaved edit\n"
-    assert git(repo, "rev-parse", "main") != kept["head"]
+    assert git(repo, "rev-parse", "main") != kept.head
     # Clean checkout: main is fast-forwarded there, the owner's tree follows.
     git(repo, "checkout", "--", "app.py")
     landed = land(repo, path, "main")
-    assert landed["landed"] is True and git(repo, "rev-parse", "main") == landed["head"]
+    assert landed.landed is True and git(repo, "rev-parse", "main") == landed.head
     assert (repo / "fix.txt").read_text() == "a minor fix\n"
     assert git(repo, "status", "--porcelain") == ""
     removed = remove_worktree(repo, path, delete_branch=True, base="main")
@@ -172,10 +172,10 @@ def test_minor_task_left_on_its_branch_when_the_base_moved_on(repo: Path) -> Non
     commit_on(path, "fix.txt", "a minor fix\n")
     commit_on(repo, "other.txt", "someone else landed first\n")
     kept = land(repo, path, "main")
-    assert kept["landed"] is False and "moved on" in kept["reason"]
-    assert kept["branch"] == result.branch
+    assert kept.landed is False and "moved on" in kept.reason
+    assert kept.branch == result.branch
     # Nothing of the task's reached main, nothing of it is lost.
-    assert git(repo, "cat-file", "-t", f"{kept['branch']}:fix.txt") == "blob"
+    assert git(repo, "cat-file", "-t", f"{kept.branch}:fix.txt") == "blob"
     assert not (repo / "fix.txt").exists()
 
 
@@ -184,7 +184,7 @@ def test_minor_lands_on_a_base_nobody_has_checked_out(repo: Path) -> None:
     result = create_worktree(repo, 11, None, options=WorktreeOptions(base="main"),
                              complexity="minor")
     head = commit_on(Path(result.worktree), "fix.txt", "x\n")
-    assert land(repo, result.worktree, "main")["landed"] is True
+    assert land(repo, result.worktree, "main").landed is True
     assert git(repo, "rev-parse", "main") == head
     assert git(repo, "symbolic-ref", "--short", "HEAD") == "elsewhere"
 
@@ -389,8 +389,8 @@ def test_rescue_touches_neither_index_nor_head(repo: Path) -> None:
     after = (git(path, "status", "--porcelain"), git(path, "rev-parse", "HEAD"),
              git(path, "diff", "--cached"), git(repo, "for-each-ref", "refs/heads"))
     assert before == after
-    assert git(repo, "show", f"{result['ref']}:app.py") == "staged, then edited again"
-    assert {f["path"] for f in result["files"]} == {"app.py", "new.txt"}
+    assert git(repo, "show", f"{result.ref}:app.py") == "staged, then edited again"
+    assert {f["path"] for f in result.files} == {"app.py", "new.txt"}
 
 
 def test_detached_commits_no_branch_holds_count_as_dirty(repo: Path) -> None:
@@ -401,7 +401,7 @@ def test_detached_commits_no_branch_holds_count_as_dirty(repo: Path) -> None:
         remove_worktree(repo, 4)
     assert err.value.details["detached_head"] == lost
     result = remove_worktree(repo, 4, rescue=True)
-    assert git(repo, "rev-parse", f"{result.rescued['ref']}^") == lost
+    assert git(repo, "rev-parse", f"{result.rescued.ref}^") == lost
 
 
 def test_delete_branch_only_when_merged(repo: Path) -> None:
@@ -608,7 +608,7 @@ def test_a_machine_that_never_fetched_gets_the_pushed_branch(machines) -> None:
     head = push_work(a, "feature/mm")
     assert not _has(b, "feature/mm")
     result = create_worktree(b, 4, "feature/mm", follow_up=True)
-    assert result.sync["local"] == "missing" and result.sync["branch_on_remote"]
+    assert result.sync.local == "missing" and result.sync.branch_on_remote
     assert result.branch_source == "origin/feature/mm"
     assert git(result.path, "rev-parse", "HEAD") == head
 
@@ -620,7 +620,7 @@ def test_a_local_branch_behind_the_remote_is_fast_forwarded(machines) -> None:
     git(b, "branch", "-q", "feature/mm", "origin/feature/mm")  # B worked it once, before
     second = push_work(a, "feature/mm", "more.txt")
     result = create_worktree(b, 4, "feature/mm")
-    assert result.sync["local"] == "behind" and "fast-forwarded" in result.note
+    assert result.sync.local == "behind" and "fast-forwarded" in result.note
     assert git(result.path, "rev-parse", "HEAD") == second
     assert git(b, "merge-base", "--is-ancestor", first, second) == ""
 
@@ -636,12 +636,12 @@ def test_diverged_local_commits_go_to_a_rescue_ref_and_work_follows_the_remote(
     theirs = push_work(a, "feature/mm", "a-later.txt")
     result = create_worktree(b, 4, "feature/mm")
     sync = result.sync
-    assert sync["local"] == "diverged" and sync["rescued"].startswith("refs/pmtool/rescue/task-4/")
-    assert sync["rescued"] in result.note and "diverged" in result.note
+    assert sync.local == "diverged" and sync.rescued.startswith("refs/pmtool/rescue/task-4/")
+    assert sync.rescued in result.note and "diverged" in result.note
     # Nothing lost: B's commit on the rescue ref, the remote's work on the branch, and
     # the remote itself untouched (nothing pushed, nothing forced).
-    assert git(b, "rev-parse", sync["rescued"]) == mine
-    assert git(b, "show", f"{sync['rescued']}:b-only.txt") == "B's unpushed work"
+    assert git(b, "rev-parse", sync.rescued) == mine
+    assert git(b, "show", f"{sync.rescued}:b-only.txt") == "B's unpushed work"
     assert git(result.path, "rev-parse", "HEAD") == theirs
     assert git(a, "ls-remote", "origin", "refs/heads/feature/mm").split()[0] == theirs
 
@@ -654,7 +654,7 @@ def test_a_local_branch_ahead_of_the_remote_is_kept(machines) -> None:
     mine = commit_on(b, "b-more.txt", "more on top\n")
     git(b, "switch", "-q", "main")
     result = create_worktree(b, 4, "feature/mm")
-    assert result.sync["local"] == "ahead" and result.sync["rescued"] is None
+    assert result.sync.local == "ahead" and result.sync.rescued is None
     assert git(result.path, "rev-parse", "HEAD") == mine
     assert git(b, "merge-base", "--is-ancestor", pushed, mine) == ""
 

@@ -349,18 +349,18 @@ DICT_ANSWERS = {
     "pmtool/agent/stream.py": 2,
     "pmtool/config.py": 2,
     "pmtool/failure_policy.py": 3,  # the attempt and park lines, a step as JSON
-    "pmtool/hooks.py": 2,
+    "pmtool/hooks.py": 1,
     "pmtool/ledger.py": 2,
     "pmtool/metrics.py": 2,
-    "pmtool/ops.py": 4,
+    "pmtool/ops.py": 3,
     "pmtool/run/demo.py": 1,
-    "pmtool/run/loop.py": 2,
+    "pmtool/run/loop.py": 1,
     "pmtool/settings.py": 1,
     "pmtool/state.py": 1,
     "pmtool/work/claim.py": 4,
     "pmtool/work/exec.py": 2,
-    "pmtool/work/finish.py": 12,
-    "pmtool/worktree.py": 10,
+    "pmtool/work/finish.py": 8,  # the steps it notes in the record, a transcript line
+    "pmtool/worktree.py": 1,
 }
 
 

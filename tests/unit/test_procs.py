@@ -167,8 +167,8 @@ def test_stdin_and_stdout_pass_through_untouched(tmp_path: Path) -> None:
                     "print(ctx['hook'], ctx['task_id'])\nprint('err', file=sys.stderr)\n")
     hook.chmod(0o755)
     result = run_hook("pre_task", hooks, {"task_id": 42}, timeout=30)
-    assert result["ok"], result
-    assert (result["stdout"], result["stderr"]) == ("pre_task 42\n", "err\n")
+    assert result.ok, result
+    assert (result.stdout, result.stderr) == ("pre_task 42\n", "err\n")
     payload = bytes(range(256)) * 64  # binary, bigger than a pipe write
     with procs.start(["cat"], stdin=payload, stdout=subprocess.PIPE) as child:
         assert child.popen.stdout is not None
@@ -213,7 +213,7 @@ if sys.argv[1] == "subreaper":
 if sys.argv[1] == "plain":
     procs.has_keeper = lambda: False
 result = run_hook("escape", sys.argv[2], {}, timeout=float(sys.argv[3]))
-print(json.dumps(result))
+print(json.dumps(result.to_json()))
 """
 
 
@@ -466,7 +466,7 @@ from pmtool.hooks import run_hook
 assert procs.become_subreaper()
 first = run_hook("escape", sys.argv[1], {}, timeout=10)
 second = run_hook("quick", sys.argv[1], {}, timeout=10)
-print(json.dumps([first, second]))
+print(json.dumps([first.to_json(), second.to_json()]))
 """
 
 
