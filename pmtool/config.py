@@ -1,7 +1,8 @@
 """Settings: flags beat environment, environment beats the config file, the file beats defaults.
 
 Every setting remembers where its value came from, so `pmtool config` can say why a
-value is what it is. The API key is only ever shown masked.
+value is what it is. The API key is only ever shown masked. `init` writes a set-up folder
+to start from: a commented config file of every setting, and the bundled hooks and scripts.
 """
 
 from __future__ import annotations

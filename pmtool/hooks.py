@@ -16,7 +16,8 @@ The contract a hook sees:
   ran out of time reports `timed_out: true` and exit_code 124, as timeout(1) does.
 
 The library never prints and never exits: `run_hook` answers a dict, and the CLI decides
-the exit code (0 ok, 1 failed, 124 timed out).
+the exit code (0 ok, 1 failed, 124 timed out). `notify` runs the `notify` hook, the one
+that tells a person (a task parked or given up, a runner stopped, a budget reached).
 """
 
 from __future__ import annotations

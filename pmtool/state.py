@@ -16,8 +16,9 @@ Folders are made 0700 and files that hold task text, transcripts or context 0600
 task's description and an agent's transcript are nobody else's business on a shared
 machine. Appends are one write() of a whole line (O_APPEND), so writers on this machine
 never interleave inside a line; readers skip a line that does not parse, never fail on
-it. Retention (`prune`) removes old transcripts and event logs only: the history and the
-records are what "nothing lost" is about, and they are never pruned here.
+it. Retention (`prune`, and `prune_logs` for `recover --keep-logs`) removes old transcripts
+and event logs only: the history and the records are what "nothing lost" is about, and
+they are never pruned here.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The operator's views of the state folder: what runs now (`status`), a task's story
-(`logs`), what it cost (`report`); the `notify` hook; `init` of a set-up folder.
+(`logs`), what it cost (`report`).
 
-The views (`status`, `logs`, `report`) only read. Three act, each on the operator's
-word: `notify` runs the notify hook, `init` writes a set-up folder (never over a file that
-exists), `prune_logs` deletes logs and transcripts older than the days kept (the history
-stays). Nothing prints: the CLI (pmtool.cli.ops) draws the tables.
+Everything here reads and nothing writes: no lock is taken (a runner's lock is only looked
+at), no file is made or removed. Nothing prints either: the CLI (pmtool.cli.ops) draws the
+tables and `report_html` gives the page as text.
 """
 
 from __future__ import annotations
