@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from pmtool import failure_policy as fl
-from pmtool.metrics import Endpoint, Fold
 from pmtool.records import RecordStore, TaskRecord
 from pmtool.state import StateDir
+from pmtool.views.metrics import Endpoint, Fold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loop import pct  # a sibling script: one percentile for every benchmark

@@ -291,7 +291,7 @@ class PMClient:
         # registrations at once wedged a real server (quirk 7) where 60 did not.
         self._in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         # Told of every request's end (method, "2xx".."5xx"/"timeout"/"unreachable",
-        # seconds): pmtool.metrics counts them for `run --metrics-addr`.
+        # seconds): pmtool.views.metrics counts them for `run --metrics-addr`.
         self.observe: Callable[[str, str, float], None] | None = None
 
     def raw(self, method: str, path: str, *, params: dict | None = None, json: Any = None,

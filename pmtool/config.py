@@ -1,17 +1,21 @@
 """Settings: flags beat environment, environment beats the config file, the file beats defaults.
 
 Every setting remembers where its value came from, so `pmtool config` can say why a
-value is what it is. The API key is only ever shown masked.
+value is what it is. The API key is only ever shown masked. `init` writes a set-up folder
+to start from: a commented config file of every setting, and the bundled hooks and scripts.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmtool.errors import UsageError
+from pmtool.errors import Conflict, UsageError
+from pmtool.results import Result
 
 LEVELS = ("junior", "senior", "principal")
 ROLES = ("frontend_dev", "backend_dev", "qa", "architect", "pm")
@@ -312,3 +316,72 @@ def check_level(level: str) -> str:
         raise UsageError(f'unknown level "{level}"', hint="valid levels: " + ", ".join(LEVELS),
                          valid=list(LEVELS))
     return level
+
+
+# -- init --------------------------------------------------------------------------------
+
+
+def examples_dir() -> Path:
+    """Where the bundled hooks/ and scripts/ are (package data, or the source checkout)."""
+    return Path(__file__).parent / "examples"
+
+
+def config_text(hooks_dir: Path | None = None) -> str:
+    """A commented config file: every setting, its default, the variable that beats it;
+    `hooks_dir` set to the hooks written beside it."""
+    lines = ["# pmtool configuration (TOML). Flags beat environment variables, which beat",
+             "# this file, which beats the defaults. `pmtool config` shows where each",
+             "# value comes from. Uncomment what you change.", ""]
+    for name, spec in SPECS.items():
+        env = f" [env {', '.join(spec.env)}]" if spec.env else ""
+        lines.append(f"# {spec.help}{env}")
+        if name == "api_key":
+            lines.append("# (better in the environment than in a file)")
+        default = spec.default
+        shown = ('""' if default is None else json.dumps(default) if isinstance(default, str)
+                 else repr(default))
+        if name == "hooks_dir" and hooks_dir is not None:
+            lines += [f"hooks_dir = {json.dumps(str(hooks_dir))}", ""]
+        else:
+            lines += [f"# {name} = {shown}", ""]
+    return "\n".join(lines)
+
+
+@dataclass
+class Initialised(Result):
+    """`pmtool init`: the folder written, every file in it, the config and the hooks."""
+
+    folder: str
+    written: list[str]
+    config: str
+    hooks_dir: str
+
+
+def init(folder: str | Path) -> Initialised:
+    """Write config.toml, hooks/ and scripts/ into `folder`; never overwrite a file."""
+    root = Path(folder).expanduser()
+    source = examples_dir()
+    text = config_text(root.resolve() / "hooks").encode()
+    plan: dict[Path, tuple[bytes, bool]] = {root / "config.toml": (text, False)}
+    for sub in ("hooks", "scripts"):
+        for path in sorted((source / sub).iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                executable = path.suffix in (".py", ".sh") or bool(path.stat().st_mode & 0o111)
+                plan[root / sub / path.name] = (path.read_bytes(), executable)
+    existing = sorted(str(p) for p in plan if p.exists() or p.is_symlink())
+    if existing:
+        raise Conflict(f"{len(existing)} of the files init writes already exist in {root}; "
+                       "nothing was written", existing=existing,
+                       hint="init into a new folder, or move those files away first")
+    for path, (data, executable) in plan.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # x: never replace a file that appeared meanwhile; the config has an api_key slot,
+        # so it is the owner's alone from the start (0600), not after a later chmod.
+        mode = 0o600 if path.name == "config.toml" else 0o666
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with open(fd, "wb") as fh:
+            fh.write(data)
+        if executable:
+            os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return Initialised(folder=str(root), written=[str(p) for p in plan],
+                       config=str(root / "config.toml"), hooks_dir=str(root / "hooks"))

@@ -16,7 +16,8 @@ The contract a hook sees:
   ran out of time reports `timed_out: true` and exit_code 124, as timeout(1) does.
 
 The library never prints and never exits: `run_hook` answers a `HookResult`, and the CLI
-decides the exit code (0 ok, 1 failed, 124 timed out).
+decides the exit code (0 ok, 1 failed, 124 timed out). `notify` runs the `notify` hook, the
+one that tells a person (a task parked or given up, a runner stopped, a budget reached).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pmtool.results import Result
 SUFFIXES = ("", ".py", ".sh")
 OUTPUT_CAP = 64 * 1024  # bytes of stdout/stderr kept, from the end (errors are at the end)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NOTIFY_EVENTS = ("parked", "given_up", "fatal", "budget", "finished")
 
 # Environment variable -> where its value comes from in the context (first found wins).
 ENV_FIELDS: dict[str, tuple[str, ...]] = {
@@ -253,3 +255,36 @@ def _start_error(path: Path, exc: OSError) -> str:
     if exc.errno == errno.EACCES:
         return f"hook {path} is not executable (permission denied): chmod +x {path}"
     return f"hook {path} cannot be executed: {exc.strerror or exc}"
+
+
+# -- notify ------------------------------------------------------------------------------
+
+
+def notify_message(event: str, ctx: dict[str, Any]) -> str:
+    task = f"task {ctx['task_id']}" if ctx.get("task_id") is not None else "no task"
+    title = f" ({ctx['title']})" if ctx.get("title") else ""
+    why = ctx.get("reason") or (ctx.get("error") or {}).get("message") or ""
+    agent = ctx.get("agent_id") or "?"
+    return {
+        "parked": f"{task}{title} is parked for a person: {why}",
+        "given_up": f"{task}{title} was given up: {why}",
+        "fatal": f"runner {agent} stopped on a fatal error: {why}",
+        "budget": f"runner {agent} reached its budget: {why}",
+        "finished": f"{task}{title} finished: {ctx.get('outcome')}",
+    }.get(event, f"{event}: {task}{title} {why}").rstrip(": ")
+
+
+def notify(event: str, hooks_dir: str | Path | None, *, record: Any = None,
+           timeout: float | None = 30.0, **extra: Any) -> HookResult:
+    """Run the `notify` hook for `event` (parked, given_up, fatal, budget, finished).
+
+    The hook gets the task context (pmtool.hooks.task_context) plus `event`, `message` and
+    `time` on stdin; it is skipped (ok) when there is none. Never raises for the hook.
+    """
+    from pmtool.records import now_iso
+
+    if event not in NOTIFY_EVENTS:
+        raise UsageError(f'unknown notify event "{event}"', valid=list(NOTIFY_EVENTS))
+    ctx = task_context(record, event=event, time=now_iso(), **extra)
+    ctx["message"] = extra.get("message") or notify_message(event, ctx)
+    return run_hook("notify", hooks_dir, ctx, timeout=timeout)

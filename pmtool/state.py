@@ -9,15 +9,16 @@
     <state>/events/<agent>.jsonl    every event of each runner, one JSON per line
     <state>/logs/task-<id>-<session>.jsonl (and .stderr.log)   agent transcripts
     <state>/metrics-fold.json       what `pmtool metrics` counted so far, and up to where
-                                    it read each log (pmtool.metrics; derived, rebuilt
+                                    it read each log (pmtool.views.metrics; derived, rebuilt
                                     from the logs when missing)
 
 Folders are made 0700 and files that hold task text, transcripts or context 0600: a
 task's description and an agent's transcript are nobody else's business on a shared
 machine. Appends are one write() of a whole line (O_APPEND), so writers on this machine
 never interleave inside a line; readers skip a line that does not parse, never fail on
-it. Retention (`prune`) removes old transcripts and event logs only: the history and the
-records are what "nothing lost" is about, and they are never pruned here.
+it. Retention (`prune`, and `prune_logs` for `recover --keep-logs`) removes old transcripts
+and event logs only: the history and the records are what "nothing lost" is about, and
+they are never pruned here.
 """
 
 from __future__ import annotations
@@ -365,3 +366,16 @@ def _same_id(value: Any, task_id: int) -> bool:
         return int(value) == int(task_id)
     except (TypeError, ValueError):
         return False
+
+
+# -- pruning -----------------------------------------------------------------------------
+
+DEFAULT_KEEP_LOGS_DAYS = 30.0
+
+
+def prune_logs(state_root: str | Path, keep_days: float = DEFAULT_KEEP_LOGS_DAYS
+               ) -> dict[str, int]:
+    """Delete logs and transcripts older than `keep_days` (the history stays)."""
+    if keep_days < 0:
+        raise UsageError("--keep-logs must be 0 or more days")
+    return StateDir(state_root).prune(keep_days)

@@ -70,7 +70,7 @@ def health_cmd(
 
     Example: pmtool health --check api --check disk
     """
-    from pmtool.health import run_health
+    from pmtool.views.health import run_health
 
     settings = options().settings(hooks_dir=hooks_dir)
     result, code = run_health(settings, check, repo=repo)

@@ -286,8 +286,8 @@ def run_cmd(
 def _endpoint(addr: str, settings: Any, ids: list[str]) -> Any:
     """The /metrics and /status server, bound now: a port in use is a usage error (exit 2)
     before anything is claimed. Its failures later are an `error` line and said."""
-    from pmtool.metrics import Endpoint
     from pmtool.records import now_iso
+    from pmtool.views.metrics import Endpoint
 
     def on_error(message: str) -> None:
         emit_line({"ok": False, "event": "error", "time": now_iso(), "agent": None,

@@ -13,13 +13,13 @@ import typer
 from pmtool.cli import app, colour, emit, emit_line, options, paint, plural, say, scrub
 from pmtool.cli.options import TaskArg, TaskIdAlias, resolve_task
 from pmtool.errors import EXIT_OK, EXIT_SIGINT, UsageError
-from pmtool.ops import duration as _dur  # every command here imports pmtool.ops anyway
-from pmtool.ops import usd
 from pmtool.results import Result
+from pmtool.views.status import duration as _dur  # status, logs, report, metrics use it
+from pmtool.views.status import usd
 
 if TYPE_CHECKING:
-    from pmtool.fleetview import FleetPicture
-    from pmtool.ops import CostReport, MachineStatus
+    from pmtool.views.fleet import FleetPicture
+    from pmtool.views.status import CostReport, MachineStatus
 
 R = TypeVar("R", bound=Result)  # what a view's fetch answers
 
@@ -91,7 +91,7 @@ def status_cmd(
 
     Example: pmtool status --watch
     """
-    from pmtool.ops import status
+    from pmtool.views.status import status
 
     state = options().settings().state_path
     watch_or_print(lambda: status(state), status_view, watch, interval, "pmtool status")
@@ -149,7 +149,7 @@ def logs_cmd(
     Example: pmtool logs 42 --raw | jq -c 'select(.type=="result")'
     """
     from pmtool.errors import NothingToDo
-    from pmtool.ops import TaskLog, render
+    from pmtool.views.status import TaskLog, render
 
     task = resolve_task(task, task_id)
     if task is None:
@@ -195,7 +195,7 @@ def report_cmd(
 
     Example: pmtool report --since 7d --by model --html week.html
     """
-    from pmtool.ops import parse_since, report, report_html
+    from pmtool.views.status import parse_since, report, report_html
 
     result = report(options().settings().state_path, parse_since(since), by)
     if html:
@@ -241,8 +241,7 @@ def init_cmd(
 
     Example: pmtool init ~/pmtool && PMTOOL_CONFIG=~/pmtool/config.toml pmtool config
     """
-    from pmtool.config import default_config_path
-    from pmtool.ops import init
+    from pmtool.config import default_config_path, init
 
     result = init(folder or default_config_path().parent)
     say(f"wrote {plural(len(result.written), 'file')} into {result.folder}; edit "
@@ -271,7 +270,7 @@ def metrics_cmd(
 
     Example: pmtool metrics --output /var/lib/prometheus/node-exporter/pmtool.prom
     """
-    from pmtool.metrics import metrics_text, write_metrics
+    from pmtool.views.metrics import metrics_text, write_metrics
 
     settings = options().settings()
     text = metrics_text(settings.state_path, settings.values.get("daily_budget_usd"))
@@ -330,7 +329,7 @@ def fleet_cmd(
     Example: pmtool fleet --watch
     """
     from pmtool.cli.options import server
-    from pmtool.fleetview import fleet
+    from pmtool.views.fleet import fleet
 
     client = server(options().settings())
     watch_or_print(lambda: fleet(client), fleet_view, watch, interval, "pmtool fleet")

@@ -87,8 +87,8 @@ from pmtool.work.finish import kept_verdict
 if TYPE_CHECKING:
     from pmtool.agent.result import AgentResult
     from pmtool.client import PMApi
-    from pmtool.health import HealthReport
     from pmtool.hooks import HookResult
+    from pmtool.views.health import HealthReport
     from pmtool.worktree import Workspace, WorktreeOptions
 
 # Checked inside the loop on --health-interval, with the health_check hook: while one
@@ -197,7 +197,7 @@ class RunOptions:
 
 
 def notify_event(event: dict[str, Any]) -> str | None:
-    """Which `notify` hook event (pmtool.ops.NOTIFY_EVENTS) a run event calls for, if any:
+    """Which `notify` hook event (pmtool.hooks.NOTIFY_EVENTS) a run event calls for, if any:
     a person is told when a task is parked or given up, when the daily budget stops the
     claims, and (the hook decides whether to pass it on) when a task is finished."""
     kind = event.get("event")
@@ -276,7 +276,7 @@ class Runner:
     # -- events -------------------------------------------------------------------------
 
     def event(self, kind: str, task_id: int | None = None, **data: Any) -> None:
-        # role and level too: pmtool.metrics labels what it counts from the log with them.
+        # role and level too: pmtool.views.metrics labels what it counts from the log with them.
         event = {"ok": kind != "error", "event": kind, "time": now_iso(),
                  "agent": self.opts.agent_id, "role": self.opts.role,
                  "level": self.opts.level, "task_id": task_id, **data}
@@ -294,7 +294,7 @@ class Runner:
 
     def _notify(self, which: str, event: dict[str, Any]) -> None:
         """Tell a person through the `notify` hook; its failure is said, never acted on."""
-        from pmtool.ops import notify
+        from pmtool.hooks import notify
 
         extra = {k: v for k, v in event.items() if k not in ("ok", "event", "time", "agent")}
         result = notify(which, self.hooks_dir, record=self._safe_load(),
@@ -527,7 +527,7 @@ class Runner:
         # pm-runner.sh: none; scripts/cron-health.sh runs `pmtool health` from cron.
         if time.monotonic() - self.last_health < self.opts.health_interval and self.last_health:
             return
-        from pmtool.health import run_health
+        from pmtool.views.health import run_health
 
         checks = HEALTH_CHECKS if not self.opts.agent_cmd else \
             [c for c in HEALTH_CHECKS if c != "claude"]
@@ -938,8 +938,8 @@ class Runner:
         # pm-runner.sh: does exec-claude's `next`, the same step (next_after); it has no
         # escalation and no task budget.
         from pmtool.models import stronger_model
-        from pmtool.work.exec import next_after, note_next, tried_from_record, why_failed
         from pmtool.work.accounting import runs_note
+        from pmtool.work.exec import next_after, note_next, tried_from_record, why_failed
 
         opts = self.opts
         resume = bool(record.session_id)  # a recorded session: continue it

@@ -38,7 +38,7 @@ from pmtool.state import StateDir, atomic_write_json, make_dir, open_private, sa
 
 if TYPE_CHECKING:
     from pmtool.client import PMApi
-    from pmtool.health import HealthReport
+    from pmtool.views.health import HealthReport
 
 FOLLOW_TICK = 0.2  # seconds between a follower's looks at the leaseholder's file
 # An offer older than this is not handed out: every runner waiting then has seen it, and

@@ -665,7 +665,7 @@ def recover_machine(client: PMApi, store: RecordStore, options: RecoverOptions
     its NothingToDo carries `parked` and `stray_temps` too."""
     from pmtool.errors import PmtoolError
     from pmtool.ledger import parked_tasks
-    from pmtool.ops import prune_logs
+    from pmtool.state import prune_logs
     from pmtool.work.finish import finisher
 
     o = options

@@ -33,10 +33,10 @@ from helpers import (
     run_args,
     wait_for,
 )
-from pmtool import metrics
 from pmtool.records import RecordStore
 from pmtool.state import StateDir
 from pmtool.testing import fake_agent
+from pmtool.views import metrics
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -396,7 +396,7 @@ def test_parked_tasks_agree_with_status_when_a_park_ends_in_the_same_read(
     """A park and the record that shows the task worked again, read in one go: the fold
     must not skip the second line because nothing was parked when it began to read."""
     from pmtool import failure_policy as fl
-    from pmtool.ops import parked_tasks
+    from pmtool.views.status import parked_tasks
 
     state = StateDir(tmp_path)
     state.append_history(fl.park_line({"id": 5}, "a", "3 attempts", cause="max_attempts"))

@@ -27,10 +27,10 @@ from helpers import (
     pmtool,
     run_args,
 )
-from pmtool import ops
-from pmtool.hooks import run_hook
+from pmtool.hooks import NOTIFY_EVENTS, notify, run_hook
 from pmtool.records import RecordStore, TaskRecord
-from pmtool.state import StateDir
+from pmtool.state import StateDir, prune_logs
+from pmtool.views import status
 
 HOOKS = ROOT / "hooks"
 
@@ -124,12 +124,12 @@ def test_notify_runs_the_hook_once_per_event_with_the_documented_json(tmp_path: 
     record = TaskRecord(agent_id="dev_1", role="backend_dev", level="senior",
                         server_url="http://x", task={"id": 42, "title": "Add a ping endpoint"},
                         previous_status="created", cost_usd=1.5)
-    for event in ops.NOTIFY_EVENTS:
-        result = ops.notify(event, tmp_path / "hooks", record=record, reason="because",
+    for event in NOTIFY_EVENTS:
+        result = notify(event, tmp_path / "hooks", record=record, reason="because",
                             outcome="done")
         assert result.ok and not result.skipped, result
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [c["event"] for c in calls] == list(ops.NOTIFY_EVENTS)
+    assert [c["event"] for c in calls] == list(NOTIFY_EVENTS)
     for call in calls:
         assert {"event", "message", "time", "task_id", "title", "agent_id", "cost_usd",
                 "hook"} <= set(call)
@@ -137,7 +137,7 @@ def test_notify_runs_the_hook_once_per_event_with_the_documented_json(tmp_path: 
     assert calls[0]["message"] == "task 42 (Add a ping endpoint) is parked for a person: because"
     assert calls[2]["message"] == "runner dev_1 stopped on a fatal error: because"
     # No hook: skipped, ok.
-    assert ops.notify("fatal", tmp_path / "nohooks").skipped
+    assert notify("fatal", tmp_path / "nohooks").skipped
 
 
 class _Catcher(BaseHTTPRequestHandler):
@@ -297,7 +297,7 @@ def test_status_lists_dead_runners_parked_tasks_and_sizes(tmp_path: Path) -> Non
 
 def test_status_drops_a_dead_runner_with_no_record_once_it_has_been_quiet(
         tmp_path: Path) -> None:
-    # Runner lock files are never removed (see ops.status): a runner that ran here once
+    # Runner lock files are never removed (see views.status): a runner that ran here once
     # and holds no task is listed while it has something recent to say, then no more.
     state = StateDir(tmp_path / "state")
     state.runners_dir.mkdir(parents=True)
@@ -324,10 +324,10 @@ def test_step_follows_the_last_event() -> None:
     cases = {("claimed", None): "claiming", ("idle", None): "polling",
              ("finished", None): "finishing", ("worktree", None): "agent"}
     for (kind, _), step in cases.items():
-        assert ops.step_of({"event": kind}) == step
-    assert ops.step_of({"event": "hook", "hook": "pre_task"}) == "pre_task"
-    assert ops.step_of({"event": "error", "retry_in_s": 3}) == "waiting for the server"
-    assert ops.step_of({"event": "idle", "cooling_down": True}) == "cooling down"
+        assert status.step_of({"event": kind}) == step
+    assert status.step_of({"event": "hook", "hook": "pre_task"}) == "pre_task"
+    assert status.step_of({"event": "error", "retry_in_s": 3}) == "waiting for the server"
+    assert status.step_of({"event": "idle", "cooling_down": True}) == "cooling down"
 
 
 # ---- pruning and init ---------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_recover_prunes_old_logs_and_keeps_the_history(tmp_path: Path, pm_server
     assert not old.exists() and new.exists()
     assert len(state.history()) == 1
     assert res.code in (0, 3)
-    assert ops.prune_logs(state.root, 0) == {"files": 1, "bytes": 4}
+    assert prune_logs(state.root, 0) == {"files": 1, "bytes": 4}
 
 
 def test_init_into_an_empty_then_a_non_empty_folder(tmp_path: Path) -> None:
@@ -393,7 +393,7 @@ def test_task_log_puts_each_transcript_before_its_agent_event(tmp_path: Path) ->
     state.append_event("dev_1", {**event, "event": "claimed", "time": ago(minutes=10)})
     state.append_event("dev_1", {**event, "event": "claimed", "time": ago(minutes=10, seconds=-1),
                                  "task_id": 8})
-    story = ops.TaskLog(state.root, 7)
+    story = status.TaskLog(state.root, 7)
     first = story.read()
     assert [(e["source"], e["line"].get("event") or e["line"].get("type")) for e in first] == [
         ("pmtool", "claimed"), ("claude", "system")]
@@ -405,5 +405,5 @@ def test_task_log_puts_each_transcript_before_its_agent_event(tmp_path: Path) ->
     second = story.read()
     assert [e["line"].get("event") or e["line"].get("type") for e in second] == [
         "result", "agent", "finished"]
-    assert ops.render(second[0]) == ["  result: success, 2 turns, $0.5000, 0.0s"]
+    assert status.render(second[0]) == ["  result: success, 2 turns, $0.5000, 0.0s"]
     assert story.read() == [] and not story.running()

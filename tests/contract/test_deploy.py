@@ -15,7 +15,7 @@ import pytest
 
 import helpers
 from helpers import PMTOOL
-from pmtool.metrics import METRICS
+from pmtool.views.metrics import METRICS
 
 DEPLOY = helpers.ROOT / "deploy"
 PROMTOOL = shutil.which("promtool")

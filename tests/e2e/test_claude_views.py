@@ -27,9 +27,9 @@ from helpers import (
     run_args,
     wait_for,
 )
-from pmtool import ops
 from pmtool.testing.claude_env import claude_env
 from pmtool.testing.model_server import Bash, ScriptedModelServer, Structured
+from pmtool.views import status
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_status_and_logs_follow_while_claude_works(world: dict[str, Any]) -> Non
     assert after["usage"]["logs_bytes"] > 0
     story = pmtool("logs", str(task["id"]), env=env).out["entries"]
     assert any(e["source"] == "claude" for e in story)
-    rendered = [ln for e in story for ln in ops.render(e)]
+    rendered = [ln for e in story for ln in status.render(e)]
     assert any("-> Bash" in ln for ln in rendered) and any("result:" in ln for ln in rendered)
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from pmtool import git, health, worktree
+from pmtool import git, worktree
 from pmtool.errors import OperationFailed, UsageError
+from pmtool.views import health
 
 OLD_GIT = "git: 'worktree' is not a git command. See 'git --help'.\n"
 

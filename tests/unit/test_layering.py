@@ -1,5 +1,5 @@
 """The layering the README promises: the floors of the package (cli > run > work > ledger,
-preflight, health > the rest > the ground), no import circles, only `pmtool/cli/` knows
+preflight > the rest > the ground), no import circles, only `pmtool/cli/` knows
 typer, only the client speaks HTTP (through the standard library's http.client: no requests
 anywhere in pmtool), and the library imports neither behind the CLI's back.
 
@@ -67,14 +67,15 @@ GRAPH = {name: pmtool_imports(path) - {name} for name, path in MODULES.items()}
 # agent classifies its own stops with it and the ledger, claim and loop act on it.
 FLOORS = [
     ("cli", ("pmtool.cli", "pmtool.__main__")),
-    # health repairs as it checks (a corrupt record's task goes back through work.recover);
-    # fleetview reads the server as recover does: both are views only cli and run use.
-    ("run", ("pmtool.run", "pmtool.health", "pmtool.fleetview")),
+    # The operator's views stand with run: health repairs as it checks (a corrupt record's
+    # task goes back through work.recover) and the fleet view reads the server as recover
+    # does; only cli and run use them.
+    ("run", ("pmtool.run", "pmtool.views")),
     ("work", ("pmtool.work",)),
     ("before a claim", ("pmtool.ledger", "pmtool.preflight")),
     ("the rest", ("pmtool.agent", "pmtool.testing", "pmtool.config", "pmtool.models",
                   "pmtool.records", "pmtool.state", "pmtool.hooks", "pmtool.worktree",
-                  "pmtool.client", "pmtool.ops", "pmtool.metrics", "pmtool.settings")),
+                  "pmtool.client", "pmtool.settings")),
     ("ground", ("pmtool.procs", "pmtool.keeper", "pmtool.errors", "pmtool.faults",
                 "pmtool.git", "pmtool.failure_policy", "pmtool.results")),
 ]
@@ -100,7 +101,7 @@ def test_every_module_stands_on_a_floor():
 
 
 def test_imports_go_down_the_floors_never_up():
-    """cli > run > work > (ledger, preflight, health) > the rest > the ground: a lower
+    """cli > run (and the views) > work > (ledger, preflight) > the rest > the ground: a lower
     floor importing a higher one (at load or inside a function) is a layering bug."""
     upward = sorted(f"{m} ({FLOORS[floor(m)][0]}) imports {d} ({FLOORS[floor(d)][0]})"
                     for m, deps in GRAPH.items() if m != "pmtool" and m not in PACKAGES
@@ -179,10 +180,10 @@ def test_only_the_client_speaks_http():
     client. requests is for tests and benchmarks only (the test extra)."""
     assert importers("requests") == set()
     assert importers("urllib3") == set()
-    # pmtool.metrics serves (http.server, for `run --metrics-addr`); it asks nobody.
+    # pmtool.views.metrics serves (http.server, for `run --metrics-addr`); it asks nobody.
     assert {p for p in importers("http") if not p.startswith("pmtool/testing/")} \
-        == {"pmtool/client.py", "pmtool/metrics.py"}
-    assert "http.client" not in (PACKAGE / "metrics.py").read_text()
+        == {"pmtool/client.py", "pmtool/views/metrics.py"}
+    assert "http.client" not in (PACKAGE / "views" / "metrics.py").read_text()
 
 
 def test_the_library_loads_without_typer_or_requests():
@@ -351,12 +352,12 @@ DICT_ANSWERS = {
     "pmtool/failure_policy.py": 3,  # the attempt and park lines, a step as JSON
     "pmtool/hooks.py": 1,
     "pmtool/ledger.py": 2,
-    "pmtool/metrics.py": 2,
-    "pmtool/ops.py": 3,
     "pmtool/run/demo.py": 1,
     "pmtool/run/loop.py": 1,
     "pmtool/settings.py": 1,
     "pmtool/state.py": 1,
+    "pmtool/views/metrics.py": 2,
+    "pmtool/views/status.py": 3,
     "pmtool/work/claim.py": 4,
     "pmtool/work/exec.py": 2,
     "pmtool/work/finish.py": 8,  # the steps it notes in the record, a transcript line

@@ -426,9 +426,9 @@ def test_only_procs_and_git_start_processes() -> None:
 @pytest.mark.timeout(120)  # a hang here is the bug: fail, do not wait forever
 def test_a_hung_claude_version_fails_the_health_check(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from pmtool import health
     from pmtool.agent import binary
     from pmtool.config import load_settings
+    from pmtool.views import health
 
     token = _token()
     fake = tmp_path / "claude"

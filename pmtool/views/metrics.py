@@ -30,10 +30,10 @@ from typing import Any
 
 from pmtool import failure_policy as fl
 from pmtool.errors import UsageError
-from pmtool.ops import note_parked, runner_rows
 from pmtool.records import CorruptRecord, RecordStore, TaskRecord
 from pmtool.results import Result
 from pmtool.state import StateDir, atomic_write_json, history_entry, parse_time
+from pmtool.views.status import note_parked, runner_rows
 
 TASK_BUCKETS = (60.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0)
 STEP_BUCKETS = (0.5, 2.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -257,7 +257,7 @@ class Fold:
 
     def _folded_history(self, line: str) -> bool:
         """Attempt and park lines count; a closed record only matters when it ends a park
-        (pmtool.ops.note_parked), so while nothing is parked it is not even parsed."""
+        (pmtool.views.status.note_parked), so while nothing is parked it is not even parsed."""
         if line.startswith('{"kind": "cooldown"'):
             return False
         return bool(self.parked) or not line.startswith('{"kind": "closed"')
@@ -637,7 +637,7 @@ class Endpoint:
                           f"{type(exc).__name__}: {exc}; the agents go on without it")
 
     def status(self) -> dict[str, Any]:
-        from pmtool.ops import status
+        from pmtool.views.status import status
 
         return {"ok": True,
                 **status(self.fold.state.root, agents_only=self.fold.agents).to_json()}

@@ -1,10 +1,9 @@
 """The operator's views of the state folder: what runs now (`status`), a task's story
-(`logs`), what it cost (`report`); the `notify` hook; `init` of a set-up folder.
+(`logs`), what it cost (`report`).
 
-The views (`status`, `logs`, `report`) only read. Three act, each on the operator's
-word: `notify` runs the notify hook, `init` writes a set-up folder (never over a file that
-exists), `prune_logs` deletes logs and transcripts older than the days kept (the history
-stays). Nothing prints: the CLI (pmtool.cli.ops) draws the tables.
+Everything here reads and nothing writes: no lock is taken (a runner's lock is only looked
+at), no file is made or removed. Nothing prints either: the CLI (pmtool.cli.ops) draws the
+tables and `report_html` gives the page as text.
 """
 
 from __future__ import annotations
@@ -14,24 +13,18 @@ import json
 import math
 import os
 import re
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pmtool.errors import Conflict, UsageError
+from pmtool.errors import UsageError
 from pmtool.records import RecordStore, TaskRecord, pid_alive, safe_name
 from pmtool.results import Result
 from pmtool.state import StateDir, parse_time
 
-if TYPE_CHECKING:
-    from pmtool.hooks import HookResult
-
-DEFAULT_KEEP_LOGS_DAYS = 30.0
-NOTIFY_EVENTS = ("parked", "given_up", "fatal", "budget", "finished")
 BY_KEYS = ("task", "agent", "model", "day", "outcome")
 
 # The step a runner is in, from its last event (the loop's event kinds).
@@ -146,7 +139,7 @@ def parked_tasks(state: StateDir) -> list[dict[str, Any]]:
 
 
 def note_parked(open_: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
-    """One history line's part in `parked_tasks` (pmtool.metrics folds them one by one)."""
+    """One history line's part in `parked_tasks` (pmtool.views.metrics folds them one by one)."""
     task_id = _task_of(entry)
     if entry.get("kind") == "parked" or entry.get("outcome") == "parked":
         closing = (entry.get("steps") or [{}])[-1]
@@ -177,7 +170,7 @@ def runner_rows(state: StateDir, now: datetime,
                 scanned: tuple[list[TaskRecord], list[Any]] | None = None
                 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """The `runners` rows of `status` (and the corrupt records seen), each runner's events
-    from `events_of(agent_id)`: status reads the logs, pmtool.metrics passes the last
+    from `events_of(agent_id)`: status reads the logs, pmtool.views.metrics passes the last
     event it folded. `agents_only`: just these agents (a process's own); `scanned`: the
     records and corrupt ones, when the caller read them already."""
     store = RecordStore(state.root)
@@ -542,119 +535,3 @@ def report_html(result: CostReport) -> str:
             f'role="img" aria-label="cost per {html.escape(by)}">{"".join(bars)}</svg>'
             f"{per_group}<h2>The most expensive tasks</h2>"
             + (costly if result.most_expensive else "<p>None.</p>") + "\n")
-
-
-# -- notify ------------------------------------------------------------------------------
-
-
-def notify_message(event: str, ctx: dict[str, Any]) -> str:
-    task = f"task {ctx['task_id']}" if ctx.get("task_id") is not None else "no task"
-    title = f" ({ctx['title']})" if ctx.get("title") else ""
-    why = ctx.get("reason") or (ctx.get("error") or {}).get("message") or ""
-    agent = ctx.get("agent_id") or "?"
-    return {
-        "parked": f"{task}{title} is parked for a person: {why}",
-        "given_up": f"{task}{title} was given up: {why}",
-        "fatal": f"runner {agent} stopped on a fatal error: {why}",
-        "budget": f"runner {agent} reached its budget: {why}",
-        "finished": f"{task}{title} finished: {ctx.get('outcome')}",
-    }.get(event, f"{event}: {task}{title} {why}").rstrip(": ")
-
-
-def notify(event: str, hooks_dir: str | Path | None, *, record: Any = None,
-           timeout: float | None = 30.0, **extra: Any) -> HookResult:
-    """Run the `notify` hook for `event` (parked, given_up, fatal, budget, finished).
-
-    The hook gets the task context (pmtool.hooks.task_context) plus `event`, `message` and
-    `time` on stdin; it is skipped (ok) when there is none. Never raises for the hook.
-    """
-    from pmtool.hooks import run_hook, task_context
-    from pmtool.records import now_iso
-
-    if event not in NOTIFY_EVENTS:
-        raise UsageError(f'unknown notify event "{event}"', valid=list(NOTIFY_EVENTS))
-    ctx = task_context(record, event=event, time=now_iso(), **extra)
-    ctx["message"] = extra.get("message") or notify_message(event, ctx)
-    return run_hook("notify", hooks_dir, ctx, timeout=timeout)
-
-
-# -- init --------------------------------------------------------------------------------
-
-
-def examples_dir() -> Path:
-    """Where the bundled hooks/ and scripts/ are (package data, or the source checkout)."""
-    return Path(__file__).parent / "examples"
-
-
-def config_text(hooks_dir: Path | None = None) -> str:
-    """A commented config file: every setting, its default, the variable that beats it;
-    `hooks_dir` set to the hooks written beside it."""
-    from pmtool.config import SPECS
-
-    lines = ["# pmtool configuration (TOML). Flags beat environment variables, which beat",
-             "# this file, which beats the defaults. `pmtool config` shows where each",
-             "# value comes from. Uncomment what you change.", ""]
-    for name, spec in SPECS.items():
-        env = f" [env {', '.join(spec.env)}]" if spec.env else ""
-        lines.append(f"# {spec.help}{env}")
-        if name == "api_key":
-            lines.append("# (better in the environment than in a file)")
-        default = spec.default
-        shown = ('""' if default is None else json.dumps(default) if isinstance(default, str)
-                 else repr(default))
-        if name == "hooks_dir" and hooks_dir is not None:
-            lines += [f"hooks_dir = {json.dumps(str(hooks_dir))}", ""]
-        else:
-            lines += [f"# {name} = {shown}", ""]
-    return "\n".join(lines)
-
-
-@dataclass
-class Initialised(Result):
-    """`pmtool init`: the folder written, every file in it, the config and the hooks."""
-
-    folder: str
-    written: list[str]
-    config: str
-    hooks_dir: str
-
-
-def init(folder: str | Path) -> Initialised:
-    """Write config.toml, hooks/ and scripts/ into `folder`; never overwrite a file."""
-    root = Path(folder).expanduser()
-    source = examples_dir()
-    text = config_text(root.resolve() / "hooks").encode()
-    plan: dict[Path, tuple[bytes, bool]] = {root / "config.toml": (text, False)}
-    for sub in ("hooks", "scripts"):
-        for path in sorted((source / sub).iterdir()):
-            if path.is_file() and not path.name.startswith("."):
-                executable = path.suffix in (".py", ".sh") or bool(path.stat().st_mode & 0o111)
-                plan[root / sub / path.name] = (path.read_bytes(), executable)
-    existing = sorted(str(p) for p in plan if p.exists() or p.is_symlink())
-    if existing:
-        raise Conflict(f"{len(existing)} of the files init writes already exist in {root}; "
-                       "nothing was written", existing=existing,
-                       hint="init into a new folder, or move those files away first")
-    for path, (data, executable) in plan.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # x: never replace a file that appeared meanwhile; the config has an api_key slot,
-        # so it is the owner's alone from the start (0600), not after a later chmod.
-        mode = 0o600 if path.name == "config.toml" else 0o666
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with open(fd, "wb") as fh:
-            fh.write(data)
-        if executable:
-            os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return Initialised(folder=str(root), written=[str(p) for p in plan],
-                       config=str(root / "config.toml"), hooks_dir=str(root / "hooks"))
-
-
-# -- pruning -----------------------------------------------------------------------------
-
-
-def prune_logs(state_root: str | Path, keep_days: float = DEFAULT_KEEP_LOGS_DAYS
-               ) -> dict[str, int]:
-    """Delete logs and transcripts older than `keep_days` (the history stays)."""
-    if keep_days < 0:
-        raise UsageError("--keep-logs must be 0 or more days")
-    return StateDir(state_root).prune(keep_days)
