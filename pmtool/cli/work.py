@@ -311,11 +311,11 @@ def recover_cmd(
     Example: */30 * * * * pmtool recover --orphans   # the PM's machine
     """
     from pmtool.work.options import recover_options
-    from pmtool.work.recover import recover_machine, recover_orphans
+    from pmtool.work.recover import recover_machine, requeue_abandoned
 
     settings = options().settings(keep_logs=keep_logs, grace=grace)
     if orphans:
-        found = recover_orphans(server(settings), as_agent, dry_run=dry_run,
+        found = requeue_abandoned(server(settings), as_agent, dry_run=dry_run,
                                 task_ids=set(task) if task else None)
         for orphan in found.orphans:
             say(f"pmtool: recover --orphans: task {orphan.task_id}: {orphan.action} "

@@ -7,7 +7,7 @@ released, or parked for a person when its attempts are spent (the failure policy
 are moved aside.
 `recover_machine` is `pmtool recover` as one call (cron, a pipeline and the runner share
 it): the logs pruned, a killed write's temp files cleaned, the server's parked tasks
-listed, then `recover`. `recover_abandoned` (`recover --orphans`, `recover_orphans` as one
+listed, then `recover`. `recover_abandoned` (`recover --orphans`, `requeue_abandoned` as one
 call) gives back the tasks the server still shows locked by agents unseen for the server's
 lock age. All sit above pmtool.work.claim (whose release and read they use) and
 pmtool.work.finish.
@@ -123,8 +123,8 @@ class RecoverReport(Result):
 
 
 @dataclass
-class OrphanEntry(Result):
-    """One task under work whose agent is gone (`recover --orphans`)."""
+class AbandonedEntry(Result):
+    """One task abandoned under work: its agent is gone (`recover --orphans`)."""
 
     task_id: int
     title: str | None
@@ -135,10 +135,10 @@ class OrphanEntry(Result):
 
 
 @dataclass
-class OrphanReport(Result):
+class AbandonedReport(Result):
     """`pmtool recover --orphans`'s answer."""
 
-    orphans: list[OrphanEntry]
+    orphans: list[AbandonedEntry]
     counts: dict[str, int]
     dry_run: bool
 
@@ -567,7 +567,7 @@ def _still_abandoned(client: PMApi, task: dict[str, Any], max_age: float, now: A
 
 def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
                     max_age: float = SERVER_LOCK_AGE, task_ids: set[int] | None = None,
-                    now: Any = None) -> list[OrphanEntry]:
+                    now: Any = None) -> list[AbandonedEntry]:
     """Put back to `created`, with a note, every task that is `under_work` with no lock, or
     locked by an agent unseen for more than `max_age` seconds (GET /agents last_seen).
 
@@ -590,7 +590,7 @@ def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
         with contextlib.suppress(ApiError, ServerError):
             now = parse_time(client.health().get("timestamp"))
     now = now or datetime.now(UTC)
-    entries: list[OrphanEntry] = []
+    entries: list[AbandonedEntry] = []
     for task in tasks:
         holder = task.get("locked_by")
         last_seen = seen.get(holder) if holder else None
@@ -603,7 +603,7 @@ def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
                       else f"locked by {holder}, an agent the server does not list")
         else:
             reason = "under work with no lock"
-        entry = OrphanEntry(task["id"], task.get("title"), holder, last_seen, reason,
+        entry = AbandonedEntry(task["id"], task.get("title"), holder, last_seen, reason,
                             "would_requeue" if dry_run else "requeued")
         if not dry_run and not _still_abandoned(client, task, max_age, now):
             entry.action, entry.reason = "skipped", f"{reason}; but it changed meanwhile"
@@ -622,14 +622,14 @@ def recover_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
     return entries
 
 
-def recover_orphans(client: PMApi, agent_id: str, dry_run: bool = False,
-                    task_ids: set[int] | None = None) -> OrphanReport:
+def requeue_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
+                    task_ids: set[int] | None = None) -> AbandonedReport:
     """`pmtool recover --orphans` as one call: `agent_id` registered (as pm, unless a dry
     run changes nothing), then `recover_abandoned`, with how many of each action."""
     if not dry_run:
         client.register(agent_id, "pm", "principal")
     found = recover_abandoned(client, agent_id, dry_run=dry_run, task_ids=task_ids)
-    return OrphanReport(found, _counts([e.action for e in found]), dry_run)
+    return AbandonedReport(found, _counts([e.action for e in found]), dry_run)
 
 
 # -- `pmtool recover` as one call ------------------------------------------------------------
