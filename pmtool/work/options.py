@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pmtool import failure_policy as fl
-from pmtool.agent.options import AgentOptions
-from pmtool.work.claim import ClaimOptions
-from pmtool.work.finish import FinishPlan
-from pmtool.work.recover import RecoverOptions
 
+# Each builder imports the module it builds for when it is called: `pmtool claim` pays
+# for the claim's module, not for the finish's, recover's and the agent's (their result
+# dataclasses cost start-up time to create).
 if TYPE_CHECKING:
+    from pmtool.agent.options import AgentOptions
+    from pmtool.work.claim import ClaimOptions
+    from pmtool.work.finish import FinishPlan
+    from pmtool.work.recover import RecoverOptions
     from pmtool.worktree import WorktreeOptions
 
 # The limits a Settings can name (the rest of fl.Limits are fixed caps).
@@ -43,6 +46,8 @@ def finish_plan(settings: Any, **given: Any) -> FinishPlan:
     """The finish's plan: hooks, leftover and push policies, the limits; `given` first
     (None values are not given). A `hooks_dir` given is the folder itself (a runner's
     resolved --hooks-dir); without one, the settings' folder is found per repository."""
+    from pmtool.work.finish import FinishPlan
+
     values: dict[str, Any] = {
         "hooks_dir": settings.hooks_dir, "hook_timeout": settings.hook_timeout,
         "leftover": str(settings.values.get("leftover", "commit")),
@@ -60,6 +65,8 @@ def finish_plan(settings: Any, **given: Any) -> FinishPlan:
 def agent_options(settings: Any, **given: Any) -> AgentOptions:
     """The options of an agent run: `given` (None values are not given), then the
     settings' time limit, turn cap and instructions folder."""
+    from pmtool.agent.options import AgentOptions
+
     values: dict[str, Any] = {"timeout": settings.claude_timeout,
                               "max_turns": settings.max_turns,
                               "instructions_dir": settings.instructions_dir}
@@ -83,6 +90,8 @@ def recover_options(settings: Any, **given: Any) -> RecoverOptions:
     """What `pmtool recover` does: the grace, the logs kept, the limits a give-back is
     judged by, the finish's plan for a record with a verdict; `given` first (None values
     are not given)."""
+    from pmtool.work.recover import RecoverOptions
+
     bounds = limits(settings)
     values: dict[str, Any] = {
         "grace": settings.grace, "keep_logs": settings.keep_logs, "limits": bounds,
@@ -94,6 +103,8 @@ def recover_options(settings: Any, **given: Any) -> RecoverOptions:
 def claim_options(settings: Any, **given: Any) -> ClaimOptions:
     """How a claim looks and takes: the limits from the settings, the rest (wait, settle,
     explain, register_first, on_wait, sleep) as `given` (None values are not given)."""
+    from pmtool.work.claim import ClaimOptions
+
     values: dict[str, Any] = {"limits": limits(settings)}
     values.update({k: v for k, v in given.items() if v is not None})
     return ClaimOptions(**values)
