@@ -278,11 +278,15 @@ def test_a_call_builds_only_its_own_command(tmp_path: Path):
     """`pmtool claim` keeps only `claim` on the app (typer builds every command it holds,
     on every call), a later call with no command has every one back for the help; and a
     default setup (no PMTOOL_CONFIG or state folder given, on Linux) needs no platformdirs,
-    and a call to the server does not read ~/.netrc (the key is a header)."""
+    and a call to the server does not read ~/.netrc (the key is a header). A claim loads
+    none of the finish, recover, agent or worktree modules: their result dataclasses
+    and git's module cost start-up time a claim with no task does not need."""
     code = (
         "import contextlib, io, sys\n"
         "from pmtool.cli import app, main\n"
         "main(['claim', '--agent-id', 'a', '--role', 'qa'])\n"
+        "print(sorted(m for m in sys.modules if m in ('pmtool.work.finish', "
+        "'pmtool.work.recover', 'pmtool.agent', 'pmtool.worktree')))\n"
         "kept = [c.name for c in app.registered_commands + app.registered_groups]\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['--help'])\n"
@@ -295,8 +299,9 @@ def test_a_call_builds_only_its_own_command(tmp_path: Path):
     from pmtool.cli import COMMAND_MODULES
 
     linux = sys.platform.startswith("linux")
-    answer, last = out.stdout.strip().splitlines()  # the claim's JSON (exit 4), then ours
+    answer, loaded, last = out.stdout.strip().splitlines()  # the claim's JSON (exit 4), ours
     assert '"ok": false' in answer
+    assert loaded == "[]"
     assert last.split() == ["['claim']", str(len(COMMAND_MODULES)), str(not linux), "False"]
 
 
