@@ -383,6 +383,16 @@ def dev_done_count(world: World, task_id: int) -> int:
                if c["task_id"] == task_id and c["new_status"] == "dev_done")
 
 
+def half_then_done(summary: str) -> list[Any]:
+    """A scripted model's script for a run killed mid-work and resumed: half the work,
+    a hang (the kill comes there), then commit and a verdict."""
+    from pmtool.testing.model_server import Bash, Hang, Structured, Write
+
+    return [Write("half.txt", "half\n"), Hang(),
+            Bash("git add -A && git commit -q -m 'Finish after resume'"),
+            Structured({"outcome": "done", "summary": summary})]
+
+
 def kill_the_runner_mid_agent(world: World, env: dict[str, str], model: Any,
                               requests: int, timeout: float = 30) -> None:
     """`pmtool run --real-claude`, killed (SIGKILL) once the scripted model has had
@@ -663,6 +673,18 @@ class Machine:
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
                           check=True).stdout.strip()
+
+
+def unpushed_commit(repo: Path, branch: str, name: str, text: str, message: str) -> str:
+    """A commit on a new `branch` of `repo` that was never pushed (a machine that once
+    worked the branch); back on main after it. Its sha."""
+    git(repo, "switch", "-q", "-c", branch)
+    (repo / name).write_text(text)
+    git(repo, "add", name)
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message)
+    sha = git(repo, "rev-parse", "HEAD")
+    git(repo, "switch", "-q", "main")
+    return sha
 
 
 def run_on(world: World, machine: Machine, role: str, agent: str, *extra: str,

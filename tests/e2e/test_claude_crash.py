@@ -16,6 +16,7 @@ from helpers import (
     _left_processes,
     _no_worktree_left,
     dev_done_count,
+    half_then_done,
     kill_the_runner_mid_agent,
     needs_claude,
     wait_for,
@@ -91,9 +92,7 @@ def test_a_session_file_cut_short_by_a_kill_still_gives_the_agent_its_task(
     task = world.task(title="Add a ping endpoint")
     with ScriptedModelServer() as model:
         env = world.real_claude_env(model)
-        model.set_script([Write("half.txt", "half\n"), Hang(),
-                          Bash("git add -A && git commit -q -m 'Finish after resume'"),
-                          Structured({"outcome": "done", "summary": "Done."})])
+        model.set_script(half_then_done("Done."))
         kill_the_runner_mid_agent(world, env, model, requests=2)
         record = world.store.load("dev_1")
         session = record.session_id

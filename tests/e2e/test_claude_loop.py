@@ -18,13 +18,15 @@ from helpers import (
     dumping_hooks,
     everything_written,
     git,
+    half_then_done,
     kill_the_runner_mid_agent,
     needs_claude,
     run_on,
     run_watched,
+    unpushed_commit,
 )
 from pmtool.testing.claude_env import claude_env
-from pmtool.testing.model_server import Bash, Error, Hang, ScriptedModelServer, Structured, Write
+from pmtool.testing.model_server import Bash, Error, ScriptedModelServer, Structured, Write
 
 
 @needs_claude
@@ -62,9 +64,7 @@ def test_real_claude_kill_9_then_restart_resumes_the_same_session(world: World) 
     task = world.task()
     with ScriptedModelServer() as model:
         env = world.real_claude_env(model)
-        model.set_script([Write("half.txt", "half\n"), Hang(),
-                          Bash("git add -A && git commit -q -m 'Finish after resume'"),
-                          Structured({"outcome": "done", "summary": "Resumed and done."})])
+        model.set_script(half_then_done("Resumed and done."))
         kill_the_runner_mid_agent(world, env, model, requests=2)
         session = world.store.load("dev_1").session_id
         again = world.run("--single-task", "--real-claude", env=env)
@@ -195,12 +195,7 @@ def test_real_claude_dev_on_a_qa_on_b_bounce_to_c(world: World, fleet) -> None:
     origin, a, b, c = fleet
     task = world.task(title="Add a login page")
     # C holds an old, unpushed commit on the branch: it must survive on a rescue ref.
-    git(c.repo, "switch", "-q", "-c", task["branch"])
-    (c.repo / "old.py").write_text("OLD = 1\n")
-    git(c.repo, "add", "old.py")
-    git(c.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "old")
-    stale = git(c.repo, "rev-parse", "HEAD")
-    git(c.repo, "switch", "-q", "main")
+    stale = unpushed_commit(c.repo, task["branch"], "old.py", "OLD = 1\n", "old")
     with ScriptedModelServer() as model:
         env = {**claude_env(model.url, world.tmp / "home", max_retries=0),
                "PMTOOL_CLAUDE_BIN": str(CLAUDE)}

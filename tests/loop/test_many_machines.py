@@ -27,6 +27,7 @@ from helpers import (
     make_world,
     pmtool,
     run_on,
+    unpushed_commit,
     wait_for,
 )
 from pmtool.testing import fake_agent
@@ -139,12 +140,7 @@ def test_a_bounced_task_on_a_third_machine_continues_the_branch(world: World, fl
     task = world.task()
     assert run_on(world, a, "backend_dev", "dev_1", "--single-task", "--push").code == 0
     # C once worked the branch and kept a commit it never pushed: diverged from origin.
-    git(c.repo, "switch", "-q", "-c", task["branch"])
-    (c.repo / "stale.txt").write_text("C's unpushed work\n")
-    git(c.repo, "add", "stale.txt")
-    git(c.repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "stale")
-    stale = git(c.repo, "rev-parse", "HEAD")
-    git(c.repo, "switch", "-q", "main")
+    stale = unpushed_commit(c.repo, task["branch"], "stale.txt", "C's unpushed work\n", "stale")
 
     qa = run_on(world, b, "qa", "qa_1", "--single-task", "--push",
                 env={"PMTOOL_FAKE_AGENT_OUTCOME": "fail"})
