@@ -27,9 +27,9 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any
 
 from pmtool.errors import UsageError
 from pmtool.results import Result
@@ -176,12 +176,8 @@ class HookResult(Result):
     stderr_truncated: bool | None = None
     left_running: list[int] | None = None
 
-    OPTIONAL: ClassVar = ("reason", "error", "signal", "stdout_truncated",
-                          "stderr_truncated", "left_running")
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in self.OPTIONAL or getattr(self, f.name) is not None}
+    OPTIONAL = ("reason", "error", "signal", "stdout_truncated", "stderr_truncated",
+                "left_running")
 
 
 def run_hook(name: str, hooks_dir: str | Path | None, context: dict[str, Any],

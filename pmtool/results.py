@@ -8,15 +8,20 @@ Python callers read attributes and let mypy check them, instead of indexing a di
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 class Result:
-    """Base of a result dataclass: `to_json()` is its fields, nested results as their JSON."""
+    """Base of a result dataclass: `to_json()` is its fields, nested results as their JSON;
+    the fields named in OPTIONAL only when set (not None): keys that appear only in the
+    cases that have something to say."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
 
     def to_json(self) -> dict[str, Any]:
         assert is_dataclass(self)
-        return {f.name: as_json(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: as_json(getattr(self, f.name)) for f in fields(self)
+                if f.name not in self.OPTIONAL or getattr(self, f.name) is not None}
 
 
 def as_json(value: Any) -> Any:

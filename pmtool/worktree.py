@@ -36,10 +36,10 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from pmtool import git
 from pmtool.errors import (
@@ -51,7 +51,7 @@ from pmtool.errors import (
     disk_fault,
 )
 from pmtool.faults import fault
-from pmtool.results import Result, as_json
+from pmtool.results import Result
 
 if TYPE_CHECKING:
     from pmtool.hooks import HookResult
@@ -371,8 +371,7 @@ class Landing(Result):
     nothing_to_land: bool | None = None
     note: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _json_without(self, ("nothing_to_land",))
+    OPTIONAL = ("nothing_to_land",)
 
 
 def land(repo: str | Path, path: str | Path, base: str) -> Landing:
@@ -559,14 +558,6 @@ def _keep_commit(root: Path, label: str, commit: str) -> str:
 
 # -- create ------------------------------------------------------------------------------
 
-def _json_without(result: Result, optional: tuple[str, ...]) -> dict[str, Any]:
-    """`result`'s fields as JSON, the `optional` ones only when set (their keys appear
-    only in the cases that have something to say)."""
-    assert is_dataclass(result)
-    return {f.name: as_json(getattr(result, f.name)) for f in fields(result)
-            if f.name not in optional or getattr(result, f.name) is not None}
-
-
 @dataclass(frozen=True)
 class WorktreeOptions:
     """Where and how a task's worktree is made: the knobs that travel together from the
@@ -607,11 +598,8 @@ class Workspace(Result):
     sync: Synced | None = None
     branch_source: str | None = None
 
-    OPTIONAL: ClassVar = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed",
-                          "sync", "branch_source")
-
-    def to_json(self) -> dict[str, Any]:
-        return _json_without(self, self.OPTIONAL)
+    OPTIONAL = ("note", "lands_on", "on_base", "in_checkout", "leftover_removed", "sync",
+                "branch_source")
 
 
 def create_worktree(repo: str | Path, task_id: int, branch: str | None,
@@ -1129,8 +1117,7 @@ class Pushed(Result):
     branch: str
     reason: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _json_without(self, ("reason",))
+    OPTIONAL = ("reason",)
 
 
 def push_branch(repo: str | Path, branch: str) -> Pushed:
@@ -1181,8 +1168,7 @@ class RemovedWorktree(Result):
     checkout_released: bool | None = None
     note: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _json_without(self, ("checkout_released", "note"))
+    OPTIONAL = ("checkout_released", "note")
 
 
 def remove_worktree(repo: str | Path, path_or_task_id: str | int | Path, rescue: bool = False,

@@ -15,9 +15,6 @@ from typing import Any
 
 from pmtool.results import Result
 
-# Keys a run has only when they say something (a record, a failure, a note).
-_WHEN_SET = ("agent_id", "task_cost_usd", "attempts", "error", "note", "ended_orphan", "next")
-
 
 @dataclass
 class AgentResult(Result):
@@ -66,6 +63,10 @@ class AgentResult(Result):
     # What follows a run without a verdict (pmtool.failure_policy.next_step, as JSON).
     next: dict[str, Any] | None = None
 
+    # Keys a run has only when they say something (a record, a failure, a note).
+    OPTIONAL = ("agent_id", "task_cost_usd", "attempts", "error", "note", "ended_orphan",
+                "next")
+
     @classmethod
     def failed(cls, error: dict[str, Any]) -> AgentResult:
         """A run that could not happen (the agent did not start): only its error."""
@@ -88,9 +89,6 @@ class AgentResult(Result):
 
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
-        for name in _WHEN_SET:
-            if out[name] is None:
-                del out[name]
         if self.task_id is None and self.cwd is None:  # a bare run_agent: no task around it
             for name in ("task_id", "role", "cwd", "branch"):
                 del out[name]

@@ -366,7 +366,6 @@ DICT_ANSWERS = {
     "pmtool/work/claim.py": 4,
     "pmtool/work/exec.py": 2,
     "pmtool/work/finish.py": 8,  # the steps it notes in the record, a transcript line
-    "pmtool/worktree.py": 1,
 }
 
 

@@ -34,3 +34,18 @@ def test_exit_code_reads_a_result_as_its_json():
     assert exit_code(Outer(1)) == EXIT_OK
     failed = Outer(1, ok=False, error={"type": "conflict", "message": "locked"})
     assert exit_code(failed) == EXIT_CONFLICT == exit_code(failed.to_json())
+
+
+@dataclass
+class Sometimes(Result):
+    done: bool
+    reason: str | None = None
+    note: str | None = None
+
+    OPTIONAL = ("reason",)
+
+
+def test_an_optional_key_is_in_the_json_only_when_set():
+    """`note` is not optional: None is said; `reason` only when there is one."""
+    assert Sometimes(True).to_json() == {"done": True, "note": None}
+    assert Sometimes(False, "why").to_json() == {"done": False, "reason": "why", "note": None}
