@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -141,13 +142,6 @@ class AbandonedReport(Result):
     orphans: list[AbandonedEntry]
     counts: dict[str, int]
     dry_run: bool
-
-
-def _counts(actions: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for action in actions:
-        counts[action] = counts.get(action, 0) + 1
-    return counts
 
 
 def _scan_readonly(store: RecordStore) -> tuple[list[tuple[Path, TaskRecord]],
@@ -396,13 +390,18 @@ def _begin_give_back(store: RecordStore, record: TaskRecord, why: str
     begun = give_back_begun(record)
     if begun is None:
         rescued = _rescue_worktree(record)
-        note = f"given back by pmtool recover ({why})" + (
-            f"; uncommitted work saved at {rescued}" if rescued else "")
+        note = _give_back_note(why, rescued)
         record.step(GIVE_BACK_STEP, rescued=rescued, note=note)
         store.save(record)
     else:
         rescued, note = begun.get("rescued"), str(begun.get("note") or why)
     return rescued, note, _with_killed_attempt(store, record, note, write=True)
+
+
+def _give_back_note(why: str, rescued: str | None = None) -> str:
+    """The give-back's words, in the task's notes and its attempt line."""
+    return f"given back by pmtool recover ({why})" + (
+        f"; uncommitted work saved at {rescued}" if rescued else "")
 
 
 def _with_killed_attempt(store: RecordStore, record: TaskRecord, note: str, write: bool
@@ -485,7 +484,7 @@ def _reconcile(client: PMApi, store: RecordStore, record: TaskRecord,
         dead = entry.dead_for_s
         why = "runner gone" + (f" for {dead}s" if dead is not None else "")
         if dry_run:
-            note = f"given back by pmtool recover ({why})"
+            note = _give_back_note(why)
             rows = _with_killed_attempt(store, record, note, write=False)
         else:
             rescued, note, rows = _begin_give_back(store, record, why)
@@ -629,7 +628,7 @@ def requeue_abandoned(client: PMApi, agent_id: str, dry_run: bool = False,
     if not dry_run:
         client.register(agent_id, "pm", "principal")
     found = recover_abandoned(client, agent_id, dry_run=dry_run, task_ids=task_ids)
-    return AbandonedReport(found, _counts([e.action for e in found]), dry_run)
+    return AbandonedReport(found, dict(Counter(e.action for e in found)), dry_run)
 
 
 # -- `pmtool recover` as one call ------------------------------------------------------------
@@ -684,5 +683,5 @@ def recover_machine(client: PMApi, store: RecordStore, options: RecoverOptions
     except NothingToDo as exc:
         exc.details.update(parked=parked, stray_temps=strays)
         raise
-    return RecoverReport(entries, _counts([str(e.action) for e in entries]), o.dry_run,
+    return RecoverReport(entries, dict(Counter(str(e.action) for e in entries)), o.dry_run,
                          pruned=pruned, parked=parked, stray_temps=strays)
