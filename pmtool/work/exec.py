@@ -141,7 +141,8 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings,
         notes.append("the record has no session to resume; started a new one")
         resume = False
     task, role, run_cwd, branch = record.task, record.role, plan["cwd"], plan["branch"]
-    full_prompt = options.prompt or prompt_for_record(record, settings, options, plan)
+    full_prompt = options.prompt or prompt_for_record(
+        record, settings, options, plan, context_path(settings, options, role))
 
     def before(rec: TaskRecord) -> None:
         rec.session_id, rec.model = session, plan["model"]
@@ -200,12 +201,13 @@ def run_for_record(store: RecordStore, agent_id: str, settings: Settings,
 
 
 def prompt_for_record(record: TaskRecord, settings: Settings, options: AgentOptions,
-                      plan: dict[str, Any]) -> str:
+                      plan: dict[str, Any], ctx_path: str | Path | None) -> str:
     """The full prompt of the record's task, built where `plan` (plan_for_record) runs it;
-    the server is asked where its instruction files are only if the answer could matter."""
+    `ctx_path`: where the server keeps its instruction files (`context_path`, which asks
+    the server only if the answer could matter)."""
     return build_prompt(record.task, record.role, plan["cwd"], plan["branch"],
-                        options.instructions_dir or settings.instructions_dir,
-                        context_path(settings, options, record.role), options.template)
+                        options.instructions_dir or settings.instructions_dir, ctx_path,
+                        options.template)
 
 
 def plan_for_record(record: TaskRecord, settings: Settings, cwd: str | Path | None = None,
@@ -374,9 +376,8 @@ def prompt_preview(settings: Settings, options: AgentOptions = AgentOptions(), *
         if resume and record.session_id and not options.prompt:
             text = continuation_prompt(task, role, plan["cwd"], plan["branch"])
         else:
-            text = options.prompt or build_prompt(task, role, plan["cwd"], plan["branch"],
-                                                  instructions_dir, ctx_path,
-                                                  options.template)
+            text = options.prompt or prompt_for_record(record, settings, options, plan,
+                                                       ctx_path)
     else:
         assert task is not None
         plan = plan_for_task(task, settings, options, role=role)
