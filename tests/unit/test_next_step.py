@@ -97,7 +97,7 @@ def test_a_new_kind_of_step_has_its_json_by_its_name():
 # back to the queue, or parked for a person. pmtool.work.claim.release and
 # pmtool.work.recover carry it out.
 
-TASK = {"id": 7, "created_at": "2026-01-01T00:00:00"}
+TASK = {"id": 7, "created_at": ago(days=1, zone="")}
 THREE = fl.Limits(max_attempts=3)
 
 
