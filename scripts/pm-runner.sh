@@ -67,6 +67,8 @@ hooks_dir=$(jq -r '
 if [[ $hooks_dir == @repo/* ]]; then
   hooks_dir="$(git -C "$repo" rev-parse --show-toplevel 2>/dev/null || echo "$repo")/${hooks_dir#@repo/}"
 fi
+# Seconds between re-registrations while a task waits (whole seconds, at least one).
+heartbeat=$(jq -r '[(.settings.heartbeat.value // 300 | ceil), 1] | max' <<<"$config") || heartbeat=300
 # Machines share work only through the remote: with one and push off, say so once.
 # pmtool run: Runner._say_where_work_goes (an event `push_off` there).
 remote=$(git -C "$repo" remote 2>/dev/null | awk '$1 == "origin" { o = 1 } NR == 1 { f = $1 } END { print (o ? "origin" : f) }') || remote=""
@@ -106,6 +108,22 @@ pause() {
   [ "$stopping" = 0 ] || return 0
   sleep "$1" & local pid=$!
   wait "$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+}
+
+# hold SECONDS: pause with a task kept, re-registering every heartbeat (the heartbeat
+# setting, read below): the server drops the locks of agents unseen for 30 minutes, and a
+# usage limit can last hours (pmtool run: Runner._pause, its heartbeats going on).
+hold() {
+  local left=$1 now
+  while [ "$left" -gt 0 ] && [ "$stopping" = 0 ]; do
+    now=$(( left < heartbeat ? left : heartbeat ))
+    pause "$now"
+    left=$(( left - now ))
+    if [ "$left" -gt 0 ] && [ "$stopping" = 0 ] && ! "$PMTOOL" register --agent-id "$agent" \
+        --role "$role" --level "$level" >/dev/null 2>&1; then
+      echo "pm-runner: could not re-register $agent while waiting; again in ${heartbeat}s" >&2
+    fi
+  done
 }
 
 # stop CODE: the last line, as `pmtool run` ends, then exit.
@@ -283,7 +301,7 @@ while [ "$stopping" = 0 ]; do
         retry) resume=() model=(--model "$stronger") ;;  # a fresh session, a stronger model
         pause)  # a rate limit or an overloaded API: keep the task, wait, go on with the session
           echo "pm-runner: $(jq -r '.next.kind' <<<"$out"); task kept, going on in ${left}s" >&2
-          pause "$(( left > 0 ? left : 1 ))"
+          hold "$(( left > 0 ? left : 1 ))"
           resume=(--resume) ;;
         *) break ;;
       esac

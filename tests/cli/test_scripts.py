@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, wait_for
 from pmtool.testing import fake_agent
 from pmtool.testing.seed import Seeder
 from pmtool.testing.server import StandInServer
@@ -254,23 +254,30 @@ def test_pm_runner_gives_back_a_park_and_lock_release_parks_it(box: Box) -> None
     assert box.task(task["id"])["status"] == "pending"
 
 
-def test_pm_runner_waits_out_a_rate_limit_and_goes_on_with_the_session(box: Box) -> None:
-    """exec-claude's `next` says pause until the limit resets: the script keeps the task,
-    waits, and resumes the session (no give-back, no attempt used up)."""
-    task = box.seeder.create_task(title="Limited", branch="feature/limited")
+def limited_once(box: Box, resets_in: int) -> Path:
+    """An agent whose first run hits a usage limit resetting in `resets_in` seconds, and
+    whose later runs are the fake agent's."""
     agent = box.repo.parent / "limited-once.sh"
     agent.write_text(
         "#!/bin/sh\n"
         'if [ ! -e "$0.done" ]; then\n'
         '  touch "$0.done"; cat >/dev/null\n'
         '  echo "{\\"type\\": \\"rate_limit_event\\", \\"rate_limit_info\\": {\\"status\\": '
-        '\\"rejected\\", \\"resetsAt\\": $(( $(date +%s) + 2 ))}}"\n'
+        f'\\"rejected\\", \\"resetsAt\\": $(( $(date +%s) + {resets_in} ))}}}}"\n'
         '  echo \'{"type": "result", "subtype": "success", "is_error": true, "num_turns": 1, '
         '"result": "limit", "total_cost_usd": 0}\'\n'
         "  exit 0\n"
         "fi\n"
         f"exec {fake_agent.command()}\n")
     agent.chmod(0o755)
+    return agent
+
+
+def test_pm_runner_waits_out_a_rate_limit_and_goes_on_with_the_session(box: Box) -> None:
+    """exec-claude's `next` says pause until the limit resets: the script keeps the task,
+    waits, and resumes the session (no give-back, no attempt used up)."""
+    task = box.seeder.create_task(title="Limited", branch="feature/limited")
+    agent = limited_once(box, resets_in=2)
     started = time.monotonic()
     proc = box.run("pm-runner.sh", "--role", ROLE, "--agent-id", "dev_limit", "--agent-cmd",
                    str(agent), "--repo", str(box.repo), "--single-task")
@@ -281,6 +288,34 @@ def test_pm_runner_waits_out_a_rate_limit_and_goes_on_with_the_session(box: Box)
     assert "rate_limit; task kept, going on in" in proc.stderr
     assert 1 < time.monotonic() - started < 25
     assert box.task(task["id"])["status"] == "dev_done"
+
+
+def test_pm_runner_keeps_the_lock_alive_while_it_waits_out_a_rate_limit(box: Box) -> None:
+    """A usage limit can last hours and the server drops the locks of agents unseen for 30
+    minutes: while the script waits, it re-registers every heartbeat, as the runner's
+    heartbeats go on during its pause; a stop meanwhile keeps the task and its record."""
+    task = box.seeder.create_task(title="Limited for long", branch="feature/long-limit")
+    agent = limited_once(box, resets_in=600)
+    proc = box.start("pm-runner.sh", "--role", ROLE, "--agent-id", "dev_hold", "--agent-cmd",
+                     str(agent), "--repo", str(box.repo), env={"PMTOOL_HEARTBEAT": "1"})
+    try:
+        def paused() -> bool:
+            code, out = box.pmtool("lock", "show", "--agent-id", "dev_hold")
+            return code == 0 and any((s.get("next") or {}).get("step") == "pause"
+                                     for s in out["record"]["steps"])
+
+        wait_for(paused, what="the run that hit the limit")
+        before = len(box.server.requests("POST /api/v1/register"))
+        wait_for(lambda: len(box.server.requests("POST /api/v1/register")) - before >= 3,
+                 what="re-registrations while the script waits")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "rate_limit; task kept, going on in" in stderr
+    stopped = json_lines(stdout)[-1]
+    assert stopped["record_kept"] is True and stopped["task_id"] == task["id"]
+    assert box.task(task["id"])["locked_by"] == "dev_hold"
 
 
 def test_pm_runner_single_task_without_a_task_exits_3(box: Box) -> None:
